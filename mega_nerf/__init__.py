@@ -1,0 +1,1 @@
+"""A fast trainer for city-scale neural radiance fields, split into cells Mega-NeRF style."""

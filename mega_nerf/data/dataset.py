@@ -1,0 +1,213 @@
+"""Read and write Mega-NeRF's dataset layout, validating it so that bad input fails in one clear line.
+
+Layout (see DESIGN.md):
+    coordinates.pt                  {'origin_drb': (3,), 'pose_scale_factor': float}
+    {train,val}/rgbs/<stem>.<ext>   ext in jpg, JPG, png, PNG
+    {train,val}/metadata/<stem>.pt  {'W', 'H', 'intrinsics': [fx, fy, cx, cy], 'c2w': (3, 4), 'distortion'?}
+
+Image indices (for appearance embeddings) count train and val together, sorted by file name, as Mega-NeRF does.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from mega_nerf.errors import UserError
+
+SPLITS = ("train", "val")
+IMAGE_EXTENSIONS = (".jpg", ".JPG", ".png", ".PNG", ".jpeg", ".JPEG")
+ORTHONORMAL_TOLERANCE = 1e-2
+
+
+@dataclass
+class Coordinates:
+    """How normalised positions relate to the real world: p_norm = (p_drb - origin_drb) / pose_scale_factor."""
+
+    origin_drb: torch.Tensor  # (3,) float64
+    pose_scale_factor: float
+
+
+@dataclass
+class ImageMetadata:
+    """One posed image at the scale it was loaded with (intrinsics already divided by `scale_factor`)."""
+
+    name: str  # file stem, unique over train and val
+    split: str
+    index: int  # appearance index over train + val sorted by file name
+    image_path: Path
+    W: int
+    H: int
+    intrinsics: torch.Tensor  # (4,) fx, fy, cx, cy in pixels
+    c2w: torch.Tensor  # (3, 4) float32: camera right, up, back axes and centre, normalised DRB world
+    distortion: torch.Tensor | None  # OpenCV coefficients at full scale, or None
+    scale_factor: int = 1
+
+    def load_rgb(self) -> torch.Tensor:
+        """The image as (H, W, 3) uint8 RGB, undistorted and downsampled to this metadata's size."""
+        return torch.from_numpy(read_image(self.image_path, self.W * self.scale_factor,
+                                           self.H * self.scale_factor, self.scale_factor,
+                                           self.intrinsics * self.scale_factor, self.distortion))
+
+
+@dataclass
+class Dataset:
+    path: Path
+    coordinates: Coordinates
+    images: list[ImageMetadata]  # ordered by appearance index
+
+    @property
+    def train(self) -> list[ImageMetadata]:
+        return [m for m in self.images if m.split == "train"]
+
+    @property
+    def val(self) -> list[ImageMetadata]:
+        return [m for m in self.images if m.split == "val"]
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file is the user's to fix; say which one
+        raise UserError(f"{path}: cannot be read as a torch file ({type(e).__name__}: {e})") from None
+
+
+def load_coordinates(path: Path) -> Coordinates:
+    """Read `coordinates.pt`, checking its keys and values."""
+    file = Path(path) / "coordinates.pt"
+    if not file.is_file():
+        raise UserError(f"{file}: missing (every Mega-NeRF dataset has coordinates.pt)")
+    data = _torch_load(file)
+    if not isinstance(data, dict) or not {"origin_drb", "pose_scale_factor"} <= set(data):
+        raise UserError(f"{file}: needs keys 'origin_drb' and 'pose_scale_factor'")
+    origin = torch.as_tensor(data["origin_drb"], dtype=torch.float64).flatten()
+    scale = float(data["pose_scale_factor"])
+    if origin.numel() != 3 or not torch.isfinite(origin).all():
+        raise UserError(f"{file}: 'origin_drb' must be 3 finite numbers")
+    if not np.isfinite(scale) or scale <= 0:
+        raise UserError(f"{file}: 'pose_scale_factor' must be a positive finite number, got {scale}")
+    return Coordinates(origin, scale)
+
+
+def _find_images(rgb_dir: Path) -> dict[str, Path]:
+    images: dict[str, Path] = {}
+    for p in sorted(rgb_dir.iterdir()) if rgb_dir.is_dir() else []:
+        if p.suffix in IMAGE_EXTENSIONS:
+            if p.stem in images:
+                raise UserError(f"{p}: two images share the stem '{p.stem}'")
+            images[p.stem] = p
+    return images
+
+
+def _parse_metadata(file: Path, image_path: Path, split: str, scale_factor: int) -> ImageMetadata:
+    data = _torch_load(file)
+    if not isinstance(data, dict) or not {"W", "H", "intrinsics", "c2w"} <= set(data):
+        raise UserError(f"{file}: needs keys 'W', 'H', 'intrinsics' and 'c2w'")
+    W, H = int(data["W"]), int(data["H"])
+    if W <= 0 or H <= 0:
+        raise UserError(f"{file}: W and H must be positive, got {W}x{H}")
+    if W % scale_factor or H % scale_factor:
+        raise UserError(f"{file}: size {W}x{H} is not divisible by scale factor {scale_factor}")
+    intrinsics = torch.as_tensor(data["intrinsics"], dtype=torch.float64).flatten()
+    c2w = torch.as_tensor(data["c2w"], dtype=torch.float64)
+    if intrinsics.numel() != 4:
+        raise UserError(f"{file}: 'intrinsics' must be [fx, fy, cx, cy], got {intrinsics.numel()} values")
+    if c2w.shape != (3, 4):
+        raise UserError(f"{file}: 'c2w' must be 3x4, got {tuple(c2w.shape)}")
+    if not (torch.isfinite(c2w).all() and torch.isfinite(intrinsics).all()):
+        raise UserError(f"{file}: 'c2w' or 'intrinsics' holds non-finite values")
+    rot = c2w[:, :3]
+    if (rot.T @ rot - torch.eye(3, dtype=rot.dtype)).abs().max() > ORTHONORMAL_TOLERANCE:
+        raise UserError(f"{file}: the rotation in 'c2w' is not orthonormal")
+    distortion = data.get("distortion")
+    if distortion is not None:
+        distortion = torch.as_tensor(distortion, dtype=torch.float64).flatten()
+        if not torch.isfinite(distortion).all():
+            raise UserError(f"{file}: 'distortion' holds non-finite values")
+        if not distortion.abs().gt(0).any():
+            distortion = None
+    return ImageMetadata(name=file.stem, split=split, index=-1, image_path=image_path,
+                         W=W // scale_factor, H=H // scale_factor, intrinsics=(intrinsics / scale_factor).float(),
+                         c2w=c2w.float(), distortion=distortion, scale_factor=scale_factor)
+
+
+def load_dataset(path: str | os.PathLike, scale_factor: int = 1) -> Dataset:
+    """Read and validate a dataset; raise `UserError` naming the first bad file."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"{root}: dataset directory not found")
+    if scale_factor < 1 or int(scale_factor) != scale_factor:
+        raise UserError(f"scale factor must be a positive integer, got {scale_factor}")
+    coordinates = load_coordinates(root)
+    images: list[ImageMetadata] = []
+    for split in SPLITS:
+        meta_dir, rgb_dir = root / split / "metadata", root / split / "rgbs"
+        if not meta_dir.is_dir():
+            raise UserError(f"{meta_dir}: missing")
+        rgbs = _find_images(rgb_dir)
+        metas = sorted(p for p in meta_dir.iterdir() if p.suffix == ".pt")
+        if not metas:
+            raise UserError(f"{meta_dir}: the {split} split is empty")
+        for file in metas:
+            if file.stem not in rgbs:
+                raise UserError(f"{file}: no matching image in {rgb_dir}")
+            images.append(_parse_metadata(file, rgbs.pop(file.stem), split, int(scale_factor)))
+        if rgbs:
+            orphan = next(iter(rgbs.values()))
+            raise UserError(f"{orphan}: image has no metadata file in {meta_dir}")
+    images.sort(key=lambda m: m.name)
+    for i, m in enumerate(images):
+        if i and images[i - 1].name == m.name:
+            raise UserError(f"{root}: image '{m.name}' appears in both train and val")
+        m.index = i
+    return Dataset(root, coordinates, images)
+
+
+def _jpeg_truncated(data: bytes) -> bool:
+    return not data.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
+def read_image(path: Path, W: int, H: int, scale_factor: int = 1, intrinsics: torch.Tensor | None = None,
+               distortion: torch.Tensor | None = None) -> np.ndarray:
+    """Decode one image to (H / scale, W / scale, 3) uint8 RGB, checking it against the metadata size."""
+    data = Path(path).read_bytes() if Path(path).is_file() else b""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if img is None or (path.suffix.lower() in (".jpg", ".jpeg") and _jpeg_truncated(data)):
+        raise UserError(f"{path}: unreadable or truncated image")
+    if img.shape[:2] != (H, W):
+        raise UserError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its metadata says {W}x{H}")
+    if distortion is not None:
+        fx, fy, cx, cy = intrinsics.tolist()
+        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+        img = cv2.undistort(img, K, distortion.numpy())
+    if scale_factor > 1:
+        img = cv2.resize(img, (W // scale_factor, H // scale_factor), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def write_coordinates(path: str | os.PathLike, origin_drb: torch.Tensor, pose_scale_factor: float) -> None:
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save({"origin_drb": torch.as_tensor(origin_drb, dtype=torch.float64),
+                "pose_scale_factor": float(pose_scale_factor)}, root / "coordinates.pt")
+
+
+def write_image(path: str | os.PathLike, split: str, name: str, rgb: np.ndarray, intrinsics: torch.Tensor,
+                c2w: torch.Tensor, distortion: torch.Tensor | None = None, ext: str = ".png") -> None:
+    """Write one image (H, W, 3 uint8 RGB) and its metadata in Mega-NeRF's layout."""
+    root = Path(path) / split
+    (root / "rgbs").mkdir(parents=True, exist_ok=True)
+    (root / "metadata").mkdir(parents=True, exist_ok=True)
+    rgb = np.asarray(rgb)
+    if not cv2.imwrite(str(root / "rgbs" / f"{name}{ext}"), np.ascontiguousarray(rgb[:, :, ::-1])):
+        raise UserError(f"{root / 'rgbs' / (name + ext)}: could not be written")
+    meta = {"W": int(rgb.shape[1]), "H": int(rgb.shape[0]),
+            "intrinsics": torch.as_tensor(intrinsics, dtype=torch.float32).flatten(),
+            "c2w": torch.as_tensor(c2w, dtype=torch.float32)}
+    if distortion is not None:
+        meta["distortion"] = torch.as_tensor(distortion, dtype=torch.float32)
+    torch.save(meta, root / "metadata" / f"{name}.pt")

@@ -1,0 +1,48 @@
+"""Options shared by every entry point, with Mega-NeRF's names so that its users' YAML configs carry over."""
+from __future__ import annotations
+
+import configargparse
+
+from mega_nerf.data.dataset import Coordinates
+from mega_nerf.errors import UserError
+from mega_nerf.rays import normalize_altitude_range
+
+
+def base_parser(description: str) -> configargparse.ArgParser:
+    """A parser with the dataset and scene options. Unknown keys in a config file are ignored, so Mega-NeRF's
+    own configs (which carry options we do not have) parse unchanged."""
+    parser = configargparse.ArgParser(
+        description=description,
+        config_file_parser_class=configargparse.YAMLConfigFileParser,
+        ignore_unknown_config_file_keys=True,
+    )
+    parser.add_argument("--config_file", "--config", is_config_file=True, help="YAML config file")
+    parser.add_argument("--dataset_path", type=str, help="dataset in Mega-NeRF's layout")
+    parser.add_argument("--ray_altitude_range", type=float, nargs=2, default=None,
+                        help="[top, ground] in real-world down-coordinates; clips rays to this slab")
+    parser.add_argument("--near", type=float, default=1.0, help="ray near bound, real-world units")
+    parser.add_argument("--far", type=float, default=None,
+                        help="ray far bound, real-world units (default: 2 in normalised units)")
+    parser.add_argument("--boundary_margin", type=float, default=1.15,
+                        help="a point belongs to every cell within this factor of its nearest centroid's distance")
+    parser.add_argument("--cluster_2d", action="store_true", help="partition on horizontal distance only")
+    return parser
+
+
+def require(value: object, option: str) -> None:
+    """One-line error when a required option is missing."""
+    if value is None:
+        raise UserError(f"missing option --{option}")
+
+
+def scene_bounds(args: configargparse.Namespace, coordinates: Coordinates
+                 ) -> tuple[float, float, tuple[float, float] | None]:
+    """(near, far, altitude range) in normalised units from the real-world options."""
+    near = args.near / coordinates.pose_scale_factor
+    far = 2.0 if args.far is None else args.far / coordinates.pose_scale_factor
+    if far <= near:
+        raise UserError(f"--far ({args.far}) must exceed --near ({args.near})")
+    altitude = normalize_altitude_range(args.ray_altitude_range, coordinates)
+    if altitude is not None and altitude[0] >= altitude[1]:
+        raise UserError("--ray_altitude_range must be [top, ground] with top < ground (x points down)")
+    return near, far, altitude
