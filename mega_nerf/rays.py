@@ -43,7 +43,8 @@ def image_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, W: int, H: int,
                center: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """All rays of one image in row-major pixel order: origins (H * W, 3), directions (H * W, 3)."""
     pix = torch.arange(W * H, device=c2w.device)
-    return rays_from_pixels(c2w, intrinsics.to(c2w), pix % W, torch.div(pix, W, rounding_mode="floor"), center)
+    rows = torch.div(pix, W, rounding_mode="floor")
+    return rays_from_pixels(c2w, intrinsics.to(c2w), pix % W, rows, center)
 
 
 @dataclass

@@ -5,7 +5,8 @@ Layout (see DESIGN.md):
     {train,val}/rgbs/<stem>.<ext>   ext in jpg, JPG, png, PNG
     {train,val}/metadata/<stem>.pt  {'W', 'H', 'intrinsics': [fx, fy, cx, cy], 'c2w': (3, 4), 'distortion'?}
 
-Image indices (for appearance embeddings) count train and val together, sorted by file name, as Mega-NeRF does.
+Image indices (for appearance embeddings) count train and val together, sorted by metadata file name, as
+Mega-NeRF does.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ ORTHONORMAL_TOLERANCE = 1e-2
 
 @dataclass
 class Coordinates:
-    """How normalised positions relate to the real world: p_norm = (p_drb - origin_drb) / pose_scale_factor."""
+    """How normalised positions relate to the real world:
+    p_norm = (p_drb - origin_drb) / pose_scale_factor."""
 
     origin_drb: torch.Tensor  # (3,) float64
     pose_scale_factor: float
@@ -120,9 +122,13 @@ def _parse_metadata(file: Path, image_path: Path, split: str, scale_factor: int)
         raise UserError(f"{file}: 'c2w' must be 3x4, got {tuple(c2w.shape)}")
     if not (torch.isfinite(c2w).all() and torch.isfinite(intrinsics).all()):
         raise UserError(f"{file}: 'c2w' or 'intrinsics' holds non-finite values")
+    if (intrinsics[:2] <= 0).any():
+        raise UserError(f"{file}: focal lengths fx, fy must be positive, got {intrinsics[:2].tolist()}")
     rot = c2w[:, :3]
     if (rot.T @ rot - torch.eye(3, dtype=rot.dtype)).abs().max() > ORTHONORMAL_TOLERANCE:
         raise UserError(f"{file}: the rotation in 'c2w' is not orthonormal")
+    if torch.det(rot) < 0:  # a mirrored camera: the usual sign of a wrong axis convention in a converter
+        raise UserError(f"{file}: the rotation in 'c2w' is a reflection (determinant -1); check the axes")
     distortion = data.get("distortion")
     if distortion is not None:
         distortion = torch.as_tensor(distortion, dtype=torch.float64).flatten()
@@ -131,7 +137,8 @@ def _parse_metadata(file: Path, image_path: Path, split: str, scale_factor: int)
         if not distortion.abs().gt(0).any():
             distortion = None
     return ImageMetadata(name=file.stem, split=split, index=-1, image_path=image_path,
-                         W=W // scale_factor, H=H // scale_factor, intrinsics=(intrinsics / scale_factor).float(),
+                         W=W // scale_factor, H=H // scale_factor,
+                         intrinsics=(intrinsics / scale_factor).float(),
                          c2w=c2w.float(), distortion=distortion, scale_factor=scale_factor)
 
 
@@ -159,7 +166,7 @@ def load_dataset(path: str | os.PathLike, scale_factor: int = 1) -> Dataset:
         if rgbs:
             orphan = next(iter(rgbs.values()))
             raise UserError(f"{orphan}: image has no metadata file in {meta_dir}")
-    images.sort(key=lambda m: m.name)
+    images.sort(key=lambda m: f"{m.name}.pt")  # metadata file name, as Mega-NeRF ('a-1.pt' < 'a.pt')
     for i, m in enumerate(images):
         if i and images[i - 1].name == m.name:
             raise UserError(f"{root}: image '{m.name}' appears in both train and val")
@@ -182,7 +189,8 @@ def read_image(path: Path, W: int, H: int, scale_factor: int = 1, intrinsics: to
         raise UserError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its metadata says {W}x{H}")
     if distortion is not None:
         fx, fy, cx, cy = intrinsics.tolist()
-        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+        # OpenCV puts pixel centres at integers; our cx, cy put them at +0.5 (DESIGN.md).
+        K = np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1]])
         img = cv2.undistort(img, K, distortion.numpy())
     if scale_factor > 1:
         img = cv2.resize(img, (W // scale_factor, H // scale_factor), interpolation=cv2.INTER_AREA)

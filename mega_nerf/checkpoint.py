@@ -1,0 +1,57 @@
+"""Checkpoints: complete (model, optimiser, step, RNG, data position) and atomic (temp file + rename).
+
+Everything is stored as tensors and plain types, so every file loads with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mega_nerf.errors import UserError
+
+VERSION = 1
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temp file beside `path`, then rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(exp_dir: Path, step: int) -> Path:
+    return exp_dir / "checkpoints" / f"{step:08d}.pt"
+
+
+def latest_checkpoint(exp_dir: Path) -> Path | None:
+    found = sorted((exp_dir / "checkpoints").glob("[0-9]*.pt"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint of ours, with a one-line error for a truncated file or another version."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise UserError(f"{path}: not a checkpoint of this version (expected version {VERSION})")
+    return state
+
+
+def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    generator.set_state(state["generator"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())

@@ -1,0 +1,93 @@
+"""Streaming training batches from shuffled ray chunks, the next chunk loading on a background thread.
+
+An epoch is the chunks in a seeded random order, each re-permuted by a seed of (epoch, chunk): batch b of an
+epoch is rays [b * batch_size, (b + 1) * batch_size) of that sequence. The position is therefore two integers
+(epoch, offset), saved in checkpoints, so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _to_tensors(rays: np.ndarray, pin: bool) -> dict[str, torch.Tensor]:
+    out = {"image": torch.from_numpy(rays["image"].astype(np.int32)),
+           "pixel": torch.from_numpy(rays["pixel"].astype(np.int32)),
+           "rgb": torch.from_numpy(np.ascontiguousarray(rays["rgb"]))}
+    return {k: v.pin_memory() for k, v in out.items()} if pin else out
+
+
+class RayStream:
+    """Batches over chunk files (disk mode) or one in-memory array (memory mode)."""
+
+    def __init__(self, sources: list[Path | np.ndarray], counts: list[int], batch_size: int, seed: int,
+                 device: torch.device) -> None:
+        self.sources, self.counts = sources, counts
+        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+        self.epoch, self.offset = 0, 0
+        self.wait_seconds = 0.0  # time the trainer spent blocked on data
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._loaded: dict[int, dict[str, torch.Tensor]] = {}  # position in epoch order -> device tensors
+        self._pending: dict[int, Future] = {}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._loaded.clear()
+        self._pending.clear()
+
+    def _layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's chunk sizes in epoch order, and their cumulative ends."""
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts))
+        sizes = np.array(self.counts)[order]
+        return sizes, np.cumsum(sizes)
+
+    def _load(self, epoch: int, position: int) -> dict[str, torch.Tensor]:
+        k = int(np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))[position])
+        source = self.sources[k]
+        rays = source if isinstance(source, np.ndarray) else np.load(source)
+        rays = rays[np.random.default_rng([self.seed, epoch, k]).permutation(len(rays))]
+        return _to_tensors(rays, pin=self.device.type == "cuda")
+
+    def _chunk(self, position: int) -> dict[str, torch.Tensor]:
+        if position not in self._loaded:
+            future = self._pending.pop(position, None) or self._pool.submit(self._load, self.epoch, position)
+            start = time.perf_counter()
+            host = future.result()
+            self.wait_seconds += time.perf_counter() - start
+            self._loaded = {position: {k: v.to(self.device, non_blocking=True) for k, v in host.items()}}
+            nxt = position + 1
+            if nxt < len(self.counts) and nxt not in self._pending:
+                self._pending = {nxt: self._pool.submit(self._load, self.epoch, nxt)}
+        return self._loaded[position]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next batch: image index (B,) long, pixel index (B,) long, rgb (B, 3) float in [0, 1]."""
+        sizes, ends = self._layout()
+        parts = []
+        need = self.batch_size
+        while need > 0:
+            if self.offset >= ends[-1]:  # epoch done: a partial last batch is fine
+                if parts:
+                    break
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._loaded.clear()
+                self._pending.clear()
+                sizes, ends = self._layout()
+            position = int(np.searchsorted(ends, self.offset, side="right"))
+            start = self.offset - (ends[position] - sizes[position])
+            take = int(min(need, sizes[position] - start))
+            chunk = self._chunk(position)
+            parts.append({k: v[start:start + take] for k, v in chunk.items()})
+            self.offset += take
+            need -= take
+        image = torch.cat([p["image"] for p in parts]).long()
+        pixel = torch.cat([p["pixel"] for p in parts]).long()
+        rgb = torch.cat([p["rgb"] for p in parts]).float() / 255.0
+        return image, pixel, rgb

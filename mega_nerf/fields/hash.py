@@ -1,0 +1,82 @@
+"""The default field: a multi-resolution hash grid and two small MLPs (Instant-NGP, Mueller et al. 2022), with
+a per-image appearance embedding in the colour branch (NeRF-W style) and an occupancy grid for empty space."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mega_nerf.fields.background import Background
+from mega_nerf.fields.base import Field
+from mega_nerf.fields.encoding import HashGrid, spherical_harmonics
+from mega_nerf.fields.occupancy import OccupancyGrid
+
+
+class _TruncExp(torch.autograd.Function):
+    """exp with its gradient clamped for large inputs, as Instant-NGP's density activation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp(max=15))
+
+
+def trunc_exp(x: torch.Tensor) -> torch.Tensor:
+    return _TruncExp.apply(x)
+
+
+class BoxField(Field):
+    """A field that lives in an axis-aligned box of the normalised world; outside it, density is zero."""
+
+    def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("box_min", torch.as_tensor(box_min, dtype=torch.float32).clone())
+        self.register_buffer("box_max", torch.as_tensor(box_max, dtype=torch.float32).clone())
+        self.appearance = nn.Embedding(n_images, appearance_dim)
+        self.bg = Background(appearance_dim)
+
+    def to_box(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Box coordinates u in [0, 1]^3 (N, 3) and whether each point is inside (N,)."""
+        u = (positions - self.box_min) / (self.box_max - self.box_min)
+        return u, ((u >= 0) & (u <= 1)).all(-1)
+
+    def background(self, directions: torch.Tensor, appearance: torch.Tensor) -> torch.Tensor:
+        return self.bg(directions, self.appearance(appearance))
+
+
+class HashField(BoxField):
+    def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int = 32,
+                 hidden: int = 64, geo_features: int = 15, n_levels: int = 16, n_features: int = 2,
+                 log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
+                 occupancy_resolution: int = 128) -> None:
+        super().__init__(box_min, box_max, n_images, appearance_dim)
+        self.grid = HashGrid(n_levels, n_features, log2_table_size, base_resolution, max_resolution)
+        self.density_net = nn.Sequential(nn.Linear(self.grid.output_dim, hidden), nn.ReLU(),
+                                         nn.Linear(hidden, 1 + geo_features))
+        self.color_net = nn.Sequential(nn.Linear(16 + geo_features + appearance_dim, hidden), nn.ReLU(),
+                                       nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+        self.occupancy = OccupancyGrid(occupancy_resolution)
+
+    def density_features(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Box coordinates (N, 3) -> density (N,) and geometry features (N, geo_features)."""
+        h = self.density_net(self.grid(u)).float()
+        return trunc_exp(h[:, 0] - 1.0), h[:, 1:]
+
+    def forward(self, positions: torch.Tensor, directions: torch.Tensor,
+                appearance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, inside = self.to_box(positions)
+        density, geo = self.density_features(u)
+        x = torch.cat([spherical_harmonics(directions), geo, self.appearance(appearance)], -1)
+        rgb = torch.sigmoid(self.color_net(x).float())
+        return density * inside, rgb
+
+    def occupied(self, positions: torch.Tensor) -> torch.Tensor:
+        u, inside = self.to_box(positions)
+        return self.occupancy(u) & inside
+
+    def update_occupancy(self, threshold: float, generator: torch.Generator | None = None) -> None:
+        self.occupancy.update(lambda u: self.density_features(u)[0], threshold, generator)

@@ -1,0 +1,48 @@
+"""Occupancy grid over a field's box: which cells may hold density, so the renderer skips empty space.
+
+Each update evaluates the density at one jittered point per cell, keeps a decaying running maximum
+(as Instant-NGP does, Mueller et al. 2022, appendix E.2), and marks a cell occupied while that maximum is above
+a threshold. Until the first update every cell counts as occupied.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class OccupancyGrid(nn.Module):
+    def __init__(self, resolution: int = 128, decay: float = 0.95) -> None:
+        super().__init__()
+        self.resolution, self.decay = resolution, decay
+        self.register_buffer("density", torch.zeros(resolution ** 3))
+        self.register_buffer("mask", torch.ones(resolution ** 3, dtype=torch.bool))
+
+    def cell_index(self, u: torch.Tensor) -> torch.Tensor:
+        """Points in box coordinates u in [0, 1]^3, (N, 3) -> flat cell index (N,)."""
+        r = self.resolution
+        c = (u * r).long().clamp(0, r - 1)
+        return (c[:, 0] * r + c[:, 1]) * r + c[:, 2]
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """(N, 3) box coordinates -> (N,) bool occupancy."""
+        return self.mask[self.cell_index(u)]
+
+    @torch.no_grad()
+    def update(self, density_fn: Callable[[torch.Tensor], torch.Tensor], threshold: float,
+               generator: torch.Generator | None = None, chunk: int = 2 ** 18) -> None:
+        """Re-estimate occupancy. density_fn maps box coordinates (M, 3) to density (M,)."""
+        r = self.resolution
+        device = self.density.device
+        for start in range(0, r ** 3, chunk):
+            idx = torch.arange(start, min(start + chunk, r ** 3), device=device)
+            cells = torch.stack([idx // (r * r), (idx // r) % r, idx % r], -1).float()
+            jitter = torch.rand(cells.shape, generator=generator, device=device)
+            sigma = density_fn((cells + jitter) / r).float()
+            self.density[idx] = torch.maximum(self.density[idx] * self.decay, sigma)
+        self.mask.copy_(self.density > threshold)
+
+    @property
+    def occupied_fraction(self) -> float:
+        return self.mask.float().mean().item()

@@ -1,0 +1,65 @@
+"""Validation renders during training: a few val images rendered whole, PSNR on the right half inside the cell.
+
+Val images are trained on their left halves only (DESIGN.md), so the right half is unseen.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import torch
+
+from mega_nerf.data.chunks import cell_mask
+from mega_nerf.rays import image_rays, near_far
+from mega_nerf.render import RenderConfig, render_in_chunks
+
+if TYPE_CHECKING:
+    from mega_nerf.training import Trainer
+
+
+def colorize_depth(depth: torch.Tensor, opacity: torch.Tensor) -> np.ndarray:
+    """(H, W) depth -> (H, W, 3) uint8 RGB, near bright, normalised over the opaque pixels' range."""
+    d = depth.float().cpu().numpy()
+    solid = opacity.cpu().numpy() > 0.5
+    lo, hi = (np.percentile(d[solid], [1, 99]) if solid.any() else (0.0, 1.0))
+    scaled = 1 - np.clip((d - lo) / max(hi - lo, 1e-8), 0, 1)
+    img = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_TURBO)
+    img[~solid] = 0
+    return img[:, :, ::-1].copy()
+
+
+def to_uint8(rgb: torch.Tensor) -> np.ndarray:
+    return (rgb.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def write_rgb(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1]))
+
+
+@torch.no_grad()
+def validate(trainer: Trainer, step: int) -> dict[str, float]:
+    """Render up to `val_images` val images holding cell rays; save gt | render | depth PNGs; return PSNR."""
+    field, device = trainer.field, trainer.device
+    config = RenderConfig(trainer.render_config.samples, trainer.render_config.fine_samples, perturb=False)
+    field.eval()
+    errors, count = 0.0, 0
+    for meta in trainer.dataset.val[: trainer.args.val_images]:
+        mask = cell_mask(meta, trainer.mask_dir)
+        origins, dirs = image_rays(meta.c2w.to(device), meta.intrinsics.to(device), meta.W, meta.H)
+        near, far = near_far(origins, dirs, trainer.near, trainer.far, trainer.altitude)
+        app = torch.full((origins.shape[0],), meta.index, device=device)
+        out = render_in_chunks(field, origins, dirs, near, far, app, config)
+        pred = out["rgb"].view(meta.H, meta.W, 3).cpu()
+        gt = meta.load_rgb().float() / 255
+        right = mask.clone()
+        right[:, : meta.W // 2] = False
+        errors += ((pred - gt) ** 2)[right].sum().item()
+        count += int(right.sum()) * 3
+        depth = colorize_depth(out["depth"].view(meta.H, meta.W), out["opacity"].view(meta.H, meta.W))
+        panel = np.concatenate([to_uint8(gt), to_uint8(pred), depth], 1)
+        write_rgb(trainer.exp_dir / "val" / f"{step:08d}_{meta.name}.png", panel)
+    field.train()
+    return {"val_psnr": -10 * np.log10(max(errors / count, 1e-10))} if count else {}

@@ -1,0 +1,269 @@
+"""The dataset reader against what the writer put on disk, OpenCV references, and bad input.
+
+Every bad-input case must raise `UserError` with a message naming the offending file.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mega_nerf.data.dataset import load_dataset, write_coordinates, write_image
+from mega_nerf.errors import UserError, run_cli
+
+
+def random_c2w(rng: np.random.Generator) -> torch.Tensor:
+    """A random proper rotation and centre, (3, 4) float32."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    q = q if np.linalg.det(q) > 0 else -q
+    return torch.from_numpy(np.concatenate([q, rng.normal(size=(3, 1))], 1)).float()
+
+
+def smooth_rgb(rng: np.random.Generator, W: int, H: int) -> np.ndarray:
+    """A low-frequency (H, W, 3) uint8 image, so that JPEG compression changes it little."""
+    u, v = np.meshgrid(np.linspace(0, 1, W), np.linspace(0, 1, H))
+    a = rng.uniform(0.5, 1.0, size=(3, 2))
+    rgb = 40 + 170 * np.stack([(a[c, 0] * u + a[c, 1] * v) / 2 for c in range(3)], -1)
+    return rgb.round().astype(np.uint8)
+
+
+def add_image(root: Path, split: str, name: str, W: int, H: int, ext: str = ".png", seed: int = 0,
+              distortion: torch.Tensor | None = None) -> dict:
+    """Write one image with random content, intrinsics and pose; return what was written."""
+    rng = np.random.default_rng(seed)
+    rgb = smooth_rgb(rng, W, H) if ext.lower() == ".jpg" else rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    intrinsics = torch.tensor([W * rng.uniform(0.8, 1.2), H * rng.uniform(1.3, 1.6),
+                               W * rng.uniform(0.4, 0.6), H * rng.uniform(0.4, 0.6)], dtype=torch.float32)
+    c2w = random_c2w(rng)
+    write_image(root, split, name, rgb, intrinsics, c2w, distortion=distortion, ext=ext)
+    return {"rgb": rgb, "intrinsics": intrinsics, "c2w": c2w, "split": split}
+
+
+def minimal_dataset(root: Path, ext: str = ".png") -> Path:
+    """One 8x6 train image 'a' and one val image 'b'."""
+    write_coordinates(root, torch.tensor([1.0, 2.0, 3.0]), 10.0)
+    add_image(root, "train", "a", 8, 6, ext, seed=1)
+    add_image(root, "val", "b", 8, 6, ext, seed=2)
+    return root
+
+
+def raises_naming(path: Path):
+    """pytest.raises for a UserError whose one-line message names `path`."""
+    return pytest.raises(UserError, match=re.escape(str(path)))
+
+
+def test_round_trip_counts_sizes_poses_pixels_and_appearance_order(tmp_path):
+    write_coordinates(tmp_path, torch.tensor([5.0, -2.0, 7.5]), 123.0)
+    # Names interleave between the splits so that appearance order must merge them; 'img' and 'img-1'
+    # compare differently as stems and as file names ('img-1.pt' < 'img.pt'), Mega-NeRF uses file names.
+    specs = [("train", "c", 24, 16, ".png"), ("val", "b", 20, 12, ".png"), ("train", "a", 16, 10, ".jpg"),
+             ("val", "d", 32, 18, ".jpg"), ("train", "e", 12, 30, ".png"),
+             ("train", "img", 10, 8, ".png"), ("val", "img-1", 10, 8, ".png")]
+    written = {name: add_image(tmp_path, split, name, W, H, ext, seed=k)
+               for k, (split, name, W, H, ext) in enumerate(specs)}
+    ds = load_dataset(tmp_path)
+    torch.testing.assert_close(ds.coordinates.origin_drb, torch.tensor([5.0, -2.0, 7.5], dtype=torch.float64))
+    assert ds.coordinates.pose_scale_factor == 123.0
+    assert [m.name for m in ds.images] == ["a", "b", "c", "d", "e", "img-1", "img"]
+    assert [m.index for m in ds.images] == list(range(len(specs)))
+    assert [m.name for m in ds.train] == ["a", "c", "e", "img"]
+    assert [m.name for m in ds.val] == ["b", "d", "img-1"]
+    for m in ds.images:
+        ref = written[m.name]
+        assert m.split == ref["split"] and (m.H, m.W) == ref["rgb"].shape[:2] and m.distortion is None
+        assert torch.equal(m.intrinsics, ref["intrinsics"]) and torch.equal(m.c2w, ref["c2w"])
+        rgb = m.load_rgb()
+        assert rgb.dtype == torch.uint8 and rgb.shape == (m.H, m.W, 3)
+        if m.image_path.suffix == ".png":
+            assert np.array_equal(rgb.numpy(), ref["rgb"])
+        else:  # lossy, but a smooth image survives within a few levels and keeps its channel order
+            assert np.abs(rgb.numpy().astype(int) - ref["rgb"]).mean() < 2.0
+
+
+def test_scale_factor_halves_size_and_intrinsics_and_area_downsamples(tmp_path):
+    write_coordinates(tmp_path, torch.zeros(3), 1.0)
+    written = {"a": add_image(tmp_path, "train", "a", 24, 18, seed=3),
+               "b": add_image(tmp_path, "val", "b", 14, 10, ".jpg", seed=4)}
+    full = {m.name: m.load_rgb().numpy() for m in load_dataset(tmp_path).images}
+    for m in load_dataset(tmp_path, scale_factor=2).images:
+        ref = written[m.name]
+        assert (m.W, m.H) == (ref["rgb"].shape[1] // 2, ref["rgb"].shape[0] // 2)
+        torch.testing.assert_close(m.intrinsics, ref["intrinsics"] / 2)
+        assert torch.equal(m.c2w, ref["c2w"])
+        expected = cv2.resize(full[m.name], (m.W, m.H), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(m.load_rgb().numpy(), expected)
+    # INTER_AREA by 2 is the mean of 2x2 blocks: check one pixel by hand on the lossless image.
+    a = load_dataset(tmp_path, scale_factor=2).images[0].load_rgb().numpy().astype(int)
+    assert np.abs(a[1, 2] - written["a"]["rgb"][2:4, 4:6].reshape(4, 3).mean(0)).max() <= 0.5
+
+
+def test_size_not_divisible_by_scale_factor(tmp_path):
+    write_coordinates(tmp_path, torch.zeros(3), 1.0)
+    add_image(tmp_path, "train", "a", 16, 10)
+    add_image(tmp_path, "val", "b", 15, 10)
+    load_dataset(tmp_path, scale_factor=1)
+    with raises_naming(tmp_path / "val" / "metadata" / "b.pt"):
+        load_dataset(tmp_path, scale_factor=2)
+
+
+def brown_conrady(u: np.ndarray, v: np.ndarray, K: tuple[float, ...], d: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Where an ideal pinhole pixel coordinate (u, v) lands in the distorted image (OpenCV's 5-term model),
+    in DESIGN.md's pixel convention (pixel centres at +0.5, the convention of cx, cy)."""
+    fx, fy, cx, cy = K
+    k1, k2, p1, p2, k3 = d
+    x, y = (u - cx) / fx, (v - cy) / fy
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 ** 2 + k3 * r2 ** 3
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return fx * xd + cx, fy * yd + cy
+
+
+def test_distortion_is_undistorted_at_load(tmp_path):
+    """A linear ramp image h(u, v) taken through a distorting lens must read back as h(distort(u, v))."""
+    W, H = 96, 64
+    K = (55.0, 50.0, 50.3, 30.8)
+    d = np.array([-0.4, 0.1, 0.004, -0.005, 0.01])
+
+    def ramp(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return np.stack([2.5 * u, 3.5 * v, 100 + 0.8 * u - 0.6 * v], -1)
+
+    u, v = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    captured = np.clip(ramp(u, v).round(), 0, 255).astype(np.uint8)
+    write_coordinates(tmp_path, torch.zeros(3), 1.0)
+    write_image(tmp_path, "train", "a", captured, torch.tensor(K), torch.eye(3, 4),
+                distortion=torch.tensor(d))
+    add_image(tmp_path, "val", "b", 8, 6)
+    m = load_dataset(tmp_path).images[0]
+    assert m.distortion is not None
+    torch.testing.assert_close(m.distortion, torch.tensor(d, dtype=torch.float32).double())
+    rgb = m.load_rgb().numpy().astype(float)
+    expected = ramp(*brown_conrady(u, v, K, d))
+    # Barrel distortion: every ideal pixel samples inside the captured image, so no border to exclude.
+    # Bound: input and output rounding (0.5 + 0.5) less OpenCV's 1/32-pixel interpolation grid.
+    assert np.abs(rgb - expected).max() < 1.0
+    assert np.abs(rgb - expected).mean() < 0.35
+    assert np.abs(rgb - captured).max() > 20  # the lens really moved pixels, so the check above has teeth
+    # And it agrees with OpenCV's own undistortion, given pixel centres at integers in OpenCV's convention.
+    K_cv = np.array([[K[0], 0, K[2] - 0.5], [0, K[1], K[3] - 0.5], [0, 0, 1]])
+    assert np.abs(rgb - cv2.undistort(captured, K_cv, d)).max() <= 1
+
+
+def test_missing_coordinates(tmp_path):
+    minimal_dataset(tmp_path)
+    (tmp_path / "coordinates.pt").unlink()
+    with raises_naming(tmp_path / "coordinates.pt"):
+        load_dataset(tmp_path)
+
+
+def test_coordinates_missing_a_key(tmp_path):
+    minimal_dataset(tmp_path)
+    torch.save({"origin_drb": torch.zeros(3)}, tmp_path / "coordinates.pt")
+    with raises_naming(tmp_path / "coordinates.pt"):
+        load_dataset(tmp_path)
+
+
+def test_metadata_without_image(tmp_path):
+    minimal_dataset(tmp_path)
+    (tmp_path / "val" / "rgbs" / "b.png").unlink()
+    with raises_naming(tmp_path / "val" / "metadata" / "b.pt"):
+        load_dataset(tmp_path)
+
+
+def test_image_without_metadata(tmp_path):
+    minimal_dataset(tmp_path)
+    cv2.imwrite(str(tmp_path / "train" / "rgbs" / "z.png"), np.zeros((6, 8, 3), np.uint8))
+    with raises_naming(tmp_path / "train" / "rgbs" / "z.png"):
+        load_dataset(tmp_path)
+
+
+def test_empty_split(tmp_path):
+    minimal_dataset(tmp_path)
+    (tmp_path / "val" / "metadata" / "b.pt").unlink()
+    (tmp_path / "val" / "rgbs" / "b.png").unlink()
+    with raises_naming(tmp_path / "val" / "metadata"):
+        load_dataset(tmp_path)
+
+
+def test_unreadable_image(tmp_path):
+    minimal_dataset(tmp_path)
+    path = tmp_path / "train" / "rgbs" / "a.png"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    m = load_dataset(tmp_path).images[0]
+    with raises_naming(path):
+        m.load_rgb()
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_truncated_image(tmp_path, ext):
+    minimal_dataset(tmp_path, ext)
+    path = tmp_path / "val" / "rgbs" / f"b{ext}"
+    load_dataset(tmp_path).images[1].load_rgb()  # intact, it reads
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    m = load_dataset(tmp_path).images[1]
+    with raises_naming(path):
+        m.load_rgb()
+
+
+def test_image_size_disagrees_with_metadata(tmp_path):
+    minimal_dataset(tmp_path)
+    meta = tmp_path / "train" / "metadata" / "a.pt"
+    torch.save({**torch.load(meta, weights_only=True), "W": 10}, meta)
+    m = load_dataset(tmp_path).images[0]
+    assert m.W == 10
+    with raises_naming(tmp_path / "train" / "rgbs" / "a.png"):
+        m.load_rgb()
+
+
+def corrupt_metadata(root: Path, **changes: object) -> Path:
+    """Replace keys in the train image's metadata; return that file."""
+    meta = root / "train" / "metadata" / "a.pt"
+    torch.save({**torch.load(meta, weights_only=True), **changes}, meta)
+    return meta
+
+
+@pytest.mark.parametrize("changes", [
+    {"c2w": torch.eye(4)},
+    {"c2w": torch.eye(3)},
+    {"c2w": torch.cat([torch.eye(3), torch.tensor([[float("nan")], [0.0], [0.0]])], 1)},
+    {"intrinsics": torch.tensor([10.0, float("inf"), 4.0, 3.0])},
+    {"c2w": torch.cat([1.1 * torch.eye(3), torch.zeros(3, 1)], 1)},
+    {"c2w": torch.cat([torch.tensor([[1.0, 0.3, 0], [0, 1, 0], [0, 0, 1]]), torch.zeros(3, 1)], 1)},
+    {"c2w": torch.cat([torch.diag(torch.tensor([1.0, 1.0, -1.0])), torch.zeros(3, 1)], 1)},
+    {"intrinsics": torch.tensor([10.0, 10.0, 4.0])},
+    {"intrinsics": torch.tensor([10.0, 0.0, 4.0, 3.0])},
+    {"distortion": torch.tensor([0.1, float("nan"), 0, 0, 0])},
+], ids=["c2w4x4", "c2w3x3", "c2w_nan", "intrinsics_inf", "scaled_rotation", "sheared_rotation",
+        "reflection", "three_intrinsics", "zero_focal", "distortion_nan"])
+def test_bad_metadata_values(tmp_path, changes):
+    meta = corrupt_metadata(minimal_dataset(tmp_path), **changes)
+    with raises_naming(meta):
+        load_dataset(tmp_path)
+
+
+def test_metadata_missing_a_key(tmp_path):
+    minimal_dataset(tmp_path)
+    meta = tmp_path / "val" / "metadata" / "b.pt"
+    data = torch.load(meta, weights_only=True)
+    del data["c2w"]
+    torch.save(data, meta)
+    with raises_naming(meta):
+        load_dataset(tmp_path)
+
+
+def test_run_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    missing = tmp_path / "no_such_dataset"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: load_dataset(missing))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(missing) in err and err.count("\n") == 1
+    assert run_cli(lambda: 7) == 7  # a clean run returns main's value and prints nothing
+    assert capsys.readouterr().err == ""
