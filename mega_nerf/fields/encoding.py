@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from mega_nerf.fields import hash_triton
+
 # Spatial-hash primes from Instant-NGP (Mueller et al. 2022, eq. 4); the first is 1 for cache coherence.
 HASH_PRIMES = (1, 2654435761, 805459861)
 
@@ -78,7 +80,14 @@ class HashGrid(nn.Module):
         return torch.where(self.dense.view(1, -1, 1), dense_index, hashed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 3) in [0, 1]^3 (clamped). Returns (N, n_levels * n_features), level-major."""
+        """x: (N, 3) in [0, 1]^3 (clamped). Returns (N, n_levels * n_features), level-major. On the GPU this
+        runs the fused Triton kernel, which computes the same function as `reference`."""
+        if hash_triton.available(x) and self.n_features == 2:
+            return hash_triton.hash_encode(x, self.table, self.resolutions, self.offsets, self.table_size)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain PyTorch encoding (CPU path, and the definition the fused kernel is tested against)."""
         x = x.float().clamp(0.0, 1.0)
         scaled = x.unsqueeze(1) * self.resolutions.view(1, -1, 1)  # (N, L, 3)
         base = scaled.floor().long().clamp_max(self.resolutions.view(1, -1, 1) - 1)

@@ -1,0 +1,319 @@
+"""What the COLMAP and transforms.json converters share: from posed images in any world frame to our layout.
+
+Steps (each a function, so each is testable): choose the up direction (given, or estimated from plane fits
+of camera centres and sparse points, checked against the cameras' orientations); rotate the world so that
+up becomes -x (DRB, DESIGN.md); fit `origin_drb` and `pose_scale_factor` so cameras and the bulk of the
+points lie in [-1, 1]; estimate `ray_altitude_range` from the points; pick every Nth image for validation;
+copy or link the images; write metadata, `coordinates.pt`, `points3D.npy` and `config.yaml`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from mega_nerf.data.dataset import IMAGE_EXTENSIONS, SPLITS, write_coordinates
+from mega_nerf.errors import UserError
+
+UP_AXES = {f"{s}{a}": (1.0 if s == "+" else -1.0) * np.eye(3)[i] for i, a in enumerate("xyz") for s in "+-"}
+PLANAR_RATIO = 0.1  # smallest / middle eigenvalue of the covariance below which a set of positions is a plane
+MAX_PLANE_ANGLE = 60.0  # degrees between a plane normal and the cameras' rough up for the fit to be trusted
+POINT_PERCENTILES = (1.0, 99.0)  # the "bulk" of the sparse points, per axis
+ALTITUDE_MARGIN = 0.05  # fraction of the slab's height added above and below it
+
+
+@dataclass
+class SceneInput:
+    """Posed images and sparse points in the source's own world frame, before conversion."""
+
+    names: list[str]  # output file stems, unique
+    image_paths: list[Path]
+    c2w: np.ndarray  # (N, 3, 4) float64: camera right, up, back axes and centre (NeRF camera), source world
+    intrinsics: np.ndarray  # (N, 4) fx, fy, cx, cy in pixels (pixel centres at +0.5)
+    sizes: np.ndarray  # (N, 2) W, H
+    distortion: list[np.ndarray | None]  # OpenCV coefficients [k1, k2, p1, p2(, k3)] per image
+    points: np.ndarray  # (P, 3) float64 sparse points, source world (P may be 0)
+    colors: np.ndarray  # (P, 3) uint8
+
+
+@dataclass
+class Conversion:
+    """How the source world maps to the normalised DRB frame, and the converted poses."""
+
+    up: np.ndarray  # (3,) unit up direction in the source world
+    up_reason: str
+    rotation: np.ndarray  # (3, 3) source world -> DRB (proper rotation, up -> -x)
+    origin_drb: np.ndarray  # (3,)
+    pose_scale_factor: float
+    altitude_range: tuple[float, float] | None  # real-world DRB down-coordinates [top, ground]
+    c2w: np.ndarray  # (N, 3, 4) float64 normalised DRB
+    points: np.ndarray  # (P, 3) float64 normalised DRB
+    splits: list[str]  # per image, 'train' or 'val'
+
+
+def unique_stems(relative_paths: list[str]) -> list[str]:
+    """Output stems: the file names' stems, or the whole relative path joined by '_' where stems collide."""
+    stems = [PurePosixPath(p).stem for p in relative_paths]
+    if len(set(stems)) < len(stems):
+        stems = ["_".join(q for q in PurePosixPath(p).with_suffix("").parts if q not in (".", ".."))
+                 for p in relative_paths]
+    seen: set[str] = set()
+    for p, s in zip(relative_paths, stems, strict=True):
+        if s in seen:
+            raise UserError(f"{p}: two images map to the same output name '{s}'")
+        seen.add(s)
+    return stems
+
+
+def keep_existing_images(paths: list[Path], source: str, allow_missing: bool) -> np.ndarray:
+    """(N,) bool mask of images found on disk; a one-line error unless `allow_missing`."""
+    found = np.array([p.is_file() for p in paths], dtype=bool)
+    missing = int((~found).sum())
+    if missing and not allow_missing:
+        first = paths[int(np.argmin(found))]
+        raise UserError(f"{missing} of {len(paths)} images listed in {source} are missing on disk "
+                        f"(first: {first}); pass --allow_missing_images to convert the others")
+    if missing:
+        print(f"skipping {missing} of {len(paths)} images missing on disk")
+    return found
+
+
+def parse_up_axis(text: str) -> np.ndarray | None:
+    """'auto' -> None, '+z' / '-y' ... -> unit vector (3,)."""
+    if text == "auto":
+        return None
+    if text not in UP_AXES:
+        raise UserError(f"--up_axis must be auto or one of {', '.join(UP_AXES)}, got '{text}'")
+    return UP_AXES[text].copy()
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> float:
+    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+
+
+def plane_normal(positions: np.ndarray) -> np.ndarray | None:
+    """Unit normal (3,) of the best-fit plane of positions (M, 3), or None when they do not form a plane
+    (too few, a line, or a blob)."""
+    if len(positions) < 4:
+        return None
+    eigval, eigvec = np.linalg.eigh(np.cov(positions.T))  # ascending
+    if eigval[1] <= 0 or eigval[0] > PLANAR_RATIO * eigval[1]:
+        return None
+    return eigvec[:, 0]
+
+
+def _bulk(points: np.ndarray) -> np.ndarray:
+    """Points within the per-axis percentiles POINT_PERCENTILES, dropping far-off outliers."""
+    if len(points) == 0:
+        return points
+    lo, hi = np.percentile(points, POINT_PERCENTILES, axis=0)
+    return points[((points >= lo) & (points <= hi)).all(1)]
+
+
+def rough_up(c2w: np.ndarray) -> tuple[np.ndarray, str]:
+    """The cameras' own idea of up (3,), assuming they look down or level, without roll.
+
+    Each camera's up + back axes point upwards whatever its pitch (level: up; nadir: back), so their mean
+    gives the sign; its direction is biased unless yaws vary. When they do, the one direction orthogonal
+    to every camera's right axis (no roll) is up.
+    """
+    votes = (c2w[:, :, 1] + c2w[:, :, 2]).mean(0)
+    if np.linalg.norm(votes) < 0.2:
+        raise UserError("cannot estimate the up axis: camera orientations disagree; pass --up_axis")
+    rights = c2w[:, :, 0]
+    eigval, eigvec = np.linalg.eigh(rights.T @ rights)  # ascending
+    if eigval[0] < PLANAR_RATIO * eigval[1]:
+        return eigvec[:, 0] * np.sign(eigvec[:, 0] @ votes), "orthogonal to the cameras' right axes"
+    return votes / np.linalg.norm(votes), "mean of the cameras' up + back axes (rough: yaws do not vary)"
+
+
+def estimate_up(c2w: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, str]:
+    """Up direction (3,) in the source world and why it was chosen.
+
+    A plane fit of the camera centres (aerial grids) or, failing that, of the sparse points (the ground of a
+    city) is precise, and is used when within MAX_PLANE_ANGLE of the cameras' rough up (which rejects, say,
+    a facade); the rough up gives the normal's sign (cameras look down or level, not at the sky).
+    """
+    rough, rough_reason = rough_up(c2w)
+    for what, positions in (("camera centres", c2w[:, :, 3]), ("sparse points", _bulk(points))):
+        normal = plane_normal(positions)
+        if normal is not None:
+            normal = normal if normal @ rough >= 0 else -normal
+            angle = _angle(normal, rough)
+            if angle < MAX_PLANE_ANGLE:
+                return normal, f"plane fit of {len(positions)} {what}, {angle:.0f} deg from the cameras' up"
+    return rough, f"{rough_reason}; no plane fit agreed"
+
+
+def describe_up(up: np.ndarray) -> str:
+    """'(0.010, -1.000, 0.020), 1.3 deg from -y', with a hint when an estimate is close to an axis."""
+    name, axis = min(UP_AXES.items(), key=lambda kv: _angle(up, kv[1]))
+    angle = _angle(up, axis)
+    hint = f"; if the world's up is exactly {name}, pass --up_axis {name}" if 0.01 < angle < 5 else ""
+    return f"({up[0]:.3f}, {up[1]:.3f}, {up[2]:.3f}), {angle:.1f} deg from {name}{hint}"
+
+
+def drb_rotation(up: np.ndarray) -> np.ndarray:
+    """Proper rotation (3, 3) taking `up` to -x. The world axis least aligned with up, made horizontal,
+    becomes +y (right), so a given axis-aligned up yields a signed permutation of the source axes."""
+    down = -up / np.linalg.norm(up)
+    axis = np.eye(3)[int(np.argmin(np.abs(down)))]
+    right = axis - (axis @ down) * down
+    right /= np.linalg.norm(right)
+    return np.stack([down, right, np.cross(down, right)])
+
+
+def fit_normalisation(centres: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, float]:
+    """origin (3,) and scale so cameras (N, 3) and the bulk of points (P, 3), DRB, fit in [-1, 1]."""
+    spread = np.abs(centres - centres.mean(0)).max()
+    if len(centres) < 2 or spread <= 1e-9 * max(1.0, np.abs(centres).max()):
+        where = ", ".join(f"{v:.4g}" for v in centres[0])
+        raise UserError(f"degenerate scene: all {len(centres)} cameras lie at one point ({where})")
+    box = np.concatenate([centres, _bulk(points)])
+    lo, hi = box.min(0), box.max(0)
+    return (lo + hi) / 2, float((hi - lo).max() / 2)
+
+
+def estimate_altitude_range(centres: np.ndarray, points: np.ndarray) -> tuple[float, float] | None:
+    """[top, ground] in real DRB down-coordinates: ground below a low percentile of point altitudes,
+    top above the highest camera and the bulk of the points; None without points."""
+    if len(points) < 10:
+        return None
+    low, high = np.percentile(points[:, 0], POINT_PERCENTILES)
+    top, ground = min(float(centres[:, 0].min()), float(low)), float(high)
+    margin = ALTITUDE_MARGIN * max(ground - top, 1e-9)
+    return top - margin, ground + margin
+
+
+def val_splits(stems: list[str], val_every: int) -> list[str]:
+    """'val' for every `val_every`-th image in name order (starting with the first), 'train' otherwise."""
+    if val_every < 2:
+        raise UserError(f"--val_every must be at least 2, got {val_every}")
+    order = {s: i for i, s in enumerate(sorted(stems))}
+    return ["val" if order[s] % val_every == 0 else "train" for s in stems]
+
+
+def convert_poses(scene: SceneInput, up: np.ndarray | None, val_every: int) -> Conversion:
+    """Rotate to DRB, normalise, estimate the altitude slab and choose splits; writes nothing."""
+    if up is None:
+        up, reason = estimate_up(scene.c2w, scene.points)
+    else:
+        reason = "given by --up_axis"
+    rotation = drb_rotation(up)
+    rot = np.einsum("ij,njk->nik", rotation, scene.c2w[:, :, :3])
+    centres = scene.c2w[:, :, 3] @ rotation.T
+    points = scene.points @ rotation.T
+    origin, scale = fit_normalisation(centres, points)
+    c2w = np.concatenate([rot, ((centres - origin) / scale)[:, :, None]], axis=2)
+    return Conversion(up=up / np.linalg.norm(up), up_reason=reason, rotation=rotation, origin_drb=origin,
+                      pose_scale_factor=scale, altitude_range=estimate_altitude_range(centres, points),
+                      c2w=c2w, points=(points - origin) / scale, splits=val_splits(scene.names, val_every))
+
+
+def _place_image(src: Path, dst_stem: Path, K: np.ndarray, dist: np.ndarray | None, link: bool) -> None:
+    """Copy, link, re-encode (formats the layout does not read) or undistort (when `dist` is given)."""
+    if dist is None and src.suffix in IMAGE_EXTENSIONS:
+        dst = dst_stem.with_suffix(src.suffix)
+        if link:
+            os.symlink(src.resolve(), dst)
+        else:
+            shutil.copyfile(src, dst)
+        return
+    img = cv2.imread(str(src), cv2.IMREAD_COLOR)
+    if img is None:
+        raise UserError(f"{src}: unreadable image")
+    if dist is not None:
+        img = cv2.undistort(img, K, dist)
+    dst = dst_stem.with_suffix(src.suffix if src.suffix in IMAGE_EXTENSIONS else ".png")
+    quality = [cv2.IMWRITE_JPEG_QUALITY, 95] if dst.suffix.lower() in (".jpg", ".jpeg") else []
+    if not cv2.imwrite(str(dst), img, quality):
+        raise UserError(f"{dst}: could not be written")
+
+
+def write_dataset(scene: SceneInput, conv: Conversion, output: Path, undistort: bool = False,
+                  link_images: bool = False) -> None:
+    """Write images, metadata, coordinates.pt, points3D.npy (+ points3D_rgb.npy) and config.yaml."""
+    if any((output / p).exists() for p in (*SPLITS, "coordinates.pt")):
+        raise UserError(f"{output}: already holds a dataset; choose another --output")
+    for split in SPLITS:
+        (output / split / "rgbs").mkdir(parents=True, exist_ok=True)
+        (output / split / "metadata").mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(len(scene.names)), desc="images", leave=False):
+        split, name = conv.splits[i], scene.names[i]
+        fx, fy, cx, cy = scene.intrinsics[i]
+        dist = scene.distortion[i]
+        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+        _place_image(scene.image_paths[i], output / split / "rgbs" / name, K,
+                     dist if undistort else None, link_images)
+        meta = {"W": int(scene.sizes[i, 0]), "H": int(scene.sizes[i, 1]),
+                "intrinsics": torch.tensor(scene.intrinsics[i], dtype=torch.float32),
+                "c2w": torch.tensor(conv.c2w[i], dtype=torch.float32)}
+        if dist is not None and not undistort:
+            meta["distortion"] = torch.tensor(dist, dtype=torch.float32)
+        torch.save(meta, output / split / "metadata" / f"{name}.pt")
+    write_coordinates(output, torch.tensor(conv.origin_drb), conv.pose_scale_factor)
+    np.save(output / "points3D.npy", conv.points.astype(np.float32))
+    np.save(output / "points3D_rgb.npy", scene.colors.astype(np.uint8))
+    config: dict[str, object] = {"dataset_path": str(output.resolve())}
+    if conv.altitude_range is not None:
+        config["ray_altitude_range"] = [round(v, 6) for v in conv.altitude_range]
+    (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def summary(scene: SceneInput, conv: Conversion, output: Path) -> list[str]:
+    """Lines telling the user what was written and what was assumed."""
+    n_val = conv.splits.count("val")
+    n_dist = sum(d is not None for d in scene.distortion)
+    lines = [f"up axis: {describe_up(conv.up)} ({conv.up_reason})",
+             f"images: {len(scene.names) - n_val} train, {n_val} val; {n_dist} with lens distortion",
+             f"origin_drb: {np.array2string(conv.origin_drb, precision=4)}, "
+             f"pose_scale_factor: {conv.pose_scale_factor:.6g}",
+             f"sparse points: {len(scene.points)}"]
+    if conv.altitude_range is None:
+        lines.append("ray_altitude_range: not estimated (no sparse points); add it to config.yaml by hand")
+    else:
+        top, ground = conv.altitude_range
+        lines.append(f"ray_altitude_range: [{top:.4g}, {ground:.4g}] (real down-coordinates, top < ground)")
+        below = int((conv.c2w[:, 0, 3] * conv.pose_scale_factor + conv.origin_drb[0] > ground).sum())
+        if below:
+            lines.append(f"warning: {below} cameras lie below the estimated ground: is the up axis right?")
+    lines.append(f"wrote {output}; check it with: python scripts/preview_dataset.py {output}")
+    return lines
+
+
+def convert(scene: SceneInput, output: str | os.PathLike, up_axis: str = "auto", val_every: int = 8,
+            undistort: bool = False, link_images: bool = False) -> Conversion:
+    """Convert and write a scene, printing a summary."""
+    conv = convert_poses(scene, parse_up_axis(up_axis), val_every)
+    write_dataset(scene, conv, Path(output), undistort, link_images)
+    print("\n".join(summary(scene, conv, Path(output))))
+    return conv
+
+
+def add_conversion_options(parser: argparse.ArgumentParser) -> None:
+    """Options both converters share."""
+    parser.add_argument("--output", required=True, help="dataset folder to write (must not hold a dataset)")
+    parser.add_argument("--up_axis", default="auto", choices=["auto", *UP_AXES],
+                        help="the source world's up direction (default: estimated, and printed)")
+    parser.add_argument("--val_every", type=int, default=8, help="every Nth image (by name) goes to val")
+    parser.add_argument("--undistort", action="store_true",
+                        help="write undistorted images instead of storing the distortion coefficients")
+    parser.add_argument("--link_images", action="store_true", help="symlink images instead of copying")
+    parser.add_argument("--allow_missing_images", action="store_true",
+                        help="convert the images found on disk when some are missing")
+
+
+def conversion_options(args: argparse.Namespace) -> dict[str, object]:
+    """The shared options as keyword arguments of `convert_colmap` / `convert_transforms`."""
+    return {k: getattr(args, k) for k in ("up_axis", "val_every", "undistort", "link_images",
+                                          "allow_missing_images")}

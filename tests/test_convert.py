@@ -1,0 +1,345 @@
+"""COLMAP and transforms.json converters: round trips through our own writers, camera models against OpenCV,
+up-axis estimation on scenes with a known up, and one-line errors for bad input.
+
+The round trips: a synthetic scene (cameras looking down on a ground plane, in DRB) is moved into a source
+world by a random similarity, written as a COLMAP model (text and binary) or a transforms.json, converted,
+and every image's rays must equal the original rays up to one similarity (the converter's own choice of
+origin, scale and horizontal axes), whose rotation must keep 'down' down.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from plyfile import PlyData, PlyElement
+from scipy.spatial.transform import Rotation
+
+from mega_nerf.data.colmap import (
+    Camera,
+    Image,
+    Model,
+    Points3D,
+    colmap_c2w,
+    convert_colmap,
+    opencv_camera,
+    project,
+    read_model,
+    rotmat_to_qvec,
+    write_model,
+)
+from mega_nerf.data.convert import drb_rotation, estimate_up
+from mega_nerf.data.dataset import load_dataset
+from mega_nerf.data.transforms_json import convert_transforms
+from mega_nerf.errors import UserError
+from mega_nerf.rays import rays_from_pixels
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV")
+W, H = 32, 24
+FLIP = np.array([1.0, -1.0, -1.0])  # NeRF camera (right, up, back) <-> OpenCV camera (right, down, forward)
+
+
+@dataclass
+class Scene:
+    """Ground truth in real-world DRB: cameras (N, 3, 4) NeRF convention, one COLMAP camera per image."""
+
+    names: list[str]
+    c2w: np.ndarray
+    cameras: list[Camera]
+    points: np.ndarray  # (P, 3)
+    rgb: np.ndarray  # (P, 3) uint8
+    images: list[np.ndarray]  # (H, W, 3) uint8 RGB
+
+
+def make_scene(seed: int = 0, n: int = 12) -> Scene:
+    """Cameras 50 units above a ground plane (x = 50), tilted up to 30 degrees from nadir, random yaw."""
+    rng = np.random.default_rng(seed)
+    nadir = np.stack([[0.0, 1, 0], [0, 0, -1], [-1, 0, 0]], 1)  # columns right, up, back: looking along +x
+    c2w, cameras = [], []
+    for i in range(n):
+        axis = np.array([0, *rng.normal(size=2)])
+        tilt = Rotation.from_rotvec(axis / np.linalg.norm(axis) * np.radians(rng.uniform(0, 30)))
+        yaw = Rotation.from_rotvec([rng.uniform(-np.pi, np.pi), 0, 0])
+        centre = np.array([0.0, *rng.uniform(-40, 40, 2)])
+        c2w.append(np.concatenate([(yaw * tilt).as_matrix() @ nadir, centre[:, None]], 1))
+        model, f = MODELS[i % len(MODELS)], 28.0 + i
+        pinhole = [f, f * 1.1, 15.3 + 0.1 * i, 11.7 - 0.1 * i] if model in ("PINHOLE", "OPENCV") else [f, 15.3, 11.7]
+        extra = {"SIMPLE_RADIAL": [0.05], "RADIAL": [0.05, -0.01], "OPENCV": [0.04, -0.01, 0.001, -0.002]}
+        cameras.append(Camera(i + 1, model, W, H, np.array(pinhole + extra.get(model, []))))
+    ground = np.column_stack([np.full(200, 50.0), rng.uniform(-60, 60, (200, 2))])
+    building = np.column_stack([rng.uniform(30, 50, 40), rng.uniform(-10, 10, (40, 2))])
+    return Scene([f"img_{i:03d}" for i in range(n)], np.stack(c2w), cameras, np.concatenate([ground, building]),
+                 rng.integers(0, 256, (240, 3), dtype=np.uint8),
+                 [rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for _ in range(n)])
+
+
+def to_source(scene: Scene, rotation: np.ndarray, scale: float, shift: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Cameras (N, 3, 4) and points (P, 3) in a source world: p_src = scale * rotation @ p + shift."""
+    rot = np.einsum("ij,njk->nik", rotation, scene.c2w[:, :, :3])
+    centres = scale * scene.c2w[:, :, 3] @ rotation.T + shift
+    return np.concatenate([rot, centres[:, :, None]], 2), scale * scene.points @ rotation.T + shift
+
+
+def colmap_model(scene: Scene, c2w: np.ndarray, points: np.ndarray) -> Model:
+    """A COLMAP model of the source-world scene; keypoints are OpenCV's projections of every point."""
+    images, tracks = {}, [[] for _ in points]
+    for i, (name, cam) in enumerate(zip(scene.names, scene.cameras, strict=True)):
+        R = (c2w[i, :, :3] * FLIP).T  # world-to-camera, OpenCV camera
+        t = -R @ c2w[i, :, 3]
+        K, dist = opencv_camera(cam)
+        rvec = cv2.Rodrigues(R)[0]
+        xys = cv2.projectPoints(points, rvec, t, np.array([[K[0], 0, K[2]], [0, K[1], K[3]], [0, 0, 1]]),
+                                np.zeros(4) if dist is None else dist)[0].reshape(-1, 2)
+        for k in range(len(points)):
+            tracks[k].append((i + 1, k))
+        images[i + 1] = Image(i + 1, rotmat_to_qvec(R), t, cam.id, f"{name}.png", xys, np.arange(len(points)))
+    pts = Points3D(np.arange(len(points), dtype=np.int64), points, scene.rgb, np.full(len(points), 0.5),
+                   [np.array(t, np.int32) for t in tracks])
+    return Model({c.id: c for c in scene.cameras}, images, pts)
+
+
+def write_images(scene: Scene, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rgb in zip(scene.names, scene.images, strict=True):
+        cv2.imwrite(str(folder / f"{name}.png"), rgb[:, :, ::-1])
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    return Rotation.random(random_state=rng.integers(1 << 31)).as_matrix()
+
+
+def assert_same_rays(scene: Scene, path: Path) -> np.ndarray:
+    """Rays of every image, 30 random pixels each, equal up to one similarity; returns its rotation (3, 3)."""
+    ds = load_dataset(path)
+    assert [m.name for m in ds.images] == scene.names
+    new = np.stack([m.c2w.double().numpy() for m in ds.images])
+    rotation = new[0, :, :3] @ scene.c2w[0, :, :3].T
+    old_c, new_c = scene.c2w[:, :, 3], new[:, :, 3]
+    scale = np.linalg.norm(new_c - new_c.mean(0)) / np.linalg.norm(old_c - old_c.mean(0))
+    shift = new_c.mean(0) - scale * old_c.mean(0) @ rotation.T
+    gen = torch.Generator().manual_seed(0)
+    for m, c2w, cam in zip(ds.images, scene.c2w, scene.cameras, strict=True):
+        assert (m.W, m.H) == (W, H)
+        K = torch.tensor(opencv_camera(cam)[0])
+        assert torch.allclose(m.intrinsics.double(), K, atol=1e-5)
+        cols, rows = torch.randint(0, W, (30,), generator=gen), torch.randint(0, H, (30,), generator=gen)
+        o_old, d_old = rays_from_pixels(torch.tensor(c2w), K, cols, rows)
+        o_new, d_new = rays_from_pixels(m.c2w.double(), m.intrinsics.double(), cols, rows)
+        np.testing.assert_allclose(scale * o_old.numpy() @ rotation.T + shift, o_new.numpy(), atol=1e-5)
+        np.testing.assert_allclose(d_old.numpy() @ rotation.T, d_new.numpy(), atol=1e-5)
+    return rotation
+
+
+@pytest.fixture(scope="module")
+def scene() -> Scene:
+    return make_scene()
+
+
+@pytest.fixture
+def colmap_input(scene: Scene, tmp_path: Path) -> tuple[Path, Path]:
+    """A text model in a randomly rotated, scaled and shifted world, and its images: (model, images)."""
+    rng = np.random.default_rng(1)
+    c2w, points = to_source(scene, random_rotation(rng), 0.37, rng.normal(size=3) * 10)
+    write_model(colmap_model(scene, c2w, points), tmp_path / "sparse")
+    write_images(scene, tmp_path / "images")
+    return tmp_path / "sparse", tmp_path / "images"
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_colmap_model_round_trip(scene: Scene, tmp_path: Path, binary: bool) -> None:
+    model = colmap_model(scene, *to_source(scene, np.eye(3), 1.0, np.zeros(3)))
+    write_model(model, tmp_path, binary)
+    back = read_model(tmp_path)
+    assert all((a.id, a.model, a.width, a.height, a.params.tolist()) == (b.id, b.model, b.width, b.height,
+                                                                         b.params.tolist())
+               for a, b in zip(back.cameras.values(), model.cameras.values(), strict=True))
+    for a, b in zip(back.images.values(), model.images.values(), strict=True):
+        assert (a.id, a.camera_id, a.name) == (b.id, b.camera_id, b.name)
+        for x, y in ((a.qvec, b.qvec), (a.tvec, b.tvec), (a.xys, b.xys), (a.point3D_ids, b.point3D_ids)):
+            np.testing.assert_array_equal(x, y)
+    for field in ("ids", "xyz", "rgb", "error"):
+        np.testing.assert_array_equal(getattr(back.points, field), getattr(model.points, field))
+    assert all(np.array_equal(a, b) for a, b in zip(back.points.tracks, model.points.tracks, strict=True))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_colmap_conversion_keeps_rays(scene: Scene, tmp_path: Path, binary: bool) -> None:
+    rng = np.random.default_rng(2)
+    c2w, points = to_source(scene, random_rotation(rng), 3.0, rng.normal(size=3) * 100)
+    write_model(colmap_model(scene, c2w, points), tmp_path / "sparse", binary)
+    write_images(scene, tmp_path / "images")
+    conv, reprojection = convert_colmap(tmp_path / "sparse", tmp_path / "images", tmp_path / "out", val_every=4)
+    rotation = assert_same_rays(scene, tmp_path / "out")
+    assert rotation[0] @ np.array([1.0, 0, 0]) > np.cos(np.radians(0.1))  # down stays down
+    assert reprojection < 1e-6
+    ds = load_dataset(tmp_path / "out")
+    assert [m.name for m in ds.val] == ["img_000", "img_004", "img_008"]
+    for m, cam, rgb in zip(ds.images, scene.cameras, scene.images, strict=True):
+        expected = opencv_camera(cam)[1]
+        assert (m.distortion is None) == (expected is None)
+        if expected is not None:
+            np.testing.assert_allclose(m.distortion.numpy(), expected, rtol=1e-6)
+        assert m.image_path.read_bytes() == (tmp_path / "images" / f"{m.name}.png").read_bytes()
+        np.testing.assert_array_equal(cv2.imread(str(m.image_path))[:, :, ::-1], rgb)
+    # the slab holds the cameras and the ground plane (x = 50), each within its margin
+    top, ground = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["ray_altitude_range"]
+    cam_down = conv.c2w[:, 0, 3] * conv.pose_scale_factor + conv.origin_drb[0]
+    ground_down = (conv.points[:200, 0] * conv.pose_scale_factor + conv.origin_drb[0]).max()
+    height = ground_down - cam_down.min()
+    assert cam_down.min() - 0.1 * height < top < cam_down.min() and ground_down < ground < ground_down + 0.1 * height
+    assert np.abs(conv.c2w[:, :, 3]).max() <= 1 + 1e-9  # cameras and the bulk of the points fit in [-1, 1]
+    assert np.percentile(np.abs(np.load(tmp_path / "out" / "points3D.npy")), 95, axis=0).max() <= 1
+
+
+def test_given_up_axis_is_exact(scene: Scene, tmp_path: Path) -> None:
+    """A z-up world (x east-ish, y north-ish) with --up_axis +z: down is -z exactly, rays unchanged."""
+    z_up = np.array([[0.0, 1, 0], [0, 0, -1], [-1, 0, 0]])  # DRB -> source: down -> -z, right -> +x
+    c2w, points = to_source(scene, z_up, 2.0, np.array([5.0, -3, 100]))
+    write_model(colmap_model(scene, c2w, points), tmp_path / "sparse", binary=True)
+    write_images(scene, tmp_path / "images")
+    conv, _ = convert_colmap(tmp_path / "sparse", tmp_path / "images", tmp_path / "out", up_axis="+z",
+                             val_every=4, link_images=True)
+    np.testing.assert_allclose(conv.rotation @ np.array([0.0, 0, 1]), [-1, 0, 0], atol=1e-12)
+    assert assert_same_rays(scene, tmp_path / "out")[0, 0] > 1 - 1e-6
+    assert all(m.image_path.is_symlink() for m in load_dataset(tmp_path / "out").images)
+
+
+def test_transforms_conversion_keeps_rays(scene: Scene, tmp_path: Path) -> None:
+    """Shared and per-frame intrinsics, camera_angle_x, distortion and a ply_file_path all round trip."""
+    rng = np.random.default_rng(3)
+    c2w, points = to_source(scene, random_rotation(rng), 0.1, rng.normal(size=3))
+    write_images(scene, tmp_path / "images")
+    vertex = np.array([tuple(p) + tuple(c) for p, c in zip(points, scene.rgb, strict=True)],
+                      dtype=[("x", "f8"), ("y", "f8"), ("z", "f8"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    PlyData([PlyElement.describe(vertex, "vertex")]).write(str(tmp_path / "sparse_pc.ply"))
+    frames = []
+    for i, (name, cam) in enumerate(zip(scene.names, scene.cameras, strict=True)):
+        (fx, fy, cx, cy), dist = opencv_camera(cam)
+        frame = {"file_path": f"images/{name}.png", "transform_matrix": np.vstack([c2w[i], [0, 0, 0, 1]]).tolist(),
+                 "fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy}
+        if i % 3 == 0:  # no fl_x: from the field of view; no fl_y: equal to fl_x
+            frame.pop("fl_x")
+            frame["camera_angle_x"] = 2 * np.arctan(0.5 * W / fx)
+            if fx == fy:
+                frame.pop("fl_y")
+        frame.update(dict(zip(("k1", "k2", "p1", "p2"), dist.tolist(), strict=True)) if dist is not None else {})
+        frames.append(frame)
+    shared = {"w": W, "h": H, "camera_model": "OPENCV", "ply_file_path": "sparse_pc.ply", "k1": 0.0}
+    (tmp_path / "transforms.json").write_text(json.dumps({**shared, "frames": frames}))
+    conv = convert_transforms(tmp_path / "transforms.json", tmp_path / "out", val_every=4)
+    assert assert_same_rays(scene, tmp_path / "out")[0, 0] > np.cos(np.radians(0.1))
+    assert len(conv.points) == len(points) and conv.altitude_range is not None
+    ds = load_dataset(tmp_path / "out")
+    for m, cam in zip(ds.images, scene.cameras, strict=True):
+        expected = opencv_camera(cam)[1]
+        assert (m.distortion is None) == (expected is None)
+        if expected is not None:
+            np.testing.assert_allclose(m.distortion.numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_camera_model_matches_opencv(model: str) -> None:
+    rng = np.random.default_rng(len(model))
+    params = {"SIMPLE_PINHOLE": [500, 320, 240], "PINHOLE": [500, 520, 320, 240],
+              "SIMPLE_RADIAL": [500, 320, 240, -0.12], "RADIAL": [500, 320, 240, -0.12, 0.03],
+              "OPENCV": [500, 520, 320, 240, -0.12, 0.03, 0.002, -0.003]}[model]
+    camera = Camera(1, model, 640, 480, np.array(params, float))
+    points = np.column_stack([rng.uniform(-0.6, 0.6, (50, 2)), np.ones(50)]) * rng.uniform(1, 20, (50, 1))
+    K, dist = opencv_camera(camera)
+    expected = cv2.projectPoints(points, np.zeros(3), np.zeros(3),
+                                 np.array([[K[0], 0, K[2]], [0, K[1], K[3]], [0, 0, 1]]),
+                                 np.zeros(4) if dist is None else dist)[0].reshape(-1, 2)
+    np.testing.assert_allclose(project(camera, points), expected, atol=1e-8)
+
+
+def test_colmap_pose_convention() -> None:
+    """An identity COLMAP pose looks along world +z with image rows along +y: NeRF back = -z, up = -y."""
+    c2w = colmap_c2w(Image(1, np.array([1.0, 0, 0, 0]), np.array([1.0, 2, 3]), 1, "a", np.zeros((0, 2)),
+                           np.zeros(0, np.int64)))
+    np.testing.assert_allclose(c2w, [[1, 0, 0, -1], [0, -1, 0, -2], [0, 0, -1, -3]], atol=1e-15)
+
+
+def test_estimate_up_planes_and_street(scene: Scene) -> None:
+    rng = np.random.default_rng(4)
+    rotation = random_rotation(rng)
+    c2w, points = to_source(scene, rotation, 1.0, np.zeros(3))
+    up, reason = estimate_up(c2w, points)
+    np.testing.assert_allclose(up, rotation @ [-1.0, 0, 0], atol=1e-9)
+    assert "camera centres" in reason
+    np.testing.assert_allclose(drb_rotation(up) @ up, [-1, 0, 0], atol=1e-12)
+    # a street: level cameras of any yaw along a line, points on one facade (a vertical plane, rejected)
+    n = 10
+    level = np.stack([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]], 1)  # right = +y, up = -x, back = +z
+    rots = Rotation.from_rotvec(np.outer(rng.uniform(-np.pi, np.pi, n), [1.0, 0, 0])).as_matrix() @ level
+    cams = np.concatenate([rots, np.column_stack([np.full(n, -1.5), np.zeros(n), np.linspace(0, 90, n)])[:, :, None]],
+                          2)
+    facade = np.column_stack([rng.uniform(-20, 0, 300), np.full(300, 8.0), rng.uniform(0, 90, 300)])
+    up, reason = estimate_up(cams, facade)
+    np.testing.assert_allclose(up, [-1, 0, 0], atol=1e-9)
+    assert "right axes" in reason and "no plane fit" in reason
+
+
+def test_missing_model_files(colmap_input: tuple[Path, Path], tmp_path: Path) -> None:
+    sparse, images = colmap_input
+    (sparse / "images.txt").unlink()
+    with pytest.raises(UserError, match=r"images\.txt: missing"):
+        convert_colmap(sparse, images, tmp_path / "out")
+    (sparse / "cameras.txt").unlink()
+    with pytest.raises(UserError, match=r"cameras\.txt: missing"):
+        convert_colmap(sparse, images, tmp_path / "out")
+
+
+def test_unsupported_camera_model_is_named(scene: Scene, tmp_path: Path) -> None:
+    model = colmap_model(scene, *to_source(scene, np.eye(3), 1.0, np.zeros(3)))
+    model.cameras[2] = Camera(2, "OPENCV_FISHEYE", W, H, np.array([30.0, 30, 16, 12, 0.1, 0, 0, 0]))
+    write_model(model, tmp_path / "sparse", binary=True)
+    write_images(scene, tmp_path / "images")
+    with pytest.raises(UserError, match="camera model OPENCV_FISHEYE is not supported"):
+        convert_colmap(tmp_path / "sparse", tmp_path / "images", tmp_path / "out")
+
+
+def test_missing_images_are_counted(colmap_input: tuple[Path, Path], tmp_path: Path) -> None:
+    sparse, images = colmap_input
+    (images / "img_003.png").unlink()
+    (images / "img_007.png").unlink()
+    with pytest.raises(UserError, match="2 of 12 images .* missing .*--allow_missing_images"):
+        convert_colmap(sparse, images, tmp_path / "out")
+    convert_colmap(sparse, images, tmp_path / "out", allow_missing_images=True)
+    assert len(load_dataset(tmp_path / "out").images) == 10
+
+
+def test_degenerate_scene(scene: Scene, tmp_path: Path) -> None:
+    c2w, points = to_source(scene, np.eye(3), 1.0, np.zeros(3))
+    c2w[:, :, 3] = [1.0, 2.0, 3.0]
+    write_model(colmap_model(scene, c2w, points), tmp_path / "sparse")
+    write_images(scene, tmp_path / "images")
+    with pytest.raises(UserError, match="degenerate scene: all 12 cameras lie at one point"):
+        convert_colmap(tmp_path / "sparse", tmp_path / "images", tmp_path / "out")
+
+
+def test_undistort_writes_undistorted_images(colmap_input: tuple[Path, Path], scene: Scene,
+                                             tmp_path: Path) -> None:
+    convert_colmap(*colmap_input, tmp_path / "out", undistort=True)
+    for m, cam, rgb in zip(load_dataset(tmp_path / "out").images, scene.cameras, scene.images, strict=True):
+        assert m.distortion is None
+        K, dist = opencv_camera(cam)
+        expected = rgb if dist is None else cv2.undistort(
+            rgb, np.array([[K[0], 0, K[2]], [0, K[1], K[3]], [0, 0, 1]]), dist)
+        np.testing.assert_array_equal(m.load_rgb().numpy(), expected)
+
+
+def test_cli_error_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "colmap_to_mega_nerf.py"),
+                             "--model_path", str(tmp_path / "nope"), "--images_path", str(tmp_path),
+                             "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: COLMAP model folder not found"

@@ -1,0 +1,109 @@
+"""Fields: the hash grid against a slow direct evaluation of its formula, encodings against their definitions,
+gradients, the box and the occupancy grid."""
+import math
+
+import pytest
+import torch
+
+from mega_nerf.fields import build_field
+from mega_nerf.fields.encoding import HASH_PRIMES, HashGrid, positional_encoding, spherical_harmonics
+from mega_nerf.fields.occupancy import OccupancyGrid
+
+
+def slow_hash_grid(grid: HashGrid, x: torch.Tensor) -> torch.Tensor:
+    """Instant-NGP's encoding written point by point with Python integers (independent of the vectorised code)."""
+    table = grid.table.detach().double()
+    out = torch.zeros(x.shape[0], grid.n_levels * grid.n_features, dtype=torch.float64)
+    T = grid.table_size
+    for n, p in enumerate(x.double().tolist()):
+        for level in range(grid.n_levels):
+            res = int(grid.resolutions[level])
+            dense = (res + 1) ** 3 <= T
+            offset = sum(min((int(r) + 1) ** 3, T) for r in grid.resolutions[:level])
+            scaled = [c * res for c in p]
+            base = [min(int(math.floor(s)), res - 1) for s in scaled]
+            frac = [s - b for s, b in zip(scaled, base)]
+            for corner in range(8):
+                bits = [(corner >> 2) & 1, (corner >> 1) & 1, corner & 1]
+                v = [b + o for b, o in zip(base, bits)]
+                if dense:
+                    index = v[0] + (res + 1) * (v[1] + (res + 1) * v[2])
+                else:
+                    index = ((v[0] * HASH_PRIMES[0]) ^ (v[1] * HASH_PRIMES[1]) ^ (v[2] * HASH_PRIMES[2])) % T
+                w = 1.0
+                for f, o in zip(frac, bits):
+                    w *= f if o else 1 - f
+                out[n, level * grid.n_features:(level + 1) * grid.n_features] += w * table[offset + index]
+    return out
+
+
+def test_hash_grid_equals_direct_formula():
+    torch.manual_seed(0)
+    grid = HashGrid(n_levels=6, n_features=2, log2_table_size=10, base_resolution=4, max_resolution=200)
+    with torch.no_grad():
+        grid.table.uniform_(-1, 1)
+    assert bool(grid.dense.any()) and not bool(grid.dense.all())  # both index paths are exercised
+    x = torch.rand(40, 3)
+    x[0] = torch.tensor([0.0, 1.0, 0.5])  # faces of the unit cube
+    expected = slow_hash_grid(grid, x)
+    assert torch.allclose(grid(x).double(), expected, atol=1e-4)  # float32 positions at resolution 199
+
+
+def test_positional_encoding_definition():
+    x = torch.randn(5, 3)
+    enc = positional_encoding(x, 4)
+    assert enc.shape == (5, 3 + 3 * 2 * 4)
+    assert torch.allclose(enc[:, :3], x)
+    # sin(2^k x_d) for dimension d, frequency k sits at 3 + d * n + k
+    assert torch.allclose(enc[:, 3 + 1 * 4 + 2], torch.sin(4 * x[:, 1]))
+    assert torch.allclose(enc[:, 3 + 12 + 2 * 4 + 3], torch.cos(8 * x[:, 2]))
+
+
+def test_spherical_harmonics_are_orthonormal():
+    g = torch.Generator().manual_seed(0)
+    d = torch.nn.functional.normalize(torch.randn(400_000, 3, generator=g, dtype=torch.float64), dim=-1)
+    Y = spherical_harmonics(d)
+    gram = 4 * math.pi * (Y.T @ Y) / d.shape[0]  # Monte Carlo integral over the sphere
+    assert torch.allclose(gram, torch.eye(16, dtype=torch.float64), atol=0.03)
+
+
+@pytest.mark.parametrize("kind", ["hash", "mlp"])
+def test_fields_shapes_ranges_and_gradients(kind):
+    torch.manual_seed(0)
+    extra = {"log2_table_size": 12, "max_resolution": 64} if kind == "hash" else {}
+    field = build_field({"kind": kind, "box_min": [-1, -1, -1], "box_max": [1, 1, 1], "n_images": 4, **extra})
+    p = torch.rand(64, 3) * 2.4 - 1.2  # some points outside the box
+    d = torch.nn.functional.normalize(torch.randn(64, 3), dim=-1)
+    a = torch.randint(0, 4, (64,))
+    density, rgb = field(p, d, a)
+    assert density.shape == (64,) and rgb.shape == (64, 3)
+    assert (density >= 0).all() and (rgb >= 0).all() and (rgb <= 1).all()
+    outside = ((p < -1) | (p > 1)).any(-1)
+    assert outside.any() and (density[outside] == 0).all()
+    assert not field.occupied(p[outside]).any()
+    (density.sum() + rgb.sum() + field.background(d, a).sum()).backward()
+    for name, param in field.named_parameters():
+        assert param.grad is not None, name
+    assert field.appearance.weight.grad.abs().sum() > 0
+    first = field.grid.table if kind == "hash" else field.layers[0].weight
+    assert first.grad.abs().sum() > 0
+
+
+def test_unknown_field_is_a_user_error():
+    from mega_nerf.errors import UserError
+    with pytest.raises(UserError, match="unknown field 'nope'"):
+        build_field({"kind": "nope", "box_min": [0, 0, 0], "box_max": [1, 1, 1], "n_images": 1})
+
+
+def test_occupancy_grid_marks_where_density_is():
+    grid = OccupancyGrid(resolution=8)
+    assert grid(torch.rand(10, 3)).all()  # before any update, everything may be occupied
+
+    def density(u):  # dense only in the octant u < 0.5
+        return (u < 0.5).all(-1).float() * 100.0
+
+    grid.update(density, threshold=1.0, generator=torch.Generator().manual_seed(0))
+    inside = torch.rand(200, 3) * 0.49
+    outside = torch.rand(200, 3) * 0.49 + 0.51
+    assert grid(inside).all() and not grid(outside).any()
+    assert grid.occupied_fraction == pytest.approx(1 / 8)
