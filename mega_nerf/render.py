@@ -75,16 +75,13 @@ def shade(field: Field, origins: torch.Tensor, dirs: torch.Tensor, appearance: t
     """
     R, n = t.shape
     points = (origins[:, None, :] + dirs[:, None, :] * t[..., None]).reshape(-1, 3)
-    keep = field.occupied(points)
-    density = torch.zeros(R * n, device=t.device)
-    rgb = torch.zeros(R * n, 3, device=t.device)
-    if keep.any():
-        ray_of = torch.arange(R, device=t.device).repeat_interleave(n)[keep]
-        sigma, color = field(points[keep], dirs[ray_of], appearance[ray_of])
-        density = density.index_put((keep.nonzero()[:, 0],), sigma.float())
-        rgb = rgb.index_put((keep.nonzero()[:, 0],), color.float())
+    kept = field.occupied(points).nonzero()[:, 0]  # flat sample indices worth shading
+    ray_of = torch.div(kept, n, rounding_mode="floor")
+    sigma, color = field(points[kept], dirs[ray_of], appearance[ray_of])
+    density = torch.zeros(R * n, device=t.device).index_put((kept,), sigma.float())
+    rgb = torch.zeros(R * n, 3, device=t.device).index_put((kept,), color.float())
     out = composite(density.view(R, n), rgb.view(R, n, 3), starts, ends, t)
-    out["samples"] = keep.sum()
+    out["samples"] = kept.numel()
     return out
 
 

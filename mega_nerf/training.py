@@ -177,6 +177,7 @@ class Trainer:
             group["lr"] = self.lr_at(self.step)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = render_rays(self.field, origins, dirs, near, far, image, self.render_config, self.generator)
+        self.last_samples = out["samples"]  # device tensor: points shaded this step (benchmarks read it)
         mse = torch.mean((out["rgb"] - rgb) ** 2)
         loss = mse + torch.mean((out["rgb_coarse"] - rgb) ** 2) if "rgb_coarse" in out else mse
         self.optimizer.zero_grad(set_to_none=True)

@@ -30,6 +30,7 @@ class RayStream:
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.epoch, self.offset = 0, 0
         self.wait_seconds = 0.0  # time the trainer spent blocked on data
+        self.waits = 0  # batches that blocked on a chunk load for over a millisecond
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._loaded: dict[int, dict[str, torch.Tensor]] = {}  # position in epoch order -> device tensors
         self._pending: dict[int, Future] = {}
@@ -60,7 +61,9 @@ class RayStream:
             future = self._pending.pop(position, None) or self._pool.submit(self._load, self.epoch, position)
             start = time.perf_counter()
             host = future.result()
-            self.wait_seconds += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.wait_seconds += waited
+            self.waits += waited > 1e-3
             self._loaded = {position: {k: v.to(self.device, non_blocking=True) for k, v in host.items()}}
             nxt = position + 1
             if nxt < len(self.counts) and nxt not in self._pending:

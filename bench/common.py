@@ -1,0 +1,43 @@
+"""Shared set-up for the GPU benchmarks: the synthetic scene, its partition, and where results go."""
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_city(preset: str, work: Path) -> Path:
+    """Generate the synthetic preset under `work` once; return the dataset path."""
+    from mega_nerf.synthetic import generate_city
+    path = work / f"{preset}-data"
+    if not (path / "coordinates.pt").exists():
+        generate_city(path, preset=preset, write_depth=False, progress=False)
+    return path
+
+
+def ensure_partition(dataset: Path, work: Path, grid: tuple[int, int]) -> Path:
+    """Run create_cluster_masks once; return the mask directory."""
+    masks = work / f"masks-{grid[0]}x{grid[1]}"
+    if not (masks / "params.pt").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts/create_cluster_masks.py"), "--config_file",
+                        str(dataset / "config.yaml"), "--dataset_path", str(dataset), "--output", str(masks),
+                        "--grid_dim", str(grid[0]), str(grid[1])], check=True)
+    return masks
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
+def append_results(path: Path, title: str, command: str, table: str) -> None:
+    """Append a dated block (device, command, table) to a RESULTS.md-style file."""
+    stamp = datetime.date.today().isoformat()
+    block = f"\n## {title} ({stamp}, {device_name()})\n\nCommand: `{command}`\n\n{table}\n"
+    with open(path, "a") as f:
+        f.write(block)
+    print(block)

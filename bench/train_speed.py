@@ -1,0 +1,163 @@
+"""Train the same cell with the `mlp` field (Mega-NeRF's settings) and the `hash` field for equal wall time,
+logging val PSNR against training time; print rays/s, samples/s, peak GPU memory, and how long `hash` takes to
+reach the PSNR `mlp` ends at.
+
+    python bench/train_speed.py --preset city --minutes 8
+    python bench/train_speed.py --fields mlp --history_out mlp.json ...   # one field per call, compared later
+    python bench/train_speed.py --fields hash --compare_with mlp.json ...
+
+Val PSNR is measured on a fixed sample of val pixels in the cell, right halves only (never trained on).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results, ensure_city, ensure_partition  # noqa: E402
+
+from mega_nerf.data.chunks import cell_mask  # noqa: E402
+from mega_nerf.rays import near_far  # noqa: E402
+from mega_nerf.render import RenderConfig, render_in_chunks  # noqa: E402
+from mega_nerf.training import Trainer, train_parser  # noqa: E402
+
+SETTINGS = {  # Mega-NeRF's reference settings for mlp; ours for hash
+    "mlp": ["--field", "mlp", "--batch_size", "1024", "--train_iterations", "500000"],
+    "hash": ["--field", "hash", "--batch_size", "65536", "--train_iterations", "20000"],
+}
+
+
+def val_pixels(trainer: Trainer, count: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A fixed sample of the cell's val pixels, right halves: image index, pixel index, rgb."""
+    images, pixels, colours = [], [], []
+    for meta in trainer.dataset.val:
+        mask = cell_mask(meta, trainer.mask_dir).clone()
+        mask[:, : meta.W // 2] = False
+        idx = mask.flatten().nonzero()[:, 0]
+        images.append(torch.full_like(idx, meta.index))
+        pixels.append(idx)
+        colours.append(meta.load_rgb().view(-1, 3)[idx])
+    image, pixel, rgb = torch.cat(images), torch.cat(pixels), torch.cat(colours)
+    pick = torch.from_numpy(np.random.default_rng(seed).permutation(len(image))[:count])
+    return image[pick], pixel[pick], rgb[pick].float() / 255
+
+
+def val_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> float:
+    image, pixel, rgb = (t.to(trainer.device) for t in sample)
+    origins, dirs = trainer.cameras.rays(image, pixel)
+    near, far = near_far(origins, dirs, trainer.near, trainer.far, trainer.altitude)
+    config = RenderConfig(trainer.render_config.samples, trainer.render_config.fine_samples, perturb=False)
+    trainer.field.eval()
+    out = render_in_chunks(trainer.field, origins, dirs, near, far, image, config, chunk=4096)
+    trainer.field.train()
+    return -10 * math.log10(torch.mean((out["rgb"] - rgb) ** 2).item())
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_field(field: str, base: list[str], minutes: float, eval_every: float, sample_count: int) -> dict:
+    args = train_parser().parse_args(base)
+    trainer = Trainer(args)
+    t0 = time.perf_counter()
+    stream = trainer.prepare_data()
+    prep_seconds = time.perf_counter() - t0
+    sample = val_pixels(trainer, sample_count)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    history, trained, rays, waits_before, blocked_before = [], 0.0, 0, stream.wait_seconds, stream.waits
+    next_eval, steps = 0.0, 0
+    shaded = torch.zeros((), dtype=torch.long, device=trainer.device)
+    while trained < minutes * 60:
+        if trained >= next_eval:
+            history.append((trained, val_psnr(trainer, sample)))
+            next_eval += eval_every
+        sync()
+        start = time.perf_counter()
+        for _ in range(10):
+            trainer.train_step(stream)
+            shaded += trainer.last_samples
+        sync()
+        trained += time.perf_counter() - start
+        steps += 10
+        rays += 10 * args.batch_size
+    history.append((trained, val_psnr(trainer, sample)))
+    return {"field": field, "history": history, "rays_per_s": rays / trained,
+            "samples_per_s": int(shaded) / trained, "samples_per_ray": int(shaded) / rays, "steps": steps,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0,
+            "data_wait_fraction": (stream.wait_seconds - waits_before) / trained,
+            "steps_waiting": (stream.waits - blocked_before) / steps,
+            "chunk_prep_seconds": prep_seconds, "batch_size": args.batch_size}
+
+
+def time_to_reach(history: list, target: float) -> float | None:
+    for t, psnr in history:
+        if psnr >= target:
+            return t
+    return None
+
+
+def table(results: dict) -> str:
+    rows = ["| field | batch | rays/s | samples/s | samples/ray | peak GiB | final val PSNR | time waiting on data "
+            "| steps that waited | chunk prep s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        rows.append(f"| {r['field']} | {r['batch_size']} | {r['rays_per_s']:,.0f} | {r['samples_per_s']:,.0f} | "
+                    f"{r['samples_per_ray']:.1f} | {r['peak_gib']:.1f} | {r['history'][-1][1]:.2f} dB | "
+                    f"{100 * r['data_wait_fraction']:.2f}% | {100 * r['steps_waiting']:.2f}% | "
+                    f"{r['chunk_prep_seconds']:.1f} |")
+    for r in results.values():
+        curve = ", ".join(f"{t:.0f}s {p:.2f}" for t, p in r["history"])
+        rows.append(f"\n{r['field']} val PSNR over training time: {curve}")
+    if {"mlp", "hash"} <= set(results):
+        target = results["mlp"]["history"][-1][1]
+        reach = time_to_reach(results["hash"]["history"], target)
+        mlp_time = results["mlp"]["history"][-1][0]
+        gain = results["hash"]["history"][-1][1] - target
+        rows.append(f"\nhash reaches mlp's final {target:.2f} dB after "
+                    + (f"{reach:.0f} s: {mlp_time / max(reach, 1e-9):.0f}x faster" if reach is not None else
+                       "never") + f"; hash ends {gain:+.2f} dB vs mlp at equal time.")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="city")
+    p.add_argument("--minutes", type=float, default=8)
+    p.add_argument("--fields", nargs="+", default=["mlp", "hash"])
+    p.add_argument("--cell", type=int, default=0)
+    p.add_argument("--grid_dim", type=int, nargs=2, default=[2, 2])
+    p.add_argument("--work", type=Path, default=Path("bench-work"))
+    p.add_argument("--eval_every", type=float, default=30.0, help="seconds of training between val evaluations")
+    p.add_argument("--val_rays", type=int, default=16384)
+    p.add_argument("--extra", default="", help="further training options for both fields (e.g. smoke tests)")
+    p.add_argument("--history_out", type=Path, default=None, help="write the raw results as JSON")
+    p.add_argument("--compare_with", type=Path, default=None, help="JSON of an earlier call's results")
+    p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = p.parse_args()
+    dataset = ensure_city(args.preset, args.work)
+    masks = ensure_partition(dataset, args.work, tuple(args.grid_dim))
+    results = json.loads(args.compare_with.read_text()) if args.compare_with else {}
+    for field in args.fields:
+        base = ["--config_file", str(dataset / "config.yaml"), "--dataset_path", str(dataset),
+                "--exp_name", str(args.work / f"exp-{field}"), "--chunk_paths", str(args.work / f"chunks-{args.cell}"),
+                "--cluster_mask_path", str(masks / str(args.cell)), "--no_progress"]
+        base += SETTINGS[field] + args.extra.split()
+        results[field] = run_field(field, base, args.minutes, args.eval_every, args.val_rays)
+        print(json.dumps({k: v for k, v in results[field].items() if k != "history"}))
+    if args.history_out:
+        args.history_out.write_text(json.dumps(results))
+    append_results(args.results, f"Training speed, {args.preset} preset, cell {args.cell}, {args.minutes:g} min each",
+                   "python " + " ".join(sys.argv), table(results))
+
+
+if __name__ == "__main__":
+    main()
