@@ -56,6 +56,7 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--samples", type=int, default=None, help="samples per ray (mlp: coarse samples)")
     p.add_argument("--fine_samples", type=int, default=None, help="hierarchical fine samples (mlp: 512)")
     p.add_argument("--appearance_dim", type=int, default=None)
+    p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
     p.add_argument("--log2_hashmap_size", type=int, default=19)
     p.add_argument("--max_resolution", type=int, default=2048, help="finest hash-grid resolution")
     p.add_argument("--occupancy_resolution", type=int, default=128)
@@ -77,7 +78,7 @@ def field_config(args: Any, box: tuple[torch.Tensor, torch.Tensor], n_images: in
     if args.appearance_dim is not None:
         cfg["appearance_dim"] = args.appearance_dim
     if args.field == "hash":
-        cfg.update(log2_table_size=args.log2_hashmap_size, max_resolution=args.max_resolution,
+        cfg.update(n_levels=args.hash_levels, log2_table_size=args.log2_hashmap_size, max_resolution=args.max_resolution,
                    occupancy_resolution=args.occupancy_resolution)
     return cfg
 

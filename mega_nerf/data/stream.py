@@ -32,8 +32,8 @@ class RayStream:
         self.wait_seconds = 0.0  # time the trainer spent blocked on data
         self.waits = 0  # batches that blocked on a chunk load for over a millisecond
         self._pool = ThreadPoolExecutor(max_workers=1)
-        self._loaded: dict[int, dict[str, torch.Tensor]] = {}  # position in epoch order -> device tensors
-        self._pending: dict[int, Future] = {}
+        self._loaded: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (epoch, position) -> tensors
+        self._pending: dict[tuple[int, int], Future] = {}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
@@ -57,18 +57,21 @@ class RayStream:
         return _to_tensors(rays, pin=self.device.type == "cuda")
 
     def _chunk(self, position: int) -> dict[str, torch.Tensor]:
-        if position not in self._loaded:
-            future = self._pending.pop(position, None) or self._pool.submit(self._load, self.epoch, position)
+        """This epoch's chunk at `position`, on the device; starts loading the one after it (next epoch's
+        first after the last), so the trainer does not wait at chunk or epoch boundaries."""
+        key = (self.epoch, position)
+        if key not in self._loaded:
+            future = self._pending.pop(key, None) or self._pool.submit(self._load, *key)
             start = time.perf_counter()
             host = future.result()
             waited = time.perf_counter() - start
             self.wait_seconds += waited
             self.waits += waited > 1e-3
-            self._loaded = {position: {k: v.to(self.device, non_blocking=True) for k, v in host.items()}}
-            nxt = position + 1
-            if nxt < len(self.counts) and nxt not in self._pending:
-                self._pending = {nxt: self._pool.submit(self._load, self.epoch, nxt)}
-        return self._loaded[position]
+            self._loaded = {key: {k: v.to(self.device, non_blocking=True) for k, v in host.items()}}
+            nxt = (self.epoch, position + 1) if position + 1 < len(self.counts) else (self.epoch + 1, 0)
+            if nxt not in self._pending:
+                self._pending = {nxt: self._pool.submit(self._load, *nxt)}
+        return self._loaded[key]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next batch: image index (B,) long, pixel index (B,) long, rgb (B, 3) float in [0, 1]."""
@@ -80,8 +83,6 @@ class RayStream:
                 if parts:
                     break
                 self.epoch, self.offset = self.epoch + 1, 0
-                self._loaded.clear()
-                self._pending.clear()
                 sizes, ends = self._layout()
             position = int(np.searchsorted(ends, self.offset, side="right"))
             start = self.offset - (ends[position] - sizes[position])

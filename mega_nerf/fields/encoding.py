@@ -94,6 +94,6 @@ class HashGrid(nn.Module):
         frac = scaled - base  # (N, L, 3) in [0, 1]
         vertices = base.unsqueeze(2) + self.corners  # (N, L, 8, 3)
         index = self.vertex_indices(vertices)  # (N, L, 8)
-        feats = self.table[(index + self.offsets.view(1, -1, 1)).flatten()].view(*index.shape, -1)
+        feats = self.table[(index + self.offsets.view(1, -1, 1)).flatten()].view(*index.shape, self.n_features)
         w = torch.where(self.corners.bool(), frac.unsqueeze(2), 1.0 - frac.unsqueeze(2)).prod(-1)  # (N, L, 8)
         return (feats * w.unsqueeze(-1)).sum(2).flatten(1)

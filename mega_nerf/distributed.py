@@ -1,0 +1,99 @@
+"""Process-group set-up and sharding for jobs launched with `torch.distributed.run` (or run as one process).
+
+Every helper also works unlaunched: with no `RANK` in the environment there is no process group, the
+process is rank 0 of 1, and barriers and gathers are no-ops. Timeouts are minutes, not Mega-NeRF's 24 hours,
+so a dead rank ends the job quickly; torchrun itself stops the other workers when one fails.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from mega_nerf.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DistInfo:
+    """Where this process stands in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise UserError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+
+
+def init_distributed(timeout_minutes: float = 10) -> DistInfo:
+    """Join the process group torchrun set up (NCCL with CUDA, else gloo), or run alone when unlaunched.
+
+    Each rank uses the GPU `LOCAL_RANK` when CUDA is available, otherwise the CPU.
+    """
+    if timeout_minutes <= 0:
+        raise UserError(f"the distributed timeout must be positive minutes, got {timeout_minutes}")
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                            "lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, rank=rank, world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def shard(items: list[T], info: DistInfo) -> list[T]:
+    """This rank's share of `items`: every world_size-th item from position rank (strided, so that shares
+    differ in length by at most one). Ranks beyond the item count get an empty list."""
+    return items[info.rank::info.world_size]
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for a single process)."""
+    if info.is_distributed:
+        if info.device.type == "cuda":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def gather_objects(obj: T, info: DistInfo) -> list[T] | None:
+    """Every rank's picklable `obj`, in rank order, on rank 0; None on the other ranks."""
+    if not info.is_distributed:
+        return [obj]
+    gathered: list[T] | None = [None] * info.world_size if info.is_main else None  # type: ignore[list-item]
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,356 @@
+"""Cluster mask files: one boolean H x W mask per image per cell, `<masks>/<k>/<stem>.mask`.
+
+Our format (`.mask`), little-endian:
+    bytes 0..7    magic b"MNMASK01"
+    bytes 8..11   H (uint32)
+    bytes 12..15  W (uint32)
+    bytes 16..    zlib-compressed bits of the row-major mask, 8 pixels a byte, first pixel in the lowest bit
+                  (numpy.packbits(..., bitorder="little"); the last byte is padded with zeros)
+Files are written atomically (a temp file in the same folder, then os.replace), so a killed run never
+leaves a half-written mask. Readers also accept Mega-NeRF's published format: `<stem>.pt`, a zip archive
+holding one member `<stem>.pt`, a torch-saved bool (H, W) tensor.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import configargparse
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mega_nerf.data.dataset import Dataset, ImageMetadata, load_dataset
+from mega_nerf.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, shard
+from mega_nerf.errors import UserError
+from mega_nerf.opts import require, scene_bounds
+from mega_nerf.partition import (
+    PartitionParams,
+    cell_membership,
+    centroid_distances,
+    image_membership,
+    load_params,
+    make_params,
+    parse_grid_dim,
+)
+
+MAGIC = b"MNMASK01"
+HEADER = struct.Struct("<8sII")
+SUFFIX = ".mask"
+MEGA_NERF_SUFFIX = ".pt"
+ZLIB_LEVEL = 6
+FAIL_AFTER_ENV = "MEGA_NERF_TEST_FAIL_AFTER"
+
+
+def encode_mask(mask: torch.Tensor) -> bytes:
+    """(H, W) bool -> the bytes of a `.mask` file."""
+    H, W = mask.shape
+    bits = np.packbits(mask.cpu().numpy().reshape(-1), bitorder="little")
+    return HEADER.pack(MAGIC, H, W) + zlib.compress(bits.tobytes(), ZLIB_LEVEL)
+
+
+def decode_mask(data: bytes) -> torch.Tensor:
+    """The bytes of a `.mask` file -> (H, W) bool; ValueError when they are not one."""
+    if len(data) < HEADER.size:
+        raise ValueError("shorter than the header")
+    magic, H, W = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError("not a mask file (bad magic)")
+    bits = np.frombuffer(zlib.decompress(data[HEADER.size:]), np.uint8)
+    if bits.size != (H * W + 7) // 8:
+        raise ValueError(f"{bits.size} bytes of bits for a {H}x{W} mask")
+    return torch.from_numpy(np.unpackbits(bits, count=H * W, bitorder="little").astype(bool).reshape(H, W))
+
+
+def write_mask(path: Path, mask: torch.Tensor) -> None:
+    """Write (H, W) bool `mask` to `path` atomically (the temp file is named after this process)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(encode_mask(mask))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temp_files(mask_dir: Path) -> None:
+    """Delete temp files a killed run left behind in one cell's folder."""
+    for p in mask_dir.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def _read_mega_nerf(path: Path) -> torch.Tensor:
+    with zipfile.ZipFile(path) as zf:
+        member = zf.read(path.name)  # KeyError when the archive lacks '<stem>.pt'
+    mask = torch.load(io.BytesIO(member), map_location="cpu", weights_only=True)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError("the archive's tensor is not a 2D bool mask")
+    return mask
+
+
+def read_mask(path: Path) -> torch.Tensor:
+    """(H, W) bool from a `.mask` file or Mega-NeRF's zipped `.pt`; UserError naming the file otherwise."""
+    try:
+        if path.suffix == MEGA_NERF_SUFFIX:
+            return _read_mega_nerf(path)
+        return decode_mask(path.read_bytes())
+    except Exception as e:  # any unreadable file is the user's to fix; say which one
+        raise UserError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from None
+
+
+def find_mask(mask_dir: Path, name: str) -> Path | None:
+    """The mask file of image `name` in one cell's folder (ours first, then Mega-NeRF's), or None."""
+    for suffix in (SUFFIX, MEGA_NERF_SUFFIX):
+        path = mask_dir / f"{name}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def mask_shape(path: Path) -> tuple[int, int]:
+    """(H, W) of a mask file; reads only the header of our format."""
+    if path.suffix == SUFFIX:
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+        if len(head) == HEADER.size and head[:len(MAGIC)] == MAGIC:
+            return HEADER.unpack(head)[1:]
+    return tuple(read_mask(path).shape)  # type: ignore[return-value]
+
+
+def load_mask(mask_dir: str | os.PathLike, name: str, H: int, W: int) -> torch.Tensor:
+    """Image `name`'s (H, W) bool mask for one cell (`mask_dir` = `<masks>/<k>`), in either format.
+
+    UserError naming the file when it is missing, unreadable, or of another size (a mask folder made from
+    another dataset or at another scale).
+    """
+    mask_dir = Path(mask_dir)
+    path = find_mask(mask_dir, name)
+    if path is None:
+        raise UserError(f"{mask_dir / (name + SUFFIX)}: mask missing (nor is there a Mega-NeRF '{name}.pt')")
+    mask = read_mask(path)
+    if tuple(mask.shape) != (H, W):
+        raise UserError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but image '{name}' is {W}x{H} "
+                        "(masks made from another dataset or scale?)")
+    return mask
+
+
+def missing_masks(output: Path, sizes: dict[str, tuple[int, int]], num_cells: int) -> list[str]:
+    """Every (cell, image) whose mask is absent or of the wrong size, as readable strings."""
+    problems = []
+    for k in range(num_cells):
+        for name, (H, W) in sizes.items():
+            path = find_mask(output / str(k), name)
+            if path is None:
+                problems.append(f"{output / str(k) / (name + SUFFIX)} missing")
+            elif mask_shape(path) != (H, W):
+                problems.append(f"{path} is not {W}x{H}")
+    return problems
+
+
+@dataclass
+class MaskJob:
+    """One run of scripts/create_cluster_masks.py, validated."""
+
+    dataset: Dataset
+    params: PartitionParams
+    output: Path
+    resume: bool
+    ray_chunk: int
+    dist_chunk: int | None  # None: a default for the device
+    timeout_minutes: float
+
+
+def mask_job(args: configargparse.Namespace) -> MaskJob:
+    """Check the options and the dataset, and compute the partition (one-line UserErrors)."""
+    grid_dim = parse_grid_dim(args.grid_dim)
+    require(args.dataset_path, "dataset_path")
+    require(args.output, "output")
+    if args.ray_altitude_range is None:
+        raise UserError("missing option --ray_altitude_range [top ground] (real-world down-coordinates): "
+                        "partitioning clips every ray to the altitude slab")
+    for option in ("boundary_margin", "ray_samples", "ray_chunk", "dist_chunk"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise UserError(f"--{option} must be at least 1, got {getattr(args, option)}")
+    if args.timeout_minutes <= 0:
+        raise UserError(f"--timeout_minutes must be positive, got {args.timeout_minutes}")
+    dataset = load_dataset(args.dataset_path)
+    near, far, altitude = scene_bounds(args, dataset.coordinates)
+    params = make_params(dataset, grid_dim, near, far, altitude, args.boundary_margin, args.cluster_2d,
+                         args.ray_samples)
+    return MaskJob(dataset, params, Path(args.output), args.resume, args.ray_chunk, args.dist_chunk,
+                   args.timeout_minutes)
+
+
+def create_cluster_masks(job: MaskJob) -> dict | None:
+    """Write every train and val image's mask for every cell, each rank on its share of the images still to
+    do, then check that every mask exists. Rank 0 writes params.pt first and the report last, and returns
+    the report. Sharding what is left (not all images) keeps ranks in step when resuming, so no rank waits
+    at a barrier for longer than about one image takes."""
+    info = init_distributed(job.timeout_minutes)
+    try:
+        _prepare_output(job, info)
+        done = [m for m in job.dataset.images if job.resume and _complete(job, m)]
+        done_names = {m.name for m in done}
+        todo = [m for m in job.dataset.images if m.name not in done_names]
+        barrier(info)  # every rank has listed what is done before any rank writes
+        counts, rays = _write_masks(job, shard(todo, info), info)
+        for image in shard(done, info):
+            counts += _read_masks(job, image).flatten(0, 1).sum(0)
+            rays += image.H * image.W
+        barrier(info)
+        problems = missing_masks(job.output, job.params.image_sizes, job.params.num_cells)
+        if problems:
+            raise UserError(f"{job.output}: {len(problems)} masks missing or wrong after the run, "
+                            f"e.g. {problems[0]}")
+        gathered = gather_objects((counts.tolist(), rays), info)
+        if gathered is None:
+            return None
+        return write_report(job, [sum(c[k] for c, _ in gathered) for k in range(job.params.num_cells)],
+                            sum(r for _, r in gathered))
+    finally:
+        cleanup(info)
+
+
+def _prepare_output(job: MaskJob, info: DistInfo) -> None:
+    """Refuse an existing output (unless resuming one made with the same settings); rank 0 makes the cell
+    folders and writes params.pt while the others wait."""
+    params_file = job.output / "params.pt"
+    if job.output.exists() and not job.resume:
+        raise UserError(f"{job.output}: already exists (pass --resume to finish it, or choose another "
+                        "--output)")
+    if job.output.exists() and not job.output.is_dir():
+        raise UserError(f"{job.output}: exists and is not a directory")
+    if job.resume and params_file.is_file():
+        old = load_params(params_file)
+        old.check_dataset(job.dataset, params_file)
+        changed = old.differences(job.params)
+        if changed:
+            raise UserError(f"{params_file}: made with other settings ({', '.join(changed)}); "
+                            "choose another --output")
+    barrier(info)  # every rank has looked before rank 0 creates anything
+    if info.is_main:
+        for k in range(job.params.num_cells):
+            (job.output / str(k)).mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(job.output / str(k))
+        if not params_file.is_file():
+            job.params.save(params_file)
+    barrier(info)
+
+
+def _complete(job: MaskJob, image: ImageMetadata) -> bool:
+    """Whether an earlier run wrote every cell's mask of `image` (UserError if one has another size)."""
+    for k in range(job.params.num_cells):
+        path = find_mask(job.output / str(k), image.name)
+        if path is None:
+            return False
+        if mask_shape(path) != (image.H, image.W):
+            load_mask(path.parent, image.name, image.H, image.W)  # raises the one-line size error
+    return True
+
+
+def _read_masks(job: MaskJob, image: ImageMetadata) -> torch.Tensor:
+    """(H, W, K) bool: an image's masks as written."""
+    return torch.stack([load_mask(job.output / str(k), image.name, image.H, image.W)
+                        for k in range(job.params.num_cells)], -1)
+
+
+def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo) -> tuple[torch.Tensor, int]:
+    """Compute and write the masks of `images`; returns rays per cell (K,) and rays in all, for the report.
+
+    The test hook MEGA_NERF_TEST_FAIL_AFTER=N raises after N images written, to test --resume.
+    """
+    fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0"))
+    # About 1 MiB per (points, cells) tensor stays in a CPU's cache; a GPU wants large launches.
+    dist_chunk = job.dist_chunk or (1 << 24 if info.device.type == "cuda" else 1 << 18)
+    counts = torch.zeros(job.params.num_cells, dtype=torch.int64)
+    rays = 0
+    for written, image in enumerate(tqdm(images, desc="cluster masks", unit="image", disable=not info.is_main)):
+        if written == fail_after > 0:
+            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping on purpose (test hook)")
+        member = image_membership(image, job.params, info.device, job.ray_chunk, dist_chunk)
+        for k in range(job.params.num_cells):
+            write_mask(job.output / str(k) / f"{image.name}{SUFFIX}", member[..., k])
+        counts += member.flatten(0, 1).sum(0)
+        rays += image.H * image.W
+    return counts, rays
+
+
+def write_report(job: MaskJob, counts: list[int], rays: int) -> dict:
+    """Save `partition.json` (rays per cell, overlap factor = assigned rays / rays, empty cells) and
+    `partition.png`, print a summary, and return the report."""
+    p = job.params
+    report = {"dataset": str(job.dataset.path), "images": len(job.dataset.images), "rays": rays,
+              "grid_dim": list(p.grid_dim), "boundary_margin": p.boundary_margin,
+              "ray_samples": p.ray_samples, "cluster_2d": p.cluster_2d, "rays_per_cell": counts,
+              "overlap_factor": sum(counts) / max(rays, 1),
+              "empty_cells": [k for k, c in enumerate(counts) if c == 0]}
+    (job.output / "partition.json").write_text(json.dumps(report, indent=2) + "\n")
+    positions = torch.stack([m.c2w[:, 3] for m in job.dataset.images])
+    cv2.imwrite(str(job.output / "partition.png"), draw_partition(positions, p))
+    print(f"{job.output}: {p.num_cells} cells, {rays} rays, overlap factor {report['overlap_factor']:.3f}")
+    print("rays per cell: " + ", ".join(f"{k}: {c}" for k, c in enumerate(counts)))
+    if report["empty_cells"]:
+        print(f"warning: empty cells {report['empty_cells']} (no ray reaches them; their submodules would "
+              "learn nothing: use a smaller --grid_dim)")
+    return report
+
+
+def _cell_colours(num_cells: int) -> np.ndarray:
+    """(K, 3) uint8 BGR, hues spread evenly."""
+    hues = np.arange(num_cells) * 180 // num_cells
+    hsv = np.stack([hues, np.full(num_cells, 90), np.full(num_cells, 235)], -1)
+    return cv2.cvtColor(hsv.astype(np.uint8)[None], cv2.COLOR_HSV2BGR)[0]
+
+
+def draw_partition(positions: torch.Tensor, params: PartitionParams, size: int = 800) -> np.ndarray:
+    """Top-down picture (BGR uint8): y to the right, z down the image, as seen from above (x points down).
+
+    Cells are coloured by nearest centroid, darker where a point at the centroids' altitude belongs to
+    several cells (the boundary band); black lines are the cell boundaries, white dots the cameras (N, 3),
+    crosses the centroids.
+    """
+    cent = params.centroids
+    yz = torch.cat([positions[:, 1:], cent[:, 1:]]).double()
+    lo, hi = yz.min(0).values, yz.max(0).values
+    pad = 0.1 * (hi - lo).max().clamp_min(1e-6)
+    lo, hi = lo - pad, hi + pad
+    scale = size / (hi - lo).max()
+    w, h = (int(math.ceil(v)) for v in ((hi - lo) * scale).tolist())
+    v, u = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    points = torch.stack([torch.full_like(u, cent[0, 0].item()), lo[0] + u / scale, lo[1] + v / scale], -1)
+    points = points.reshape(-1, 3).float()
+    nearest, shared = torch.empty(h * w, dtype=torch.long), torch.empty(h * w, dtype=torch.bool)
+    for s in range(0, h * w, 1 << 16):
+        chunk = points[s:s + (1 << 16)]
+        nearest[s:s + chunk.shape[0]] = centroid_distances(chunk, cent, params.cluster_2d).argmin(1)
+        shared[s:s + chunk.shape[0]] = cell_membership(chunk, cent, params.boundary_margin or 1.0,
+                                                       params.cluster_2d).sum(1) > 1
+    labels = nearest.view(h, w).numpy()
+    image = _cell_colours(params.num_cells)[labels]
+    image[shared.view(h, w).numpy()] //= 2
+    edges = np.zeros((h, w), bool)
+    edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edges[1:] |= labels[1:] != labels[:-1]
+    image[edges] = 0
+
+    def pixel(p: torch.Tensor) -> tuple[int, int]:
+        return int((p[1] - lo[0]) * scale), int((p[2] - lo[1]) * scale)
+    for p in positions:
+        cv2.circle(image, pixel(p), 3, (40, 40, 40), -1, cv2.LINE_AA)
+        cv2.circle(image, pixel(p), 2, (255, 255, 255), -1, cv2.LINE_AA)
+    for k, c in enumerate(cent):
+        cv2.drawMarker(image, pixel(c), (0, 0, 0), cv2.MARKER_CROSS, 14, 2)
+        u, v = pixel(c)
+        cv2.putText(image, str(k), (u + 6, v - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    X, Y = params.grid_dim
+    caption = f"grid {X}x{Y}, margin {params.boundary_margin}: darker = several cells"
+    cv2.putText(image, caption, (8, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return image

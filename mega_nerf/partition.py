@@ -1,0 +1,250 @@
+"""Spatial cells: centroids on a grid, the point-to-cell rule, ray-to-cell assignment, and `params.pt`.
+
+Centroids sit at the cell centres of a `grid_dim` = (X, Y) grid over the horizontal extent (y, z) of the
+camera positions: X cells along y (right), Y along z (back); cell k = i * Y + j for the i-th y, j-th z cell.
+A centroid's x (down) is the middle of the altitude slab, where rays are sampled (they are clipped to it), so
+3D distances there are nearly horizontal; centroids at the cameras' altitude would add a large vertical term
+for points near the ground and widen the boundary band (overlap 1.95 instead of 1.74 on the tiny city's 2 x 2).
+Every centroid shares this x, so a point's nearest centroid is the same in 3D and with `cluster_2d`.
+
+The rule (DESIGN.md, Partitioning): a point belongs to cell k when its distance to centroid k is at most
+`boundary_margin` times its distance to the nearest centroid; a ray belongs to every cell one of its
+samples belongs to. The merged container routes points with the same `cell_membership`.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from mega_nerf.data.dataset import Dataset, ImageMetadata
+from mega_nerf.errors import UserError
+from mega_nerf.rays import near_far, rays_from_pixels
+
+
+def parse_grid_dim(values: list[str] | None) -> tuple[int, int]:
+    """`--grid_dim X Y` as two positive ints, or a one-line error."""
+    if values is None:
+        raise UserError("missing option --grid_dim (two positive integers: cells along y and along z)")
+    try:
+        dims = tuple(int(v) for v in values)
+    except ValueError:
+        dims = ()
+    if len(dims) != 2 or min(dims) < 1:
+        raise UserError(f"--grid_dim must be two positive integers, got {' '.join(map(str, values))!r}")
+    return dims  # type: ignore[return-value]
+
+
+def grid_centroids(positions: torch.Tensor, grid_dim: tuple[int, int], altitude: float) -> torch.Tensor:
+    """Cell centres of a grid over the (y, z) extent of `positions` (N, 3), all at x = `altitude`.
+
+    Returns (X * Y, 3) float32, ordered k = i * Y + j (i along y, j along z).
+    """
+    lo, hi = positions.min(0).values.double(), positions.max(0).values.double()
+    for d, n in zip((1, 2), grid_dim, strict=True):
+        if n > 1 and hi[d] <= lo[d]:
+            raise UserError(f"--grid_dim: the cameras span no extent along {'yz'[d - 1]}, "
+                            "so that axis takes 1 cell")
+    axes = [lo[d] + (torch.arange(n, dtype=torch.float64) + 0.5) * (hi[d] - lo[d]) / n
+            for d, n in zip((1, 2), grid_dim, strict=True)]
+    y, z = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    x = torch.full_like(y, altitude)
+    return torch.stack([x, y, z], -1).reshape(-1, 3).float()
+
+
+def _squared_distances(points: torch.Tensor, centroids: torch.Tensor, cluster_2d: bool) -> torch.Tensor:
+    """(N, K) squared distances, summed coordinate by coordinate: no (N, K, 3) temporary, and elementwise
+    (unlike torch.cdist's matmul path), so a point's result never depends on the batch it came in."""
+    total = torch.zeros(points.shape[0], centroids.shape[0], dtype=points.dtype, device=points.device)
+    for d in range(1 if cluster_2d else 0, 3):
+        total += (points[:, d:d + 1] - centroids[:, d]).square()
+    return total
+
+
+def centroid_distances(points: torch.Tensor, centroids: torch.Tensor, cluster_2d: bool) -> torch.Tensor:
+    """Euclidean distance (N, K) from points (N, 3) to centroids (K, 3); horizontal (y, z) only with
+    `cluster_2d`."""
+    return _squared_distances(points, centroids.to(points), cluster_2d).sqrt()
+
+
+def cell_membership(points: torch.Tensor, centroids: torch.Tensor, boundary_margin: float,
+                    cluster_2d: bool) -> torch.Tensor:
+    """(N, K) bool: point n belongs to cell k when dist(n, k) <= boundary_margin * min_k' dist(n, k').
+
+    Compared as squared distances (same order, no sqrt). The nearest cell always holds the point for a
+    margin >= 1; a margin of exactly 1 gives the nearest cell only (several on exact ties).
+    points: (N, 3); centroids: (K, 3) in the same normalised frame.
+    """
+    d2 = _squared_distances(points, centroids.to(points), cluster_2d)
+    return d2 <= (boundary_margin ** 2) * d2.min(1, keepdim=True).values
+
+
+def ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
+                   centroids: torch.Tensor, ray_samples: int, boundary_margin: float, cluster_2d: bool,
+                   dist_chunk: int = 1 << 18) -> torch.Tensor:
+    """(N, K) bool: the cells that at least one of each ray's samples belongs to.
+
+    origins, dirs: (N, 3); near, far: (N,); samples are `ray_samples` evenly spaced distances from near to
+    far inclusive (deterministic, no jitter). Samples are taken in blocks so that at most about
+    `dist_chunk` point-centroid distances exist at once, whatever N and K.
+    """
+    K = centroids.shape[0]
+    steps = torch.linspace(0, 1, ray_samples, device=origins.device, dtype=origins.dtype)
+    member = torch.zeros(origins.shape[0], K, dtype=torch.bool, device=origins.device)
+    rays_per_block = max(1, dist_chunk // (K * ray_samples))
+    samples_per_block = max(1, dist_chunk // (K * max(1, min(rays_per_block, origins.shape[0]))))
+    for r in range(0, origins.shape[0], rays_per_block):
+        o, d = origins[r:r + rays_per_block], dirs[r:r + rays_per_block]
+        n, f = near[r:r + rays_per_block, None], far[r:r + rays_per_block, None]
+        for s in range(0, ray_samples, samples_per_block):
+            w = steps[s:s + samples_per_block]
+            t = n * (1 - w) + f * w  # (R, S)
+            points = o[:, None] + d[:, None] * t[..., None]  # (R, S, 3)
+            inside = cell_membership(points.reshape(-1, 3), centroids, boundary_margin, cluster_2d)
+            member[r:r + rays_per_block] |= inside.view(o.shape[0], -1, K).any(1)
+    return member
+
+
+def image_membership(image: ImageMetadata, params: PartitionParams, device: torch.device,
+                     ray_chunk: int = 1 << 16, dist_chunk: int = 1 << 18) -> torch.Tensor:
+    """(H, W, K) bool on the CPU: the cells each pixel's ray belongs to.
+
+    Rays are made `ray_chunk` pixels at a time (row-major, as `image_rays`), bounded to [near, far] and the
+    altitude slab. A pixel's result never depends on the chunk it came in, so any sharding gives the same
+    bits.
+    """
+    assert params.boundary_margin is not None and params.ray_samples is not None
+    c2w, intrinsics = image.c2w.to(device), image.intrinsics.to(device)
+    centroids = params.centroids.to(device)
+    out = torch.empty(image.H * image.W, params.num_cells, dtype=torch.bool)
+    for start in range(0, image.H * image.W, ray_chunk):
+        pix = torch.arange(start, min(start + ray_chunk, image.H * image.W), device=device)
+        origins, dirs = rays_from_pixels(c2w, intrinsics.to(c2w), pix % image.W,
+                                         torch.div(pix, image.W, rounding_mode="floor"))
+        near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
+        member = ray_membership(origins, dirs, near, far, centroids, params.ray_samples,
+                                params.boundary_margin, params.cluster_2d, dist_chunk)
+        out[start:start + pix.shape[0]] = member.cpu()
+    return out.view(image.H, image.W, -1)
+
+
+@dataclass
+class PartitionParams:
+    """Everything later stages need to reuse a partition (`<masks>/params.pt`).
+
+    Distances (near, far, altitude range, positions) are normalised. `image_sizes` (stem -> (H, W), sorted
+    by stem) fingerprints the dataset the masks were made from; it, `boundary_margin` and `ray_samples` are
+    None in a `params.pt` written by Mega-NeRF, which lacks them.
+    """
+
+    origin_drb: torch.Tensor  # (3,) float64
+    pose_scale_factor: float
+    ray_altitude_range: tuple[float, float]  # normalised (top, ground) down-coordinates
+    near: float
+    far: float
+    centroids: torch.Tensor  # (K, 3) float32
+    grid_dim: tuple[int, int]
+    min_position: torch.Tensor  # (3,) camera positions' minimum
+    max_position: torch.Tensor  # (3,)
+    cluster_2d: bool
+    boundary_margin: float | None = None
+    ray_samples: int | None = None
+    image_sizes: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def num_cells(self) -> int:
+        return self.centroids.shape[0]
+
+    def save(self, path: Path) -> None:
+        """Write atomically, as plain types and tensors (loads with weights_only=True). Serialised in memory
+        first: torch names the archive inside after the file, and the temp file's name varies."""
+        buffer = io.BytesIO()
+        torch.save(asdict(self), buffer)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, path)
+
+    def differences(self, other: PartitionParams) -> list[str]:
+        """Names of the fields that differ."""
+        def same(a: object, b: object) -> bool:
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+            return a == b
+        return [f.name for f in fields(self) if not same(getattr(self, f.name), getattr(other, f.name))]
+
+    def check_dataset(self, dataset: Dataset, source: Path) -> None:
+        """UserError when `source` (this params file) was made from another dataset (names or sizes)."""
+        if self.image_sizes is None:
+            return
+        sizes = dataset_image_sizes(dataset)
+        if sizes != self.image_sizes:
+            odd = sorted(set(sizes.items()) ^ set(self.image_sizes.items()))
+            raise UserError(f"{source}: made from another dataset than {dataset.path} "
+                            f"({len(odd)} image names or sizes differ, e.g. '{odd[0][0]}')")
+
+
+def make_params(dataset: Dataset, grid_dim: tuple[int, int], near: float, far: float,
+                altitude_range: tuple[float, float], boundary_margin: float, cluster_2d: bool,
+                ray_samples: int) -> PartitionParams:
+    """The partition of `dataset`: a grid over its train and val camera positions (normalised units)."""
+    positions = torch.stack([m.c2w[:, 3] for m in dataset.images])
+    coordinates = dataset.coordinates
+    return PartitionParams(
+        origin_drb=coordinates.origin_drb.clone(), pose_scale_factor=coordinates.pose_scale_factor,
+        ray_altitude_range=(float(altitude_range[0]), float(altitude_range[1])),
+        near=float(near), far=float(far), grid_dim=grid_dim,
+        centroids=grid_centroids(positions, grid_dim, sum(altitude_range) / 2),
+        min_position=positions.min(0).values, max_position=positions.max(0).values,
+        cluster_2d=bool(cluster_2d), boundary_margin=float(boundary_margin), ray_samples=int(ray_samples),
+        image_sizes=dataset_image_sizes(dataset))
+
+
+def dataset_image_sizes(dataset: Dataset) -> dict[str, tuple[int, int]]:
+    """The dataset fingerprint: image stem -> (H, W), sorted by stem."""
+    return {m.name: (m.H, m.W) for m in sorted(dataset.images, key=lambda m: m.name)}
+
+
+def _pair(value: object, cast: type) -> tuple:
+    items = tuple(cast(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value))
+    if len(items) != 2:
+        raise ValueError("expected two values")
+    return items
+
+
+def load_params(path: str | os.PathLike) -> PartitionParams:
+    """Read `params.pt` (ours or Mega-NeRF's); UserError naming the file when missing or malformed."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "params.pt"
+    if not file.is_file():
+        raise UserError(f"{file}: partition parameters missing (made by scripts/create_cluster_masks.py)")
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+        optional = {f.name for f in fields(PartitionParams) if f.default is not MISSING}
+        required = {f.name for f in fields(PartitionParams)} - optional
+        if not isinstance(data, dict) or not required <= set(data):
+            raise ValueError(f"needs keys {sorted(required)}")
+        sizes = data.get("image_sizes")
+        params = PartitionParams(
+            origin_drb=torch.as_tensor(data["origin_drb"], dtype=torch.float64).reshape(3),
+            pose_scale_factor=float(data["pose_scale_factor"]),
+            ray_altitude_range=_pair(data["ray_altitude_range"], float),
+            near=float(data["near"]), far=float(data["far"]),
+            centroids=torch.as_tensor(data["centroids"], dtype=torch.float32).reshape(-1, 3),
+            grid_dim=_pair(data["grid_dim"], int),
+            min_position=torch.as_tensor(data["min_position"]).reshape(3),
+            max_position=torch.as_tensor(data["max_position"]).reshape(3),
+            cluster_2d=bool(data["cluster_2d"]),
+            boundary_margin=None if data.get("boundary_margin") is None else float(data["boundary_margin"]),
+            ray_samples=None if data.get("ray_samples") is None else int(data["ray_samples"]),
+            image_sizes=None if sizes is None else {str(k): _pair(v, int) for k, v in sizes.items()})
+    except Exception as e:  # any unreadable or malformed file: name it, in one line
+        raise UserError(f"{file}: not a valid partition params file ({type(e).__name__}: {e})") from None
+    if math.prod(params.grid_dim) != params.num_cells:
+        raise UserError(f"{file}: grid_dim {params.grid_dim} does not match {params.num_cells} centroids")
+    return params
+

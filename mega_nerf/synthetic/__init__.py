@@ -1,0 +1,8 @@
+"""A seeded procedural city rendered by exact ray casting: the built-in test and demo scene.
+
+`generate_city` writes it as a Mega-NeRF dataset with ground-truth depth; `PRESETS` names its sizes.
+"""
+from mega_nerf.synthetic.generate import generate_city
+from mega_nerf.synthetic.scene import PRESETS
+
+__all__ = ["PRESETS", "generate_city"]

@@ -1,0 +1,216 @@
+"""The procedural city: presets, block layout, buildings, trees, sun and surface colours.
+
+Everything here is plain data in real-world metres in the DRB frame (x down, y right, z back), with the ground
+at x = 0 and the city centred on y = z = 0. Randomness comes only from the numpy generator passed in, so a seed
+fixes the city. Colours are linear RGB (sRGB picks raised to 2.2) so that lighting can be added up physically.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Ground kinds of a block.
+BUILDINGS, PARK, PLAZA = 0, 1, 2
+SIDEWALK = 2.0  # metres between a block's edge and its buildings or trees
+
+WALL_PALETTE = [(0.80, 0.76, 0.68), (0.70, 0.70, 0.72), (0.62, 0.40, 0.32), (0.86, 0.85, 0.82),
+                (0.55, 0.60, 0.66), (0.76, 0.62, 0.45)]
+ROOF_PALETTE = [(0.35, 0.35, 0.37), (0.50, 0.30, 0.25), (0.45, 0.50, 0.42), (0.58, 0.56, 0.52)]
+GLASS = (0.20, 0.26, 0.34)
+LEAVES = [(0.25, 0.45, 0.18), (0.32, 0.50, 0.20), (0.20, 0.38, 0.22)]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a preset fixes: city size, survey size and camera. Lengths in metres."""
+
+    blocks: int  # the city is blocks x blocks
+    views: int  # train + val
+    val_every: int  # every val_every-th view along the flight path is a val view
+    W: int
+    H: int
+    fov_deg: float = 65.0  # horizontal field of view
+    block_size: float = 40.0
+    road_width: float = 10.0
+    margin: float = 30.0  # ground beyond the outer roads; past it rays see the sky
+    height_range: tuple[float, float] = (6.0, 24.0)
+    clearance: float = 25.0  # flight altitude above the tallest building
+    overview_size: int = 256  # pixels of the top-down overview picture
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(blocks=2, views=40, val_every=5, W=64, H=48, block_size=36.0),
+    "small": Preset(blocks=3, views=72, val_every=9, W=128, H=96, block_size=36.0, height_range=(6.0, 30.0),
+                    overview_size=384),
+    "city": Preset(blocks=8, views=360, val_every=8, W=640, H=480, margin=50.0, height_range=(8.0, 60.0),
+                   clearance=30.0, overview_size=1024),
+}
+
+
+def _linear(rgb: tuple[float, float, float] | np.ndarray) -> np.ndarray:
+    return np.asarray(rgb, dtype=np.float64) ** 2.2
+
+
+@dataclass
+class City:
+    """One generated city: its geometry (metres, DRB) and what shading needs, as tensors on one device."""
+
+    blocks: int
+    block_size: float
+    road_width: float
+    extent: float  # the city (outer roads included) covers |y|, |z| <= extent
+    ground_half: float  # the ground square covers |y|, |z| <= ground_half; beyond it is sky
+    noise_seed: int  # feeds the texture hash, so that textures change with the seed too
+    block_kind: torch.Tensor  # (blocks, blocks) long, indexed [block along y, block along z]
+    box_lo: torch.Tensor  # (B, 3) buildings' min corners; box_lo[:, 0] = -height
+    box_hi: torch.Tensor  # (B, 3) max corners; box_hi[:, 0] = 0 (standing on the ground)
+    wall_albedo: torch.Tensor  # (B, 3)
+    roof_albedo: torch.Tensor  # (B, 3)
+    glass_albedo: torch.Tensor  # (B, 3)
+    floor_height: torch.Tensor  # (B,) metres between window rows
+    window_pitch: torch.Tensor  # (B,) metres between window columns
+    tree_yz: torch.Tensor  # (T, 2) trunk axis
+    trunk_radius: torch.Tensor  # (T,)
+    trunk_top: torch.Tensor  # (T,) down-coordinate of the trunk's top (negative); its bottom is the ground
+    canopy_center: torch.Tensor  # (T, 3)
+    canopy_radius: torch.Tensor  # (T,)
+    canopy_albedo: torch.Tensor  # (T, 3)
+    sun: torch.Tensor  # (3,) unit vector towards the sun
+
+    @property
+    def pitch(self) -> float:
+        """Distance between neighbouring blocks' starts: a block and a road."""
+        return self.block_size + self.road_width
+
+    @property
+    def max_height(self) -> float:
+        """Height of the tallest shape (building or tree top), metres."""
+        tops = torch.cat([-self.box_lo[:, 0], -(self.canopy_center[:, 0] - self.canopy_radius)])
+        return float(tops.max())
+
+    def to(self, device: torch.device | str) -> City:
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def _block_kinds(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Mostly building blocks, with at least one park; plazas from 3 x 3 cities on."""
+    parks = max(1, round(0.15 * n * n))
+    plazas = round(0.1 * n * n)
+    kinds = np.full(n * n, BUILDINGS)
+    kinds[:parks] = PARK
+    kinds[parks:parks + plazas] = PLAZA
+    return rng.permutation(kinds).reshape(n, n)
+
+
+def _split(lo: float, hi: float, parts: int, rng: np.random.Generator) -> np.ndarray:
+    """Cut [lo, hi] into `parts` lots of jittered widths; returns the parts + 1 cut positions."""
+    cuts = np.linspace(lo, hi, parts + 1)
+    cuts[1:-1] += rng.uniform(-0.15, 0.15, parts - 1) * (hi - lo) / parts
+    return cuts
+
+
+def _buildings(city_extent: float, bounds: list[tuple[float, float, float, float]],
+               height_range: tuple[float, float], rng: np.random.Generator) -> list[tuple[np.ndarray, ...]]:
+    """Boxes on a jittered grid of lots inside each building block; taller towards the centre."""
+    h_min, h_max = height_range
+    boxes = []
+    for y0, y1, z0, z1 in bounds:
+        ys = _split(y0 + SIDEWALK, y1 - SIDEWALK, int(rng.choice([1, 2, 3], p=[0.1, 0.5, 0.4])), rng)
+        zs = _split(z0 + SIDEWALK, z1 - SIDEWALK, int(rng.choice([1, 2, 3], p=[0.1, 0.5, 0.4])), rng)
+        for a in range(len(ys) - 1):
+            for b in range(len(zs) - 1):
+                setback = rng.uniform(0.5, 3.0, 4)
+                lo_y, hi_y = ys[a] + setback[0], ys[a + 1] - setback[1]
+                lo_z, hi_z = zs[b] + setback[2], zs[b + 1] - setback[3]
+                if rng.random() < 0.08 or hi_y - lo_y < 5 or hi_z - lo_z < 5:
+                    continue  # an empty lot
+                r = np.hypot(lo_y + hi_y, lo_z + hi_z) / 2 / city_extent
+                downtown = 0.45 + 0.55 * np.exp(-2 * r * r)
+                height = h_min + (h_max - h_min) * rng.beta(1.5, 3.0) * downtown
+                boxes.append((np.array([-height, lo_y, lo_z]), np.array([0.0, hi_y, hi_z])))
+    # A landmark tower: the building nearest the centre gets the full height, so the preset fixes the skyline.
+    if boxes:
+        centre = min(range(len(boxes)), key=lambda i: np.abs(boxes[i][0][1:] + boxes[i][1][1:]).sum())
+        boxes[centre][0][0] = -h_max
+    return boxes
+
+
+def _trees(kind: int, bounds: tuple[float, float, float, float], rng: np.random.Generator) -> list[np.ndarray]:
+    """Tree positions (y, z, canopy radius): scattered in parks, four at a plaza's corners."""
+    y0, y1, z0, z1 = bounds
+    if kind == PLAZA:
+        inset = 5.0
+        return [np.array([y, z, rng.uniform(2.0, 3.0)]) for y in (y0 + inset, y1 - inset)
+                for z in (z0 + inset, z1 - inset)]
+    trees: list[np.ndarray] = []
+    wanted = int(rng.integers(6, 12))
+    for _ in range(200):  # rejection sampling with a bounded number of tries
+        if len(trees) == wanted:
+            break
+        r = rng.uniform(2.0, 3.5)
+        pad = SIDEWALK + r
+        y, z = rng.uniform(y0 + pad, y1 - pad), rng.uniform(z0 + pad, z1 - pad)
+        if all(np.hypot(y - t[0], z - t[1]) > r + t[2] + 0.5 for t in trees):
+            trees.append(np.array([y, z, r]))
+    return trees
+
+
+def _sun(rng: np.random.Generator) -> np.ndarray:
+    elevation = np.radians(rng.uniform(40.0, 60.0))
+    azimuth = rng.uniform(0.0, 2 * np.pi)
+    return np.array([-np.sin(elevation), np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth)])
+
+
+def _jittered(palette: list[tuple[float, float, float]], count: int, jitter: float,
+              rng: np.random.Generator) -> np.ndarray:
+    """`count` linear colours picked from an sRGB palette, each channel moved by up to `jitter`."""
+    picks = np.asarray(palette)[rng.integers(0, len(palette), count)].reshape(count, 3)
+    return _linear(np.clip(picks + rng.uniform(-jitter, jitter, (count, 3)), 0, 1))
+
+
+def build_city(preset: Preset, rng: np.random.Generator) -> City:
+    """Lay out a city for `preset`, drawing every random choice from `rng` (CPU tensors)."""
+    n = preset.blocks
+    pitch = preset.block_size + preset.road_width
+    extent = (n * pitch + preset.road_width) / 2
+    kinds = _block_kinds(n, rng)
+    start = -extent + preset.road_width  # where the first block begins, along y and along z
+    bounds = {(iy, iz): (start + iy * pitch, start + iy * pitch + preset.block_size,
+                         start + iz * pitch, start + iz * pitch + preset.block_size)
+              for iy in range(n) for iz in range(n)}
+    boxes = _buildings(extent, [b for k, b in bounds.items() if kinds[k] == BUILDINGS], preset.height_range, rng)
+    trees = [t for k, b in bounds.items() if kinds[k] != BUILDINGS for t in _trees(int(kinds[k]), b, rng)]
+    B, T = len(boxes), len(trees)
+    tree = np.array(trees).reshape(T, 3)
+    trunk_height = rng.uniform(2.0, 4.0, T)
+    # The canopy's centre sits 0.75 radius above the trunk's top, which hides the trunk's top inside it.
+    canopy_center = np.stack([-(trunk_height + 0.75 * tree[:, 2]), tree[:, 0], tree[:, 1]], 1)
+
+    def tensor(a: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a), dtype=dtype)
+
+    return City(
+        blocks=n, block_size=preset.block_size, road_width=preset.road_width, extent=extent,
+        ground_half=extent + preset.margin,
+        noise_seed=int(rng.integers(0, 2 ** 30)),
+        block_kind=tensor(kinds, torch.long),
+        box_lo=tensor(np.array([b[0] for b in boxes]).reshape(B, 3)),
+        box_hi=tensor(np.array([b[1] for b in boxes]).reshape(B, 3)),
+        wall_albedo=tensor(_jittered(WALL_PALETTE, B, 0.04, rng)),
+        roof_albedo=tensor(_jittered(ROOF_PALETTE, B, 0.03, rng)),
+        glass_albedo=tensor(_jittered([GLASS], B, 0.05, rng)),
+        floor_height=tensor(rng.uniform(3.0, 4.0, B)),
+        window_pitch=tensor(rng.uniform(2.5, 4.0, B)),
+        tree_yz=tensor(tree[:, :2]),
+        trunk_radius=tensor(rng.uniform(0.3, 0.45, T)),
+        trunk_top=tensor(-trunk_height),
+        canopy_center=tensor(canopy_center),
+        canopy_radius=tensor(tree[:, 2]),
+        canopy_albedo=tensor(_jittered(LEAVES, T, 0.03, rng)),
+        sun=tensor(_sun(rng)),
+    )

@@ -1,0 +1,93 @@
+"""The drone survey: a lawn-mower flight over the city at a fixed altitude, and the camera's appearance drift.
+
+Poses follow DESIGN.md: c2w columns are the camera's right, up and back axes in the DRB world (x down), so the
+camera looks along -back. Views are numbered in flight order; every `val_every`-th is a val view.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mega_nerf.synthetic.scene import City, Preset
+
+PITCH_DEG = (30.0, 60.0)  # how far below the horizon cameras look
+YAW_SPREAD_DEG = 80.0  # how far a camera's heading may turn away from the city's centre
+WORLD_UP = np.array([-1.0, 0.0, 0.0])
+
+
+@dataclass
+class Survey:
+    """Every view's pose and appearance, in flight order, real-world metres."""
+
+    positions: np.ndarray  # (V, 3) camera centres, DRB
+    rotations: np.ndarray  # (V, 3, 3) columns right, up, back
+    splits: list[str]  # (V,) "train" or "val"
+    exposure: np.ndarray  # (V,) exposure factor
+    white_balance: np.ndarray  # (V, 3) per-channel gains
+    altitude: float  # metres above the ground
+    focal: float  # pixels, fx = fy
+
+    @property
+    def names(self) -> list[str]:
+        """File stems; sorting them keeps flight order, so appearance indices follow the path."""
+        return [f"{i:06d}" for i in range(len(self.splits))]
+
+
+def look_rotation(yaw: float, pitch: float) -> np.ndarray:
+    """Rotation (3, 3) with columns right, up, back for a camera heading `yaw` (radians, from +y towards +z)
+    and looking `pitch` radians below the horizon, with no roll."""
+    forward = np.array([np.sin(pitch), np.cos(pitch) * np.cos(yaw), np.cos(pitch) * np.sin(yaw)])
+    right = np.cross(forward, WORLD_UP)
+    right /= np.linalg.norm(right)
+    up = np.cross(right, forward)
+    return np.stack([right, up, -forward], 1)
+
+
+def _lawn_mower(count: int, half: float) -> np.ndarray:
+    """`count` horizontal positions (y, z) on back-and-forth rows covering [-half, half]^2, in flight order."""
+    rows = max(2, round(np.sqrt(count / 2)))
+    per_row = -(-count // rows)
+    along = np.linspace(-half, half, per_row)
+    points = [(y, z) for r, z in enumerate(np.linspace(-half, half, rows))
+              for y in (along if r % 2 == 0 else along[::-1])]
+    return np.array(points[:count])
+
+
+def _drift(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Exposure (V,) and white balance (V, 3) as slow random sinusoids of the position along the path, so
+    that neighbouring views look alike and distant ones do not."""
+    s = np.linspace(0.0, 1.0, count)[:, None]
+    freq, phase = rng.uniform(0.8, 2.5, (2, 4)), rng.uniform(0, 2 * np.pi, (2, 4))
+    waves = np.sin(2 * np.pi * freq * s[:, :, None] + phase)  # (V, 2, 4)
+    exposure = np.exp(0.25 * (0.7 * waves[:, 0, 0] + 0.3 * waves[:, 1, 0]))
+    white_balance = np.exp(0.08 * (0.7 * waves[:, 0, 1:] + 0.3 * waves[:, 1, 1:]))
+    return exposure, white_balance
+
+
+def plan_survey(city: City, preset: Preset, rng: np.random.Generator) -> Survey:
+    """Fly rows over the city at the tallest building's height plus the preset's clearance. Each view looks
+    PITCH_DEG below the horizon (drawn at random), heading within YAW_SPREAD_DEG of the city's centre, so that
+    views near the edge look over the city rather than away from it."""
+    V = preset.views
+    altitude = city.max_height + preset.clearance
+    yz = _lawn_mower(V, 0.85 * city.extent)
+    positions = np.concatenate([np.full((V, 1), -altitude), yz], 1)
+    spread = np.radians(YAW_SPREAD_DEG)
+    yaw = np.arctan2(-yz[:, 1], -yz[:, 0]) + rng.uniform(-spread, spread, V)
+    pitch = np.radians(rng.uniform(*PITCH_DEG, V))
+    rotations = np.stack([look_rotation(a, b) for a, b in zip(yaw, pitch, strict=True)])
+    splits = ["val" if i % preset.val_every == preset.val_every - 1 else "train" for i in range(V)]
+    exposure, white_balance = _drift(V, rng)
+    focal = preset.W / 2 / np.tan(np.radians(preset.fov_deg) / 2)
+    return Survey(positions, rotations, splits, exposure, white_balance, altitude, float(focal))
+
+
+def normalisation(city: City, survey: Survey) -> tuple[np.ndarray, float]:
+    """origin_drb (the centre of the camera positions) and a pose_scale_factor that puts every camera and the
+    whole ground square, hence every shape, within [-1, 1]."""
+    origin = survey.positions.mean(0)
+    corners = np.array([[0.0, y, z] for y in (-city.ground_half, city.ground_half)
+                        for z in (-city.ground_half, city.ground_half)])
+    scale = np.abs(np.concatenate([survey.positions, corners]) - origin).max()
+    return origin, float(scale)

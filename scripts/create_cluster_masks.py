@@ -1,0 +1,31 @@
+"""Split a dataset into a grid of cells: one boolean mask per image per cell, and masks/params.pt.
+
+One process:   python scripts/create_cluster_masks.py --config_file CFG --dataset_path D --output M --grid_dim 2 2
+Several GPUs:  python -m torch.distributed.run --standalone --nproc_per_node 8 scripts/create_cluster_masks.py ...
+"""
+from __future__ import annotations
+
+from mega_nerf.errors import run_cli
+from mega_nerf.masks import create_cluster_masks, mask_job
+from mega_nerf.opts import base_parser
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--output", type=str, help="mask directory to create (M/params.pt, M/<cell>/<image>)")
+    parser.add_argument("--grid_dim", nargs="+", default=None,
+                        help="cells along y (right) and along z (back), e.g. --grid_dim 2 4")
+    parser.add_argument("--ray_samples", type=int, default=1000,
+                        help="points per ray, evenly spaced from near to far, compared with the centroids")
+    parser.add_argument("--resume", action="store_true", help="finish an interrupted run in --output")
+    parser.add_argument("--ray_chunk", type=int, default=1 << 16, help="rays generated at once per image")
+    parser.add_argument("--dist_chunk", type=int, default=None,
+                        help="point-centroid distances computed at once, bounding memory at about 16 bytes "
+                             "each (default 2^18 on CPU, 2^24 on GPU)")
+    parser.add_argument("--timeout_minutes", type=float, default=10,
+                        help="how long a rank waits for the others before the job fails")
+    create_cluster_masks(mask_job(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    run_cli(main)

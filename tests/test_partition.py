@@ -1,0 +1,293 @@
+"""Partitioning: the point and ray rules against slow float64 loops, mask files, resuming, a 2-process run,
+ground-truth hit points, and the one-line errors of scripts/create_cluster_masks.py."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from mega_nerf.data.dataset import ImageMetadata, load_dataset
+from mega_nerf.errors import UserError
+from mega_nerf.masks import FAIL_AFTER_ENV, decode_mask, encode_mask, load_mask, write_mask
+from mega_nerf.partition import (
+    cell_membership,
+    centroid_distances,
+    grid_centroids,
+    image_membership,
+    load_params,
+    make_params,
+)
+from mega_nerf.rays import image_rays, near_far, normalize_altitude_range
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "create_cluster_masks.py"
+SAMPLES = 64
+
+
+def run_script(*args: object) -> None:
+    """scripts/create_cluster_masks.py in this process (as `python scripts/...` would run it), on the CPU
+    even where CUDA exists, so that its bits compare with the CPU-only multi-process runs."""
+    with mock.patch.object(sys, "argv", [str(SCRIPT), *map(str, args)]), \
+            mock.patch.object(torch.cuda, "is_available", return_value=False):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+
+
+def base_args(city: Path, output: Path, *extra: object) -> list[object]:
+    return ["--config_file", city / "config.yaml", "--dataset_path", city, "--output", output,
+            "--grid_dim", 2, 2, "--ray_samples", SAMPLES, *extra]
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def masks_of(output: Path, image: ImageMetadata, cells: int) -> torch.Tensor:
+    """(H * W, K) bool, read back from the mask files."""
+    return torch.stack([load_mask(output / str(k), image.name, image.H, image.W).reshape(-1)
+                        for k in range(cells)], -1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The work here is many small tensor operations; with 2 threads, each one's OpenMP barrier stalls
+    whenever the machine is shared (tens of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def partitioned(tiny_city: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny city split 2 x 2 with the default margin (one uninterrupted single-process run)."""
+    output = tmp_path_factory.mktemp("partition") / "masks"
+    run_script(*base_args(tiny_city, output))
+    return output
+
+
+# ---- the rule, against slow loops ----------------------------------------------------------------------
+
+def slow_membership(point: list[float], centroids: list[list[float]], margin: float, cluster_2d: bool
+                    ) -> tuple[list[bool], list[float]]:
+    """Membership and distance ratios (to the nearest) of one point, in Python floats."""
+    axes = slice(1, 3) if cluster_2d else slice(0, 3)
+    dists = [math.dist(point[axes], c[axes]) for c in centroids]
+    ratios = [d / max(min(dists), 1e-300) for d in dists]
+    return [r <= margin for r in ratios], ratios
+
+
+@pytest.mark.parametrize("cluster_2d", [False, True])
+def test_cell_membership_matches_slow_loop(cluster_2d: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    points, centroids = torch.randn(300, 3, generator=gen), torch.randn(6, 3, generator=gen)
+    member = cell_membership(points, centroids, 1.2, cluster_2d)
+    dists = centroid_distances(points, centroids, cluster_2d)
+    for n in range(points.shape[0]):
+        expected, ratios = slow_membership(points[n].tolist(), centroids.tolist(), 1.2, cluster_2d)
+        axes = slice(1, 3) if cluster_2d else slice(0, 3)
+        assert dists[n].tolist() == pytest.approx([math.dist(points[n, axes], c[axes]) for c in centroids],
+                                                  rel=1e-5)
+        for k in range(6):
+            if abs(ratios[k] - 1.2) > 1e-5:  # float32 may decide an exact tie either way
+                assert bool(member[n, k]) == expected[k]
+
+
+def test_rays_follow_the_rule_at_their_samples(partitioned: Path, tiny_city: Path) -> None:
+    """A few rays of the written masks, re-derived by a slow float64 loop over their samples: every ray is in
+    the cell of its nearest centroid at each sample, and in no cell the rule does not give it."""
+    params, dataset = load_params(partitioned), load_dataset(tiny_city)
+    centroids = params.centroids.double().tolist()
+    gen = torch.Generator().manual_seed(2)
+    for image in dataset.images[::9]:
+        mask = masks_of(partitioned, image, params.num_cells)
+        origins, dirs = image_rays(image.c2w, image.intrinsics, image.W, image.H)
+        near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
+        for r in torch.randint(0, image.H * image.W, (12,), generator=gen).tolist():
+            best = [math.inf] * params.num_cells
+            for s in range(SAMPLES):
+                w = s / (SAMPLES - 1)
+                t = float(near[r]) * (1 - w) + float(far[r]) * w
+                point = [float(o) + float(d) * t for o, d in zip(origins[r], dirs[r], strict=True)]
+                _, ratios = slow_membership(point, centroids, params.boundary_margin, params.cluster_2d)
+                assert mask[r, ratios.index(1.0)], f"ray {r} of {image.name} lacks its nearest cell"
+                best = [min(b, q) for b, q in zip(best, ratios, strict=True)]
+            for k, ratio in enumerate(best):
+                if abs(ratio - params.boundary_margin) > 1e-4:
+                    assert bool(mask[r, k]) == (ratio <= params.boundary_margin), (image.name, r, k)
+
+
+def test_margin_only_adds_rays(tiny_city: Path, tiny_city_summary: dict) -> None:
+    """Raising the margin never takes a ray out of a cell. A margin of 1 keeps points disjoint (one cell each),
+    so a ray is then in several cells only where it crosses a boundary inside the altitude slab."""
+    dataset = load_dataset(tiny_city)
+    altitude = normalize_altitude_range(tiny_city_summary["ray_altitude_range"], dataset.coordinates)
+    params = make_params(dataset, (2, 2), 1 / dataset.coordinates.pose_scale_factor, 2.0, altitude, 1.0, False,
+                         SAMPLES)
+    overlaps, previous = [], None
+    for margin in (1.0, 1.15, 1.5):
+        params.boundary_margin = margin
+        member = torch.cat([image_membership(m, params, torch.device("cpu")).reshape(-1, 4)
+                            for m in dataset.images[::3]])
+        if previous is not None:
+            assert not (previous & ~member).any(), f"margin {margin} removed a ray from a cell"
+        assert member.any(1).all(), "a ray in no cell"
+        overlaps.append(member.sum().item() / member.shape[0])
+        previous = member
+    assert 1 < overlaps[0] < overlaps[1] < overlaps[2], overlaps
+    points = torch.rand(20000, 3, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    assert (cell_membership(points, params.centroids, 1.0, False).sum(1) == 1).all()
+
+
+def test_hit_points_lie_in_a_cell_of_their_ray(partitioned: Path, tiny_city: Path) -> None:
+    """The ground-truth surface point a pixel sees belongs (nearest centroid) to a cell that holds its ray."""
+    params, dataset = load_params(partitioned), load_dataset(tiny_city)
+    checked = 0
+    for image in dataset.images[::4]:
+        depth = torch.from_numpy(np.load(tiny_city / "depth" / image.split / f"{image.name}.npy")).reshape(-1)
+        origins, dirs = image_rays(image.c2w, image.intrinsics, image.W, image.H)
+        near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
+        seen = torch.isfinite(depth) & (depth >= near - 1e-4) & (depth <= far + 1e-4)
+        hits = origins[seen] + dirs[seen] * depth[seen, None]
+        cell = centroid_distances(hits, params.centroids, params.cluster_2d).argmin(1)
+        mask = masks_of(partitioned, image, params.num_cells)[seen]
+        assert mask[torch.arange(cell.shape[0]), cell].all(), image.name
+        checked += int(seen.sum())
+    assert checked > 1000
+
+
+def test_tiny_city_report(partitioned: Path) -> None:
+    report = json.loads((partitioned / "partition.json").read_text())
+    assert report["empty_cells"] == [] and min(report["rays_per_cell"]) > 0
+    assert 1 < report["overlap_factor"] < 2
+    assert sum(report["rays_per_cell"]) == pytest.approx(report["overlap_factor"] * report["rays"])
+    assert (partitioned / "partition.png").stat().st_size > 1000
+
+
+# ---- files ---------------------------------------------------------------------------------------------
+
+def test_mask_format_round_trip(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for H, W in ((1, 1), (7, 13), (48, 64)):
+        mask = torch.rand(H, W, generator=gen) < 0.3
+        assert torch.equal(decode_mask(encode_mask(mask)), mask)
+        write_mask(tmp_path / "m.mask", mask)
+        assert torch.equal(load_mask(tmp_path, "m", H, W), mask)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.mask"]  # no temp file left
+
+
+def test_mega_nerf_zip_masks_load(tmp_path: Path) -> None:
+    mask = torch.rand(6, 9, generator=torch.Generator().manual_seed(4)) < 0.5
+    buffer = io.BytesIO()
+    torch.save(mask, buffer)
+    with zipfile.ZipFile(tmp_path / "000123.pt", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("000123.pt", buffer.getvalue())
+    assert torch.equal(load_mask(tmp_path, "000123", 6, 9), mask)
+    with pytest.raises(UserError, match="000123.pt: mask is 9x6"):
+        load_mask(tmp_path, "000123", 12, 18)
+    with pytest.raises(UserError, match="missing"):
+        load_mask(tmp_path, "000124", 6, 9)
+
+
+def test_params_round_trip(partitioned: Path, tmp_path: Path) -> None:
+    params = load_params(partitioned)
+    raw = torch.load(partitioned / "params.pt", weights_only=True)
+    assert params.grid_dim == (2, 2) and params.centroids.shape == (4, 3) and len(raw["image_sizes"]) > 10
+    params.save(tmp_path / "params.pt")
+    assert load_params(tmp_path).differences(params) == []
+    (tmp_path / "bad.pt").write_bytes(b"not torch")
+    with pytest.raises(UserError, match="bad.pt"):
+        load_params(tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="missing"):
+        load_params(tmp_path / "nothing")
+
+
+def test_grid_centroids_are_cell_centres() -> None:
+    positions = torch.tensor([[0.0, -1, 2], [0.2, 3, 4], [0.4, 1, 3]])
+    expected = [[0.7, y, z] for y in (0, 2) for z in (2.5, 3.5)]  # y over [-1, 3], z over [2, 4]
+    assert torch.allclose(grid_centroids(positions, (2, 2), 0.7), torch.tensor(expected))
+
+
+# ---- runs ----------------------------------------------------------------------------------------------
+
+def test_resume_after_failure_matches_an_uninterrupted_run(partitioned: Path, tiny_city: Path,
+                                                           tmp_path: Path) -> None:
+    output = tmp_path / "masks"
+    with mock.patch.dict(os.environ, {FAIL_AFTER_ENV: "3"}), pytest.raises(RuntimeError, match="test hook"):
+        run_script(*base_args(tiny_city, output))
+    written = {p.name for p in (output / "0").iterdir()}
+    assert len(written) == 3
+    run_script(*base_args(tiny_city, output, "--resume"))
+    assert tree_bytes(output) == tree_bytes(partitioned)
+
+
+@pytest.mark.parametrize("done_before", [0, 5])
+def test_two_processes_write_the_same_bytes(done_before: int, partitioned: Path, tiny_city: Path,
+                                            tmp_path: Path) -> None:
+    """A 2-process gloo run, fresh or resuming a run stopped after `done_before` images, writes exactly the
+    files of the single-process run."""
+    output = tmp_path / "masks"
+    if done_before:
+        with mock.patch.dict(os.environ, {FAIL_AFTER_ENV: str(done_before)}), pytest.raises(RuntimeError):
+            run_script(*base_args(tiny_city, output))
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop(FAIL_AFTER_ENV, None)
+    resume = ["--resume"] if done_before else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(SCRIPT), *map(str, base_args(tiny_city, output, "--timeout_minutes", 1, *resume))]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tree_bytes(output) == tree_bytes(partitioned)
+
+
+# ---- one-line errors -----------------------------------------------------------------------------------
+
+def expect_error(capsys: pytest.CaptureFixture, args: list[object], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(*args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert err[-1].startswith("error: ") and message in err[-1], err
+
+
+@pytest.mark.parametrize("grid", [[], ["2"], ["2", "x"], ["0", "2"], ["2", "2", "2"]])
+def test_bad_grid_dim(grid: list[str], tiny_city: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["--config_file", tiny_city / "config.yaml", "--dataset_path", tiny_city, "--output", tmp_path / "m"]
+    expect_error(capsys, args + (["--grid_dim", *grid] if grid else []), "--grid_dim")
+
+
+def test_bad_inputs(partitioned: Path, tiny_city: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    expect_error(capsys, base_args(tiny_city, partitioned), "already exists")
+    no_range = ["--dataset_path", tiny_city, "--output", tmp_path / "m", "--grid_dim", 2, 2]
+    expect_error(capsys, no_range, "--ray_altitude_range")
+    nowhere = ["--dataset_path", tmp_path / "nowhere", "--output", tmp_path / "m", "--grid_dim", 2, 2,
+               "--ray_altitude_range", 0, 1]
+    expect_error(capsys, nowhere, "dataset directory not found")
+    expect_error(capsys, base_args(tiny_city, tmp_path / "m", "--boundary_margin", 0.9), "--boundary_margin")
+
+
+def test_resume_refuses_masks_of_another_dataset(partitioned: Path, tiny_city: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    output = tmp_path / "masks"
+    (output / "0").mkdir(parents=True)
+    params = load_params(partitioned)
+    params.image_sizes = {name: (H * 2, W * 2) for name, (H, W) in params.image_sizes.items()}
+    params.save(output / "params.pt")
+    expect_error(capsys, base_args(tiny_city, output, "--resume"), "made from another dataset")
+    image = load_dataset(tiny_city).images[0]
+    write_mask(output / "0" / f"{image.name}.mask", torch.zeros(image.H * 2, image.W * 2, dtype=torch.bool))
+    with pytest.raises(UserError, match=f"{image.name}.mask: mask is"):
+        load_mask(output / "0", image.name, image.H, image.W)
+

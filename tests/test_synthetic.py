@@ -1,0 +1,321 @@
+"""The synthetic city: determinism, the dataset it writes, and its depth and colours against an independent
+float64 ray caster written here (rays from the metadata, shapes from scene.json)."""
+from __future__ import annotations
+
+import json
+import math
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mega_nerf.data.dataset import ImageMetadata, load_dataset
+from mega_nerf.errors import UserError
+from mega_nerf.opts import base_parser, scene_bounds
+from mega_nerf.synthetic import PRESETS, generate_city
+from mega_nerf.synthetic.raycast import GROUND, first_hit
+from mega_nerf.synthetic.scene import City, build_city
+from mega_nerf.synthetic.shading import AMBIENT, SUN_LIGHT, albedo, render
+
+TOL = 2e-5  # normalised units (about 2 mm in the tiny city): float32 rendering against float64 here
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_scene.py"
+
+
+# ---- an independent caster: every shape is an interval of the ray, entered after the origin -----------------
+def _box_interval(o, d, lo, hi):
+    """Entry and exit (N, S) of rays o, d (N, 3) through boxes lo, hi (S, 3)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1 = (lo[None] - o[:, None]) / d[:, None]
+        t2 = (hi[None] - o[:, None]) / d[:, None]
+    t1, t2 = np.nan_to_num(t1, nan=-np.inf), np.nan_to_num(t2, nan=np.inf)
+    return np.minimum(t1, t2).max(-1), np.maximum(t1, t2).min(-1)
+
+
+def _sphere_interval(o, d, c, r):
+    b = ((o[:, None] - c[None]) * d[:, None]).sum(-1)
+    q = ((o[:, None] - c[None]) ** 2).sum(-1) - r[None] ** 2
+    root = np.sqrt(np.maximum(b * b - q, 0))
+    miss = b * b - q < 0
+    return np.where(miss, np.inf, -b - root), np.where(miss, -np.inf, -b + root)
+
+
+def _cylinder_interval(o, d, yz, r, top, bottom):
+    """Vertical cylinders (axis yz (S, 2), radius r, top < x < bottom) as the infinite cylinder cut by a slab."""
+    o2, d2 = o[:, None, 1:] - yz[None], d[:, None, 1:]
+    a = np.maximum((d2 ** 2).sum(-1), 1e-300)
+    b, q = (o2 * d2).sum(-1), (o2 ** 2).sum(-1) - r[None] ** 2
+    disc = b * b - a * q
+    root = np.sqrt(np.maximum(disc, 0))
+    t_in, t_out = np.where(disc < 0, np.inf, (-b - root) / a), np.where(disc < 0, -np.inf, (-b + root) / a)
+    lo = np.stack([top, yz[:, 0] - r, yz[:, 1] - r], 1)
+    hi = np.stack([bottom, yz[:, 0] + r, yz[:, 1] + r], 1)
+    s_in, s_out = _box_interval(o, d, lo, hi)
+    return np.maximum(t_in, s_in), np.minimum(t_out, s_out)
+
+
+def _shapes(summary: dict) -> dict:
+    trees = summary["trees"]
+    return {
+        "box_lo": np.array([b["min"] for b in summary["buildings"]]),
+        "box_hi": np.array([b["max"] for b in summary["buildings"]]),
+        "canopy_c": np.array([t["canopy"]["center"] for t in trees]),
+        "canopy_r": np.array([t["canopy"]["radius"] for t in trees]),
+        "trunk_yz": np.array([t["trunk"]["top"][1:] for t in trees]),
+        "trunk_r": np.array([t["trunk"]["radius"] for t in trees]),
+        "trunk_top": np.array([t["trunk"]["top"][0] for t in trees]),
+        "trunk_bottom": np.array([t["trunk"]["bottom"][0] for t in trees]),
+        "ground_lo": np.array(summary["ground"]["min"]), "ground_hi": np.array(summary["ground"]["max"]),
+    }
+
+
+def _robust_first_hit(o: np.ndarray, d: np.ndarray, s: dict, tol: float) -> np.ndarray:
+    """Distance (N,) to the first shape each ray passes through by more than `tol` (grazes are ambiguous)."""
+    g_lo, g_hi = s["ground_lo"], s["ground_hi"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (g_lo[0] - o[:, 0]) / d[:, 0]
+    p = o + t[:, None] * d
+    inside = ((p[:, 1:] > g_lo[1:] + tol) & (p[:, 1:] < g_hi[1:] - tol)).all(-1)
+    best = np.where((d[:, 0] > 0) & (t > 0) & inside, t, np.inf)
+    for t_in, t_out in (_box_interval(o, d, s["box_lo"], s["box_hi"]),
+                        _sphere_interval(o, d, s["canopy_c"], s["canopy_r"]),
+                        _cylinder_interval(o, d, s["trunk_yz"], s["trunk_r"], s["trunk_top"], s["trunk_bottom"])):
+        entered = (t_in > 0) & (t_out - t_in > tol)
+        best = np.minimum(best, np.where(entered, t_in, np.inf).min(-1, initial=np.inf))
+    return best
+
+
+def _on_a_surface(p: np.ndarray, s: dict, tol: float) -> np.ndarray:
+    """Whether each point (N, 3) lies on the ground square, a box face, a canopy or a trunk, within `tol`."""
+    g_lo, g_hi = s["ground_lo"], s["ground_hi"]
+    on = (np.abs(p[:, 0] - g_lo[0]) < tol) & ((p[:, 1:] > g_lo[1:] - tol) & (p[:, 1:] < g_hi[1:] + tol)).all(-1)
+    q = p[:, None]
+    in_box = ((q > s["box_lo"] - tol) & (q < s["box_hi"] + tol)).all(-1)
+    near_face = np.minimum(np.abs(q - s["box_lo"]), np.abs(q - s["box_hi"])).min(-1) < tol
+    on |= (in_box & near_face).any(-1)
+    on |= (np.abs(np.linalg.norm(q - s["canopy_c"], axis=-1) - s["canopy_r"]) < tol).any(-1)
+    radial = np.linalg.norm(q[..., 1:] - s["trunk_yz"], axis=-1)
+    height_ok = (q[..., 0] > s["trunk_top"] - tol) & (q[..., 0] < s["trunk_bottom"] + tol)
+    side = (np.abs(radial - s["trunk_r"]) < tol) & height_ok
+    cap = (np.abs(q[..., 0] - s["trunk_top"]) < tol) & (radial < s["trunk_r"] + tol)
+    return on | (side | cap).any(-1)
+
+
+def _inside_a_shape(p: np.ndarray, s: dict) -> np.ndarray:
+    """Whether each point (N, 3) lies strictly inside a box, canopy or trunk, or under the ground square."""
+    q = p[:, None]
+    under = (p[:, 0] > s["ground_lo"][0]) & ((p[:, 1:] > s["ground_lo"][1:]) & (p[:, 1:] < s["ground_hi"][1:])).all(-1)
+    box = ((q > s["box_lo"]) & (q < s["box_hi"])).all(-1).any(-1)
+    canopy = (np.linalg.norm(q - s["canopy_c"], axis=-1) < s["canopy_r"]).any(-1)
+    trunk = ((np.linalg.norm(q[..., 1:] - s["trunk_yz"], axis=-1) < s["trunk_r"])
+             & (q[..., 0] > s["trunk_top"]) & (q[..., 0] < s["trunk_bottom"])).any(-1)
+    return under | box | canopy | trunk
+
+
+def _camera_rays(m: ImageMetadata) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major rays of an image from its metadata, by DESIGN.md's convention, in float64."""
+    fx, fy, cx, cy = m.intrinsics.double().numpy()
+    j, i = np.mgrid[0:m.H, 0:m.W]
+    d = np.stack([(i + 0.5 - cx) / fx, -(j + 0.5 - cy) / fy, -np.ones(i.shape)], -1).reshape(-1, 3)
+    c2w = m.c2w.double().numpy()
+    d = (d / np.linalg.norm(d, axis=-1, keepdims=True)) @ c2w[:, :3].T
+    return np.broadcast_to(c2w[:, 3], d.shape), d
+
+
+def _depth(root: Path, m: ImageMetadata) -> np.ndarray:
+    return np.load(root / "depth" / m.split / f"{m.name}.npy")
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---- determinism and layout ---------------------------------------------------------------------------------
+def test_same_seed_gives_identical_files_and_another_seed_another_city(tiny_city: Path, tmp_path: Path) -> None:
+    generate_city(tmp_path / "again", "tiny", seed=0, device="cpu", progress=False)
+    first, again = _files(tiny_city), _files(tmp_path / "again")
+    assert first.keys() == again.keys()
+    for name, data in first.items():  # config.yaml names its own directory
+        expected = data.replace(str(tiny_city).encode(), str(tmp_path / "again").encode())
+        assert again[name] == expected, name
+    other = generate_city(tmp_path / "other", "tiny", seed=1, device="cpu", write_depth=False, progress=False)
+    assert other["buildings"] != json.loads(first["scene.json"])["buildings"]
+    assert (tmp_path / "other/train/rgbs/000000.png").read_bytes() != first["train/rgbs/000000.png"]
+    assert not (tmp_path / "other" / "depth").exists()
+
+
+def test_dataset_loads_with_counts_sizes_intrinsics_and_files(tiny_city: Path, tiny_city_summary: dict) -> None:
+    preset = PRESETS["tiny"]
+    dataset = load_dataset(tiny_city)
+    val_every = preset.val_every
+    assert (len(dataset.train), len(dataset.val)) == (32, 8)
+    assert (tiny_city_summary["train_images"], tiny_city_summary["val_images"]) == (32, 8)
+    assert [m.index for m in dataset.val] == list(range(val_every - 1, preset.views, val_every))
+    focal = preset.W / 2 / math.tan(math.radians(preset.fov_deg) / 2)
+    for m in dataset.images:
+        assert (m.W, m.H) == (64, 48) and m.load_rgb().shape == (48, 64, 3)
+        assert torch.allclose(m.intrinsics, torch.tensor([focal, focal, 32.0, 24.0]))
+        depth = _depth(tiny_city, m)
+        assert depth.dtype == np.float32 and depth.shape == (48, 64)
+    assert (tiny_city / "overview.png").is_file()
+    assert tiny_city_summary["blocks"] == [2, 2] and tiny_city_summary["num_buildings"] >= 5
+
+
+def test_survey_flies_level_above_the_city_looking_down(tiny_city: Path, tiny_city_summary: dict) -> None:
+    dataset = load_dataset(tiny_city)
+    c2w = torch.stack([m.c2w for m in dataset.images]).double()
+    centres, rot = c2w[:, :, 3], c2w[:, :, :3]
+    assert torch.allclose(torch.linalg.det(rot), torch.ones(len(rot), dtype=rot.dtype), atol=1e-5)
+    assert torch.allclose(centres.mean(0), torch.zeros(3, dtype=rot.dtype), atol=1e-6)  # origin_drb is their centre
+    assert centres.abs().max() <= 1 and np.abs(np.array([b["max"] for b in tiny_city_summary["buildings"]])).max() <= 1
+    assert torch.allclose(centres[:, 0], centres[0, 0])  # one altitude ...
+    tallest = min(b["min"][0] for b in tiny_city_summary["buildings"])
+    assert centres[0, 0] < tallest  # ... above every roof (x points down)
+    pitch = torch.rad2deg(torch.asin(-rot[:, 0, 2]))  # forward = -back; its down component
+    assert pitch.min() >= 30 - 1e-3 and pitch.max() <= 60 + 1e-3 and pitch.std() > 3
+    assert rot[:, 0, 0].abs().max() < 1e-5  # no roll: the right axis stays horizontal
+
+
+def test_config_file_parses_with_our_options(tiny_city: Path, tiny_city_summary: dict) -> None:
+    args = base_parser("test").parse_args(["--config_file", str(tiny_city / "config.yaml")])
+    assert Path(args.dataset_path) == tiny_city
+    assert args.ray_altitude_range == tiny_city_summary["ray_altitude_range"]
+    top, ground = scene_bounds(args, load_dataset(tiny_city).coordinates)[2]
+    tallest = min(b["min"][0] for b in tiny_city_summary["buildings"])
+    assert top < tallest and ground > tiny_city_summary["ground"]["min"][0]
+
+
+def test_refuses_to_overwrite_a_dataset(tiny_city: Path, tmp_path: Path) -> None:
+    main = runpy.run_path(str(SCRIPT))["main"]
+    with pytest.raises(UserError, match="already holds a dataset"):
+        main(["--preset", "tiny", "--output", str(tiny_city)])
+    (tmp_path / "train").mkdir()  # someone else's data
+    with pytest.raises(UserError, match="train not written by generate_city"):
+        generate_city(tmp_path, "tiny", device="cpu", progress=False)
+    assert (tmp_path / "train").is_dir()
+
+
+# ---- geometry: depth and the caster against the independent one --------------------------------------------
+def test_depth_is_the_first_hit_of_each_ray(tiny_city: Path, tiny_city_summary: dict) -> None:
+    shapes = _shapes(tiny_city_summary)
+    dataset = load_dataset(tiny_city)
+    exact = total = 0
+    for m in dataset.images[::3]:
+        o, d = _camera_rays(m)
+        depth = _depth(tiny_city, m).reshape(-1).astype(np.float64)
+        expected = _robust_first_hit(o, d, shapes, TOL)
+        sky = np.isinf(depth)
+        assert np.isinf(expected[sky]).all(), f"{m.name}: a sky pixel's ray hits a shape"
+        assert (expected[~sky] > depth[~sky] - TOL).all(), f"{m.name}: a shape lies before the recorded depth"
+        assert _on_a_surface(o[~sky] + depth[~sky, None] * d[~sky], shapes, TOL).all(), m.name
+        exact += int((np.abs(expected[~sky] - depth[~sky]) < TOL).sum() + sky.sum())
+        total += depth.size
+    assert exact >= 0.999 * total
+
+
+def _city_shapes(city: City) -> dict:
+    """A city's shapes in metres, in the form the caster above takes."""
+    def np64(t: torch.Tensor) -> np.ndarray:
+        return t.double().numpy()
+
+    return {"box_lo": np64(city.box_lo), "box_hi": np64(city.box_hi), "canopy_c": np64(city.canopy_center),
+            "canopy_r": np64(city.canopy_radius), "trunk_yz": np64(city.tree_yz), "trunk_r": np64(city.trunk_radius),
+            "trunk_top": np64(city.trunk_top), "trunk_bottom": np.zeros(len(city.trunk_top)),
+            "ground_lo": np.array([0.0, -city.ground_half, -city.ground_half]),
+            "ground_hi": np.array([0.0, city.ground_half, city.ground_half])}
+
+
+def test_caster_matches_brute_force_on_random_rays() -> None:
+    """Random rays from inside the building layer and above it, in every direction (horizontal and upward
+    ones too), with a small budget so that candidate culling runs in many groups."""
+    city = build_city(PRESETS["small"], np.random.default_rng(3))
+    shapes = _city_shapes(city)
+    rng = np.random.default_rng(0)
+    n = 20000
+    o = np.stack([rng.uniform(-50, -0.5, n), *rng.uniform(-city.extent, city.extent, (2, n))], 1)
+    d = rng.normal(size=(n, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    o, d = o[~_inside_a_shape(o, shapes)], d[~_inside_a_shape(o, shapes)]
+    hit = first_hit(city, torch.from_numpy(o).float(), torch.from_numpy(d).float(), budget=4096)
+    t = hit.t.double().numpy()
+    tol = 1e-3  # metres
+    expected = _robust_first_hit(o, d, shapes, tol)
+    missed = np.isinf(t)
+    assert np.isinf(expected[missed]).all() and (expected[~missed] > t[~missed] - tol).all()
+    assert _on_a_surface(o[~missed] + t[~missed, None] * d[~missed], shapes, tol).all()
+    assert (np.abs(expected[~missed] - t[~missed]) < tol).mean() > 0.999 and (~missed).mean() > 0.3
+    p, n = o[~missed] + t[~missed, None] * d[~missed], hit.normal.double().numpy()[~missed]
+    assert np.allclose(np.linalg.norm(n, axis=1), 1, atol=1e-4)
+    outward = _inside_a_shape(p - 0.01 * n, shapes) & ~_inside_a_shape(p + 0.01 * n, shapes)
+    assert outward.mean() > 0.999
+
+
+def test_ground_light_is_lambert_with_hard_shadows() -> None:
+    """Ground points seen from straight above: colour / albedo is the ambient light plus, where a float64
+    shadow ray towards the sun reaches the sky, the sun's light times cos(normal, sun)."""
+    city = build_city(PRESETS["small"], np.random.default_rng(5))
+    shapes = _city_shapes(city)
+    rng = np.random.default_rng(1)
+    p = np.stack([np.zeros(4000), *rng.uniform(-city.extent, city.extent, (2, 4000))], 1)
+    o = torch.from_numpy(p - [city.max_height + 10, 0, 0]).float()
+    d = torch.tensor([[1.0, 0.0, 0.0]]).expand_as(o)
+    rgb, t = render(city, o, d, budget=1 << 16)
+    hit = first_hit(city, o, d, budget=1 << 16)
+    ground = (hit.material == GROUND).numpy()
+    ratio = (rgb / albedo(city, hit, o + t.unsqueeze(-1) * d))[ground].double().numpy()
+    sun = city.sun.double().numpy()
+    lit = np.isinf(_robust_first_hit(p[ground] - [0.01, 0, 0], np.broadcast_to(sun, p[ground].shape), shapes, 1e-3))
+    expected = np.array(AMBIENT) + np.outer(lit * -sun[0], SUN_LIGHT)
+    assert 0.2 < lit.mean() < 0.95  # both kinds of points are there
+    assert (np.abs(ratio - expected).max(1) < 1e-4).mean() > 0.995  # a few may sit on a shadow's edge
+
+
+# ---- colours ------------------------------------------------------------------------------------------------
+def _pixels(m: ImageMetadata) -> np.ndarray:
+    return m.load_rgb().numpy().reshape(-1, 3).astype(np.float64)
+
+
+def test_roofs_look_unlike_the_sky(tiny_city: Path, tiny_city_summary: dict) -> None:
+    shapes = _shapes(tiny_city_summary)
+    margin = 1.5 / tiny_city_summary["pose_scale_factor"]  # 1.5 m inside the edges, clear of the parapet
+    roof, sky = [], []
+    for m in load_dataset(tiny_city).images:
+        o, d = _camera_rays(m)
+        depth = _depth(tiny_city, m).reshape(-1).astype(np.float64)
+        p = o + np.nan_to_num(depth, posinf=0)[:, None] * d
+        on_roof = ((np.abs(p[:, None, 0] - shapes["box_lo"][:, 0]) < TOL)
+                   & (p[:, None, 1:] > shapes["box_lo"][:, 1:] + margin).all(-1)
+                   & (p[:, None, 1:] < shapes["box_hi"][:, 1:] - margin).all(-1)).any(-1)
+        roof.append(_pixels(m)[on_roof])
+        sky.append(_pixels(m)[np.isinf(depth)])
+    roof, sky = np.concatenate(roof), np.concatenate(sky)
+    assert len(roof) > 100 and len(sky) > 100
+    assert np.linalg.norm(roof.mean(0) - sky.mean(0)) > 40
+    assert (sky[:, 2] - sky[:, 0]).mean() > (roof[:, 2] - roof[:, 0]).mean() + 10  # the sky is the bluer
+
+
+def test_sky_is_a_gradient_by_direction(tiny_city: Path) -> None:
+    checked = 0
+    for m in load_dataset(tiny_city).images:
+        sky = np.isinf(_depth(tiny_city, m).reshape(-1))
+        if sky.sum() < 50:
+            continue
+        _, d = _camera_rays(m)
+        rgb = _pixels(m)[sky]
+        luma = rgb @ np.array([0.299, 0.587, 0.114])
+        assert rgb[:, 2].mean() > rgb[:, 0].mean()
+        assert np.corrcoef(-d[sky, 0], luma)[0, 1] > 0.9  # brighter towards the horizon (nan if flat)
+        checked += 1
+    assert checked >= 5
+
+
+def test_appearance_drifts_smoothly_along_the_path(tiny_city_summary: dict) -> None:
+    views = tiny_city_summary["appearance"]
+    assert [v["name"] for v in views] == sorted(v["name"] for v in views)
+    exposure = np.array([v["exposure"] for v in views])
+    gains = np.array([v["white_balance"] for v in views])
+    for factor in (exposure[:, None], gains):
+        span = factor.max(0) - factor.min(0)
+        assert (span > 0.05).all()
+        assert (np.abs(np.diff(factor, axis=0)).mean(0) < 0.25 * span).all()  # neighbours look alike
