@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --output demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check mega_nerf scripts tests bench
 	$(PY) -m pytest tests
 
 lint: $(STAMP)

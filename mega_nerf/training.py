@@ -78,7 +78,8 @@ def field_config(args: Any, box: tuple[torch.Tensor, torch.Tensor], n_images: in
     if args.appearance_dim is not None:
         cfg["appearance_dim"] = args.appearance_dim
     if args.field == "hash":
-        cfg.update(n_levels=args.hash_levels, log2_table_size=args.log2_hashmap_size, max_resolution=args.max_resolution,
+        cfg.update(n_levels=args.hash_levels, log2_table_size=args.log2_hashmap_size,
+                   max_resolution=args.max_resolution,
                    occupancy_resolution=args.occupancy_resolution)
     return cfg
 

@@ -56,7 +56,8 @@ def main() -> None:
     if not merged.exists():
         run([py, "scripts/make_parscript.py", "--cells", str(GRID[0] * GRID[1]), "--output", str(jobs)])
         env = dict(os.environ, CONFIG_FILE=config, EXP_PREFIX=str(out / "exp-"), DATASET_PATH=str(data),
-                   CHUNK_PREFIX=str(out / "chunks-"), MASK_PATH=str(masks), TRAIN_ARGS=train_args(args.iterations, cuda),
+                   CHUNK_PREFIX=str(out / "chunks-"), MASK_PATH=str(masks),
+                   TRAIN_ARGS=train_args(args.iterations, cuda),
                    PATH=f"{Path(py).parent}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
         workers = max(1, torch.cuda.device_count()) if cuda else 2
         run([py, "-m", "parscript.dispatcher", str(jobs), "-r"], env)

@@ -14,7 +14,8 @@ HASH_PRIMES = (1, 2654435761, 805459861)
 
 
 def positional_encoding(x: torch.Tensor, n_frequencies: int) -> torch.Tensor:
-    """NeRF's encoding (Mildenhall et al. 2020, eq. 4): [x, sin(2^k x), cos(2^k x) for k < n]. (N, D) -> (N, D(1+2n))."""
+    """NeRF's encoding (Mildenhall et al. 2020, eq. 4): [x, sin(2^k x), cos(2^k x) for k < n].
+    (N, D) -> (N, D (1 + 2n))."""
     freqs = 2.0 ** torch.arange(n_frequencies, device=x.device, dtype=x.dtype)
     scaled = (x.unsqueeze(-1) * freqs).flatten(-2)  # (N, D * n), grouped by input dimension
     return torch.cat([x, torch.sin(scaled), torch.cos(scaled)], -1)
