@@ -30,7 +30,7 @@ from mega_nerf.training import Trainer, train_parser  # noqa: E402
 
 SETTINGS = {  # Mega-NeRF's reference settings for mlp; ours for hash
     "mlp": ["--field", "mlp", "--batch_size", "1024", "--train_iterations", "500000"],
-    "hash": ["--field", "hash", "--batch_size", "65536", "--train_iterations", "20000"],
+    "hash": ["--field", "hash", "--batch_size", "16384", "--train_iterations", "20000"],
 }
 
 

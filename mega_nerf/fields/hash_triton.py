@@ -42,7 +42,8 @@ if triton is not None:
         x = tl.minimum(tl.maximum(tl.load(x_ptr + n * 3 + 0, mask=mask, other=0.0), 0.0), 1.0)
         y = tl.minimum(tl.maximum(tl.load(x_ptr + n * 3 + 1, mask=mask, other=0.0), 0.0), 1.0)
         z = tl.minimum(tl.maximum(tl.load(x_ptr + n * 3 + 2, mask=mask, other=0.0), 0.0), 1.0)
-        sx, sy, sz = x * res, y * res, z * res
+        resf = res.to(tl.float32)  # float32 scaling, exactly as the reference computes it
+        sx, sy, sz = x * resf, y * resf, z * resf
         bx = tl.minimum(tl.floor(sx).to(tl.int64), res - 1)
         by = tl.minimum(tl.floor(sy).to(tl.int64), res - 1)
         bz = tl.minimum(tl.floor(sz).to(tl.int64), res - 1)
