@@ -1,0 +1,218 @@
+"""Camera paths for new views, rendered through a container to PNG frames and an MP4.
+
+A path is either key poses from a text file, interpolated (centres linearly, rotations by spherical linear
+interpolation, intrinsics linearly), or, without a file, an orbit over the scene: a circle at the cameras' mean
+altitude around the centre of their horizontal extent, with a radius of their mean horizontal distance from it,
+always looking at the scene centre on the ground (the ground plane of the altitude range; without one, 45
+degrees down).
+
+The pose file format is POSE_FILE_FORMAT below (also printed by scripts/render_images.py --help).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import configargparse
+import cv2
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation, Slerp
+from tqdm import tqdm
+
+from mega_nerf.container import Container, ContainerInfo, load_container
+from mega_nerf.data.dataset import Dataset
+from mega_nerf.errors import UserError
+from mega_nerf.evaluation import load_checked_dataset
+from mega_nerf.opts import base_parser, require
+from mega_nerf.rays import image_rays, near_far
+from mega_nerf.render import render_in_chunks
+from mega_nerf.validation import to_uint8, write_rgb
+
+POSE_FILE_FORMAT = """\
+pose file (--path): one key pose per line; blank lines and lines starting with # are ignored. A line holds
+    r00 r01 r02 t0  r10 r11 r12 t1  r20 r21 r22 t2  [fx fy cx cy W H]  [appearance]
+that is 12, 13, 18 or 19 numbers: the 3x4 camera-to-world matrix row by row, in the dataset's normalised DRB
+frame (x down, y right, z back; columns = the camera's right, up and back axes and its centre, as in the
+dataset's metadata/*.pt), then optionally the intrinsics in pixels and the image size, then optionally an
+appearance index (a dataset image, train and val counted together sorted by name, whose appearance
+embedding to use). Give intrinsics on every line or on none; without them the dataset's first image's are
+used. Without an appearance index a frame uses that of the dataset camera nearest its centre. Frames are
+spread evenly over the key poses (first and last included): centres and intrinsics linearly, rotations by
+spherical linear interpolation. Without --path the camera orbits the scene."""
+WORLD_UP = np.array([-1.0, 0.0, 0.0])  # altitude grows with -x (DRB)
+LINE_LENGTHS = (12, 13, 18, 19)
+
+
+@dataclass
+class Pose:
+    """One camera of a path. intrinsics/size/appearance None: filled in later from the dataset."""
+
+    c2w: np.ndarray  # (3, 4) float64
+    intrinsics: np.ndarray | None = None  # (4,) fx, fy, cx, cy
+    size: tuple[int, int] | None = None  # (W, H)
+    appearance: int | None = None
+
+
+def read_pose_file(path: Path, n_images: int) -> list[Pose]:
+    """Key poses of a pose file (format in the module docstring); one-line errors naming file and line."""
+    if not path.is_file():
+        raise UserError(f"{path}: pose file not found")
+    poses = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            values = [float(v) for v in text.split()]
+        except ValueError:
+            raise UserError(f"{path}:{number}: not a list of numbers") from None
+        if len(values) not in LINE_LENGTHS or not all(math.isfinite(v) for v in values):
+            raise UserError(f"{path}:{number}: expected 12, 13, 18 or 19 finite numbers (c2w row by row, "
+                            f"[fx fy cx cy W H], [appearance]), got {len(values)}")
+        c2w = np.array(values[:12]).reshape(3, 4)
+        if np.abs(c2w[:, :3].T @ c2w[:, :3] - np.eye(3)).max() > 1e-2 or np.linalg.det(c2w[:, :3]) < 0:
+            raise UserError(f"{path}:{number}: the rotation part of c2w is not a rotation")
+        pose = Pose(c2w)
+        if len(values) >= 18:
+            pose.intrinsics, pose.size = np.array(values[12:16]), (int(values[16]), int(values[17]))
+            if min(pose.size) < 1 or min(pose.intrinsics[:2]) <= 0:
+                raise UserError(f"{path}:{number}: focal lengths and image size must be positive")
+        if len(values) in (13, 19):
+            pose.appearance = int(values[-1])
+            if values[-1] != pose.appearance or not 0 <= pose.appearance < n_images:
+                raise UserError(f"{path}:{number}: appearance index {values[-1]:g} is not an image index "
+                                f"(0 to {n_images - 1})")
+        poses.append(pose)
+    if not poses:
+        raise UserError(f"{path}: holds no pose")
+    if len({p.intrinsics is None for p in poses}) > 1:
+        raise UserError(f"{path}: give intrinsics (fx fy cx cy W H) on every line or on none")
+    return poses
+
+
+def interpolate(keys: list[Pose], frames: int) -> list[Pose]:
+    """`frames` poses spread evenly over the key poses, first and last included. Centres and intrinsics
+    linearly, rotations by slerp; each frame keeps the appearance index of the nearest key."""
+    if len(keys) == 1:
+        return [replace(keys[0]) for _ in range(frames)]
+    s = np.linspace(0.0, len(keys) - 1, frames)
+    i = np.minimum(np.floor(s).astype(int), len(keys) - 2)
+    t = (s - i)[:, None]
+    rotations = Slerp(np.arange(len(keys)), Rotation.from_matrix([k.c2w[:, :3] for k in keys]))(s).as_matrix()
+    centres = np.stack([k.c2w[:, 3] for k in keys])
+    out = []
+    for f in range(frames):
+        a, b = keys[i[f]], keys[i[f] + 1]
+        centre = (1 - t[f]) * centres[i[f]] + t[f] * centres[i[f] + 1]
+        intrinsics = None if a.intrinsics is None else (1 - t[f]) * a.intrinsics + t[f] * b.intrinsics
+        nearest = keys[int(round(s[f]))]
+        out.append(Pose(np.concatenate([rotations[f], centre[:, None]], 1), intrinsics, a.size,
+                        nearest.appearance))
+    return out
+
+
+def look_at(position: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(3, 3) rotation, columns right, up, back, of a camera at `position` looking at `target`, no roll."""
+    forward = (target - position) / np.linalg.norm(target - position)
+    right = np.cross(forward, WORLD_UP)
+    right /= np.linalg.norm(right)
+    return np.stack([right, np.cross(right, forward), -forward], 1)
+
+
+def orbit(dataset: Dataset, frames: int, altitude_range: tuple[float, float] | None) -> list[Pose]:
+    """A circle over the scene (see the module docstring), `frames` poses, not repeating the first."""
+    positions = torch.stack([m.c2w[:, 3] for m in dataset.images]).double().numpy()
+    centre = (positions.min(0) + positions.max(0)) / 2
+    radius = max(float(np.linalg.norm(positions[:, 1:] - centre[1:], axis=1).mean()), 1e-3)
+    altitude = float(positions[:, 0].mean())
+    ground = altitude_range[1] if altitude_range is not None else altitude + radius
+    target = np.array([max(ground, altitude + 1e-3), centre[1], centre[2]])
+    poses = []
+    for angle in np.linspace(0, 2 * np.pi, frames, endpoint=False):
+        position = np.array([altitude, centre[1] + radius * np.cos(angle), centre[2] + radius * np.sin(angle)])
+        poses.append(Pose(np.concatenate([look_at(position, target), position[:, None]], 1)))
+    return poses
+
+
+def complete(poses: list[Pose], dataset: Dataset, height: int | None) -> list[Pose]:
+    """Fill in missing intrinsics (the dataset's first image's) and appearance (the nearest camera's), and
+    scale every frame to `height` pixels (None: keep). All frames must share one size (one video)."""
+    first = dataset.images[0]
+    cameras = torch.stack([m.c2w[:, 3] for m in dataset.images]).double().numpy()
+    out = []
+    for pose in poses:
+        intrinsics = first.intrinsics.double().numpy() if pose.intrinsics is None else pose.intrinsics
+        W, H = (first.W, first.H) if pose.size is None else pose.size
+        scale = 1.0 if height is None else height / H
+        appearance = pose.appearance
+        if appearance is None:
+            appearance = int(np.argmin(np.linalg.norm(cameras - pose.c2w[:, 3], axis=1)))
+        out.append(Pose(pose.c2w, intrinsics * scale, (round(W * scale), round(H * scale)), appearance))
+    sizes = {p.size for p in out}
+    if len(sizes) > 1:
+        raise UserError(f"the poses have several image sizes {sorted(sizes)}; one video needs one (use --height "
+                        "or give every pose the same W H)")
+    return out
+
+
+def render_frame(container: Container, info: ContainerInfo, pose: Pose, device: torch.device,
+                 chunk: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of one pose."""
+    W, H = pose.size
+    c2w = torch.as_tensor(pose.c2w, dtype=torch.float32, device=device)
+    intrinsics = torch.as_tensor(pose.intrinsics, dtype=torch.float32, device=device)
+    origins, dirs = image_rays(c2w, intrinsics, W, H)
+    near, far = near_far(origins, dirs, info.near, info.far, info.altitude_range)
+    appearance = torch.full((origins.shape[0],), pose.appearance, device=device)
+    out = render_in_chunks(container, origins, dirs, near, far, appearance, info.render, chunk)
+    return to_uint8(out["rgb"].view(H, W, 3))
+
+
+def render_parser() -> configargparse.ArgParser:
+    p = base_parser("Render new views through a container along a camera path, to PNG frames and an MP4. Rays use "
+                    "the near/far/altitude range stored in the container.")
+    p.epilog, p.formatter_class = POSE_FILE_FORMAT, argparse.RawDescriptionHelpFormatter
+    p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
+    p.add_argument("--output", type=str, help="directory for frames/<00000>.png and video.mp4")
+    p.add_argument("--path", type=str, default=None, help="pose file (format below); default: an orbit")
+    p.add_argument("--frames", type=int, default=120, help="frames in the video, spread over the path")
+    p.add_argument("--height", type=int, default=None, help="frame height in pixels (default: the poses')")
+    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--train_scale_factor", type=int, default=1,
+                   help="the scale the submodules were trained at (to check the container's dataset)")
+    p.add_argument("--ray_chunk", type=int, default=8192, help="rays rendered at once (bounds memory)")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def render_images(args: configargparse.Namespace) -> Path:
+    """Render the path to `<output>/frames/` and `<output>/video.mp4`. Returns the video's path."""
+    for option in ("container_path", "dataset_path", "output"):
+        require(getattr(args, option), option)
+    if args.frames < 1 or (args.height is not None and args.height < 1) or args.ray_chunk < 1:
+        raise UserError("--frames, --height and --ray_chunk must be positive")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    container, info = load_container(args.container_path, device)
+    dataset = load_checked_dataset(info, args.dataset_path, args.train_scale_factor, 1)
+    if args.path is not None:
+        poses = interpolate(read_pose_file(Path(args.path), len(dataset.images)), args.frames)
+    else:
+        poses = orbit(dataset, args.frames, info.altitude_range)
+    poses = complete(poses, dataset, args.height)
+    output = Path(args.output)
+    video_path = output / "video.mp4"
+    output.mkdir(parents=True, exist_ok=True)
+    video = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), args.fps, poses[0].size)
+    if not video.isOpened():
+        raise UserError(f"{video_path}: cannot write an MP4 here (OpenCV without an mp4v encoder?)")
+    with torch.no_grad():
+        for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=args.no_progress)):
+            rgb = render_frame(container, info, pose, device, args.ray_chunk)
+            write_rgb(output / "frames" / f"{f:05d}.png", rgb)
+            video.write(np.ascontiguousarray(rgb[:, :, ::-1]))
+    video.release()
+    print(f"wrote {len(poses)} frames to {output / 'frames'} and {video_path}")
+    return video_path

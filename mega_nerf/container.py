@@ -1,0 +1,196 @@
+"""The merged model: every cell's submodule behind one `Field`, each sample point routed to the cells near it.
+
+Routing (DESIGN.md, The container): a point goes to every cell whose centroid lies within `boundary_margin`
+times the distance to its nearest centroid (`partition.cell_membership`, horizontal only with `cluster_2d`),
+the rule that gave each submodule its training rays. Density and colour are blended with inverse-distance
+weights normalised to sum to 1. Mega-NeRF's weights jump from 1/d to 0 where a cell stops being a member; ours
+taper linearly to zero at that edge (`blend_weights`), so a point moving across it sees a continuous blend. A
+point with a single member gets that submodule's output exactly (its weight is exactly 1). Cells without rays
+(empty) are left out: their points route among the rest. A margin of 1 routes to the nearest cell only.
+
+The container file (`merged.pt`, written by `mega_nerf.merge`; loads with torch.load(weights_only=True)):
+    version, kind = "container"
+    centroids (K, 3) float32, boundary_margin, cluster_2d      the partition (from masks/params.pt)
+    render {samples, fine_samples}, scene {near, far, altitude_range}   as trained, normalised units
+    dataset (fingerprint of the training dataset), n_images
+    submodules: K entries, None for an empty or missing cell, else {field_config, model, step}
+The models are inference-only state dicts: hash tables in float16 (where finite), no occupancy running
+density (only the mask is needed to skip empty space).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mega_nerf.checkpoint import save_atomic
+from mega_nerf.errors import UserError
+from mega_nerf.fields import build_field
+from mega_nerf.fields.base import Field
+from mega_nerf.partition import cell_membership, centroid_distances
+from mega_nerf.render import RenderConfig
+
+VERSION = 1
+KIND = "container"
+HALF_SUFFIXES = ("grid.table",)  # hash tables: most of a hash field's bytes, and tolerant of float16
+TRAINING_ONLY = ("occupancy.density",)  # the occupancy grid's running maximum: only updates need it
+_TINY = 1e-12  # distances below this count as zero (a point on a centroid)
+
+
+def blend_weights(points: torch.Tensor, centroids: torch.Tensor, boundary_margin: float,
+                  cluster_2d: bool) -> torch.Tensor:
+    """(N, K) weights of each point's cells, each row summing to 1.
+
+    Member cells (`cell_membership`) get 1 / distance, times a taper (m - r) / (m - 1) clamped to [0, 1], where
+    r = distance / nearest distance and m = boundary_margin: 1 for the nearest cell, 0 where membership ends.
+    points: (N, 3); centroids: (K, 3).
+    """
+    member = cell_membership(points, centroids, boundary_margin, cluster_2d)
+    dist = centroid_distances(points, centroids, cluster_2d)
+    ratio = dist / dist.min(1, keepdim=True).values.clamp_min(_TINY)
+    if boundary_margin > 1:
+        taper = ((boundary_margin - ratio) / (boundary_margin - 1)).clamp(0, 1)
+    else:
+        taper = torch.ones_like(ratio)
+    weights = torch.where(member, taper / dist.clamp_min(_TINY), torch.zeros_like(dist))
+    return weights / weights.sum(1, keepdim=True)
+
+
+class Container(Field):
+    """The submodules of a partition as one field. `submodules[k]` belongs to centroid k (None: empty cell)."""
+
+    def __init__(self, centroids: torch.Tensor, submodules: list[Field | None], boundary_margin: float,
+                 cluster_2d: bool) -> None:
+        super().__init__()
+        assert len(submodules) == centroids.shape[0], "one submodule (or None) per centroid"
+        self.cells = [k for k, field in enumerate(submodules) if field is not None]
+        assert self.cells, "a container needs at least one non-empty submodule"
+        self.register_buffer("centroids", centroids[self.cells].float().clone())
+        self.submodules = nn.ModuleList(submodules[k] for k in self.cells)
+        self.boundary_margin, self.cluster_2d = float(boundary_margin), bool(cluster_2d)
+
+    def weights(self, positions: torch.Tensor) -> torch.Tensor:
+        """(N, 3) -> (N, S) blend weights over the non-empty submodules (S = len(self.cells))."""
+        return blend_weights(positions, self.centroids, self.boundary_margin, self.cluster_2d)
+
+    def routes(self, positions: torch.Tensor) -> list[tuple[Field, torch.Tensor, torch.Tensor]]:
+        """Per non-empty submodule: (field, indices (M,) of the points it sees, their weights (M,))."""
+        weights = self.weights(positions)
+        out = []
+        for s, field in enumerate(self.submodules):
+            index = weights[:, s].nonzero()[:, 0]
+            if index.numel():
+                out.append((field, index, weights[index, s]))
+        return out
+
+    def forward(self, positions: torch.Tensor, directions: torch.Tensor,
+                appearance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blend of the routed submodules, each run once on its points. Each submodule's density counts only
+        where its own occupancy grid says occupied, as when it renders alone."""
+        density = torch.zeros(positions.shape[0], device=positions.device)
+        rgb = torch.zeros(positions.shape[0], 3, device=positions.device)
+        for field, index, w in self.routes(positions):
+            points = positions[index]
+            sigma, color = field(points, directions[index], appearance[index])
+            sigma = sigma.float() * field.occupied(points)
+            density.index_add_(0, index, w * sigma)
+            rgb.index_add_(0, index, w[:, None] * color.float())
+        return density, rgb
+
+    def occupied(self, positions: torch.Tensor) -> torch.Tensor:
+        """(N, 3) -> (N,) bool: occupied in any submodule the point is routed to."""
+        occupied = torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
+        for field, index, _ in self.routes(positions):
+            occupied[index] |= field.occupied(positions[index])
+        return occupied
+
+    def background(self, directions: torch.Tensor, appearance: torch.Tensor) -> torch.Tensor:
+        """The mean of the non-empty submodules' backgrounds, (N, 3). The renderer asks for the background
+        by direction alone (no point to route), and every submodule has learnt the sky it saw."""
+        return torch.stack([field.background(directions, appearance).float() for field in self.submodules]).mean(0)
+
+
+@dataclass
+class ContainerInfo:
+    """What a container file says besides the weights."""
+
+    path: Path
+    render: RenderConfig  # perturb off: evaluation and rendering
+    near: float
+    far: float
+    altitude_range: tuple[float, float] | None
+    dataset: str  # fingerprint of the dataset the submodules were trained on
+    n_images: int
+    cells: list[int]  # the non-empty cells
+    steps: list[int | None]  # training steps per cell, None where empty or missing
+
+
+def inference_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A field's state dict as the container stores it: hash tables in float16 (kept float32 where that
+    would overflow), training-only buffers dropped."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(TRAINING_ONLY):
+            continue
+        if key.endswith(HALF_SUFFIXES) and value.is_floating_point():
+            half = value.half()
+            value = half if torch.isfinite(half).all() else value
+        out[key] = value.detach().cpu().clone()
+    return out
+
+
+def restore_field(config: dict[str, Any], stored: dict[str, torch.Tensor]) -> Field:
+    """Rebuild a field from its config and an `inference_state`; raises KeyError/RuntimeError on mismatch."""
+    field = build_field(config)
+    state = {}
+    for key, own in field.state_dict().items():
+        state[key] = torch.zeros_like(own) if key.endswith(TRAINING_ONLY) else stored[key].to(own.dtype)
+    field.load_state_dict(state)
+    return field
+
+
+def save_container(path: Path, state: dict[str, Any]) -> None:
+    """Write a container file atomically. `state` holds every key of the module docstring but version/kind."""
+    save_atomic({"version": VERSION, "kind": KIND, **state}, path)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: container file not found (made by scripts/merge_submodules.py)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: name it, in one line
+        raise UserError(f"{path}: unreadable or truncated container file ({type(e).__name__})") from None
+    if isinstance(state, dict) and "optimizer" in state:
+        raise UserError(f"{path}: a training checkpoint, not a container (merge with scripts/merge_submodules.py)")
+    if not isinstance(state, dict) or state.get("kind") != KIND or state.get("version") != VERSION:
+        raise UserError(f"{path}: not a container file of this version (expected version {VERSION})")
+    return state
+
+
+def load_container(path: str | Path, device: torch.device | str = "cpu") -> tuple[Container, ContainerInfo]:
+    """Read a container file into an eval-mode `Container` on `device`, with one-line errors for a missing,
+    truncated, foreign or damaged file."""
+    path = Path(path)
+    state = _read(path)
+    fields: list[Field | None] = []
+    for k, entry in enumerate(state["submodules"]):
+        try:
+            fields.append(None if entry is None else restore_field(entry["field_config"], entry["model"]))
+        except (KeyError, RuntimeError, TypeError) as e:
+            raise UserError(f"{path}: submodule {k} does not match its field config ({type(e).__name__})") from None
+    if all(f is None for f in fields):
+        raise UserError(f"{path}: every submodule is empty")
+    container = Container(state["centroids"], fields, state["boundary_margin"], state["cluster_2d"])
+    scene, render = state["scene"], state["render"]
+    altitude = scene["altitude_range"]
+    info = ContainerInfo(
+        path=path, render=RenderConfig(int(render["samples"]), int(render["fine_samples"]), perturb=False),
+        near=float(scene["near"]), far=float(scene["far"]),
+        altitude_range=None if altitude is None else (float(altitude[0]), float(altitude[1])),
+        dataset=state["dataset"], n_images=int(state["n_images"]), cells=container.cells,
+        steps=[None if e is None else int(e["step"]) for e in state["submodules"]])
+    return container.to(device).eval(), info

@@ -1,0 +1,203 @@
+"""Evaluate a container on the val images: render each whole, score its right half, write renders and metrics.
+
+Protocol (Mega-NeRF's, kept for comparable numbers): val images are trained on their left halves, so PSNR,
+SSIM and LPIPS are taken on their right halves only. Every printed table says so.
+
+Outputs under `--exp_name`: rgb/<name>.png, depth/<name>.png (colour-mapped, near bright), compare/<name>.png
+(ground truth | render | depth) and metrics.json (per image, and the mean over images).
+
+Distributed (`python -m torch.distributed.run --nproc_per_node N mega_nerf/eval.py ...`): the val images are
+sharded over ranks, each rank writes its own renders, rank 0 gathers the metrics and writes metrics.json. An
+image is rendered the same way whichever rank gets it (fixed ray chunks, no jitter), so the metrics do not
+depend on the world size. A rank that fails exits with its error and torchrun stops the others; waits
+between ranks end after `--timeout_minutes`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import configargparse
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mega_nerf.container import Container, ContainerInfo, load_container
+from mega_nerf.data.chunks import dataset_fingerprint
+from mega_nerf.data.dataset import Dataset, ImageMetadata, load_dataset
+from mega_nerf.distributed import cleanup, gather_objects, init_distributed, shard
+from mega_nerf.errors import UserError
+from mega_nerf.lpips import LPIPS, load_lpips_nets
+from mega_nerf.metrics import SSIM_WINDOW, image_metrics
+from mega_nerf.opts import base_parser, require
+from mega_nerf.rays import image_rays, near_far
+from mega_nerf.render import render_in_chunks
+from mega_nerf.validation import colorize_depth, to_uint8, write_rgb
+
+PROTOCOL = "metrics on the right half of each val image (its left half was trained on: Mega-NeRF's protocol)"
+METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
+TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metrics.json has them all)
+
+
+def eval_parser() -> configargparse.ArgParser:
+    p = base_parser("Evaluate a merged container on the val images (right halves), optionally distributed. Rays use "
+                    "the near/far/altitude range stored in the container; --near, --far, --ray_altitude_range, "
+                    "--boundary_margin and --cluster_2d are not used.")
+    p.add_argument("--exp_name", type=str, help="output directory (renders and metrics.json)")
+    p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
+    p.add_argument("--val_scale_factor", type=int, default=1, help="downsample val images by this")
+    p.add_argument("--train_scale_factor", type=int, default=1,
+                   help="the scale the submodules were trained at (to check the container's dataset)")
+    p.add_argument("--lpips_weights_dir", type=str, default=None,
+                   help="LPIPS weights (see mega_nerf/lpips.py; default ~/.cache/mega_nerf/lpips); "
+                        "without them LPIPS is reported as null")
+    p.add_argument("--ray_chunk", type=int, default=8192, help="rays rendered at once (bounds memory)")
+    p.add_argument("--timeout_minutes", type=float, default=10,
+                   help="how long a rank waits for the others before the job fails")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+@dataclass
+class EvalJob:
+    container: Container
+    info: ContainerInfo
+    images: list[ImageMetadata]  # the val images, in appearance-index order
+    output: Path
+    ray_chunk: int
+    lpips: dict[str, LPIPS | None]
+    device: torch.device
+
+
+def check_dataset(info: ContainerInfo, dataset: Dataset, train_scale_factor: int) -> None:
+    """UserError when the container's submodules were trained on another dataset than `dataset` (loaded at
+    `train_scale_factor`, the scale the fingerprint was taken at)."""
+    if len(dataset.images) != info.n_images:
+        raise UserError(f"{info.path}: trained on {info.n_images} images, but {dataset.path} holds "
+                        f"{len(dataset.images)}")
+    if dataset_fingerprint(dataset) != info.dataset:
+        raise UserError(f"{info.path}: trained on another dataset than {dataset.path} (names, sizes or poses "
+                        f"differ), or at another scale than --train_scale_factor {train_scale_factor}")
+
+
+def load_checked_dataset(info: ContainerInfo, path: str, train_scale_factor: int, scale_factor: int) -> Dataset:
+    """The dataset at `scale_factor`, once checked against the container (at `train_scale_factor`)."""
+    trained = load_dataset(path, train_scale_factor)
+    check_dataset(info, trained, train_scale_factor)
+    return trained if scale_factor == train_scale_factor else load_dataset(path, scale_factor)
+
+
+def prepare(args: configargparse.Namespace, device: torch.device) -> EvalJob:
+    """Validate the options and inputs (one-line errors) and load the container, dataset and LPIPS."""
+    for option in ("dataset_path", "exp_name", "container_path"):
+        require(getattr(args, option), option)
+    if args.ray_chunk < 1:
+        raise UserError(f"--ray_chunk must be at least 1, got {args.ray_chunk}")
+    container, info = load_container(args.container_path, device)
+    dataset = load_checked_dataset(info, args.dataset_path, args.train_scale_factor, args.val_scale_factor)
+    for meta in dataset.val:
+        if min(meta.H, meta.W - meta.W // 2) < SSIM_WINDOW:
+            raise UserError(f"--val_scale_factor {args.val_scale_factor}: the right half of '{meta.name}' "
+                            f"({meta.W - meta.W // 2}x{meta.H}) is under {SSIM_WINDOW} pixels a side (SSIM)")
+    weights_dir = Path(args.lpips_weights_dir) if args.lpips_weights_dir else None
+    return EvalJob(container, info, dataset.val, Path(args.exp_name), args.ray_chunk,
+                   load_lpips_nets(weights_dir, device), device)
+
+
+def render_image(job: EvalJob, meta: ImageMetadata) -> dict[str, torch.Tensor]:
+    """Render one whole image with the container: rgb (H, W, 3), depth (H, W), opacity (H, W)."""
+    origins, dirs = image_rays(meta.c2w.to(job.device), meta.intrinsics.to(job.device), meta.W, meta.H)
+    near, far = near_far(origins, dirs, job.info.near, job.info.far, job.info.altitude_range)
+    appearance = torch.full((origins.shape[0],), meta.index, device=job.device)
+    out = render_in_chunks(job.container, origins, dirs, near, far, appearance, job.info.render, job.ray_chunk)
+    return {"rgb": out["rgb"].view(meta.H, meta.W, 3), "depth": out["depth"].view(meta.H, meta.W),
+            "opacity": out["opacity"].view(meta.H, meta.W)}
+
+
+def evaluate_image(job: EvalJob, meta: ImageMetadata) -> dict[str, Any]:
+    """Render, score the right half, write rgb, depth and compare PNGs. Returns {index, name, metrics}."""
+    out = render_image(job, meta)
+    gt = meta.load_rgb().to(job.device).float() / 255
+    pred = out["rgb"].clamp(0, 1)
+    half = meta.W // 2
+    metrics = image_metrics(pred[:, half:], gt[:, half:], job.lpips)
+    depth = colorize_depth(out["depth"], out["opacity"])
+    rgb = to_uint8(pred)
+    write_rgb(job.output / "rgb" / f"{meta.name}.png", rgb)
+    write_rgb(job.output / "depth" / f"{meta.name}.png", depth)
+    write_rgb(job.output / "compare" / f"{meta.name}.png", np.concatenate([to_uint8(gt), rgb, depth], 1))
+    return {"index": meta.index, "name": meta.name, "metrics": metrics}
+
+
+def summarise(results: list[dict[str, Any]], args: configargparse.Namespace) -> dict[str, Any]:
+    """metrics.json's contents: per image (val order) and the mean over images (None where unavailable)."""
+    results = sorted(results, key=lambda r: r["index"])
+    mean: dict[str, float | None] = {}
+    for key in METRICS:
+        values = [r["metrics"][key] for r in results]
+        mean[key] = None if any(v is None for v in values) else float(np.mean(values))
+    return {"protocol": PROTOCOL, "container": str(args.container_path), "dataset": str(args.dataset_path),
+            "val_scale_factor": args.val_scale_factor, "images": {r["name"]: r["metrics"] for r in results},
+            "mean": mean}
+
+
+def _cells(metrics: dict[str, float | None]) -> str:
+    """PSNR, SSIM and both LPIPS as fixed-width table cells ('n/a' where unavailable)."""
+    out = ""
+    for key, width, digits in (("psnr", 8, 2), ("ssim", 8, 4), ("lpips_alex", 12, 4), ("lpips_vgg", 12, 4)):
+        value = metrics[key]
+        out += f"{'n/a':>{width}}" if value is None else f"{value:{width}.{digits}f}"
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """One screen: every image (or the TABLE_ROWS worst by PSNR), then the mean, under the protocol line."""
+    images = report["images"]
+    rows = list(images.items())
+    note = ""
+    if len(rows) > TABLE_ROWS:
+        rows = sorted(rows, key=lambda item: item[1]["psnr"])[:TABLE_ROWS]
+        note = f"  ({TABLE_ROWS} worst of {len(images)} images by PSNR; all in metrics.json)"
+    width = max(12, *(len(name) for name, _ in rows))
+    lines = [f"{len(images)} val images, {PROTOCOL}",
+             f"{'image':<{width}}{'PSNR':>8}{'SSIM':>8}{'LPIPS-alex':>12}{'LPIPS-vgg':>12}{note}"]
+    lines += [f"{name:<{width}}{_cells(m)}" for name, m in rows]
+    lines.append(f"{'mean':<{width}}{_cells(report['mean'])}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically (temp file + rename); infinite PSNR (a perfect render) is written as Infinity."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate(args: configargparse.Namespace) -> dict[str, Any] | None:
+    """Run the evaluation on this rank's share of the val images. Returns the report on rank 0, else None."""
+    info = init_distributed(args.timeout_minutes)
+    try:
+        job = prepare(args, info.device)
+        mine = shard(job.images, info)
+        bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or args.no_progress)
+        with torch.no_grad():
+            results = [evaluate_image(job, meta) for meta in bar]
+        gathered = gather_objects(results, info)
+        if gathered is None:
+            return None
+        report = summarise([r for rank in gathered for r in rank], args)
+        write_json(job.output / "metrics.json", report)
+        print(format_table(report))
+        print(f"wrote {job.output / 'metrics.json'}")
+        return report
+    finally:
+        cleanup(info)
+
+
+def main() -> None:
+    evaluate(eval_parser().parse_args())
+

@@ -1,0 +1,156 @@
+"""Merge the submodules of a partition into one container file (format: `mega_nerf.container`).
+
+Submodule k is the latest checkpoint in `<ckpt_prefix><k>/checkpoints/`. Before anything is written, the
+checkpoints are checked against each other (field kind and sizes, dataset fingerprint, render settings, scene
+bounds) and against `params.pt` (number of cells, number of images, near/far/altitude range), so that a
+container never mixes submodules of different runs. Every problem is one line naming the submodule.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import configargparse
+
+from mega_nerf.checkpoint import latest_checkpoint, load_checkpoint
+from mega_nerf.container import inference_state, save_container
+from mega_nerf.errors import UserError
+from mega_nerf.opts import base_parser, require
+from mega_nerf.partition import PartitionParams, load_params
+
+
+def merge_parser() -> configargparse.ArgParser:
+    p = base_parser("Merge the trained submodules of a partition into one container file.")
+    p.add_argument("--ckpt_prefix", type=str, help="submodule k's experiment directory is <prefix><k> (e.g. exp-)")
+    p.add_argument("--centroid_path", type=str, help="the partition's params.pt (or its mask directory)")
+    p.add_argument("--output", type=str, help="container file to write (e.g. merged.pt)")
+    p.add_argument("--allow_empty_cells", action="store_true",
+                   help="merge even when some submodules have no checkpoint (those cells contribute nothing)")
+    return p
+
+
+@dataclass
+class Submodule:
+    cell: int
+    path: Path
+    state: dict[str, Any]
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def _same_scene(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    ra, rb = a["altitude_range"], b["altitude_range"]
+    if (ra is None) != (rb is None):
+        return False
+    ranges = ra is None or all(_close(x, y) for x, y in zip(ra, rb, strict=True))
+    return _close(a["near"], b["near"]) and _close(a["far"], b["far"]) and ranges
+
+
+def find_submodules(prefix: str, num_cells: int, allow_missing: bool) -> list[Submodule | None]:
+    """The latest checkpoint of every cell, None for a missing one (only with `allow_missing`)."""
+    extra = Path(f"{prefix}{num_cells}")
+    if extra.is_dir():
+        raise UserError(f"{extra}: a submodule beyond the partition's {num_cells} cells "
+                        "(checkpoints of another partition? check --ckpt_prefix and --centroid_path)")
+    found: list[Submodule | None] = []
+    for k in range(num_cells):
+        exp_dir = Path(f"{prefix}{k}")
+        path = latest_checkpoint(exp_dir)
+        if path is None:
+            if not allow_missing:
+                raise UserError(f"submodule {k}: no checkpoint in {exp_dir / 'checkpoints'} "
+                                "(train it, or pass --allow_empty_cells to merge without it)")
+            found.append(None)
+            continue
+        found.append(Submodule(k, path, load_checkpoint(path)))
+    return found
+
+
+def check_submodules(subs: list[Submodule | None], params: PartitionParams, params_path: Path) -> None:
+    """One-line UserError naming the first submodule that disagrees with the first one or with params.pt."""
+    present = [s for s in subs if s is not None]
+    if not present:
+        raise UserError(f"no submodule of the {params.num_cells} cells has a checkpoint")
+    ref = present[0]
+    n_images = None if params.image_sizes is None else len(params.image_sizes)
+    partition_scene = {"near": params.near, "far": params.far, "altitude_range": params.ray_altitude_range}
+    for s in present:
+        st, name = s.state, f"submodule {s.cell} ({s.path})"
+        if st["cell"] is not None and st["cell"] != str(s.cell):
+            raise UserError(f"{name}: trained on cell {st['cell']}, not cell {s.cell}")
+        if st["dataset"] != ref.state["dataset"]:
+            raise UserError(f"{name}: trained on another dataset than submodule {ref.cell}")
+        config, ref_config = st["field_config"], ref.state["field_config"]
+        if config != ref_config:
+            keys = sorted(k for k in set(config) | set(ref_config) if config.get(k) != ref_config.get(k))
+            raise UserError(f"{name}: field differs from submodule {ref.cell}'s ({', '.join(keys)})")
+        if n_images is not None and config["n_images"] != n_images:
+            raise UserError(f"{name}: trained on {config['n_images']} images, but {params_path} was made "
+                            f"from {n_images}")
+        if st["render"] != ref.state["render"]:
+            raise UserError(f"{name}: render settings {st['render']} differ from submodule {ref.cell}'s "
+                            f"{ref.state['render']}")
+        if not _same_scene(st["scene"], partition_scene):
+            raise UserError(f"{name}: near/far/altitude range {st['scene']} differ from {params_path}'s "
+                            f"{partition_scene}")
+
+
+def container_state(subs: list[Submodule | None], params: PartitionParams, boundary_margin: float
+                    ) -> dict[str, Any]:
+    """The container file's contents (see mega_nerf.container) from checked submodules."""
+    ref = next(s for s in subs if s is not None).state
+    entries: list[dict[str, Any] | None] = []
+    for s in subs:
+        if s is None or s.state["empty"]:
+            entries.append(None)
+        else:
+            entries.append({"field_config": s.state["field_config"], "model": inference_state(s.state["model"]),
+                            "step": int(s.state["step"])})
+    return {"centroids": params.centroids.float().clone(), "boundary_margin": float(boundary_margin),
+            "cluster_2d": bool(params.cluster_2d), "render": dict(ref["render"]), "scene": dict(ref["scene"]),
+            "dataset": ref["dataset"], "n_images": int(ref["field_config"]["n_images"]), "submodules": entries}
+
+
+def merge_submodules(prefix: str, params_path: Path, output: Path, allow_empty_cells: bool,
+                     default_margin: float) -> dict[str, Any]:
+    """Check and merge; write `output` atomically. Returns the container state written. The boundary margin
+    is params.pt's (the one the masks were made with), or `default_margin` for a Mega-NeRF params.pt."""
+    params = load_params(params_path)
+    margin = params.boundary_margin if params.boundary_margin is not None else default_margin
+    if margin < 1:
+        raise UserError(f"--boundary_margin must be at least 1, got {margin}")
+    subs = find_submodules(prefix, params.num_cells, allow_empty_cells)
+    check_submodules(subs, params, params_path)
+    state = container_state(subs, params, margin)
+    if all(entry is None for entry in state["submodules"]):
+        raise UserError(f"every submodule of {prefix}<k> is empty: nothing to merge")
+    save_container(output, state)
+    report(subs, state, output)
+    return state
+
+
+def report(subs: list[Submodule | None], state: dict[str, Any], output: Path) -> None:
+    """Print what went in: one line per cell, then the file's size."""
+    for k, (s, entry) in enumerate(zip(subs, state["submodules"], strict=True)):
+        if s is None:
+            print(f"warning: cell {k}: no checkpoint, contributes nothing", file=sys.stderr)
+        elif entry is None:
+            print(f"cell {k}: {s.path} (empty cell: no rays, contributes nothing)")
+        else:
+            print(f"cell {k}: {s.path} (step {entry['step']})")
+    print(f"wrote {output}: {len(subs)} cells, {output.stat().st_size / 2 ** 20:.1f} MiB")
+
+
+def main() -> None:
+    args = merge_parser().parse_args()
+    for option in ("ckpt_prefix", "centroid_path", "output"):
+        require(getattr(args, option), option)
+    merge_submodules(args.ckpt_prefix, Path(args.centroid_path), Path(args.output), args.allow_empty_cells,
+                     args.boundary_margin)

@@ -1,0 +1,340 @@
+"""The merged container (routing, blending, file format) and merging checkpoints into it.
+
+Submodules here are small hash fields with random weights: routing and blending need no training.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mega_nerf.checkpoint import VERSION as CKPT_VERSION
+from mega_nerf.container import Container, blend_weights, load_container
+from mega_nerf.errors import UserError
+from mega_nerf.fields import build_field
+from mega_nerf.fields.base import Field
+from mega_nerf.merge import merge_submodules
+from mega_nerf.partition import PartitionParams
+from mega_nerf.render import RenderConfig, render_in_chunks
+
+REPO = Path(__file__).resolve().parents[1]
+MARGIN = 1.15
+# A 2 x 2 grid of cells in (y, z), centroids at x = 0 (as partition.grid_centroids lays them out).
+CENTROIDS = torch.tensor([[0.0, -0.5, -0.5], [0.0, -0.5, 0.5], [0.0, 0.5, -0.5], [0.0, 0.5, 0.5]])
+CONFIG = {"kind": "hash", "box_min": [-1.0, -1.0, -1.0], "box_max": [1.0, 1.0, 1.0], "n_images": 3,
+          "appearance_dim": 4, "hidden": 16, "n_levels": 4, "log2_table_size": 8, "max_resolution": 32,
+          "occupancy_resolution": 8}
+
+
+def random_field(seed: int, config: dict | None = None) -> Field:
+    """A hash field whose every weight (tables included) is drawn N(0, 0.5): outputs vary over space."""
+    torch.manual_seed(seed)
+    field = build_field(config or CONFIG)
+    with torch.no_grad():
+        for p in field.parameters():
+            p.normal_(0.0, 0.5)
+    return field.eval()
+
+
+def random_inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    points = torch.rand(n, 3, generator=g) * 2 - 1
+    dirs = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1)
+    return points, dirs, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.fixture(scope="module")
+def fields() -> list[Field]:
+    return [random_field(k) for k in range(4)]
+
+
+def reference_weights(point: list[float], centroids: list[list[float]], margin: float) -> list[float]:
+    """Slow per-point reference of the blend (container docstring): inverse distance, tapered to zero at the
+    edge of membership, normalised."""
+    dist = [sum((p - c) ** 2 for p, c in zip(point, centroid, strict=True)) ** 0.5 for centroid in centroids]
+    nearest = min(dist)
+    raw = []
+    for d in dist:
+        ratio = d / nearest
+        taper = 1.0 if margin == 1 else min(1.0, max(0.0, (margin - ratio) / (margin - 1)))
+        raw.append(taper / d if ratio <= margin else 0.0)
+    return [w / sum(raw) for w in raw]
+
+
+def test_blend_weights_match_reference_and_sum_to_one() -> None:
+    points = random_inputs(300, seed=1)[0]
+    for margin in (1.0, 1.15, 1.5):
+        w = blend_weights(points, CENTROIDS, margin, cluster_2d=False)
+        ref = torch.tensor([reference_weights(p, CENTROIDS.tolist(), margin) for p in points.double().tolist()],
+                           dtype=torch.float64)
+        assert torch.allclose(w.double(), ref, atol=1e-5)
+        assert torch.allclose(w.sum(1), torch.ones(len(points)), atol=1e-6)
+    nearest = torch.cdist(points, CENTROIDS).argmin(1)
+    assert torch.equal(blend_weights(points, CENTROIDS, 1.0, False).argmax(1), nearest)
+    assert (blend_weights(points, CENTROIDS, 1.0, False).max(1).values == 1).all()
+
+
+def test_cluster_2d_ignores_altitude() -> None:
+    points = random_inputs(100, seed=2)[0]
+    lifted = points.clone()
+    lifted[:, 0] += 0.7
+    assert torch.equal(blend_weights(points, CENTROIDS, MARGIN, True), blend_weights(lifted, CENTROIDS, MARGIN, True))
+    assert not torch.equal(blend_weights(points, CENTROIDS, MARGIN, False),
+                           blend_weights(lifted, CENTROIDS, MARGIN, False))
+
+
+def test_inside_a_cell_equals_its_submodule_exactly(fields: list[Field]) -> None:
+    """Away from boundary bands a point's weight is exactly 1, so the container adds nothing to its submodule's
+    output. Compared on the same batch of points (an MLP's last bits can depend on the batch it runs in); in a
+    batch mixed with blended points, to float rounding."""
+    points, dirs, app = random_inputs(3000)
+    container = Container(CENTROIDS, fields, MARGIN, cluster_2d=False)
+    dist = torch.cdist(points.double(), CENTROIDS.double())  # independent of the container's arithmetic
+    nearest = dist.argmin(1)
+    others = dist.scatter(1, nearest[:, None], float("inf")).min(1).values
+    inside = others > MARGIN * dist.min(1).values * (1 + 1e-4)  # away from every boundary band
+    assert 500 < inside.sum() < 2500
+    with torch.no_grad():
+        density, rgb = container(points[inside], dirs[inside], app[inside])
+        mixed_density, mixed_rgb = container(points, dirs, app)
+        for k, field in enumerate(fields):
+            sel = nearest[inside] == k
+            assert sel.sum() > 50
+            sigma, color = field(points[inside][sel], dirs[inside][sel], app[inside][sel])
+            assert torch.equal(density[sel], sigma) and torch.equal(rgb[sel], color)
+            assert torch.allclose(mixed_density[inside][sel], sigma, rtol=1e-6, atol=0)
+            assert torch.allclose(mixed_rgb[inside][sel], color, rtol=1e-6, atol=0)
+
+
+def walk_steps(fields: list[Field], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk in n points from inside cell 0 into cell 2, across the y = 0 boundary band. Returns the largest
+    change between neighbouring points of (weights, rgb, density), (3,), for the container and for Mega-NeRF's
+    hard cut (inverse distance over member cells, nothing outside)."""
+    t = torch.linspace(0, 1, n)[:, None]
+    start, end = torch.tensor([0.1, -0.45, -0.3]), torch.tensor([0.1, 0.45, -0.3])
+    points = start + t * (end - start)
+    dirs = torch.tensor([[0.0, 0.6, 0.8]]).expand_as(points)
+    app = torch.zeros(n, dtype=torch.long)
+    container = Container(CENTROIDS, fields, MARGIN, cluster_2d=False)
+    dist = torch.cdist(points, CENTROIDS)
+    hard = torch.where(dist <= MARGIN * dist.min(1, keepdim=True).values, 1 / dist, torch.zeros_like(dist))
+    hard = hard / hard.sum(1, keepdim=True)
+    with torch.no_grad():
+        own = [field(points, dirs, app) for field in fields]
+        ours = (container.weights(points), *reversed(container(points, dirs, app)))
+    assert ours[0][0, 0] == 1 and ours[0][-1, 2] == 1 and ((ours[0] > 0).sum(1) > 1).any()  # crosses a band
+    theirs = (hard, sum(hard[:, k, None] * own[k][1] for k in range(4)), sum(hard[:, k] * own[k][0] for k in range(4)))
+
+    def steps(outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.tensor([float(o.diff(dim=0).abs().max()) for o in outputs])
+    return steps(ours), steps(theirs)
+
+
+def test_blend_is_continuous_across_boundaries(fields: list[Field]) -> None:
+    """Continuous outputs change less between neighbouring points when the points are closer: ten times
+    finer steps must shrink the largest change (weights, rgb, density) by far. The hard cut's jumps do not
+    shrink: this test fails for it."""
+    (ours_coarse, hard_coarse), (ours_fine, hard_fine) = walk_steps(fields, 1001), walk_steps(fields, 10001)
+    assert (ours_fine < 0.3 * ours_coarse).all()
+    assert (ours_coarse[:2] < 0.05).all()  # weights and rgb, per 1e-3 step
+    assert (hard_fine > 0.5 * hard_coarse).all()
+
+
+class CountingField(Field):
+    """Wraps a field and records the points each call receives."""
+
+    def __init__(self, inner: Field) -> None:
+        super().__init__()
+        self.inner = inner
+        self.forward_calls: list[torch.Tensor] = []
+        self.occupied_calls = 0
+
+    def forward(self, positions: torch.Tensor, directions: torch.Tensor,
+                appearance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.forward_calls.append(positions.clone())
+        return self.inner(positions, directions, appearance)
+
+    def occupied(self, positions: torch.Tensor) -> torch.Tensor:
+        self.occupied_calls += 1
+        return self.inner.occupied(positions)
+
+    def background(self, directions: torch.Tensor, appearance: torch.Tensor) -> torch.Tensor:
+        return self.inner.background(directions, appearance)
+
+
+def test_each_submodule_runs_once_per_batch_on_its_points(fields: list[Field]) -> None:
+    counted = [CountingField(f) for f in fields]
+    container = Container(CENTROIDS, counted, MARGIN, cluster_2d=False)
+    points, dirs, app = random_inputs(2000, seed=3)
+    weights = blend_weights(points, CENTROIDS, MARGIN, False)
+    with torch.no_grad():
+        container(points, dirs, app)
+    for k, c in enumerate(counted):
+        assert len(c.forward_calls) == 1
+        assert torch.equal(c.forward_calls[0], points[weights[:, k] > 0])
+    assert sum(len(c.forward_calls[0]) for c in counted) == int((weights > 0).sum())
+
+
+def test_empty_cells_route_among_the_rest(fields: list[Field]) -> None:
+    points, dirs, app = random_inputs(1000, seed=4)
+    with_empty = Container(CENTROIDS, [None, *fields[1:]], MARGIN, cluster_2d=False)
+    without = Container(CENTROIDS[1:], fields[1:], MARGIN, cluster_2d=False)
+    assert with_empty.cells == [1, 2, 3]
+    with torch.no_grad():
+        a, b = with_empty(points, dirs, app), without(points, dirs, app)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_occupied_is_any_routed_submodule_and_gates_density(fields: list[Field]) -> None:
+    g = torch.Generator().manual_seed(5)
+    gated = [random_field(10 + k) for k in range(4)]
+    for f in gated:
+        f.occupancy.mask.copy_(torch.rand(f.occupancy.mask.shape, generator=g) > 0.5)
+    container = Container(CENTROIDS, gated, MARGIN, cluster_2d=False)
+    points, dirs, app = random_inputs(2000, seed=6)
+    weights = blend_weights(points, CENTROIDS, MARGIN, False)
+    own = torch.stack([f.occupied(points) for f in gated], 1)
+    assert torch.equal(container.occupied(points), (own & (weights > 0)).any(1))
+    with torch.no_grad():
+        density = container(points, dirs, app)[0]
+        sigma = torch.stack([f(points, dirs, app)[0] for f in gated], 1)
+    assert torch.allclose(density, (weights * sigma * own).sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_background_is_the_mean_of_submodules(fields: list[Field]) -> None:
+    _, dirs, app = random_inputs(50, seed=7)
+    container = Container(CENTROIDS, [fields[0], None, fields[2], None], MARGIN, cluster_2d=False)
+    with torch.no_grad():
+        expected = (fields[0].background(dirs, app) + fields[2].background(dirs, app)) / 2
+        assert torch.allclose(container.background(dirs, app), expected, atol=1e-7)
+
+
+# ---- merging checkpoints and the container file ----
+
+def write_partition(root: Path, fields: list[Field | None], n_images: int = 3, **changes: object) -> Path:
+    """params.pt and one checkpoint per field at root/exp-<k>/checkpoints/ (None: no checkpoint), laid out as
+    mega_nerf.training writes them; `changes` edits checkpoint keys of cell 1."""
+    params = PartitionParams(
+        origin_drb=torch.zeros(3, dtype=torch.float64), pose_scale_factor=1.0, ray_altitude_range=(-0.5, 0.6),
+        near=0.01, far=2.0, centroids=CENTROIDS.clone(), grid_dim=(2, 2), min_position=-torch.ones(3),
+        max_position=torch.ones(3), cluster_2d=False, boundary_margin=MARGIN, ray_samples=32,
+        image_sizes={f"{i:03d}": (8, 8) for i in range(n_images)})
+    root.mkdir(parents=True, exist_ok=True)
+    params.save(root / "params.pt")
+    for k, field in enumerate(fields):
+        if field is None:
+            continue
+        state = {"version": CKPT_VERSION, "step": 100 + k, "field_config": dict(CONFIG),
+                 "model": field.state_dict(), "optimizer": {}, "stream": {}, "rng": {}, "dataset": "abc",
+                 "empty": False, "cell": str(k), "render": {"samples": 16, "fine_samples": 0},
+                 "scene": {"near": 0.01, "far": 2.0, "altitude_range": [-0.5, 0.6]}}
+        if k == 1:
+            state.update(changes)
+        (root / f"exp-{k}" / "checkpoints").mkdir(parents=True)
+        torch.save(state, root / f"exp-{k}" / "checkpoints" / f"{state['step']:08d}.pt")
+    return root / "params.pt"
+
+
+def merge(root: Path, allow: bool = False) -> Path:
+    out = root / "merged.pt"
+    merge_submodules(f"{root}/exp-", root / "params.pt", out, allow, default_margin=1.15)
+    return out
+
+
+def render_rays(field: Field, n: int = 256) -> torch.Tensor:
+    """Render n rays crossing the box (fixed seed) -> (n, 3) rgb."""
+    g = torch.Generator().manual_seed(8)
+    origins = torch.rand(n, 3, generator=g) * 0.4 - torch.tensor([0.9, 0.2, 0.2])
+    dirs = torch.nn.functional.normalize(torch.rand(n, 3, generator=g) - torch.tensor([-1.0, 0.5, 0.5]), dim=-1)
+    near, far = torch.full((n,), 0.01), torch.full((n,), 1.5)
+    app = torch.randint(0, 3, (n,), generator=g)
+    return render_in_chunks(field, origins, dirs, near, far, app, RenderConfig(32, 0, perturb=False))["rgb"]
+
+
+def test_merge_round_trip_and_float16_tables(tmp_path: Path, fields: list[Field]) -> None:
+    """The container file holds the submodules with float16 hash tables: smaller by the bytes saved, and
+    renders within 2e-3 of the float32 submodules (random N(0, 0.5) weights; trained ones: test_eval)."""
+    write_partition(tmp_path, fields)
+    container, info = load_container(merge(tmp_path))
+    assert info.cells == [0, 1, 2, 3] and info.steps == [100, 101, 102, 103] and info.dataset == "abc"
+    assert info.render == RenderConfig(16, 0, perturb=False) and info.altitude_range == (-0.5, 0.6)
+    reference = Container(CENTROIDS, fields, MARGIN, cluster_2d=False)
+    assert float((render_rays(container) - render_rays(reference)).abs().max()) < 2e-3
+    stored = torch.load(tmp_path / "merged.pt", weights_only=True)["submodules"]
+    assert all(entry["model"]["grid.table"].dtype == torch.float16 for entry in stored)
+    for entry in stored:
+        entry["model"]["grid.table"] = entry["model"]["grid.table"].float()
+    float32 = tmp_path / "float32" / "merged.pt"  # same name: torch.save puts it in every record's header
+    float32.parent.mkdir()
+    torch.save({**torch.load(tmp_path / "merged.pt", weights_only=True), "submodules": stored}, float32)
+    saved = sum(f.grid.table.numel() * 2 for f in fields)
+    assert float32.stat().st_size - (tmp_path / "merged.pt").stat().st_size > 0.5 * saved  # zip padding varies
+
+
+def test_merge_missing_cell(tmp_path: Path, fields: list[Field]) -> None:
+    write_partition(tmp_path, [fields[0], fields[1], None, fields[3]])
+    with pytest.raises(UserError, match=r"^submodule 2: no checkpoint in .*exp-2.*--allow_empty_cells"):
+        merge(tmp_path)
+    container, info = load_container(merge(tmp_path, allow=True))
+    assert info.cells == [0, 1, 3] and info.steps[2] is None
+    points, dirs, app = random_inputs(500, seed=9)
+    with torch.no_grad():
+        got = container(points, dirs, app)[1]
+        expected = Container(CENTROIDS[[0, 1, 3]], [fields[0], fields[1], fields[3]], MARGIN, False)(
+            points, dirs, app)[1]
+    assert torch.allclose(got, expected, atol=2e-3)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"field_config": {**CONFIG, "log2_table_size": 9}}, r"submodule 1 .*field differs .*\(log2_table_size\)"),
+    ({"dataset": "other"}, r"submodule 1 .*another dataset than submodule 0"),
+    ({"cell": "3"}, r"submodule 1 .*trained on cell 3, not cell 1"),
+    ({"render": {"samples": 64, "fine_samples": 0}}, r"submodule 1 .*render settings"),
+    ({"scene": {"near": 0.01, "far": 3.0, "altitude_range": [-0.5, 0.6]}}, r"submodule 1 .*near/far"),
+])
+def test_merge_mismatched_submodule(tmp_path: Path, fields: list[Field], changes: dict, message: str) -> None:
+    write_partition(tmp_path, fields, **changes)
+    with pytest.raises(UserError, match=message):
+        merge(tmp_path)
+
+
+def test_merge_disagrees_with_params(tmp_path: Path, fields: list[Field]) -> None:
+    write_partition(tmp_path, fields, n_images=5)
+    with pytest.raises(UserError, match=r"trained on 3 images, but .*params.pt was made from 5"):
+        merge(tmp_path)
+    (tmp_path / "exp-4" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"exp-4: a submodule beyond the partition's 4 cells"):
+        merge(tmp_path)
+
+
+def test_bad_container_files(tmp_path: Path, fields: list[Field]) -> None:
+    write_partition(tmp_path, fields)
+    merged = merge(tmp_path)
+    with pytest.raises(UserError, match="container file not found"):
+        load_container(tmp_path / "nothing.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(merged.read_bytes()[: merged.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated.pt: unreadable or truncated container file"):
+        load_container(truncated)
+    state = torch.load(merged, weights_only=True)
+    torch.save({**state, "version": 99}, tmp_path / "future.pt")
+    with pytest.raises(UserError, match="future.pt: not a container file of this version"):
+        load_container(tmp_path / "future.pt")
+    checkpoint = next((tmp_path / "exp-0" / "checkpoints").iterdir())
+    with pytest.raises(UserError, match="a training checkpoint, not a container"):
+        load_container(checkpoint)
+
+
+def test_merge_cli_error_is_one_line(tmp_path: Path, fields: list[Field]) -> None:
+    write_partition(tmp_path, [fields[0], None, fields[2], fields[3]])
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "merge_submodules.py"), "--ckpt_prefix",
+                             f"{tmp_path}/exp-", "--centroid_path", str(tmp_path / "params.pt"), "--output",
+                             str(tmp_path / "merged.pt")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: submodule 1: no checkpoint in {tmp_path}/exp-1/checkpoints (train it, or pass "
+        "--allow_empty_cells to merge without it)"]
+    assert not (tmp_path / "merged.pt").exists()
