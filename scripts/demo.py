@@ -1,7 +1,7 @@
 """The whole pipeline on the built-in synthetic city, each stage the command a user would type:
 generate -> partition (2x2) -> train the 4 submodules through parscript -> merge -> evaluate.
 
-    python scripts/demo.py --output demo [--preset small] [--iterations 400]
+    python scripts/demo.py --output demo [--preset small] [--iterations 300]
 
 Stages whose outputs exist are skipped, so an interrupted demo resumes. Runs on a CPU in minutes; uses the GPU
 when there is one.
@@ -30,16 +30,16 @@ def train_args(iterations: int, cuda: bool) -> str:
     """Short training for a demo: small hash grid and batches on a CPU, the defaults' shape on a GPU."""
     if cuda:
         return f"--train_iterations {iterations * 5} --batch_size 16384 --val_interval {iterations * 5}"
-    return (f"--train_iterations {iterations} --batch_size 1024 --samples 64 --log2_hashmap_size 16 "
-            f"--max_resolution 512 --occupancy_resolution 32 --occupancy_warmup 100 --val_interval {iterations} "
-            f"--ckpt_interval 200 --data_mode memory --no_progress")
+    return (f"--train_iterations {iterations} --batch_size 512 --samples 32 --hash_levels 8 --log2_hashmap_size 15 "
+            f"--max_resolution 256 --occupancy_resolution 32 --occupancy_warmup 100 --val_interval {iterations} "
+            f"--ckpt_interval 100 --log_interval 50 --data_mode memory --no_progress")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=ROOT / "demo")
     p.add_argument("--preset", default="small")
-    p.add_argument("--iterations", type=int, default=400, help="training steps per submodule (x5 on a GPU)")
+    p.add_argument("--iterations", type=int, default=300, help="training steps per submodule (x5 on a GPU)")
     args = p.parse_args()
     out = args.output.resolve()
     py = sys.executable
