@@ -1,0 +1,173 @@
+"""Export a field (usually the merged container) as a coloured point cloud: the surfaces seen from above.
+
+The field's box is sampled on a regular grid of cubic cells (`resolution` cells along its longest side), one slab
+of y at a time so that memory is bounded by the slab, never by the scene. A cell is dense where a segment of one
+cell's length would be at least half opaque (1 - exp(-sigma * spacing) >= 0.5, the volume-rendering opacity of
+NeRF's eq. 3), unless a density threshold is given. Of the dense cells, each vertical (y, z) column keeps only
+its first `layers` from the top (smallest x: x points down), so the insides of buildings and the ground beneath
+them are dropped. Colours are the field's, looking straight down (+x) with one appearance index.
+
+    python scripts/export_ply.py --container_path merged.pt --output scene.ply
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from plyfile import PlyData, PlyElement
+
+from mega_nerf.container import Container, load_container
+from mega_nerf.data.dataset import Coordinates, load_coordinates
+from mega_nerf.errors import UserError
+from mega_nerf.fields.base import Field
+
+DOWN = (1.0, 0.0, 0.0)  # +x is down in DRB
+
+
+def field_box(field: Field) -> tuple[torch.Tensor, torch.Tensor]:
+    """(box_min (3,), box_max (3,)) of a box field, or the union of a container's submodule boxes."""
+    parts = list(field.submodules) if isinstance(field, Container) else [field]
+    lo = torch.stack([p.box_min.float().cpu() for p in parts]).min(0).values
+    hi = torch.stack([p.box_max.float().cpu() for p in parts]).max(0).values
+    return lo, hi
+
+
+def opacity_threshold(spacing: float) -> float:
+    """The density at which a segment of length `spacing` is 50% opaque: ln 2 / spacing."""
+    return math.log(2.0) / spacing
+
+
+@torch.no_grad()
+def _evaluate(field: Field, points: torch.Tensor, appearance: int, chunk: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density (N,) and downward-looking rgb (N, 3) at points (N, 3); zero where the field says unoccupied
+    (those points are not run through the networks)."""
+    density = torch.zeros(points.shape[0], device=points.device)
+    rgb = torch.zeros(points.shape[0], 3, device=points.device)
+    for start in range(0, points.shape[0], chunk):
+        block = points[start:start + chunk]
+        index = field.occupied(block).nonzero()[:, 0]
+        if index.numel() == 0:
+            continue
+        dirs = torch.tensor(DOWN, device=points.device).expand(index.numel(), 3)
+        app = torch.full((index.numel(),), appearance, dtype=torch.long, device=points.device)
+        sigma, color = field(block[index], dirs, app)
+        density[start + index] = sigma.float()
+        rgb[start + index] = color.float()
+    return density, rgb
+
+
+def export_points(field: Field, box_min: torch.Tensor, box_max: torch.Tensor, resolution: int,
+                  density_threshold: float | None = None, layers: int = 2, appearance: int = 0,
+                  chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    """The top-visible dense cells of `field` in the box [box_min, box_max] (3,) (normalised DRB).
+
+    Returns cell centres xyz (P, 3) float32 and colours (P, 3) uint8, in order of (y, z, x) cell index.
+    `resolution`: cells along the box's longest side (cells are cubes); `density_threshold`: None for 50%
+    opacity over one cell; `layers`: dense cells kept per column from the top; `chunk`: points per field call.
+    """
+    device = next(field.buffers()).device
+    lo, hi = box_min.double().cpu(), box_max.double().cpu()
+    spacing = float((hi - lo).max()) / resolution
+    counts = [max(1, math.ceil(float(e) / spacing - 1e-9)) for e in hi - lo]
+    threshold = opacity_threshold(spacing) if density_threshold is None else density_threshold
+    axes = [(lo[i] + (torch.arange(counts[i], dtype=torch.float64) + 0.5) * spacing).float().to(device)
+            for i in range(3)]
+    slab = max(1, chunk // (counts[0] * counts[2]))  # y values per slab, so a slab is about one chunk
+    xyz, rgb = [], []
+    for y0 in range(0, counts[1], slab):
+        ys = axes[1][y0:y0 + slab]
+        grid = torch.stack(torch.meshgrid(ys, axes[2], axes[0], indexing="ij"), -1)  # (Y, Z, X, 3) y, z, x
+        points = grid[..., [2, 0, 1]].reshape(-1, 3)  # to x, y, z; x fastest so each column is contiguous
+        density, color = _evaluate(field, points, appearance, chunk)
+        dense = (density >= threshold).reshape(-1, counts[0])  # (columns, X)
+        keep = (dense & (dense.cumsum(1) <= layers)).reshape(-1)
+        xyz.append(points[keep].cpu())
+        rgb.append(color[keep].cpu())
+    colors = (torch.cat(rgb).clamp(0, 1) * 255).round().to(torch.uint8)
+    return torch.cat(xyz).numpy(), colors.numpy()
+
+
+def subsample(xyz: np.ndarray, rgb: np.ndarray, max_points: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """At most `max_points` of the points, drawn uniformly without replacement (seeded), in their order."""
+    if len(xyz) <= max_points:
+        return xyz, rgb
+    keep = np.sort(np.random.default_rng(seed).choice(len(xyz), max_points, replace=False))
+    return xyz[keep], rgb[keep]
+
+
+def write_ply(path: str | os.PathLike, xyz: np.ndarray, rgb: np.ndarray) -> None:
+    """A binary PLY with one vertex element: float x, y, z and uchar red, green, blue. xyz, rgb: (P, 3)."""
+    vertex = np.zeros(len(xyz), [("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"),
+                                 ("blue", "u1")])
+    vertex["x"], vertex["y"], vertex["z"] = xyz.T
+    vertex["red"], vertex["green"], vertex["blue"] = rgb.T
+    try:
+        PlyData([PlyElement.describe(vertex, "vertex")]).write(str(path))
+    except OSError as e:
+        raise UserError(f"{path}: cannot be written ({e.strerror})") from None
+
+
+def to_real_units(xyz: np.ndarray, coordinates: Coordinates) -> np.ndarray:
+    """Normalised (P, 3) -> real-world DRB metres: p * pose_scale_factor + origin_drb (in float64, then f4)."""
+    real = xyz.astype(np.float64) * coordinates.pose_scale_factor + coordinates.origin_drb.numpy()
+    return real.astype(np.float32)
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--container_path", required=True, help="merged container (scripts/merge_submodules.py)")
+    p.add_argument("--output", required=True, help="PLY file to write")
+    p.add_argument("--resolution", type=int, default=512, help="grid cells along the scene box's longest side")
+    p.add_argument("--max_points", type=int, default=2_000_000, help="keep at most this many (uniform, seeded)")
+    p.add_argument("--density_threshold", type=float, default=None,
+                   help="density a cell needs (default: 50%% opaque over one cell, ln 2 / spacing)")
+    p.add_argument("--layers", type=int, default=2, help="dense cells kept per vertical column, from the top")
+    p.add_argument("--appearance", type=int, default=0, help="appearance (image) index for the colours")
+    p.add_argument("--real_units", action="store_true",
+                   help="write real-world DRB metres instead of normalised units (needs --dataset_path)")
+    p.add_argument("--dataset_path", default=None, help="dataset whose coordinates.pt gives origin and scale")
+    p.add_argument("--chunk", type=int, default=1 << 18, help="points per field call (bounds memory)")
+    return p
+
+
+def check_args(args: argparse.Namespace, n_images: int) -> None:
+    """One-line UserError for an option out of range."""
+    for option in ("resolution", "max_points", "layers", "chunk"):
+        if getattr(args, option) < 1:
+            raise UserError(f"--{option} must be at least 1, got {getattr(args, option)}")
+    if not 0 <= args.appearance < n_images:
+        raise UserError(f"--appearance {args.appearance} is not an image index (0 to {n_images - 1})")
+    if args.density_threshold is not None and not args.density_threshold > 0:
+        raise UserError(f"--density_threshold must be positive, got {args.density_threshold}")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Export the container named by the options; returns the PLY path."""
+    args = export_parser().parse_args(argv)
+    if args.real_units and args.dataset_path is None:
+        raise UserError("--real_units needs --dataset_path (its coordinates.pt gives origin and scale)")
+    coordinates = load_coordinates(Path(args.dataset_path)) if args.real_units else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    container, info = load_container(args.container_path, device)
+    check_args(args, info.n_images)
+    box_min, box_max = field_box(container)
+    if info.altitude_range is not None:  # the renderer never samples above the top plane or below the ground
+        box_min[0], box_max[0] = max(float(box_min[0]), info.altitude_range[0]), min(float(box_max[0]),
+                                                                                     info.altitude_range[1])
+    xyz, rgb = export_points(container, box_min, box_max, args.resolution, args.density_threshold, args.layers,
+                             args.appearance, args.chunk)
+    found = len(xyz)
+    xyz, rgb = subsample(xyz, rgb, args.max_points)
+    if coordinates is not None:
+        xyz = to_real_units(xyz, coordinates)
+    output = Path(args.output)
+    write_ply(output, xyz, rgb)
+    units = "real-world DRB metres" if coordinates is not None else "normalised DRB"
+    print(f"wrote {len(xyz)} points ({found} found) to {output} ({units}, "
+          f"{output.stat().st_size / 2 ** 10:.0f} KiB)")
+    return output
