@@ -58,13 +58,14 @@ def sample_pdf(starts: torch.Tensor, ends: torch.Tensor, weights: torch.Tensor, 
 def composite(density: torch.Tensor, rgb: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
               t: torch.Tensor) -> dict[str, torch.Tensor]:
     """density (R, n), rgb (R, n, 3), intervals and shading points (R, n) -> weights (R, n), rgb (R, 3),
-    depth (R,) (expected distance, normalised units), opacity (R,)."""
+    depth (R,) (expected distance, normalised units), opacity (R,), and the optical depth tau (R,) crossed."""
     tau = density * (ends - starts)
     transmittance = torch.exp(-torch.cat([torch.zeros_like(tau[:, :1]), tau[:, :-1].cumsum(-1)], -1))
     weights = transmittance * (1.0 - torch.exp(-tau))
     opacity = weights.sum(-1)
     depth = (weights * t).sum(-1)
-    return {"weights": weights, "rgb": (weights.unsqueeze(-1) * rgb).sum(1), "depth": depth, "opacity": opacity}
+    return {"weights": weights, "rgb": (weights.unsqueeze(-1) * rgb).sum(1), "depth": depth, "opacity": opacity,
+            "tau": tau.sum(-1)}
 
 
 def shade(field: Field, origins: torch.Tensor, dirs: torch.Tensor, appearance: torch.Tensor, t: torch.Tensor,
@@ -108,17 +109,47 @@ def render_rays(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: t
     return out
 
 
+def render_terminating(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor,
+                       far: torch.Tensor, appearance: torch.Tensor, config: RenderConfig, segment: int = 16,
+                       min_transmittance: float = 1e-4) -> dict[str, torch.Tensor]:
+    """Inference with early ray termination (uniform sampling only): the samples are shaded `segment` at a time,
+    and a ray stops once less than `min_transmittance` of its light is left, so rays that hit a roof never pay
+    for the samples behind it. Equals `render_rays` (perturb off) up to that dropped remainder."""
+    t, starts, ends = uniform_samples(near, far, config.samples, perturb=False)
+    R = origins.shape[0]
+    rgb, depth = torch.zeros(R, 3, device=origins.device), torch.zeros(R, device=origins.device)
+    tau = torch.zeros(R, device=origins.device)  # optical depth crossed so far
+    active = torch.arange(R, device=origins.device)
+    samples = 0
+    for s in range(0, config.samples, segment):
+        sl = slice(s, s + segment)
+        out = shade(field, origins[active], dirs[active], appearance[active], t[active, sl], starts[active, sl],
+                    ends[active, sl])
+        light = torch.exp(-tau[active])
+        rgb[active] += light[:, None] * out["rgb"]
+        depth[active] += light * out["depth"]
+        tau[active] += out["tau"]
+        samples += out["samples"]
+        active = active[torch.exp(-tau[active]) > min_transmittance]
+        if active.numel() == 0:
+            break
+    opacity = 1.0 - torch.exp(-tau)
+    return {"rgb": rgb + (1 - opacity[:, None]) * field.background(dirs, appearance), "depth": depth,
+            "opacity": opacity, "samples": samples}
+
+
 @torch.no_grad()
 def render_in_chunks(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor,
                      far: torch.Tensor, appearance: torch.Tensor, config: RenderConfig,
                      chunk: int = 8192) -> dict[str, torch.Tensor]:
-    """Inference over many rays in bounded memory. Returns rgb (R, 3), depth (R,), opacity (R,) on the input's
-    device."""
+    """Inference over many rays in bounded memory, with early ray termination where sampling is uniform.
+    Returns rgb (R, 3), depth (R,), opacity (R,) on the input's device."""
+    render = render_terminating if config.fine_samples == 0 else render_rays
     parts: dict[str, list[torch.Tensor]] = {"rgb": [], "depth": [], "opacity": []}
     for s in range(0, origins.shape[0], chunk):
         sl = slice(s, s + chunk)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=origins.is_cuda):
-            out = render_rays(field, origins[sl], dirs[sl], near[sl], far[sl], appearance[sl], config)
+            out = render(field, origins[sl], dirs[sl], near[sl], far[sl], appearance[sl], config)
         for k in parts:
             parts[k].append(out[k].float())
     return {k: torch.cat(v) for k, v in parts.items()}

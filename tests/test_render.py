@@ -4,7 +4,7 @@ import math
 import torch
 
 from mega_nerf.fields.base import Field
-from mega_nerf.render import RenderConfig, composite, render_rays, sample_pdf, uniform_samples
+from mega_nerf.render import RenderConfig, composite, render_rays, render_terminating, sample_pdf, uniform_samples
 
 
 class Slab(Field):
@@ -97,3 +97,18 @@ def test_uniform_samples_stay_in_their_intervals():
     t, starts, ends = uniform_samples(near, far, 8, perturb=True, generator=torch.Generator().manual_seed(1))
     assert ((t >= starts) & (t <= ends)).all()
     assert torch.allclose(starts[:, 0], near) and torch.allclose(ends[:, -1], far)
+
+
+def test_early_termination_equals_full_rendering_and_skips_occluded_samples():
+    config = RenderConfig(samples=256, perturb=False)
+    rays = rays_along_x(6)
+    full_field, early_field = Slab(40.0, 0.5, 0.9), Slab(40.0, 0.5, 0.9)
+    full = render_rays(full_field, *rays, config=config)
+    early = render_terminating(early_field, *rays, config=config, segment=16)
+    for key in ("rgb", "depth", "opacity"):
+        assert torch.allclose(full[key], early[key], atol=1e-3), key
+    # the slab is opaque after ~0.23 units: the samples behind it (about half the ray) are never shaded
+    assert early_field.evaluated < 0.6 * full_field.evaluated
+    thin = Slab(0.5, 0.2, 1.8)  # never opaque: termination never triggers and every sample is shaded
+    assert torch.allclose(render_rays(thin, *rays, config=config)["rgb"],
+                          render_terminating(thin, *rays, config=config)["rgb"], atol=1e-5)

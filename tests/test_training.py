@@ -45,6 +45,7 @@ def test_training_raises_val_psnr(tiny_city, tmp_path):
     assert after > before + 3.0, (before, after)
     assert final.name == "00000150.pt" and (tmp_path / "exp" / "val" / "00000150_000004.png").exists()
     assert (tmp_path / "exp" / "log.jsonl").read_text().count("val_psnr") >= 1
+    assert list((tmp_path / "exp" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.fixture
