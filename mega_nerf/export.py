@@ -1,11 +1,13 @@
 """Export a field (usually the merged container) as a coloured point cloud: the surfaces seen from above.
 
 The field's box is sampled on a regular grid of cubic cells (`resolution` cells along its longest side), one slab
-of y at a time so that memory is bounded by the slab, never by the scene. A cell is dense where a segment of one
-cell's length would be at least half opaque (1 - exp(-sigma * spacing) >= 0.5, the volume-rendering opacity of
-NeRF's eq. 3), unless a density threshold is given. Of the dense cells, each vertical (y, z) column keeps only
-its first `layers` from the top (smallest x: x points down), so the insides of buildings and the ground beneath
-them are dropped. Colours are the field's, looking straight down (+x) with one appearance index.
+of y at a time so that memory is bounded by the slab, never by the scene. Each vertical (y, z) column is read as a
+ray looking straight down (x points down): the surface is where that ray has lost half its light, i.e. where the
+accumulated optical depth sum(sigma * spacing) from the top first reaches ln 2 (NeRF's eq. 3), and the column
+keeps that cell and the `layers` - 1 below it. This is robust to the faint fog of a briefly trained model, and
+drops the insides of buildings and the ground beneath them. With `density_threshold`, a cell counts instead when
+its own density reaches the threshold (first `layers` such cells per column). Colours are the field's, looking
+straight down (+x) with one appearance index.
 
     python scripts/export_ply.py --container_path merged.pt --output scene.ply
 """
@@ -36,11 +38,6 @@ def field_box(field: Field) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-def opacity_threshold(spacing: float) -> float:
-    """The density at which a segment of length `spacing` is 50% opaque: ln 2 / spacing."""
-    return math.log(2.0) / spacing
-
-
 @torch.no_grad()
 def _evaluate(field: Field, points: torch.Tensor, appearance: int, chunk: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,14 +64,13 @@ def export_points(field: Field, box_min: torch.Tensor, box_max: torch.Tensor, re
     """The top-visible dense cells of `field` in the box [box_min, box_max] (3,) (normalised DRB).
 
     Returns cell centres xyz (P, 3) float32 and colours (P, 3) uint8, in order of (y, z, x) cell index.
-    `resolution`: cells along the box's longest side (cells are cubes); `density_threshold`: None for 50%
-    opacity over one cell; `layers`: dense cells kept per column from the top; `chunk`: points per field call.
+    `resolution`: cells along the box's longest side (cells are cubes); `density_threshold`: None to find where
+    a downward ray has lost half its light; `layers`: cells kept per column; `chunk`: points per field call.
     """
     device = next(field.buffers()).device
     lo, hi = box_min.double().cpu(), box_max.double().cpu()
     spacing = float((hi - lo).max()) / resolution
     counts = [max(1, math.ceil(float(e) / spacing - 1e-9)) for e in hi - lo]
-    threshold = opacity_threshold(spacing) if density_threshold is None else density_threshold
     axes = [(lo[i] + (torch.arange(counts[i], dtype=torch.float64) + 0.5) * spacing).float().to(device)
             for i in range(3)]
     slab = max(1, chunk // (counts[0] * counts[2]))  # y values per slab, so a slab is about one chunk
@@ -84,7 +80,11 @@ def export_points(field: Field, box_min: torch.Tensor, box_max: torch.Tensor, re
         grid = torch.stack(torch.meshgrid(ys, axes[2], axes[0], indexing="ij"), -1)  # (Y, Z, X, 3) y, z, x
         points = grid[..., [2, 0, 1]].reshape(-1, 3)  # to x, y, z; x fastest so each column is contiguous
         density, color = _evaluate(field, points, appearance, chunk)
-        dense = (density >= threshold).reshape(-1, counts[0])  # (columns, X)
+        column = density.reshape(-1, counts[0])  # (columns, X), top first
+        if density_threshold is None:  # monotone: true from the cell where half the light is gone
+            dense = (column * spacing).cumsum(1) >= math.log(2.0)
+        else:
+            dense = column >= density_threshold
         keep = (dense & (dense.cumsum(1) <= layers)).reshape(-1)
         xyz.append(points[keep].cpu())
         rgb.append(color[keep].cpu())
