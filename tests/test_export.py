@@ -2,12 +2,13 @@
 --real_units and errors on a container trained briefly on the tiny city (partitioned 2 x 2 and trained as
 tests/test_eval.py does, with fewer steps).
 
-Not asserted: closeness to the city's true surfaces. Measured (resolution 96, tiny city seed 0, CPU; 2026-11)
-with `near_surface_fraction`: with a per-cell 50%-opacity threshold, 0.7% of the points of a 4 x 40-step
-container lay within 0.03 normalised units of a ground-truth surface point; with the half-light rule (the
-default now), a single model trained 400 steps put 16% of its points over the city within 0.03 (25% within
-0.05): the CPU-sized trainings leave fog in the upper slab, so a floor that low would test little. The export's
-geometry is held instead by the hand-made field of known shape."""
+Closeness to the city's true surfaces is checked on one model of the whole tiny city trained 300 steps on the
+CPU (resolution 96, seed 0; 2026-11): of the exported points over the city, 18% lie within 0.03 normalised units
+(2.4 m) of a ground-truth surface point; the test asks for 12% (a wrong axis or offset gives about 2%). So short
+a training leaves fog in the upper slab, hence not "most"; the exporter's own geometry is held exactly by the
+hand-made field of known shape. (With a per-cell 50% opacity threshold instead of the half-light rule, on a
+4 x 40-step container: 0.7%. A low-frequency background model raised the 18% to 32% at equal val PSNR, but cost
+merged containers 2-3 dB in short trainings; not adopted yet.)"""
 from __future__ import annotations
 
 import subprocess
@@ -108,6 +109,24 @@ def read_ply(path: Path) -> np.ndarray:
 def near_surface_fraction(xyz: np.ndarray, dataset_path: Path, tolerance: float = 0.03) -> float:
     """Fraction of points (P, 3) within `tolerance` (normalised units) of a ground-truth surface point."""
     return float(np.mean(cKDTree(true_surface(dataset_path)).query(xyz)[0] <= tolerance))
+
+
+def test_exported_points_lie_on_the_city(tiny_city: Path, tmp_path: Path) -> None:
+    from mega_nerf.export import field_box
+    from mega_nerf.training import Trainer, train_parser
+
+    trainer = Trainer(train_parser().parse_args([
+        "--config_file", str(tiny_city / "config.yaml"), "--exp_name", str(tmp_path / "single"), "--data_mode",
+        "memory", "--train_iterations", "300", "--batch_size", "512", "--samples", "32", "--hash_levels", "8",
+        "--log2_hashmap_size", "14", "--max_resolution", "128", "--occupancy_resolution", "16",
+        "--occupancy_warmup", "50", "--val_interval", "100000", "--ckpt_interval", "300", "--no_progress"]))
+    trainer.run()
+    box_min, box_max = field_box(trainer.field)
+    box_min[0], box_max[0] = trainer.altitude
+    xyz = export_points(trainer.field.eval(), box_min, box_max, 96)[0].astype(np.float64)
+    over_city = xyz[(np.abs(xyz[:, 1]) < 0.95) & (np.abs(xyz[:, 2]) < 0.95)]  # the ground ends at |y|, |z| = 1
+    assert len(over_city) > 200  # measured 303
+    assert near_surface_fraction(over_city, tiny_city) > 0.12
 
 
 def test_export_writes_a_capped_coloured_cloud(merged: Path, tiny_city: Path, tmp_path: Path,
