@@ -68,18 +68,25 @@ def run_eval(config: Path, out: Path, container: Path, nproc: int = 1, dataset: 
     return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
+def partition_train_merge(city: Path, root: Path, steps: int) -> Path:
+    """Under root: masks/ (2 x 2), exp-<k>/ (4 submodules trained `steps` steps each), merged.pt (returned)."""
+    config = city / "config.yaml"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "create_cluster_masks.py"), "--config_file",
+                    str(config), "--output", str(root / "masks"), "--grid_dim", "2", "2", "--ray_samples", "32"],
+                   env=ENV, check=True, capture_output=True, cwd=REPO)
+    for k in range(4):
+        train(config, root / f"exp-{k}", steps, "--cluster_mask_path", str(root / "masks" / str(k)))
+    merge_submodules(f"{root}/exp-", root / "masks" / "params.pt", root / "merged.pt", False, 1.15)
+    return root / "merged.pt"
+
+
 @pytest.fixture(scope="module")
 def pipeline(tiny_city: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """masks/, exp-<k>/ (4 submodules), single-0/ (one model of the whole scene), merged.pt, eval/ (1 process)."""
     root = tmp_path_factory.mktemp("pipeline")
     config = tiny_city / "config.yaml"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "create_cluster_masks.py"), "--config_file",
-                    str(config), "--output", str(root / "masks"), "--grid_dim", "2", "2", "--ray_samples", "32"],
-                   env=ENV, check=True, capture_output=True, cwd=REPO)
-    for k in range(4):
-        train(config, root / f"exp-{k}", STEPS, "--cluster_mask_path", str(root / "masks" / str(k)))
+    partition_train_merge(tiny_city, root, STEPS)
     train(config, root / "single-0", 4 * STEPS)
-    merge_submodules(f"{root}/exp-", root / "masks" / "params.pt", root / "merged.pt", False, 1.15)
     result = run_eval(config, root / "eval", root / "merged.pt")
     assert result.returncode == 0, result.stderr
     return root

@@ -20,13 +20,12 @@ import pytest
 import torch
 from plyfile import PlyData
 from scipy.spatial import cKDTree
-from test_eval import ENV, REPO, train
+from test_eval import ENV, REPO, partition_train_merge
 
 from mega_nerf.data.dataset import load_coordinates, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.export import export_points, main
 from mega_nerf.fields.base import Field
-from mega_nerf.merge import merge_submodules
 from mega_nerf.rays import image_rays
 
 STEPS = 40  # per submodule
@@ -77,15 +76,7 @@ def test_box_field_exports_its_top_face_in_its_colour() -> None:
 @pytest.fixture(scope="module")
 def merged(tiny_city: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2 x 2 container of the tiny city, each submodule trained STEPS steps."""
-    root = tmp_path_factory.mktemp("export")
-    config = tiny_city / "config.yaml"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "create_cluster_masks.py"), "--config_file",
-                    str(config), "--output", str(root / "masks"), "--grid_dim", "2", "2", "--ray_samples", "32"],
-                   env=ENV, check=True, capture_output=True, cwd=REPO)
-    for k in range(4):
-        train(config, root / f"exp-{k}", STEPS, "--cluster_mask_path", str(root / "masks" / str(k)))
-    merge_submodules(f"{root}/exp-", root / "masks" / "params.pt", root / "merged.pt", False, 1.15)
-    return root / "merged.pt"
+    return partition_train_merge(tiny_city, tmp_path_factory.mktemp("export"), STEPS)
 
 
 def true_surface(dataset_path: Path, n_images: int = 8) -> np.ndarray:
