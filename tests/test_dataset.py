@@ -212,6 +212,19 @@ def test_truncated_image(tmp_path, ext):
         m.load_rgb()
 
 
+@pytest.mark.parametrize("cut", [2, 1, 300])
+def test_jpeg_missing_its_end_is_truncated_but_trailing_data_is_fine(tmp_path, cut):
+    minimal_dataset(tmp_path, ".jpg")
+    path = tmp_path / "val" / "rgbs" / "b.jpg"
+    data = path.read_bytes()
+    path.write_bytes(data + b"\x00\x00\x00\x18ftypmp42\xff\xda\x00\x08")  # e.g. a motion photo's video
+    expected = load_dataset(tmp_path).images[1].load_rgb()
+    assert expected.shape[-1] == 3
+    path.write_bytes(data[:-cut])
+    with raises_naming(path):
+        load_dataset(tmp_path).images[1].load_rgb()
+
+
 def test_image_size_disagrees_with_metadata(tmp_path):
     minimal_dataset(tmp_path)
     meta = tmp_path / "train" / "metadata" / "a.pt"

@@ -175,7 +175,27 @@ def load_dataset(path: str | os.PathLike, scale_factor: int = 1) -> Dataset:
 
 
 def _jpeg_truncated(data: bytes) -> bool:
-    return not data.rstrip(b"\x00").endswith(b"\xff\xd9")
+    """True when the JPEG stream ends before its end-of-image marker. Walks the marker segments (and the
+    entropy-coded data after each start-of-scan, where 0xFF is followed by 0x00 or a restart marker), so data
+    appended after the end marker (e.g. a motion photo's video) is allowed."""
+    i = 2  # after SOI
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return True
+        marker = data[i + 1]
+        if marker == 0xD9:  # EOI
+            return False
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, RSTn, TEM: no length
+            i += 1 if marker == 0xFF else 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:  # start of scan: skip entropy-coded data up to the next real marker
+            i = data.find(b"\xff", i)
+            while i != -1 and i + 1 < len(data) and (data[i + 1] == 0x00 or 0xD0 <= data[i + 1] <= 0xD7):
+                i = data.find(b"\xff", i + 2)
+            if i == -1:
+                return True
+    return not data[i:i + 2] == b"\xff\xd9"
 
 
 def read_image(path: Path, W: int, H: int, scale_factor: int = 1, intrinsics: torch.Tensor | None = None,
