@@ -43,14 +43,17 @@ class RayStream:
         self._loaded.clear()
         self._pending.clear()
 
+    def _order(self, epoch: int) -> np.ndarray:
+        """The chunk indices in the order epoch `epoch` visits them."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
+
     def _layout(self) -> tuple[np.ndarray, np.ndarray]:
         """This epoch's chunk sizes in epoch order, and their cumulative ends."""
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts))
-        sizes = np.array(self.counts)[order]
+        sizes = np.array(self.counts)[self._order(self.epoch)]
         return sizes, np.cumsum(sizes)
 
     def _load(self, epoch: int, position: int) -> dict[str, torch.Tensor]:
-        k = int(np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))[position])
+        k = int(self._order(epoch)[position])
         source = self.sources[k]
         rays = source if isinstance(source, np.ndarray) else np.load(source)
         rays = rays[np.random.default_rng([self.seed, epoch, k]).permutation(len(rays))]
