@@ -45,9 +45,12 @@ def _env_int(name: str) -> int:
 
 
 def init_distributed(timeout_minutes: float = 10) -> DistInfo:
-    """Join the process group torchrun set up (NCCL with CUDA, else gloo), or run alone when unlaunched.
+    """Join the process group torchrun set up, or run alone when unlaunched.
 
-    Each rank uses the GPU `LOCAL_RANK` when CUDA is available, otherwise the CPU.
+    With CUDA, local rank r uses GPU r modulo the GPUs visible, so more processes than GPUs share them (useful
+    when one process cannot keep a GPU busy); the backend is NCCL with one process per GPU, and gloo when GPUs are
+    shared, since NCCL refuses two ranks on one device (the collectives here move only small objects). Without
+    CUDA every rank runs on the CPU with gloo.
     """
     if timeout_minutes <= 0:
         raise UserError(f"the distributed timeout must be positive minutes, got {timeout_minutes}")
@@ -56,16 +59,17 @@ def init_distributed(timeout_minutes: float = 10) -> DistInfo:
         return DistInfo(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
+    backend = "gloo"
     if cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
-                            "lower --nproc_per_node")
-        device = torch.device("cuda", local_rank)
+        gpus = torch.cuda.device_count()
+        local_world = _env_int("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else local_rank + 1
+        device = torch.device("cuda", local_rank % gpus)
         torch.cuda.set_device(device)
+        backend = "nccl" if local_world <= gpus else "gloo"
     else:
         device = torch.device("cpu")
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, rank=rank, world_size=world_size)
+    dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, device)
 
 
@@ -78,7 +82,7 @@ def shard(items: list[T], info: DistInfo) -> list[T]:
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op for a single process)."""
     if info.is_distributed:
-        if info.device.type == "cuda":
+        if dist.get_backend() == "nccl":
             dist.barrier(device_ids=[info.device.index])
         else:
             dist.barrier()
