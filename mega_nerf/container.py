@@ -86,15 +86,17 @@ class Container(Field):
                 out.append((field, index, weights[index, s]))
         return out
 
-    def forward(self, positions: torch.Tensor, directions: torch.Tensor,
-                appearance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
+                ray_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Blend of the routed submodules, each run once on its points. Each submodule's density counts only
         where its own occupancy grid says occupied, as when it renders alone."""
         density = torch.zeros(positions.shape[0], device=positions.device)
         rgb = torch.zeros(positions.shape[0], 3, device=positions.device)
+        if ray_of is None:  # per-point directions: each point is its own ray
+            ray_of = torch.arange(positions.shape[0], device=positions.device)
         for field, index, w in self.routes(positions):
             points = positions[index]
-            sigma, color = field(points, directions[index], appearance[index])
+            sigma, color = field(points, directions, appearance, ray_of[index])
             sigma = sigma.float() * field.occupied(points)
             density.index_add_(0, index, w * sigma)
             rgb.index_add_(0, index, w[:, None] * color.float())

@@ -29,7 +29,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 def train_args(iterations: int, cuda: bool) -> str:
     """Short training for a demo: small hash grid and batches on a CPU, the defaults' shape on a GPU."""
     if cuda:
-        return f"--train_iterations {iterations * 5} --batch_size 16384 --val_interval {iterations * 5}"
+        return f"--train_iterations {iterations * 5} --val_interval {iterations * 5}"
     return (f"--train_iterations {iterations} --batch_size 512 --samples 32 --hash_levels 8 --log2_hashmap_size 15 "
             f"--max_resolution 256 --occupancy_resolution 32 --occupancy_warmup 100 --val_interval {iterations} "
             f"--ckpt_interval 100 --log_interval 50 --data_mode memory --no_progress")

@@ -94,12 +94,14 @@ def test_killed_write_is_redone(scene, tmp_path):
     assert len(read_chunks(out)) == manifest.count
 
 
-def test_stream_visits_every_ray_once_per_epoch_and_resumes(scene, tmp_path):
+@pytest.mark.parametrize("piece_rays", [1 << 22, 90])  # whole chunks; pieces of chunks
+def test_stream_visits_every_ray_once_per_epoch_and_resumes(scene, tmp_path, piece_rays):
     data, masks = scene
     manifest = prepare_chunks(load_dataset(data), masks, [tmp_path], chunk_rays=250, progress=False)
     sources = [tmp_path / n for _, n, _ in manifest.chunks]
     counts = [c for _, _, c in manifest.chunks]
-    stream = RayStream(sources, counts, batch_size=64, seed=3, device=torch.device("cpu"))
+    stream = RayStream(sources, counts, batch_size=64, seed=3, device=torch.device("cpu"), piece_rays=piece_rays)
+    assert len(stream.pieces) > len(counts) or piece_rays > max(counts)
     seen = []
     while stream.epoch == 0:
         image, pixel, rgb = stream.next_batch()
@@ -109,7 +111,7 @@ def test_stream_visits_every_ray_once_per_epoch_and_resumes(scene, tmp_path):
     assert len(seen) == len(set(seen)) == manifest.count
     state = stream.state_dict()
     after = [stream.next_batch() for _ in range(5)]
-    resumed = RayStream(sources, counts, batch_size=64, seed=3, device=torch.device("cpu"))
+    resumed = RayStream(sources, counts, batch_size=64, seed=3, device=torch.device("cpu"), piece_rays=piece_rays)
     resumed.load_state_dict(state)
     for a, b in zip(after, [resumed.next_batch() for _ in range(5)]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -152,10 +152,10 @@ class CountingField(Field):
         self.forward_calls: list[torch.Tensor] = []
         self.occupied_calls = 0
 
-    def forward(self, positions: torch.Tensor, directions: torch.Tensor,
-                appearance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
+                ray_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self.forward_calls.append(positions.clone())
-        return self.inner(positions, directions, appearance)
+        return self.inner(positions, directions, appearance, ray_of)
 
     def occupied(self, positions: torch.Tensor) -> torch.Tensor:
         self.occupied_calls += 1

@@ -65,6 +65,14 @@ def test_spherical_harmonics_are_orthonormal():
     Y = spherical_harmonics(d)
     gram = 4 * math.pi * (Y.T @ Y) / d.shape[0]  # Monte Carlo integral over the sphere
     assert torch.allclose(gram, torch.eye(16, dtype=torch.float64), atol=0.03)
+    # At the pole the m = 0 functions are sqrt((2l + 1) / 4 pi), all others vanish; degree l has parity (-1)^l.
+    pole = spherical_harmonics(torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64))[0]
+    expected = torch.zeros(16, dtype=torch.float64)
+    for index, degree in ((0, 0), (2, 1), (6, 2), (12, 3)):
+        expected[index] = math.sqrt((2 * degree + 1) / (4 * math.pi))
+    torch.testing.assert_close(pole, expected)
+    parity = torch.tensor([(-1.0) ** int(math.isqrt(j)) for j in range(16)], dtype=torch.float64)
+    torch.testing.assert_close(spherical_harmonics(-d[:100]), parity * spherical_harmonics(d[:100]))
 
 
 @pytest.mark.parametrize("kind", ["hash", "mlp"])
@@ -87,6 +95,26 @@ def test_fields_shapes_ranges_and_gradients(kind):
     assert field.appearance.weight.grad.abs().sum() > 0
     first = field.grid.table if kind == "hash" else field.layers[0].weight
     assert first.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["hash", "mlp"])
+def test_per_ray_directions_equal_per_point(kind):
+    """Directions and appearance given once per ray (with ray_of) give what the same values per point give."""
+    torch.manual_seed(0)
+    extra = {"log2_table_size": 12, "max_resolution": 64} if kind == "hash" else {}
+    field = build_field({"kind": kind, "box_min": [-1, -1, -1], "box_max": [1, 1, 1], "n_images": 4, **extra})
+    with torch.no_grad():  # a non-trivial colour dependence on the direction and the image
+        for param in field.parameters():
+            param.normal_(0, 0.3)
+    p = torch.rand(50, 3) * 2 - 1
+    d = torch.nn.functional.normalize(torch.randn(7, 3), dim=-1)
+    a = torch.randint(0, 4, (7,))
+    ray_of = torch.randint(0, 7, (50,))
+    per_ray = field(p, d, a, ray_of)
+    per_point = field(p, d[ray_of], a[ray_of])
+    for x, y in zip(per_ray, per_point):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert per_point[1].std(0).min() > 0.01  # colours differ between rays
 
 
 def test_unknown_field_is_a_user_error():

@@ -15,7 +15,7 @@ class Slab(Field):
         self.sigma, self.a, self.b, self.occupied_everywhere = sigma, a, b, occupied_everywhere
         self.evaluated = 0
 
-    def forward(self, positions, directions, appearance):
+    def forward(self, positions, directions, appearance, ray_of=None):
         self.evaluated += positions.shape[0]
         x = positions[:, 0]
         density = torch.where((x >= self.a) & (x <= self.b), self.sigma, 0.0)

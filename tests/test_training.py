@@ -109,8 +109,8 @@ def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path):
                            "--train_iterations", "20", "--ckpt_interval", "4", "--log_interval", "2"))
     original = trainer.field.forward
 
-    def poisoned(positions, directions, appearance):
-        density, rgb = original(positions, directions, appearance)
+    def poisoned(positions, directions, appearance, ray_of=None):
+        density, rgb = original(positions, directions, appearance, ray_of)
         return density * (float("nan") if trainer.step >= 5 else 1.0), rgb
 
     trainer.field.forward = poisoned

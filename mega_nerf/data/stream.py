@@ -1,8 +1,11 @@
-"""Streaming training batches from shuffled ray chunks, the next chunk loading on a background thread.
+"""Streaming training batches from shuffled ray chunks, the next piece loading on a background thread.
 
-An epoch is the chunks in a seeded random order, each re-permuted by a seed of (epoch, chunk): batch b of an
-epoch is rays [b * batch_size, (b + 1) * batch_size) of that sequence. The position is therefore two integers
-(epoch, offset), saved in checkpoints, so a resumed run sees exactly the batches an uninterrupted one would.
+The chunks are read in pieces of at most `piece_rays` consecutive rays (a memory-mapped slice of a chunk file),
+so the first batch waits for one small piece, not a whole chunk. Since a chunk is already a random shuffle of
+the cell's rays, every piece is a random sample of them. An epoch is the pieces in a seeded random order, each
+re-permuted by a seed of (epoch, piece): batch b of an epoch is rays [b * batch_size, (b + 1) * batch_size) of
+that sequence. The position is therefore two integers (epoch, offset), saved in checkpoints, so a resumed run
+sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -25,12 +28,15 @@ class RayStream:
     """Batches over chunk files (disk mode) or one in-memory array (memory mode)."""
 
     def __init__(self, sources: list[Path | np.ndarray], counts: list[int], batch_size: int, seed: int,
-                 device: torch.device) -> None:
-        self.sources, self.counts = sources, counts
+                 device: torch.device, piece_rays: int = 1 << 22) -> None:
+        self.sources = sources
+        self.pieces = [(k, start, min(start + piece_rays, count))  # (source, first ray, end)
+                       for k, count in enumerate(counts) for start in range(0, count, piece_rays)]
+        self.counts = [end - start for _, start, end in self.pieces]
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.epoch, self.offset = 0, 0
         self.wait_seconds = 0.0  # time the trainer spent blocked on data
-        self.waits = 0  # batches that blocked on a chunk load for over a millisecond
+        self.waits = 0  # batches that blocked on a piece load for over a millisecond
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._loaded: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (epoch, position) -> tensors
         self._pending: dict[tuple[int, int], Future] = {}
@@ -44,24 +50,25 @@ class RayStream:
         self._pending.clear()
 
     def _order(self, epoch: int) -> np.ndarray:
-        """The chunk indices in the order epoch `epoch` visits them."""
+        """The piece indices in the order epoch `epoch` visits them."""
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
 
     def _layout(self) -> tuple[np.ndarray, np.ndarray]:
-        """This epoch's chunk sizes in epoch order, and their cumulative ends."""
+        """This epoch's piece sizes in epoch order, and their cumulative ends."""
         sizes = np.array(self.counts)[self._order(self.epoch)]
         return sizes, np.cumsum(sizes)
 
     def _load(self, epoch: int, position: int) -> dict[str, torch.Tensor]:
         k = int(self._order(epoch)[position])
-        source = self.sources[k]
-        rays = source if isinstance(source, np.ndarray) else np.load(source)
+        source, start, end = self.pieces[k]
+        rays = self.sources[source]
+        rays = (rays if isinstance(rays, np.ndarray) else np.load(rays, mmap_mode="r"))[start:end]
         rays = rays[np.random.default_rng([self.seed, epoch, k]).permutation(len(rays))]
         return _to_tensors(rays, pin=self.device.type == "cuda")
 
-    def _chunk(self, position: int) -> dict[str, torch.Tensor]:
-        """This epoch's chunk at `position`, on the device; starts loading the one after it (next epoch's
-        first after the last), so the trainer does not wait at chunk or epoch boundaries."""
+    def _piece(self, position: int) -> dict[str, torch.Tensor]:
+        """This epoch's piece at `position`, on the device; starts loading the one after it (next epoch's
+        first after the last), so the trainer does not wait at piece or epoch boundaries."""
         key = (self.epoch, position)
         if key not in self._loaded:
             future = self._pending.pop(key, None) or self._pool.submit(self._load, *key)
@@ -90,8 +97,8 @@ class RayStream:
             position = int(np.searchsorted(ends, self.offset, side="right"))
             start = self.offset - (ends[position] - sizes[position])
             take = int(min(need, sizes[position] - start))
-            chunk = self._chunk(position)
-            parts.append({k: v[start:start + take] for k, v in chunk.items()})
+            piece = self._piece(position)
+            parts.append({k: v[start:start + take] for k, v in piece.items()})
             self.offset += take
             need -= take
         image = torch.cat([p["image"] for p in parts]).long()

@@ -13,9 +13,11 @@ class Field(nn.Module):
     """Abstract field. Positions are normalised DRB world coordinates, directions are unit vectors, and
     appearance indices are image indices (train + val sorted by name)."""
 
-    def forward(self, positions: torch.Tensor, directions: torch.Tensor,
-                appearance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions, directions: (N, 3); appearance: (N,) long. Returns density (N,) >= 0 and rgb (N, 3) in [0, 1]."""
+    def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
+                ray_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (N, 3). directions (3,) and appearance are per point, (N, 3) and (N,), or, when ray_of (N,)
+        gives each point's ray, per ray, (R, 3) and (R,): a field may then compute view-dependent terms once per
+        ray rather than once per sample. Returns density (N,) >= 0 and rgb (N, 3) in [0, 1]."""
         raise NotImplementedError
 
     def occupied(self, positions: torch.Tensor) -> torch.Tensor:

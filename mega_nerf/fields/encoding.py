@@ -21,20 +21,45 @@ def positional_encoding(x: torch.Tensor, n_frequencies: int) -> torch.Tensor:
     return torch.cat([x, torch.sin(scaled), torch.cos(scaled)], -1)
 
 
+# Real spherical harmonics up to degree 3 (16 functions) as polynomials in the unit direction (x, y, z): per
+# function, (coefficient, monomial) pairs, a monomial named by its factors ("" is the constant 1).
+_SH_POLYNOMIALS = (
+    ((0.28209479177387814, ""),),
+    ((-0.48860251190291987, "y"),), ((0.48860251190291987, "z"),), ((-0.48860251190291987, "x"),),
+    ((1.0925484305920792, "xy"),), ((-1.0925484305920792, "yz"),),
+    ((0.94617469575755997, "zz"), (-0.31539156525251999, "")),
+    ((-1.0925484305920792, "xz"),), ((0.54627421529603959, "xx"), (-0.54627421529603959, "yy")),
+    ((-3 * 0.59004358992664352, "xxy"), (0.59004358992664352, "yyy")), ((2.8906114426405538, "xyz"),),
+    ((0.45704579946446572, "y"), (-5 * 0.45704579946446572, "yzz")),
+    ((5 * 0.3731763325901154, "zzz"), (-3 * 0.3731763325901154, "z")),
+    ((0.45704579946446572, "x"), (-5 * 0.45704579946446572, "xzz")),
+    ((1.4453057213202769, "xxz"), (-1.4453057213202769, "yyz")),
+    ((-0.59004358992664352, "xxx"), (3 * 0.59004358992664352, "xyy")),
+)
+_SH_MATRICES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _sh_matrix(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(64, 16): the coefficients of each function over the products m_i m_j m_k of m = (1, x, y, z)."""
+    key = (device, dtype)
+    if key not in _SH_MATRICES:
+        matrix = torch.zeros(64, 16, dtype=torch.float64)
+        for j, terms in enumerate(_SH_POLYNOMIALS):
+            for coefficient, monomial in terms:
+                i, k, m = (" xyz".index(c) for c in monomial.rjust(3))
+                matrix[(i * 4 + k) * 4 + m, j] += coefficient
+        _SH_MATRICES[key] = matrix.to(device, dtype)
+    return _SH_MATRICES[key]
+
+
 def spherical_harmonics(d: torch.Tensor) -> torch.Tensor:
-    """Real spherical harmonics up to degree 3 (16 values) of unit directions (N, 3) -> (N, 16)."""
-    x, y, z = d.unbind(-1)
-    xx, yy, zz = x * x, y * y, z * z
-    return torch.stack([
-        torch.full_like(x, 0.28209479177387814),
-        -0.48860251190291987 * y, 0.48860251190291987 * z, -0.48860251190291987 * x,
-        1.0925484305920792 * x * y, -1.0925484305920792 * y * z, 0.94617469575755997 * zz - 0.31539156525251999,
-        -1.0925484305920792 * x * z, 0.54627421529603959 * (xx - yy),
-        0.59004358992664352 * y * (-3.0 * xx + yy), 2.8906114426405538 * x * y * z,
-        0.45704579946446572 * y * (1.0 - 5.0 * zz), 0.3731763325901154 * z * (5.0 * zz - 3.0),
-        0.45704579946446572 * x * (1.0 - 5.0 * zz), 1.4453057213202769 * z * (xx - yy),
-        0.59004358992664352 * x * (-xx + 3.0 * yy),
-    ], -1)
+    """Real spherical harmonics up to degree 3 (16 values) of unit directions (N, 3) -> (N, 16).
+
+    Computed as one matrix product over the 64 products of (1, x, y, z) taken three at a time: a handful of
+    kernels however many terms, since per-step kernel launches, not arithmetic, bound a training step."""
+    m = torch.nn.functional.pad(d, (1, 0), value=1.0)  # (N, 4): 1, x, y, z
+    products = (m[:, :, None, None] * m[:, None, :, None] * m[:, None, None, :]).flatten(1)  # (N, 64)
+    return products @ _sh_matrix(d.device, products.dtype)
 
 
 def level_resolutions(n_levels: int, base_resolution: int, max_resolution: int) -> list[int]:

@@ -57,8 +57,11 @@ class HashField(BoxField):
         self.grid = HashGrid(n_levels, n_features, log2_table_size, base_resolution, max_resolution)
         self.density_net = nn.Sequential(nn.Linear(self.grid.output_dim, hidden), nn.ReLU(),
                                          nn.Linear(hidden, 1 + geo_features))
-        self.color_net = nn.Sequential(nn.Linear(16 + geo_features + appearance_dim, hidden), nn.ReLU(),
-                                       nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+        # The colour MLP's first layer, W [sh(d), geo, embedding] + b, split in two: the direction and appearance
+        # part is the same for every sample of a ray, so it is computed once per ray.
+        self.color_ray = nn.Linear(16 + appearance_dim, hidden)
+        self.color_geo = nn.Linear(geo_features, hidden, bias=False)
+        self.color_net = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3))
         self.occupancy = OccupancyGrid(occupancy_resolution)
 
     def density_features(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,12 +69,14 @@ class HashField(BoxField):
         h = self.density_net(self.grid(u)).float()
         return trunc_exp(h[:, 0] - 1.0), h[:, 1:]
 
-    def forward(self, positions: torch.Tensor, directions: torch.Tensor,
-                appearance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
+                ray_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         u, inside = self.to_box(positions)
         density, geo = self.density_features(u)
-        x = torch.cat([spherical_harmonics(directions), geo, self.appearance(appearance)], -1)
-        rgb = torch.sigmoid(self.color_net(x).float())
+        view = self.color_ray(torch.cat([spherical_harmonics(directions), self.appearance(appearance)], -1))
+        if ray_of is not None:
+            view = view[ray_of]
+        rgb = torch.sigmoid(self.color_net(self.color_geo(geo.to(view.dtype)) + view).float())
         return density * inside, rgb
 
     def occupied(self, positions: torch.Tensor) -> torch.Tensor:

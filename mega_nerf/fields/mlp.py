@@ -26,8 +26,10 @@ class MLPField(BoxField):
         self.color = nn.Sequential(nn.Linear(width + dir_dim + appearance_dim, width // 2), nn.ReLU(),
                                    nn.Linear(width // 2, 3))
 
-    def forward(self, positions: torch.Tensor, directions: torch.Tensor,
-                appearance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
+                ray_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if ray_of is not None:
+            directions, appearance = directions[ray_of], appearance[ray_of]
         u, inside = self.to_box(positions)
         x = positional_encoding(u * 2 - 1, self.position_frequencies)
         h = x
