@@ -2,7 +2,7 @@
 batches with no training in the way (so it can be compared with the trainer's consumption in train_speed.py,
 which also reports the time training spent waiting on data).
 
-    python bench/data_speed.py --preset city [--batch_size 16384] [--chunk_rays 16777216]
+    python bench/data_speed.py --preset city [--batch_size 32768] [--chunk_rays 16777216]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--preset", default="city")
     p.add_argument("--work", type=Path, default=Path("bench-work"))
     p.add_argument("--cell", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=16384)
+    p.add_argument("--batch_size", type=int, default=32768)
     p.add_argument("--chunk_rays", type=int, default=2 ** 24)
     p.add_argument("--batches", type=int, default=2000)
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))

@@ -1,7 +1,7 @@
 """Rendering speed of a merged container: rays/s and ms per 1920x1080 frame (a val camera's pose with its
 intrinsics scaled to that size), plus peak GPU memory.
 
-    python bench/render_speed.py --container_path merged.pt --dataset_path D [--frames 3] [--chunk 65536]
+    python bench/render_speed.py --container_path merged.pt --dataset_path D [--frames 3] [--chunk 262144]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--container_path", type=Path, required=True)
     p.add_argument("--dataset_path", type=Path, required=True)
     p.add_argument("--frames", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=65536)
+    p.add_argument("--chunk", type=int, default=262144)
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

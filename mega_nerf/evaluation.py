@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from mega_nerf.lpips import LPIPS, load_lpips_nets
 from mega_nerf.metrics import SSIM_WINDOW, image_metrics
 from mega_nerf.opts import base_parser, require
 from mega_nerf.rays import image_rays, near_far
-from mega_nerf.render import render_in_chunks
+from mega_nerf.render import default_chunk, render_in_chunks
 from mega_nerf.validation import colorize_depth, to_uint8, write_rgb
 
 PROTOCOL = "metrics on the right half of each val image (its left half was trained on: Mega-NeRF's protocol)"
@@ -54,7 +55,8 @@ def eval_parser() -> configargparse.ArgParser:
     p.add_argument("--lpips_weights_dir", type=str, default=None,
                    help="LPIPS weights (see mega_nerf/lpips.py; default ~/.cache/mega_nerf/lpips); "
                         "without them LPIPS is reported as null")
-    p.add_argument("--ray_chunk", type=int, default=8192, help="rays rendered at once (bounds memory)")
+    p.add_argument("--ray_chunk", type=int, default=None,
+                   help="rays rendered at once, bounds memory (default: 262144 on a GPU, 8192 on a CPU)")
     p.add_argument("--timeout_minutes", type=float, default=10,
                    help="how long a rank waits for the others before the job fails")
     p.add_argument("--no_progress", action="store_true")
@@ -94,6 +96,8 @@ def prepare(args: configargparse.Namespace, device: torch.device) -> EvalJob:
     """Validate the options and inputs (one-line errors) and load the container, dataset and LPIPS."""
     for option in ("dataset_path", "exp_name", "container_path"):
         require(getattr(args, option), option)
+    if args.ray_chunk is None:
+        args.ray_chunk = default_chunk(device)
     if args.ray_chunk < 1:
         raise UserError(f"--ray_chunk must be at least 1, got {args.ray_chunk}")
     container, info = load_container(args.container_path, device)
@@ -177,6 +181,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.device) -> str:
+    """Rank 0's own share: images, rays per second (rendering, scoring and writing included), peak GPU memory."""
+    rays = sum(meta.H * meta.W for meta in images)
+    line = f"rank 0: {len(images)} images, {rays:,} rays in {seconds:.1f} s ({rays / max(seconds, 1e-9):,.0f} rays/s)"
+    if device.type == "cuda":
+        line += f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
+    return line
+
+
 def evaluate(args: configargparse.Namespace) -> dict[str, Any] | None:
     """Run the evaluation on this rank's share of the val images. Returns the report on rank 0, else None."""
     info = init_distributed(args.timeout_minutes)
@@ -184,14 +197,17 @@ def evaluate(args: configargparse.Namespace) -> dict[str, Any] | None:
         job = prepare(args, info.device)
         mine = shard(job.images, info)
         bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or args.no_progress)
+        start = time.perf_counter()
         with torch.no_grad():
             results = [evaluate_image(job, meta) for meta in bar]
+        seconds = time.perf_counter() - start
         gathered = gather_objects(results, info)
         if gathered is None:
             return None
         report = summarise([r for rank in gathered for r in rank], args)
         write_json(job.output / "metrics.json", report)
         print(format_table(report))
+        print(throughput_line(mine, seconds, info.device))
         print(f"wrote {job.output / 'metrics.json'}")
         return report
     finally:

@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 import torch
 from plyfile import PlyData
-from scipy.spatial import cKDTree
 from test_eval import ENV, REPO, partition_train_merge
 
-from mega_nerf.data.dataset import load_coordinates, load_dataset
+from mega_nerf.data.dataset import load_coordinates
 from mega_nerf.errors import UserError
 from mega_nerf.export import export_points, main
 from mega_nerf.fields.base import Field
-from mega_nerf.rays import image_rays
+from mega_nerf.synthetic.surface import near_surface_fraction
 
 STEPS = 40  # per submodule
+TOLERANCE = 0.03  # normalised units: 2.4 m on the tiny city
 
 
 class SlabField(Field):
@@ -42,8 +42,8 @@ class SlabField(Field):
         self.register_buffer("anchor", torch.zeros(1))  # tells export_points the device
         self.sigma = sigma
 
-    def forward(self, positions: torch.Tensor, directions: torch.Tensor,
-                appearance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
+                ray_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         inside = ((positions >= self.LO) & (positions <= self.HI)).all(-1)
         return inside * self.sigma, self.COLOR.expand(positions.shape[0], 3)
 
@@ -79,27 +79,11 @@ def merged(tiny_city: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return partition_train_merge(tiny_city, tmp_path_factory.mktemp("export"), STEPS)
 
 
-def true_surface(dataset_path: Path, n_images: int = 8) -> np.ndarray:
-    """(P, 3) ground-truth surface points, origin + depth * dir, from the depth maps of every fifth image."""
-    points = []
-    for meta in load_dataset(dataset_path).images[::5][:n_images]:
-        origins, dirs = image_rays(meta.c2w, meta.intrinsics, meta.W, meta.H)
-        depth = torch.from_numpy(np.load(dataset_path / "depth" / meta.split / f"{meta.name}.npy")).reshape(-1)
-        hit = torch.isfinite(depth)
-        points.append((origins[hit] + depth[hit, None] * dirs[hit]).double().numpy())
-    return np.concatenate(points)
-
-
 def read_ply(path: Path) -> np.ndarray:
     vertex = PlyData.read(str(path))["vertex"]
     assert [p.name for p in vertex.properties] == ["x", "y", "z", "red", "green", "blue"]
     assert [vertex[n].dtype for n in ("x", "red")] == [np.dtype("f4"), np.dtype("u1")]
     return vertex.data
-
-
-def near_surface_fraction(xyz: np.ndarray, dataset_path: Path, tolerance: float = 0.03) -> float:
-    """Fraction of points (P, 3) within `tolerance` (normalised units) of a ground-truth surface point."""
-    return float(np.mean(cKDTree(true_surface(dataset_path)).query(xyz)[0] <= tolerance))
 
 
 def test_exported_points_lie_on_the_city(tiny_city: Path, tmp_path: Path) -> None:
@@ -117,7 +101,7 @@ def test_exported_points_lie_on_the_city(tiny_city: Path, tmp_path: Path) -> Non
     xyz = export_points(trainer.field.eval(), box_min, box_max, 96)[0].astype(np.float64)
     over_city = xyz[(np.abs(xyz[:, 1]) < 0.95) & (np.abs(xyz[:, 2]) < 0.95)]  # the ground ends at |y|, |z| = 1
     assert len(over_city) > 200  # measured 303
-    assert near_surface_fraction(over_city, tiny_city) > 0.12
+    assert near_surface_fraction(over_city, tiny_city, TOLERANCE) > 0.12
 
 
 def test_export_writes_a_capped_coloured_cloud(merged: Path, tiny_city: Path, tmp_path: Path,
@@ -129,7 +113,7 @@ def test_export_writes_a_capped_coloured_cloud(merged: Path, tiny_city: Path, tm
     data = read_ply(out)
     assert f"wrote {len(data)} points ({len(data)} found)" in capsys.readouterr().out and len(data) > 100
     xyz = np.stack([data["x"], data["y"], data["z"]], 1).astype(np.float64)
-    print(f"near surface: {near_surface_fraction(xyz, tiny_city):.3f} of {len(xyz)} points")
+    print(f"near surface: {near_surface_fraction(xyz, tiny_city, TOLERANCE):.3f} of {len(xyz)} points")
 
     capped = tmp_path / "capped.ply"
     main(["--container_path", str(merged), "--output", str(capped), "--resolution", "96", "--max_points", "100"])

@@ -1,0 +1,34 @@
+"""Ground truth for judging geometry on a synthetic city: its true surface points, from the depth maps that
+`generate_city(write_depth=True)` writes, and how many of a model's points lie near them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from mega_nerf.data.dataset import load_dataset
+from mega_nerf.errors import UserError
+from mega_nerf.rays import image_rays
+
+
+def surface_points(dataset_path: Path, every: int = 5, n_images: int = 8) -> np.ndarray:
+    """(P, 3) true surface points in normalised DRB, origin + depth * direction over every pixel of every
+    `every`-th image (at most `n_images` of them) that hits the city."""
+    dataset_path = Path(dataset_path)
+    points = []
+    for meta in load_dataset(dataset_path).images[::every][:n_images]:
+        path = dataset_path / "depth" / meta.split / f"{meta.name}.npy"
+        if not path.is_file():
+            raise UserError(f"{path}: missing (generate the city with write_depth=True)")
+        origins, dirs = image_rays(meta.c2w, meta.intrinsics, meta.W, meta.H)
+        depth = torch.from_numpy(np.load(path)).reshape(-1)
+        hit = torch.isfinite(depth)
+        points.append((origins[hit] + depth[hit, None] * dirs[hit]).double().numpy())
+    return np.concatenate(points)
+
+
+def near_surface_fraction(xyz: np.ndarray, dataset_path: Path, tolerance: float) -> float:
+    """Fraction of points (P, 3) (normalised DRB) within `tolerance` (normalised units) of a true surface point."""
+    return float(np.mean(cKDTree(surface_points(dataset_path)).query(xyz)[0] <= tolerance))
