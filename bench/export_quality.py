@@ -2,7 +2,7 @@
 (`scripts/export_ply.py` defaults) and count the points over the city within a tolerance of the ground truth
 (the city's depth maps: generate it with write_depth=True).
 
-    python bench/export_quality.py --container_path merged.pt --dataset_path city-data [--tolerance_m 2.4]
+    python bench/export_quality.py --container_path merged.pt --dataset_path city-data [--tolerances_m 2.4 5 10]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--container_path", type=Path, required=True)
     p.add_argument("--dataset_path", type=Path, required=True)
     p.add_argument("--output", type=Path, default=Path("export_quality.ply"))
-    p.add_argument("--tolerance_m", type=float, default=2.4, help="metres")
+    p.add_argument("--tolerances_m", type=float, nargs="+", default=[2.4, 5.0, 10.0], help="metres")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
     export_main(["--container_path", str(args.container_path), "--output", str(args.output)])
@@ -34,10 +34,10 @@ def main() -> None:
     xyz = np.stack([vertex["x"], vertex["y"], vertex["z"]], -1).astype(np.float64)
     over_city = xyz[(np.abs(xyz[:, 1]) < 0.95) & (np.abs(xyz[:, 2]) < 0.95)]  # the ground ends at |y|, |z| = 1
     scale = load_coordinates(args.dataset_path).pose_scale_factor
-    fraction = near_surface_fraction(over_city, args.dataset_path, args.tolerance_m / scale)
-    table = ("| points | over the city | within tolerance | tolerance |\n|---|---|---|---|\n"
-             f"| {len(xyz):,} | {len(over_city):,} | {100 * fraction:.1f}% | {args.tolerance_m} m "
-             f"({args.tolerance_m / scale:.4f} normalised) |")
+    within = [near_surface_fraction(over_city, args.dataset_path, t / scale) for t in args.tolerances_m]
+    table = ("| points | over the city | " + " | ".join(f"within {t:g} m" for t in args.tolerances_m) + " |\n"
+             + "|---" * (2 + len(within)) + "|\n"
+             f"| {len(xyz):,} | {len(over_city):,} | " + " | ".join(f"{100 * f:.1f}%" for f in within) + " |")
     append_results(args.results, "Exported point cloud vs the true surfaces", "python " + " ".join(sys.argv), table)
 
 

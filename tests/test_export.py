@@ -3,12 +3,13 @@
 tests/test_eval.py does, with fewer steps).
 
 Closeness to the city's true surfaces is checked on one model of the whole tiny city trained 300 steps on the
-CPU (resolution 96, seed 0; 2026-11): of the exported points over the city, 18% lie within 0.03 normalised units
-(2.4 m) of a ground-truth surface point; the test asks for 12% (a wrong axis or offset gives about 2%). So short
-a training leaves fog in the upper slab, hence not "most"; the exporter's own geometry is held exactly by the
-hand-made field of known shape. (With a per-cell 50% opacity threshold instead of the half-light rule, on a
-4 x 40-step container: 0.7%. A low-frequency background model raised the 18% to 32% at equal val PSNR, but cost
-merged containers 2-3 dB in short trainings; not adopted yet.)"""
+CPU, exported at resolution 96 (cells of 0.05 normalised units, 4.1 m), against surface points from the depth maps
+of every image (2026-11, seed 0): 53% of the exported points over the city lie within one cell of a true surface
+point and 83% within two; the test asks for 45% and 70%. Mirroring the points' altitude about the slab's middle
+gives 0.4% and 6%. (Horizontally the check is weak: most points are on the flat ground, so a 90-degree turn about
+the vertical scores the same; the exporter's own geometry is held exactly by the hand-made field of known
+shape.) The rest are fog and floaters in the upper slab of so short a training: the exporter takes the first
+cell where a downward ray has lost half its light, which a floater can be."""
 from __future__ import annotations
 
 import subprocess
@@ -28,7 +29,7 @@ from mega_nerf.fields.base import Field
 from mega_nerf.synthetic.surface import near_surface_fraction
 
 STEPS = 40  # per submodule
-TOLERANCE = 0.03  # normalised units: 2.4 m on the tiny city
+CELL = 0.05  # normalised units: one export cell at resolution 96 on the tiny city (4.1 m)
 
 
 class SlabField(Field):
@@ -100,8 +101,9 @@ def test_exported_points_lie_on_the_city(tiny_city: Path, tmp_path: Path) -> Non
     box_min[0], box_max[0] = trainer.altitude
     xyz = export_points(trainer.field.eval(), box_min, box_max, 96)[0].astype(np.float64)
     over_city = xyz[(np.abs(xyz[:, 1]) < 0.95) & (np.abs(xyz[:, 2]) < 0.95)]  # the ground ends at |y|, |z| = 1
-    assert len(over_city) > 200  # measured 303
-    assert near_surface_fraction(over_city, tiny_city, TOLERANCE) > 0.12
+    assert len(over_city) > 150  # measured 240
+    assert near_surface_fraction(over_city, tiny_city, CELL) > 0.45  # measured 0.53
+    assert near_surface_fraction(over_city, tiny_city, 2 * CELL) > 0.7  # measured 0.83: most
 
 
 def test_export_writes_a_capped_coloured_cloud(merged: Path, tiny_city: Path, tmp_path: Path,
@@ -113,7 +115,7 @@ def test_export_writes_a_capped_coloured_cloud(merged: Path, tiny_city: Path, tm
     data = read_ply(out)
     assert f"wrote {len(data)} points ({len(data)} found)" in capsys.readouterr().out and len(data) > 100
     xyz = np.stack([data["x"], data["y"], data["z"]], 1).astype(np.float64)
-    print(f"near surface: {near_surface_fraction(xyz, tiny_city, TOLERANCE):.3f} of {len(xyz)} points")
+    print(f"near surface: {near_surface_fraction(xyz, tiny_city, CELL):.3f} of {len(xyz)} points")
 
     capped = tmp_path / "capped.ply"
     main(["--container_path", str(merged), "--output", str(capped), "--resolution", "96", "--max_points", "100"])

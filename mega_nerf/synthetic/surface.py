@@ -13,18 +13,20 @@ from mega_nerf.errors import UserError
 from mega_nerf.rays import image_rays
 
 
-def surface_points(dataset_path: Path, every: int = 5, n_images: int = 8) -> np.ndarray:
-    """(P, 3) true surface points in normalised DRB, origin + depth * direction over every pixel of every
-    `every`-th image (at most `n_images` of them) that hits the city."""
+def surface_points(dataset_path: Path, stride: int = 4) -> np.ndarray:
+    """(P, 3) true surface points in normalised DRB: origin + depth * direction for every `stride`-th pixel along
+    each axis of every image (train and val, so the whole surveyed city is covered) whose ray hits the city."""
     dataset_path = Path(dataset_path)
     points = []
-    for meta in load_dataset(dataset_path).images[::every][:n_images]:
+    for meta in load_dataset(dataset_path).images:
         path = dataset_path / "depth" / meta.split / f"{meta.name}.npy"
         if not path.is_file():
             raise UserError(f"{path}: missing (generate the city with write_depth=True)")
         origins, dirs = image_rays(meta.c2w, meta.intrinsics, meta.W, meta.H)
+        keep = torch.zeros(meta.H, meta.W, dtype=torch.bool)
+        keep[::stride, ::stride] = True
         depth = torch.from_numpy(np.load(path)).reshape(-1)
-        hit = torch.isfinite(depth)
+        hit = torch.isfinite(depth) & keep.reshape(-1)
         points.append((origins[hit] + depth[hit, None] * dirs[hit]).double().numpy())
     return np.concatenate(points)
 
