@@ -10,7 +10,7 @@ stamp() { echo "[$(date +%T)] $*"; }
 data=$work/city-data; cfg=$data/config.yaml; masks=$work/masks-2x2  # the names bench/common.py uses
 [ -f $data/coordinates.pt ] || python3 -c "from mega_nerf.synthetic import generate_city; generate_city('$data', preset='${PRESET:-city}', write_depth=True, progress=False)"
 stamp generated
-[ -f $masks/params.pt ] || python3 scripts/create_cluster_masks.py --config_file $cfg --dataset_path $data --output $masks --grid_dim 2 2 --ray_samples 256 | tail -2
+[ -f $masks/params.pt ] || python3 scripts/create_cluster_masks.py --config_file $cfg --dataset_path $data --output $masks --grid_dim 2 2 --ray_samples 256 --no_progress | tail -2
 stamp partitioned
 for k in 0 1 2 3; do
   python3 mega_nerf/train.py --config_file $cfg --dataset_path $data --exp_name $work/exp-$k --chunk_paths $work/chunks-$k \

@@ -26,7 +26,7 @@ def ensure_partition(dataset: Path, work: Path, grid: tuple[int, int]) -> Path:
     if not (masks / "params.pt").exists():
         subprocess.run([sys.executable, str(ROOT / "scripts/create_cluster_masks.py"), "--config_file",
                         str(dataset / "config.yaml"), "--dataset_path", str(dataset), "--output", str(masks),
-                        "--grid_dim", str(grid[0]), str(grid[1]), "--ray_samples", "256"], check=True)
+                        "--grid_dim", str(grid[0]), str(grid[1]), "--ray_samples", "256", "--no_progress"], check=True)
     return masks
 
 

@@ -166,6 +166,7 @@ class MaskJob:
     ray_chunk: int
     dist_chunk: int | None  # None: a default for the device
     timeout_minutes: float
+    progress: bool
 
 
 def mask_job(args: configargparse.Namespace) -> MaskJob:
@@ -186,7 +187,7 @@ def mask_job(args: configargparse.Namespace) -> MaskJob:
     params = make_params(dataset, grid_dim, near, far, altitude, args.boundary_margin, args.cluster_2d,
                          args.ray_samples)
     return MaskJob(dataset, params, Path(args.output), args.resume, args.ray_chunk, args.dist_chunk,
-                   args.timeout_minutes)
+                   args.timeout_minutes, not args.no_progress)
 
 
 def create_cluster_masks(job: MaskJob) -> dict | None:
@@ -272,7 +273,8 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo) -> t
     dist_chunk = job.dist_chunk or (1 << 24 if info.device.type == "cuda" else 1 << 18)
     counts = torch.zeros(job.params.num_cells, dtype=torch.int64)
     rays = 0
-    for written, image in enumerate(tqdm(images, desc="cluster masks", unit="image", disable=not info.is_main)):
+    bar = tqdm(images, desc="cluster masks", unit="image", disable=not (info.is_main and job.progress))
+    for written, image in enumerate(bar):
         if written == fail_after > 0:
             raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping on purpose (test hook)")
         member = image_membership(image, job.params, info.device, job.ray_chunk, dist_chunk)

@@ -24,6 +24,7 @@ def main() -> None:
                              "each (default 2^18 on CPU, 2^24 on GPU)")
     parser.add_argument("--timeout_minutes", type=float, default=10,
                         help="how long a rank waits for the others before the job fails")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")
     create_cluster_masks(mask_job(parser.parse_args()))
 
 

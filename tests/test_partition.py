@@ -221,14 +221,16 @@ def test_grid_centroids_are_cell_centres() -> None:
 
 # ---- runs ----------------------------------------------------------------------------------------------
 
-def test_resume_after_failure_matches_an_uninterrupted_run(partitioned: Path, tiny_city: Path,
-                                                           tmp_path: Path) -> None:
+def test_resume_after_failure_matches_an_uninterrupted_run(partitioned: Path, tiny_city: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
     output = tmp_path / "masks"
     with mock.patch.dict(os.environ, {FAIL_AFTER_ENV: "3"}), pytest.raises(RuntimeError, match="test hook"):
         run_script(*base_args(tiny_city, output))
     written = {p.name for p in (output / "0").iterdir()}
     assert len(written) == 3
-    run_script(*base_args(tiny_city, output, "--resume"))
+    assert "cluster masks" in capsys.readouterr().err  # the progress bar
+    run_script(*base_args(tiny_city, output, "--resume", "--no_progress"))
+    assert "cluster masks" not in capsys.readouterr().err
     assert tree_bytes(output) == tree_bytes(partitioned)
 
 
