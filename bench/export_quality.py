@@ -18,7 +18,7 @@ from common import append_results  # noqa: E402
 
 from mega_nerf.data.dataset import load_coordinates  # noqa: E402
 from mega_nerf.export import main as export_main  # noqa: E402
-from mega_nerf.synthetic.surface import near_surface_fraction  # noqa: E402
+from mega_nerf.synthetic.surface import near_surface_fractions  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     xyz = np.stack([vertex["x"], vertex["y"], vertex["z"]], -1).astype(np.float64)
     over_city = xyz[(np.abs(xyz[:, 1]) < 0.95) & (np.abs(xyz[:, 2]) < 0.95)]  # the ground ends at |y|, |z| = 1
     scale = load_coordinates(args.dataset_path).pose_scale_factor
-    within = [near_surface_fraction(over_city, args.dataset_path, t / scale) for t in args.tolerances_m]
+    within = near_surface_fractions(over_city, args.dataset_path, [t / scale for t in args.tolerances_m])
     table = ("| points | over the city | " + " | ".join(f"within {t:g} m" for t in args.tolerances_m) + " |\n"
              + "|---" * (2 + len(within)) + "|\n"
              f"| {len(xyz):,} | {len(over_city):,} | " + " | ".join(f"{100 * f:.1f}%" for f in within) + " |")

@@ -92,11 +92,12 @@ class Container(Field):
         where its own occupancy grid says occupied, as when it renders alone."""
         density = torch.zeros(positions.shape[0], device=positions.device)
         rgb = torch.zeros(positions.shape[0], 3, device=positions.device)
-        if ray_of is None:  # per-point directions: each point is its own ray
-            ray_of = torch.arange(positions.shape[0], device=positions.device)
         for field, index, w in self.routes(positions):
             points = positions[index]
-            sigma, color = field(points, directions, appearance, ray_of[index])
+            if ray_of is None:  # per-point directions: the submodule needs only its own points'
+                sigma, color = field(points, directions[index], appearance[index])
+            else:  # per-ray directions: its points keep pointing at their rays
+                sigma, color = field(points, directions, appearance, ray_of[index])
             sigma = sigma.float() * field.occupied(points)
             density.index_add_(0, index, w * sigma)
             rgb.index_add_(0, index, w[:, None] * color.float())

@@ -62,7 +62,8 @@ def init_distributed(timeout_minutes: float = 10) -> DistInfo:
     backend = "gloo"
     if cuda:
         gpus = torch.cuda.device_count()
-        local_world = _env_int("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else local_rank + 1
+        # torchrun sets LOCAL_WORLD_SIZE; without it, one node is assumed, so that every rank picks the same backend
+        local_world = _env_int("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world_size
         device = torch.device("cuda", local_rank % gpus)
         torch.cuda.set_device(device)
         backend = "nccl" if local_world <= gpus else "gloo"

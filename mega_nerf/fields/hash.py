@@ -76,7 +76,7 @@ class HashField(BoxField):
         view = self.color_ray(torch.cat([spherical_harmonics(directions), self.appearance(appearance)], -1))
         if ray_of is not None:
             view = view[ray_of]
-        rgb = torch.sigmoid(self.color_net(self.color_geo(geo.to(view.dtype)) + view).float())
+        rgb = torch.sigmoid(self.color_net(self.color_geo(geo) + view).float())
         return density * inside, rgb
 
     def occupied(self, positions: torch.Tensor) -> torch.Tensor:

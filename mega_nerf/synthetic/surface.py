@@ -31,6 +31,8 @@ def surface_points(dataset_path: Path, stride: int = 4) -> np.ndarray:
     return np.concatenate(points)
 
 
-def near_surface_fraction(xyz: np.ndarray, dataset_path: Path, tolerance: float) -> float:
-    """Fraction of points (P, 3) (normalised DRB) within `tolerance` (normalised units) of a true surface point."""
-    return float(np.mean(cKDTree(surface_points(dataset_path)).query(xyz)[0] <= tolerance))
+def near_surface_fractions(xyz: np.ndarray, dataset_path: Path, tolerances: list[float]) -> list[float]:
+    """Per tolerance (normalised units), the fraction of points (P, 3) (normalised DRB) within it of a true
+    surface point. The surface is read once, however many tolerances."""
+    distance = cKDTree(surface_points(dataset_path)).query(xyz)[0]
+    return [float(np.mean(distance <= tolerance)) for tolerance in tolerances]
