@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,7 @@ def test_two_process_eval_gives_the_same_metrics(pipeline: Path, tiny_city: Path
     result = run_eval(tiny_city / "config.yaml", pipeline / "eval2", pipeline / "merged.pt", nproc=2)
     assert result.returncode == 0, result.stderr
     assert read_metrics(pipeline / "eval2") == read_metrics(pipeline / "eval")
+    assert re.search(r"rank 0: 4 images, 12,288 rays in [\d.]+ s \([\d,]+ rays/s\)", result.stdout)  # its half
     for png in (pipeline / "eval" / "rgb").iterdir():
         assert png.read_bytes() == (pipeline / "eval2" / "rgb" / png.name).read_bytes()
 
