@@ -1,7 +1,9 @@
 """Rendering speed of a merged container: rays/s and ms per 1920x1080 frame (a val camera's pose with its
-intrinsics scaled to that size), plus peak GPU memory.
+intrinsics scaled to that size), samples shaded per ray, and peak GPU memory; with --profile, the operations
+that took the GPU's time in one more frame (torch.profiler).
 
     python bench/render_speed.py --container_path merged.pt --dataset_path D [--frames 3] [--chunk 262144]
+        [--segment 16] [--profile]
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from common import append_results  # noqa: E402
 from mega_nerf.container import load_container  # noqa: E402
 from mega_nerf.data.dataset import load_dataset  # noqa: E402
 from mega_nerf.rays import image_rays, near_far  # noqa: E402
-from mega_nerf.render import render_in_chunks  # noqa: E402
+from mega_nerf.render import occupancy_along, render_in_chunks, uniform_samples  # noqa: E402
 
 W, H = 1920, 1080
 
@@ -29,6 +31,8 @@ def main() -> None:
     p.add_argument("--dataset_path", type=Path, required=True)
     p.add_argument("--frames", type=int, default=3)
     p.add_argument("--chunk", type=int, default=262144)
+    p.add_argument("--segment", type=int, default=16, help="samples per ray per pass of early termination")
+    p.add_argument("--profile", action="store_true")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,21 +44,48 @@ def main() -> None:
     near, far = near_far(origins, dirs, info.near, info.far, info.altitude_range)
     app = torch.full((W * H,), meta.index, device=device)
     config = info.render
-    render_in_chunks(field, origins, dirs, near, far, app, config, args.chunk)  # warm-up
+
+    def frame() -> dict[str, torch.Tensor]:
+        return render_in_chunks(field, origins, dirs, near, far, app, config, args.chunk, args.segment)
+
+    frame()  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.frames):
-        out = render_in_chunks(field, origins, dirs, near, far, app, config, args.chunk)
+        out = frame()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.frames
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0
-    table = ("| cells | frame | ms/frame | rays/s | peak GiB | mean opacity |\n|---|---|---|---|---|---|\n"
-             f"| {len(info.cells)} | {W}x{H} | {seconds * 1e3:.0f} | {W * H / seconds:,.0f} | {peak:.1f} | "
+    table = ("| cells | frame | chunk | segment | ms/frame | rays/s | samples/ray | peak GiB | mean opacity |\n"
+             "|---|---|---|---|---|---|---|---|---|\n"
+             f"| {len(info.cells)} | {W}x{H} | {args.chunk} | {args.segment} | {seconds * 1e3:.0f} | "
+             f"{W * H / seconds:,.0f} | {int(out['samples']) / (W * H):.1f} | {peak:.1f} | "
              f"{out['opacity'].mean().item():.3f} |")
     append_results(args.results, "Render speed, merged container", "python " + " ".join(sys.argv), table)
+    if args.profile and device.type == "cuda":
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+            start = time.perf_counter()
+            frame()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        print(events.table(sort_by="self_device_time_total", row_limit=30))
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=20))
+        print(f"profiled frame: GPU busy {busy * 1e3:.0f} ms of {wall * 1e3:.0f} ms wall (profiler overhead included)")
+        start = time.perf_counter()
+        for s in range(0, W * H, args.chunk):
+            sl = slice(s, s + args.chunk)
+            t = uniform_samples(near[sl], far[sl], config.samples, perturb=False)[0]
+            occupancy_along(field, origins[sl], dirs[sl], t)
+        torch.cuda.synchronize()
+        lookups = time.perf_counter() - start
+        print(f"occupancy lookups alone (every uniform sample of the frame): {lookups * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ taper linearly to zero at that edge (`blend_weights`), so a point moving across 
 point with a single member gets that submodule's output exactly (its weight is exactly 1). Cells without rays
 (empty) are left out: their points route among the rest. A margin of 1 routes to the nearest cell only.
 
+Empty space: when the submodules are hash fields sharing one box and occupancy resolution (as merged ones do), the
+container keeps one union grid (`union_occupancy`), so the renderer's "may this point hold density?" is a single
+lookup rather than a routing of every sample; the exact, routed answer gates each submodule's density in forward.
+
 The container file (`merged.pt`, written by `mega_nerf.merge`; loads with torch.load(weights_only=True)):
     version, kind = "container"
     centroids (K, 3) float32, boundary_margin, cluster_2d      the partition (from masks/params.pt)
@@ -30,7 +34,9 @@ from mega_nerf.checkpoint import save_atomic
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
 from mega_nerf.fields.base import Field
-from mega_nerf.partition import cell_membership, centroid_distances
+from mega_nerf.fields.hash import HashField
+from mega_nerf.fields.occupancy import cell_index
+from mega_nerf.partition import squared_distances
 from mega_nerf.render import RenderConfig
 
 VERSION = 1
@@ -48,15 +54,44 @@ def blend_weights(points: torch.Tensor, centroids: torch.Tensor, boundary_margin
     r = distance / nearest distance and m = boundary_margin: 1 for the nearest cell, 0 where membership ends.
     points: (N, 3); centroids: (K, 3).
     """
-    member = cell_membership(points, centroids, boundary_margin, cluster_2d)
-    dist = centroid_distances(points, centroids, cluster_2d)
-    ratio = dist / dist.min(1, keepdim=True).values.clamp_min(_TINY)
+    d2 = squared_distances(points, centroids.to(points), cluster_2d)
+    nearest2 = d2.min(1, keepdim=True).values
+    member = d2 <= (boundary_margin ** 2) * nearest2  # cell_membership, from the same distances
+    dist = d2.sqrt()
+    ratio = dist / nearest2.sqrt().clamp_min(_TINY)
     if boundary_margin > 1:
         taper = ((boundary_margin - ratio) / (boundary_margin - 1)).clamp(0, 1)
     else:
         taper = torch.ones_like(ratio)
     weights = torch.where(member, taper / dist.clamp_min(_TINY), torch.zeros_like(dist))
     return weights / weights.sum(1, keepdim=True)
+
+
+def union_occupancy(masks: torch.Tensor, box_min: torch.Tensor, box_max: torch.Tensor, centroids: torch.Tensor,
+                    boundary_margin: float, cluster_2d: bool) -> torch.Tensor:
+    """(r^3,) bool: grid cells where some submodule that may be routed to a point of the cell is occupied.
+
+    masks: (K, r^3) the submodules' occupancy grids over the shared box [box_min, box_max] (3,); centroids (K, 3).
+    A point p of cell B is a member of cell k only if d_k(p) <= m * min_j d_j(p), so only if
+    near_k(B) <= m * min_j far_j(B), with near/far the smallest and largest distance from a centroid to the cell's
+    box: the result is a superset of the routed occupancy of every point in the cell.
+    """
+    K, r = masks.shape[0], round(masks.shape[1] ** (1 / 3))
+    near2, far2 = [], []
+    for d in range(3):
+        edges = box_min[d].double() + (box_max[d] - box_min[d]).double() * torch.arange(r + 1) / r
+        lo, hi, c = edges[:-1, None], edges[1:, None], centroids[:, d].double()  # (r, 1), (r, 1), (K,)
+        scale = 0.0 if cluster_2d and d == 0 else 1.0  # cluster_2d: horizontal (y, z) distances only
+        near2.append(scale * ((lo - c).clamp_min(0) + (c - hi).clamp_min(0)).square())  # (r, K)
+        far2.append(scale * torch.maximum((c - lo).abs(), (c - hi).abs()).square())
+    grids = masks.view(K, r, r, r).permute(1, 2, 3, 0)  # (x, y, z, K)
+    out = torch.zeros(r, r, r, dtype=torch.bool)
+    for i in range(r):  # one x slab at a time: (r, r, K) temporaries
+        near = near2[0][i] + near2[1][:, None] + near2[2][None]
+        far = far2[0][i] + far2[1][:, None] + far2[2][None]
+        reach = near <= boundary_margin ** 2 * far.min(-1, keepdim=True).values * (1 + 1e-9)
+        out[i] = (reach & grids[i]).any(-1)
+    return out.reshape(-1)
 
 
 class Container(Field):
@@ -71,19 +106,37 @@ class Container(Field):
         self.register_buffer("centroids", centroids[self.cells].float().clone())
         self.submodules = nn.ModuleList(submodules[k] for k in self.cells)
         self.boundary_margin, self.cluster_2d = float(boundary_margin), bool(cluster_2d)
+        self.register_buffer("occupancy_mask", self._union_grid(), persistent=False)
+
+    def _union_grid(self) -> torch.Tensor | None:
+        """`union_occupancy` of the submodules when they are hash fields on one box and grid, else None."""
+        fields = list(self.submodules)
+        if not all(isinstance(f, HashField) for f in fields):
+            return None
+        first = fields[0]
+        if any(not (torch.equal(f.box_min, first.box_min) and torch.equal(f.box_max, first.box_max)
+                    and f.occupancy.resolution == first.occupancy.resolution) for f in fields):
+            return None
+        masks = torch.stack([f.occupancy.mask.cpu() for f in fields])
+        return union_occupancy(masks, first.box_min.cpu(), first.box_max.cpu(), self.centroids.cpu(),
+                               self.boundary_margin, self.cluster_2d)
 
     def weights(self, positions: torch.Tensor) -> torch.Tensor:
         """(N, 3) -> (N, S) blend weights over the non-empty submodules (S = len(self.cells))."""
         return blend_weights(positions, self.centroids, self.boundary_margin, self.cluster_2d)
 
     def routes(self, positions: torch.Tensor) -> list[tuple[Field, torch.Tensor, torch.Tensor]]:
-        """Per non-empty submodule: (field, indices (M,) of the points it sees, their weights (M,))."""
-        weights = self.weights(positions)
+        """Per non-empty submodule that sees points: (field, indices (M,) of its points, their weights (M,)).
+        One nonzero over all submodules and one read of the counts: two host syncs however many cells."""
+        weights = self.weights(positions).T  # (S, N)
+        routed = weights > 0
+        counts = routed.sum(1).tolist()
+        pairs = routed.nonzero()  # (submodule, point), grouped by submodule
         out = []
-        for s, field in enumerate(self.submodules):
-            index = weights[:, s].nonzero()[:, 0]
-            if index.numel():
-                out.append((field, index, weights[index, s]))
+        for s, (field, rows) in enumerate(zip(self.submodules, pairs.split(counts), strict=True)):
+            if rows.numel():
+                index = rows[:, 1]
+                out.append((field, index, weights[s, index]))
         return out
 
     def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
@@ -104,7 +157,13 @@ class Container(Field):
         return density, rgb
 
     def occupied(self, positions: torch.Tensor) -> torch.Tensor:
-        """(N, 3) -> (N,) bool: occupied in any submodule the point is routed to."""
+        """(N, 3) -> (N,) bool: True wherever a submodule the point is routed to is occupied. With a union grid
+        this may also be True at some points where none is (a superset, one lookup per point): forward gives
+        those zero density, so rendering is unchanged."""
+        if self.occupancy_mask is not None:
+            first = self.submodules[0]
+            u, inside = first.to_box(positions)
+            return self.occupancy_mask[cell_index(u, first.occupancy.resolution)] & inside
         occupied = torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
         for field, index, _ in self.routes(positions):
             occupied[index] |= field.occupied(positions[index])
@@ -146,12 +205,17 @@ def inference_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def restore_field(config: dict[str, Any], stored: dict[str, torch.Tensor]) -> Field:
-    """Rebuild a field from its config and an `inference_state`; raises KeyError/RuntimeError on mismatch."""
+    """Rebuild a field from its config and an `inference_state`; raises KeyError/RuntimeError on mismatch.
+    Hash tables stay float16 as stored: the lookups then move half the bytes (and a table fits the GPU's L2
+    cache better); values are the same as their float32 copies, and lookups accumulate in float32."""
     field = build_field(config)
     state = {}
     for key, own in field.state_dict().items():
         state[key] = torch.zeros_like(own) if key.endswith(TRAINING_ONLY) else stored[key].to(own.dtype)
     field.load_state_dict(state)
+    for key, value in stored.items():
+        if key.endswith(HALF_SUFFIXES) and value.dtype == torch.float16:
+            field.get_parameter(key).data = value.clone()
     return field
 
 

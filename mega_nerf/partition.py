@@ -56,8 +56,9 @@ def grid_centroids(positions: torch.Tensor, grid_dim: tuple[int, int], altitude:
     return torch.stack([x, y, z], -1).reshape(-1, 3).float()
 
 
-def _squared_distances(points: torch.Tensor, centroids: torch.Tensor, cluster_2d: bool) -> torch.Tensor:
-    """(N, K) squared distances, summed coordinate by coordinate: no (N, K, 3) temporary, and elementwise
+def squared_distances(points: torch.Tensor, centroids: torch.Tensor, cluster_2d: bool) -> torch.Tensor:
+    """(N, K) squared distances from points (N, 3) to centroids (K, 3), horizontal (y, z) only with
+    `cluster_2d`; summed coordinate by coordinate: no (N, K, 3) temporary, and elementwise
     (unlike torch.cdist's matmul path), so a point's result never depends on the batch it came in."""
     total = torch.zeros(points.shape[0], centroids.shape[0], dtype=points.dtype, device=points.device)
     for d in range(1 if cluster_2d else 0, 3):
@@ -68,7 +69,7 @@ def _squared_distances(points: torch.Tensor, centroids: torch.Tensor, cluster_2d
 def centroid_distances(points: torch.Tensor, centroids: torch.Tensor, cluster_2d: bool) -> torch.Tensor:
     """Euclidean distance (N, K) from points (N, 3) to centroids (K, 3); horizontal (y, z) only with
     `cluster_2d`."""
-    return _squared_distances(points, centroids.to(points), cluster_2d).sqrt()
+    return squared_distances(points, centroids.to(points), cluster_2d).sqrt()
 
 
 def cell_membership(points: torch.Tensor, centroids: torch.Tensor, boundary_margin: float,
@@ -79,7 +80,7 @@ def cell_membership(points: torch.Tensor, centroids: torch.Tensor, boundary_marg
     margin >= 1; a margin of exactly 1 gives the nearest cell only (several on exact ties).
     points: (N, 3); centroids: (K, 3) in the same normalised frame.
     """
-    d2 = _squared_distances(points, centroids.to(points), cluster_2d)
+    d2 = squared_distances(points, centroids.to(points), cluster_2d)
     return d2 <= (boundary_margin ** 2) * d2.min(1, keepdim=True).values
 
 

@@ -55,12 +55,23 @@ def sample_pdf(starts: torch.Tensor, ends: torch.Tensor, weights: torch.Tensor, 
     return torch.sort(t0 + frac * (t1 - t0), -1).values
 
 
+def prefix_sums(x: torch.Tensor, inclusive: bool) -> torch.Tensor:
+    """Running sums along each row of x (R, n), float32, as one matrix product with a triangular matrix of ones
+    (exclusive: each entry leaves itself out). On the GPU, PyTorch's scan over short rows ran at a few GB/s
+    (bench/RESULTS.md, render profile); the product is exact for sums of small integers."""
+    n = x.shape[1]
+    ones = torch.ones(n, n, device=x.device)
+    upper = ones.triu(0 if inclusive else 1)  # upper[i, j] = 1 where sample i counts towards position j
+    with torch.autocast(x.device.type, enabled=False):  # float32 even inside an inference autocast
+        return x.float() @ upper
+
+
 def composite(density: torch.Tensor, rgb: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
               t: torch.Tensor) -> dict[str, torch.Tensor]:
     """density (R, n), rgb (R, n, 3), intervals and shading points (R, n) -> weights (R, n), rgb (R, 3),
     depth (R,) (expected distance, normalised units), opacity (R,), and the optical depth tau (R,) crossed."""
     tau = density * (ends - starts)
-    transmittance = torch.exp(-torch.cat([torch.zeros_like(tau[:, :1]), tau[:, :-1].cumsum(-1)], -1))
+    transmittance = torch.exp(-prefix_sums(tau.float(), inclusive=False))
     weights = transmittance * (1.0 - torch.exp(-tau))
     opacity = weights.sum(-1)
     depth = (weights * t).sum(-1)
@@ -69,14 +80,17 @@ def composite(density: torch.Tensor, rgb: torch.Tensor, starts: torch.Tensor, en
 
 
 def shade(field: Field, origins: torch.Tensor, dirs: torch.Tensor, appearance: torch.Tensor, t: torch.Tensor,
-          starts: torch.Tensor, ends: torch.Tensor) -> dict[str, torch.Tensor]:
+          starts: torch.Tensor, ends: torch.Tensor, occupied: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Evaluate the field at origins + t * dirs, only where it may be occupied, and composite.
 
-    origins, dirs: (R, 3); appearance: (R,) long; t, starts, ends: (R, n).
+    origins, dirs: (R, 3); appearance: (R,) long; t, starts, ends: (R, n); occupied: (R, n) bool, the samples
+    worth shading when the caller knows them (else the field's occupancy is asked).
     """
     R, n = t.shape
     points = (origins[:, None, :] + dirs[:, None, :] * t[..., None]).reshape(-1, 3)
-    kept = field.occupied(points).nonzero()[:, 0]  # flat sample indices worth shading
+    if occupied is None:
+        occupied = field.occupied(points)
+    kept = occupied.reshape(-1).nonzero()[:, 0]  # flat sample indices worth shading
     ray_of = torch.div(kept, n, rounding_mode="floor")
     sigma, color = field(points[kept], dirs, appearance, ray_of)
     density = torch.zeros(R * n, device=t.device).index_put((kept,), sigma.float())
@@ -109,30 +123,62 @@ def render_rays(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: t
     return out
 
 
+def occupied_first(occupied: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per ray, the indices of its occupied samples in order, then filler: occupied (R, n) bool ->
+    order (R, n) long (entries from count on are 0, meaningless) and count (R,)."""
+    R, n = occupied.shape
+    rank = prefix_sums(occupied.float(), inclusive=True).long() - 1  # place among its ray's occupied samples
+    slot = torch.where(occupied, rank, n)  # unoccupied samples all go to a spare column n
+    order = torch.zeros(R, n + 1, dtype=torch.long, device=occupied.device)
+    order.scatter_(1, slot, torch.arange(n, device=occupied.device).expand(R, n))
+    return order[:, :n], occupied.sum(1)
+
+
+def occupancy_along(field: Field, origins: torch.Tensor, dirs: torch.Tensor, t: torch.Tensor,
+                    points_at_once: int = 1 << 23) -> torch.Tensor:
+    """(R, n) bool: whether the field may be occupied at origins + t * dirs; origins, dirs (R, 3), t (R, n).
+    Looked up a block of rays at a time, so memory follows `points_at_once`, not the chunk."""
+    R, n = t.shape
+    out = torch.empty(R, n, dtype=torch.bool, device=t.device)
+    rays = max(1, points_at_once // n)
+    for s in range(0, R, rays):
+        sl = slice(s, s + rays)
+        points = origins[sl, None, :] + dirs[sl, None, :] * t[sl, :, None]
+        out[sl] = field.occupied(points.reshape(-1, 3)).view(-1, n)
+    return out
+
+
 def render_terminating(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor,
                        far: torch.Tensor, appearance: torch.Tensor, config: RenderConfig, segment: int = 16,
                        min_transmittance: float = 1e-4) -> dict[str, torch.Tensor]:
-    """Inference with early ray termination (uniform sampling only): the samples are shaded `segment` at a time,
-    and a ray stops once less than `min_transmittance` of its light is left, so rays that hit a roof never pay
-    for the samples behind it. Equals `render_rays` (perturb off) up to that dropped remainder."""
+    """Inference with empty-space skipping and early ray termination (uniform sampling only).
+
+    The occupancy of every uniform sample is looked up first (a grid lookup each); then each ray's occupied
+    samples are shaded `segment` at a time, in order along the ray, until less than `min_transmittance` of its
+    light is left or they run out. A ray through empty space costs no field evaluation, and one that hits a roof
+    none behind it. Unoccupied samples have zero density, so this equals `render_rays` (perturb off) up to the
+    dropped remainder."""
     t, starts, ends = uniform_samples(near, far, config.samples, perturb=False)
-    R = origins.shape[0]
+    R, n = t.shape
+    order, count = occupied_first(occupancy_along(field, origins, dirs, t))
     rgb, depth = torch.zeros(R, 3, device=origins.device), torch.zeros(R, device=origins.device)
     tau = torch.zeros(R, device=origins.device)  # optical depth crossed so far
-    active = torch.arange(R, device=origins.device)
+    active = count.nonzero()[:, 0]
     samples = 0
-    for s in range(0, config.samples, segment):
-        sl = slice(s, s + segment)
-        out = shade(field, origins[active], dirs[active], appearance[active], t[active, sl], starts[active, sl],
-                    ends[active, sl])
+    for s in range(0, n, segment):
+        if active.numel() == 0:
+            break
+        pick = order[active, s:s + segment]  # (A, S) sample indices along each active ray
+        valid = torch.arange(s, s + pick.shape[1], device=pick.device) < count[active, None]
+        rows = active[:, None]
+        out = shade(field, origins[active], dirs[active], appearance[active], t[rows, pick], starts[rows, pick],
+                    ends[rows, pick], occupied=valid)
         light = torch.exp(-tau[active])
         rgb[active] += light[:, None] * out["rgb"]
         depth[active] += light * out["depth"]
         tau[active] += out["tau"]
         samples += out["samples"]
-        active = active[torch.exp(-tau[active]) > min_transmittance]
-        if active.numel() == 0:
-            break
+        active = active[(torch.exp(-tau[active]) > min_transmittance) & (count[active] > s + segment)]
     opacity = 1.0 - torch.exp(-tau)
     return {"rgb": rgb + (1 - opacity[:, None]) * field.background(dirs, appearance), "depth": depth,
             "opacity": opacity, "samples": samples}
@@ -148,15 +194,18 @@ def default_chunk(device: torch.device) -> int:
 @torch.no_grad()
 def render_in_chunks(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor,
                      far: torch.Tensor, appearance: torch.Tensor, config: RenderConfig,
-                     chunk: int = 8192) -> dict[str, torch.Tensor]:
-    """Inference over many rays in bounded memory, with early ray termination where sampling is uniform.
-    Returns rgb (R, 3), depth (R,), opacity (R,) on the input's device."""
-    render = render_terminating if config.fine_samples == 0 else render_rays
+                     chunk: int = 8192, segment: int = 16) -> dict[str, torch.Tensor]:
+    """Inference over many rays in bounded memory, with empty-space skipping and early ray termination where
+    sampling is uniform (`segment`: samples per ray per pass). Returns rgb (R, 3), depth (R,), opacity (R,) on the
+    input's device, and the number of samples shaded (a 0-d tensor)."""
     parts: dict[str, list[torch.Tensor]] = {"rgb": [], "depth": [], "opacity": []}
+    samples = 0
     for s in range(0, origins.shape[0], chunk):
         sl = slice(s, s + chunk)
+        args = (field, origins[sl], dirs[sl], near[sl], far[sl], appearance[sl], config)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=origins.is_cuda):
-            out = render(field, origins[sl], dirs[sl], near[sl], far[sl], appearance[sl], config)
+            out = render_rays(*args) if config.fine_samples > 0 else render_terminating(*args, segment=segment)
         for k in parts:
             parts[k].append(out[k].float())
-    return {k: torch.cat(v) for k, v in parts.items()}
+        samples += out["samples"]
+    return {**{k: torch.cat(v) for k, v in parts.items()}, "samples": torch.tensor(samples)}

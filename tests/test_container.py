@@ -188,20 +188,63 @@ def test_empty_cells_route_among_the_rest(fields: list[Field]) -> None:
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_occupied_is_any_routed_submodule_and_gates_density(fields: list[Field]) -> None:
+def gated_fields(resolution: int = 8) -> list[Field]:
+    """Four random hash fields whose occupancy grids are random halves of their cells."""
     g = torch.Generator().manual_seed(5)
-    gated = [random_field(10 + k) for k in range(4)]
+    gated = [random_field(10 + k, {**CONFIG, "occupancy_resolution": resolution}) for k in range(4)]
     for f in gated:
         f.occupancy.mask.copy_(torch.rand(f.occupancy.mask.shape, generator=g) > 0.5)
-    container = Container(CENTROIDS, gated, MARGIN, cluster_2d=False)
+    return gated
+
+
+def routed_occupancy(fields: list[Field], points: torch.Tensor, cluster_2d: bool) -> torch.Tensor:
+    """(N,) bool, the definition: occupied in some submodule the point is routed to (blend weight > 0)."""
+    weights = blend_weights(points, CENTROIDS, MARGIN, cluster_2d)
+    own = torch.stack([f.occupied(points) for f in fields], 1)
+    return (own & (weights > 0)).any(1)
+
+
+def test_occupied_is_any_routed_submodule_and_gates_density() -> None:
+    """Without a union grid (wrapped fields), occupancy is the routed definition itself; density is gated by
+    each submodule's own grid either way."""
+    gated = gated_fields()
     points, dirs, app = random_inputs(2000, seed=6)
+    exact = Container(CENTROIDS, [CountingField(f) for f in gated], MARGIN, cluster_2d=False)
+    assert exact.occupancy_mask is None
+    assert torch.equal(exact.occupied(points), routed_occupancy(gated, points, False))
     weights = blend_weights(points, CENTROIDS, MARGIN, False)
     own = torch.stack([f.occupied(points) for f in gated], 1)
-    assert torch.equal(container.occupied(points), (own & (weights > 0)).any(1))
     with torch.no_grad():
-        density = container(points, dirs, app)[0]
         sigma = torch.stack([f(points, dirs, app)[0] for f in gated], 1)
-    assert torch.allclose(density, (weights * sigma * own).sum(1), rtol=1e-5, atol=1e-6)
+        for container in (exact, Container(CENTROIDS, gated, MARGIN, cluster_2d=False)):
+            density = container(points, dirs, app)[0]
+            assert torch.allclose(density, (weights * sigma * own).sum(1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cluster_2d", [False, True])
+def test_union_grid_covers_the_routed_occupancy_and_little_more(cluster_2d: bool) -> None:
+    """The union grid is True at every point the routed definition calls occupied (checked at 40 random points
+    in each of its cells), and at few cells where none of those points is."""
+    gated = gated_fields(resolution=16)
+    container = Container(CENTROIDS, gated, MARGIN, cluster_2d=cluster_2d)
+    r = 16
+    cells = torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1).reshape(-1, 1, 3)
+    u = (cells + torch.rand(r ** 3, 40, 3, generator=torch.Generator().manual_seed(9))) / r  # (cells, 40, 3)
+    points = (u * 2 - 1).reshape(-1, 3)  # the box is [-1, 1]^3
+    routed = routed_occupancy(gated, points, cluster_2d)
+    grid = container.occupied(points)
+    assert (grid | ~routed).all()  # a superset
+    per_cell_routed = routed.view(-1, 40).any(1)
+    extra = (container.occupancy_mask & ~per_cell_routed).sum() / per_cell_routed.sum()
+    assert extra < 0.1, float(extra)
+
+
+def test_union_grid_renders_the_same_image() -> None:
+    """The union grid only changes which samples are shaded, never the image."""
+    gated = gated_fields(resolution=16)
+    with_grid = Container(CENTROIDS, gated, MARGIN, cluster_2d=False)
+    exact = Container(CENTROIDS, [CountingField(f) for f in gated], MARGIN, cluster_2d=False)
+    assert torch.allclose(render_rays(with_grid), render_rays(exact), atol=1e-6)
 
 
 def test_background_is_the_mean_of_submodules(fields: list[Field]) -> None:
@@ -265,6 +308,7 @@ def test_merge_round_trip_and_float16_tables(tmp_path: Path, fields: list[Field]
     assert float((render_rays(container) - render_rays(reference)).abs().max()) < 2e-3
     stored = torch.load(tmp_path / "merged.pt", weights_only=True)["submodules"]
     assert all(entry["model"]["grid.table"].dtype == torch.float16 for entry in stored)
+    assert all(f.grid.table.dtype == torch.float16 for f in container.submodules)  # kept half when loaded
     for entry in stored:
         entry["model"]["grid.table"] = entry["model"]["grid.table"].float()
     float32 = tmp_path / "float32" / "merged.pt"  # same name: torch.save puts it in every record's header

@@ -49,6 +49,21 @@ def test_hash_grid_equals_direct_formula():
     assert torch.allclose(grid(x).double(), expected, atol=1e-4)  # float32 positions at resolution 199
 
 
+def test_hash_grid_reads_a_float16_table_as_its_float32_values():
+    """Containers keep their hash tables in float16: the encoding equals that of the same values in float32."""
+    torch.manual_seed(0)
+    grid = HashGrid(6, 2, 10, 4, 64)
+    with torch.no_grad():
+        grid.table.uniform_(-1, 1)
+        half = HashGrid(6, 2, 10, 4, 64)
+        half.table.data = grid.table.detach().half()
+        grid.table.copy_(half.table.float())
+        x = torch.rand(500, 3)
+        out = half(x)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, grid(x), rtol=0, atol=1e-6)
+
+
 def test_positional_encoding_definition():
     x = torch.randn(5, 3)
     enc = positional_encoding(x, 4)

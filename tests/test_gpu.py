@@ -30,3 +30,17 @@ def test_fused_hash_grid_equals_reference(log2_table_size, max_resolution):
     # the floor-and-subtract): at resolution 2048 that moves an interpolation weight by ~1e-4, so both agree
     # to ~2e-5 in norm (measured on an H100: 2.4e-5).
     assert value_error < 1e-4 and grad_error < 1e-4, (value_error, grad_error)
+
+
+def test_fused_hash_grid_reads_float16_tables():
+    """Inference (containers) keeps tables in float16: the kernel gives what the float32 copy gives."""
+    torch.manual_seed(1)
+    grid = HashGrid(16, 2, 19, 16, 2048).cuda()
+    with torch.no_grad():
+        grid.table.copy_(torch.empty_like(grid.table).uniform_(-1, 1).half().float())
+        x = torch.rand(100_000, 3, device="cuda")
+        full = grid(x)
+        grid.table.data = grid.table.data.half()
+        half = grid(x)
+    assert half.dtype == torch.float32
+    assert torch.allclose(half, full, rtol=0, atol=1e-6), (half - full).abs().max().item()

@@ -112,3 +112,21 @@ def test_early_termination_equals_full_rendering_and_skips_occluded_samples():
     thin = Slab(0.5, 0.2, 1.8)  # never opaque: termination never triggers and every sample is shaded
     assert torch.allclose(render_rays(thin, *rays, config=config)["rgb"],
                           render_terminating(thin, *rays, config=config)["rgb"], atol=1e-5)
+
+
+def test_terminating_render_shades_only_occupied_samples_in_order():
+    """With occupancy known, the terminating renderer shades exactly the occupied samples of a thin slab (in
+    passes of `segment`, in order along the ray), none of the empty ones, and gives the full render's image. Rays
+    that never meet an occupied sample cost nothing."""
+    config = RenderConfig(samples=256, perturb=False)
+    origins, dirs, near, far, app = rays_along_x(4)
+    near[2:] = 1.0  # two rays that start beyond the slab: every sample empty
+    full_field, skip_field = Slab(0.8, 0.5, 0.9), Slab(0.8, 0.5, 0.9, occupied_everywhere=False)
+    full = render_rays(full_field, origins, dirs, near, far, app, config=config)
+    early = render_terminating(skip_field, origins, dirs, near, far, app, config=config, segment=7)
+    for key in ("rgb", "depth", "opacity"):
+        assert torch.allclose(full[key], early[key], atol=1e-5), key
+    t = uniform_samples(near[:2], far[:2], 256, perturb=False)[0]
+    in_slab = int(((t >= 0.5) & (t <= 0.9)).sum())  # the never-opaque slab: no ray terminates
+    assert skip_field.evaluated == early["samples"] == in_slab
+    assert torch.allclose(early["rgb"][2:], torch.tensor([0.5, 0.5, 0.5]))  # background only

@@ -113,7 +113,8 @@ class _HashEncode(torch.autograd.Function):
 
 def hash_encode(x: torch.Tensor, table: torch.Tensor, resolutions: torch.Tensor, offsets: torch.Tensor,
                 size: int) -> torch.Tensor:
-    """x: (N, 3) in [0, 1]^3; table: (sum of level sizes, 2) float32. Returns (N, 2 L), level-major."""
+    """x: (N, 3) in [0, 1]^3; table: (sum of level sizes, 2) float32 (float16 for inference: read as is, summed
+    in float32). Returns (N, 2 L) float32, level-major."""
     if x.shape[0] == 0:
         return x.new_zeros(0, 2 * resolutions.shape[0]) + table.sum() * 0  # keeps the graph for backward
     return _HashEncode.apply(x, table, resolutions, offsets, size)

@@ -12,6 +12,13 @@ import torch
 from torch import nn
 
 
+def cell_index(u: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Points in box coordinates u in [0, 1]^3, (N, 3) -> flat index (N,) of their cell in a grid of
+    `resolution`^3 cells, x slowest (points outside are clamped to the nearest cell)."""
+    c = (u * resolution).long().clamp(0, resolution - 1)
+    return (c[:, 0] * resolution + c[:, 1]) * resolution + c[:, 2]
+
+
 class OccupancyGrid(nn.Module):
     def __init__(self, resolution: int = 128, decay: float = 0.95) -> None:
         super().__init__()
@@ -19,15 +26,9 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("density", torch.zeros(resolution ** 3))
         self.register_buffer("mask", torch.ones(resolution ** 3, dtype=torch.bool))
 
-    def cell_index(self, u: torch.Tensor) -> torch.Tensor:
-        """Points in box coordinates u in [0, 1]^3, (N, 3) -> flat cell index (N,)."""
-        r = self.resolution
-        c = (u * r).long().clamp(0, r - 1)
-        return (c[:, 0] * r + c[:, 1]) * r + c[:, 2]
-
     def __call__(self, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """(N, 3) box coordinates -> (N,) bool occupancy."""
-        return self.mask[self.cell_index(u)]
+        return self.mask[cell_index(u, self.resolution)]
 
     @torch.no_grad()
     def update(self, density_fn: Callable[[torch.Tensor], torch.Tensor], threshold: float,
