@@ -3,7 +3,7 @@ intrinsics scaled to that size), samples shaded per ray, and peak GPU memory; wi
 that took the GPU's time in one more frame (torch.profiler).
 
     python bench/render_speed.py --container_path merged.pt --dataset_path D [--frames 3] [--chunk 262144]
-        [--segment 16] [--profile]
+        [--segment 32] [--profile]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--dataset_path", type=Path, required=True)
     p.add_argument("--frames", type=int, default=3)
     p.add_argument("--chunk", type=int, default=262144)
-    p.add_argument("--segment", type=int, default=16, help="samples per ray per pass of early termination")
+    p.add_argument("--segment", type=int, default=32, help="samples per ray per pass of early termination")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()

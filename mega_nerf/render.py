@@ -149,7 +149,7 @@ def occupancy_along(field: Field, origins: torch.Tensor, dirs: torch.Tensor, t: 
 
 
 def render_terminating(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor,
-                       far: torch.Tensor, appearance: torch.Tensor, config: RenderConfig, segment: int = 16,
+                       far: torch.Tensor, appearance: torch.Tensor, config: RenderConfig, segment: int = 32,
                        min_transmittance: float = 1e-4) -> dict[str, torch.Tensor]:
     """Inference with empty-space skipping and early ray termination (uniform sampling only).
 
@@ -186,15 +186,16 @@ def render_terminating(field: Field, origins: torch.Tensor, dirs: torch.Tensor, 
 
 def default_chunk(device: torch.device) -> int:
     """Rays rendered at once at inference unless told otherwise: large on a GPU, where fewer kernel launches per
-    ray make a 1080p frame 1.6x faster than chunks of 65536 (about 3 GiB peak with a 4-cell container; see
-    bench/RESULTS.md), small on a CPU, where the reference hash encoding's temporaries grow with it."""
+    ray make a frame faster (a 1080p frame of a 4-cell container: 369 ms at 262144 with 2.6 GiB peak, 330 ms at
+    524288 with 4.6 GiB; bench/RESULTS.md), small on a CPU, where the reference hash encoding's temporaries grow
+    with it."""
     return 262144 if device.type == "cuda" else 8192
 
 
 @torch.no_grad()
 def render_in_chunks(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor,
                      far: torch.Tensor, appearance: torch.Tensor, config: RenderConfig,
-                     chunk: int = 8192, segment: int = 16) -> dict[str, torch.Tensor]:
+                     chunk: int = 8192, segment: int = 32) -> dict[str, torch.Tensor]:
     """Inference over many rays in bounded memory, with empty-space skipping and early ray termination where
     sampling is uniform (`segment`: samples per ray per pass). Returns rgb (R, 3), depth (R,), opacity (R,) on the
     input's device, and the number of samples shaded (a 0-d tensor)."""

@@ -44,3 +44,30 @@ def test_fused_hash_grid_reads_float16_tables():
         half = grid(x)
     assert half.dtype == torch.float32
     assert torch.allclose(half, full, rtol=0, atol=1e-6), (half - full).abs().max().item()
+
+
+def test_fused_heads_equal_the_autocast_layers():
+    """The fused inference kernel computes HashField's MLPs as a bfloat16 autocast does, layer by layer: only
+    the summation order inside each product differs, which can flip a bfloat16 rounding here and there."""
+    from mega_nerf.fields import build_field
+
+    torch.manual_seed(2)
+    field = build_field({"kind": "hash", "box_min": [-1.0] * 3, "box_max": [1.0] * 3, "n_images": 5}).cuda()
+    with torch.no_grad():
+        for p in field.parameters():
+            p.normal_(0.0, 0.3)
+    points = torch.rand(200_000, 3, device="cuda") * 2 - 1
+    dirs = torch.nn.functional.normalize(torch.randn(3000, 3, device="cuda"), dim=-1)
+    app = torch.randint(0, 5, (3000,), device="cuda")
+    ray_of = torch.sort(torch.randint(0, 3000, (200_000,), device="cuda")).values
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert field.fused(points)
+            density, rgb = field(points, dirs, app, ray_of)
+        with torch.enable_grad():  # gradients on: the layer-by-layer PyTorch path
+            assert not field.fused(points)
+            ref_density, ref_rgb = (t.detach() for t in field(points, dirs, app, ray_of))
+    log_error = (density.log() - ref_density.log()).abs()
+    assert log_error.max() < 0.1 and log_error.mean() < 2e-3, (log_error.max(), log_error.mean())
+    rgb_error = (rgb - ref_rgb).abs()
+    assert rgb_error.max() < 0.03 and rgb_error.mean() < 1e-3, (rgb_error.max(), rgb_error.mean())

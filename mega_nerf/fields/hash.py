@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mega_nerf.fields import mlp_triton
 from mega_nerf.fields.background import Background
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import HashGrid, spherical_harmonics
@@ -69,11 +70,25 @@ class HashField(BoxField):
         h = self.density_net(self.grid(u)).float()
         return trunc_exp(h[:, 0] - 1.0), h[:, 1:]
 
+    def fused(self, positions: torch.Tensor) -> bool:
+        """Whether forward runs the fused inference kernel: on the GPU, without gradients, under a half
+        autocast (what the kernel reproduces), for widths it takes."""
+        return (mlp_triton.available(positions) and not torch.is_grad_enabled()
+                and torch.is_autocast_enabled("cuda")
+                and mlp_triton.supported(self.grid.output_dim, self.color_geo.out_features,
+                                         self.density_net[2].out_features))
+
     def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
                 ray_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         u, inside = self.to_box(positions)
-        density, geo = self.density_features(u)
         view = self.color_ray(torch.cat([spherical_harmonics(directions), self.appearance(appearance)], -1))
+        if self.fused(positions):
+            if ray_of is None:
+                ray_of = torch.arange(positions.shape[0], device=positions.device)
+            logit, rgb = mlp_triton.fused_heads(self.grid(u), view, ray_of, self.density_net, self.color_geo,
+                                                self.color_net, torch.get_autocast_dtype("cuda"))
+            return trunc_exp(logit - 1.0) * inside, rgb
+        density, geo = self.density_features(u)
         if ray_of is not None:
             view = view[ray_of]
         rgb = torch.sigmoid(self.color_net(self.color_geo(geo) + view).float())
