@@ -7,9 +7,11 @@ accumulated optical depth sum(sigma * spacing) from the top first reaches ln 2 (
 keeps that cell and the `layers` - 1 below it. This is robust to the faint fog of a briefly trained model, and
 drops the insides of buildings and the ground beneath them. With `density_threshold`, a cell counts instead when
 its own density reaches the threshold (first `layers` such cells per column). Colours are the field's, looking
-straight down (+x) with one appearance index.
+straight down (+x) with one appearance index. With `--min_views K` (and the training dataset) a point is kept only
+if at least K training images have it inside their view: regions few cameras see are guesses, and that is where
+a briefly trained model leaves its fog (tests/test_export.py, bench/RESULTS.md).
 
-    python scripts/export_ply.py --container_path merged.pt --output scene.ply
+    python scripts/export_ply.py --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D]
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ import torch
 from plyfile import PlyData, PlyElement
 
 from mega_nerf.container import Container, load_container
-from mega_nerf.data.dataset import Coordinates, load_coordinates
+from mega_nerf.data.dataset import Coordinates, load_coordinates, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.fields.base import Field
+from mega_nerf.rays import Cameras
 
 DOWN = (1.0, 0.0, 0.0)  # +x is down in DRB
 
@@ -36,6 +39,15 @@ def field_box(field: Field) -> tuple[torch.Tensor, torch.Tensor]:
     lo = torch.stack([p.box_min.float().cpu() for p in parts]).min(0).values
     hi = torch.stack([p.box_max.float().cpu() for p in parts]).max(0).values
     return lo, hi
+
+
+def export_box(field: Field, altitude_range: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`field_box` clipped to the altitude slab, where the renderer samples (never above its top plane or below
+    the ground)."""
+    box_min, box_max = field_box(field)
+    if altitude_range is not None:
+        box_min[0], box_max[0] = max(float(box_min[0]), altitude_range[0]), min(float(box_max[0]), altitude_range[1])
+    return box_min, box_max
 
 
 @torch.no_grad()
@@ -92,6 +104,25 @@ def export_points(field: Field, box_min: torch.Tensor, box_max: torch.Tensor, re
     return torch.cat(xyz).numpy(), colors.numpy()
 
 
+def count_views(xyz: torch.Tensor, cameras: Cameras, far: float, chunk: int = 1 << 14) -> torch.Tensor:
+    """(P,) how many cameras see each point xyz (P, 3) (normalised DRB): in front of the camera, within `far`
+    of it, and projecting inside its image (rays.py's pinhole convention inverted). Occlusion is not checked.
+    Points are taken `chunk` at a time, so memory is chunk x cameras."""
+    rot, centre = cameras.c2w[:, :, :3].to(xyz), cameras.c2w[:, :, 3].to(xyz)  # (I, 3, 3), (I, 3)
+    fx, fy, cx, cy = cameras.intrinsics.to(xyz).unbind(-1)  # (I,) each
+    counts = torch.zeros(xyz.shape[0], dtype=torch.long, device=xyz.device)
+    for start in range(0, xyz.shape[0], chunk):
+        offset = xyz[start:start + chunk, None, :] - centre  # (P', I, 3)
+        local = torch.einsum("pij,ijk->pik", offset, rot)  # camera space: R^T (x - centre)
+        depth = -local[..., 2]  # the camera looks along -z
+        col = fx * local[..., 0] / depth + cx  # pixel edges: the image spans [0, W] x [0, H]
+        row = cy - fy * local[..., 1] / depth
+        seen = ((depth > 0) & (offset.norm(dim=-1) <= far) & (col >= 0) & (col <= cameras.width.to(xyz))
+                & (row >= 0) & (row <= cameras.height.to(xyz)))
+        counts[start:start + chunk] = seen.sum(1)
+    return counts
+
+
 def subsample(xyz: np.ndarray, rgb: np.ndarray, max_points: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """At most `max_points` of the points, drawn uniformly without replacement (seeded), in their order."""
     if len(xyz) <= max_points:
@@ -130,7 +161,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--appearance", type=int, default=0, help="appearance (image) index for the colours")
     p.add_argument("--real_units", action="store_true",
                    help="write real-world DRB metres instead of normalised units (needs --dataset_path)")
-    p.add_argument("--dataset_path", default=None, help="dataset whose coordinates.pt gives origin and scale")
+    p.add_argument("--dataset_path", default=None,
+                   help="the training dataset: origin and scale for --real_units, cameras for --min_views")
+    p.add_argument("--min_views", type=int, default=0,
+                   help="keep points inside at least this many images' views (needs --dataset_path; 0: all)")
     p.add_argument("--chunk", type=int, default=1 << 18, help="points per field call (bounds memory)")
     return p
 
@@ -144,24 +178,33 @@ def check_args(args: argparse.Namespace, n_images: int) -> None:
         raise UserError(f"--appearance {args.appearance} is not an image index (0 to {n_images - 1})")
     if args.density_threshold is not None and not args.density_threshold > 0:
         raise UserError(f"--density_threshold must be positive, got {args.density_threshold}")
+    if args.min_views < 0:
+        raise UserError(f"--min_views must be at least 0, got {args.min_views}")
+    for option in ("real_units", "min_views"):
+        if getattr(args, option) and args.dataset_path is None:
+            raise UserError(f"--{option} needs --dataset_path (its coordinates.pt and cameras)")
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Export the container named by the options; returns the PLY path."""
     args = export_parser().parse_args(argv)
-    if args.real_units and args.dataset_path is None:
-        raise UserError("--real_units needs --dataset_path (its coordinates.pt gives origin and scale)")
-    coordinates = load_coordinates(Path(args.dataset_path)) if args.real_units else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     container, info = load_container(args.container_path, device)
     check_args(args, info.n_images)
-    box_min, box_max = field_box(container)
-    if info.altitude_range is not None:  # the renderer never samples above the top plane or below the ground
-        box_min[0], box_max[0] = max(float(box_min[0]), info.altitude_range[0]), min(float(box_max[0]),
-                                                                                     info.altitude_range[1])
+    coordinates = load_coordinates(Path(args.dataset_path)) if args.real_units else None
+    box_min, box_max = export_box(container, info.altitude_range)
     xyz, rgb = export_points(container, box_min, box_max, args.resolution, args.density_threshold, args.layers,
                              args.appearance, args.chunk)
     found = len(xyz)
+    if args.min_views > 0:
+        dataset = load_dataset(Path(args.dataset_path))
+        if len(dataset.images) != info.n_images:
+            raise UserError(f"{args.dataset_path}: {len(dataset.images)} images, but the container was trained "
+                            f"on {info.n_images}")
+        views = count_views(torch.from_numpy(xyz).to(device), Cameras.from_dataset(dataset), info.far).cpu()
+        keep = (views >= args.min_views).numpy()
+        print(f"kept {int(keep.sum())} of {found} points seen by at least {args.min_views} training views")
+        xyz, rgb = xyz[keep], rgb[keep]
     xyz, rgb = subsample(xyz, rgb, args.max_points)
     if coordinates is not None:
         xyz = to_real_units(xyz, coordinates)

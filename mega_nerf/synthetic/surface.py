@@ -31,8 +31,13 @@ def surface_points(dataset_path: Path, stride: int = 4) -> np.ndarray:
     return np.concatenate(points)
 
 
+def surface_distances(xyz: np.ndarray, dataset_path: Path) -> np.ndarray:
+    """(P,) distance from each point (P, 3) (normalised DRB) to the nearest true surface point."""
+    return cKDTree(surface_points(dataset_path)).query(xyz)[0]
+
+
 def near_surface_fractions(xyz: np.ndarray, dataset_path: Path, tolerances: list[float]) -> list[float]:
     """Per tolerance (normalised units), the fraction of points (P, 3) (normalised DRB) within it of a true
     surface point. The surface is read once, however many tolerances."""
-    distance = cKDTree(surface_points(dataset_path)).query(xyz)[0]
+    distance = surface_distances(xyz, dataset_path)
     return [float(np.mean(distance <= tolerance)) for tolerance in tolerances]
