@@ -28,11 +28,11 @@ for n in 1 2; do
 done
 python3 -c "import json; a, b = (json.load(open('$out/metrics%d.json' % i)) for i in (1, 2)); print('identical metrics.json:', a == b, a['mean'], b['mean'])"
 cp $work/eval1/compare/$(ls $work/eval1/compare | head -1) $out/compare.png
-for chunk in 65536 262144 1048576; do
+for chunk in 262144 524288 1048576; do
   python3 bench/render_speed.py --container_path $work/merged.pt --dataset_path $data --chunk $chunk --results $out/RESULTS.md | tail -3
 done
 stamp rendered
-python3 bench/export_quality.py --container_path $work/merged.pt --dataset_path $data --output $work/city.ply --results $out/RESULTS.md | tail -3
+python3 bench/export_quality.py --container_path $work/merged.pt --dataset_path $data --results $out/RESULTS.md | tail -6
 stamp exported
 python3 bench/data_speed.py --preset city --work $work --results $out/RESULTS.md | tail -4
 stamp done
