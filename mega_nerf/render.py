@@ -71,7 +71,7 @@ def composite(density: torch.Tensor, rgb: torch.Tensor, starts: torch.Tensor, en
     """density (R, n), rgb (R, n, 3), intervals and shading points (R, n) -> weights (R, n), rgb (R, 3),
     depth (R,) (expected distance, normalised units), opacity (R,), and the optical depth tau (R,) crossed."""
     tau = density * (ends - starts)
-    transmittance = torch.exp(-prefix_sums(tau.float(), inclusive=False))
+    transmittance = torch.exp(-prefix_sums(tau, inclusive=False))
     weights = transmittance * (1.0 - torch.exp(-tau))
     opacity = weights.sum(-1)
     depth = (weights * t).sum(-1)
@@ -127,11 +127,11 @@ def occupied_first(occupied: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per ray, the indices of its occupied samples in order, then filler: occupied (R, n) bool ->
     order (R, n) long (entries from count on are 0, meaningless) and count (R,)."""
     R, n = occupied.shape
-    rank = prefix_sums(occupied.float(), inclusive=True).long() - 1  # place among its ray's occupied samples
-    slot = torch.where(occupied, rank, n)  # unoccupied samples all go to a spare column n
+    seen = prefix_sums(occupied.float(), inclusive=True).long()  # occupied samples up to each one
+    slot = torch.where(occupied, seen - 1, n)  # an occupied sample's place; unoccupied ones go to spare column n
     order = torch.zeros(R, n + 1, dtype=torch.long, device=occupied.device)
     order.scatter_(1, slot, torch.arange(n, device=occupied.device).expand(R, n))
-    return order[:, :n], occupied.sum(1)
+    return order[:, :n], seen[:, -1]
 
 
 def occupancy_along(field: Field, origins: torch.Tensor, dirs: torch.Tensor, t: torch.Tensor,

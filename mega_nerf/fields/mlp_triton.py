@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 try:
     import triton
@@ -62,14 +63,11 @@ if triton is not None:
 def _pack(density_net: nn.Sequential, color_geo: nn.Linear, color_net: nn.Sequential,
           dtype: torch.dtype) -> list[torch.Tensor]:
     """The weights transposed to (in, out), padded to tl.dot's shapes and cast to the half type."""
-    hidden = density_net[0].out_features
     w1, b1 = density_net[0].weight.T, density_net[0].bias
     w2, b2 = density_net[2].weight.T, density_net[2].bias  # (H, 1 + geo)
-    wg = torch.cat([torch.zeros_like(color_geo.weight[:, :1]), color_geo.weight], 1).T  # (1 + geo, H)
+    wg = F.pad(color_geo.weight, (1, 0)).T  # (1 + geo, H): a zero row for the logit
     w3, b3 = color_net[1].weight.T, color_net[1].bias
-    w4 = torch.zeros(hidden, OUT, device=w1.device).index_copy(1, torch.arange(3, device=w1.device),
-                                                               color_net[3].weight.T.float())
-    b4 = torch.zeros(OUT, device=w1.device).index_copy(0, torch.arange(3, device=w1.device), color_net[3].bias.float())
+    w4, b4 = F.pad(color_net[3].weight.T, (0, OUT - 3)), F.pad(color_net[3].bias, (0, OUT - 3))
     return [t.detach().to(dtype).contiguous() for t in (w1, b1, w2, b2, wg, w3, b3, w4, b4)]
 
 
@@ -91,8 +89,8 @@ def fused_heads(features: torch.Tensor, view: torch.Tensor, ray_of: torch.Tensor
     if N == 0:
         return logit, rgb
     weights = _pack(density_net, color_geo, color_net, dtype)
-    F, H, G = features.shape[1], weights[0].shape[1], weights[2].shape[1]
+    width, H, G = features.shape[1], weights[0].shape[1], weights[2].shape[1]
     _heads[(triton.cdiv(N, BLOCK),)](features.float().contiguous(), view.to(dtype).contiguous(),
-                                     ray_of.contiguous(), *weights, logit, rgb, N, F=F, H=H, G=G, O=OUT,
+                                     ray_of.contiguous(), *weights, logit, rgb, N, F=width, H=H, G=G, O=OUT,
                                      BLOCK=BLOCK)
     return logit, rgb
