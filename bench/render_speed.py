@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
 
-from mega_nerf.container import load_container  # noqa: E402
 from mega_nerf.data.dataset import load_dataset  # noqa: E402
+from mega_nerf.merging.container import load_container  # noqa: E402
 from mega_nerf.rays import image_rays, near_far  # noqa: E402
 from mega_nerf.render import occupancy_along, render_in_chunks, uniform_samples  # noqa: E402
 

@@ -22,14 +22,14 @@ import torch
 from scipy.spatial.transform import Rotation, Slerp
 from tqdm import tqdm
 
-from mega_nerf.container import Container, ContainerInfo, load_container
+from mega_nerf.cli.options import base_parser, require
 from mega_nerf.data.dataset import Dataset
 from mega_nerf.errors import UserError
-from mega_nerf.evaluation import load_checked_dataset
-from mega_nerf.opts import base_parser, require
+from mega_nerf.evaluation.evaluate import load_checked_dataset
+from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.rays import image_rays, near_far
 from mega_nerf.render import default_chunk, render_in_chunks
-from mega_nerf.validation import to_uint8, write_rgb
+from mega_nerf.training.validation import to_uint8, write_rgb
 
 POSE_FILE_FORMAT = """\
 pose file (--path): one key pose per line; blank lines and lines starting with # are ignored. A line holds

@@ -3,7 +3,7 @@
 Distributed: `python -m torch.distributed.run --standalone --nproc_per_node N mega_nerf/eval.py ...`
 """
 from mega_nerf.errors import run_cli
-from mega_nerf.evaluation import main
+from mega_nerf.evaluation.evaluate import main
 
 if __name__ == "__main__":
     run_cli(main)

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from plyfile import PlyData, PlyElement
 
-from mega_nerf.container import Container, load_container
 from mega_nerf.data.dataset import Coordinates, load_coordinates, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.fields.base import Field
+from mega_nerf.merging.container import Container, load_container
 from mega_nerf.rays import Cameras
 
 DOWN = (1.0, 0.0, 0.0)  # +x is down in DRB

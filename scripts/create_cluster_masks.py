@@ -5,9 +5,9 @@ Several GPUs:  python -m torch.distributed.run --standalone --nproc_per_node 8 s
 """
 from __future__ import annotations
 
+from mega_nerf.cli.options import base_parser
 from mega_nerf.errors import run_cli
-from mega_nerf.masks import create_cluster_masks, mask_job
-from mega_nerf.opts import base_parser
+from mega_nerf.partition.job import create_cluster_masks, mask_job
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ python scripts/merge_submodules.py --config_file CFG --ckpt_prefix exp- --centro
 from __future__ import annotations
 
 from mega_nerf.errors import run_cli
-from mega_nerf.merge import main
+from mega_nerf.merging.merge import main
 
 if __name__ == "__main__":
     run_cli(main)

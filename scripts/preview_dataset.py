@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import run_cli
-from mega_nerf.opts import base_parser, require
 from mega_nerf.preview import write_preview
 
 

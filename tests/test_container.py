@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mega_nerf.checkpoint import VERSION as CKPT_VERSION
-from mega_nerf.container import Container, blend_weights, load_container
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
 from mega_nerf.fields.base import Field
-from mega_nerf.merge import merge_submodules
-from mega_nerf.partition import PartitionParams
+from mega_nerf.merging.container import Container, blend_weights, load_container
+from mega_nerf.merging.merge import merge_submodules
+from mega_nerf.partition.cells import PartitionParams
 from mega_nerf.render import RenderConfig, render_in_chunks
+from mega_nerf.training.checkpoint import VERSION as CKPT_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 MARGIN = 1.15

@@ -112,7 +112,7 @@ def read_ply(path: Path) -> np.ndarray:
 
 def test_exported_points_lie_on_the_city(tiny_city: Path, tmp_path: Path) -> None:
     from mega_nerf.export import field_box
-    from mega_nerf.training import Trainer, train_parser
+    from mega_nerf.training.trainer import Trainer, train_parser
 
     trainer = Trainer(train_parser().parse_args([
         "--config_file", str(tiny_city / "config.yaml"), "--exp_name", str(tmp_path / "single"), "--data_mode",

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from mega_nerf.errors import UserError
-from mega_nerf.lpips import load_lpips, load_lpips_nets
-from mega_nerf.metrics import image_metrics, psnr, ssim
+from mega_nerf.evaluation.lpips import load_lpips, load_lpips_nets
+from mega_nerf.evaluation.metrics import image_metrics, psnr, ssim
 
 SIZE = 64
 

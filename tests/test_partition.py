@@ -20,8 +20,7 @@ import torch
 
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
-from mega_nerf.masks import FAIL_AFTER_ENV, decode_mask, encode_mask, load_mask, write_mask
-from mega_nerf.partition import (
+from mega_nerf.partition.cells import (
     cell_membership,
     centroid_distances,
     grid_centroids,
@@ -29,6 +28,7 @@ from mega_nerf.partition import (
     load_params,
     make_params,
 )
+from mega_nerf.partition.job import FAIL_AFTER_ENV, decode_mask, encode_mask, load_mask, write_mask
 from mega_nerf.rays import image_rays, near_far, normalize_altitude_range
 
 ROOT = Path(__file__).resolve().parents[1]

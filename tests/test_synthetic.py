@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from mega_nerf.cli.options import base_parser, scene_bounds
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
-from mega_nerf.opts import base_parser, scene_bounds
 from mega_nerf.synthetic import PRESETS, generate_city
 from mega_nerf.synthetic.raycast import GROUND, first_hit
 from mega_nerf.synthetic.scene import City, build_city

@@ -10,9 +10,9 @@ import torch
 
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
-from mega_nerf.masks import write_mask
-from mega_nerf.training import KILL_HOOK, Trainer, train_parser
-from mega_nerf.validation import validate
+from mega_nerf.partition.job import write_mask
+from mega_nerf.training.trainer import KILL_HOOK, Trainer, train_parser
+from mega_nerf.training.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small hash grid, few samples: what a CPU trains in seconds.

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mega_nerf.fields import hash_triton
+from mega_nerf.fields.kernels import hash_encode as hash_triton
 
 # Spatial-hash primes from Instant-NGP (Mueller et al. 2022, eq. 4); the first is 1 for cache coherence.
 HASH_PRIMES = (1, 2654435761, 805459861)

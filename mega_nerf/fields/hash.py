@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mega_nerf.fields import mlp_triton
 from mega_nerf.fields.background import Background
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import HashGrid, spherical_harmonics
+from mega_nerf.fields.kernels import mlp_heads as mlp_triton
 from mega_nerf.fields.occupancy import OccupancyGrid
 
 

@@ -26,17 +26,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mega_nerf.container import Container, ContainerInfo, load_container
+from mega_nerf.cli.options import base_parser, require
 from mega_nerf.data.chunks import dataset_fingerprint
 from mega_nerf.data.dataset import Dataset, ImageMetadata, load_dataset
 from mega_nerf.distributed import cleanup, gather_objects, init_distributed, shard
 from mega_nerf.errors import UserError
-from mega_nerf.lpips import LPIPS, load_lpips_nets
-from mega_nerf.metrics import SSIM_WINDOW, image_metrics
-from mega_nerf.opts import base_parser, require
+from mega_nerf.evaluation.lpips import LPIPS, load_lpips_nets
+from mega_nerf.evaluation.metrics import SSIM_WINDOW, image_metrics
+from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.rays import image_rays, near_far
 from mega_nerf.render import default_chunk, render_in_chunks
-from mega_nerf.validation import colorize_depth, to_uint8, write_rgb
+from mega_nerf.training.validation import colorize_depth, to_uint8, write_rgb
 
 PROTOCOL = "metrics on the right half of each val image (its left half was trained on: Mega-NeRF's protocol)"
 METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")

@@ -1,7 +1,7 @@
 """Image-quality metrics as NeRF papers report them: PSNR, SSIM and LPIPS (AlexNet and VGG).
 
 Images are (H, W, 3) float tensors in [0, 1], on CPU or CUDA. PSNR and SSIM are computed in float64 so that
-the reported numbers do not depend on the device; LPIPS lives in `mega_nerf.lpips`.
+the reported numbers do not depend on the device; LPIPS lives in `mega_nerf.evaluation.lpips`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mega_nerf.lpips import LPIPS, NETS
+from mega_nerf.evaluation.lpips import LPIPS, NETS
 
 # SSIM constants of Wang et al. 2004, Sec. III-C, for data range 1.
 SSIM_WINDOW = 11

@@ -1,4 +1,4 @@
-"""Merge the submodules of a partition into one container file (format: `mega_nerf.container`).
+"""Merge the submodules of a partition into one container file (format: `mega_nerf.merging.container`).
 
 Submodule k is the latest checkpoint in `<ckpt_prefix><k>/checkpoints/`. Before anything is written, the
 checkpoints are checked against each other (field kind and sizes, dataset fingerprint, render settings, scene
@@ -15,11 +15,11 @@ from typing import Any
 
 import configargparse
 
-from mega_nerf.checkpoint import latest_checkpoint, load_checkpoint
-from mega_nerf.container import inference_state, save_container
+from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import UserError
-from mega_nerf.opts import base_parser, require
-from mega_nerf.partition import PartitionParams, load_params
+from mega_nerf.merging.container import inference_state, save_container
+from mega_nerf.partition.cells import PartitionParams, load_params
+from mega_nerf.training.checkpoint import latest_checkpoint, load_checkpoint
 
 
 def merge_parser() -> configargparse.ArgParser:
@@ -104,7 +104,7 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
 
 def container_state(subs: list[Submodule | None], params: PartitionParams, boundary_margin: float
                     ) -> dict[str, Any]:
-    """The container file's contents (see mega_nerf.container) from checked submodules."""
+    """The container file's contents (see mega_nerf.merging.container) from checked submodules."""
     ref = next(s for s in subs if s is not None).state
     entries: list[dict[str, Any] | None] = []
     for s in subs:

@@ -12,7 +12,7 @@ Empty space: when the submodules are hash fields sharing one box and occupancy r
 container keeps one union grid (`union_occupancy`), so the renderer's "may this point hold density?" is a single
 lookup rather than a routing of every sample; the exact, routed answer gates each submodule's density in forward.
 
-The container file (`merged.pt`, written by `mega_nerf.merge`; loads with torch.load(weights_only=True)):
+The container file (`merged.pt`, written by `mega_nerf.merging.merge`; loads with torch.load(weights_only=True)):
     version, kind = "container"
     centroids (K, 3) float32, boundary_margin, cluster_2d      the partition (from masks/params.pt)
     render {samples, fine_samples}, scene {near, far, altitude_range}   as trained, normalised units
@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mega_nerf.checkpoint import save_atomic
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.hash import HashField
 from mega_nerf.fields.occupancy import cell_index
-from mega_nerf.partition import squared_distances
+from mega_nerf.partition.cells import squared_distances
 from mega_nerf.render import RenderConfig
+from mega_nerf.training.checkpoint import save_atomic
 
 VERSION = 1
 KIND = "container"

@@ -19,17 +19,17 @@ import configargparse
 import torch
 from tqdm import tqdm
 
-from mega_nerf import checkpoint as ckpt
 from mega_nerf.bounds import scene_box
+from mega_nerf.cli.options import base_parser, require, scene_bounds
 from mega_nerf.data.chunks import dataset_fingerprint, gather_in_memory, prepare_chunks
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.data.stream import RayStream
 from mega_nerf.errors import UserError
 from mega_nerf.fields import FIELDS, build_field
-from mega_nerf.opts import base_parser, require, scene_bounds
 from mega_nerf.rays import Cameras, near_far
 from mega_nerf.render import RenderConfig, render_rays
-from mega_nerf.validation import validate
+from mega_nerf.training import checkpoint as ckpt
+from mega_nerf.training.validation import validate
 
 # Per-field defaults where Mega-NeRF's settings (mlp) and Instant-NGP's (hash) differ.
 FIELD_DEFAULTS = {

@@ -16,7 +16,7 @@ from mega_nerf.rays import image_rays, near_far
 from mega_nerf.render import RenderConfig, render_in_chunks
 
 if TYPE_CHECKING:
-    from mega_nerf.training import Trainer
+    from mega_nerf.training.trainer import Trainer
 
 
 def colorize_depth(depth: torch.Tensor, opacity: torch.Tensor) -> np.ndarray:

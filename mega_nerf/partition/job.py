@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mega_nerf.cli.options import require, scene_bounds
 from mega_nerf.data.dataset import Dataset, ImageMetadata, load_dataset
 from mega_nerf.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, shard
 from mega_nerf.errors import UserError
-from mega_nerf.opts import require, scene_bounds
-from mega_nerf.partition import (
+from mega_nerf.partition.cells import (
     PartitionParams,
     cell_membership,
     centroid_distances,
