@@ -17,8 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
 
+from mega_nerf.cli.export import export_parser  # noqa: E402
 from mega_nerf.data.dataset import load_coordinates, load_dataset  # noqa: E402
-from mega_nerf.export import count_views, export_box, export_parser, export_points  # noqa: E402
+from mega_nerf.export import count_views, export_box, export_points  # noqa: E402
 from mega_nerf.merging.container import load_container  # noqa: E402
 from mega_nerf.rays import Cameras  # noqa: E402
 from mega_nerf.synthetic.surface import surface_distances  # noqa: E402

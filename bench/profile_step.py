@@ -16,7 +16,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_city, ensure_partition  # noqa: E402
 
-from mega_nerf.training.trainer import Trainer, train_parser  # noqa: E402
+from mega_nerf.cli.train import train_parser
+from mega_nerf.training.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:

@@ -23,10 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, ensure_city, ensure_partition  # noqa: E402
 
+from mega_nerf.cli.train import train_parser
 from mega_nerf.data.chunks import cell_mask  # noqa: E402
 from mega_nerf.rays import near_far  # noqa: E402
 from mega_nerf.render import RenderConfig, render_in_chunks  # noqa: E402
-from mega_nerf.training.trainer import Trainer, train_parser  # noqa: E402
+from mega_nerf.training.trainer import Trainer  # noqa: E402
 
 SETTINGS = {  # Mega-NeRF's reference settings for mlp; ours for hash
     "mlp": ["--field", "mlp", "--train_iterations", "500000"],  # batch 1024

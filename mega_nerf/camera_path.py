@@ -10,7 +10,6 @@ The pose file format is POSE_FILE_FORMAT below (also printed by scripts/render_i
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from scipy.spatial.transform import Rotation, Slerp
 from tqdm import tqdm
 
-from mega_nerf.cli.options import base_parser, require
+from mega_nerf.cli.options import require
 from mega_nerf.data.dataset import Dataset
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
@@ -169,24 +168,6 @@ def render_frame(container: Container, info: ContainerInfo, pose: Pose, device: 
     appearance = torch.full((origins.shape[0],), pose.appearance, device=device)
     out = render_in_chunks(container, origins, dirs, near, far, appearance, info.render, chunk)
     return to_uint8(out["rgb"].view(H, W, 3))
-
-
-def render_parser() -> configargparse.ArgParser:
-    p = base_parser("Render new views through a container along a camera path, to PNG frames and an MP4. Rays use "
-                    "the near/far/altitude range stored in the container.")
-    p.epilog, p.formatter_class = POSE_FILE_FORMAT, argparse.RawDescriptionHelpFormatter
-    p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
-    p.add_argument("--output", type=str, help="directory for frames/<00000>.png and video.mp4")
-    p.add_argument("--path", type=str, default=None, help="pose file (format below); default: an orbit")
-    p.add_argument("--frames", type=int, default=120, help="frames in the video, spread over the path")
-    p.add_argument("--height", type=int, default=None, help="frame height in pixels (default: the poses')")
-    p.add_argument("--fps", type=float, default=30.0)
-    p.add_argument("--train_scale_factor", type=int, default=1,
-                   help="the scale the submodules were trained at (to check the container's dataset)")
-    p.add_argument("--ray_chunk", type=int, default=None,
-                   help="rays rendered at once, bounds memory (default: 262144 on a GPU, 8192 on a CPU)")
-    p.add_argument("--no_progress", action="store_true")
-    return p
 
 
 def render_images(args: configargparse.Namespace) -> Path:

@@ -1,9 +1,9 @@
-"""Entry point: evaluate a merged container. `python mega_nerf/eval.py --config_file CFG --container_path C ...`
+"""Mega-NeRF's command: `python mega_nerf/eval.py ...` = `mega-nerf-eval` (mega_nerf/cli/eval.py).
 
 Distributed: `python -m torch.distributed.run --standalone --nproc_per_node N mega_nerf/eval.py ...`
 """
+from mega_nerf.cli.eval import main
 from mega_nerf.errors import run_cli
-from mega_nerf.evaluation.evaluate import main
 
 if __name__ == "__main__":
     run_cli(main)

@@ -149,26 +149,6 @@ def to_real_units(xyz: np.ndarray, coordinates: Coordinates) -> np.ndarray:
     return real.astype(np.float32)
 
 
-def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--container_path", required=True, help="merged container (scripts/merge_submodules.py)")
-    p.add_argument("--output", required=True, help="PLY file to write")
-    p.add_argument("--resolution", type=int, default=512, help="grid cells along the scene box's longest side")
-    p.add_argument("--max_points", type=int, default=2_000_000, help="keep at most this many (uniform, seeded)")
-    p.add_argument("--density_threshold", type=float, default=None,
-                   help="density a cell needs (default: 50%% opaque over one cell, ln 2 / spacing)")
-    p.add_argument("--layers", type=int, default=2, help="dense cells kept per vertical column, from the top")
-    p.add_argument("--appearance", type=int, default=0, help="appearance (image) index for the colours")
-    p.add_argument("--real_units", action="store_true",
-                   help="write real-world DRB metres instead of normalised units (needs --dataset_path)")
-    p.add_argument("--dataset_path", default=None,
-                   help="the training dataset: origin and scale for --real_units, cameras for --min_views")
-    p.add_argument("--min_views", type=int, default=0,
-                   help="keep points inside at least this many images' views (needs --dataset_path; 0: all)")
-    p.add_argument("--chunk", type=int, default=1 << 18, help="points per field call (bounds memory)")
-    return p
-
-
 def check_args(args: argparse.Namespace, n_images: int) -> None:
     """One-line UserError for an option out of range."""
     for option in ("resolution", "max_points", "layers", "chunk"):
@@ -185,9 +165,8 @@ def check_args(args: argparse.Namespace, n_images: int) -> None:
             raise UserError(f"--{option} needs --dataset_path (its coordinates.pt and cameras)")
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Export the container named by the options; returns the PLY path."""
-    args = export_parser().parse_args(argv)
+def export_ply(args: argparse.Namespace) -> Path:
+    """Export the container named by the options (cli.export's parser); returns the PLY path."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     container, info = load_container(args.container_path, device)
     check_args(args, info.n_images)

@@ -1,6 +1,6 @@
-"""Entry point: train one submodule. `python mega_nerf/train.py --config_file CFG --exp_name E ...`"""
+"""Mega-NeRF's command: `python mega_nerf/train.py ...` = `mega-nerf-train` (mega_nerf/cli/train.py)."""
+from mega_nerf.cli.train import main
 from mega_nerf.errors import run_cli
-from mega_nerf.training.trainer import main
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,32 +1,10 @@
-"""Split a dataset into a grid of cells: one boolean mask per image per cell, and masks/params.pt.
+"""Mega-NeRF's command name for `mega-nerf-partition` (mega_nerf/cli/partition.py): one mask per image per cell.
 
 One process:   python scripts/create_cluster_masks.py --config_file CFG --dataset_path D --output M --grid_dim 2 2
 Several GPUs:  python -m torch.distributed.run --standalone --nproc_per_node 8 scripts/create_cluster_masks.py ...
 """
-from __future__ import annotations
-
-from mega_nerf.cli.options import base_parser
+from mega_nerf.cli.partition import main
 from mega_nerf.errors import run_cli
-from mega_nerf.partition.job import create_cluster_masks, mask_job
-
-
-def main() -> None:
-    parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--output", type=str, help="mask directory to create (M/params.pt, M/<cell>/<image>)")
-    parser.add_argument("--grid_dim", nargs="+", default=None,
-                        help="cells along y (right) and along z (back), e.g. --grid_dim 2 4")
-    parser.add_argument("--ray_samples", type=int, default=1000,
-                        help="points per ray, evenly spaced from near to far, compared with the centroids")
-    parser.add_argument("--resume", action="store_true", help="finish an interrupted run in --output")
-    parser.add_argument("--ray_chunk", type=int, default=1 << 16, help="rays generated at once per image")
-    parser.add_argument("--dist_chunk", type=int, default=None,
-                        help="point-centroid distances computed at once, bounding memory at about 16 bytes "
-                             "each (default 2^18 on CPU, 2^24 on GPU)")
-    parser.add_argument("--timeout_minutes", type=float, default=10,
-                        help="how long a rank waits for the others before the job fails")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")
-    create_cluster_masks(mask_job(parser.parse_args()))
-
 
 if __name__ == "__main__":
     run_cli(main)

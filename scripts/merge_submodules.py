@@ -1,12 +1,6 @@
-"""Merge trained submodules into one container file.
-
-python scripts/merge_submodules.py --config_file CFG --ckpt_prefix exp- --centroid_path masks/params.pt \
-    --output merged.pt [--allow_empty_cells]
-"""
-from __future__ import annotations
-
+"""Mega-NeRF's command name for `mega-nerf-merge` (mega_nerf/cli/merge.py): one container from the submodules."""
+from mega_nerf.cli.merge import main
 from mega_nerf.errors import run_cli
-from mega_nerf.merging.merge import main
 
 if __name__ == "__main__":
     run_cli(main)

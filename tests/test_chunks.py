@@ -11,7 +11,7 @@ from mega_nerf.data.chunks import MANIFEST, gather_in_memory, prepare_chunks
 from mega_nerf.data.dataset import load_dataset, write_coordinates, write_image
 from mega_nerf.data.stream import RayStream
 from mega_nerf.errors import UserError
-from mega_nerf.partition.job import write_mask
+from mega_nerf.partition.maskfile import write_mask
 
 W, H = 20, 10
 
@@ -33,7 +33,7 @@ def scene(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def expected_rays(data: Path, masks: Path) -> set[tuple[int, int, tuple[int, ...]]]:
-    from mega_nerf.partition.job import load_mask
+    from mega_nerf.partition.maskfile import load_mask
     rays = set()
     for m in load_dataset(data).images:
         mask = load_mask(masks, m.name, H, W).clone()

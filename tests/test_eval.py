@@ -29,11 +29,13 @@ from mega_nerf.camera_path import (
     orbit,
     read_pose_file,
     render_images,
-    render_parser,
 )
+from mega_nerf.cli.eval import eval_parser
+from mega_nerf.cli.render import render_parser
+from mega_nerf.cli.train import train_parser
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
-from mega_nerf.evaluation.evaluate import eval_parser, evaluate
+from mega_nerf.evaluation.evaluate import evaluate
 from mega_nerf.fields import build_field
 from mega_nerf.merging.container import Container, load_container
 from mega_nerf.merging.merge import merge_submodules
@@ -41,7 +43,7 @@ from mega_nerf.partition.cells import load_params
 from mega_nerf.rays import image_rays, near_far
 from mega_nerf.render import render_in_chunks
 from mega_nerf.training.checkpoint import latest_checkpoint, load_checkpoint
-from mega_nerf.training.trainer import Trainer, train_parser
+from mega_nerf.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 50  # per submodule; the unpartitioned model gets 4 x STEPS

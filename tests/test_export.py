@@ -25,9 +25,10 @@ import torch
 from plyfile import PlyData
 from test_eval import ENV, REPO, partition_train_merge
 
+from mega_nerf.cli.export import main
 from mega_nerf.data.dataset import load_coordinates, load_dataset
 from mega_nerf.errors import UserError
-from mega_nerf.export import count_views, export_points, main
+from mega_nerf.export import count_views, export_points
 from mega_nerf.fields.base import Field
 from mega_nerf.rays import Cameras
 from mega_nerf.synthetic.surface import near_surface_fractions
@@ -111,8 +112,9 @@ def read_ply(path: Path) -> np.ndarray:
 
 
 def test_exported_points_lie_on_the_city(tiny_city: Path, tmp_path: Path) -> None:
+    from mega_nerf.cli.train import train_parser
     from mega_nerf.export import field_box
-    from mega_nerf.training.trainer import Trainer, train_parser
+    from mega_nerf.training.trainer import Trainer
 
     trainer = Trainer(train_parser().parse_args([
         "--config_file", str(tiny_city / "config.yaml"), "--exp_name", str(tmp_path / "single"), "--data_mode",

@@ -28,7 +28,8 @@ from mega_nerf.partition.cells import (
     load_params,
     make_params,
 )
-from mega_nerf.partition.job import FAIL_AFTER_ENV, decode_mask, encode_mask, load_mask, write_mask
+from mega_nerf.partition.job import FAIL_AFTER_ENV
+from mega_nerf.partition.maskfile import decode_mask, encode_mask, load_mask, write_mask
 from mega_nerf.rays import image_rays, near_far, normalize_altitude_range
 
 ROOT = Path(__file__).resolve().parents[1]

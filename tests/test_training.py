@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mega_nerf.cli.train import train_parser
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
-from mega_nerf.partition.job import write_mask
-from mega_nerf.training.trainer import KILL_HOOK, Trainer, train_parser
+from mega_nerf.partition.maskfile import write_mask
+from mega_nerf.training.trainer import KILL_HOOK, Trainer
 from mega_nerf.training.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.errors import UserError
-from mega_nerf.partition.job import load_mask
+from mega_nerf.partition.maskfile import load_mask
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

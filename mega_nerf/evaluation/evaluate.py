@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mega_nerf.cli.options import base_parser, require
+from mega_nerf.cli.options import require
 from mega_nerf.data.chunks import dataset_fingerprint
 from mega_nerf.data.dataset import Dataset, ImageMetadata, load_dataset
 from mega_nerf.distributed import cleanup, gather_objects, init_distributed, shard
@@ -41,26 +41,6 @@ from mega_nerf.training.validation import colorize_depth, to_uint8, write_rgb
 PROTOCOL = "metrics on the right half of each val image (its left half was trained on: Mega-NeRF's protocol)"
 METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
 TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metrics.json has them all)
-
-
-def eval_parser() -> configargparse.ArgParser:
-    p = base_parser("Evaluate a merged container on the val images (right halves), optionally distributed. Rays use "
-                    "the near/far/altitude range stored in the container; --near, --far, --ray_altitude_range, "
-                    "--boundary_margin and --cluster_2d are not used.")
-    p.add_argument("--exp_name", type=str, help="output directory (renders and metrics.json)")
-    p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
-    p.add_argument("--val_scale_factor", type=int, default=1, help="downsample val images by this")
-    p.add_argument("--train_scale_factor", type=int, default=1,
-                   help="the scale the submodules were trained at (to check the container's dataset)")
-    p.add_argument("--lpips_weights_dir", type=str, default=None,
-                   help="LPIPS weights (see mega_nerf/lpips.py; default ~/.cache/mega_nerf/lpips); "
-                        "without them LPIPS is reported as null")
-    p.add_argument("--ray_chunk", type=int, default=None,
-                   help="rays rendered at once, bounds memory (default: 262144 on a GPU, 8192 on a CPU)")
-    p.add_argument("--timeout_minutes", type=float, default=10,
-                   help="how long a rank waits for the others before the job fails")
-    p.add_argument("--no_progress", action="store_true")
-    return p
 
 
 @dataclass
@@ -212,8 +192,4 @@ def evaluate(args: configargparse.Namespace) -> dict[str, Any] | None:
         return report
     finally:
         cleanup(info)
-
-
-def main() -> None:
-    evaluate(eval_parser().parse_args())
 

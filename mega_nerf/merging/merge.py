@@ -13,23 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import configargparse
-
-from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import UserError
 from mega_nerf.merging.container import inference_state, save_container
 from mega_nerf.partition.cells import PartitionParams, load_params
 from mega_nerf.training.checkpoint import latest_checkpoint, load_checkpoint
-
-
-def merge_parser() -> configargparse.ArgParser:
-    p = base_parser("Merge the trained submodules of a partition into one container file.")
-    p.add_argument("--ckpt_prefix", type=str, help="submodule k's experiment directory is <prefix><k> (e.g. exp-)")
-    p.add_argument("--centroid_path", type=str, help="the partition's params.pt (or its mask directory)")
-    p.add_argument("--output", type=str, help="container file to write (e.g. merged.pt)")
-    p.add_argument("--allow_empty_cells", action="store_true",
-                   help="merge even when some submodules have no checkpoint (those cells contribute nothing)")
-    return p
 
 
 @dataclass
@@ -147,10 +134,3 @@ def report(subs: list[Submodule | None], state: dict[str, Any], output: Path) ->
             print(f"cell {k}: {s.path} (step {entry['step']})")
     print(f"wrote {output}: {len(subs)} cells, {output.stat().st_size / 2 ** 20:.1f} MiB")
 
-
-def main() -> None:
-    args = merge_parser().parse_args()
-    for option in ("ckpt_prefix", "centroid_path", "output"):
-        require(getattr(args, option), option)
-    merge_submodules(args.ckpt_prefix, Path(args.centroid_path), Path(args.output), args.allow_empty_cells,
-                     args.boundary_margin)

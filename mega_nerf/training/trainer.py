@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import configargparse
 import torch
 from tqdm import tqdm
 
 from mega_nerf.bounds import scene_box
-from mega_nerf.cli.options import base_parser, require, scene_bounds
+from mega_nerf.cli.options import require, scene_bounds
 from mega_nerf.data.chunks import dataset_fingerprint, gather_in_memory, prepare_chunks
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.data.stream import RayStream
@@ -37,40 +36,6 @@ FIELD_DEFAULTS = {
     "mlp": {"lr": 5e-4, "samples": 256, "fine_samples": 512, "batch_size": 1024},
 }
 KILL_HOOK = "MEGA_NERF_TEST_KILL_AT_STEP"  # tests: exit abruptly after this step, as kill -9 would
-
-
-def train_parser() -> configargparse.ArgParser:
-    p = base_parser("Train one submodule (one cell's rays) or, without a mask, one model of the whole scene.")
-    p.add_argument("--exp_name", type=str, help="experiment directory (checkpoints, logs, renders)")
-    p.add_argument("--chunk_paths", type=str, nargs="+", help="directories for the shuffled ray chunks")
-    p.add_argument("--cluster_mask_path", type=str, default=None, help="this cell's mask directory (M/<k>)")
-    p.add_argument("--data_mode", choices=("disk", "memory"), default="disk",
-                   help="disk: stream shuffled chunks from --chunk_paths; memory: keep every ray in RAM")
-    p.add_argument("--chunk_rays", type=int, default=2 ** 26, help="rays per chunk: bounds the shuffle's memory")
-    p.add_argument("--train_scale_factor", type=int, default=1, help="downsample training images by this")
-    p.add_argument("--field", type=str, default="hash", help=f"one of {', '.join(FIELDS)}")
-    p.add_argument("--batch_size", type=int, default=None, help="rays per step (hash 32768, mlp 1024)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (hash 1e-2, mlp 5e-4)")
-    p.add_argument("--lr_decay_factor", type=float, default=0.1, help="lr multiplier reached at the last step")
-    p.add_argument("--train_iterations", type=int, default=30000)
-    p.add_argument("--samples", type=int, default=None, help="samples per ray (mlp: coarse samples)")
-    p.add_argument("--fine_samples", type=int, default=None, help="hierarchical fine samples (mlp: 512)")
-    p.add_argument("--appearance_dim", type=int, default=None)
-    p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
-    p.add_argument("--log2_hashmap_size", type=int, default=19)
-    p.add_argument("--max_resolution", type=int, default=2048, help="finest hash-grid resolution")
-    p.add_argument("--occupancy_resolution", type=int, default=128)
-    p.add_argument("--occupancy_interval", type=int, default=8,
-                   help="steps between occupancy updates (every 262,144 rays at the hash default batch)")
-    p.add_argument("--occupancy_warmup", type=int, default=32, help="steps before the first update")
-    p.add_argument("--ckpt_interval", type=int, default=2000)
-    p.add_argument("--val_interval", type=int, default=5000)
-    p.add_argument("--val_images", type=int, default=2, help="validation images rendered at each interval")
-    p.add_argument("--log_interval", type=int, default=100)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--no_progress", action="store_true")
-    return p
 
 
 def field_config(args: Any, box: tuple[torch.Tensor, torch.Tensor], n_images: int) -> dict[str, Any]:
@@ -257,12 +222,4 @@ class Logger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def main() -> None:
-    args = train_parser().parse_args()
-    final = Trainer(args).run()
-    print(f"done: {final}")
-
-
 

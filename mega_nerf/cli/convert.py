@@ -1,0 +1,47 @@
+"""`mega-nerf-colmap` and `mega-nerf-transforms` (and `scripts/colmap_to_mega_nerf.py`,
+`scripts/transforms_to_mega_nerf.py`): convert a COLMAP sparse model (text or binary) or a nerfstudio /
+instant-ngp transforms.json, with their images, to Mega-NeRF's dataset layout.
+
+    mega-nerf-colmap --model_path sparse/0 --images_path images --output data/scene
+    mega-nerf-transforms --transforms scene/transforms.json --output data/scene
+"""
+from __future__ import annotations
+
+import argparse
+
+from mega_nerf.data.colmap import convert_colmap
+from mega_nerf.data.convert import add_conversion_options, conversion_options
+from mega_nerf.data.transforms_json import convert_transforms
+from mega_nerf.errors import run_cli
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def colmap_main(argv: list[str] | None = None) -> None:
+    parser = _parser("Convert a COLMAP sparse model (text or binary) and its images to Mega-NeRF's dataset layout.")
+    parser.add_argument("--model_path", required=True, help="COLMAP sparse model folder (cameras, images, "
+                        "points3D as .bin or .txt)")
+    parser.add_argument("--images_path", required=True, help="folder the model's image names are relative to")
+    add_conversion_options(parser)
+    args = parser.parse_args(argv)
+    convert_colmap(args.model_path, args.images_path, args.output, **conversion_options(args))
+
+
+def transforms_main(argv: list[str] | None = None) -> None:
+    parser = _parser("Convert a nerfstudio / instant-ngp transforms.json and its images to Mega-NeRF's layout.")
+    parser.add_argument("--transforms", required=True, help="transforms.json (image paths relative to it)")
+    parser.add_argument("--points", default=None,
+                        help="PLY of sparse points in the json's world (default: its ply_file_path, if any)")
+    add_conversion_options(parser)
+    args = parser.parse_args(argv)
+    convert_transforms(args.transforms, args.output, args.points, **conversion_options(args))
+
+
+def colmap_console() -> None:
+    run_cli(colmap_main)
+
+
+def transforms_console() -> None:
+    run_cli(transforms_main)

@@ -1,0 +1,39 @@
+"""`mega-nerf-eval` (and `python mega_nerf/eval.py`): evaluate a merged container on the val images.
+
+Distributed: `python -m torch.distributed.run --standalone --nproc_per_node N mega_nerf/eval.py ...`
+"""
+from __future__ import annotations
+
+import configargparse
+
+from mega_nerf.cli.options import base_parser
+from mega_nerf.errors import run_cli
+from mega_nerf.evaluation.evaluate import evaluate
+
+
+def eval_parser() -> configargparse.ArgParser:
+    p = base_parser("Evaluate a merged container on the val images (right halves), optionally distributed. Rays use "
+                    "the near/far/altitude range stored in the container; --near, --far, --ray_altitude_range, "
+                    "--boundary_margin and --cluster_2d are not used.")
+    p.add_argument("--exp_name", type=str, help="output directory (renders and metrics.json)")
+    p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
+    p.add_argument("--val_scale_factor", type=int, default=1, help="downsample val images by this")
+    p.add_argument("--train_scale_factor", type=int, default=1,
+                   help="the scale the submodules were trained at (to check the container's dataset)")
+    p.add_argument("--lpips_weights_dir", type=str, default=None,
+                   help="LPIPS weights (see mega_nerf/lpips.py; default ~/.cache/mega_nerf/lpips); "
+                        "without them LPIPS is reported as null")
+    p.add_argument("--ray_chunk", type=int, default=None,
+                   help="rays rendered at once, bounds memory (default: 262144 on a GPU, 8192 on a CPU)")
+    p.add_argument("--timeout_minutes", type=float, default=10,
+                   help="how long a rank waits for the others before the job fails")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    evaluate(eval_parser().parse_args(argv))
+
+
+def console() -> None:
+    run_cli(main)

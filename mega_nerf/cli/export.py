@@ -1,0 +1,41 @@
+"""`mega-nerf-export` (and `scripts/export_ply.py`): export the merged model as a coloured point cloud (PLY).
+
+    mega-nerf-export --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mega_nerf.errors import run_cli
+from mega_nerf.export import __doc__ as EXPORT_DOC
+from mega_nerf.export import export_ply
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=EXPORT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--container_path", required=True, help="merged container (scripts/merge_submodules.py)")
+    p.add_argument("--output", required=True, help="PLY file to write")
+    p.add_argument("--resolution", type=int, default=512, help="grid cells along the scene box's longest side")
+    p.add_argument("--max_points", type=int, default=2_000_000, help="keep at most this many (uniform, seeded)")
+    p.add_argument("--density_threshold", type=float, default=None,
+                   help="density a cell needs (default: 50%% opaque over one cell, ln 2 / spacing)")
+    p.add_argument("--layers", type=int, default=2, help="dense cells kept per vertical column, from the top")
+    p.add_argument("--appearance", type=int, default=0, help="appearance (image) index for the colours")
+    p.add_argument("--real_units", action="store_true",
+                   help="write real-world DRB metres instead of normalised units (needs --dataset_path)")
+    p.add_argument("--dataset_path", default=None,
+                   help="the training dataset: origin and scale for --real_units, cameras for --min_views")
+    p.add_argument("--min_views", type=int, default=0,
+                   help="keep points inside at least this many images' views (needs --dataset_path; 0: all)")
+    p.add_argument("--chunk", type=int, default=1 << 18, help="points per field call (bounds memory)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Export the container named by the options; returns the PLY path."""
+    return export_ply(export_parser().parse_args(argv))
+
+
+def console() -> None:
+    run_cli(main)

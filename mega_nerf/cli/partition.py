@@ -1,0 +1,39 @@
+"""`mega-nerf-partition` (and `scripts/create_cluster_masks.py`): split a dataset into a grid of cells.
+
+One process:   mega-nerf-partition --config_file CFG --dataset_path D --output M --grid_dim 2 2
+Several GPUs:  python -m torch.distributed.run --standalone --nproc_per_node 8 scripts/create_cluster_masks.py ...
+"""
+from __future__ import annotations
+
+import configargparse
+
+from mega_nerf.cli.options import base_parser
+from mega_nerf.errors import run_cli
+from mega_nerf.partition.job import create_cluster_masks, mask_job
+
+
+def partition_parser() -> configargparse.ArgParser:
+    parser = base_parser("Split a dataset into a grid of cells: one boolean mask per image per cell, and "
+                         "masks/params.pt.")
+    parser.add_argument("--output", type=str, help="mask directory to create (M/params.pt, M/<cell>/<image>)")
+    parser.add_argument("--grid_dim", nargs="+", default=None,
+                        help="cells along y (right) and along z (back), e.g. --grid_dim 2 4")
+    parser.add_argument("--ray_samples", type=int, default=1000,
+                        help="points per ray, evenly spaced from near to far, compared with the centroids")
+    parser.add_argument("--resume", action="store_true", help="finish an interrupted run in --output")
+    parser.add_argument("--ray_chunk", type=int, default=1 << 16, help="rays generated at once per image")
+    parser.add_argument("--dist_chunk", type=int, default=None,
+                        help="point-centroid distances computed at once, bounding memory at about 16 bytes "
+                             "each (default 2^18 on CPU, 2^24 on GPU)")
+    parser.add_argument("--timeout_minutes", type=float, default=10,
+                        help="how long a rank waits for the others before the job fails")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    return create_cluster_masks(mask_job(partition_parser().parse_args(argv)))
+
+
+def console() -> None:
+    run_cli(main)

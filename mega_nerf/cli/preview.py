@@ -1,0 +1,56 @@
+"""`mega-nerf-preview` (and `scripts/preview_dataset.py`): draw a dataset before training: cameras (train and
+val), sparse points, the altitude slab and, optionally, the cells of a partition. Prints what looks wrong.
+
+    mega-nerf-preview data/scene [--partition masks] [--output preview.png]
+
+`mega-nerf-export-cameras` (and `scripts/export_cameras_ply.py`): the training cameras as a PLY.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mega_nerf.cli.options import base_parser, require
+from mega_nerf.data.dataset import load_dataset
+from mega_nerf.errors import run_cli
+from mega_nerf.preview import write_cameras_ply, write_preview
+
+CAMERAS_DOC = """Export a dataset's training cameras as a PLY (normalised DRB units) for a 3D viewer: a point per camera
+centre, or with --frusta the outline of each camera's frustum.
+
+    python scripts/export_cameras_ply.py --dataset_path data/scene --output cams.ply --frusta
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", nargs="?", default=None, help="dataset folder (or --dataset_path)")
+    parser.add_argument("--partition", default=None, help="masks folder (or its params.pt) to draw the cells of")
+    parser.add_argument("--output", default=None, help="PNG to write (default: <dataset>/preview.png)")
+    parser.add_argument("--size", type=int, default=800, help="height of the image; its width is twice that")
+    args = parser.parse_args(argv)
+    dataset = args.dataset or args.dataset_path
+    require(dataset, "dataset_path")
+    output = Path(args.output or Path(dataset) / "preview.png")
+    lines = write_preview(dataset, output, args.partition, args.ray_altitude_range, args.size)
+    print("\n".join(lines))
+    print(f"wrote {output}")
+
+
+def cameras_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=CAMERAS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_path", required=True, help="dataset in Mega-NeRF's layout")
+    parser.add_argument("--output", required=True, help="PLY file to write")
+    parser.add_argument("--frusta", action="store_true", help="write frustum outlines instead of bare centres")
+    parser.add_argument("--frustum_depth", type=float, default=0.05, help="frustum depth, normalised units")
+    args = parser.parse_args(argv)
+    count = write_cameras_ply(load_dataset(args.dataset_path), args.output, args.frusta, args.frustum_depth)
+    print(f"wrote {count} training cameras to {args.output}")
+
+
+def console() -> None:
+    run_cli(main)
+
+
+def cameras_console() -> None:
+    run_cli(cameras_main)

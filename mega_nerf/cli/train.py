@@ -1,0 +1,53 @@
+"""`mega-nerf-train` (and `python mega_nerf/train.py`): train one submodule (one cell's rays) or one model of the
+whole scene. Builds a TrainConfig from the options and hands it to the Trainer."""
+from __future__ import annotations
+
+import configargparse
+
+from mega_nerf.cli.options import base_parser
+from mega_nerf.errors import run_cli
+from mega_nerf.fields import FIELDS
+from mega_nerf.training.trainer import Trainer
+
+
+def train_parser() -> configargparse.ArgParser:
+    p = base_parser("Train one submodule (one cell's rays) or, without a mask, one model of the whole scene.")
+    p.add_argument("--exp_name", type=str, help="experiment directory (checkpoints, logs, renders)")
+    p.add_argument("--chunk_paths", type=str, nargs="+", help="directories for the shuffled ray chunks")
+    p.add_argument("--cluster_mask_path", type=str, default=None, help="this cell's mask directory (M/<k>)")
+    p.add_argument("--data_mode", choices=("disk", "memory"), default="disk",
+                   help="disk: stream shuffled chunks from --chunk_paths; memory: keep every ray in RAM")
+    p.add_argument("--chunk_rays", type=int, default=2 ** 26, help="rays per chunk: bounds the shuffle's memory")
+    p.add_argument("--train_scale_factor", type=int, default=1, help="downsample training images by this")
+    p.add_argument("--field", type=str, default="hash", help=f"one of {', '.join(FIELDS)}")
+    p.add_argument("--batch_size", type=int, default=None, help="rays per step (hash 32768, mlp 1024)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (hash 1e-2, mlp 5e-4)")
+    p.add_argument("--lr_decay_factor", type=float, default=0.1, help="lr multiplier reached at the last step")
+    p.add_argument("--train_iterations", type=int, default=30000)
+    p.add_argument("--samples", type=int, default=None, help="samples per ray (mlp: coarse samples)")
+    p.add_argument("--fine_samples", type=int, default=None, help="hierarchical fine samples (mlp: 512)")
+    p.add_argument("--appearance_dim", type=int, default=None)
+    p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
+    p.add_argument("--log2_hashmap_size", type=int, default=19)
+    p.add_argument("--max_resolution", type=int, default=2048, help="finest hash-grid resolution")
+    p.add_argument("--occupancy_resolution", type=int, default=128)
+    p.add_argument("--occupancy_interval", type=int, default=8,
+                   help="steps between occupancy updates (every 262,144 rays at the hash default batch)")
+    p.add_argument("--occupancy_warmup", type=int, default=32, help="steps before the first update")
+    p.add_argument("--ckpt_interval", type=int, default=2000)
+    p.add_argument("--val_interval", type=int, default=5000)
+    p.add_argument("--val_images", type=int, default=2, help="validation images rendered at each interval")
+    p.add_argument("--log_interval", type=int, default=100)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    final = Trainer(train_parser().parse_args(argv)).run()
+    print(f"done: {final}")
+
+
+def console() -> None:
+    run_cli(main)

@@ -1,0 +1,48 @@
+"""The package layout: every console script answers --help, and layers point down (a sampler knows nothing of a
+trainer): data/, fields/, rays.py and render.py import nothing from the stages above them."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
+SCRIPTS = dict(re.findall(r'^(\S+) = "(\S+)"$', SECTION, re.M))
+LOWER = ["mega_nerf/data", "mega_nerf/fields", "mega_nerf/rays.py", "mega_nerf/render.py", "mega_nerf/bounds.py",
+         "mega_nerf/io.py", "mega_nerf/errors.py"]
+HIGHER = ("mega_nerf.training", "mega_nerf.merging", "mega_nerf.evaluation", "mega_nerf.partition.job",
+          "mega_nerf.cli")
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_console_script_help(name: str) -> None:
+    module, func = SCRIPTS[name].split(":")
+    code = f"import sys; sys.argv = ['{name}', '--help']; from {module} import {func}; {func}()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def test_layers_point_down() -> None:
+    files = [p for entry in LOWER for p in ((ROOT / entry).rglob("*.py") if (ROOT / entry).is_dir()
+                                             else [ROOT / entry]) if p.exists()]
+    assert len(files) > 10
+    bad = [(str(f.relative_to(ROOT)), name) for f in files for name in _imports(f)
+           if name.startswith(HIGHER)]
+    assert not bad, bad
