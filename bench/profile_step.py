@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_city, ensure_partition  # noqa: E402
 
-from mega_nerf.cli.train import train_parser
+from mega_nerf.cli.train import config_from_argv
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = p.parse_args()
     dataset = ensure_city(args.preset, args.work)
     masks = ensure_partition(dataset, args.work, (2, 2))
-    trainer = Trainer(train_parser().parse_args([
+    trainer = Trainer(config_from_argv([
         "--config_file", str(dataset / "config.yaml"), "--dataset_path", str(dataset), "--exp_name",
         str(args.work / "exp-profile"), "--chunk_paths", str(args.work / "chunks-0"), "--cluster_mask_path",
         str(masks / "0"), "--no_progress", "--train_iterations", "20000"] + args.extra.split()))
@@ -46,8 +46,9 @@ def main() -> None:
             trainer.train_step(stream)
         torch.cuda.synchronize()
     elapsed = (time.perf_counter() - t0) / args.steps
+    batch = trainer.config.batch_size
     print(f"after {steps} warm-up steps: {elapsed * 1e3:.1f} ms/step (profiled), "
-          f"{trainer.args.batch_size / elapsed:,.0f} rays/s, {int(trainer.last_samples) / trainer.args.batch_size:.1f} "
+          f"{batch / elapsed:,.0f} rays/s, {int(trainer.last_samples) / batch:.1f} "
           f"samples/ray, occupied {trainer.field.occupancy.occupied_fraction:.3f}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 

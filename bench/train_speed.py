@@ -23,9 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, ensure_city, ensure_partition  # noqa: E402
 
-from mega_nerf.cli.train import train_parser
+from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.chunks import cell_mask  # noqa: E402
-from mega_nerf.rays import near_far  # noqa: E402
 from mega_nerf.render import RenderConfig, render_in_chunks  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 
@@ -56,7 +55,7 @@ def val_pixels(trainer: Trainer, count: int, seed: int = 0) -> tuple[torch.Tenso
 def val_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> float:
     image, pixel, rgb = (t.to(trainer.device) for t in sample)
     origins, dirs = trainer.cameras.rays(image, pixel)
-    near, far = near_far(origins, dirs, trainer.near, trainer.far, trainer.altitude)
+    near, far = trainer.bounds.clip(origins, dirs)
     config = RenderConfig(trainer.render_config.samples, trainer.render_config.fine_samples, perturb=False)
     trainer.field.eval()
     out = render_in_chunks(trainer.field, origins, dirs, near, far, image, config, chunk=4096)
@@ -70,8 +69,7 @@ def sync() -> None:
 
 
 def run_field(field: str, base: list[str], minutes: float, eval_every: float, sample_count: int) -> dict:
-    args = train_parser().parse_args(base)
-    trainer = Trainer(args)
+    trainer = Trainer(config_from_argv(base))
     t0 = time.perf_counter()
     stream = trainer.prepare_data()
     prep_seconds = time.perf_counter() - t0
@@ -94,14 +92,14 @@ def run_field(field: str, base: list[str], minutes: float, eval_every: float, sa
         sync()
         trained += time.perf_counter() - start
         steps += 10
-        rays += 10 * args.batch_size
+        rays += 10 * trainer.config.batch_size
     history.append((trained, val_psnr(trainer, sample)))
     return {"field": field, "history": history, "rays_per_s": rays / trained,
             "samples_per_s": int(shaded) / trained, "samples_per_ray": int(shaded) / rays, "steps": steps,
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0,
             "data_wait_fraction": (stream.wait_seconds - waits_before) / trained,
             "steps_waiting": (stream.waits - blocked_before) / steps,
-            "chunk_prep_seconds": prep_seconds, "batch_size": args.batch_size}
+            "chunk_prep_seconds": prep_seconds, "batch_size": trainer.config.batch_size}
 
 
 def time_to_reach(history: list, target: float) -> tuple[float, float] | None:

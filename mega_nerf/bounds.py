@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import torch
 
-from mega_nerf.rays import Cameras, near_far, rays_from_pixels
+from mega_nerf.rays import Cameras, SceneBounds, rays_from_pixels
 
 
-def scene_box(cameras: Cameras, near: float, far: float, altitude_range: tuple[float, float] | None,
-              margin: float = 0.05) -> tuple[torch.Tensor, torch.Tensor, float]:
+def scene_box(cameras: Cameras, bounds: SceneBounds, margin: float = 0.05
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(box_min (3,), box_max (3,), mean ray segment length) from every image's corner and centre rays."""
     W, H = cameras.width.float(), cameras.height.float()
     cols = torch.stack([torch.zeros_like(W), W - 1, torch.zeros_like(W), W - 1, (W - 1) / 2], 1)
     rows = torch.stack([torch.zeros_like(H), torch.zeros_like(H), H - 1, H - 1, (H - 1) / 2], 1)
     c2w = cameras.c2w.repeat_interleave(5, 0)
     origins, dirs = rays_from_pixels(c2w, cameras.intrinsics.repeat_interleave(5, 0), cols.flatten(), rows.flatten())
-    n, f = near_far(origins, dirs, near, far, altitude_range)
+    n, f = bounds.clip(origins, dirs)
+    altitude_range = bounds.altitude
     points = torch.cat([origins + dirs * f[:, None], cameras.c2w[:, :, 3]])
     lo, hi = points.min(0).values, points.max(0).values
     if altitude_range is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from mega_nerf.data.dataset import Coordinates, Dataset
+from mega_nerf.errors import UserError
 
 
 def camera_directions(intrinsics: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor,
@@ -109,3 +110,30 @@ def near_far(origins: torch.Tensor, dirs: torch.Tensor, near: float, far: float,
         f = _plane_distance(origins, dirs, ground, f).clamp_max(far)
         f = torch.maximum(n, f)
     return n, f
+
+
+@dataclass(frozen=True)
+class SceneBounds:
+    """Where rays are sampled, in normalised units: [near, far] along each ray, clipped to the altitude slab
+    (top, ground) in down-coordinates (None: no slab). One value handed to every stage that makes rays."""
+
+    near: float
+    far: float
+    altitude: tuple[float, float] | None = None
+
+    @classmethod
+    def from_real(cls, near: float, far: float | None, altitude_range: tuple[float, float] | list[float] | None,
+                  coordinates: Coordinates) -> SceneBounds:
+        """From the real-world options --near, --far (None: 2 normalised units) and --ray_altitude_range."""
+        n = near / coordinates.pose_scale_factor
+        f = 2.0 if far is None else far / coordinates.pose_scale_factor
+        if f <= n:
+            raise UserError(f"--far ({far}) must exceed --near ({near})")
+        altitude = normalize_altitude_range(altitude_range, coordinates)
+        if altitude is not None and altitude[0] >= altitude[1]:
+            raise UserError("--ray_altitude_range must be [top, ground] with top < ground (x points down)")
+        return cls(n, f, altitude)
+
+    def clip(self, origins: torch.Tensor, dirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-ray [near, far] (N,), (N,) of rays (N, 3), (N, 3): `near_far` with these bounds."""
+        return near_far(origins, dirs, self.near, self.far, self.altitude)

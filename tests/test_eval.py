@@ -32,7 +32,7 @@ from mega_nerf.camera_path import (
 )
 from mega_nerf.cli.eval import eval_parser
 from mega_nerf.cli.render import render_parser
-from mega_nerf.cli.train import train_parser
+from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import evaluate
@@ -58,7 +58,7 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 def train(config: Path, exp: Path, steps: int, *extra: str) -> None:
     args = ["--config_file", str(config), "--exp_name", str(exp), "--train_iterations", str(steps),
             "--ckpt_interval", str(steps), *TRAIN, *extra]
-    Trainer(train_parser().parse_args(args)).run()
+    Trainer(config_from_argv(args)).run()
 
 
 def run_eval(config: Path, out: Path, container: Path, nproc: int = 1, dataset: Path | None = None

@@ -112,18 +112,18 @@ def read_ply(path: Path) -> np.ndarray:
 
 
 def test_exported_points_lie_on_the_city(tiny_city: Path, tmp_path: Path) -> None:
-    from mega_nerf.cli.train import train_parser
+    from mega_nerf.cli.train import config_from_argv
     from mega_nerf.export import field_box
     from mega_nerf.training.trainer import Trainer
 
-    trainer = Trainer(train_parser().parse_args([
+    trainer = Trainer(config_from_argv([
         "--config_file", str(tiny_city / "config.yaml"), "--exp_name", str(tmp_path / "single"), "--data_mode",
         "memory", "--train_iterations", "300", "--batch_size", "512", "--samples", "32", "--hash_levels", "8",
         "--log2_hashmap_size", "14", "--max_resolution", "128", "--occupancy_resolution", "16",
         "--occupancy_warmup", "50", "--val_interval", "100000", "--ckpt_interval", "300", "--no_progress"]))
     trainer.run()
     box_min, box_max = field_box(trainer.field)
-    box_min[0], box_max[0] = trainer.altitude
+    box_min[0], box_max[0] = trainer.bounds.altitude
     xyz = export_points(trainer.field.eval(), box_min, box_max, 96)[0].astype(np.float64)
     over_city = xyz[(np.abs(xyz[:, 1]) < 0.95) & (np.abs(xyz[:, 2]) < 0.95)]  # the ground ends at |y|, |z| = 1
     assert len(over_city) > 150  # measured 240
@@ -132,7 +132,7 @@ def test_exported_points_lie_on_the_city(tiny_city: Path, tmp_path: Path) -> Non
     assert two_cells > 0.7  # measured 0.83: most
     # --min_views: points inside few training views are guesses (fog at the city's poorly seen edges)
     views = count_views(torch.from_numpy(over_city).float(), Cameras.from_dataset(load_dataset(tiny_city)),
-                        trainer.far).numpy()
+                        trainer.bounds.far).numpy()
     seen = over_city[views >= 8]
     assert len(seen) > 60  # measured 105
     one_cell, two_cells = near_surface_fractions(seen, tiny_city, [CELL, 2 * CELL])

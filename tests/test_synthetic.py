@@ -181,7 +181,7 @@ def test_config_file_parses_with_our_options(tiny_city: Path, tiny_city_summary:
     args = base_parser("test").parse_args(["--config_file", str(tiny_city / "config.yaml")])
     assert Path(args.dataset_path) == tiny_city
     assert args.ray_altitude_range == tiny_city_summary["ray_altitude_range"]
-    top, ground = scene_bounds(args, load_dataset(tiny_city).coordinates)[2]
+    top, ground = scene_bounds(args, load_dataset(tiny_city).coordinates).altitude
     tallest = min(b["min"][0] for b in tiny_city_summary["buildings"])
     assert top < tallest and ground > tiny_city_summary["ground"]["min"][0]
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mega_nerf.cli.train import train_parser
+from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.partition.maskfile import write_mask
-from mega_nerf.training.trainer import KILL_HOOK, Trainer
-from mega_nerf.training.validation import validate
+from mega_nerf.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small hash grid, few samples: what a CPU trains in seconds.
@@ -21,9 +20,15 @@ SMALL = ["--samples", "32", "--hash_levels", "8", "--log2_hashmap_size", "14", "
          "--occupancy_resolution", "16", "--occupancy_warmup", "50", "--no_progress"]
 
 
+# Trains like mega_nerf/train.py, but dies abruptly (as kill -9 would) after the step given first.
+KILLED_RUN = ("import os, sys; from mega_nerf.cli.train import config_from_argv; "
+              "from mega_nerf.training.trainer import Trainer; kill_at = int(sys.argv[1]); "
+              "Trainer(config_from_argv(sys.argv[2:]), on_step=lambda s: s == kill_at and os._exit(3)).run()")
+
+
 def args(city: Path, exp: Path, *extra: str):
-    return train_parser().parse_args(["--config_file", str(city / "config.yaml"), "--dataset_path", str(city),
-                                      "--exp_name", str(exp), *SMALL, *extra])
+    return config_from_argv(["--config_file", str(city / "config.yaml"), "--dataset_path", str(city),
+                             "--exp_name", str(exp), *SMALL, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +45,9 @@ def test_training_raises_val_psnr(tiny_city, tmp_path):
     trainer = Trainer(args(tiny_city, tmp_path / "exp", "--data_mode", "memory", "--batch_size", "512",
                            "--train_iterations", "150", "--ckpt_interval", "150", "--val_interval", "150",
                            "--val_images", "8"))
-    before = validate(trainer, 0)["val_psnr"]
+    before = trainer.validate()["val_psnr"]
     final = trainer.run()
-    after = validate(trainer, trainer.step)["val_psnr"]
+    after = trainer.validate()["val_psnr"]
     assert after > before + 3.0, (before, after)
     assert final.name == "00000150.pt" and (tmp_path / "exp" / "val" / "00000150_000004.png").exists()
     assert (tmp_path / "exp" / "log.jsonl").read_text().count("val_psnr") >= 1
@@ -64,11 +69,11 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
               "--occupancy_interval", "2"]
     whole = Trainer(args(tiny_city, tmp_path / "whole", "--chunk_paths", str(tmp_path / "c1"), *common))
     whole.run()
-    cmd = [sys.executable, "mega_nerf/train.py", "--config_file", str(tiny_city / "config.yaml"), "--dataset_path",
-           str(tiny_city), "--exp_name", str(tmp_path / "killed"), "--chunk_paths", str(tmp_path / "c2"),
-           *SMALL, *common]
+    argv = ["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(tiny_city), "--exp_name",
+            str(tmp_path / "killed"), "--chunk_paths", str(tmp_path / "c2"), *SMALL, *common]
+    cmd = [sys.executable, "mega_nerf/train.py", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    killed = subprocess.run(cmd, cwd=ROOT, env=dict(env, **{KILL_HOOK: "8"}), capture_output=True)
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, "8", *argv], cwd=ROOT, env=env, capture_output=True)
     assert killed.returncode == 3  # died after step 8; its last checkpoint is step 5
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["00000005.pt"]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)

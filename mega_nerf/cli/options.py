@@ -5,7 +5,7 @@ import configargparse
 
 from mega_nerf.data.dataset import Coordinates
 from mega_nerf.errors import UserError
-from mega_nerf.rays import normalize_altitude_range
+from mega_nerf.rays import SceneBounds
 
 
 def base_parser(description: str) -> configargparse.ArgParser:
@@ -35,14 +35,6 @@ def require(value: object, option: str) -> None:
         raise UserError(f"missing option --{option}")
 
 
-def scene_bounds(args: configargparse.Namespace, coordinates: Coordinates
-                 ) -> tuple[float, float, tuple[float, float] | None]:
-    """(near, far, altitude range) in normalised units from the real-world options."""
-    near = args.near / coordinates.pose_scale_factor
-    far = 2.0 if args.far is None else args.far / coordinates.pose_scale_factor
-    if far <= near:
-        raise UserError(f"--far ({args.far}) must exceed --near ({args.near})")
-    altitude = normalize_altitude_range(args.ray_altitude_range, coordinates)
-    if altitude is not None and altitude[0] >= altitude[1]:
-        raise UserError("--ray_altitude_range must be [top, ground] with top < ground (x points down)")
-    return near, far, altitude
+def scene_bounds(args: configargparse.Namespace, coordinates: Coordinates) -> SceneBounds:
+    """The normalised scene bounds from the real-world options --near, --far and --ray_altitude_range."""
+    return SceneBounds.from_real(args.near, args.far, args.ray_altitude_range, coordinates)

@@ -2,11 +2,14 @@
 whole scene. Builds a TrainConfig from the options and hands it to the Trainer."""
 from __future__ import annotations
 
+import dataclasses
+
 import configargparse
 
-from mega_nerf.cli.options import base_parser
+from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
+from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.trainer import Trainer
 
 
@@ -44,8 +47,24 @@ def train_parser() -> configargparse.ArgParser:
     return p
 
 
+def train_config(args: configargparse.Namespace) -> TrainConfig:
+    """The options as a TrainConfig (which fills what a user leaves unset with the field's own defaults)."""
+    require(args.dataset_path, "dataset_path")
+    require(args.exp_name, "exp_name")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values["chunk_paths"] = tuple(args.chunk_paths or ())
+    if args.ray_altitude_range is not None:
+        values["ray_altitude_range"] = tuple(args.ray_altitude_range)
+    return TrainConfig(**values, progress=not args.no_progress)
+
+
+def config_from_argv(argv: list[str]) -> TrainConfig:
+    """A TrainConfig from command-line words, as `mega-nerf-train` would build it (tests, benchmarks)."""
+    return train_config(train_parser().parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> None:
-    final = Trainer(train_parser().parse_args(argv)).run()
+    final = Trainer(train_config(train_parser().parse_args(argv))).run()
     print(f"done: {final}")
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mega_nerf.fields.background import Background
-from mega_nerf.fields.base import Field
+from mega_nerf.fields.base import BoxField
 from mega_nerf.fields.encoding import HashGrid, spherical_harmonics
 from mega_nerf.fields.kernels import mlp_heads as mlp_triton
 from mega_nerf.fields.occupancy import OccupancyGrid
@@ -30,31 +29,20 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     return _TruncExp.apply(x)
 
 
-class BoxField(Field):
-    """A field that lives in an axis-aligned box of the normalised world; outside it, density is zero."""
-
-    def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int) -> None:
-        super().__init__()
-        self.register_buffer("box_min", torch.as_tensor(box_min, dtype=torch.float32).clone())
-        self.register_buffer("box_max", torch.as_tensor(box_max, dtype=torch.float32).clone())
-        self.appearance = nn.Embedding(n_images, appearance_dim)
-        self.bg = Background(appearance_dim)
-
-    def to_box(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Box coordinates u in [0, 1]^3 (N, 3) and whether each point is inside (N,)."""
-        u = (positions - self.box_min) / (self.box_max - self.box_min)
-        return u, ((u >= 0) & (u <= 1)).all(-1)
-
-    def background(self, directions: torch.Tensor, appearance: torch.Tensor) -> torch.Tensor:
-        return self.bg(directions, self.appearance(appearance))
-
-
 class HashField(BoxField):
+    # Instant-NGP's optimisation settings: large batches, a high learning rate, uniform samples only.
+    train_defaults = {"lr": 1e-2, "samples": 128, "fine_samples": 0, "batch_size": 32768}
+
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int = 32,
                  hidden: int = 64, geo_features: int = 15, n_levels: int = 16, n_features: int = 2,
                  log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
-                 occupancy_resolution: int = 128) -> None:
+                 occupancy_resolution: int = 128, occupancy_threshold: float = 0.0, occupancy_interval: int = 8,
+                 occupancy_warmup: int = 32) -> None:
+        """occupancy_threshold: the density below which a cell counts as empty; occupancy_interval and
+        occupancy_warmup: steps between updates and before the first one."""
         super().__init__(box_min, box_max, n_images, appearance_dim)
+        self.occupancy_threshold = occupancy_threshold
+        self.occupancy_interval, self.occupancy_warmup = occupancy_interval, occupancy_warmup
         self.grid = HashGrid(n_levels, n_features, log2_table_size, base_resolution, max_resolution)
         self.density_net = nn.Sequential(nn.Linear(self.grid.output_dim, hidden), nn.ReLU(),
                                          nn.Linear(hidden, 1 + geo_features))
@@ -100,3 +88,8 @@ class HashField(BoxField):
 
     def update_occupancy(self, threshold: float, generator: torch.Generator | None = None) -> None:
         self.occupancy.update(lambda u: self.density_features(u)[0], threshold, generator)
+
+    def after_step(self, step: int, generator: torch.Generator | None = None) -> None:
+        """Re-estimate the occupancy grid every `occupancy_interval` steps once past the warm-up."""
+        if step >= self.occupancy_warmup and step % self.occupancy_interval == 0:
+            self.update_occupancy(self.occupancy_threshold, generator)

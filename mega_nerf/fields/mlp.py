@@ -7,11 +7,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mega_nerf.fields.base import BoxField
 from mega_nerf.fields.encoding import positional_encoding
-from mega_nerf.fields.hash import BoxField
 
 
 class MLPField(BoxField):
+    # Mega-NeRF's optimisation settings: small batches, coarse and fine samples.
+    train_defaults = {"lr": 5e-4, "samples": 256, "fine_samples": 512, "batch_size": 1024}
+
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int = 48,
                  layers: int = 8, width: int = 256, skip: int = 4, position_frequencies: int = 12,
                  direction_frequencies: int = 4) -> None:

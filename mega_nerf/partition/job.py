@@ -9,14 +9,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import configargparse
 import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mega_nerf.cli.options import require, scene_bounds
-from mega_nerf.data.dataset import Dataset, ImageMetadata, load_dataset
+from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, shard
 from mega_nerf.errors import UserError
 from mega_nerf.partition.cells import (
@@ -25,8 +23,6 @@ from mega_nerf.partition.cells import (
     centroid_distances,
     image_membership,
     load_params,
-    make_params,
-    parse_grid_dim,
 )
 from mega_nerf.partition.maskfile import (
     SUFFIX,
@@ -53,27 +49,6 @@ class MaskJob:
     dist_chunk: int | None  # None: a default for the device
     timeout_minutes: float
     progress: bool
-
-
-def mask_job(args: configargparse.Namespace) -> MaskJob:
-    """Check the options and the dataset, and compute the partition (one-line UserErrors)."""
-    grid_dim = parse_grid_dim(args.grid_dim)
-    require(args.dataset_path, "dataset_path")
-    require(args.output, "output")
-    if args.ray_altitude_range is None:
-        raise UserError("missing option --ray_altitude_range [top ground] (real-world down-coordinates): "
-                        "partitioning clips every ray to the altitude slab")
-    for option in ("boundary_margin", "ray_samples", "ray_chunk", "dist_chunk"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
-            raise UserError(f"--{option} must be at least 1, got {getattr(args, option)}")
-    if args.timeout_minutes <= 0:
-        raise UserError(f"--timeout_minutes must be positive, got {args.timeout_minutes}")
-    dataset = load_dataset(args.dataset_path)
-    near, far, altitude = scene_bounds(args, dataset.coordinates)
-    params = make_params(dataset, grid_dim, near, far, altitude, args.boundary_margin, args.cluster_2d,
-                         args.ray_samples)
-    return MaskJob(dataset, params, Path(args.output), args.resume, args.ray_chunk, args.dist_chunk,
-                   args.timeout_minutes, not args.no_progress)
 
 
 def create_cluster_masks(job: MaskJob) -> dict | None:

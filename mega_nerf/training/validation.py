@@ -1,22 +1,20 @@
 """Validation renders during training: a few val images rendered whole, PSNR on the right half inside the cell.
 
-Val images are trained on their left halves only (DESIGN.md), so the right half is unseen.
+Val images are trained on their left halves only (docs/DESIGN.md), so the right half is unseen.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 
 from mega_nerf.data.chunks import cell_mask
-from mega_nerf.rays import image_rays, near_far
+from mega_nerf.data.dataset import ImageMetadata
+from mega_nerf.fields.base import Field
+from mega_nerf.rays import SceneBounds, image_rays
 from mega_nerf.render import RenderConfig, render_in_chunks
-
-if TYPE_CHECKING:
-    from mega_nerf.training.trainer import Trainer
 
 
 def colorize_depth(depth: torch.Tensor, opacity: torch.Tensor) -> np.ndarray:
@@ -40,16 +38,19 @@ def write_rgb(path: Path, rgb: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def validate(trainer: Trainer, step: int) -> dict[str, float]:
-    """Render up to `val_images` val images holding cell rays; save gt | render | depth PNGs; return PSNR."""
-    field, device = trainer.field, trainer.device
-    config = RenderConfig(trainer.render_config.samples, trainer.render_config.fine_samples, perturb=False)
+def validate(field: Field, images: list[ImageMetadata], mask_dir: Path | None, bounds: SceneBounds,
+             render: RenderConfig, output: Path, step: int) -> dict[str, float]:
+    """Render `images` (val images) whole through `field`; write gt | render | depth PNGs to `output`; return the
+    PSNR over their right halves inside the cell of `mask_dir` (the whole image without one), or {} when no
+    image holds a pixel of the cell."""
+    device = next(field.parameters()).device
+    config = RenderConfig(render.samples, render.fine_samples, perturb=False)
     field.eval()
     errors, count = 0.0, 0
-    for meta in trainer.dataset.val[: trainer.args.val_images]:
-        mask = cell_mask(meta, trainer.mask_dir)
+    for meta in images:
+        mask = cell_mask(meta, mask_dir)
         origins, dirs = image_rays(meta.c2w.to(device), meta.intrinsics.to(device), meta.W, meta.H)
-        near, far = near_far(origins, dirs, trainer.near, trainer.far, trainer.altitude)
+        near, far = bounds.clip(origins, dirs)
         app = torch.full((origins.shape[0],), meta.index, device=device)
         out = render_in_chunks(field, origins, dirs, near, far, app, config)
         pred = out["rgb"].view(meta.H, meta.W, 3).cpu()
@@ -60,6 +61,6 @@ def validate(trainer: Trainer, step: int) -> dict[str, float]:
         count += int(right.sum()) * 3
         depth = colorize_depth(out["depth"].view(meta.H, meta.W), out["opacity"].view(meta.H, meta.W))
         panel = np.concatenate([to_uint8(gt), to_uint8(pred), depth], 1)
-        write_rgb(trainer.exp_dir / "val" / f"{step:08d}_{meta.name}.png", panel)
+        write_rgb(output / f"{step:08d}_{meta.name}.png", panel)
     field.train()
     return {"val_psnr": -10 * np.log10(max(errors / count, 1e-10))} if count else {}

@@ -1,0 +1,56 @@
+"""What one training run needs to know, as one frozen dataclass built at the edge (the CLI) and handed down."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mega_nerf.errors import UserError
+from mega_nerf.fields import FIELDS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One submodule's (or one whole-scene model's) training run. Lengths are real-world units, as the user
+    gives them; the trainer normalises them with the dataset's coordinates."""
+
+    dataset_path: str
+    exp_name: str
+    chunk_paths: tuple[str, ...] = ()  # directories for the shuffled ray chunks (data_mode disk)
+    cluster_mask_path: str | None = None  # this cell's mask directory; None trains on every ray
+    data_mode: str = "disk"  # disk: stream shuffled chunks; memory: every ray in RAM
+    chunk_rays: int = 2 ** 26
+    train_scale_factor: int = 1
+    # scene bounds (real-world units)
+    near: float = 1.0
+    far: float | None = None  # None: 2 in normalised units
+    ray_altitude_range: tuple[float, float] | None = None
+    # the field: its kind and sizes (None: the field's own default)
+    field: str = "hash"
+    appearance_dim: int | None = None
+    hash_levels: int = 16
+    log2_hashmap_size: int = 19
+    max_resolution: int = 2048
+    occupancy_resolution: int = 128
+    occupancy_interval: int = 8
+    occupancy_warmup: int = 32
+    # optimisation (None: the field's own default, its Field.train_defaults)
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_decay_factor: float = 0.1
+    train_iterations: int = 30000
+    samples: int | None = None
+    fine_samples: int | None = None
+    # bookkeeping
+    ckpt_interval: int = 2000
+    val_interval: int = 5000
+    val_images: int = 2
+    log_interval: int = 100
+    seed: int = 42
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.field not in FIELDS:
+            raise UserError(f"--field: unknown field '{self.field}' (choose from {', '.join(FIELDS)})")
+        for key, default in FIELDS[self.field].train_defaults.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, default)  # frozen: set once, here
