@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"synthetic city '{s['preset']}' (seed {s['seed']}) in {seconds:.1f} s -> {out}")
     print(f"  images        {s['train_images']} train + {s['val_images']} val, {s['W']}x{s['H']} px, "
           f"focal {s['focal']:.1f} px")
+    low, high = s["flight_altitudes"]
+    flown = f"{low:.1f} m" if low == high else f"{low:.1f}-{high:.1f} m"
     print(f"  city          {s['blocks'][0]}x{s['blocks'][1]} blocks, {s['num_buildings']} buildings, "
-          f"{s['num_trees']} trees, tallest {s['max_height']:.1f} m, flown at {s['altitude']:.1f} m")
+          f"{s['num_trees']} trees, tallest {s['max_height']:.1f} m, flown at {flown}")
+    print(f"  terrain       ground square to +-{s['terrain_half']:.2f} (normalised), {len(s['hills'])} hills")
     print(f"  altitude      ray_altitude_range {s['ray_altitude_range']} (metres, down-coordinates)")
     print(f"  coordinates   origin_drb {[round(v, 3) for v in s['origin_drb']]}, "
           f"pose_scale_factor {s['pose_scale_factor']:.3f}")

@@ -1,5 +1,6 @@
 """The synthetic city: determinism, the dataset it writes, and its depth and colours against an independent
-float64 ray caster written here (rays from the metadata, shapes from scene.json)."""
+float64 ray caster written here (rays from the metadata, shapes from scene.json); the oblique survey over a town
+in farmland and hills, on its 'oblique_tiny' preset."""
 from __future__ import annotations
 
 import json
@@ -15,12 +16,28 @@ from mega_nerf.cli.options import base_parser, scene_bounds
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.synthetic import PRESETS, generate_city
-from mega_nerf.synthetic.raycast import GROUND, first_hit
+from mega_nerf.synthetic.raycast import GROUND, HILL, first_hit
 from mega_nerf.synthetic.scene import City, build_city
-from mega_nerf.synthetic.shading import AMBIENT, SUN_LIGHT, albedo, render
+from mega_nerf.synthetic.shading import AMBIENT, COUNTRY_ROAD_WIDTH, FIELD_CROPS, SUN_LIGHT, albedo, render
+from mega_nerf.synthetic.surface import near_surface_fractions, surface_points
+from mega_nerf.synthetic.survey import normalisation, plan_survey
 
 TOL = 2e-5  # normalised units (about 2 mm in the tiny city): float32 rendering against float64 here
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_scene.py"
+
+
+@pytest.fixture(scope="module")
+def oblique_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset of the 'oblique_tiny' preset, seed 0, rendered on the CPU (with depth, config and overview)."""
+    path = tmp_path_factory.mktemp("synthetic") / "oblique_tiny"
+    generate_city(path, "oblique_tiny", seed=0, device="cpu", progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def oblique_summary(oblique_city: Path) -> dict:
+    """generate_city's summary of `oblique_city`, as saved in its scene.json."""
+    return json.loads((oblique_city / "scene.json").read_text())
 
 
 # ---- an independent caster: every shape is an interval of the ray, entered after the origin -----------------
@@ -39,6 +56,15 @@ def _sphere_interval(o, d, c, r):
     root = np.sqrt(np.maximum(b * b - q, 0))
     miss = b * b - q < 0
     return np.where(miss, np.inf, -b - root), np.where(miss, -np.inf, -b + root)
+
+
+def _cap_interval(o, d, c, r, ground_x):
+    """Hills: spheres c (S, 3), r (S,) cut by the half-space above the ground (x <= ground_x)."""
+    t_in, t_out = _sphere_interval(o, d, c, r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_ground = (ground_x - o[:, :1]) / d[:, :1]  # (N, 1) where each ray crosses the ground plane
+    down = d[:, :1] > 0
+    return np.where(down, t_in, np.maximum(t_in, t_ground)), np.where(down, np.minimum(t_out, t_ground), t_out)
 
 
 def _cylinder_interval(o, d, yz, r, top, bottom):
@@ -67,6 +93,8 @@ def _shapes(summary: dict) -> dict:
         "trunk_top": np.array([t["trunk"]["top"][0] for t in trees]),
         "trunk_bottom": np.array([t["trunk"]["bottom"][0] for t in trees]),
         "ground_lo": np.array(summary["ground"]["min"]), "ground_hi": np.array(summary["ground"]["max"]),
+        "hill_c": np.array([h["center"] for h in summary["hills"]]).reshape(-1, 3),
+        "hill_r": np.array([h["radius"] for h in summary["hills"]]),
     }
 
 
@@ -80,7 +108,8 @@ def _robust_first_hit(o: np.ndarray, d: np.ndarray, s: dict, tol: float) -> np.n
     best = np.where((d[:, 0] > 0) & (t > 0) & inside, t, np.inf)
     for t_in, t_out in (_box_interval(o, d, s["box_lo"], s["box_hi"]),
                         _sphere_interval(o, d, s["canopy_c"], s["canopy_r"]),
-                        _cylinder_interval(o, d, s["trunk_yz"], s["trunk_r"], s["trunk_top"], s["trunk_bottom"])):
+                        _cylinder_interval(o, d, s["trunk_yz"], s["trunk_r"], s["trunk_top"], s["trunk_bottom"]),
+                        _cap_interval(o, d, s["hill_c"], s["hill_r"], g_lo[0])):
         entered = (t_in > 0) & (t_out - t_in > tol)
         best = np.minimum(best, np.where(entered, t_in, np.inf).min(-1, initial=np.inf))
     return best
@@ -99,7 +128,8 @@ def _on_a_surface(p: np.ndarray, s: dict, tol: float) -> np.ndarray:
     height_ok = (q[..., 0] > s["trunk_top"] - tol) & (q[..., 0] < s["trunk_bottom"] + tol)
     side = (np.abs(radial - s["trunk_r"]) < tol) & height_ok
     cap = (np.abs(q[..., 0] - s["trunk_top"]) < tol) & (radial < s["trunk_r"] + tol)
-    return on | (side | cap).any(-1)
+    hill = (np.abs(np.linalg.norm(q - s["hill_c"], axis=-1) - s["hill_r"]) < tol) & (q[..., 0] < g_lo[0] + tol)
+    return on | (side | cap).any(-1) | hill.any(-1)
 
 
 def _inside_a_shape(p: np.ndarray, s: dict) -> np.ndarray:
@@ -110,7 +140,8 @@ def _inside_a_shape(p: np.ndarray, s: dict) -> np.ndarray:
     canopy = (np.linalg.norm(q - s["canopy_c"], axis=-1) < s["canopy_r"]).any(-1)
     trunk = ((np.linalg.norm(q[..., 1:] - s["trunk_yz"], axis=-1) < s["trunk_r"])
              & (q[..., 0] > s["trunk_top"]) & (q[..., 0] < s["trunk_bottom"])).any(-1)
-    return under | box | canopy | trunk
+    hill = ((np.linalg.norm(q - s["hill_c"], axis=-1) < s["hill_r"]) & (q[..., 0] < s["ground_lo"][0])).any(-1)
+    return under | box | canopy | trunk | hill
 
 
 def _camera_rays(m: ImageMetadata) -> tuple[np.ndarray, np.ndarray]:
@@ -197,13 +228,15 @@ def test_refuses_to_overwrite_a_dataset(tiny_city: Path, tmp_path: Path) -> None
 
 
 # ---- geometry: depth and the caster against the independent one --------------------------------------------
-def test_depth_is_the_first_hit_of_each_ray(tiny_city: Path, tiny_city_summary: dict) -> None:
-    shapes = _shapes(tiny_city_summary)
-    dataset = load_dataset(tiny_city)
+@pytest.mark.parametrize("scene", ["tiny_city", "oblique_city"])
+def test_depth_is_the_first_hit_of_each_ray(scene: str, request: pytest.FixtureRequest) -> None:
+    root = request.getfixturevalue(scene)
+    shapes = _shapes(json.loads((root / "scene.json").read_text()))
+    dataset = load_dataset(root)
     exact = total = 0
     for m in dataset.images[::3]:
         o, d = _camera_rays(m)
-        depth = _depth(tiny_city, m).reshape(-1).astype(np.float64)
+        depth = _depth(root, m).reshape(-1).astype(np.float64)
         expected = _robust_first_hit(o, d, shapes, TOL)
         sky = np.isinf(depth)
         assert np.isinf(expected[sky]).all(), f"{m.name}: a sky pixel's ray hits a shape"
@@ -223,19 +256,25 @@ def _city_shapes(city: City) -> dict:
             "canopy_r": np64(city.canopy_radius), "trunk_yz": np64(city.tree_yz), "trunk_r": np64(city.trunk_radius),
             "trunk_top": np64(city.trunk_top), "trunk_bottom": np.zeros(len(city.trunk_top)),
             "ground_lo": np.array([0.0, -city.ground_half, -city.ground_half]),
-            "ground_hi": np.array([0.0, city.ground_half, city.ground_half])}
+            "ground_hi": np.array([0.0, city.ground_half, city.ground_half]),
+            "hill_c": np64(city.hill_center), "hill_r": np64(city.hill_radius)}
 
 
-def test_caster_matches_brute_force_on_random_rays() -> None:
-    """Random rays from inside the building layer and above it, in every direction (horizontal and upward
-    ones too), with a small budget so that candidate culling runs in many groups."""
-    city = build_city(PRESETS["small"], np.random.default_rng(3))
+@pytest.mark.parametrize("preset", ["small", "oblique_tiny"])
+def test_caster_matches_brute_force_on_random_rays(preset: str) -> None:
+    """Random rays from inside the building layer (and the hills' layer) and above it, over the city (over the
+    whole terrain where there are hills), in every direction (horizontal and upward ones too), with a small
+    budget so that candidate culling runs in many groups."""
+    city = build_city(PRESETS[preset], np.random.default_rng(3))
     shapes = _city_shapes(city)
     rng = np.random.default_rng(0)
     n = 20000
-    o = np.stack([rng.uniform(-50, -0.5, n), *rng.uniform(-city.extent, city.extent, (2, n))], 1)
+    reach = city.ground_half if len(city.hill_radius) else city.extent
+    o = np.stack([rng.uniform(-50, -0.5, n), *rng.uniform(-reach, reach, (2, n))], 1)
     d = rng.normal(size=(n, 3))
     d /= np.linalg.norm(d, axis=1, keepdims=True)
+    # The rays the caster sees, in float64: far grazing hits would otherwise differ by the float32 rounding.
+    o, d = o.astype(np.float32).astype(np.float64), d.astype(np.float32).astype(np.float64)
     o, d = o[~_inside_a_shape(o, shapes)], d[~_inside_a_shape(o, shapes)]
     hit = first_hit(city, torch.from_numpy(o).float(), torch.from_numpy(d).float(), budget=4096)
     t = hit.t.double().numpy()
@@ -319,3 +358,186 @@ def test_appearance_drifts_smoothly_along_the_path(tiny_city_summary: dict) -> N
         span = factor.max(0) - factor.min(0)
         assert (span > 0.05).all()
         assert (np.abs(np.diff(factor, axis=0)).mean(0) < 0.25 * span).all()  # neighbours look alike
+
+
+# ---- the first presets keep their numbers -------------------------------------------------------------------
+def test_level_presets_keep_their_normalisation(tiny_city_summary: dict) -> None:
+    """Seed 0's pose_scale_factor and origin (down) of the first presets, as before the oblique presets came:
+    the whole ground square in [-1, 1]."""
+    before = {"tiny": (81.0, -49.0), "small": (104.0, -55.0), "city": (256.93611111111113, -90.0)}
+    for name, (scale, down) in before.items():
+        rng = np.random.default_rng(0)
+        city = build_city(PRESETS[name], rng)
+        origin, got = normalisation(city, plan_survey(city, PRESETS[name], rng), PRESETS[name])
+        assert got == pytest.approx(scale, rel=1e-12), name
+        assert origin[0] == pytest.approx(down, rel=1e-12), name
+    s = tiny_city_summary
+    assert (s["pose_scale_factor"], s["altitude"], s["max_height"], s["ray_altitude_range"]) == (81.0, 49.0, 24.0,
+                                                                                                  [-29.0, 2.0])
+    assert s["flight_altitudes"] == [49.0, 49.0] and s["terrain_half"] == pytest.approx(1.0) and s["hills"] == []
+
+
+# ---- the oblique survey ---------------------------------------------------------------------------------------
+def _poses(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Camera centres (V, 3) and rotations (V, 3, 3) of every image, normalised, float64."""
+    c2w = torch.stack([m.c2w for m in load_dataset(root).images]).double().numpy()
+    return c2w[:, :, 3], c2w[:, :, :3]
+
+
+def _town(summary: dict) -> np.ndarray:
+    """The town box (2, 3): its min and max corners, normalised."""
+    return np.array([summary["town"]["min"], summary["town"]["max"]])
+
+
+@pytest.mark.parametrize("preset", ["oblique", "oblique_tiny"])
+def test_oblique_presets_scale_by_cameras_and_town(preset: str) -> None:
+    """Without rendering, so that the benchmark preset is checked too: cameras and town fill [-1, 1], the
+    ground square reaches 4 times as far as the town, both hills stand, lower than the tallest building."""
+    rng = np.random.default_rng(0)
+    city = build_city(PRESETS[preset], rng)
+    survey = plan_survey(city, PRESETS[preset], rng)
+    origin, scale = normalisation(city, survey, PRESETS[preset])
+    town = (np.stack(city.town_box()) - origin) / scale
+    extent = max(np.abs((survey.positions - origin) / scale).max(), np.abs(town).max())
+    assert extent == pytest.approx(1.0, abs=1e-12)
+    assert city.ground_half / scale >= 4 * np.abs(town[:, 1:]).max()
+    assert len(city.hill_radius) == PRESETS[preset].hills == 2
+    assert city.max_height == -float(city.box_lo[:, 0].min())  # the tallest shape is a building
+
+
+def test_oblique_normalisation_holds_cameras_and_town_not_terrain(oblique_city: Path, oblique_summary: dict
+                                                                  ) -> None:
+    """What the files say: every camera and building corner in [-1, 1] and in the town box (buildings), which
+    with the cameras fills it; the ground square (terrain_half) 4 times as wide as the town, past [-3, 3]."""
+    s = oblique_summary
+    centres, _ = _poses(oblique_city)
+    corners = np.array([[b["min"], b["max"]] for b in s["buildings"]])  # (B, 2, 3)
+    town = _town(s)
+    assert np.abs(centres).max() <= 1 + 1e-6 and np.abs(corners).max() <= 1 + 1e-6
+    assert (corners >= town[0] - 1e-9).all() and (corners <= town[1] + 1e-9).all()
+    assert max(np.abs(centres).max(), np.abs(town).max()) == pytest.approx(1.0, abs=1e-6)  # and no wider
+    town_half = np.abs(town[:, 1:]).max()
+    assert s["terrain_half"] >= 4 * town_half and s["terrain_half"] > 3
+    assert np.array(s["ground"]["max"][1:]) == pytest.approx([s["terrain_half"]] * 2, abs=1e-9)
+
+
+def test_oblique_cameras_look_30_to_60_degrees_down_from_varied_altitudes(oblique_city: Path,
+                                                                           oblique_summary: dict) -> None:
+    """80 degrees of horizontal field of view; altitudes 1.5-3 x the tallest building; over the town (give or
+    take a road), heading towards its centre give or take 80 degrees."""
+    s = oblique_summary
+    centres, rot = _poses(oblique_city)
+    pitch = np.degrees(np.arcsin(-rot[:, 0, 2]))  # forward = -back; its down component
+    assert pitch.min() >= 30 - 1e-3 and pitch.max() <= 60 + 1e-3 and pitch.std() > 5
+    for m in load_dataset(oblique_city).images:
+        assert math.degrees(2 * math.atan(m.W / 2 / float(m.intrinsics[0]))) == pytest.approx(80.0, abs=1e-4)
+    scale, origin = s["pose_scale_factor"], np.array(s["origin_drb"])
+    tallest = (s["ground"]["min"][0] - min(b["min"][0] for b in s["buildings"])) * scale
+    assert tallest == pytest.approx(s["max_height"], rel=1e-6)  # no tree or hill stands higher
+    ratio = -(centres[:, 0] * scale + origin[0]) / tallest
+    assert ratio.min() >= 1.5 - 1e-5 and ratio.max() <= 3 + 1e-5 and ratio.max() - ratio.min() > 1
+    assert np.abs(centres[:, 1:]).max() <= 1.25 * np.abs(_town(s)[:, 1:]).max()
+    heading, to_centre = -rot[:, 1:, 2], -centres[:, 1:]
+    cos = (heading * to_centre).sum(1) / np.linalg.norm(heading, axis=1) / np.linalg.norm(to_centre, axis=1)
+    assert cos.min() >= math.cos(math.radians(80)) - 1e-6
+
+
+def test_oblique_upper_corners_see_past_the_unit_cube(oblique_city: Path, oblique_summary: dict) -> None:
+    """In 3 images of 4 both upper corner rays see the sky or land on terrain more than twice as far out as
+    [-1, 1] (which blows up a scene box fitted to where corner rays land); in 9 of 20 both see the sky. The
+    hills show too."""
+    images = load_dataset(oblique_city).images
+    past = sky = on_hills = 0
+    shapes = _shapes(oblique_summary)
+    for m in images:
+        o, d = _camera_rays(m)
+        depth = _depth(oblique_city, m).reshape(-1).astype(np.float64)
+        p = o + np.nan_to_num(depth, posinf=0)[:, None] * d
+        top = [0, m.W - 1]  # row-major: the ends of the top row
+        far = np.isinf(depth[top]) | (np.abs(p[top, 1:]).max(1) > 2)
+        past += int(far.all())
+        sky += int(np.isinf(depth[top]).all())
+        on_hill = np.abs(np.linalg.norm(p[:, None] - shapes["hill_c"], axis=-1) - shapes["hill_r"]) < TOL
+        on_hills += int((on_hill.any(1) & np.isfinite(depth)).sum())
+    assert past >= 0.75 * len(images) and sky >= 0.45 * len(images)
+    assert on_hills > 1000
+
+
+def test_surface_points_of_an_oblique_scene_reach_the_far_terrain(oblique_city: Path, oblique_summary: dict
+                                                                   ) -> None:
+    """surface.py on an oblique scene: its true surface points lie on the shapes of scene.json, a tenth of them
+    on terrain more than twice as far out as [-1, 1]; each is found again as a surface point."""
+    points = surface_points(oblique_city, stride=4)
+    assert _on_a_surface(points, _shapes(oblique_summary), TOL).all()
+    assert (np.abs(points[:, 1:]).max(1) > 2).mean() > 0.1
+    assert near_surface_fractions(points[::50], oblique_city, [1e-9]) == [1.0]
+
+
+def test_hills_are_caps_at_their_analytic_height() -> None:
+    """Rays straight down within each hill's foot land on its cap at the height of its sphere, and just
+    beyond the foot on the ground; level rays towards its axis meet its flank where the sphere says above the
+    ground, and nothing below it (only the cap is a hill). Hills stand outside the town, on the ground square,
+    below the tallest building."""
+    preset = PRESETS["oblique_tiny"]
+    city = build_city(preset, np.random.default_rng(0))
+    assert len(city.hill_radius) == preset.hills
+    rng = np.random.default_rng(1)
+    town_lo, town_hi = city.town_box()
+    tallest = -float(city.box_lo[:, 0].min())
+    for c, r in zip(city.hill_center.double().numpy(), city.hill_radius.double().numpy()):
+        foot, height = math.sqrt(r * r - c[0] ** 2), r - c[0]
+        assert 0 < height < tallest and np.abs(c[1:]).max() + foot < city.ground_half
+        assert np.hypot(*c[1:]) - foot > np.hypot(*np.maximum(-town_lo[1:], town_hi[1:]))
+        rho = foot * np.concatenate([np.sqrt(rng.uniform(0, 1, 500)), rng.uniform(1.02, 1.15, 100)])
+        angle = rng.uniform(0, 2 * np.pi, rho.shape)
+        yz = c[1:] + rho[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
+        o = np.concatenate([np.full((len(yz), 1), -100.0), yz], 1)
+        hit = first_hit(city, torch.from_numpy(o).float(), torch.tensor([[1.0, 0.0, 0.0]]).expand(len(o), 3), 1 << 16)
+        on_cap = rho < foot
+        expected = np.where(on_cap, c[0] - np.sqrt(np.maximum(r * r - rho ** 2, 0)), 0.0)
+        assert np.abs(-100.0 + hit.t.double().numpy() - expected).max() < 1e-3  # metres
+        assert (hit.material.numpy() == np.where(on_cap, HILL, GROUND)).all()
+        level = np.array([-height / 2, c[0] / 2])  # half-way up the hill; half-way down to the sphere's centre
+        towards = rng.uniform(0, 2 * np.pi, 16)
+        d = np.stack([np.zeros(16), np.cos(towards), np.sin(towards)], 1)
+        o = np.concatenate([level.repeat(8)[:, None], c[1:] - (r + 5) * d[:, 1:]], 1)
+        t = first_hit(city, torch.from_numpy(o).float(), torch.from_numpy(d).float(), 1 << 16).t.double().numpy()
+        flank = r + 5 - np.sqrt(r * r - (level[0] - c[0]) ** 2)
+        assert np.abs(t[:8] - flank).max() < 1e-3 and np.isinf(t[8:]).all()
+
+
+def test_farmland_is_a_patchwork_of_crops_and_roads() -> None:
+    """Ground beyond the town seen from straight above: off the hedges, every point has the chromaticity of one
+    crop (crop rows and soil noise only scale brightness), most crops show, and the country roads are asphalt."""
+    city = build_city(PRESETS["oblique_tiny"], np.random.default_rng(0))
+    rng = np.random.default_rng(2)
+    yz = rng.uniform(-city.ground_half, city.ground_half, (20000, 2))
+    road = city.country_road.double().numpy()  # rows (n_y, n_z, c)
+    normal, along = road[:, :2], np.stack([-road[:, 1], road[:, 0]], 1)
+    steps = rng.uniform(-city.ground_half, city.ground_half, (len(road), 300, 1))
+    on_roads = road[:, None, 2:] * normal[:, None] + steps * along[:, None]  # (R, 300, 2) on the centre lines
+    yz = np.concatenate([yz, on_roads.reshape(-1, 2)])
+    yz = yz[(np.abs(yz).max(1) > city.extent + 1) & (np.abs(yz).max(1) < city.ground_half - 1)]
+    o = torch.from_numpy(np.concatenate([np.full((len(yz), 1), -100.0), yz], 1)).float()
+    d = torch.tensor([[1.0, 0.0, 0.0]]).expand_as(o)
+    hit = first_hit(city, o, d, 1 << 16)
+    rgb = albedo(city, hit, o + hit.t.unsqueeze(-1) * d).double().numpy()
+    chroma = rgb / rgb.sum(1, keepdims=True)
+    ground = hit.material.numpy() == GROUND
+    road_distance = np.abs(yz @ road[:, :2].T - road[:, 2]).min(1)
+    asphalt = np.array([0.26, 0.26, 0.28]) ** 2.2
+    assert np.abs(chroma[ground & (road_distance < 1)] - asphalt / asphalt.sum()).max() < 1e-4
+    assert (ground & (road_distance < 1)).sum() > 500
+    crops = np.array(FIELD_CROPS) ** 2.2
+    match = np.abs(chroma[:, None] - crops / crops.sum(1, keepdims=True)).max(-1) < 1e-4  # (N, crops)
+    fields = ground & (road_distance > COUNTRY_ROAD_WIDTH)
+    assert match[fields].any(1).mean() > 0.9  # the rest: hedges
+    assert (match[fields].mean(0) > 0.05).sum() >= 5
+
+
+def test_script_makes_an_oblique_survey(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    script = runpy.run_path(str(SCRIPT))
+    assert script["parse_args"](["--preset", "oblique", "--output", "x"]).preset == "oblique"
+    s = script["main"](["--preset", "oblique_tiny", "--output", str(tmp_path / "o"), "--no_depth", "--device", "cpu"])
+    low, high = s["flight_altitudes"]
+    assert f"flown at {low:.1f}-{high:.1f} m" in capsys.readouterr().out and high - low > 10

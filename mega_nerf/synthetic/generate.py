@@ -58,8 +58,9 @@ def _prepare(output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
-def _normalised_shapes(city: City, origin: np.ndarray, scale: float) -> tuple[list[dict], list[dict]]:
-    """Buildings as {min, max} corners and trees as trunk + canopy, in normalised DRB coordinates."""
+def _normalised_shapes(city: City, origin: np.ndarray, scale: float) -> tuple[list[dict], list[dict], list[dict]]:
+    """Buildings as {min, max} corners, trees as trunk + canopy and hills as the sphere whose cap above the
+    ground they are, in normalised DRB coordinates."""
     def norm(p: torch.Tensor) -> list[float]:
         return ((p.double().numpy() - origin) / scale).tolist()
 
@@ -73,24 +74,31 @@ def _normalised_shapes(city: City, origin: np.ndarray, scale: float) -> tuple[li
                                 "radius": float(city.trunk_radius[i]) / scale},
                       "canopy": {"center": norm(city.canopy_center[i]),
                                  "radius": float(city.canopy_radius[i]) / scale}})
-    return buildings, trees
+    hills = [{"center": norm(c), "radius": float(r) / scale}
+             for c, r in zip(city.hill_center, city.hill_radius, strict=True)]
+    return buildings, trees, hills
 
 
 def _summary(preset_name: str, seed: int, city: City, survey: Survey, origin: np.ndarray, scale: float) -> dict:
+    """What scene.json holds: the preset, the survey, the normalisation and every shape in normalised units."""
     preset = PRESETS[preset_name]
-    buildings, trees = _normalised_shapes(city, origin, scale)
+    buildings, trees, hills = _normalised_shapes(city, origin, scale)
     ground = [((np.array([0.0, c, c]) - origin) / scale).tolist() for c in (-city.ground_half, city.ground_half)]
+    town = [((corner - origin) / scale).tolist() for corner in city.town_box()]
     return {
         "preset": preset_name, "seed": seed,
         "train_images": survey.splits.count("train"), "val_images": survey.splits.count("val"),
         "W": preset.W, "H": preset.H, "focal": survey.focal,
         "blocks": [city.blocks, city.blocks], "num_buildings": len(buildings), "num_trees": len(trees),
-        "max_height": city.max_height, "altitude": survey.altitude,
+        "max_height": city.max_height, "altitude": float(np.median(survey.altitudes)),  # metres
+        "flight_altitudes": [float(survey.altitudes.min()), float(survey.altitudes.max())],  # metres
         "ray_altitude_range": [-(city.max_height + ALTITUDE_MARGIN[0]), ALTITUDE_MARGIN[1]],
         "origin_drb": origin.tolist(), "pose_scale_factor": scale,
         "sun_direction": city.sun.tolist(),
         "ground": {"min": ground[0], "max": ground[1]},  # the ground square, normalised; its x is the ground's
-        "buildings": buildings, "trees": trees,
+        "terrain_half": city.ground_half / scale,  # the ground square's half-width, normalised
+        "town": {"min": town[0], "max": town[1]},  # the area of interest: every building and tree, normalised
+        "buildings": buildings, "trees": trees, "hills": hills,
         "appearance": [{"name": n, "split": s, "exposure": float(e), "white_balance": w.tolist()}
                        for n, s, e, w in zip(survey.names, survey.splits, survey.exposure, survey.white_balance,
                                              strict=True)],
@@ -202,7 +210,7 @@ def generate_city(output: Path | str, preset: str = "tiny", seed: int = 0, devic
     rng = np.random.default_rng(seed)
     city = build_city(PRESETS[preset], rng)
     survey = plan_survey(city, PRESETS[preset], rng)
-    origin, scale = normalisation(city, survey)
+    origin, scale = normalisation(city, survey, PRESETS[preset])
     summary = _summary(preset, seed, city, survey, origin, scale)
     (output / "scene.json").write_text(json.dumps(summary, indent=1) + "\n")  # first: marks the folder ours
     with _one_cpu_thread(dev):

@@ -1,4 +1,5 @@
-"""Exact ray casting against the city: the ground square, building boxes and trees (trunk cylinder + canopy sphere).
+"""Exact ray casting against the city: the ground square, building boxes, trees (trunk cylinder + canopy sphere)
+and hills (spherical caps).
 
 All in metres, DRB, on whatever device the city and rays are on. Rays are taken in groups of `GROUP`
 consecutive rays (neighbouring pixels, in practice); each group is tested only against the shapes whose
@@ -16,7 +17,7 @@ import torch
 
 from mega_nerf.synthetic.scene import City
 
-SKY, GROUND, WALL, ROOF, CANOPY, TRUNK = range(6)  # what a ray hit
+SKY, GROUND, WALL, ROOF, CANOPY, TRUNK, HILL = range(7)  # what a ray hit
 T_MIN = 1e-4  # metres; nearer hits are ignored (shadow rays start 1 cm off their surface)
 GROUP = 32  # consecutive rays sharing one list of candidate shapes
 _TINY = 1e-12
@@ -25,8 +26,8 @@ _TINY = 1e-12
 @dataclass
 class Hit:
     t: torch.Tensor  # (N,) distance along the unit direction, metres; inf for the sky
-    material: torch.Tensor  # (N,) long, one of SKY, GROUND, WALL, ROOF, CANOPY, TRUNK
-    index: torch.Tensor  # (N,) long, the building or tree hit (-1 for ground and sky)
+    material: torch.Tensor  # (N,) long, one of SKY, GROUND, WALL, ROOF, CANOPY, TRUNK, HILL
+    index: torch.Tensor  # (N,) long, the building, tree or hill hit (-1 for ground and sky)
     normal: torch.Tensor  # (N, 3) unit outward normal (zeros for the sky)
 
 
@@ -79,12 +80,13 @@ def tree_t(o: torch.Tensor, d: torch.Tensor, city: City, index: torch.Tensor) ->
     return torch.minimum(_sphere_t(o, d, city.canopy_center[index], city.canopy_radius[index]), trunk)
 
 
-def footprints(city: City) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes bounding every building and every tree: lo, hi (S, 3) each, buildings first."""
-    r = city.canopy_radius.unsqueeze(-1)
-    tree_lo = torch.cat([city.canopy_center[:, :1] - r, city.canopy_center[:, 1:] - r], 1)
-    tree_hi = torch.cat([torch.zeros_like(r), city.canopy_center[:, 1:] + r], 1)
-    return torch.cat([city.box_lo, tree_lo]), torch.cat([city.box_hi, tree_hi])
+def hill_t(o: torch.Tensor, d: torch.Tensor, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Entry distance of rays o, d (..., 3) into hills: the caps above the ground (x <= 0) of spheres c (..., 3),
+    r (...); inf on a miss. An entry below the ground is no hit: there the ground (or, past its edge, nothing)
+    is seen, since rays from above the ground square meet the ground first."""
+    t = _sphere_t(o, d, c, r)
+    x = o[..., 0] + t.nan_to_num(posinf=0.0) * d[..., 0]
+    return torch.where(x <= 0, t, torch.inf)
 
 
 def _group_spans(o: torch.Tensor, d: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -160,44 +162,55 @@ def ground_t(o: torch.Tensor, d: torch.Tensor, half: float) -> torch.Tensor:
     return torch.where(on, t, torch.inf)
 
 
+def _box_surface(city: City, o: torch.Tensor, d: torch.Tensor, p: torch.Tensor, j: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normals (M, 3) and materials (M,) where rays o, d (M, 3) hit buildings j (M,) at points p (M, 3)."""
+    t_in, _, _ = _slabs(o, d, city.box_lo[j], city.box_hi[j])
+    axis = t_in.argmax(-1)  # the slab entered last is the face hit
+    normal = torch.zeros_like(t_in).scatter_(1, axis.unsqueeze(1), 1.0) * -torch.sign(d)
+    return normal, torch.where(axis == 0, ROOF, WALL)
+
+
+def _tree_surface(city: City, o: torch.Tensor, d: torch.Tensor, p: torch.Tensor, j: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normals (M, 3) and materials (M,) where rays o, d (M, 3) hit trees j (M,) at points p (M, 3)."""
+    trunk = trunk_t(o, d, city.tree_yz[j], city.trunk_radius[j], city.trunk_top[j])
+    canopy = _sphere_t(o, d, city.canopy_center[j], city.canopy_radius[j])
+    n_canopy = (p - city.canopy_center[j]) / city.canopy_radius[j].unsqueeze(-1)
+    n_trunk = torch.cat([torch.zeros_like(p[:, :1]), p[:, 1:] - city.tree_yz[j]], 1)
+    n_trunk = n_trunk / city.trunk_radius[j].unsqueeze(-1)
+    is_canopy = canopy <= trunk
+    return torch.where(is_canopy.unsqueeze(-1), n_canopy, n_trunk), torch.where(is_canopy, CANOPY, TRUNK)
+
+
+def _hill_surface(city: City, o: torch.Tensor, d: torch.Tensor, p: torch.Tensor, j: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normals (M, 3) and materials (M,) where rays (M, 3) hit hills j (M,) at points p (M, 3)."""
+    normal = (p - city.hill_center[j]) / city.hill_radius[j].unsqueeze(-1)
+    return normal, torch.full_like(j, HILL)
+
+
 def first_hit(city: City, o: torch.Tensor, d: torch.Tensor, budget: int) -> Hit:
     """What each ray o, d (N, 3) hits first (unit directions, metres); `budget` bounds the ray-shape tests
     held in memory at once."""
     B = city.box_lo.shape[0]
-    lo, hi = footprints(city)
+    lo, hi = city.footprints()
     t_box, i_box = nearest(o, d, lo[:B], hi[:B], lambda o_, d_, i: box_t(o_, d_, city.box_lo[i], city.box_hi[i]),
                            budget)
     t_tree, i_tree = nearest(o, d, lo[B:], hi[B:], lambda o_, d_, i: tree_t(o_, d_, city, i), budget)
-    t_ground = ground_t(o, d, city.ground_half)
-    t = torch.stack([t_ground, t_box, t_tree], 1)
-    t, which = t.min(1)
-    material = torch.full_like(which, SKY)
-    index = torch.where(which == 1, i_box, torch.where(which == 2, i_tree, -1))
-    index = torch.where(t.isfinite(), index, -1)
+    t_hill, i_hill = nearest(o, d, *city.hill_boxes(),
+                             lambda o_, d_, i: hill_t(o_, d_, city.hill_center[i], city.hill_radius[i]), budget)
+    # Columns, hence `which`: 0 ground, 1 building, 2 tree, 3 hill.
+    t, which = torch.stack([ground_t(o, d, city.ground_half), t_box, t_tree, t_hill], 1).min(1)
+    found = t.isfinite()
+    index = torch.stack([torch.full_like(i_box, -1), i_box, i_tree, i_hill], 1).gather(1, which.unsqueeze(1))[:, 0]
+    index = torch.where(found, index, -1)
+    material = torch.where(found & (which == 0), GROUND, SKY)
     normal = torch.zeros_like(o)
-    material[t.isfinite() & (which == 0)] = GROUND
-    normal[..., 0] = torch.where(material == GROUND, -1.0, 0.0)
+    normal[:, 0] = torch.where(material == GROUND, -1.0, 0.0)
     p = o + t.unsqueeze(-1).nan_to_num(posinf=0.0) * d
-
-    boxes = t.isfinite() & (which == 1)
-    if boxes.any():
-        j = index[boxes]
-        t_in, _, _ = _slabs(o[boxes], d[boxes], city.box_lo[j], city.box_hi[j])
-        axis = t_in.argmax(-1)  # the slab entered last is the face hit
-        n = torch.zeros_like(t_in).scatter_(1, axis.unsqueeze(1), 1.0) * -torch.sign(d[boxes])
-        normal[boxes] = n
-        material[boxes] = torch.where(axis == 0, ROOF, WALL)
-
-    trees = t.isfinite() & (which == 2)
-    if trees.any():
-        j = index[trees]
-        trunk = trunk_t(o[trees], d[trees], city.tree_yz[j], city.trunk_radius[j], city.trunk_top[j])
-        canopy = _sphere_t(o[trees], d[trees], city.canopy_center[j], city.canopy_radius[j])
-        pt = p[trees]
-        n_canopy = (pt - city.canopy_center[j]) / city.canopy_radius[j].unsqueeze(-1)
-        n_trunk = torch.cat([torch.zeros_like(pt[:, :1]), pt[:, 1:] - city.tree_yz[j]], 1)
-        n_trunk = n_trunk / city.trunk_radius[j].unsqueeze(-1)
-        is_canopy = canopy <= trunk
-        normal[trees] = torch.where(is_canopy.unsqueeze(-1), n_canopy, n_trunk)
-        material[trees] = torch.where(is_canopy, CANOPY, TRUNK)
+    for kind, surface in ((1, _box_surface), (2, _tree_surface), (3, _hill_surface)):
+        m = found & (which == kind)
+        if m.any():
+            normal[m], material[m] = surface(city, o[m], d[m], p[m], index[m])
     return Hit(t, material, index, normal)

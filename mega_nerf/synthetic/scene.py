@@ -1,4 +1,5 @@
-"""The procedural city: presets, block layout, buildings, trees, sun and surface colours.
+"""The procedural city: presets, block layout, buildings, trees, the countryside around the town, sun and surface
+colours.
 
 Everything here is plain data in real-world metres in the DRB frame (x down, y right, z back), with the ground
 at x = 0 and the city centred on y = z = 0. Randomness comes only from the numpy generator passed in, so a seed
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,11 +23,16 @@ WALL_PALETTE = [(0.80, 0.76, 0.68), (0.70, 0.70, 0.72), (0.62, 0.40, 0.32), (0.8
 ROOF_PALETTE = [(0.35, 0.35, 0.37), (0.50, 0.30, 0.25), (0.45, 0.50, 0.42), (0.58, 0.56, 0.52)]
 GLASS = (0.20, 0.26, 0.34)
 LEAVES = [(0.25, 0.45, 0.18), (0.32, 0.50, 0.20), (0.20, 0.38, 0.22)]
+HILL_SIZE = (0.15, 0.3)  # a hill's footprint radius, as a share of the band of terrain around the town
+HILL_HEIGHT = (0.4, 0.8)  # a hill's height, as a share of the tallest building's, so below the altitude range
+HILL_GAP = 10.0  # metres kept clear between a hill's foot and the town's circumcircle, the ground's edge, other hills
 
 
 @dataclass(frozen=True)
 class Preset:
-    """What a preset fixes: city size, survey size and camera. Lengths in metres."""
+    """What a preset fixes: city size, surroundings, survey size, camera and normalisation. Lengths in metres.
+    The defaults are those of the first presets (a lawn around the town, a level flight, the whole ground in
+    [-1, 1]); changing a default changes their files."""
 
     blocks: int  # the city is blocks x blocks
     views: int  # train + val
@@ -39,7 +46,22 @@ class Preset:
     height_range: tuple[float, float] = (6.0, 24.0)
     clearance: float = 25.0  # flight altitude above the tallest building
     overview_size: int = 256  # pixels of the top-down overview picture
+    # Per-view flight altitude drawn in this range of multiples of the tallest shape's height; None: one altitude,
+    # the tallest shape's height plus `clearance`.
+    altitude_multiples: tuple[float, float] | None = None
+    farmland: bool = False  # beyond the town: fields and straight country roads (else a lawn)
+    hills: int = 0  # smooth hills (spherical caps) in the terrain around the town
+    # What [-1, 1] holds: "ground", the whole ground square and every camera; "survey", every camera and the
+    # town, as Mega-NeRF's datasets are normalised by their cameras, so that far terrain lies outside.
+    normalise: Literal["ground", "survey"] = "ground"
 
+
+# An oblique survey as in Mill 19 and UrbanScene3D: a wide lens pitched 30-60 degrees down from varying altitudes,
+# whose upper image corners see the horizon, over a town surrounded by farmland and hills out to about 5 times its
+# half-width. Few views per block (about 12), as in those datasets.
+_OBLIQUE = Preset(blocks=4, views=200, val_every=8, W=400, H=300, fov_deg=80.0, margin=400.0,
+                  height_range=(8.0, 40.0), overview_size=1024, altitude_multiples=(1.5, 3.0), farmland=True, hills=2,
+                  normalise="survey")
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(blocks=2, views=40, val_every=5, W=64, H=48, block_size=36.0),
@@ -47,6 +69,9 @@ PRESETS: dict[str, Preset] = {
                     overview_size=384),
     "city": Preset(blocks=8, views=360, val_every=8, W=640, H=480, margin=50.0, height_range=(8.0, 60.0),
                    clearance=30.0, overview_size=1024),
+    "oblique": _OBLIQUE,
+    "oblique_tiny": dataclasses.replace(_OBLIQUE, blocks=2, views=40, val_every=5, W=64, H=48, block_size=36.0,
+                                        margin=180.0, height_range=(6.0, 24.0), overview_size=256),
 }
 
 
@@ -63,6 +88,8 @@ class City:
     road_width: float
     extent: float  # the city (outer roads included) covers |y|, |z| <= extent
     ground_half: float  # the ground square covers |y|, |z| <= ground_half; beyond it is sky
+    farmland: bool  # whether the ground beyond the town is farmland (else a lawn)
+    field_angle: float  # radians from +y towards +z of the farmland's strips of fields
     noise_seed: int  # feeds the texture hash, so that textures change with the seed too
     block_kind: torch.Tensor  # (blocks, blocks) long, indexed [block along y, block along z]
     box_lo: torch.Tensor  # (B, 3) buildings' min corners; box_lo[:, 0] = -height
@@ -78,6 +105,9 @@ class City:
     canopy_center: torch.Tensor  # (T, 3)
     canopy_radius: torch.Tensor  # (T,)
     canopy_albedo: torch.Tensor  # (T, 3)
+    country_road: torch.Tensor  # (R, 3) road centre lines as rows (n_y, n_z, c): points with n_y y + n_z z = c
+    hill_center: torch.Tensor  # (K, 3) sphere centres, below the ground: only the cap above x = 0 is a hill
+    hill_radius: torch.Tensor  # (K,)
     sun: torch.Tensor  # (3,) unit vector towards the sun
 
     @property
@@ -87,9 +117,33 @@ class City:
 
     @property
     def max_height(self) -> float:
-        """Height of the tallest shape (building or tree top), metres."""
-        tops = torch.cat([-self.box_lo[:, 0], -(self.canopy_center[:, 0] - self.canopy_radius)])
+        """Height of the tallest shape (building, tree top or hill top), metres."""
+        tops = torch.cat([-self.box_lo[:, 0], -(self.canopy_center[:, 0] - self.canopy_radius),
+                          self.hill_radius - self.hill_center[:, 0]])
         return float(tops.max())
+
+    def footprints(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes bounding every building and every tree: lo, hi (S, 3) each, buildings first."""
+        r = self.canopy_radius.unsqueeze(-1)
+        tree_lo = torch.cat([self.canopy_center[:, :1] - r, self.canopy_center[:, 1:] - r], 1)
+        tree_hi = torch.cat([torch.zeros_like(r), self.canopy_center[:, 1:] + r], 1)
+        return torch.cat([self.box_lo, tree_lo]), torch.cat([self.box_hi, tree_hi])
+
+    def town_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """The area of interest: min and max corners (3,) of the box around every building and tree, from the
+        ground up to the tallest of them, metres."""
+        lo, hi = self.footprints()
+        return lo.amin(0).double().cpu().numpy(), hi.amax(0).double().cpu().numpy()
+
+    def hill_boxes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes bounding the hills (the caps above the ground): lo, hi (K, 3) each."""
+        height = self.hill_radius - self.hill_center[:, 0]
+        top = -height
+        # The cap's radius at the ground, sqrt(r^2 - x^2) written so that float32 keeps it for wide, low caps.
+        foot = (height * (self.hill_radius + self.hill_center[:, 0])).sqrt()
+        lo = torch.stack([top, self.hill_center[:, 1] - foot, self.hill_center[:, 2] - foot], 1)
+        hi = torch.stack([torch.zeros_like(top), self.hill_center[:, 1] + foot, self.hill_center[:, 2] + foot], 1)
+        return lo, hi
 
     def to(self, device: torch.device | str) -> City:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
@@ -166,6 +220,39 @@ def _sun(rng: np.random.Generator) -> np.ndarray:
     return np.array([-np.sin(elevation), np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth)])
 
 
+def _country_roads(preset: Preset, extent: float, rng: np.random.Generator) -> np.ndarray:
+    """Centre lines (3, 3) as rows (n_y, n_z, c): a street of the town continued along y, one along z, and a
+    bypass crossing the farmland at a slant, clear of the town (farther than its corners from the centre)."""
+    pitch = preset.block_size + preset.road_width
+    streets = -extent + preset.road_width / 2 + pitch * np.arange(preset.blocks + 1)  # the town's road centres
+    slant = rng.uniform(0.0, np.pi)
+    offset = rng.choice([-1.0, 1.0]) * rng.uniform(1.8, 2.5) * extent
+    return np.array([[0.0, 1.0, rng.choice(streets)], [1.0, 0.0, rng.choice(streets)],
+                     [np.cos(slant), np.sin(slant), offset]])
+
+
+def _hills(preset: Preset, extent: float, ground_half: float, rng: np.random.Generator) -> np.ndarray:
+    """Up to `preset.hills` hills as rows (x, y, z, r) of spheres sunk into the ground so that a cap of
+    HILL_HEIGHT x the tallest building's height shows, its foot within the terrain around the town and clear of
+    the other hills (rejection sampling with a bounded number of tries). No draws when the preset has no hills."""
+    hills: list[np.ndarray] = []  # rows (y, z, foot radius, height)
+    town = extent * np.sqrt(2)
+    band = ground_half - town
+    for _ in range(100 * preset.hills):
+        if len(hills) == preset.hills:
+            break
+        foot = rng.uniform(*HILL_SIZE) * band
+        height = rng.uniform(*HILL_HEIGHT) * preset.height_range[1]
+        y, z = rng.uniform(-ground_half + foot + HILL_GAP, ground_half - foot - HILL_GAP, 2)
+        if np.hypot(y, z) - foot > town + HILL_GAP and all(
+                np.hypot(y - h[0], z - h[1]) > foot + h[2] + HILL_GAP for h in hills):
+            hills.append(np.array([y, z, foot, height]))
+    out = np.array(hills).reshape(-1, 4)
+    # A cap of height h over a foot of radius a belongs to the sphere of radius (a^2 + h^2) / 2h.
+    radius = (out[:, 2] ** 2 + out[:, 3] ** 2) / (2 * out[:, 3])
+    return np.stack([radius - out[:, 3], out[:, 0], out[:, 1], radius], 1)
+
+
 def _jittered(palette: list[tuple[float, float, float]], count: int, jitter: float,
               rng: np.random.Generator) -> np.ndarray:
     """`count` linear colours picked from an sRGB palette, each channel moved by up to `jitter`."""
@@ -190,13 +277,18 @@ def build_city(preset: Preset, rng: np.random.Generator) -> City:
     trunk_height = rng.uniform(2.0, 4.0, T)
     # The canopy's centre sits 0.75 radius above the trunk's top, which hides the trunk's top inside it.
     canopy_center = np.stack([-(trunk_height + 0.75 * tree[:, 2]), tree[:, 0], tree[:, 1]], 1)
+    ground_half = extent + preset.margin
+    # Drawn only for presets with a countryside, so that the other presets' draws, hence files, stay as they were.
+    roads = _country_roads(preset, extent, rng) if preset.farmland else np.zeros((0, 3))
+    field_angle = rng.uniform(-0.4, 0.4) if preset.farmland else 0.0
+    hills = _hills(preset, extent, ground_half, rng)
 
     def tensor(a: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a), dtype=dtype)
 
     return City(
         blocks=n, block_size=preset.block_size, road_width=preset.road_width, extent=extent,
-        ground_half=extent + preset.margin,
+        ground_half=ground_half, farmland=preset.farmland, field_angle=float(field_angle),
         noise_seed=int(rng.integers(0, 2 ** 30)),
         block_kind=tensor(kinds, torch.long),
         box_lo=tensor(np.array([b[0] for b in boxes]).reshape(B, 3)),
@@ -212,5 +304,8 @@ def build_city(preset: Preset, rng: np.random.Generator) -> City:
         canopy_center=tensor(canopy_center),
         canopy_radius=tensor(tree[:, 2]),
         canopy_albedo=tensor(_jittered(LEAVES, T, 0.03, rng)),
+        country_road=tensor(roads),
+        hill_center=tensor(hills[:, :3]),
+        hill_radius=tensor(hills[:, 3]),
         sun=tensor(_sun(rng)),
     )

@@ -7,15 +7,25 @@ All colours are linear until `camera_response` applies exposure, white balance a
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from mega_nerf.synthetic.raycast import CANOPY, GROUND, ROOF, TRUNK, WALL, Hit, first_hit
+from mega_nerf.synthetic.raycast import CANOPY, GROUND, HILL, ROOF, TRUNK, WALL, Hit, first_hit
 from mega_nerf.synthetic.scene import PARK, PLAZA, City
 
 _MASK = 0x7FFFFFFF  # hash arithmetic stays in 31 bits, so int64 products never overflow
 SUN_LIGHT = (1.0, 0.96, 0.88)
 AMBIENT = (0.30, 0.33, 0.38)  # the sky's light on any surface, shadowed or not
 SHADOW_OFFSET = 1e-2  # metres along the normal where a shadow ray starts
+# Farmland: strips FIELD_WIDTH wide, cut into fields of 0.8-2.4 strip widths, each sown with one of these crops
+# (sRGB: ripe wheat, young wheat, ploughed soil, pasture, stubble, rapeseed) in rows ROW_PITCH apart.
+FIELD_WIDTH = 60.0
+FIELD_CROPS = [(0.80, 0.70, 0.42), (0.45, 0.58, 0.25), (0.45, 0.34, 0.24), (0.28, 0.44, 0.20),
+               (0.72, 0.66, 0.48), (0.85, 0.78, 0.25)]
+ROW_PITCH = 2.5
+HEDGE_WIDTH = 1.5  # metres of hedge along each field's two lower edges
+COUNTRY_ROAD_WIDTH = 7.0
 
 
 def _colour(*rgb: float, like: torch.Tensor) -> torch.Tensor:
@@ -49,8 +59,8 @@ def _mix(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _ground(city: City, p: torch.Tensor) -> torch.Tensor:
-    """Roads with dashed centre lines, pavement around buildings, parks with paths, tiled plazas, and grass
-    outside the city. p: (N, 3) points on the ground; returns (N, 3)."""
+    """Roads with dashed centre lines, pavement around buildings, parks with paths, tiled plazas, and outside
+    the city grass or farmland. p: (N, 3) points on the ground or a hill; returns (N, 3)."""
     s = city.noise_seed
     y, z = p[:, 1], p[:, 2]
     u, v = y + city.extent, z + city.extent  # from the city's corner
@@ -75,12 +85,59 @@ def _ground(city: City, p: torch.Tensor) -> torch.Tensor:
     joint = ((by.remainder(2.0) < 0.1) | (bz.remainder(2.0) < 0.1)).float()
     out[paved] = _mix(_colour(0.64, 0.63, 0.60, like=p), _colour(0.50, 0.50, 0.48, like=p), joint)[paved]
     road = road_u | road_v
-    asphalt = _colour(0.26, 0.26, 0.28, like=p) * (0.9 + 0.2 * _noise(s + 2, y, z, 0.7)).unsqueeze(-1)
-    out[road] = asphalt[road]
+    out[road] = _asphalt(city, p)[road]
     dash_u = road_u & ~road_v & ((su - city.road_width / 2).abs() < 0.15) & (v.remainder(6.0) < 3.0)
     dash_v = road_v & ~road_u & ((sv - city.road_width / 2).abs() < 0.15) & (u.remainder(6.0) < 3.0)
     out[dash_u | dash_v] = _colour(0.90, 0.86, 0.60, like=p)
-    return torch.where(inside.unsqueeze(-1), out, grass)
+    outside = _farmland(city, p) if city.farmland else grass
+    return torch.where(inside.unsqueeze(-1), out, outside)
+
+
+def _asphalt(city: City, p: torch.Tensor) -> torch.Tensor:
+    """Road surface (N, 3) at points p (N, 3)."""
+    grain = _noise(city.noise_seed + 2, p[:, 1], p[:, 2], 0.7)
+    return _colour(0.26, 0.26, 0.28, like=p) * (0.9 + 0.2 * grain).unsqueeze(-1)
+
+
+def _with_country_roads(city: City, p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Colours out (N, 3) of points p (N, 3) with the country roads laid over them."""
+    road = city.country_road
+    on_road = ((p[:, 1:] @ road[:, :2].T - road[:, 2]).abs() < COUNTRY_ROAD_WIDTH / 2).any(-1)
+    out[on_road] = _asphalt(city, p)[on_road]
+    return out
+
+
+def _farmland(city: City, p: torch.Tensor) -> torch.Tensor:
+    """A patchwork of fields: strips along city.field_angle, each cut into fields of its own length (staggered
+    from strip to strip), each field one crop in rows along or across it, hedges between fields, and the
+    country roads over it all. p: (N, 3) points on the ground; returns (N, 3)."""
+    s = city.noise_seed
+    y, z = p[:, 1], p[:, 2]
+    cos, sin = math.cos(city.field_angle), math.sin(city.field_angle)
+    u, v = cos * y + sin * z, cos * z - sin * y
+    strip = (u / FIELD_WIDTH).floor().long()
+    length = FIELD_WIDTH * (0.8 + 1.6 * _hash(s + 6, strip))
+    v = v + length * _hash(s + 7, strip)
+    field = (v / length).floor().long()
+    fu, fv = u - strip * FIELD_WIDTH, v - field * length  # metres into the field
+    crops = torch.tensor(FIELD_CROPS, device=p.device) ** 2.2
+    crop = crops[(_hash(s + 8, strip, field) * len(FIELD_CROPS)).long()]
+    rows = torch.where(_hash(s + 9, strip, field) < 0.5, fu, fv).remainder(ROW_PITCH) < 0.4 * ROW_PITCH
+    out = crop * ((0.85 + 0.3 * _noise(s + 10, y, z, 5.0)) * torch.where(rows, 0.8, 1.0)).unsqueeze(-1)
+    hedge = (fu < HEDGE_WIDTH) | (fv < HEDGE_WIDTH)
+    leaves = _colour(0.22, 0.36, 0.16, like=p) * (0.7 + 0.6 * _noise(s + 11, y, z, 1.0)).unsqueeze(-1)
+    out[hedge] = leaves[hedge]
+    return _with_country_roads(city, p, out)
+
+
+def _woodland(city: City, p: torch.Tensor) -> torch.Tensor:
+    """Hills are wooded, which sets them apart from the fields: dark greens in clumps of crowns a few metres
+    wide, crossed by the country roads. p: (N, 3) points on hills; returns (N, 3)."""
+    s = city.noise_seed
+    y, z = p[:, 1], p[:, 2]
+    woods = _mix(_colour(0.14, 0.26, 0.10, like=p), _colour(0.30, 0.42, 0.16, like=p), _noise(s + 12, y, z, 12.0))
+    crowns = 0.6 + 0.8 * _noise(s + 13, y, z, 2.5)
+    return _with_country_roads(city, p, woods * crowns.unsqueeze(-1))
 
 
 def _wall(city: City, p: torch.Tensor, index: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
@@ -117,6 +174,7 @@ def albedo(city: City, hit: Hit, p: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(p)
     textures = {
         GROUND: lambda m: _ground(city, p[m]),
+        HILL: lambda m: _woodland(city, p[m]),
         WALL: lambda m: _wall(city, p[m], hit.index[m], hit.normal[m]),
         ROOF: lambda m: _roof(city, p[m], hit.index[m]),
         CANOPY: lambda m: _canopy(city, p[m], hit.index[m]),

@@ -1,4 +1,5 @@
-"""The drone survey: a lawn-mower flight over the city at a fixed altitude, and the camera's appearance drift.
+"""The drone survey: a lawn-mower flight over the city at a fixed altitude (or, for oblique presets, at altitudes
+drawn per view), the camera's appearance drift, and the normalisation of the world into the dataset's units.
 
 Poses follow DESIGN.md: c2w columns are the camera's right, up and back axes in the DRB world (x down), so the
 camera looks along -back. Views are numbered in flight order; every `val_every`-th is a val view.
@@ -25,13 +26,17 @@ class Survey:
     splits: list[str]  # (V,) "train" or "val"
     exposure: np.ndarray  # (V,) exposure factor
     white_balance: np.ndarray  # (V, 3) per-channel gains
-    altitude: float  # metres above the ground
     focal: float  # pixels, fx = fy
 
     @property
     def names(self) -> list[str]:
         """File stems; sorting them keeps flight order, so appearance indices follow the path."""
         return [f"{i:06d}" for i in range(len(self.splits))]
+
+    @property
+    def altitudes(self) -> np.ndarray:
+        """(V,) metres above the ground."""
+        return -self.positions[:, 0]
 
 
 def look_rotation(yaw: float, pitch: float) -> np.ndarray:
@@ -65,14 +70,22 @@ def _drift(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
     return exposure, white_balance
 
 
+def _altitudes(city: City, preset: Preset, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Flight altitudes (V,), metres: the tallest shape's height plus the preset's clearance for every view, or
+    drawn per view within the preset's altitude_multiples of that height. Draws only in the latter case, so that
+    level-flight presets keep their draws."""
+    if preset.altitude_multiples is None:
+        return np.full(count, city.max_height + preset.clearance)
+    return city.max_height * rng.uniform(*preset.altitude_multiples, count)
+
+
 def plan_survey(city: City, preset: Preset, rng: np.random.Generator) -> Survey:
-    """Fly rows over the city at the tallest building's height plus the preset's clearance. Each view looks
-    PITCH_DEG below the horizon (drawn at random), heading within YAW_SPREAD_DEG of the city's centre, so that
-    views near the edge look over the city rather than away from it."""
+    """Fly rows over the city at the preset's altitudes (see _altitudes). Each view looks PITCH_DEG below the
+    horizon (drawn at random), heading within YAW_SPREAD_DEG of the city's centre, so that views near the edge
+    look over the city rather than away from it."""
     V = preset.views
-    altitude = city.max_height + preset.clearance
     yz = _lawn_mower(V, 0.85 * city.extent)
-    positions = np.concatenate([np.full((V, 1), -altitude), yz], 1)
+    positions = np.concatenate([-_altitudes(city, preset, V, rng)[:, None], yz], 1)
     spread = np.radians(YAW_SPREAD_DEG)
     yaw = np.arctan2(-yz[:, 1], -yz[:, 0]) + rng.uniform(-spread, spread, V)
     pitch = np.radians(rng.uniform(*PITCH_DEG, V))
@@ -80,14 +93,19 @@ def plan_survey(city: City, preset: Preset, rng: np.random.Generator) -> Survey:
     splits = ["val" if i % preset.val_every == preset.val_every - 1 else "train" for i in range(V)]
     exposure, white_balance = _drift(V, rng)
     focal = preset.W / 2 / np.tan(np.radians(preset.fov_deg) / 2)
-    return Survey(positions, rotations, splits, exposure, white_balance, altitude, float(focal))
+    return Survey(positions, rotations, splits, exposure, white_balance, float(focal))
 
 
-def normalisation(city: City, survey: Survey) -> tuple[np.ndarray, float]:
-    """origin_drb (the centre of the camera positions) and a pose_scale_factor that puts every camera and the
-    whole ground square, hence every shape, within [-1, 1]."""
+def normalisation(city: City, survey: Survey, preset: Preset) -> tuple[np.ndarray, float]:
+    """origin_drb (the centre of the camera positions) and a pose_scale_factor that puts within [-1, 1] every
+    camera and, by the preset's `normalise`, the whole ground square, hence every shape ("ground"), or the town
+    box only ("survey": Mega-NeRF's datasets are scaled by their cameras, and their far terrain lies outside)."""
     origin = survey.positions.mean(0)
-    corners = np.array([[0.0, y, z] for y in (-city.ground_half, city.ground_half)
-                        for z in (-city.ground_half, city.ground_half)])
+    if preset.normalise == "ground":
+        g = city.ground_half
+        corners = np.array([[0.0, y, z] for y in (-g, g) for z in (-g, g)])
+    else:
+        lo, hi = city.town_box()
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     scale = np.abs(np.concatenate([survey.positions, corners]) - origin).max()
     return origin, float(scale)
