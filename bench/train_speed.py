@@ -11,6 +11,7 @@ Val PSNR is measured on a fixed sample of val pixels in the cell, right halves o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -25,7 +26,7 @@ from common import append_results, ensure_city, ensure_partition  # noqa: E402
 
 from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.chunks import cell_mask  # noqa: E402
-from mega_nerf.render import RenderConfig, render_in_chunks  # noqa: E402
+from mega_nerf.render import render_in_chunks  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 
 SETTINGS = {  # Mega-NeRF's reference settings for mlp; ours for hash
@@ -52,13 +53,15 @@ def val_pixels(trainer: Trainer, count: int, seed: int = 0) -> tuple[torch.Tenso
     return image[pick], pixel[pick], rgb[pick].float() / 255
 
 
-def val_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> float:
+def val_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...], appearance: torch.Tensor | None = None) -> float:
+    """PSNR of the sample's pixels; `appearance` (I,) replaces each image's appearance index when given."""
     image, pixel, rgb = (t.to(trainer.device) for t in sample)
     origins, dirs = trainer.cameras.rays(image, pixel)
     near, far = trainer.bounds.clip(origins, dirs)
-    config = RenderConfig(trainer.render_config.samples, trainer.render_config.fine_samples, perturb=False)
+    config = dataclasses.replace(trainer.render_config, perturb=False)
+    app = image if appearance is None else appearance.to(image.device)[image]
     trainer.field.eval()
-    out = render_in_chunks(trainer.field, origins, dirs, near, far, image, config, chunk=4096)
+    out = render_in_chunks(trainer.field, origins, dirs, near, far, app, config, chunk=4096)
     trainer.field.train()
     return -10 * math.log10(torch.mean((out["rgb"] - rgb) ** 2).item())
 

@@ -1,6 +1,6 @@
 """Rays from poses, recomputed on the fly from (image index, pixel index), and their near/far bounds.
 
-Camera convention (DESIGN.md, the original NeRF's): pixel (column i, row j) looks along
+Camera convention (docs/DESIGN.md, the original NeRF's): pixel (column i, row j) looks along
 [(i + 0.5 - cx) / fx, -(j + 0.5 - cy) / fy, -1] in camera space, normalised, rotated by c2w[:, :3].
 """
 from __future__ import annotations
@@ -99,17 +99,26 @@ def near_far(origins: torch.Tensor, dirs: torch.Tensor, near: float, far: float,
     """Per-ray bounds (N,), (N,), in normalised units, clipped to the altitude slab as Mega-NeRF does.
 
     A ray that starts above the top plane and heads down starts where it crosses it; one that starts above
-    the ground plane and heads down ends where it crosses it. Both are then clamped to [near, far].
+    the ground plane and heads down ends where it crosses it; both within [near, far]. A ray that starts above
+    the top plane and never heads down (the sky of an oblique view) never enters the slab: its interval is empty
+    (near = far), and it sees only the background. So does a grazing ray that meets the top plane beyond far.
     altitude_range: normalised (top, ground) down-coordinates, top < ground.
     """
     n = torch.full_like(origins[:, 0], near)
     f = torch.full_like(origins[:, 0], far)
     if altitude_range is not None:
         top, ground = altitude_range
-        n = _plane_distance(origins, dirs, top, n).clamp_min(near)
+        n = _plane_distance(origins, dirs, top, n).clamp(near, far)
         f = _plane_distance(origins, dirs, ground, f).clamp_max(far)
-        f = torch.maximum(n, f)
+        above = (origins[:, 0] < top) & (dirs[:, 0] <= 0)
+        f = torch.where(above, n, torch.maximum(n, f))
     return n, f
+
+
+# Far enough for any terrain a survey sees (cameras lie within [-1, 1]): the world beyond the foreground box is
+# contracted (bounds.py) and sampled evenly in 1 / t, so a far bound this large costs nothing; rays of the slab
+# end at the ground plane long before it. Mega-NeRF's default, 1e5 real-world units, plays the same part.
+DEFAULT_FAR = 1e3
 
 
 @dataclass(frozen=True)
@@ -124,9 +133,10 @@ class SceneBounds:
     @classmethod
     def from_real(cls, near: float, far: float | None, altitude_range: tuple[float, float] | list[float] | None,
                   coordinates: Coordinates) -> SceneBounds:
-        """From the real-world options --near, --far (None: 2 normalised units) and --ray_altitude_range."""
+        """From the real-world options --near, --far (None: DEFAULT_FAR normalised units) and
+        --ray_altitude_range."""
         n = near / coordinates.pose_scale_factor
-        f = 2.0 if far is None else far / coordinates.pose_scale_factor
+        f = DEFAULT_FAR if far is None else far / coordinates.pose_scale_factor
         if f <= n:
             raise UserError(f"--far ({far}) must exceed --near ({near})")
         altitude = normalize_altitude_range(altitude_range, coordinates)

@@ -18,6 +18,7 @@ class RenderConfig:
     samples: int = 128  # uniform samples per ray (the coarse pass when fine_samples > 0)
     fine_samples: int = 0  # extra samples drawn from the coarse weights (hierarchical sampling)
     perturb: bool = True  # jitter sample positions within their intervals (training)
+    bg_samples: int = 0  # samples beyond the field's foreground (contracted space), evenly spaced in 1 / t
 
 
 def uniform_samples(near: torch.Tensor, far: torch.Tensor, n: int, perturb: bool,
@@ -29,11 +30,38 @@ def uniform_samples(near: torch.Tensor, far: torch.Tensor, n: int, perturb: bool
     steps = torch.linspace(0.0, 1.0, n + 1, device=near.device)
     edges = near[:, None] + (far - near)[:, None] * steps  # (R, n + 1)
     starts, ends = edges[:, :-1], edges[:, 1:]
+    return _place(starts, ends, perturb, generator), starts, ends
+
+
+def _place(starts: torch.Tensor, ends: torch.Tensor, perturb: bool, generator: torch.Generator | None
+           ) -> torch.Tensor:
+    """A point inside each interval: its midpoint, or a uniform random one when perturb."""
     if perturb:
-        u = torch.rand(starts.shape, generator=generator, device=near.device)
+        u = torch.rand(starts.shape, generator=generator, device=starts.device)
     else:
         u = torch.full_like(starts, 0.5)
-    return starts + (ends - starts) * u, starts, ends
+    return starts + (ends - starts) * u
+
+
+def ray_samples(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
+                config: RenderConfig, perturb: bool, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The intervals a ray is sampled in: `config.samples` equal ones over its foreground part (from near to where
+    it leaves the field's foreground box), then `config.bg_samples` beyond it to far, evenly spaced in disparity
+    1 / t (NeRF++ / mip-NeRF 360's spacing of the far, contracted world). A ray that ends inside the box gets
+    empty background intervals (zero length: never shaded). Returns t, t_starts, t_ends, each (R, n)."""
+    split = field.foreground_exit(origins, dirs) if config.bg_samples > 0 else None
+    if split is None:
+        return uniform_samples(near, far, config.samples, perturb, generator)
+    split = torch.minimum(split, far).clamp_min(near)
+    _, fg_starts, fg_ends = uniform_samples(near, split, config.samples, False)
+    s = torch.linspace(0.0, 1.0, config.bg_samples + 1, device=near.device)
+    inv_split, inv_far = 1 / split.clamp_min(1e-6)[:, None], 1 / far.clamp_min(1e-6)[:, None]
+    edges = 1 / (inv_split * (1 - s) + inv_far * s)  # (R, bg + 1) from split to far
+    edges = torch.minimum(edges, far[:, None])  # exact at the far end despite rounding
+    starts = torch.cat([fg_starts, edges[:, :-1]], -1)
+    ends = torch.cat([fg_ends, edges[:, 1:]], -1)
+    return _place(starts, ends, perturb, generator), starts, ends
 
 
 def sample_pdf(starts: torch.Tensor, ends: torch.Tensor, weights: torch.Tensor, n: int, perturb: bool,
@@ -89,7 +117,7 @@ def shade(field: Field, origins: torch.Tensor, dirs: torch.Tensor, appearance: t
     R, n = t.shape
     points = (origins[:, None, :] + dirs[:, None, :] * t[..., None]).reshape(-1, 3)
     if occupied is None:
-        occupied = field.occupied(points)
+        occupied = field.occupied(points).view(R, n) & (ends > starts)  # empty intervals hold nothing
     kept = occupied.reshape(-1).nonzero()[:, 0]  # flat sample indices worth shading
     ray_of = torch.div(kept, n, rounding_mode="floor")
     sigma, color = field(points[kept], dirs, appearance, ray_of)
@@ -105,7 +133,7 @@ def render_rays(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: t
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Render rays (R,) through a field. Returns rgb (R, 3), depth (R,), opacity (R,), the number of samples
     shaded, and with hierarchical sampling the coarse pass's rgb as 'rgb_coarse'."""
-    t, starts, ends = uniform_samples(near, far, config.samples, config.perturb, generator)
+    t, starts, ends = ray_samples(field, origins, dirs, near, far, config, config.perturb, generator)
     out = shade(field, origins, dirs, appearance, t, starts, ends)
     if config.fine_samples > 0:
         fine = sample_pdf(starts, ends, out["weights"], config.fine_samples, config.perturb, generator)
@@ -158,9 +186,9 @@ def render_terminating(field: Field, origins: torch.Tensor, dirs: torch.Tensor, 
     light is left or they run out. A ray through empty space costs no field evaluation, and one that hits a roof
     none behind it. Unoccupied samples have zero density, so this equals `render_rays` (perturb off) up to the
     dropped remainder."""
-    t, starts, ends = uniform_samples(near, far, config.samples, perturb=False)
+    t, starts, ends = ray_samples(field, origins, dirs, near, far, config, perturb=False)
     R, n = t.shape
-    order, count = occupied_first(occupancy_along(field, origins, dirs, t))
+    order, count = occupied_first(occupancy_along(field, origins, dirs, t) & (ends > starts))
     rgb, depth = torch.zeros(R, 3, device=origins.device), torch.zeros(R, device=origins.device)
     tau = torch.zeros(R, device=origins.device)  # optical depth crossed so far
     active = count.nonzero()[:, 0]

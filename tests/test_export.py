@@ -33,7 +33,7 @@ from mega_nerf.fields.base import Field
 from mega_nerf.rays import Cameras
 from mega_nerf.synthetic.surface import near_surface_fractions
 
-STEPS = 40  # per submodule
+STEPS = 100  # per submodule (166 points exported when measured; 40 steps gave 58)
 CELL = 0.05  # normalised units: one export cell at resolution 96 on the tiny city (4.1 m)
 
 
@@ -126,17 +126,18 @@ def test_exported_points_lie_on_the_city(tiny_city: Path, tmp_path: Path) -> Non
     box_min[0], box_max[0] = trainer.bounds.altitude
     xyz = export_points(trainer.field.eval(), box_min, box_max, 96)[0].astype(np.float64)
     over_city = xyz[(np.abs(xyz[:, 1]) < 0.95) & (np.abs(xyz[:, 2]) < 0.95)]  # the ground ends at |y|, |z| = 1
-    assert len(over_city) > 150  # measured 240
+    assert len(over_city) > 150  # measured 425 (240 when the box grew with the corner rays)
     one_cell, two_cells = near_surface_fractions(over_city, tiny_city, [CELL, 2 * CELL])
-    assert one_cell > 0.45  # measured 0.52
-    assert two_cells > 0.7  # measured 0.83: most
-    # --min_views: points inside few training views are guesses (fog at the city's poorly seen edges)
+    assert one_cell > 0.45  # measured 0.91 (0.52 when the box grew with the corner rays)
+    assert two_cells > 0.7  # measured 1.0 (0.83)
+    # --min_views: points inside few training views are guesses (fog at the city's poorly seen edges; since export
+    # covers the foreground box, where every camera looks, all 425 are seen by at least 8)
     views = count_views(torch.from_numpy(over_city).float(), Cameras.from_dataset(load_dataset(tiny_city)),
                         trainer.bounds.far).numpy()
     seen = over_city[views >= 8]
-    assert len(seen) > 60  # measured 105
+    assert len(seen) > 60  # measured 425
     one_cell, two_cells = near_surface_fractions(seen, tiny_city, [CELL, 2 * CELL])
-    assert one_cell > 0.75  # measured 0.86: most within one cell
+    assert one_cell > 0.75  # measured 0.91: most within one cell
     assert two_cells > 0.95  # measured 1.0
 
 
@@ -151,11 +152,13 @@ def test_export_writes_a_capped_coloured_cloud(merged: Path, tiny_city: Path, tm
     xyz = np.stack([data["x"], data["y"], data["z"]], 1).astype(np.float64)
     print(f"near surface: {near_surface_fractions(xyz, tiny_city, [CELL])[0]:.3f} of {len(xyz)} points")
 
+    # Export covers the foreground box, which every camera looks into: its points are seen by 16 to 25 training
+    # views (measured), so K = 20 keeps some of them (about three quarters), not all.
     seen = tmp_path / "seen.ply"
-    main(["--container_path", str(merged), "--output", str(seen), "--resolution", "96", "--min_views", "8",
+    main(["--container_path", str(merged), "--output", str(seen), "--resolution", "96", "--min_views", "20",
           "--dataset_path", str(tiny_city)])
     kept = read_ply(seen)
-    assert f"kept {len(kept)} of {len(data)} points seen by at least 8" in capsys.readouterr().out
+    assert f"kept {len(kept)} of {len(data)} points seen by at least 20" in capsys.readouterr().out
     assert 0 < len(kept) < len(data) and np.isin(kept["x"], data["x"]).all()
     capped = tmp_path / "capped.ply"
     main(["--container_path", str(merged), "--output", str(capped), "--resolution", "96", "--max_points", "100"])

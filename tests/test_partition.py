@@ -21,6 +21,7 @@ import torch
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.partition.cells import (
+    PartitionParams,
     cell_membership,
     centroid_distances,
     grid_centroids,
@@ -105,22 +106,57 @@ def test_cell_membership_matches_slow_loop(cluster_2d: bool) -> None:
                 assert bool(member[n, k]) == expected[k]
 
 
+def slow_foreground(params: PartitionParams) -> tuple[list[float], list[float]]:
+    """The foreground box from its definition: the cameras' horizontal extent scaled by foreground_scale about
+    its centre, vertically the altitude slab."""
+    lo, hi = params.min_position.double().tolist(), params.max_position.double().tolist()
+    half = [(h - l) / 2 * params.foreground_scale for l, h in zip(lo, hi, strict=True)]
+    mid = [(h + l) / 2 for l, h in zip(lo, hi, strict=True)]
+    top, ground = params.ray_altitude_range
+    return [top] + [mid[a] - half[a] for a in (1, 2)], [ground] + [mid[a] + half[a] for a in (1, 2)]
+
+
+def slow_pull_in(point: list[float], box: tuple[list[float], list[float]]) -> list[float]:
+    """A point beyond the box along a horizontal axis moved to where the contraction x -> 2 - 1/x (box units,
+    per axis) puts it; vertical coordinates and points within the box's range stay."""
+    out = list(point)
+    for a in (1, 2):
+        half, mid = (box[1][a] - box[0][a]) / 2, (box[1][a] + box[0][a]) / 2
+        x = (point[a] - mid) / half
+        if abs(x) > 1:
+            out[a] = mid + half * math.copysign(2 - 1 / abs(x), x)
+    return out
+
+
+def slow_box_exit(o: list[float], d: list[float], box: tuple[list[float], list[float]]) -> float:
+    return min(max((box[0][a] - o[a]) / d[a], (box[1][a] - o[a]) / d[a]) if d[a] != 0 else math.inf
+               for a in range(3))
+
+
 def test_rays_follow_the_rule_at_their_samples(partitioned: Path, tiny_city: Path) -> None:
-    """A few rays of the written masks, re-derived by a slow float64 loop over their samples: every ray is in
-    the cell of its nearest centroid at each sample, and in no cell the rule does not give it."""
+    """A few rays of the written masks, re-derived by a slow float64 loop over their samples (SAMPLES evenly
+    spaced inside the foreground box, a quarter as many evenly spaced in 1 / t beyond it, pulled in by the
+    contraction): every ray is in the cell of its nearest centroid at each sample, and in no cell the rule does
+    not give it."""
     params, dataset = load_params(partitioned), load_dataset(tiny_city)
     centroids = params.centroids.double().tolist()
+    box = slow_foreground(params)
     gen = torch.Generator().manual_seed(2)
     for image in dataset.images[::9]:
         mask = masks_of(partitioned, image, params.num_cells)
         origins, dirs = image_rays(image.c2w, image.intrinsics, image.W, image.H)
         near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
         for r in torch.randint(0, image.H * image.W, (12,), generator=gen).tolist():
+            o, d, n, f = origins[r].tolist(), dirs[r].tolist(), float(near[r]), float(far[r])
+            split = min(max(slow_box_exit(o, d, box), n), f)
+            ts = [n * (1 - s / (SAMPLES - 1)) + split * s / (SAMPLES - 1) for s in range(SAMPLES)]
+            bg = SAMPLES // 4
+            ts += [1 / ((1 - s / (bg - 1)) / split + s / (bg - 1) / f) for s in range(bg)]
             best = [math.inf] * params.num_cells
-            for s in range(SAMPLES):
-                w = s / (SAMPLES - 1)
-                t = float(near[r]) * (1 - w) + float(far[r]) * w
-                point = [float(o) + float(d) * t for o, d in zip(origins[r], dirs[r], strict=True)]
+            for i, t in enumerate(ts):
+                point = [oa + da * t for oa, da in zip(o, d, strict=True)]
+                if i >= SAMPLES:
+                    point = slow_pull_in(point, box)
                 _, ratios = slow_membership(point, centroids, params.boundary_margin, params.cluster_2d)
                 assert mask[r, ratios.index(1.0)], f"ray {r} of {image.name} lacks its nearest cell"
                 best = [min(b, q) for b, q in zip(best, ratios, strict=True)]
@@ -152,8 +188,10 @@ def test_margin_only_adds_rays(tiny_city: Path, tiny_city_summary: dict) -> None
 
 
 def test_hit_points_lie_in_a_cell_of_their_ray(partitioned: Path, tiny_city: Path) -> None:
-    """The ground-truth surface point a pixel sees belongs (nearest centroid) to a cell that holds its ray."""
+    """The ground-truth surface point a pixel sees belongs (nearest centroid, where the container routes it:
+    pulled in by the contraction when beyond the foreground box) to a cell that holds its ray."""
     params, dataset = load_params(partitioned), load_dataset(tiny_city)
+    box = slow_foreground(params)
     checked = 0
     for image in dataset.images[::4]:
         depth = torch.from_numpy(np.load(tiny_city / "depth" / image.split / f"{image.name}.npy")).reshape(-1)
@@ -161,6 +199,7 @@ def test_hit_points_lie_in_a_cell_of_their_ray(partitioned: Path, tiny_city: Pat
         near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
         seen = torch.isfinite(depth) & (depth >= near - 1e-4) & (depth <= far + 1e-4)
         hits = origins[seen] + dirs[seen] * depth[seen, None]
+        hits = torch.tensor([slow_pull_in(h, box) for h in hits.double().tolist()])
         cell = centroid_distances(hits, params.centroids, params.cluster_2d).argmin(1)
         mask = masks_of(partitioned, image, params.num_cells)[seen]
         assert mask[torch.arange(cell.shape[0]), cell].all(), image.name

@@ -1,6 +1,6 @@
 """Rays and altitude clipping against an independent float64 pinhole projection and plane geometry.
 
-Convention under test (DESIGN.md): c2w columns are the camera's right, up, back axes and its centre;
+Convention under test (docs/DESIGN.md): c2w columns are the camera's right, up, back axes and its centre;
 pixel (column i, row j) has its centre at (i + 0.5, j + 0.5); the camera looks along -back.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def random_camera(gen: torch.Generator, W: int, H: int) -> tuple[torch.Tensor, t
 def project(points: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Pinhole projection of world points (N, 3) to continuous pixel coordinates u (N,), v (N,), depth (N,).
 
-    Written from DESIGN.md's convention only: camera x right, y up, z back, so depth = -z and image rows grow
+    Written from docs/DESIGN.md's convention only: camera x right, y up, z back, so depth = -z and image rows grow
     downwards (against +y)."""
     fx, fy, cx, cy = intrinsics.tolist()
     cam = (points - c2w[:, 3]) @ c2w[:, :3]  # row-vector form of R^T (p - t)
@@ -165,12 +165,20 @@ def test_rays_between_planes_keep_near_and_end_at_ground():
     torch.testing.assert_close((o + f[:, None] * d)[:, 0], torch.full((300,), GROUND, dtype=torch.float64))
 
 
-def test_rays_heading_up_keep_default_bounds():
+def test_rays_heading_up_inside_the_slab_keep_default_bounds():
     gen = torch.Generator().manual_seed(7)
-    o, d = origins_at(gen, 300, -2.0, 1.0), unit_dirs(gen, 300, down=False)
+    o, d = origins_at(gen, 300, TOP + 0.01, 1.0), unit_dirs(gen, 300, down=False)
     n, f = near_far(o, d, NEAR, FAR, (TOP, GROUND))
     assert (f == FAR).all()
     assert (n == NEAR).all()
+
+
+def test_rays_above_the_slab_heading_up_are_empty():
+    """The sky corners of an oblique view never enter the slab: no samples, only the background."""
+    gen = torch.Generator().manual_seed(17)
+    o, d = origins_at(gen, 300, -2.0, TOP - 0.01), unit_dirs(gen, 300, down=False)
+    n, f = near_far(o, d, NEAR, FAR, (TOP, GROUND))
+    assert (f == n).all() and (n == NEAR).all()
 
 
 def test_bounds_are_clamped_and_ordered_for_any_ray():
@@ -180,10 +188,9 @@ def test_bounds_are_clamped_and_ordered_for_any_ray():
     d = d / d.norm(dim=-1, keepdim=True)
     near, far = 0.5, 2.0
     n, f = near_far(o, d, near, far, (TOP, GROUND))
-    assert (n >= near).all() and (f >= n).all()
-    clipped = f > far  # only possible when the top plane lies beyond far: then the interval collapses
-    assert (f[clipped] == n[clipped]).all()
-    assert (f[~clipped] <= far).all()
+    assert (n >= near).all() and (f >= n).all() and (f <= far).all()
+    beyond = (o[:, 0] < TOP) & (d[:, 0] > 0) & ((TOP - o[:, 0]) / d[:, 0] > far)  # meet the top beyond far
+    assert beyond.any() and (f[beyond] == n[beyond]).all() and (n[beyond] == far).all()
     # Rays below the ground plane never touch the slab's planes going down: default bounds.
     below = (o[:, 0] > GROUND) & (d[:, 0] > 0)
     assert below.any() and (n[below] == near).all() and (f[below] == far).all()

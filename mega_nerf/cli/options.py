@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import configargparse
 
+from mega_nerf.bounds import FOREGROUND_SCALE
 from mega_nerf.data.dataset import Coordinates
 from mega_nerf.errors import UserError
 from mega_nerf.rays import SceneBounds
@@ -26,6 +27,9 @@ def base_parser(description: str) -> configargparse.ArgParser:
     parser.add_argument("--boundary_margin", type=float, default=1.15,
                         help="a point belongs to every cell within this factor of its nearest centroid's distance")
     parser.add_argument("--cluster_2d", action="store_true", help="partition on horizontal distance only")
+    parser.add_argument("--foreground_scale", type=float, default=FOREGROUND_SCALE,
+                        help="the foreground box's horizontal extent over the cameras' (full field resolution "
+                             "inside, the world beyond contracted); partition and training must agree")
     return parser
 
 

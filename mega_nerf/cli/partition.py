@@ -51,7 +51,7 @@ def mask_job(args: configargparse.Namespace) -> MaskJob:
     dataset = load_dataset(args.dataset_path)
     bounds = scene_bounds(args, dataset.coordinates)
     params = make_params(dataset, grid_dim, bounds.near, bounds.far, bounds.altitude, args.boundary_margin,
-                         args.cluster_2d, args.ray_samples)
+                         args.cluster_2d, args.ray_samples, args.foreground_scale)
     return MaskJob(dataset, params, Path(args.output), args.resume, args.ray_chunk, args.dist_chunk,
                    args.timeout_minutes, not args.no_progress)
 

@@ -29,6 +29,8 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--train_iterations", type=int, default=30000)
     p.add_argument("--samples", type=int, default=None, help="samples per ray (mlp: coarse samples)")
     p.add_argument("--fine_samples", type=int, default=None, help="hierarchical fine samples (mlp: 512)")
+    p.add_argument("--bg_samples", type=int, default=32,
+                   help="samples per ray beyond the foreground box (the contracted far world; 0: none)")
     p.add_argument("--appearance_dim", type=int, default=None)
     p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
     p.add_argument("--log2_hashmap_size", type=int, default=19)

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mega_nerf.bounds import box_exit, box_to_world, contract, contracted_position
 from mega_nerf.fields.background import Background
 
 
@@ -25,6 +26,11 @@ class Field(nn.Module):
 
     def after_step(self, step: int, generator: torch.Generator | None = None) -> None:
         """Called by the trainer after optimiser step `step` (counted from 1). Default: nothing."""
+
+    def foreground_exit(self, origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor | None:
+        """Where each ray (N, 3), (N, 3) leaves the foreground (N,), beyond which the renderer places its
+        background samples; None when the field has nothing beyond its box (the default)."""
+        return None
 
     def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
                 ray_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,19 +49,43 @@ class Field(nn.Module):
 
 
 class BoxField(Field):
-    """A field that lives in an axis-aligned box of the normalised world; outside it, density is zero."""
+    """A field over an axis-aligned foreground box of the normalised world. Along `contracted` axes the world
+    beyond the box is contracted into the field's domain (bounds.py); along the others density is zero outside.
+    Field coordinates u lie in [0, 1]^3: the box fills [0, 1] on a plain axis and [1/4, 3/4] on a contracted one.
+    """
 
-    def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int) -> None:
+    def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int,
+                 contracted: tuple[bool, bool, bool] | list[bool] = (False, False, False)) -> None:
         super().__init__()
         self.register_buffer("box_min", torch.as_tensor(box_min, dtype=torch.float32).clone())
         self.register_buffer("box_max", torch.as_tensor(box_max, dtype=torch.float32).clone())
+        self.register_buffer("contracted", torch.tensor(list(contracted), dtype=torch.bool), persistent=False)
+        self.any_contracted = any(contracted)
         self.appearance = nn.Embedding(n_images, appearance_dim)
         self.bg = Background(appearance_dim)
 
     def to_box(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Box coordinates u in [0, 1]^3 (N, 3) and whether each point is inside (N,)."""
+        """Field coordinates u (N, 3) and whether each point is in the field's domain (N,)."""
         u = (positions - self.box_min) / (self.box_max - self.box_min)
+        if self.any_contracted:
+            u = torch.where(self.contracted, (contract(2 * u - 1) + 2) / 4, u)
         return u, ((u >= 0) & (u <= 1)).all(-1)
+
+    def from_box(self, u: torch.Tensor) -> torch.Tensor:
+        """World positions (N, 3) of field coordinates u (N, 3) (infinite at a contracted axis' ends)."""
+        return box_to_world(u, self.box_min, self.box_max, self.contracted)
+
+    def contracted_position(self, positions: torch.Tensor) -> torch.Tensor:
+        """World positions (N, 3) with what lies beyond the box along a contracted axis pulled in by the
+        contraction (at most a box half-width beyond it), and the rest exactly as given: where the container
+        routes a far point, next to the part of the box it lies beyond."""
+        if not self.any_contracted:
+            return positions
+        return contracted_position(positions, self.box_min, self.box_max, self.contracted)
+
+    def foreground_exit(self, origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor | None:
+        """Where each ray leaves the foreground box (N,), when the world beyond it is contracted; else None."""
+        return box_exit(origins, dirs, self.box_min, self.box_max) if self.any_contracted else None
 
     def background(self, directions: torch.Tensor, appearance: torch.Tensor) -> torch.Tensor:
         return self.bg(directions, self.appearance(appearance))

@@ -37,10 +37,10 @@ class HashField(BoxField):
                  hidden: int = 64, geo_features: int = 15, n_levels: int = 16, n_features: int = 2,
                  log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
                  occupancy_resolution: int = 128, occupancy_threshold: float = 0.0, occupancy_interval: int = 8,
-                 occupancy_warmup: int = 32) -> None:
+                 occupancy_warmup: int = 32, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3) -> None:
         """occupancy_threshold: the density below which a cell counts as empty; occupancy_interval and
-        occupancy_warmup: steps between updates and before the first one."""
-        super().__init__(box_min, box_max, n_images, appearance_dim)
+        occupancy_warmup: steps between updates and before the first one; contracted: BoxField's."""
+        super().__init__(box_min, box_max, n_images, appearance_dim, contracted)
         self.occupancy_threshold = occupancy_threshold
         self.occupancy_interval, self.occupancy_warmup = occupancy_interval, occupancy_warmup
         self.grid = HashGrid(n_levels, n_features, log2_table_size, base_resolution, max_resolution)

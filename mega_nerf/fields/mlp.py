@@ -17,8 +17,9 @@ class MLPField(BoxField):
 
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int = 48,
                  layers: int = 8, width: int = 256, skip: int = 4, position_frequencies: int = 12,
-                 direction_frequencies: int = 4) -> None:
-        super().__init__(box_min, box_max, n_images, appearance_dim)
+                 direction_frequencies: int = 4, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3
+                 ) -> None:
+        super().__init__(box_min, box_max, n_images, appearance_dim, contracted)
         self.position_frequencies, self.direction_frequencies, self.skip = (
             position_frequencies, direction_frequencies, skip)
         pos_dim, dir_dim = 3 * (1 + 2 * position_frequencies), 3 * (1 + 2 * direction_frequencies)

@@ -1,6 +1,6 @@
 """The merged model: every cell's submodule behind one `Field`, each sample point routed to the cells near it.
 
-Routing (DESIGN.md, The container): a point goes to every cell whose centroid lies within `boundary_margin`
+Routing (docs/DESIGN.md, The container): a point goes to every cell whose centroid lies within `boundary_margin`
 times the distance to its nearest centroid (`partition.cell_membership`, horizontal only with `cluster_2d`),
 the rule that gave each submodule its training rays. Density and colour are blended with inverse-distance
 weights normalised to sum to 1. Mega-NeRF's weights jump from 1/d to 0 where a cell stops being a member; ours
@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mega_nerf.bounds import box_to_world
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
-from mega_nerf.fields.base import Field
+from mega_nerf.fields.base import BoxField, Field
 from mega_nerf.fields.hash import HashField
 from mega_nerf.fields.occupancy import cell_index
 from mega_nerf.partition.cells import squared_distances
@@ -67,11 +68,12 @@ def blend_weights(points: torch.Tensor, centroids: torch.Tensor, boundary_margin
     return weights / weights.sum(1, keepdim=True)
 
 
-def union_occupancy(masks: torch.Tensor, box_min: torch.Tensor, box_max: torch.Tensor, centroids: torch.Tensor,
+def union_occupancy(masks: torch.Tensor, edges: list[torch.Tensor], centroids: torch.Tensor,
                     boundary_margin: float, cluster_2d: bool) -> torch.Tensor:
     """(r^3,) bool: grid cells where some submodule that may be routed to a point of the cell is occupied.
 
-    masks: (K, r^3) the submodules' occupancy grids over the shared box [box_min, box_max] (3,); centroids (K, 3).
+    masks: (K, r^3) the submodules' occupancy grids over one shared domain, whose cells along axis d lie between
+    world coordinates edges[d] (r + 1,) (infinite at a contracted axis' ends); centroids (K, 3).
     A point p of cell B is a member of cell k only if d_k(p) <= m * min_j d_j(p), so only if
     near_k(B) <= m * min_j far_j(B), with near/far the smallest and largest distance from a centroid to the cell's
     box: the result is a superset of the routed occupancy of every point in the cell.
@@ -79,8 +81,7 @@ def union_occupancy(masks: torch.Tensor, box_min: torch.Tensor, box_max: torch.T
     K, r = masks.shape[0], round(masks.shape[1] ** (1 / 3))
     near2, far2 = [], []
     for d in range(3):
-        edges = box_min[d].double() + (box_max[d] - box_min[d]).double() * torch.arange(r + 1) / r
-        lo, hi, c = edges[:-1, None], edges[1:, None], centroids[:, d].double()  # (r, 1), (r, 1), (K,)
+        lo, hi, c = edges[d][:-1, None], edges[d][1:, None], centroids[:, d].double()  # (r, 1), (r, 1), (K,)
         scale = 0.0 if cluster_2d and d == 0 else 1.0  # cluster_2d: horizontal (y, z) distances only
         near2.append(scale * ((lo - c).clamp_min(0) + (c - hi).clamp_min(0)).square())  # (r, K)
         far2.append(scale * torch.maximum((c - lo).abs(), (c - hi).abs()).square())
@@ -94,6 +95,14 @@ def union_occupancy(masks: torch.Tensor, box_min: torch.Tensor, box_max: torch.T
         reach = near <= boundary_margin ** 2 * far.min(-1, keepdim=True).values * (1 + 1e-5)
         out[i] = (reach & grids[i]).any(-1)
     return out.reshape(-1)
+
+
+def grid_edges(field: HashField) -> list[torch.Tensor]:
+    """World coordinates (float64) of the occupancy cells' edges along each axis, (r + 1,) each."""
+    r = field.occupancy.resolution
+    u = (torch.arange(r + 1, dtype=torch.float64) / r)[:, None].expand(r + 1, 3)
+    world = box_to_world(u, field.box_min.double().cpu(), field.box_max.double().cpu(), field.contracted.cpu())
+    return [world[:, d] for d in range(3)]
 
 
 class Container(Field):
@@ -117,14 +126,18 @@ class Container(Field):
             return None
         first = fields[0]
         if any(not (torch.equal(f.box_min, first.box_min) and torch.equal(f.box_max, first.box_max)
+                    and torch.equal(f.contracted, first.contracted)
                     and f.occupancy.resolution == first.occupancy.resolution) for f in fields):
             return None
         masks = torch.stack([f.occupancy.mask.cpu() for f in fields])
-        return union_occupancy(masks, first.box_min.cpu(), first.box_max.cpu(), self.centroids.cpu(),
-                               self.boundary_margin, self.cluster_2d)
+        return union_occupancy(masks, grid_edges(first), self.centroids.cpu(), self.boundary_margin,
+                               self.cluster_2d)
 
     def weights(self, positions: torch.Tensor) -> torch.Tensor:
-        """(N, 3) -> (N, S) blend weights over the non-empty submodules (S = len(self.cells))."""
+        """(N, 3) -> (N, S) blend weights over the non-empty submodules (S = len(self.cells)). Far points beyond
+        the shared foreground box are routed where the contraction puts them (BoxField.contracted_position)."""
+        if isinstance(self.submodules[0], BoxField):
+            positions = self.submodules[0].contracted_position(positions)
         return blend_weights(positions, self.centroids, self.boundary_margin, self.cluster_2d)
 
     def routes(self, positions: torch.Tensor) -> list[tuple[Field, torch.Tensor, torch.Tensor]]:
@@ -170,6 +183,10 @@ class Container(Field):
         for field, index, _ in self.routes(positions):
             occupied[index] |= field.occupied(positions[index])
         return occupied
+
+    def foreground_exit(self, origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor | None:
+        """The submodules share one foreground box (merge checks): the first one's answer."""
+        return self.submodules[0].foreground_exit(origins, dirs)
 
     def background(self, directions: torch.Tensor, appearance: torch.Tensor) -> torch.Tensor:
         """The mean of the non-empty submodules' backgrounds, (N, 3). The renderer asks for the background
@@ -257,7 +274,8 @@ def load_container(path: str | Path, device: torch.device | str = "cpu") -> tupl
     scene, render = state["scene"], state["render"]
     altitude = scene["altitude_range"]
     info = ContainerInfo(
-        path=path, render=RenderConfig(int(render["samples"]), int(render["fine_samples"]), perturb=False),
+        path=path, render=RenderConfig(int(render["samples"]), int(render["fine_samples"]), perturb=False,
+                                       bg_samples=int(render.get("bg_samples", 0))),
         near=float(scene["near"]), far=float(scene["far"]),
         altitude_range=None if altitude is None else (float(altitude[0]), float(altitude[1])),
         dataset=state["dataset"], n_images=int(state["n_images"]), cells=container.cells,

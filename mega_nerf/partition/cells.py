@@ -7,7 +7,7 @@ A centroid's x (down) is the middle of the altitude slab, where rays are sampled
 for points near the ground and widen the boundary band (overlap 1.95 instead of 1.74 on the tiny city's 2 x 2).
 Every centroid shares this x, so a point's nearest centroid is the same in 3D and with `cluster_2d`.
 
-The rule (DESIGN.md, Partitioning): a point belongs to cell k when its distance to centroid k is at most
+The rule (docs/DESIGN.md, Partitioning): a point belongs to cell k when its distance to centroid k is at most
 `boundary_margin` times its distance to the nearest centroid; a ray belongs to every cell one of its
 samples belongs to. The merged container routes points with the same `cell_membership`.
 """
@@ -16,11 +16,14 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from mega_nerf.bounds import FOREGROUND_SCALE, box_exit, contracted_axes, contracted_position, foreground_box
 from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.errors import UserError
 from mega_nerf.rays import near_far, rays_from_pixels
@@ -86,12 +89,15 @@ def cell_membership(points: torch.Tensor, centroids: torch.Tensor, boundary_marg
 
 def ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
                    centroids: torch.Tensor, ray_samples: int, boundary_margin: float, cluster_2d: bool,
-                   dist_chunk: int = 1 << 18) -> torch.Tensor:
+                   dist_chunk: int = 1 << 18, place: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   disparity: bool = False) -> torch.Tensor:
     """(N, K) bool: the cells that at least one of each ray's samples belongs to.
 
     origins, dirs: (N, 3); near, far: (N,); samples are `ray_samples` evenly spaced distances from near to
-    far inclusive (deterministic, no jitter). Samples are taken in blocks so that at most about
-    `dist_chunk` point-centroid distances exist at once, whatever N and K.
+    far inclusive (deterministic, no jitter), or evenly spaced in 1 / t with `disparity`; `place` maps the
+    sample points (M, 3) to where they are routed (the contraction, for the world beyond the foreground).
+    Samples are taken in blocks so that at most about `dist_chunk` point-centroid distances exist at once,
+    whatever N and K.
     """
     K = centroids.shape[0]
     steps = torch.linspace(0, 1, ray_samples, device=origins.device, dtype=origins.dtype)
@@ -103,9 +109,10 @@ def ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor
         n, f = near[r:r + rays_per_block, None], far[r:r + rays_per_block, None]
         for s in range(0, ray_samples, samples_per_block):
             w = steps[s:s + samples_per_block]
-            t = n * (1 - w) + f * w  # (R, S)
-            points = o[:, None] + d[:, None] * t[..., None]  # (R, S, 3)
-            inside = cell_membership(points.reshape(-1, 3), centroids, boundary_margin, cluster_2d)
+            t = 1 / ((1 - w) / n + w / f) if disparity else n * (1 - w) + f * w  # (R, S)
+            points = (o[:, None] + d[:, None] * t[..., None]).reshape(-1, 3)  # (R S, 3)
+            inside = cell_membership(points if place is None else place(points), centroids, boundary_margin,
+                                     cluster_2d)
             member[r:r + rays_per_block] |= inside.view(o.shape[0], -1, K).any(1)
     return member
 
@@ -115,20 +122,30 @@ def image_membership(image: ImageMetadata, params: PartitionParams, device: torc
     """(H, W, K) bool on the CPU: the cells each pixel's ray belongs to.
 
     Rays are made `ray_chunk` pixels at a time (row-major, as `image_rays`), bounded to [near, far] and the
-    altitude slab. A pixel's result never depends on the chunk it came in, so any sharding gives the same
-    bits.
+    altitude slab. With a foreground box (params.foreground()), `ray_samples` evenly spaced points cover the
+    ray's part inside it and a quarter as many, evenly spaced in 1 / t, the part beyond, each routed where the
+    container routes it (contracted, BoxField.contracted_position). A pixel's result never depends on the chunk
+    it came in, so any sharding gives the same bits.
     """
     assert params.boundary_margin is not None and params.ray_samples is not None
     c2w, intrinsics = image.c2w.to(device), image.intrinsics.to(device)
     centroids = params.centroids.to(device)
+    box = params.foreground()
+    axes = torch.tensor(contracted_axes(params.ray_altitude_range), device=device)
+    place = None if box is None else partial(contracted_position, box_min=box[0].to(device),
+                                             box_max=box[1].to(device), contracted=axes)
     out = torch.empty(image.H * image.W, params.num_cells, dtype=torch.bool)
     for start in range(0, image.H * image.W, ray_chunk):
         pix = torch.arange(start, min(start + ray_chunk, image.H * image.W), device=device)
         origins, dirs = rays_from_pixels(c2w, intrinsics.to(c2w), pix % image.W,
                                          torch.div(pix, image.W, rounding_mode="floor"))
         near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
-        member = ray_membership(origins, dirs, near, far, centroids, params.ray_samples,
+        split = far if box is None else torch.minimum(far, box_exit(origins, dirs, *box)).clamp_min(near)
+        member = ray_membership(origins, dirs, near, split, centroids, params.ray_samples,
                                 params.boundary_margin, params.cluster_2d, dist_chunk)
+        if place is not None:
+            member |= ray_membership(origins, dirs, split, far, centroids, max(2, params.ray_samples // 4),
+                                     params.boundary_margin, params.cluster_2d, dist_chunk, place, disparity=True)
         out[start:start + pix.shape[0]] = member.cpu()
     return out.view(image.H, image.W, -1)
 
@@ -155,6 +172,14 @@ class PartitionParams:
     boundary_margin: float | None = None
     ray_samples: int | None = None
     image_sizes: dict[str, tuple[int, int]] | None = None
+    foreground_scale: float | None = None  # None (older files): rays are not clipped to the foreground box
+
+    def foreground(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The foreground box (bounds.foreground_box) the fields of this partition share, or None."""
+        if self.foreground_scale is None:
+            return None
+        return foreground_box(torch.stack([self.min_position, self.max_position]), self.ray_altitude_range,
+                              self.foreground_scale)
 
     @property
     def num_cells(self) -> int:
@@ -190,7 +215,7 @@ class PartitionParams:
 
 def make_params(dataset: Dataset, grid_dim: tuple[int, int], near: float, far: float,
                 altitude_range: tuple[float, float], boundary_margin: float, cluster_2d: bool,
-                ray_samples: int) -> PartitionParams:
+                ray_samples: int, foreground_scale: float | None = FOREGROUND_SCALE) -> PartitionParams:
     """The partition of `dataset`: a grid over its train and val camera positions (normalised units)."""
     positions = torch.stack([m.c2w[:, 3] for m in dataset.images])
     coordinates = dataset.coordinates
@@ -201,7 +226,7 @@ def make_params(dataset: Dataset, grid_dim: tuple[int, int], near: float, far: f
         centroids=grid_centroids(positions, grid_dim, sum(altitude_range) / 2),
         min_position=positions.min(0).values, max_position=positions.max(0).values,
         cluster_2d=bool(cluster_2d), boundary_margin=float(boundary_margin), ray_samples=int(ray_samples),
-        image_sizes=dataset_image_sizes(dataset))
+        image_sizes=dataset_image_sizes(dataset), foreground_scale=foreground_scale)
 
 
 def dataset_image_sizes(dataset: Dataset) -> dict[str, tuple[int, int]]:
@@ -242,7 +267,8 @@ def load_params(path: str | os.PathLike) -> PartitionParams:
             cluster_2d=bool(data["cluster_2d"]),
             boundary_margin=None if data.get("boundary_margin") is None else float(data["boundary_margin"]),
             ray_samples=None if data.get("ray_samples") is None else int(data["ray_samples"]),
-            image_sizes=None if sizes is None else {str(k): _pair(v, int) for k, v in sizes.items()})
+            image_sizes=None if sizes is None else {str(k): _pair(v, int) for k, v in sizes.items()},
+            foreground_scale=None if data.get("foreground_scale") is None else float(data["foreground_scale"]))
     except Exception as e:  # any unreadable or malformed file: name it, in one line
         raise UserError(f"{file}: not a valid partition params file ({type(e).__name__}: {e})") from None
     if math.prod(params.grid_dim) != params.num_cells:

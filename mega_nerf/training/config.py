@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mega_nerf.bounds import FOREGROUND_SCALE
 from mega_nerf.errors import UserError
 from mega_nerf.fields import FIELDS
 
@@ -21,8 +22,9 @@ class TrainConfig:
     train_scale_factor: int = 1
     # scene bounds (real-world units)
     near: float = 1.0
-    far: float | None = None  # None: 2 in normalised units
+    far: float | None = None  # None: rays.DEFAULT_FAR in normalised units
     ray_altitude_range: tuple[float, float] | None = None
+    foreground_scale: float = FOREGROUND_SCALE  # the foreground box over the cameras' extent (bounds.py)
     # the field: its kind and sizes (None: the field's own default)
     field: str = "hash"
     appearance_dim: int | None = None
@@ -39,6 +41,7 @@ class TrainConfig:
     train_iterations: int = 30000
     samples: int | None = None
     fine_samples: int | None = None
+    bg_samples: int = 32  # samples beyond the foreground box, in contracted space
     # bookkeeping
     ckpt_interval: int = 2000
     val_interval: int = 5000

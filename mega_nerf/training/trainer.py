@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mega_nerf.bounds import scene_box
+from mega_nerf.bounds import contracted_axes, foreground_box, mean_segment
 from mega_nerf.data.chunks import dataset_fingerprint, gather_in_memory, prepare_chunks
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.data.stream import RayStream
@@ -33,11 +33,11 @@ from mega_nerf.training.validation import validate
 StepHook = Callable[[int], None]
 
 
-def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], n_images: int,
-                 occupancy_threshold: float) -> dict[str, Any]:
+def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], contracted: list[bool],
+                 n_images: int, occupancy_threshold: float) -> dict[str, Any]:
     """The field's constructor arguments (stored in checkpoints, so a field is rebuilt from plain data)."""
     cfg: dict[str, Any] = {"kind": config.field, "box_min": box[0].tolist(), "box_max": box[1].tolist(),
-                           "n_images": n_images}
+                           "n_images": n_images, "contracted": contracted}
     if config.appearance_dim is not None:
         cfg["appearance_dim"] = config.appearance_dim
     if config.field == "hash":
@@ -64,13 +64,15 @@ class Trainer:
         self.bounds = SceneBounds.from_real(config.near, config.far, config.ray_altitude_range,
                                            self.dataset.coordinates)
         self.cameras = Cameras.from_dataset(self.dataset)
-        box_min, box_max, segment = scene_box(self.cameras, self.bounds)
-        self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True)
+        box = foreground_box(self.cameras.c2w[:, :, 3], self.bounds.altitude, config.foreground_scale)
+        segment = mean_segment(self.cameras, self.bounds, box)
+        self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
+                                          bg_samples=config.bg_samples)
         # A cell is empty space once a sample there would be under 1% opaque (alpha = 1 - exp(-sigma * dt)).
         self.occupancy_threshold = 0.01 / (segment / config.samples)
         torch.manual_seed(config.seed)
-        self.field_config = field_config(config, (box_min, box_max), len(self.dataset.images),
-                                         self.occupancy_threshold)
+        self.field_config = field_config(config, box, contracted_axes(self.bounds.altitude),
+                                         len(self.dataset.images), self.occupancy_threshold)
         self.field = build_field(self.field_config).to(self.device)
         # One fused kernel for the whole update on the GPU (the CPU keeps the default, bit-reproducible path).
         self.optimizer = torch.optim.Adam(self.field.parameters(), lr=config.lr, betas=(0.9, 0.99), eps=1e-15,
@@ -115,7 +117,8 @@ class Trainer:
                 "stream": stream.state_dict() if stream else {}, "rng": ckpt.rng_state(self.generator),
                 "dataset": dataset_fingerprint(self.dataset), "empty": empty,
                 "cell": self.mask_dir.name if self.mask_dir else None,
-                "render": {"samples": self.config.samples, "fine_samples": self.config.fine_samples},
+                "render": {"samples": self.config.samples, "fine_samples": self.config.fine_samples,
+                           "bg_samples": self.config.bg_samples},
                 "scene": {"near": self.bounds.near, "far": self.bounds.far,
                           "altitude_range": list(self.bounds.altitude) if self.bounds.altitude else None}}
 

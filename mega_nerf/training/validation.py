@@ -4,6 +4,7 @@ Val images are trained on their left halves only (docs/DESIGN.md), so the right 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -44,7 +45,7 @@ def validate(field: Field, images: list[ImageMetadata], mask_dir: Path | None, b
     PSNR over their right halves inside the cell of `mask_dir` (the whole image without one), or {} when no
     image holds a pixel of the cell."""
     device = next(field.parameters()).device
-    config = RenderConfig(render.samples, render.fine_samples, perturb=False)
+    config = dataclasses.replace(render, perturb=False)
     field.eval()
     errors, count = 0.0, 0
     for meta in images:

@@ -1,0 +1,117 @@
+"""Val PSNR against training steps for one cell, under named option variants: where quality peaks, whether it
+falls after, and what each variant costs in speed. Also the scene bounds each run trains in.
+
+    python bench/val_curve.py --preset oblique --steps 250 500 1000 2000 4000 --variant default "" \
+        --variant affine "--appearance affine"
+
+Val PSNR is taken on a fixed sample of the cell's val pixels, right halves only (never trained on), as
+bench/train_speed.py does; rays/s and samples/ray over the training steps only (evaluation excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results, ensure_city, ensure_partition  # noqa: E402
+from train_speed import sync, val_pixels, val_psnr  # noqa: E402
+
+from mega_nerf.cli.train import config_from_argv  # noqa: E402
+from mega_nerf.training.trainer import Trainer  # noqa: E402
+
+
+def bounds_ratio(trainer: Trainer, dataset: Path) -> float | None:
+    """The field box's horizontal extent over the synthetic town's (scene.json), the larger of y and z."""
+    summary = json.loads((dataset / "scene.json").read_text())
+    if "town" not in summary:
+        return None
+    lo, hi = trainer.field.box_min.tolist(), trainer.field.box_max.tolist()
+    town_lo, town_hi = summary["town"]["min"], summary["town"]["max"]
+    return max((hi[a] - lo[a]) / (town_hi[a] - town_lo[a]) for a in (1, 2))
+
+
+def nearest_train_appearance(trainer: Trainer) -> torch.Tensor:
+    """(I,) per image index: a val image's nearest training image (camera centres), others themselves. Rendering
+    val pixels with it tells appearance embeddings fitted to val left halves from the scene itself."""
+    index = torch.arange(len(trainer.dataset.images))
+    train = trainer.dataset.train
+    centres = torch.stack([m.c2w[:, 3] for m in train])
+    for meta in trainer.dataset.val:
+        index[meta.index] = train[int((centres - meta.c2w[:, 3]).norm(dim=1).argmin())].index
+    return index
+
+
+def run(base: list[str], steps: list[int], sample_count: int, dataset: Path) -> dict:
+    trainer = Trainer(config_from_argv(base))
+    stream = trainer.prepare_data()
+    sample = val_pixels(trainer, sample_count)
+    neighbour = nearest_train_appearance(trainer)
+    curve, trained, done, shaded = [], 0.0, 0, 0
+    for target in steps:
+        sync()
+        start = time.perf_counter()
+        while done < target:
+            trainer.train_step(stream)
+            shaded += int(trainer.last_samples) if done % 50 == 0 else 0
+            done += 1
+        sync()
+        trained += time.perf_counter() - start
+        curve.append((done, round(trained, 1), round(val_psnr(trainer, sample), 3),
+                      round(val_psnr(trainer, sample, neighbour), 3)))
+        print(f"step {done} ({trained:.1f} s): val PSNR {curve[-1][2]:.2f} dB, with the nearest train image's "
+              f"appearance {curve[-1][3]:.2f} dB", flush=True)
+    batch = trainer.config.batch_size
+    return {"curve": curve, "rays_per_s": done * batch / trained,
+            "samples_per_ray": shaded / (len(range(0, done, 50)) * batch),
+            "bounds_ratio": bounds_ratio(trainer, dataset),
+            "box": [trainer.field.box_min.tolist(), trainer.field.box_max.tolist()]}
+
+
+def table(results: dict[str, dict]) -> str:
+    rows = ["| variant | rays/s | samples/ray | box / town | val PSNR by step (training seconds; in brackets: with "
+            "the nearest train image's appearance) | best | last - best |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        curve = ", ".join(f"{s}: {p:.2f} [{q:.2f}] ({t:.0f} s)" for s, t, p, q in r["curve"])
+        best = max(p for _, _, p, _ in r["curve"])
+        ratio = "n/a" if r["bounds_ratio"] is None else f"{r['bounds_ratio']:.2f}"
+        rows.append(f"| {name} | {r['rays_per_s']:,.0f} | {r['samples_per_ray']:.1f} | {ratio} | {curve} | "
+                    f"{best:.2f} | {r['curve'][-1][2] - best:+.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="oblique")
+    p.add_argument("--steps", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000])
+    p.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "OPTIONS"),
+                   help="a named set of training options (repeatable); default: one run with the defaults")
+    p.add_argument("--cell", type=int, default=0)
+    p.add_argument("--grid_dim", type=int, nargs=2, default=[2, 2])
+    p.add_argument("--work", type=Path, default=Path("bench-work"))
+    p.add_argument("--val_rays", type=int, default=16384)
+    p.add_argument("--json_out", type=Path, default=None)
+    p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = p.parse_args()
+    dataset = ensure_city(args.preset, args.work)
+    masks = ensure_partition(dataset, args.work, tuple(args.grid_dim))
+    results = {}
+    for name, options in args.variant or [("default", "")]:
+        base = ["--config_file", str(dataset / "config.yaml"), "--dataset_path", str(dataset),
+                "--exp_name", str(args.work / f"curve-{name}"), "--chunk_paths", str(args.work / f"chunks-{args.cell}"),
+                "--cluster_mask_path", str(masks / str(args.cell)), "--no_progress", *options.split()]
+        print(f"== {name}: {options}", flush=True)
+        results[name] = run(base, args.steps, args.val_rays, dataset)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results))
+    append_results(args.results, f"Val PSNR against steps, {args.preset} preset, cell {args.cell}",
+                   "python " + " ".join(sys.argv), table(results))
+
+
+if __name__ == "__main__":
+    main()
