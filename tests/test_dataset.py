@@ -114,7 +114,7 @@ def test_size_not_divisible_by_scale_factor(tmp_path):
 def brown_conrady(u: np.ndarray, v: np.ndarray, K: tuple[float, ...], d: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Where an ideal pinhole pixel coordinate (u, v) lands in the distorted image (OpenCV's 5-term model),
-    in DESIGN.md's pixel convention (pixel centres at +0.5, the convention of cx, cy)."""
+    in docs/DESIGN.md's pixel convention (pixel centres at +0.5, the convention of cx, cy)."""
     fx, fy, cx, cy = K
     k1, k2, p1, p2, k3 = d
     x, y = (u - cx) / fx, (v - cy) / fy

@@ -145,7 +145,7 @@ def _inside_a_shape(p: np.ndarray, s: dict) -> np.ndarray:
 
 
 def _camera_rays(m: ImageMetadata) -> tuple[np.ndarray, np.ndarray]:
-    """Row-major rays of an image from its metadata, by DESIGN.md's convention, in float64."""
+    """Row-major rays of an image from its metadata, by docs/DESIGN.md's convention, in float64."""
     fx, fy, cx, cy = m.intrinsics.double().numpy()
     j, i = np.mgrid[0:m.H, 0:m.W]
     d = np.stack([(i + 0.5 - cx) / fx, -(j + 0.5 - cy) / fy, -np.ones(i.shape)], -1).reshape(-1, 3)

@@ -76,7 +76,7 @@ def cell_mask(meta: ImageMetadata, mask_dir: Path | None) -> torch.Tensor:
 
 
 def training_mask(meta: ImageMetadata, mask_dir: Path | None) -> torch.Tensor:
-    """The cell's pixels that train it: validation images contribute their left half only (DESIGN.md:
+    """The cell's pixels that train it: validation images contribute their left half only (docs/DESIGN.md:
     their metrics are taken on the right half)."""
     mask = cell_mask(meta, mask_dir)
     if meta.split == "val":

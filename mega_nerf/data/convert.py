@@ -2,7 +2,7 @@
 
 Steps (each a function, so each is testable): choose the up direction (given, or estimated from plane fits
 of camera centres and sparse points, checked against the cameras' orientations); rotate the world so that
-up becomes -x (DRB, DESIGN.md); fit `origin_drb` and `pose_scale_factor` so cameras and the bulk of the
+up becomes -x (DRB, docs/DESIGN.md); fit `origin_drb` and `pose_scale_factor` so cameras and the bulk of the
 points lie in [-1, 1]; estimate `ray_altitude_range` from the points; pick every Nth image for validation;
 copy or link the images; write metadata, `coordinates.pt`, `points3D.npy` and `config.yaml`.
 """

@@ -1,6 +1,6 @@
 """Read and write Mega-NeRF's dataset layout, validating it so that bad input fails in one clear line.
 
-Layout (see DESIGN.md):
+Layout (see docs/DESIGN.md):
     coordinates.pt                  {'origin_drb': (3,), 'pose_scale_factor': float}
     {train,val}/rgbs/<stem>.<ext>   ext in jpg, JPG, png, PNG
     {train,val}/metadata/<stem>.pt  {'W', 'H', 'intrinsics': [fx, fy, cx, cy], 'c2w': (3, 4), 'distortion'?}
@@ -209,7 +209,7 @@ def read_image(path: Path, W: int, H: int, scale_factor: int = 1, intrinsics: to
         raise UserError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its metadata says {W}x{H}")
     if distortion is not None:
         fx, fy, cx, cy = intrinsics.tolist()
-        # OpenCV puts pixel centres at integers; our cx, cy put them at +0.5 (DESIGN.md).
+        # OpenCV puts pixel centres at integers; our cx, cy put them at +0.5 (docs/DESIGN.md).
         K = np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1]])
         img = cv2.undistort(img, K, distortion.numpy())
     if scale_factor > 1:

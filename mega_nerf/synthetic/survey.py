@@ -1,7 +1,7 @@
 """The drone survey: a lawn-mower flight over the city at a fixed altitude (or, for oblique presets, at altitudes
 drawn per view), the camera's appearance drift, and the normalisation of the world into the dataset's units.
 
-Poses follow DESIGN.md: c2w columns are the camera's right, up and back axes in the DRB world (x down), so the
+Poses follow docs/DESIGN.md: c2w columns are the camera's right, up and back axes in the DRB world (x down), so the
 camera looks along -back. Views are numbered in flight order; every `val_every`-th is a val view.
 """
 from __future__ import annotations
