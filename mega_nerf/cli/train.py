@@ -25,8 +25,13 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--field", type=str, default="hash", help=f"one of {', '.join(FIELDS)}")
     p.add_argument("--batch_size", type=int, default=None, help="rays per step (hash 32768, mlp 1024)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (hash 1e-2, mlp 5e-4)")
-    p.add_argument("--lr_decay_factor", type=float, default=0.1, help="lr multiplier reached at the last step")
-    p.add_argument("--train_iterations", type=int, default=30000)
+    p.add_argument("--lr_decay_factor", type=float, default=0.1,
+                   help="lr multiplier per --lr_decay_epochs (or, with 0 there, reached at the last step)")
+    p.add_argument("--lr_decay_epochs", type=float, default=None,
+                   help="epochs (passes over the cell's rays) per lr decay; 0: decay once over the run, as Mega-NeRF "
+                        "(hash 30, mlp 0)")
+    p.add_argument("--train_iterations", type=int, default=None,
+                   help="steps (hash: two lr decays, 60 epochs of the cell's rays; mlp 30000)")
     p.add_argument("--samples", type=int, default=None, help="samples per ray (mlp: coarse samples)")
     p.add_argument("--fine_samples", type=int, default=None, help="hierarchical fine samples (mlp: 512)")
     p.add_argument("--bg_samples", type=int, default=32,

@@ -30,8 +30,13 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
 
 
 class HashField(BoxField):
-    # Instant-NGP's optimisation settings: large batches, a high learning rate, uniform samples only.
-    train_defaults = {"lr": 1e-2, "samples": 128, "fine_samples": 0, "batch_size": 32768}
+    # Instant-NGP's optimisation settings: large batches, a high learning rate, uniform samples only. The lr falls
+    # 10x every 30 passes over the cell's rays and a run ends after two such falls (Trainer._plan): on the oblique
+    # preset, Mega-NeRF's schedule (10x over 30000 steps) peaked at 25.01 dB after 8000 steps and fell to 24.74 by
+    # 16000; 10x every 10 epochs held steady but at 23.9; every 30 epochs gave 24.88, 25.24, 25.32 dB at 4000, 8000
+    # and 12000 steps (bench/RESULTS.md, val PSNR against steps).
+    train_defaults = {"lr": 1e-2, "samples": 128, "fine_samples": 0, "batch_size": 32768, "lr_decay_epochs": 30.0,
+                      "train_iterations": None}
 
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int = 32,
                  hidden: int = 64, geo_features: int = 15, n_levels: int = 16, n_features: int = 2,

@@ -13,7 +13,8 @@ from mega_nerf.fields.encoding import positional_encoding
 
 class MLPField(BoxField):
     # Mega-NeRF's optimisation settings: small batches, coarse and fine samples.
-    train_defaults = {"lr": 5e-4, "samples": 256, "fine_samples": 512, "batch_size": 1024}
+    train_defaults = {"lr": 5e-4, "samples": 256, "fine_samples": 512, "batch_size": 1024, "lr_decay_epochs": 0.0,
+                      "train_iterations": 30000}
 
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int = 48,
                  layers: int = 8, width: int = 256, skip: int = 4, position_frequencies: int = 12,

@@ -38,7 +38,10 @@ class TrainConfig:
     batch_size: int | None = None
     lr: float | None = None
     lr_decay_factor: float = 0.1
-    train_iterations: int = 30000
+    # The lr falls by lr_decay_factor every lr_decay_epochs passes over the cell's rays, so a long run settles
+    # rather than over-fits; 0: once over train_iterations (Mega-NeRF's schedule). None: the field's default.
+    lr_decay_epochs: float | None = None
+    train_iterations: int | None = None  # None: the field's default (hash: 2 lr decays, in epochs of the cell)
     samples: int | None = None
     fine_samples: int | None = None
     bg_samples: int = 32  # samples beyond the foreground box, in contracted space

@@ -88,9 +88,34 @@ class Trainer:
                         self.render_config, self.exp_dir / "val", self.step)
 
     def lr_at(self, step: int) -> float:
-        """Mega-NeRF's schedule: lr * decay_factor ** (step / train_iterations)."""
+        """lr * decay_factor ** (epochs / lr_decay_epochs), epochs counted in the cell's rays; with
+        lr_decay_epochs 0, Mega-NeRF's lr * decay_factor ** (step / train_iterations)."""
         c = self.config
-        return c.lr * c.lr_decay_factor ** (step / c.train_iterations)
+        if c.lr_decay_epochs:
+            return c.lr * c.lr_decay_factor ** (self.epochs(step) / c.lr_decay_epochs)
+        return c.lr * c.lr_decay_factor ** (step / self.iterations)
+
+    def foreground_report(self) -> str:
+        """One line on the foreground box: its horizontal extent, over the cameras' (docs/DESIGN.md, Scene bounds)."""
+        lo, hi = self.field_config["box_min"], self.field_config["box_max"]
+        centres = self.cameras.c2w[:, :, 3].cpu()
+        spread = (centres.max(0).values - centres.min(0).values).tolist()
+        ratio = max((hi[a] - lo[a]) / max(spread[a], 1e-9) for a in (1, 2))
+        beyond = "contracted" if any(self.field_config.get("contracted", [])) else "empty"
+        return (f"foreground box y [{lo[1]:.2f}, {hi[1]:.2f}], z [{lo[2]:.2f}, {hi[2]:.2f}] (normalised), "
+                f"{ratio:.2f}x the cameras' horizontal extent; the world beyond it {beyond}")
+
+    def epochs(self, step: int) -> float:
+        """Passes over the cell's rays after `step` steps."""
+        return step * self.config.batch_size / self.cell_rays
+
+    def _plan(self, cell_rays: int) -> None:
+        """The run's length once the cell's ray count is known: train_iterations, or two lr decays (the lr then
+        is 1% of its start and the model has settled)."""
+        self.cell_rays = cell_rays
+        c = self.config
+        decay_steps = c.lr_decay_epochs * cell_rays / c.batch_size
+        self.iterations = c.train_iterations or (max(1, math.ceil(2 * decay_steps)) if decay_steps else 30000)
 
     def prepare_data(self) -> RayStream | None:
         """The cell's rays as a stream; None when the cell has no rays."""
@@ -109,6 +134,7 @@ class Trainer:
             return None
         if a.batch_size > total:
             raise UserError(f"--batch_size {a.batch_size} is larger than the {total} rays in this cell")
+        self._plan(total)
         return RayStream(sources, counts, a.batch_size, a.seed, self.device)
 
     def state(self, stream: RayStream | None, empty: bool = False) -> dict[str, Any]:
@@ -161,7 +187,7 @@ class Trainer:
         return loss.detach(), mse.detach()
 
     def run(self) -> Path:
-        """Train to `train_iterations`, resuming if checkpoints exist. Returns the final checkpoint."""
+        """Train `iterations` steps, resuming if checkpoints exist. Returns the final checkpoint."""
         a = self.config
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         stream = self.prepare_data()
@@ -170,17 +196,19 @@ class Trainer:
             return self.save(None, empty=True)
         last_good = self.resume(stream)
         log = Logger(self.exp_dir)
-        bar = tqdm(total=a.train_iterations, initial=self.step, disable=not a.progress, desc="train")
+        print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
+              f"{self.cell_rays:,} rays; {self.foreground_report()}")
+        bar = tqdm(total=self.iterations, initial=self.step, disable=not a.progress, desc="train")
         first_bad = torch.tensor(-1, device=self.device)
         t0, rays0 = time.perf_counter(), 0
-        while self.step < a.train_iterations:
+        while self.step < self.iterations:
             loss, mse = self.train_step(stream)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.step, first_bad)
             rays0 += a.batch_size
             bar.update(1)
             if self.on_step is not None:
                 self.on_step(self.step)
-            at_ckpt = self.step % a.ckpt_interval == 0 or self.step == a.train_iterations
+            at_ckpt = self.step % a.ckpt_interval == 0 or self.step == self.iterations
             if self.step % a.log_interval == 0 or at_ckpt:
                 if int(first_bad) >= 0:
                     raise UserError(f"non-finite loss at step {int(first_bad)}; stopped, last good checkpoint: "
@@ -188,12 +216,13 @@ class Trainer:
                 rate = rays0 / (time.perf_counter() - t0)
                 psnr = -10 * math.log10(max(float(mse), 1e-10))
                 log.scalars(self.step, loss=float(loss), psnr=psnr, lr=self.lr_at(self.step), rays_per_s=rate,
+                            epoch=self.epochs(self.step),
                             samples_per_ray=int(self.last_samples) / a.batch_size)
-                bar.set_postfix(psnr=f"{psnr:.2f}", rays_s=f"{rate:,.0f}")
+                bar.set_postfix(psnr=f"{psnr:.2f}", rays_s=f"{rate:,.0f}", epoch=f"{self.epochs(self.step):.1f}")
                 t0, rays0 = time.perf_counter(), 0
             if at_ckpt:
                 last_good = self.save(stream)
-            if self.step % a.val_interval == 0 or self.step == a.train_iterations:
+            if self.step % a.val_interval == 0 or self.step == self.iterations:
                 metrics = self.validate()
                 log.scalars(self.step, **metrics)
         bar.close()
