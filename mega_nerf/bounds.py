@@ -45,11 +45,13 @@ def contracted_axes(altitude: tuple[float, float] | None) -> list[bool]:
 
 def box_exit(origins: torch.Tensor, dirs: torch.Tensor, box_min: torch.Tensor, box_max: torch.Tensor
              ) -> torch.Tensor:
-    """Distance along each ray (N, 3), (N, 3) at which it leaves the box (N,) (slab method; negative when the box
-    lies behind the ray)."""
+    """Distance along each ray (N, 3), (N, 3) at which it leaves the box (N,) (slab method): negative when the box
+    lies behind the ray, and 0 when the ray misses it, so that a caller clamping to [near, far] gets no part of
+    the ray inside (a ray from a camera over the box that reaches the slab beyond the box's side never enters)."""
     safe = torch.where(dirs.abs() < 1e-12, torch.full_like(dirs, 1e-12), dirs)
     t0, t1 = (box_min.to(dirs) - origins) / safe, (box_max.to(dirs) - origins) / safe
-    return torch.maximum(t0, t1).min(-1).values
+    enter, leave = torch.minimum(t0, t1).max(-1).values, torch.maximum(t0, t1).min(-1).values
+    return torch.where(leave >= enter, leave, torch.zeros_like(leave))
 
 
 def contract(x: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,9 @@ def ray_samples(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: t
     s = torch.linspace(0.0, 1.0, config.bg_samples + 1, device=near.device)
     inv_split, inv_far = 1 / split.clamp_min(1e-6)[:, None], 1 / far.clamp_min(1e-6)[:, None]
     edges = 1 / (inv_split * (1 - s) + inv_far * s)  # (R, bg + 1) from split to far
-    edges = torch.minimum(edges, far[:, None])  # exact at the far end despite rounding
+    # Exactly split and far at the ends, and never decreasing, despite rounding (split = far gives empty ones).
+    edges = torch.cat([split[:, None], edges[:, 1:-1], far[:, None]], -1).clamp(split[:, None], far[:, None])
+    edges = edges.cummax(-1).values
     starts = torch.cat([fg_starts, edges[:, :-1]], -1)
     ends = torch.cat([fg_ends, edges[:, 1:]], -1)
     return _place(starts, ends, perturb, generator), starts, ends

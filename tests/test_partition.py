@@ -129,15 +129,18 @@ def slow_pull_in(point: list[float], box: tuple[list[float], list[float]]) -> li
 
 
 def slow_box_exit(o: list[float], d: list[float], box: tuple[list[float], list[float]]) -> float:
-    return min(max((box[0][a] - o[a]) / d[a], (box[1][a] - o[a]) / d[a]) if d[a] != 0 else math.inf
-               for a in range(3))
+    """Where the ray leaves the box; 0 when it misses it."""
+    spans = [sorted(((box[0][a] - o[a]) / d[a], (box[1][a] - o[a]) / d[a])) if d[a] != 0 else (-math.inf, math.inf)
+             for a in range(3)]
+    enter, leave = max(s[0] for s in spans), min(s[1] for s in spans)
+    return leave if leave >= enter else 0.0
 
 
 def test_rays_follow_the_rule_at_their_samples(partitioned: Path, tiny_city: Path) -> None:
     """A few rays of the written masks, re-derived by a slow float64 loop over their samples (SAMPLES evenly
-    spaced inside the foreground box, a quarter as many evenly spaced in 1 / t beyond it, pulled in by the
-    contraction): every ray is in the cell of its nearest centroid at each sample, and in no cell the rule does
-    not give it."""
+    spaced inside the foreground box, a quarter as many evenly spaced in 1 / t beyond it, each pulled in by the
+    contraction where beyond the box): every ray is in the cell of its nearest centroid at each sample, and in
+    no cell the rule does not give it."""
     params, dataset = load_params(partitioned), load_dataset(tiny_city)
     centroids = params.centroids.double().tolist()
     box = slow_foreground(params)
@@ -153,10 +156,8 @@ def test_rays_follow_the_rule_at_their_samples(partitioned: Path, tiny_city: Pat
             bg = SAMPLES // 4
             ts += [1 / ((1 - s / (bg - 1)) / split + s / (bg - 1) / f) for s in range(bg)]
             best = [math.inf] * params.num_cells
-            for i, t in enumerate(ts):
-                point = [oa + da * t for oa, da in zip(o, d, strict=True)]
-                if i >= SAMPLES:
-                    point = slow_pull_in(point, box)
+            for t in ts:
+                point = slow_pull_in([oa + da * t for oa, da in zip(o, d, strict=True)], box)
                 _, ratios = slow_membership(point, centroids, params.boundary_margin, params.cluster_2d)
                 assert mask[r, ratios.index(1.0)], f"ray {r} of {image.name} lacks its nearest cell"
                 best = [min(b, q) for b, q in zip(best, ratios, strict=True)]

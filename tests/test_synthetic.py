@@ -26,19 +26,6 @@ TOL = 2e-5  # normalised units (about 2 mm in the tiny city): float32 rendering 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_scene.py"
 
 
-@pytest.fixture(scope="module")
-def oblique_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dataset of the 'oblique_tiny' preset, seed 0, rendered on the CPU (with depth, config and overview)."""
-    path = tmp_path_factory.mktemp("synthetic") / "oblique_tiny"
-    generate_city(path, "oblique_tiny", seed=0, device="cpu", progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def oblique_summary(oblique_city: Path) -> dict:
-    """generate_city's summary of `oblique_city`, as saved in its scene.json."""
-    return json.loads((oblique_city / "scene.json").read_text())
-
 
 # ---- an independent caster: every shape is an interval of the ray, entered after the origin -----------------
 def _box_interval(o, d, lo, hi):

@@ -124,8 +124,8 @@ def image_membership(image: ImageMetadata, params: PartitionParams, device: torc
     Rays are made `ray_chunk` pixels at a time (row-major, as `image_rays`), bounded to [near, far] and the
     altitude slab. With a foreground box (params.foreground()), `ray_samples` evenly spaced points cover the
     ray's part inside it and a quarter as many, evenly spaced in 1 / t, the part beyond, each routed where the
-    container routes it (contracted, BoxField.contracted_position). A pixel's result never depends on the chunk
-    it came in, so any sharding gives the same bits.
+    container routes it (pulled in by the contraction where beyond the box: bounds.contracted_position). A
+    pixel's result never depends on the chunk it came in, so any sharding gives the same bits.
     """
     assert params.boundary_margin is not None and params.ray_samples is not None
     c2w, intrinsics = image.c2w.to(device), image.intrinsics.to(device)
@@ -142,7 +142,7 @@ def image_membership(image: ImageMetadata, params: PartitionParams, device: torc
         near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
         split = far if box is None else torch.minimum(far, box_exit(origins, dirs, *box)).clamp_min(near)
         member = ray_membership(origins, dirs, near, split, centroids, params.ray_samples,
-                                params.boundary_margin, params.cluster_2d, dist_chunk)
+                                params.boundary_margin, params.cluster_2d, dist_chunk, place)
         if place is not None:
             member |= ray_membership(origins, dirs, split, far, centroids, max(2, params.ray_samples // 4),
                                      params.boundary_margin, params.cluster_2d, dist_chunk, place, disparity=True)
