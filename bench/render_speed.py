@@ -1,6 +1,7 @@
 """Rendering speed of a merged container: rays/s and ms per 1920x1080 frame (a val camera's pose with its
-intrinsics scaled to that size), samples shaded per ray, and peak GPU memory; with --profile, the operations
-that took the GPU's time in one more frame (torch.profiler).
+intrinsics scaled to that size; making and clipping its rays included, as imaging.render_image does), samples
+shaded per ray, and peak GPU memory; with --profile, the operations that took the GPU's time in one more frame
+(torch.profiler).
 
     python bench/render_speed.py --container_path merged.pt --dataset_path D [--frames 3] [--chunk 262144]
         [--segment 32] [--profile]
@@ -18,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
 
 from mega_nerf.data.dataset import load_dataset  # noqa: E402
+from mega_nerf.imaging import render_image  # noqa: E402
 from mega_nerf.merging.container import load_container  # noqa: E402
-from mega_nerf.rays import image_rays, near_far  # noqa: E402
-from mega_nerf.render import occupancy_along, render_in_chunks, uniform_samples  # noqa: E402
+from mega_nerf.rays import image_rays  # noqa: E402
+from mega_nerf.render import occupancy_along, uniform_samples  # noqa: E402
 
 W, H = 1920, 1080
 
@@ -40,13 +42,10 @@ def main() -> None:
     meta = load_dataset(args.dataset_path).val[0]
     scale = W / meta.W
     intrinsics = meta.intrinsics.clone() * torch.tensor([scale, scale, scale, H / meta.H])
-    origins, dirs = image_rays(meta.c2w.to(device), intrinsics.to(device), W, H)
-    near, far = near_far(origins, dirs, info.near, info.far, info.altitude_range)
-    app = torch.full((W * H,), meta.index, device=device)
-    config = info.render
 
     def frame() -> dict[str, torch.Tensor]:
-        return render_in_chunks(field, origins, dirs, near, far, app, config, args.chunk, args.segment)
+        return render_image(field, meta.c2w, intrinsics, W, H, meta.index, info.bounds, info.render, args.chunk,
+                            args.segment)
 
     frame()  # warm-up
     if device.type == "cuda":
@@ -78,10 +77,12 @@ def main() -> None:
         print(events.table(sort_by="self_device_time_total", row_limit=30))
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=20))
         print(f"profiled frame: GPU busy {busy * 1e3:.0f} ms of {wall * 1e3:.0f} ms wall (profiler overhead included)")
+        origins, dirs = image_rays(meta.c2w.to(device), intrinsics.to(device), W, H)
+        near, far = info.bounds.clip(origins, dirs)
         start = time.perf_counter()
         for s in range(0, W * H, args.chunk):
             sl = slice(s, s + args.chunk)
-            t = uniform_samples(near[sl], far[sl], config.samples, perturb=False)[0]
+            t = uniform_samples(near[sl], far[sl], info.render.samples, perturb=False)[0]
             occupancy_along(field, origins[sl], dirs[sl], t)
         torch.cuda.synchronize()
         lookups = time.perf_counter() - start

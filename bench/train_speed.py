@@ -11,7 +11,6 @@ Val PSNR is measured on a fixed sample of val pixels in the cell, right halves o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -26,7 +25,7 @@ from common import append_results, ensure_city, ensure_partition  # noqa: E402
 
 from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.chunks import cell_mask  # noqa: E402
-from mega_nerf.render import render_in_chunks  # noqa: E402
+from mega_nerf.imaging import render_clipped  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 
 SETTINGS = {  # Mega-NeRF's reference settings for mlp; ours for hash
@@ -39,11 +38,10 @@ DENSE_SECONDS = 60  # val PSNR every eval_every seconds up to here (where the cu
 
 
 def val_pixels(trainer: Trainer, count: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """A fixed sample of the cell's val pixels, right halves: image index, pixel index, rgb."""
+    """A fixed sample of the cell's scored val pixels (right halves): image index, pixel index, rgb."""
     images, pixels, colours = [], [], []
     for meta in trainer.dataset.val:
-        mask = cell_mask(meta, trainer.mask_dir).clone()
-        mask[:, : meta.W // 2] = False
+        mask = cell_mask(meta, trainer.mask_dir) & meta.scored_mask()
         idx = mask.flatten().nonzero()[:, 0]
         images.append(torch.full_like(idx, meta.index))
         pixels.append(idx)
@@ -57,11 +55,9 @@ def val_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...], appearance: tor
     """PSNR of the sample's pixels; `appearance` (I,) replaces each image's appearance index when given."""
     image, pixel, rgb = (t.to(trainer.device) for t in sample)
     origins, dirs = trainer.cameras.rays(image, pixel)
-    near, far = trainer.bounds.clip(origins, dirs)
-    config = dataclasses.replace(trainer.render_config, perturb=False)
     app = image if appearance is None else appearance.to(image.device)[image]
     trainer.field.eval()
-    out = render_in_chunks(trainer.field, origins, dirs, near, far, app, config, chunk=4096)
+    out = render_clipped(trainer.field, origins, dirs, app, trainer.bounds, trainer.render_config, chunk=4096)
     trainer.field.train()
     return -10 * math.log10(torch.mean((out["rgb"] - rgb) ** 2).item())
 

@@ -22,13 +22,13 @@ from scipy.spatial.transform import Rotation, Slerp
 from tqdm import tqdm
 
 from mega_nerf.cli.options import require
-from mega_nerf.data.dataset import Dataset
+from mega_nerf.data.dataset import Dataset, rotation_problem
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
+from mega_nerf.imaging import render_image, to_uint8
+from mega_nerf.io import write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
-from mega_nerf.rays import image_rays, near_far
-from mega_nerf.render import default_chunk, render_in_chunks
-from mega_nerf.training.validation import to_uint8, write_rgb
+from mega_nerf.render import default_chunk
 
 POSE_FILE_FORMAT = """\
 pose file (--path): one key pose per line; blank lines and lines starting with # are ignored. A line holds
@@ -72,7 +72,7 @@ def read_pose_file(path: Path, n_images: int) -> list[Pose]:
             raise UserError(f"{path}:{number}: expected 12, 13, 18 or 19 finite numbers (c2w row by row, "
                             f"[fx fy cx cy W H], [appearance]), got {len(values)}")
         c2w = np.array(values[:12]).reshape(3, 4)
-        if np.abs(c2w[:, :3].T @ c2w[:, :3] - np.eye(3)).max() > 1e-2 or np.linalg.det(c2w[:, :3]) < 0:
+        if rotation_problem(c2w[:, :3]) is not None:
             raise UserError(f"{path}:{number}: the rotation part of c2w is not a rotation")
         pose = Pose(c2w)
         if len(values) >= 18:
@@ -157,17 +157,13 @@ def complete(poses: list[Pose], dataset: Dataset, height: int | None) -> list[Po
     return out
 
 
-def render_frame(container: Container, info: ContainerInfo, pose: Pose, device: torch.device,
-                 chunk: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of one pose."""
+def render_frame(container: Container, info: ContainerInfo, pose: Pose, chunk: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of one completed pose."""
     W, H = pose.size
-    c2w = torch.as_tensor(pose.c2w, dtype=torch.float32, device=device)
-    intrinsics = torch.as_tensor(pose.intrinsics, dtype=torch.float32, device=device)
-    origins, dirs = image_rays(c2w, intrinsics, W, H)
-    near, far = near_far(origins, dirs, info.near, info.far, info.altitude_range)
-    appearance = torch.full((origins.shape[0],), pose.appearance, device=device)
-    out = render_in_chunks(container, origins, dirs, near, far, appearance, info.render, chunk)
-    return to_uint8(out["rgb"].view(H, W, 3))
+    out = render_image(container, torch.as_tensor(pose.c2w, dtype=torch.float32),
+                       torch.as_tensor(pose.intrinsics, dtype=torch.float32), W, H, pose.appearance, info.bounds,
+                       info.render, chunk)
+    return to_uint8(out["rgb"])
 
 
 def render_images(args: configargparse.Namespace) -> Path:
@@ -194,8 +190,8 @@ def render_images(args: configargparse.Namespace) -> Path:
         raise UserError(f"{video_path}: cannot write an MP4 here (OpenCV without an mp4v encoder?)")
     with torch.no_grad():
         for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=args.no_progress)):
-            rgb = render_frame(container, info, pose, device, args.ray_chunk)
-            write_rgb(output / "frames" / f"{f:05d}.png", rgb)
+            rgb = render_frame(container, info, pose, args.ray_chunk)
+            write_png(output / "frames" / f"{f:05d}.png", rgb)
             video.write(np.ascontiguousarray(rgb[:, :, ::-1]))
     video.release()
     print(f"wrote {len(poses)} frames to {output / 'frames'} and {video_path}")

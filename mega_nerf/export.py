@@ -27,6 +27,7 @@ from plyfile import PlyData, PlyElement
 from mega_nerf.data.dataset import Coordinates, load_coordinates, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.fields.base import Field
+from mega_nerf.io import atomic_open
 from mega_nerf.merging.container import Container, load_container
 from mega_nerf.rays import Cameras
 
@@ -137,10 +138,8 @@ def write_ply(path: str | os.PathLike, xyz: np.ndarray, rgb: np.ndarray) -> None
                                  ("blue", "u1")])
     vertex["x"], vertex["y"], vertex["z"] = xyz.T
     vertex["red"], vertex["green"], vertex["blue"] = rgb.T
-    try:
-        PlyData([PlyElement.describe(vertex, "vertex")]).write(str(path))
-    except OSError as e:
-        raise UserError(f"{path}: cannot be written ({e.strerror})") from None
+    with atomic_open(path) as f:
+        PlyData([PlyElement.describe(vertex, "vertex")]).write(f)
 
 
 def to_real_units(xyz: np.ndarray, coordinates: Coordinates) -> np.ndarray:

@@ -19,6 +19,8 @@ from plyfile import PlyData, PlyElement
 
 from mega_nerf.data.dataset import Dataset, load_dataset
 from mega_nerf.errors import UserError
+from mega_nerf.io import atomic_open, write_bgr
+from mega_nerf.partition.cells import PartitionParams, load_params, params_file
 from mega_nerf.rays import camera_directions, normalize_altitude_range
 
 TRAIN, VAL = (200, 100, 20), (170, 0, 200)  # BGR
@@ -44,19 +46,7 @@ class PreviewScene:
     notes: list[str]  # problems found while loading
 
 
-def _read_partition(path: Path) -> dict:
-    file = path / "params.pt" if path.is_dir() else path
-    try:
-        params = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file is the user's to fix; say which one
-        raise UserError(f"{file}: cannot be read as a partition params file ({type(e).__name__}: {e})") from None
-    if not isinstance(params, dict) or not {"centroids", "grid_dim"} <= set(params):
-        raise UserError(f"{file}: needs keys 'centroids' and 'grid_dim'")
-    params["file"] = file
-    return params
-
-
-def _altitude(dataset: Dataset, given: list[float] | None, params: dict | None
+def _altitude(dataset: Dataset, given: list[float] | None, params: PartitionParams | None, params_path: Path | None
               ) -> tuple[tuple[float, float] | None, str]:
     """The normalised slab and where it came from: the option, the dataset's config.yaml, then params.pt."""
     config = dataset.path / "config.yaml"
@@ -69,8 +59,8 @@ def _altitude(dataset: Dataset, given: list[float] | None, params: dict | None
         if len(given) != 2 or float(given[0]) >= float(given[1]):
             raise UserError(f"{source}: ray_altitude_range must be [top, ground] with top < ground (x is down)")
         return normalize_altitude_range([float(v) for v in given], dataset.coordinates), source
-    if params is not None and params.get("ray_altitude_range") is not None:
-        return tuple(float(v) for v in params["ray_altitude_range"]), str(params["file"])
+    if params is not None:
+        return params.ray_altitude_range, str(params_path)
     return None, "nowhere"
 
 
@@ -88,17 +78,17 @@ def load_preview_scene(dataset_path: str | os.PathLike, partition_path: str | os
         rgb_file = ds.path / "points3D_rgb.npy"
         colors = np.load(rgb_file) if rgb_file.is_file() else None
         colors = colors if colors is not None and colors.shape == points.shape else None
-    params = _read_partition(Path(partition_path)) if partition_path is not None else None
-    altitude, source = _altitude(ds, ray_altitude_range, params)
+    params_path = None if partition_path is None else params_file(partition_path)
+    params = None if params_path is None else load_params(params_path)
+    altitude, source = _altitude(ds, ray_altitude_range, params, params_path)
     notes = []
-    if params is not None and params.get("origin_drb") is not None and (
-            not torch.allclose(torch.as_tensor(params["origin_drb"]).double(), ds.coordinates.origin_drb)
-            or abs(float(params["pose_scale_factor"]) - ds.coordinates.pose_scale_factor) > 1e-9):
-        notes.append(f"warning: {params['file']} was made for another origin or scale than this dataset")
+    if params is not None and (not torch.allclose(params.origin_drb, ds.coordinates.origin_drb)
+                               or abs(params.pose_scale_factor - ds.coordinates.pose_scale_factor) > 1e-9):
+        notes.append(f"warning: {params_path} was made for another origin or scale than this dataset")
     return PreviewScene(c2w[:, :, 3], -c2w[:, :, 2], np.array([m.split == "val" for m in ds.images]),
                         points, colors, altitude, source,
-                        None if params is None else torch.as_tensor(params["centroids"]).double().numpy(),
-                        params.get("boundary_margin") if params else None, notes)
+                        None if params is None else params.centroids.double().numpy(),
+                        None if params is None else params.boundary_margin, notes)
 
 
 def scene_report(scene: PreviewScene) -> list[str]:
@@ -254,8 +244,7 @@ def write_preview(dataset_path: str | os.PathLike, output: str | os.PathLike,
                   size: int = 800) -> list[str]:
     """Render the preview PNG to `output`; returns the report lines."""
     scene = load_preview_scene(dataset_path, partition_path, ray_altitude_range)
-    if not cv2.imwrite(str(output), render_preview(scene, size)):
-        raise UserError(f"{output}: could not be written (a .png path in an existing folder?)")
+    write_bgr(output, render_preview(scene, size))
     return scene_report(scene)
 
 
@@ -281,5 +270,6 @@ def write_cameras_ply(dataset: Dataset, path: str | os.PathLike, frusta: bool = 
                                  ("blue", "u1")])
     vertex["x"], vertex["y"], vertex["z"] = xyz.T
     vertex["red"], vertex["green"], vertex["blue"] = TRAIN[::-1]
-    PlyData([PlyElement.describe(vertex, "vertex"), *elements]).write(str(path))
+    with atomic_open(path) as f:
+        PlyData([PlyElement.describe(vertex, "vertex"), *elements]).write(f)
     return len(cams)

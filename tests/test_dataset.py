@@ -102,6 +102,19 @@ def test_scale_factor_halves_size_and_intrinsics_and_area_downsamples(tmp_path):
     assert np.abs(a[1, 2] - written["a"]["rgb"][2:4, 4:6].reshape(4, 3).mean(0)).max() <= 0.5
 
 
+def test_val_images_train_their_left_half_and_are_scored_on_the_right(tmp_path):
+    """Mega-NeRF's protocol: a val image trains columns [0, W // 2) and is scored on the rest (odd W: the middle
+    column is scored); a train image trains everywhere and is never scored."""
+    write_coordinates(tmp_path, torch.zeros(3), 1.0)
+    add_image(tmp_path, "train", "a", 7, 4)
+    add_image(tmp_path, "val", "b", 7, 4)
+    train, val = load_dataset(tmp_path).images
+    columns = torch.arange(7).expand(4, 7)
+    assert torch.equal(val.scored_mask(), columns >= 3) and torch.equal(val.trained_mask(), columns < 3)
+    assert not train.scored_mask().any() and train.trained_mask().all()
+    assert val.scored_columns == slice(3, 7)
+
+
 def test_size_not_divisible_by_scale_factor(tmp_path):
     write_coordinates(tmp_path, torch.zeros(3), 1.0)
     add_image(tmp_path, "train", "a", 16, 10)

@@ -1,12 +1,15 @@
 """Fields: the hash grid against a slow direct evaluation of its formula, encodings against their definitions,
-gradients, the box and the occupancy grid."""
+gradients, the box, the occupancy grid, and the switch that turns the Triton kernels off."""
+import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from mega_nerf.fields import build_field
+from mega_nerf.fields import build_field, kernels
 from mega_nerf.fields.encoding import HASH_PRIMES, HashGrid, positional_encoding, spherical_harmonics
+from mega_nerf.fields.kernels import hash_encode, mlp_heads
 from mega_nerf.fields.occupancy import OccupancyGrid
 
 
@@ -150,3 +153,20 @@ def test_occupancy_grid_marks_where_density_is():
     outside = torch.rand(200, 3) * 0.49 + 0.51
     assert grid(inside).all() and not grid(outside).any()
     assert grid.occupied_fraction == pytest.approx(1 / 8)
+
+
+def test_no_triton_switch_turns_every_kernel_off(monkeypatch):
+    """MEGA_NERF_NO_TRITON=1, read when fields.kernels is imported, makes every kernel's available() False, even
+    for a tensor on a GPU (a stand-in: these tests run on the CPU)."""
+    on_gpu = SimpleNamespace(is_cuda=True)
+    try:
+        monkeypatch.setenv("MEGA_NERF_NO_TRITON", "1")
+        importlib.reload(kernels)
+        assert not kernels.ENABLED
+        assert not hash_encode.available(on_gpu) and not mlp_heads.available(on_gpu)
+        monkeypatch.delenv("MEGA_NERF_NO_TRITON")
+        importlib.reload(kernels)
+        assert kernels.ENABLED
+    finally:
+        monkeypatch.undo()
+        importlib.reload(kernels)

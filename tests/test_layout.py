@@ -1,5 +1,5 @@
 """The package layout: every console script answers --help, and layers point down (a sampler knows nothing of a
-trainer): data/, fields/, rays.py and render.py import nothing from the stages above them."""
+trainer): data/, fields/, rays.py, render.py, imaging.py and io.py import nothing from the stages above them."""
 from __future__ import annotations
 
 import ast
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTION = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
 SCRIPTS = dict(re.findall(r'^(\S+) = "(\S+)"$', SECTION, re.M))
 LOWER = ["mega_nerf/data", "mega_nerf/fields", "mega_nerf/rays.py", "mega_nerf/render.py", "mega_nerf/bounds.py",
-         "mega_nerf/io.py", "mega_nerf/errors.py"]
+         "mega_nerf/imaging.py", "mega_nerf/io.py", "mega_nerf/errors.py"]
 HIGHER = ("mega_nerf.training", "mega_nerf.merging", "mega_nerf.evaluation", "mega_nerf.partition.job",
           "mega_nerf.cli")
 
@@ -46,3 +46,10 @@ def test_layers_point_down() -> None:
     bad = [(str(f.relative_to(ROOT)), name) for f in files for name in _imports(f)
            if name.startswith(HIGHER)]
     assert not bad, bad
+
+
+def test_io_is_the_lowest_layer() -> None:
+    """io.py (atomic writes, image encoding, torch reads) sits under every module: of the package it uses errors.py
+    only."""
+    own = {name for name in _imports(ROOT / "mega_nerf" / "io.py") if name.startswith("mega_nerf")}
+    assert own <= {"mega_nerf.errors", "mega_nerf.errors.UserError"}, own

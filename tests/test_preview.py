@@ -15,6 +15,7 @@ from plyfile import PlyData
 
 from mega_nerf.data.dataset import load_dataset, write_coordinates, write_image
 from mega_nerf.errors import UserError
+from mega_nerf.partition.cells import PartitionParams
 from mega_nerf.preview import CELLS, TRAIN, VAL, load_preview_scene, render_preview, scene_report, write_cameras_ply
 from mega_nerf.rays import rays_from_pixels
 
@@ -55,8 +56,10 @@ def partition(dataset: Path) -> Path:
     folder = dataset.parent / "masks"
     folder.mkdir()
     centroids = torch.tensor([[-0.5, y, z] for y in (-0.3, 0.3) for z in (-0.3, 0.3)])
-    torch.save({"centroids": centroids, "grid_dim": (2, 2), "boundary_margin": 1.15, "origin_drb":
-                torch.tensor([-100.0, 0, 0], dtype=torch.float64), "pose_scale_factor": 50.0}, folder / "params.pt")
+    PartitionParams(origin_drb=torch.tensor([-100.0, 0, 0], dtype=torch.float64), pose_scale_factor=50.0,
+                    ray_altitude_range=(-0.6, 0.55), near=0.0, far=1e3, centroids=centroids, grid_dim=(2, 2),
+                    min_position=torch.tensor([-0.5, -0.6, -0.6]), max_position=torch.tensor([-0.5, 0.6, 0.6]),
+                    cluster_2d=False, boundary_margin=1.15).save(folder / "params.pt")
     return folder
 
 

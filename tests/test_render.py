@@ -1,9 +1,12 @@
-"""Volume rendering against analytic answers, hierarchical sampling, background compositing, empty-space skipping."""
+"""Volume rendering against analytic answers, hierarchical sampling, background compositing, empty-space skipping,
+and whole images (imaging.render_image)."""
 import math
 
 import torch
 
 from mega_nerf.fields.base import Field
+from mega_nerf.imaging import render_image
+from mega_nerf.rays import SceneBounds, rays_from_pixels
 from mega_nerf.render import RenderConfig, composite, render_rays, render_terminating, sample_pdf, uniform_samples
 
 
@@ -130,3 +133,39 @@ def test_terminating_render_shades_only_occupied_samples_in_order():
     in_slab = int(((t >= 0.5) & (t <= 0.9)).sum())  # the never-opaque slab: no ray terminates
     assert skip_field.evaluated == early["samples"] == in_slab
     assert torch.allclose(early["rgb"][2:], torch.tensor([0.5, 0.5, 0.5]))  # background only
+
+
+class GroundAndSky(Field):
+    """An opaque red layer below x = 1 (the ground, x pointing down); the background encodes the ray's direction
+    and appearance index, so a pixel's colour says which ray and which image it was rendered with."""
+
+    def forward(self, positions, directions, appearance, ray_of=None):
+        density = torch.where(positions[:, 0] >= 1.0, 1e3, 0.0)
+        return density, torch.tensor([1.0, 0.0, 0.0]).expand(positions.shape[0], 3)
+
+    def occupied(self, positions):
+        return torch.ones(positions.shape[0], dtype=torch.bool)
+
+    def background(self, directions, appearance):
+        return torch.cat([directions[:, 1:] * 0.5 + 0.5, appearance[:, None].float() / 10], -1)
+
+
+def test_render_image_renders_each_pixel_ray_within_the_bounds():
+    """render_image (validation, evaluation, camera paths): pixel (column i, row j) of a camera at the origin
+    looking down (+x) sees the ground at depth 1 / d_x along its ray; with an altitude slab whose ground plane lies
+    above that layer, every pixel sees the background of its own ray and appearance."""
+    W, H, appearance = 5, 4, 3
+    c2w = torch.tensor([[0.0, 0, -1, 0], [0, 1, 0, 0], [1, 0, 0, 0]])  # right +z, up +y, back -x
+    intrinsics = torch.tensor([4.0, 4.0, 2.5, 2.0])
+    rows, cols = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    _, dirs = rays_from_pixels(c2w, intrinsics, cols.flatten(), rows.flatten())
+    config = RenderConfig(samples=256, perturb=True)  # render_image turns the jitter off
+    out = render_image(GroundAndSky(), c2w, intrinsics, W, H, appearance, SceneBounds(0.01, 3.0), config, chunk=7)
+    assert out["rgb"].shape == (H, W, 3) and out["depth"].shape == out["opacity"].shape == (H, W)
+    assert torch.allclose(out["opacity"], torch.ones(H, W), atol=1e-3)
+    assert torch.allclose(out["rgb"], torch.tensor([1.0, 0.0, 0.0]).expand(H, W, 3), atol=1e-3)
+    assert torch.allclose(out["depth"], (1 / dirs[:, 0]).view(H, W), atol=0.02)
+    above_ground = SceneBounds(0.01, 3.0, (-1.0, 0.5))
+    out = render_image(GroundAndSky(), c2w, intrinsics, W, H, appearance, above_ground, config, chunk=7)
+    sky = GroundAndSky().background(dirs, torch.full((W * H,), appearance))
+    assert torch.allclose(out["rgb"], sky.view(H, W, 3), atol=1e-6) and out["opacity"].max() == 0

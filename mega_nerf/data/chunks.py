@@ -7,14 +7,14 @@ On disk (each directory of `--chunk_paths`):
 
 The shuffle is external (scatter every image's rays to random buckets, then shuffle each bucket), so memory is
 bounded by the chunk size, never by the dataset. Every file appears under its final name only when complete
-(temp file + rename), and the manifest only after every chunk: a killed write is redone, never half-reused.
+(io.atomic_open: temp file, then rename), and the manifest only after every chunk: a killed write is redone,
+never half-reused.
 Rays are regenerated from (image, pixel) and the image's pose; nothing float is stored per ray.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mega_nerf.data.dataset import Dataset, ImageMetadata
+from mega_nerf.data.dataset import Dataset, ImageMetadata, dataset_fingerprint
 from mega_nerf.errors import UserError
+from mega_nerf.io import atomic_open, write_json
 from mega_nerf.partition.maskfile import load_mask
 
 FORMAT_VERSION = 1
@@ -43,15 +44,6 @@ class Manifest:
 
 def ray_dtype(n_images: int) -> np.dtype:
     return np.dtype([("image", "<u2" if n_images < 2 ** 16 else "<u4"), ("pixel", "<u4"), ("rgb", "u1", 3)])
-
-
-def dataset_fingerprint(dataset: Dataset) -> str:
-    h = hashlib.sha1()
-    for m in dataset.images:
-        h.update(f"{m.name}/{m.split}/{m.W}/{m.H}/{m.scale_factor}".encode())
-        h.update(m.c2w.numpy().tobytes())
-        h.update(m.intrinsics.numpy().tobytes())
-    return h.hexdigest()
 
 
 def masks_fingerprint(mask_dir: Path | None) -> str:
@@ -76,13 +68,9 @@ def cell_mask(meta: ImageMetadata, mask_dir: Path | None) -> torch.Tensor:
 
 
 def training_mask(meta: ImageMetadata, mask_dir: Path | None) -> torch.Tensor:
-    """The cell's pixels that train it: validation images contribute their left half only (docs/DESIGN.md:
-    their metrics are taken on the right half)."""
-    mask = cell_mask(meta, mask_dir)
-    if meta.split == "val":
-        mask = mask.clone()
-        mask[:, meta.W // 2:] = False
-    return mask
+    """(H, W) bool: the cell's pixels that train it, all but the scored ones (a val image's right half:
+    `ImageMetadata.scored_columns`)."""
+    return cell_mask(meta, mask_dir) & meta.trained_mask()
 
 
 def _image_rays(meta: ImageMetadata, mask: torch.Tensor, dtype: np.dtype) -> np.ndarray:
@@ -108,13 +96,6 @@ def _check_manifest(m: Manifest, expected: dict, path: Path) -> None:
         if getattr(m, key) != value:
             raise UserError(f"{path}: holds chunks of another {key.replace('_', ' ')} "
                             f"(use another --chunk_paths or delete it)")
-
-
-def _atomic_save(array: np.ndarray, file: Path) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, file)
 
 
 def _clear_unfinished(path: Path) -> None:
@@ -166,15 +147,14 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     for d, name in tqdm(where, desc="shuffle chunks", disable=not progress):
         bucket = chunk_paths[d] / (name + ".bucket")
         rays = np.fromfile(bucket, dtype)
-        _atomic_save(rays[rng.permutation(len(rays))], chunk_paths[d] / name)
+        with atomic_open(chunk_paths[d] / name) as f:
+            np.save(f, rays[rng.permutation(len(rays))])
         bucket.unlink()
         counts.append(len(rays))
     manifest = Manifest(**expected, count=count, image_dtype=dtype["image"].str,
                         chunks=[[d, name, c] for (d, name), c in zip(where, counts, strict=True)])
     for p in chunk_paths:
-        tmp = p / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(asdict(manifest)))
-        os.replace(tmp, p / MANIFEST)
+        write_json(p / MANIFEST, asdict(manifest))
     return manifest
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from mega_nerf.data.dataset import IMAGE_EXTENSIONS, SPLITS, write_coordinates
 from mega_nerf.errors import UserError
+from mega_nerf.io import save_torch_atomic, write_bgr
 
 UP_AXES = {f"{s}{a}": (1.0 if s == "+" else -1.0) * np.eye(3)[i] for i, a in enumerate("xyz") for s in "+-"}
 PLANAR_RATIO = 0.1  # smallest / middle eigenvalue of the covariance below which a set of positions is a plane
@@ -236,8 +237,7 @@ def _place_image(src: Path, dst_stem: Path, K: np.ndarray, dist: np.ndarray | No
         img = cv2.undistort(img, K, dist)
     dst = dst_stem.with_suffix(src.suffix if src.suffix in IMAGE_EXTENSIONS else ".png")
     quality = [cv2.IMWRITE_JPEG_QUALITY, 95] if dst.suffix.lower() in (".jpg", ".jpeg") else []
-    if not cv2.imwrite(str(dst), img, quality):
-        raise UserError(f"{dst}: could not be written")
+    write_bgr(dst, img, quality)
 
 
 def write_dataset(scene: SceneInput, conv: Conversion, output: Path, undistort: bool = False,
@@ -260,7 +260,7 @@ def write_dataset(scene: SceneInput, conv: Conversion, output: Path, undistort: 
                 "c2w": torch.tensor(conv.c2w[i], dtype=torch.float32)}
         if dist is not None and not undistort:
             meta["distortion"] = torch.tensor(dist, dtype=torch.float32)
-        torch.save(meta, output / split / "metadata" / f"{name}.pt")
+        save_torch_atomic(meta, output / split / "metadata" / f"{name}.pt")
     write_coordinates(output, torch.tensor(conv.origin_drb), conv.pose_scale_factor)
     np.save(output / "points3D.npy", conv.points.astype(np.float32))
     np.save(output / "points3D_rgb.npy", scene.colors.astype(np.uint8))

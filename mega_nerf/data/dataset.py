@@ -10,6 +10,7 @@ Mega-NeRF does.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,12 @@ import numpy as np
 import torch
 
 from mega_nerf.errors import UserError
+from mega_nerf.io import load_torch, save_torch_atomic, write_bgr
 
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpg", ".JPG", ".png", ".PNG", ".jpeg", ".JPEG")
+# Largest entry of |R^T R - I| a camera rotation may have: metadata stored in float32, or a converter's float
+# output, is orthonormal to about 1e-6; a scaled or sheared matrix is off by far more.
 ORTHONORMAL_TOLERANCE = 1e-2
 
 
@@ -55,6 +59,23 @@ class ImageMetadata:
                                            self.H * self.scale_factor, self.scale_factor,
                                            self.intrinsics * self.scale_factor, self.distortion))
 
+    @property
+    def scored_columns(self) -> slice:
+        """The columns metrics are taken on and training never sees: a val image's right half [W // 2, W), none
+        of a train image. A val image's left half trains its appearance embedding (Mega-NeRF's protocol;
+        docs/DESIGN.md, Val images)."""
+        return slice(self.W // 2 if self.split == "val" else self.W, self.W)
+
+    def scored_mask(self) -> torch.Tensor:
+        """(H, W) bool: the pixels of `scored_columns`."""
+        mask = torch.zeros(self.H, self.W, dtype=torch.bool)
+        mask[:, self.scored_columns] = True
+        return mask
+
+    def trained_mask(self) -> torch.Tensor:
+        """(H, W) bool: the pixels training may use, every pixel but the scored ones."""
+        return ~self.scored_mask()
+
 
 @dataclass
 class Dataset:
@@ -71,11 +92,27 @@ class Dataset:
         return [m for m in self.images if m.split == "val"]
 
 
-def _torch_load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file is the user's to fix; say which one
-        raise UserError(f"{path}: cannot be read as a torch file ({type(e).__name__}: {e})") from None
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """SHA-1 over every image's name, split, size, scale, pose and intrinsics: equal only for the same dataset at
+    the same scale. Checkpoints, chunk manifests and containers record it (the partition's `image_sizes` is a
+    readable, full-scale one; partition.cells)."""
+    h = hashlib.sha1()
+    for m in dataset.images:
+        h.update(f"{m.name}/{m.split}/{m.W}/{m.H}/{m.scale_factor}".encode())
+        h.update(m.c2w.numpy().tobytes())
+        h.update(m.intrinsics.numpy().tobytes())
+    return h.hexdigest()
+
+
+def rotation_problem(rot: np.ndarray) -> str | None:
+    """Why a (3, 3) matrix is not a camera rotation, as words that follow 'is': not orthonormal (beyond
+    ORTHONORMAL_TOLERANCE), or a reflection (a mirrored camera: usually a converter's swapped axes); None when it
+    is one."""
+    if np.abs(rot.T @ rot - np.eye(3)).max() > ORTHONORMAL_TOLERANCE:
+        return "not orthonormal"
+    if np.linalg.det(rot) < 0:
+        return "a reflection (determinant -1); check the axes"
+    return None
 
 
 def load_coordinates(path: Path) -> Coordinates:
@@ -83,7 +120,7 @@ def load_coordinates(path: Path) -> Coordinates:
     file = Path(path) / "coordinates.pt"
     if not file.is_file():
         raise UserError(f"{file}: missing (every Mega-NeRF dataset has coordinates.pt)")
-    data = _torch_load(file)
+    data = load_torch(file, "torch file")
     if not isinstance(data, dict) or not {"origin_drb", "pose_scale_factor"} <= set(data):
         raise UserError(f"{file}: needs keys 'origin_drb' and 'pose_scale_factor'")
     origin = torch.as_tensor(data["origin_drb"], dtype=torch.float64).flatten()
@@ -106,7 +143,7 @@ def _find_images(rgb_dir: Path) -> dict[str, Path]:
 
 
 def _parse_metadata(file: Path, image_path: Path, split: str, scale_factor: int) -> ImageMetadata:
-    data = _torch_load(file)
+    data = load_torch(file, "torch file")
     if not isinstance(data, dict) or not {"W", "H", "intrinsics", "c2w"} <= set(data):
         raise UserError(f"{file}: needs keys 'W', 'H', 'intrinsics' and 'c2w'")
     W, H = int(data["W"]), int(data["H"])
@@ -124,11 +161,9 @@ def _parse_metadata(file: Path, image_path: Path, split: str, scale_factor: int)
         raise UserError(f"{file}: 'c2w' or 'intrinsics' holds non-finite values")
     if (intrinsics[:2] <= 0).any():
         raise UserError(f"{file}: focal lengths fx, fy must be positive, got {intrinsics[:2].tolist()}")
-    rot = c2w[:, :3]
-    if (rot.T @ rot - torch.eye(3, dtype=rot.dtype)).abs().max() > ORTHONORMAL_TOLERANCE:
-        raise UserError(f"{file}: the rotation in 'c2w' is not orthonormal")
-    if torch.det(rot) < 0:  # a mirrored camera: the usual sign of a wrong axis convention in a converter
-        raise UserError(f"{file}: the rotation in 'c2w' is a reflection (determinant -1); check the axes")
+    problem = rotation_problem(c2w[:, :3].numpy())
+    if problem is not None:
+        raise UserError(f"{file}: the rotation in 'c2w' is {problem}")
     distortion = data.get("distortion")
     if distortion is not None:
         distortion = torch.as_tensor(distortion, dtype=torch.float64).flatten()
@@ -218,24 +253,19 @@ def read_image(path: Path, W: int, H: int, scale_factor: int = 1, intrinsics: to
 
 
 def write_coordinates(path: str | os.PathLike, origin_drb: torch.Tensor, pose_scale_factor: float) -> None:
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    torch.save({"origin_drb": torch.as_tensor(origin_drb, dtype=torch.float64),
-                "pose_scale_factor": float(pose_scale_factor)}, root / "coordinates.pt")
+    save_torch_atomic({"origin_drb": torch.as_tensor(origin_drb, dtype=torch.float64),
+                       "pose_scale_factor": float(pose_scale_factor)}, Path(path) / "coordinates.pt")
 
 
 def write_image(path: str | os.PathLike, split: str, name: str, rgb: np.ndarray, intrinsics: torch.Tensor,
                 c2w: torch.Tensor, distortion: torch.Tensor | None = None, ext: str = ".png") -> None:
     """Write one image (H, W, 3 uint8 RGB) and its metadata in Mega-NeRF's layout."""
     root = Path(path) / split
-    (root / "rgbs").mkdir(parents=True, exist_ok=True)
-    (root / "metadata").mkdir(parents=True, exist_ok=True)
     rgb = np.asarray(rgb)
-    if not cv2.imwrite(str(root / "rgbs" / f"{name}{ext}"), np.ascontiguousarray(rgb[:, :, ::-1])):
-        raise UserError(f"{root / 'rgbs' / (name + ext)}: could not be written")
+    write_bgr(root / "rgbs" / f"{name}{ext}", rgb[:, :, ::-1])
     meta = {"W": int(rgb.shape[1]), "H": int(rgb.shape[0]),
             "intrinsics": torch.as_tensor(intrinsics, dtype=torch.float32).flatten(),
             "c2w": torch.as_tensor(c2w, dtype=torch.float32)}
     if distortion is not None:
         meta["distortion"] = torch.as_tensor(distortion, dtype=torch.float32)
-    torch.save(meta, root / "metadata" / f"{name}.pt")
+    save_torch_atomic(meta, root / "metadata" / f"{name}.pt")

@@ -14,14 +14,13 @@ from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
-from plyfile import PlyData
+from plyfile import PlyData, PlyParseError
 
 from mega_nerf.data.convert import Conversion, SceneInput, convert, keep_existing_images, unique_stems
-from mega_nerf.data.dataset import IMAGE_EXTENSIONS
+from mega_nerf.data.dataset import IMAGE_EXTENSIONS, rotation_problem
 from mega_nerf.errors import UserError
 
 SUPPORTED_CAMERA_MODELS = ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE")
-ORTHONORMAL_TOLERANCE = 1e-3
 
 
 def _image_path(root: Path, file_path: str) -> Path:
@@ -63,7 +62,8 @@ def _intrinsics(get: dict, path: Path, where: str) -> tuple[np.ndarray, np.ndarr
 
 
 def _c2w(frame: dict, where: str) -> np.ndarray:
-    """(3, 4) float64 camera-to-world, its rotation snapped to the nearest orthonormal one."""
+    """(3, 4) float64 camera-to-world, its rotation (orthonormal within the dataset's tolerance) snapped to the
+    nearest orthonormal one."""
     try:
         m = np.array(frame["transform_matrix"], float)[:3, :4]
     except (KeyError, ValueError, IndexError):
@@ -71,7 +71,7 @@ def _c2w(frame: dict, where: str) -> np.ndarray:
     if m.shape != (3, 4) or not np.isfinite(m).all():
         raise UserError(f"{where}: 'transform_matrix' must be 4x4 finite numbers")
     rot = m[:, :3]
-    if np.abs(rot.T @ rot - np.eye(3)).max() > ORTHONORMAL_TOLERANCE or np.linalg.det(rot) < 0:
+    if rotation_problem(rot) is not None:
         raise UserError(f"{where}: the rotation in 'transform_matrix' is scaled or mirrored")
     u, _, vt = np.linalg.svd(rot)
     return np.concatenate([u @ vt, m[:, 3:]], 1)
@@ -82,7 +82,7 @@ def read_points_ply(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         v = PlyData.read(str(path))["vertex"]
         xyz = np.stack([v["x"], v["y"], v["z"]], 1).astype(np.float64)
-    except Exception as e:  # any unreadable file is the user's to fix; say which one
+    except (OSError, PlyParseError, ValueError, LookupError) as e:  # what plyfile raises on a damaged file
         raise UserError(f"{path}: not a PLY point cloud ({type(e).__name__}: {e})") from None
     names = {p.name for p in v.properties}
     rgb = (np.stack([v["red"], v["green"], v["blue"]], 1) if {"red", "green", "blue"} <= names

@@ -14,8 +14,6 @@ between ranks end after `--timeout_minutes`.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +25,15 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.cli.options import require
-from mega_nerf.data.chunks import dataset_fingerprint
-from mega_nerf.data.dataset import Dataset, ImageMetadata, load_dataset
+from mega_nerf.data.dataset import Dataset, ImageMetadata, dataset_fingerprint, load_dataset
 from mega_nerf.distributed import cleanup, gather_objects, init_distributed, shard
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.lpips import LPIPS, load_lpips_nets
 from mega_nerf.evaluation.metrics import SSIM_WINDOW, image_metrics
+from mega_nerf.imaging import colorize_depth, render_image, to_uint8
+from mega_nerf.io import write_json, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
-from mega_nerf.rays import image_rays, near_far
-from mega_nerf.render import default_chunk, render_in_chunks
-from mega_nerf.training.validation import colorize_depth, to_uint8, write_rgb
+from mega_nerf.render import default_chunk
 
 PROTOCOL = "metrics on the right half of each val image (its left half was trained on: Mega-NeRF's protocol)"
 METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
@@ -83,36 +80,29 @@ def prepare(args: configargparse.Namespace, device: torch.device) -> EvalJob:
     container, info = load_container(args.container_path, device)
     dataset = load_checked_dataset(info, args.dataset_path, args.train_scale_factor, args.val_scale_factor)
     for meta in dataset.val:
-        if min(meta.H, meta.W - meta.W // 2) < SSIM_WINDOW:
+        width = meta.W - meta.scored_columns.start
+        if min(meta.H, width) < SSIM_WINDOW:
             raise UserError(f"--val_scale_factor {args.val_scale_factor}: the right half of '{meta.name}' "
-                            f"({meta.W - meta.W // 2}x{meta.H}) is under {SSIM_WINDOW} pixels a side (SSIM)")
+                            f"({width}x{meta.H}) is under {SSIM_WINDOW} pixels a side (SSIM)")
     weights_dir = Path(args.lpips_weights_dir) if args.lpips_weights_dir else None
     return EvalJob(container, info, dataset.val, Path(args.exp_name), args.ray_chunk,
                    load_lpips_nets(weights_dir, device), device)
 
 
-def render_image(job: EvalJob, meta: ImageMetadata) -> dict[str, torch.Tensor]:
-    """Render one whole image with the container: rgb (H, W, 3), depth (H, W), opacity (H, W)."""
-    origins, dirs = image_rays(meta.c2w.to(job.device), meta.intrinsics.to(job.device), meta.W, meta.H)
-    near, far = near_far(origins, dirs, job.info.near, job.info.far, job.info.altitude_range)
-    appearance = torch.full((origins.shape[0],), meta.index, device=job.device)
-    out = render_in_chunks(job.container, origins, dirs, near, far, appearance, job.info.render, job.ray_chunk)
-    return {"rgb": out["rgb"].view(meta.H, meta.W, 3), "depth": out["depth"].view(meta.H, meta.W),
-            "opacity": out["opacity"].view(meta.H, meta.W)}
-
-
 def evaluate_image(job: EvalJob, meta: ImageMetadata) -> dict[str, Any]:
-    """Render, score the right half, write rgb, depth and compare PNGs. Returns {index, name, metrics}."""
-    out = render_image(job, meta)
+    """Render whole, score the right half, write rgb, depth and compare PNGs. Returns {index, name, metrics}."""
+    info = job.info
+    out = render_image(job.container, meta.c2w, meta.intrinsics, meta.W, meta.H, meta.index, info.bounds,
+                       info.render, job.ray_chunk)
     gt = meta.load_rgb().to(job.device).float() / 255
     pred = out["rgb"].clamp(0, 1)
-    half = meta.W // 2
-    metrics = image_metrics(pred[:, half:], gt[:, half:], job.lpips)
+    scored = meta.scored_columns
+    metrics = image_metrics(pred[:, scored], gt[:, scored], job.lpips)
     depth = colorize_depth(out["depth"], out["opacity"])
     rgb = to_uint8(pred)
-    write_rgb(job.output / "rgb" / f"{meta.name}.png", rgb)
-    write_rgb(job.output / "depth" / f"{meta.name}.png", depth)
-    write_rgb(job.output / "compare" / f"{meta.name}.png", np.concatenate([to_uint8(gt), rgb, depth], 1))
+    write_png(job.output / "rgb" / f"{meta.name}.png", rgb)
+    write_png(job.output / "depth" / f"{meta.name}.png", depth)
+    write_png(job.output / "compare" / f"{meta.name}.png", np.concatenate([to_uint8(gt), rgb, depth], 1))
     return {"index": meta.index, "name": meta.name, "metrics": metrics}
 
 
@@ -151,14 +141,6 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [f"{name:<{width}}{_cells(m)}" for name, m in rows]
     lines.append(f"{'mean':<{width}}{_cells(report['mean'])}")
     return "\n".join(lines)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically (temp file + rename); infinite PSNR (a perfect render) is written as Infinity."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.device) -> str:

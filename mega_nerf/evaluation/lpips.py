@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mega_nerf.errors import UserError
+from mega_nerf.io import load_torch
 
 # Input normalisation of LPIPS v0.1, applied to images in [-1, 1] (the `ScalingLayer` of the paper's code).
 SHIFT = (-0.030, -0.088, -0.188)
@@ -165,10 +166,7 @@ def load_lpips_nets(weights_dir: Path | None = None, device: str | torch.device 
 
 def _copy_weights(module: nn.Module, path: Path, file_key: Callable[[str], str]) -> None:
     """Fill every tensor of `module` from the state dict in `path`, where our key `k` is `file_key(k)`."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable PyTorch weights file ({type(e).__name__})") from e
+    state = load_torch(path, "PyTorch weights file")
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a state dict, found {type(state).__name__}")
     ours = module.state_dict()

@@ -15,7 +15,7 @@ lookup rather than a routing of every sample; the exact, routed answer gates eac
 The container file (`merged.pt`, written by `mega_nerf.merging.merge`; loads with torch.load(weights_only=True)):
     version, kind = "container"
     centroids (K, 3) float32, boundary_margin, cluster_2d      the partition (from masks/params.pt)
-    render {samples, fine_samples}, scene {near, far, altitude_range}   as trained, normalised units
+    render {samples, fine_samples, bg_samples}, scene {near, far, altitude_range}   as trained, normalised
     dataset (fingerprint of the training dataset), n_images
     submodules: K entries, None for an empty or missing cell, else {field_config, model, step}
 The models are inference-only state dicts: hash tables in float16 (where finite), no occupancy running
@@ -36,9 +36,10 @@ from mega_nerf.fields import build_field
 from mega_nerf.fields.base import BoxField, Field
 from mega_nerf.fields.hash import HashField
 from mega_nerf.fields.occupancy import cell_index
+from mega_nerf.io import load_torch, save_torch_atomic
 from mega_nerf.partition.cells import squared_distances
+from mega_nerf.rays import SceneBounds
 from mega_nerf.render import RenderConfig
-from mega_nerf.training.checkpoint import save_atomic
 
 VERSION = 1
 KIND = "container"
@@ -208,6 +209,11 @@ class ContainerInfo:
     cells: list[int]  # the non-empty cells
     steps: list[int | None]  # training steps per cell, None where empty or missing
 
+    @property
+    def bounds(self) -> SceneBounds:
+        """Where the submodules were trained to sample rays (near, far, slab): where renders must too."""
+        return SceneBounds(self.near, self.far, self.altitude_range)
+
 
 def inference_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A field's state dict as the container stores it: hash tables in float16 (kept float32 where that
@@ -240,16 +246,13 @@ def restore_field(config: dict[str, Any], stored: dict[str, torch.Tensor]) -> Fi
 
 def save_container(path: Path, state: dict[str, Any]) -> None:
     """Write a container file atomically. `state` holds every key of the module docstring but version/kind."""
-    save_atomic({"version": VERSION, "kind": KIND, **state}, path)
+    save_torch_atomic({"version": VERSION, "kind": KIND, **state}, path)
 
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: container file not found (made by scripts/merge_submodules.py)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file: name it, in one line
-        raise UserError(f"{path}: unreadable or truncated container file ({type(e).__name__})") from None
+    state = load_torch(path, "container file")
     if isinstance(state, dict) and "optimizer" in state:
         raise UserError(f"{path}: a training checkpoint, not a container (merge with scripts/merge_submodules.py)")
     if not isinstance(state, dict) or state.get("kind") != KIND or state.get("version") != VERSION:

@@ -13,7 +13,6 @@ samples belongs to. The merged container routes points with the same `cell_membe
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import torch
 from mega_nerf.bounds import FOREGROUND_SCALE, box_exit, contracted_axes, contracted_position, foreground_box
 from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.errors import UserError
+from mega_nerf.io import load_torch, save_torch_atomic
 from mega_nerf.rays import near_far, rays_from_pixels
 
 
@@ -186,13 +186,9 @@ class PartitionParams:
         return self.centroids.shape[0]
 
     def save(self, path: Path) -> None:
-        """Write atomically, as plain types and tensors (loads with weights_only=True). Serialised in memory
-        first: torch names the archive inside after the file, and the temp file's name varies."""
-        buffer = io.BytesIO()
-        torch.save(asdict(self), buffer)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, path)
+        """Write atomically, as plain types and tensors (loads with weights_only=True; the bytes depend on the
+        values only, io.save_torch_atomic)."""
+        save_torch_atomic(asdict(self), path)
 
     def differences(self, other: PartitionParams) -> list[str]:
         """Names of the fields that differ."""
@@ -241,15 +237,20 @@ def _pair(value: object, cast: type) -> tuple:
     return items
 
 
-def load_params(path: str | os.PathLike) -> PartitionParams:
-    """Read `params.pt` (ours or Mega-NeRF's); UserError naming the file when missing or malformed."""
+def params_file(path: str | os.PathLike) -> Path:
+    """The partition's `params.pt`: `path` itself, or the file of that name in the mask folder `path`."""
     file = Path(path)
-    if file.is_dir():
-        file = file / "params.pt"
+    return file / "params.pt" if file.is_dir() else file
+
+
+def load_params(path: str | os.PathLike) -> PartitionParams:
+    """Read `params.pt` (ours or Mega-NeRF's; `path` may be its mask folder); UserError naming the file when
+    missing or malformed."""
+    file = params_file(path)
     if not file.is_file():
         raise UserError(f"{file}: partition parameters missing (made by scripts/create_cluster_masks.py)")
+    data = load_torch(file, "partition params file")
     try:
-        data = torch.load(file, map_location="cpu", weights_only=True)
         optional = {f.name for f in fields(PartitionParams) if f.default is not MISSING}
         required = {f.name for f in fields(PartitionParams)} - optional
         if not isinstance(data, dict) or not required <= set(data):
@@ -269,7 +270,7 @@ def load_params(path: str | os.PathLike) -> PartitionParams:
             ray_samples=None if data.get("ray_samples") is None else int(data["ray_samples"]),
             image_sizes=None if sizes is None else {str(k): _pair(v, int) for k, v in sizes.items()},
             foreground_scale=None if data.get("foreground_scale") is None else float(data["foreground_scale"]))
-    except Exception as e:  # any unreadable or malformed file: name it, in one line
+    except (ValueError, TypeError, LookupError, RuntimeError, AttributeError) as e:  # a value of the wrong kind
         raise UserError(f"{file}: not a valid partition params file ({type(e).__name__}: {e})") from None
     if math.prod(params.grid_dim) != params.num_cells:
         raise UserError(f"{file}: grid_dim {params.grid_dim} does not match {params.num_cells} centroids")

@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, shard
 from mega_nerf.errors import UserError
+from mega_nerf.io import write_bgr, write_json
 from mega_nerf.partition.cells import (
     PartitionParams,
     cell_membership,
@@ -155,9 +155,9 @@ def write_report(job: MaskJob, counts: list[int], rays: int) -> dict:
               "ray_samples": p.ray_samples, "cluster_2d": p.cluster_2d, "rays_per_cell": counts,
               "overlap_factor": sum(counts) / max(rays, 1),
               "empty_cells": [k for k, c in enumerate(counts) if c == 0]}
-    (job.output / "partition.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(job.output / "partition.json", report)
     positions = torch.stack([m.c2w[:, 3] for m in job.dataset.images])
-    cv2.imwrite(str(job.output / "partition.png"), draw_partition(positions, p))
+    write_bgr(job.output / "partition.png", draw_partition(positions, p))
     print(f"{job.output}: {p.num_cells} cells, {rays} rays, overlap factor {report['overlap_factor']:.3f}")
     print("rays per cell: " + ", ".join(f"{k}: {c}" for k, c in enumerate(counts)))
     if report["empty_cells"]:

@@ -6,9 +6,9 @@ Our format (`.mask`), little-endian:
     bytes 12..15  W (uint32)
     bytes 16..    zlib-compressed bits of the row-major mask, 8 pixels a byte, first pixel in the lowest bit
                   (numpy.packbits(..., bitorder="little"); the last byte is padded with zeros)
-Files are written atomically (a temp file in the same folder, then os.replace), so a killed run never
-leaves a half-written mask. Readers also accept Mega-NeRF's published format: `<stem>.pt`, a zip archive
-holding one member `<stem>.pt`, a torch-saved bool (H, W) tensor.
+Files are written atomically (io.atomic_write: a temp file named after the process in the same folder, then
+os.replace), so a killed run never leaves a half-written mask. Readers also accept Mega-NeRF's published format:
+`<stem>.pt`, a zip archive holding one member `<stem>.pt`, a torch-saved bool (H, W) tensor.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mega_nerf.errors import UserError
+from mega_nerf.io import TEMP_SUFFIX, TORCH_LOAD_ERRORS, atomic_write
 
 MAGIC = b"MNMASK01"
 HEADER = struct.Struct("<8sII")
@@ -53,18 +54,12 @@ def decode_mask(data: bytes) -> torch.Tensor:
 
 def write_mask(path: Path, mask: torch.Tensor) -> None:
     """Write (H, W) bool `mask` to `path` atomically (the temp file is named after this process)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(encode_mask(mask))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, encode_mask(mask))
 
 
 def remove_stale_temp_files(mask_dir: Path) -> None:
-    """Delete temp files a killed run left behind in one cell's folder."""
-    for p in mask_dir.glob(".*.tmp"):
+    """Delete temp files a killed run left behind in one cell's folder (older runs hid them behind a dot)."""
+    for p in mask_dir.glob(f"*{TEMP_SUFFIX}"):
         p.unlink(missing_ok=True)
 
 
@@ -83,7 +78,7 @@ def read_mask(path: Path) -> torch.Tensor:
         if path.suffix == MEGA_NERF_SUFFIX:
             return _read_mega_nerf(path)
         return decode_mask(path.read_bytes())
-    except Exception as e:  # any unreadable file is the user's to fix; say which one
+    except (*TORCH_LOAD_ERRORS, zipfile.BadZipFile, zlib.error) as e:  # what the two readers raise on bad bytes
         raise UserError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from None
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from mega_nerf.data.dataset import write_coordinates, write_image
 from mega_nerf.errors import UserError
+from mega_nerf.io import write_bgr
 from mega_nerf.rays import image_rays
 from mega_nerf.synthetic.scene import PRESETS, City, Preset, build_city
 from mega_nerf.synthetic.shading import camera_response, render
@@ -193,7 +194,7 @@ def _overview(output: Path, preset: Preset, city: City, survey: Survey, device: 
         colour = (0, 0, 255) if split == "train" else (0, 255, 255)
         cv2.line(image, pixel(position[1:]), pixel(position[1:] + stroke * heading), colour, 1, cv2.LINE_AA)
         cv2.circle(image, pixel(position[1:]), max(2, size // 200), colour, -1, cv2.LINE_AA)
-    cv2.imwrite(str(output / "overview.png"), image)
+    write_bgr(output / "overview.png", image)
 
 
 def generate_city(output: Path | str, preset: str = "tiny", seed: int = 0, device: str | None = None,

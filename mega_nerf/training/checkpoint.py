@@ -1,26 +1,23 @@
-"""Checkpoints: complete (model, optimiser, step, RNG, data position) and atomic (temp file + rename).
+"""Checkpoints: complete (model, optimiser, step, RNG, data position) and atomic (io.save_torch_atomic).
 
 Everything is stored as tensors and plain types, so every file loads with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mega_nerf.errors import UserError
+from mega_nerf.io import load_torch, save_torch_atomic
 
 VERSION = 1
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temp file beside `path`, then rename: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write a checkpoint `state` to `path` (folders created) so that a reader never sees a half-written one."""
+    save_torch_atomic(state, path)
 
 
 def checkpoint_path(exp_dir: Path, step: int) -> Path:
@@ -34,10 +31,7 @@ def latest_checkpoint(exp_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Load a checkpoint of ours, with a one-line error for a truncated file or another version."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__})") from None
+    state = load_torch(path, "checkpoint", device)
     if not isinstance(state, dict) or state.get("version") != VERSION:
         raise UserError(f"{path}: not a checkpoint of this version (expected version {VERSION})")
     return state

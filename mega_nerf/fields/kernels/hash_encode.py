@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from mega_nerf.fields import kernels
+
 try:
     import triton
     import triton.language as tl
@@ -26,7 +28,9 @@ BLOCK = 256
 
 
 def available(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
+    """Whether the kernel can run on `x`: Triton installed, `x` on a GPU, kernels not switched off
+    (MEGA_NERF_NO_TRITON, fields.kernels)."""
+    return kernels.ENABLED and triton is not None and x.is_cuda
 
 
 if triton is not None:
