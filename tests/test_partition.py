@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from mega_nerf.cli.partition import mask_job, partition_parser
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.partition.cells import (
@@ -29,7 +30,7 @@ from mega_nerf.partition.cells import (
     load_params,
     make_params,
 )
-from mega_nerf.partition.job import FAIL_AFTER_ENV
+from mega_nerf.partition.job import create_cluster_masks
 from mega_nerf.partition.maskfile import decode_mask, encode_mask, load_mask, write_mask
 from mega_nerf.rays import image_rays, near_far, normalize_altitude_range
 
@@ -44,6 +45,16 @@ def run_script(*args: object) -> None:
     with mock.patch.object(sys, "argv", [str(SCRIPT), *map(str, args)]), \
             mock.patch.object(torch.cuda, "is_available", return_value=False):
         runpy.run_path(str(SCRIPT), run_name="__main__")
+
+
+def run_stopped(stop_after: int, *args: object) -> None:
+    """The partition job as the script runs it, on the CPU, stopped by its test hook once `stop_after` images
+    are written (as a crash would)."""
+    def stop(written: int) -> None:
+        if written == stop_after:
+            raise RuntimeError(f"stopping after {written} images on purpose (test hook)")
+    with mock.patch.object(torch.cuda, "is_available", return_value=False):
+        create_cluster_masks(mask_job(partition_parser().parse_args(list(map(str, args)))), on_image=stop)
 
 
 def base_args(city: Path, output: Path, *extra: object) -> list[object]:
@@ -265,8 +276,8 @@ def test_grid_centroids_are_cell_centres() -> None:
 def test_resume_after_failure_matches_an_uninterrupted_run(partitioned: Path, tiny_city: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
     output = tmp_path / "masks"
-    with mock.patch.dict(os.environ, {FAIL_AFTER_ENV: "3"}), pytest.raises(RuntimeError, match="test hook"):
-        run_script(*base_args(tiny_city, output))
+    with pytest.raises(RuntimeError, match="test hook"):
+        run_stopped(3, *base_args(tiny_city, output))
     written = {p.name for p in (output / "0").iterdir()}
     assert len(written) == 3
     assert "cluster masks" in capsys.readouterr().err  # the progress bar
@@ -282,11 +293,10 @@ def test_two_processes_write_the_same_bytes(done_before: int, partitioned: Path,
     files of the single-process run."""
     output = tmp_path / "masks"
     if done_before:
-        with mock.patch.dict(os.environ, {FAIL_AFTER_ENV: str(done_before)}), pytest.raises(RuntimeError):
-            run_script(*base_args(tiny_city, output))
+        with pytest.raises(RuntimeError, match="test hook"):
+            run_stopped(done_before, *base_args(tiny_city, output))
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    env.pop(FAIL_AFTER_ENV, None)
     resume = ["--resume"] if done_before else []
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(SCRIPT), *map(str, base_args(tiny_city, output, "--timeout_minutes", 1, *resume))]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from mega_nerf.partition.maskfile import (
     write_mask,
 )
 
-FAIL_AFTER_ENV = "MEGA_NERF_TEST_FAIL_AFTER"
+ImageHook = Callable[[int], None]
 
 
 @dataclass
@@ -51,7 +51,7 @@ class MaskJob:
     progress: bool
 
 
-def create_cluster_masks(job: MaskJob) -> dict | None:
+def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None) -> dict | None:
     """Write every train and val image's mask for every cell, each rank on its share of the images still to
     do, then check that every mask exists. Rank 0 writes params.pt first and the report last, and returns
     the report. Sharding what is left (not all images) keeps ranks in step when resuming, so no rank waits
@@ -63,7 +63,7 @@ def create_cluster_masks(job: MaskJob) -> dict | None:
         done_names = {m.name for m in done}
         todo = [m for m in job.dataset.images if m.name not in done_names]
         barrier(info)  # every rank has listed what is done before any rank writes
-        counts, rays = _write_masks(job, shard(todo, info), info)
+        counts, rays = _write_masks(job, shard(todo, info), info, on_image)
         for image in shard(done, info):
             counts += _read_masks(job, image).flatten(0, 1).sum(0)
             rays += image.H * image.W
@@ -124,25 +124,23 @@ def _read_masks(job: MaskJob, image: ImageMetadata) -> torch.Tensor:
                         for k in range(job.params.num_cells)], -1)
 
 
-def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo) -> tuple[torch.Tensor, int]:
+def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_image: ImageHook | None
+                 ) -> tuple[torch.Tensor, int]:
     """Compute and write the masks of `images`; returns rays per cell (K,) and rays in all, for the report.
-
-    The test hook MEGA_NERF_TEST_FAIL_AFTER=N raises after N images written, to test --resume.
-    """
-    fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0"))
+    `on_image` is called with the number of images written after each one (tests stop a run with it)."""
     # About 1 MiB per (points, cells) tensor stays in a CPU's cache; a GPU wants large launches.
     dist_chunk = job.dist_chunk or (1 << 24 if info.device.type == "cuda" else 1 << 18)
     counts = torch.zeros(job.params.num_cells, dtype=torch.int64)
     rays = 0
     bar = tqdm(images, desc="cluster masks", unit="image", disable=not (info.is_main and job.progress))
-    for written, image in enumerate(bar):
-        if written == fail_after > 0:
-            raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping on purpose (test hook)")
+    for written, image in enumerate(bar, 1):
         member = image_membership(image, job.params, info.device, job.ray_chunk, dist_chunk)
         for k in range(job.params.num_cells):
             write_mask(job.output / str(k) / f"{image.name}{SUFFIX}", member[..., k])
         counts += member.flatten(0, 1).sum(0)
         rays += image.H * image.W
+        if on_image is not None:
+            on_image(written)
     return counts, rays
 
 
