@@ -30,6 +30,13 @@ def ensure_partition(dataset: Path, work: Path, grid: tuple[int, int]) -> Path:
     return masks
 
 
+def cell_args(dataset: Path, masks: Path, work: Path, cell: int, exp_name: str) -> list[str]:
+    """The training options that point a run at one cell of a benchmark scene (its chunks kept under `work`)."""
+    return ["--config_file", str(dataset / "config.yaml"), "--dataset_path", str(dataset), "--exp_name",
+            str(work / exp_name), "--chunk_paths", str(work / f"chunks-{cell}"), "--cluster_mask_path",
+            str(masks / str(cell)), "--no_progress"]
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 

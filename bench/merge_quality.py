@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, ensure_city, ensure_partition  # noqa: E402
+from common import append_results, cell_args, ensure_city, ensure_partition  # noqa: E402
 
 from mega_nerf.cli.train import config_from_argv  # noqa: E402
 from mega_nerf.data.chunks import cell_mask  # noqa: E402
@@ -55,11 +55,8 @@ def main() -> None:
     trainers = []
     for k in range(cells):
         trainer = Trainer(config_from_argv([
-            "--config_file", str(dataset / "config.yaml"), "--dataset_path", str(dataset),
-            "--exp_name", str(args.work / f"merge-exp-{k}"), "--chunk_paths", str(args.work / f"chunks-{k}"),
-            "--cluster_mask_path", str(masks / str(k)), "--train_iterations", str(args.steps),
-            "--ckpt_interval", str(args.steps), "--val_interval", str(10 * args.steps), "--no_progress",
-            *args.extra.split()]))
+            *cell_args(dataset, masks, args.work, k, f"merge-exp-{k}"), "--train_iterations", str(args.steps),
+            "--ckpt_interval", str(args.steps), "--val_interval", str(10 * args.steps), *args.extra.split()]))
         trainer.run()
         trainers.append(trainer)
         print(f"cell {k} trained", flush=True)

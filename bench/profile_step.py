@@ -14,9 +14,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_city, ensure_partition  # noqa: E402
+from common import cell_args, ensure_city, ensure_partition  # noqa: E402
 
-from mega_nerf.cli.train import config_from_argv
+from mega_nerf.cli.train import config_from_argv  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 
 
@@ -30,10 +30,8 @@ def main() -> None:
     args = p.parse_args()
     dataset = ensure_city(args.preset, args.work)
     masks = ensure_partition(dataset, args.work, (2, 2))
-    trainer = Trainer(config_from_argv([
-        "--config_file", str(dataset / "config.yaml"), "--dataset_path", str(dataset), "--exp_name",
-        str(args.work / "exp-profile"), "--chunk_paths", str(args.work / "chunks-0"), "--cluster_mask_path",
-        str(masks / "0"), "--no_progress", "--train_iterations", "20000"] + args.extra.split()))
+    trainer = Trainer(config_from_argv([*cell_args(dataset, masks, args.work, 0, "exp-profile"),
+                                        "--train_iterations", "20000", *args.extra.split()]))
     stream = trainer.prepare_data()
     start, steps = time.perf_counter(), 0
     while time.perf_counter() - start < args.warmup_seconds:

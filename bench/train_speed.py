@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, ensure_city, ensure_partition  # noqa: E402
+from common import append_results, cell_args, ensure_city, ensure_partition  # noqa: E402
 
 from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.chunks import cell_mask  # noqa: E402
@@ -156,9 +156,7 @@ def main() -> None:
     masks = ensure_partition(dataset, args.work, tuple(args.grid_dim))
     results = json.loads(args.compare_with.read_text()) if args.compare_with else {}
     for field in args.fields:
-        base = ["--config_file", str(dataset / "config.yaml"), "--dataset_path", str(dataset),
-                "--exp_name", str(args.work / f"exp-{field}"), "--chunk_paths", str(args.work / f"chunks-{args.cell}"),
-                "--cluster_mask_path", str(masks / str(args.cell)), "--no_progress"]
+        base = cell_args(dataset, masks, args.work, args.cell, f"exp-{field}")
         base += SETTINGS[field] + args.extra.split()
         results[field] = run_field(field, base, args.minutes, args.eval_every, args.val_rays)
         print(json.dumps({k: v for k, v in results[field].items() if k != "history"}))

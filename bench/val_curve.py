@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, ensure_city, ensure_partition  # noqa: E402
+from common import append_results, cell_args, ensure_city, ensure_partition  # noqa: E402
 from train_speed import sync, val_pixels, val_psnr  # noqa: E402
 
 from mega_nerf.cli.train import config_from_argv  # noqa: E402
@@ -101,9 +101,7 @@ def main() -> None:
     masks = ensure_partition(dataset, args.work, tuple(args.grid_dim))
     results = {}
     for name, options in args.variant or [("default", "")]:
-        base = ["--config_file", str(dataset / "config.yaml"), "--dataset_path", str(dataset),
-                "--exp_name", str(args.work / f"curve-{name}"), "--chunk_paths", str(args.work / f"chunks-{args.cell}"),
-                "--cluster_mask_path", str(masks / str(args.cell)), "--no_progress", *options.split()]
+        base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *options.split()]
         print(f"== {name}: {options}", flush=True)
         results[name] = run(base, args.steps, args.val_rays, dataset)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None

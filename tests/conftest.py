@@ -9,12 +9,17 @@ import pytest
 from mega_nerf.synthetic import generate_city
 
 
+def _generate(tmp_path_factory: pytest.TempPathFactory, preset: str) -> Path:
+    """A dataset of `preset`, seed 0, rendered on the CPU (with depth, config and overview)."""
+    path = tmp_path_factory.mktemp("synthetic") / preset
+    generate_city(path, preset, seed=0, device="cpu", progress=False)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dataset of the 'tiny' preset, seed 0, rendered on the CPU (with depth, config and overview)."""
-    path = tmp_path_factory.mktemp("synthetic") / "tiny"
-    generate_city(path, "tiny", seed=0, device="cpu", progress=False)
-    return path
+    """The 'tiny' preset: a 2x2-block city flown over at 25 m."""
+    return _generate(tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -25,10 +30,8 @@ def tiny_city_summary(tiny_city: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def oblique_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dataset of the 'oblique_tiny' preset, seed 0, rendered on the CPU (with depth, config and overview)."""
-    path = tmp_path_factory.mktemp("synthetic") / "oblique_tiny"
-    generate_city(path, "oblique_tiny", seed=0, device="cpu", progress=False)
-    return path
+    """The 'oblique_tiny' preset: a 2x2-block town seen through 80 degree lenses pitched 30-60 degrees down."""
+    return _generate(tmp_path_factory, "oblique_tiny")
 
 
 @pytest.fixture(scope="session")
