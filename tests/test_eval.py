@@ -30,7 +30,7 @@ from mega_nerf.camera_path import (
     read_pose_file,
     render_images,
 )
-from mega_nerf.cli.eval import eval_parser
+from mega_nerf.cli.eval import config_from_argv as eval_config_from_argv
 from mega_nerf.cli.render import render_parser
 from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.dataset import load_dataset
@@ -108,10 +108,10 @@ def test_merged_psnr_above_floor_and_near_single_model(pipeline: Path, tiny_city
     one_cell = dataclasses.replace(params, centroids=params.centroids.mean(0, keepdim=True), grid_dim=(1, 1))
     one_cell.save(pipeline / "one_cell.pt")
     merge_submodules(f"{pipeline}/single-", pipeline / "one_cell.pt", pipeline / "single.pt", False, 1.15)
-    args = eval_parser().parse_args(["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
-                                     str(pipeline / "eval-single"), "--container_path", str(pipeline / "single.pt"),
-                                     "--no_progress"])
-    single = evaluate(args)["mean"]["psnr"]
+    config = eval_config_from_argv(["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                    str(pipeline / "eval-single"), "--container_path", str(pipeline / "single.pt"),
+                                    "--no_progress"])
+    single = evaluate(config)["mean"]["psnr"]
     merged = read_metrics(pipeline / "eval")
     assert merged["mean"]["psnr"] > MERGED_PSNR_FLOOR
     assert merged["mean"]["psnr"] > single - SINGLE_MODEL_TOLERANCE
@@ -177,7 +177,7 @@ def test_eval_bad_inputs(pipeline: Path, tiny_city: Path, tmp_path: Path) -> Non
 
     def fails(container: Path, dataset: Path, message: str) -> None:
         with pytest.raises(UserError, match=message):
-            evaluate(eval_parser().parse_args(eval_args(config, container, dataset, tmp_path / "out")))
+            evaluate(eval_config_from_argv(eval_args(config, container, dataset, tmp_path / "out")))
 
     fails(tmp_path / "missing.pt", tiny_city, "missing.pt: container file not found")
     moved = copy_dataset(tiny_city, tmp_path / "moved")
@@ -196,17 +196,17 @@ def test_eval_bad_inputs(pipeline: Path, tiny_city: Path, tmp_path: Path) -> Non
     fails(merged, no_val, "the val split is empty")
     fails(pipeline / "exp-0" / "checkpoints" / "00000050.pt", tiny_city, "a training checkpoint, not a container")
     with pytest.raises(UserError, match="or at another scale than --train_scale_factor 2"):
-        evaluate(eval_parser().parse_args([*eval_args(config, merged, tiny_city, tmp_path / "out"),
+        evaluate(eval_config_from_argv([*eval_args(config, merged, tiny_city, tmp_path / "out"),
                                            "--train_scale_factor", "2"]))
 
 
 def test_eval_at_a_smaller_scale(pipeline: Path, tiny_city: Path, tmp_path: Path) -> None:
     args = eval_args(tiny_city / "config.yaml", pipeline / "merged.pt", tiny_city, tmp_path / "half")
-    report = evaluate(eval_parser().parse_args([*args, "--val_scale_factor", "2"]))
+    report = evaluate(eval_config_from_argv([*args, "--val_scale_factor", "2"]))
     assert len(report["images"]) == 8 and report["val_scale_factor"] == 2
     assert cv2.imread(str(tmp_path / "half" / "rgb" / "000004.png")).shape == (24, 32, 3)
     with pytest.raises(UserError, match=r"--val_scale_factor 4: the right half of '000004' \(8x12\) is under 11"):
-        evaluate(eval_parser().parse_args([*args, "--val_scale_factor", "4"]))
+        evaluate(eval_config_from_argv([*args, "--val_scale_factor", "4"]))
 
 
 def test_render_images_orbit_and_pose_file(pipeline: Path, tiny_city: Path, tmp_path: Path) -> None:

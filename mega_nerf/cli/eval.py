@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import configargparse
 
-from mega_nerf.cli.options import base_parser
+from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import run_cli
-from mega_nerf.evaluation.evaluate import evaluate
+from mega_nerf.evaluation.evaluate import EvalConfig, evaluate
 
 
 def eval_parser() -> configargparse.ArgParser:
@@ -31,8 +31,22 @@ def eval_parser() -> configargparse.ArgParser:
     return p
 
 
+def eval_config(args: configargparse.Namespace) -> EvalConfig:
+    """The options as an EvalConfig (one-line errors for missing ones)."""
+    for option in ("dataset_path", "exp_name", "container_path"):
+        require(getattr(args, option), option)
+    return EvalConfig(args.container_path, args.dataset_path, args.exp_name, args.val_scale_factor,
+                      args.train_scale_factor, args.lpips_weights_dir, args.ray_chunk, args.timeout_minutes,
+                      not args.no_progress)
+
+
+def config_from_argv(argv: list[str]) -> EvalConfig:
+    """An EvalConfig from command-line words, as `mega-nerf-eval` would build it (tests)."""
+    return eval_config(eval_parser().parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> None:
-    evaluate(eval_parser().parse_args(argv))
+    evaluate(eval_config(eval_parser().parse_args(argv)))
 
 
 def console() -> None:

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import configargparse
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mega_nerf.cli.options import require
 from mega_nerf.data.dataset import Dataset, ImageMetadata, dataset_fingerprint, load_dataset
 from mega_nerf.distributed import cleanup, gather_objects, init_distributed, shard
 from mega_nerf.errors import UserError
@@ -69,23 +67,35 @@ def load_checked_dataset(info: ContainerInfo, path: str, train_scale_factor: int
     return trained if scale_factor == train_scale_factor else load_dataset(path, scale_factor)
 
 
-def prepare(args: configargparse.Namespace, device: torch.device) -> EvalJob:
-    """Validate the options and inputs (one-line errors) and load the container, dataset and LPIPS."""
-    for option in ("dataset_path", "exp_name", "container_path"):
-        require(getattr(args, option), option)
-    if args.ray_chunk is None:
-        args.ray_chunk = default_chunk(device)
-    if args.ray_chunk < 1:
-        raise UserError(f"--ray_chunk must be at least 1, got {args.ray_chunk}")
-    container, info = load_container(args.container_path, device)
-    dataset = load_checked_dataset(info, args.dataset_path, args.train_scale_factor, args.val_scale_factor)
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run, as `mega-nerf-eval` was asked for it (built in cli/eval)."""
+
+    container_path: str
+    dataset_path: str
+    exp_name: str  # output directory
+    val_scale_factor: int = 1
+    train_scale_factor: int = 1  # the scale the submodules were trained at (checks the container's dataset)
+    lpips_weights_dir: str | None = None
+    ray_chunk: int | None = None  # rays rendered at once; None: render.default_chunk for the device
+    timeout_minutes: float = 10
+    progress: bool = True
+
+
+def prepare(config: EvalConfig, device: torch.device) -> EvalJob:
+    """Validate the inputs (one-line errors) and load the container, dataset and LPIPS."""
+    chunk = default_chunk(device) if config.ray_chunk is None else config.ray_chunk
+    if chunk < 1:
+        raise UserError(f"--ray_chunk must be at least 1, got {chunk}")
+    container, info = load_container(config.container_path, device)
+    dataset = load_checked_dataset(info, config.dataset_path, config.train_scale_factor, config.val_scale_factor)
     for meta in dataset.val:
         width = meta.W - meta.scored_columns.start
         if min(meta.H, width) < SSIM_WINDOW:
-            raise UserError(f"--val_scale_factor {args.val_scale_factor}: the right half of '{meta.name}' "
+            raise UserError(f"--val_scale_factor {config.val_scale_factor}: the right half of '{meta.name}' "
                             f"({width}x{meta.H}) is under {SSIM_WINDOW} pixels a side (SSIM)")
-    weights_dir = Path(args.lpips_weights_dir) if args.lpips_weights_dir else None
-    return EvalJob(container, info, dataset.val, Path(args.exp_name), args.ray_chunk,
+    weights_dir = Path(config.lpips_weights_dir) if config.lpips_weights_dir else None
+    return EvalJob(container, info, dataset.val, Path(config.exp_name), chunk,
                    load_lpips_nets(weights_dir, device), device)
 
 
@@ -106,15 +116,15 @@ def evaluate_image(job: EvalJob, meta: ImageMetadata) -> dict[str, Any]:
     return {"index": meta.index, "name": meta.name, "metrics": metrics}
 
 
-def summarise(results: list[dict[str, Any]], args: configargparse.Namespace) -> dict[str, Any]:
+def summarise(results: list[dict[str, Any]], config: EvalConfig) -> dict[str, Any]:
     """metrics.json's contents: per image (val order) and the mean over images (None where unavailable)."""
     results = sorted(results, key=lambda r: r["index"])
     mean: dict[str, float | None] = {}
     for key in METRICS:
         values = [r["metrics"][key] for r in results]
         mean[key] = None if any(v is None for v in values) else float(np.mean(values))
-    return {"protocol": PROTOCOL, "container": str(args.container_path), "dataset": str(args.dataset_path),
-            "val_scale_factor": args.val_scale_factor, "images": {r["name"]: r["metrics"] for r in results},
+    return {"protocol": PROTOCOL, "container": str(config.container_path), "dataset": str(config.dataset_path),
+            "val_scale_factor": config.val_scale_factor, "images": {r["name"]: r["metrics"] for r in results},
             "mean": mean}
 
 
@@ -152,13 +162,13 @@ def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.d
     return line
 
 
-def evaluate(args: configargparse.Namespace) -> dict[str, Any] | None:
+def evaluate(config: EvalConfig) -> dict[str, Any] | None:
     """Run the evaluation on this rank's share of the val images. Returns the report on rank 0, else None."""
-    info = init_distributed(args.timeout_minutes)
+    info = init_distributed(config.timeout_minutes)
     try:
-        job = prepare(args, info.device)
+        job = prepare(config, info.device)
         mine = shard(job.images, info)
-        bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or args.no_progress)
+        bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or not config.progress)
         start = time.perf_counter()
         with torch.no_grad():
             results = [evaluate_image(job, meta) for meta in bar]
@@ -166,7 +176,7 @@ def evaluate(args: configargparse.Namespace) -> dict[str, Any] | None:
         gathered = gather_objects(results, info)
         if gathered is None:
             return None
-        report = summarise([r for rank in gathered for r in rank], args)
+        report = summarise([r for rank in gathered for r in rank], config)
         write_json(job.output / "metrics.json", report)
         print(format_table(report))
         print(throughput_line(mine, seconds, info.device))
