@@ -14,14 +14,12 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import configargparse
 import cv2
 import numpy as np
 import torch
 from scipy.spatial.transform import Rotation, Slerp
 from tqdm import tqdm
 
-from mega_nerf.cli.options import require
 from mega_nerf.data.dataset import Dataset, rotation_problem
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
@@ -166,31 +164,44 @@ def render_frame(container: Container, info: ContainerInfo, pose: Pose, chunk: i
     return to_uint8(out["rgb"])
 
 
-def render_images(args: configargparse.Namespace) -> Path:
+@dataclass(frozen=True)
+class PathConfig:
+    """One camera-path rendering, as `mega-nerf-render` was asked for it (built in cli/render)."""
+
+    container_path: str
+    dataset_path: str
+    output: str  # folder for frames/<00000>.png and video.mp4
+    path: str | None = None  # pose file (POSE_FILE_FORMAT); None: an orbit
+    frames: int = 120
+    height: int | None = None  # frame height in pixels; None: the poses'
+    fps: float = 30.0
+    train_scale_factor: int = 1  # the scale the submodules were trained at (checks the container's dataset)
+    ray_chunk: int | None = None  # rays rendered at once; None: render.default_chunk for the device
+    progress: bool = True
+
+
+def render_images(config: PathConfig) -> Path:
     """Render the path to `<output>/frames/` and `<output>/video.mp4`. Returns the video's path."""
-    for option in ("container_path", "dataset_path", "output"):
-        require(getattr(args, option), option)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.ray_chunk is None:
-        args.ray_chunk = default_chunk(device)
-    if args.frames < 1 or (args.height is not None and args.height < 1) or args.ray_chunk < 1:
+    chunk = default_chunk(device) if config.ray_chunk is None else config.ray_chunk
+    if config.frames < 1 or (config.height is not None and config.height < 1) or chunk < 1:
         raise UserError("--frames, --height and --ray_chunk must be positive")
-    container, info = load_container(args.container_path, device)
-    dataset = load_checked_dataset(info, args.dataset_path, args.train_scale_factor, 1)
-    if args.path is not None:
-        poses = interpolate(read_pose_file(Path(args.path), len(dataset.images)), args.frames)
+    container, info = load_container(config.container_path, device)
+    dataset = load_checked_dataset(info, config.dataset_path, config.train_scale_factor, 1)
+    if config.path is not None:
+        poses = interpolate(read_pose_file(Path(config.path), len(dataset.images)), config.frames)
     else:
-        poses = orbit(dataset, args.frames, info.altitude_range)
-    poses = complete(poses, dataset, args.height)
-    output = Path(args.output)
+        poses = orbit(dataset, config.frames, info.altitude_range)
+    poses = complete(poses, dataset, config.height)
+    output = Path(config.output)
     video_path = output / "video.mp4"
     output.mkdir(parents=True, exist_ok=True)
-    video = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), args.fps, poses[0].size)
+    video = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), config.fps, poses[0].size)
     if not video.isOpened():
         raise UserError(f"{video_path}: cannot write an MP4 here (OpenCV without an mp4v encoder?)")
     with torch.no_grad():
-        for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=args.no_progress)):
-            rgb = render_frame(container, info, pose, args.ray_chunk)
+        for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=not config.progress)):
+            rgb = render_frame(container, info, pose, chunk)
             write_png(output / "frames" / f"{f:05d}.png", rgb)
             video.write(np.ascontiguousarray(rgb[:, :, ::-1]))
     video.release()

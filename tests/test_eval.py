@@ -31,7 +31,7 @@ from mega_nerf.camera_path import (
     render_images,
 )
 from mega_nerf.cli.eval import config_from_argv as eval_config_from_argv
-from mega_nerf.cli.render import render_parser
+from mega_nerf.cli.render import config_from_argv as path_config_from_argv
 from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
@@ -214,16 +214,16 @@ def test_render_images_orbit_and_pose_file(pipeline: Path, tiny_city: Path, tmp_
     index) renders that view as eval did."""
     base = ["--config_file", str(tiny_city / "config.yaml"), "--container_path", str(pipeline / "merged.pt"),
             "--no_progress"]
-    video = render_images(render_parser().parse_args([*base, "--output", str(tmp_path / "orbit"), "--frames", "2",
-                                                      "--height", "12"]))
+    video = render_images(path_config_from_argv([*base, "--output", str(tmp_path / "orbit"), "--frames", "2",
+                                                 "--height", "12"]))
     frames = sorted((tmp_path / "orbit" / "frames").glob("*.png"))
     assert [cv2.imread(str(f)).shape for f in frames] == [(12, 16, 3)] * 2
     assert cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT) == 2
     val = load_dataset(tiny_city).val
     lines = [" ".join(repr(float(v)) for v in m.c2w.flatten()) + f" {m.index}" for m in val[:2]]
     (tmp_path / "poses.txt").write_text("# two val cameras\n" + "\n".join(lines) + "\n")
-    render_images(render_parser().parse_args([*base, "--output", str(tmp_path / "path"), "--frames", "2",
-                                              "--path", str(tmp_path / "poses.txt")]))
+    render_images(path_config_from_argv([*base, "--output", str(tmp_path / "path"), "--frames", "2",
+                                         "--path", str(tmp_path / "poses.txt")]))
     first = cv2.imread(str(tmp_path / "path" / "frames" / "00000.png")).astype(int)
     evaluated = cv2.imread(str(pipeline / "eval" / "rgb" / f"{val[0].name}.png")).astype(int)
     assert np.abs(first - evaluated).max() <= 2

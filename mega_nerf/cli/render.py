@@ -7,8 +7,8 @@ from pathlib import Path
 
 import configargparse
 
-from mega_nerf.camera_path import POSE_FILE_FORMAT, render_images
-from mega_nerf.cli.options import base_parser
+from mega_nerf.camera_path import POSE_FILE_FORMAT, PathConfig, render_images
+from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import run_cli
 
 
@@ -30,8 +30,21 @@ def render_parser() -> configargparse.ArgParser:
     return p
 
 
+def path_config(args: configargparse.Namespace) -> PathConfig:
+    """The options as a PathConfig (one-line errors for missing ones)."""
+    for option in ("container_path", "dataset_path", "output"):
+        require(getattr(args, option), option)
+    return PathConfig(args.container_path, args.dataset_path, args.output, args.path, args.frames, args.height,
+                      args.fps, args.train_scale_factor, args.ray_chunk, not args.no_progress)
+
+
+def config_from_argv(argv: list[str]) -> PathConfig:
+    """A PathConfig from command-line words, as `mega-nerf-render` would build it (tests)."""
+    return path_config(render_parser().parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> Path:
-    return render_images(render_parser().parse_args(argv))
+    return render_images(config_from_argv(argv))
 
 
 def console() -> None:
