@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import configargparse
 
-from mega_nerf.cli.options import base_parser, require
+from mega_nerf.cli.options import base_parser, config_from_args
 from mega_nerf.errors import run_cli
 from mega_nerf.evaluation.evaluate import EvalConfig, evaluate
 
@@ -33,11 +33,7 @@ def eval_parser() -> configargparse.ArgParser:
 
 def eval_config(args: configargparse.Namespace) -> EvalConfig:
     """The options as an EvalConfig (one-line errors for missing ones)."""
-    for option in ("dataset_path", "exp_name", "container_path"):
-        require(getattr(args, option), option)
-    return EvalConfig(args.container_path, args.dataset_path, args.exp_name, args.val_scale_factor,
-                      args.train_scale_factor, args.lpips_weights_dir, args.ray_chunk, args.timeout_minutes,
-                      not args.no_progress)
+    return config_from_args(EvalConfig, args, ("dataset_path", "exp_name", "container_path"))
 
 
 def config_from_argv(argv: list[str]) -> EvalConfig:

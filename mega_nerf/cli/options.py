@@ -1,12 +1,17 @@
 """Options shared by every entry point, with Mega-NeRF's names so that its users' YAML configs carry over."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, TypeVar
+
 import configargparse
 
 from mega_nerf.bounds import FOREGROUND_SCALE
 from mega_nerf.data.dataset import Coordinates
 from mega_nerf.errors import UserError
 from mega_nerf.rays import SceneBounds
+
+Config = TypeVar("Config")
 
 
 def base_parser(description: str) -> configargparse.ArgParser:
@@ -42,3 +47,16 @@ def require(value: object, option: str) -> None:
 def scene_bounds(args: configargparse.Namespace, coordinates: Coordinates) -> SceneBounds:
     """The normalised scene bounds from the real-world options --near, --far and --ray_altitude_range."""
     return SceneBounds.from_real(args.near, args.far, args.ray_altitude_range, coordinates)
+
+
+def config_from_args(cls: type[Config], args: configargparse.Namespace, required: tuple[str, ...] = (),
+                     **values: Any) -> Config:
+    """A config dataclass `cls` from the parsed options of the same names (`progress` is the opposite of
+    --no_progress), `values` taking precedence; a missing `required` option is a one-line error."""
+    for option in required:
+        require(getattr(args, option), option)
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if "progress" in names:
+        given["progress"] = not args.no_progress
+    return cls(**{**given, **values})

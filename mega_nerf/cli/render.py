@@ -8,7 +8,7 @@ from pathlib import Path
 import configargparse
 
 from mega_nerf.camera_path import POSE_FILE_FORMAT, PathConfig, render_images
-from mega_nerf.cli.options import base_parser, require
+from mega_nerf.cli.options import base_parser, config_from_args
 from mega_nerf.errors import run_cli
 
 
@@ -32,10 +32,7 @@ def render_parser() -> configargparse.ArgParser:
 
 def path_config(args: configargparse.Namespace) -> PathConfig:
     """The options as a PathConfig (one-line errors for missing ones)."""
-    for option in ("container_path", "dataset_path", "output"):
-        require(getattr(args, option), option)
-    return PathConfig(args.container_path, args.dataset_path, args.output, args.path, args.frames, args.height,
-                      args.fps, args.train_scale_factor, args.ray_chunk, not args.no_progress)
+    return config_from_args(PathConfig, args, ("container_path", "dataset_path", "output"))
 
 
 def config_from_argv(argv: list[str]) -> PathConfig:

@@ -2,11 +2,9 @@
 whole scene. Builds a TrainConfig from the options and hands it to the Trainer."""
 from __future__ import annotations
 
-import dataclasses
-
 import configargparse
 
-from mega_nerf.cli.options import base_parser, require
+from mega_nerf.cli.options import base_parser, config_from_args
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
 from mega_nerf.training.config import TrainConfig
@@ -56,13 +54,9 @@ def train_parser() -> configargparse.ArgParser:
 
 def train_config(args: configargparse.Namespace) -> TrainConfig:
     """The options as a TrainConfig (which fills what a user leaves unset with the field's own defaults)."""
-    require(args.dataset_path, "dataset_path")
-    require(args.exp_name, "exp_name")
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    values["chunk_paths"] = tuple(args.chunk_paths or ())
-    if args.ray_altitude_range is not None:
-        values["ray_altitude_range"] = tuple(args.ray_altitude_range)
-    return TrainConfig(**values, progress=not args.no_progress)
+    altitude = None if args.ray_altitude_range is None else tuple(args.ray_altitude_range)
+    return config_from_args(TrainConfig, args, ("dataset_path", "exp_name"),
+                            chunk_paths=tuple(args.chunk_paths or ()), ray_altitude_range=altitude)
 
 
 def config_from_argv(argv: list[str]) -> TrainConfig:

@@ -10,14 +10,9 @@ from typing import Any
 import torch
 
 from mega_nerf.errors import UserError
-from mega_nerf.io import load_torch, save_torch_atomic
+from mega_nerf.io import load_torch
 
 VERSION = 1
-
-
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write a checkpoint `state` to `path` (folders created) so that a reader never sees a half-written one."""
-    save_torch_atomic(state, path)
 
 
 def checkpoint_path(exp_dir: Path, step: int) -> Path:

@@ -23,6 +23,7 @@ from mega_nerf.data.dataset import load_dataset
 from mega_nerf.data.stream import RayStream
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
+from mega_nerf.io import save_torch_atomic
 from mega_nerf.rays import Cameras, SceneBounds
 from mega_nerf.render import RenderConfig, render_rays
 from mega_nerf.training import checkpoint as ckpt
@@ -150,7 +151,7 @@ class Trainer:
 
     def save(self, stream: RayStream | None, empty: bool = False) -> Path:
         path = ckpt.checkpoint_path(self.exp_dir, self.step)
-        ckpt.save_atomic(self.state(stream, empty), path)
+        save_torch_atomic(self.state(stream, empty), path)  # a reader never sees a half-written one
         return path
 
     def resume(self, stream: RayStream) -> Path | None:
