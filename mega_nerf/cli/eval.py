@@ -17,7 +17,8 @@ def eval_parser() -> configargparse.ArgParser:
                     "--boundary_margin and --cluster_2d are not used.")
     p.add_argument("--exp_name", type=str, help="output directory (renders and metrics.json)")
     p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
-    p.add_argument("--val_scale_factor", type=int, default=1, help="downsample val images by this")
+    p.add_argument("--val_scale_factor", type=int, default=4,
+                   help="downsample val images by this (Mega-NeRF's default, 4; the synthetic city's config sets 1)")
     p.add_argument("--train_scale_factor", type=int, default=1,
                    help="the scale the submodules were trained at (to check the container's dataset)")
     p.add_argument("--lpips_weights_dir", type=str, default=None,

@@ -74,7 +74,7 @@ class EvalConfig:
     container_path: str
     dataset_path: str
     exp_name: str  # output directory
-    val_scale_factor: int = 1
+    val_scale_factor: int = 4  # Mega-NeRF's default
     train_scale_factor: int = 1  # the scale the submodules were trained at (checks the container's dataset)
     lpips_weights_dir: str | None = None
     ray_chunk: int | None = None  # rays rendered at once; None: render.default_chunk for the device
