@@ -79,8 +79,13 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     resumed = torch.load(tmp_path / "killed" / "checkpoints" / "00000012.pt", weights_only=True)
     assert resumed["step"] == 12
+    # --ckpt_path (Mega-NeRF's): a new experiment that starts from the killed run's checkpoint ends the same
+    started = Trainer(args(tiny_city, tmp_path / "started", "--chunk_paths", str(tmp_path / "c2"), *common,
+                           "--ckpt_path", str(tmp_path / "killed" / "checkpoints" / "00000005.pt")))
+    assert started.run().name == "00000012.pt"
     for name, value in whole.field.state_dict().items():
         assert torch.equal(value, resumed["model"][name]), name
+        assert torch.equal(value, started.field.state_dict()[name]), name
 
 
 def test_bad_input_is_one_line(tiny_city, masks, tmp_path):

@@ -34,6 +34,12 @@ class TrainConfig:
     occupancy_resolution: int = 128
     occupancy_interval: int = 8
     occupancy_warmup: int = 32
+    affine_appearance: bool = False  # appearance as a per-image affine colour transform (fields/base.py)
+    # Mega-NeRF's network sizes, for the mlp field (None: its 8 layers of 256, 12 position, 4 direction frequencies)
+    layers: int | None = None
+    layer_dim: int | None = None
+    pos_xyz_dim: int | None = None
+    pos_dir_dim: int | None = None
     # optimisation (None: the field's own default, its Field.train_defaults)
     batch_size: int | None = None
     lr: float | None = None
@@ -45,6 +51,8 @@ class TrainConfig:
     samples: int | None = None
     fine_samples: int | None = None
     bg_samples: int = 32  # samples beyond the foreground box, in contracted space
+    amp: bool = True  # training steps on a GPU under a bfloat16 autocast
+    ckpt_path: str | None = None  # a checkpoint to start from when exp_name holds none
     # bookkeeping
     ckpt_interval: int = 2000
     val_interval: int = 5000

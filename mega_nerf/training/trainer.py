@@ -41,11 +41,17 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
                            "n_images": n_images, "contracted": contracted}
     if config.appearance_dim is not None:
         cfg["appearance_dim"] = config.appearance_dim
+    if config.affine_appearance:
+        cfg["affine_appearance"] = True
     if config.field == "hash":
         cfg.update(n_levels=config.hash_levels, log2_table_size=config.log2_hashmap_size,
                    max_resolution=config.max_resolution, occupancy_resolution=config.occupancy_resolution,
                    occupancy_threshold=occupancy_threshold, occupancy_interval=config.occupancy_interval,
                    occupancy_warmup=config.occupancy_warmup)
+    if config.field == "mlp":
+        sizes = {"layers": config.layers, "width": config.layer_dim, "position_frequencies": config.pos_xyz_dim,
+                 "direction_frequencies": config.pos_dir_dim}
+        cfg.update({k: v for k, v in sizes.items() if v is not None})
     return cfg
 
 
@@ -155,7 +161,12 @@ class Trainer:
         return path
 
     def resume(self, stream: RayStream) -> Path | None:
+        """Continue from the latest checkpoint in exp_name or, when it holds none, from --ckpt_path."""
         path = ckpt.latest_checkpoint(self.exp_dir)
+        if path is None and self.config.ckpt_path:
+            path = Path(self.config.ckpt_path)
+            if not path.is_file():
+                raise UserError(f"--ckpt_path: {path} is not a file")
         if path is None:
             return None
         state = ckpt.load_checkpoint(path, self.device)
@@ -175,7 +186,7 @@ class Trainer:
         near, far = self.bounds.clip(origins, dirs)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.amp):
             out = render_rays(self.field, origins, dirs, near, far, image, self.render_config, self.generator)
         self.last_samples = out["samples"]  # points shaded this step: logged as samples per ray
         mse = torch.mean((out["rgb"] - rgb) ** 2)
