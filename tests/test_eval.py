@@ -219,6 +219,12 @@ def test_render_images_orbit_and_pose_file(pipeline: Path, tiny_city: Path, tmp_
     frames = sorted((tmp_path / "orbit" / "frames").glob("*.png"))
     assert [cv2.imread(str(f)).shape for f in frames] == [(12, 16, 3)] * 2
     assert cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT) == 2
+    # the orbit's camera_path.json (nerfstudio's format), rendered as a path, gives the same frames
+    render_images(path_config_from_argv([*base, "--output", str(tmp_path / "again"),
+                                         "--path", str(tmp_path / "orbit" / "camera_path.json")]))
+    for frame in frames:
+        again = cv2.imread(str(tmp_path / "again" / "frames" / frame.name)).astype(int)
+        assert np.abs(again - cv2.imread(str(frame)).astype(int)).max() <= 1
     val = load_dataset(tiny_city).val
     lines = [" ".join(repr(float(v)) for v in m.c2w.flatten()) + f" {m.index}" for m in val[:2]]
     (tmp_path / "poses.txt").write_text("# two val cameras\n" + "\n".join(lines) + "\n")

@@ -145,3 +145,11 @@ def test_parscript_trains_two_cells(tiny_city, masks, tmp_path):
         assert (tmp_path / f"exp-{k}" / "checkpoints" / "00000006.pt").exists()
         assert list((tmp_path / f"exp-{k}" / "val").glob("00000006_*.png"))
         assert (tmp_path / f"chunks-{k}" / "manifest.json").exists()
+
+
+def test_a_run_without_an_altitude_slab_is_warned(tiny_city, tmp_path, capsys):
+    Trainer(args(tiny_city, tmp_path / "with", "--data_mode", "memory"))
+    assert "ray_altitude_range" not in capsys.readouterr().err
+    Trainer(config_from_argv(["--dataset_path", str(tiny_city), "--exp_name", str(tmp_path / "without"),
+                              "--data_mode", "memory", *SMALL]))
+    assert "warning: no --ray_altitude_range: rays are not clipped" in capsys.readouterr().err

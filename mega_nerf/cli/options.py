@@ -140,7 +140,7 @@ def add_mega_nerf_names(parser: configargparse.ArgParser) -> None:
                                 type=convert or _type_of(parser, ours), help=f"Mega-NeRF's name for --{ours}")
     for name, (takes_value, why) in MEGA_NERF_IGNORED.items():
         if f"--{name}" not in names:
-            arity = {"nargs": "+"} if takes_value else {"nargs": "?", "const": True}
+            arity = {"nargs": "+"} if takes_value else {"action": "store_const", "const": True}
             parser.add_argument(f"--{name}", dest=f"ignored_{name}", default=None, **arity,
                                 help=f"Mega-NeRF's; ignored: {why}")
 
@@ -152,7 +152,7 @@ def _type_of(parser: configargparse.ArgParser, dest: str) -> Any:
 def ignored_options(parser: configargparse.ArgParser, args: configargparse.Namespace) -> list[str]:
     """One line per Mega-NeRF option given but ignored, and per config-file key no option of this command reads."""
     lines = [f"ignoring --{name} (Mega-NeRF's): {why}" for name, (_, why) in MEGA_NERF_IGNORED.items()
-             if str(getattr(args, f"ignored_{name}", None)).lower() not in ("none", "false")]  # YAML's false: off
+             if getattr(args, f"ignored_{name}", None) is not None]
     config = getattr(args, "config_file", None)
     if config:
         known = {s.lstrip("-") for action in parser._actions for s in action.option_strings}

@@ -70,6 +70,11 @@ class Trainer:
             raise UserError(f"--cluster_mask_path: {self.mask_dir} is not a directory")
         self.bounds = SceneBounds.from_real(config.near, config.far, config.ray_altitude_range,
                                            self.dataset.coordinates)
+        if self.bounds.altitude is None:
+            print("warning: no --ray_altitude_range: rays are not clipped to the scene's altitude slab, and the "
+                  "foreground box's height is guessed from the cameras (bounds.foreground_box); give [top, ground] "
+                  "in real down-coordinates (the converters estimate it from sparse points; preview_dataset.py "
+                  "draws it)", file=sys.stderr)
         self.cameras = Cameras.from_dataset(self.dataset)
         box = foreground_box(self.cameras.c2w[:, :, 3], self.bounds.altitude, config.foreground_scale)
         segment = mean_segment(self.cameras, self.bounds, box)
