@@ -7,6 +7,7 @@ import sys
 import configargparse
 
 from mega_nerf.cli.options import base_parser, config_from_args
+from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
 from mega_nerf.training.config import TrainConfig
@@ -55,6 +56,9 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--val_interval", type=int, default=5000)
     p.add_argument("--val_images", type=int, default=2, help="validation images rendered at each interval")
     p.add_argument("--log_interval", type=int, default=100)
+    p.add_argument("--eval_protocol", choices=PROTOCOLS, default=MEGA_NERF,
+                   help="mega-nerf: val images train their left halves (their right halves are scored); strict: "
+                        "no pixel of a val image trains (evaluate with the same option)")
     p.add_argument("--seed", type=int, default=42, help="seeds the field, the shuffle and the samples")
     p.add_argument("--no_amp", dest="amp", action="store_false",
                    help="train in float32 on a GPU (default: bfloat16 autocast)")

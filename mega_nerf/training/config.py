@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mega_nerf.bounds import FOREGROUND_SCALE
+from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import UserError
 from mega_nerf.fields import FIELDS
 
@@ -53,6 +54,8 @@ class TrainConfig:
     bg_samples: int = 32  # samples beyond the foreground box, in contracted space
     amp: bool = True  # training steps on a GPU under a bfloat16 autocast
     ckpt_path: str | None = None  # a checkpoint to start from when exp_name holds none
+    # which val pixels train: Mega-NeRF's protocol (left halves) or strict (none); data/dataset.PROTOCOLS
+    eval_protocol: str = MEGA_NERF
     # bookkeeping
     ckpt_interval: int = 2000
     val_interval: int = 5000
@@ -63,6 +66,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.eval_protocol not in PROTOCOLS:
+            raise UserError(f"--eval_protocol: unknown protocol '{self.eval_protocol}' (choose from "
+                            f"{', '.join(PROTOCOLS)})")
         if self.field not in FIELDS:
             raise UserError(f"--field: unknown field '{self.field}' (choose from {', '.join(FIELDS)})")
         for key, default in FIELDS[self.field].train_defaults.items():

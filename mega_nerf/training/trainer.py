@@ -95,9 +95,11 @@ class Trainer:
         self.step = 0
 
     def validate(self) -> dict[str, float]:
-        """Validation at the current step on the first `val_images` val images (training.validation)."""
-        return validate(self.field, self.dataset.val[: self.config.val_images], self.mask_dir, self.bounds,
-                        self.render_config, self.exp_dir / "val", self.step)
+        """Validation at the current step on the first `val_images` val images (training.validation), scored
+        and rendered as the evaluation protocol says."""
+        images, protocol = self.dataset.val[: self.config.val_images], self.config.eval_protocol
+        return validate(self.field, images, self.mask_dir, self.bounds, self.render_config, self.exp_dir / "val",
+                        self.step, protocol, [self.dataset.appearance_for(m, protocol) for m in images])
 
     def lr_at(self, step: int) -> float:
         """lr * decay_factor ** (epochs / lr_decay_epochs), epochs counted in the cell's rays; with
@@ -133,12 +135,12 @@ class Trainer:
         """The cell's rays as a stream; None when the cell has no rays."""
         a = self.config
         if a.data_mode == "memory":
-            rays = gather_in_memory(self.dataset, self.mask_dir, a.seed)
+            rays = gather_in_memory(self.dataset, self.mask_dir, a.seed, a.eval_protocol)
             sources, counts = [rays], [len(rays)]
         else:
             paths = [Path(p) for p in a.chunk_paths]
             manifest = prepare_chunks(self.dataset, self.mask_dir, paths, a.chunk_rays, a.seed,
-                                      progress=a.progress)
+                                      progress=a.progress, protocol=a.eval_protocol)
             sources = [paths[d] / name for d, name, _ in manifest.chunks]
             counts = [c for _, _, c in manifest.chunks]
         total = sum(counts)
@@ -154,7 +156,7 @@ class Trainer:
                 "model": self.field.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "stream": stream.state_dict() if stream else {}, "rng": ckpt.rng_state(self.generator),
                 "dataset": dataset_fingerprint(self.dataset), "empty": empty,
-                "cell": self.mask_dir.name if self.mask_dir else None,
+                "cell": self.mask_dir.name if self.mask_dir else None, "eval_protocol": self.config.eval_protocol,
                 "render": {"samples": self.config.samples, "fine_samples": self.config.fine_samples,
                            "bg_samples": self.config.bg_samples},
                 "scene": {"near": self.bounds.near, "far": self.bounds.far,
