@@ -7,8 +7,9 @@ import pytest
 import torch
 import yaml
 
+from mega_nerf.cli.convert import default_images_path
 from mega_nerf.cli.eval import eval_parser
-from mega_nerf.cli.options import MEGA_NERF_IGNORED
+from mega_nerf.cli.options import MEGA_NERF_IGNORED, record_options
 from mega_nerf.cli.partition import partition_parser
 from mega_nerf.cli.train import train_config, train_parser
 from mega_nerf.fields import build_field
@@ -118,3 +119,18 @@ def test_mega_nerf_network_options_size_the_mlp_field(tmp_path: Path) -> None:
     assert len(field.layers) == 3 and field.layers[0].weight.shape == (32, 3 * (1 + 2 * 5))
     assert field.color[0].in_features == 32 + 3 * (1 + 2 * 2)  # no embedding: it drives the affine transform
     assert field.affine.out_features == 12
+
+
+def test_recorded_options_read_back_as_the_same_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["--dataset_path", "d", "--exp_name", str(tmp_path / "exp"), "--field", "mlp", "--no_amp", "--no_progress",
+            "--chunk_paths", "a", "b", "--ray_altitude_range", "-30", "2", "--layer_dim", "64"]
+    config = train_config(train_parser().parse_args(argv))
+    saved = record_options(config, tmp_path / "exp")
+    assert f"(saved to {saved})" in capsys.readouterr().out
+    again = train_config(train_parser().parse_args(["--config_file", str(saved)]))
+    assert again == config and capsys.readouterr().err == ""
+
+
+def test_colmap_images_default_beside_sparse(tmp_path: Path) -> None:
+    assert default_images_path(str(tmp_path / "scene" / "sparse" / "0")) == (tmp_path / "scene" / "images").resolve()
+    assert default_images_path(str(tmp_path / "model")) == (tmp_path / "images").resolve()

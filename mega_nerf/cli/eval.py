@@ -4,9 +4,12 @@ Distributed: `python -m torch.distributed.run --standalone --nproc_per_node N me
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import configargparse
 
-from mega_nerf.cli.options import base_parser, config_from_args
+from mega_nerf.cli.options import base_parser, config_from_args, record_options
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.evaluation.evaluate import EvalConfig, evaluate
@@ -48,7 +51,10 @@ def config_from_argv(argv: list[str]) -> EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    evaluate(eval_config(eval_parser().parse_args(argv)))
+    config = eval_config(eval_parser().parse_args(argv))
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: one record per run
+        record_options(config, Path(config.exp_name))
+    evaluate(config)
 
 
 def console() -> None:

@@ -13,6 +13,7 @@ import yaml
 from mega_nerf.bounds import FOREGROUND_SCALE
 from mega_nerf.data.dataset import Coordinates
 from mega_nerf.errors import UserError
+from mega_nerf.io import atomic_write
 from mega_nerf.rays import SceneBounds
 
 Config = TypeVar("Config")
@@ -160,3 +161,23 @@ def ignored_options(parser: configargparse.ArgParser, args: configargparse.Names
         lines += [f"ignoring '{key}' in {config}: not an option of this command"
                   for key in keys if key not in known]
     return lines
+
+
+# ---- the resolved options of a run (issue 22) ------------------------------------------------------------------
+
+INVERTED = {"progress": "no_progress", "amp": "no_amp"}  # config fields whose option is their negation
+
+
+def record_options(config: Any, folder: Path) -> Path:
+    """Save a run's resolved options as `folder/config.yaml`, which the same command reads back through
+    --config_file (nerfstudio's config.yml habit), and print them in one line. Unset (None) options are left out."""
+    values: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(config).items():
+        if key in INVERTED:
+            key, value = INVERTED[key], not value
+        if value is not None:
+            values[key] = list(value) if isinstance(value, tuple) else value
+    path = folder / "config.yaml"
+    atomic_write(path, yaml.safe_dump(values, sort_keys=False).encode())
+    print("options: " + ", ".join(f"{k}={v}" for k, v in values.items()) + f" (saved to {path})")
+    return path

@@ -7,7 +7,7 @@ from pathlib import Path
 import configargparse
 
 from mega_nerf.camera_path import POSE_FILE_FORMAT, PathConfig, render_images
-from mega_nerf.cli.options import base_parser, config_from_args
+from mega_nerf.cli.options import base_parser, config_from_args, record_options
 from mega_nerf.errors import run_cli
 
 
@@ -44,7 +44,9 @@ def config_from_argv(argv: list[str]) -> PathConfig:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    return render_images(config_from_argv(argv))
+    config = config_from_argv(argv)
+    record_options(config, Path(config.output))
+    return render_images(config)
 
 
 def console() -> None:

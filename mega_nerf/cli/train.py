@@ -3,10 +3,11 @@ whole scene. Builds a TrainConfig from the options and hands it to the Trainer."
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import configargparse
 
-from mega_nerf.cli.options import base_parser, config_from_args
+from mega_nerf.cli.options import base_parser, config_from_args, record_options
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
@@ -90,7 +91,9 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    final = Trainer(train_config(train_parser().parse_args(argv))).run()
+    config = train_config(train_parser().parse_args(argv))
+    record_options(config, Path(config.exp_name))
+    final = Trainer(config).run()
     print(f"done: {final}")
 
 
