@@ -100,11 +100,12 @@ def test_a_mega_nerf_config_is_used_or_reported_key_by_key(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert args.ray_altitude_range == [8.0, 50.0] and args.near == 0 and args.cluster_2d
     assert args.layer_dim == 2048 and args.pos_dir_dim == 0 and args.appearance_dim == 0
-    reported = {"val_scale_factor", "unknown_key", "all_val", "bg_layer_dim", "no_ellipse_bounds", "no_bg_nerf",
+    reported = {"unknown_key", "all_val", "bg_layer_dim", "no_ellipse_bounds", "no_bg_nerf",
                 "use_cascade", "sh_deg"}
     assert len(err.splitlines()) == len(reported)
     for key in reported:
         assert key in err
+    assert "val_scale_factor" not in err  # eval's option: not ignored
     train_config(train_parser().parse_args(["--config_file", config, "--field", "hash"]))
     assert "ignoring --layer_dim: it sizes the mlp field" in capsys.readouterr().err
 

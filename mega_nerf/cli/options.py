@@ -150,16 +150,31 @@ def _type_of(parser: configargparse.ArgParser, dest: str) -> Any:
     return next(action.type for action in parser._actions if action.dest == dest)
 
 
+def _option_names(parser: configargparse.ArgParser) -> set[str]:
+    return {s.lstrip("-") for action in parser._actions for s in action.option_strings}
+
+
+def options_of_every_command() -> set[str]:
+    """Every option name of our configargparse commands: a config shared by them holds keys for each."""
+    from mega_nerf.cli import eval as evaluation  # here, not at the top: these modules import this one
+    from mega_nerf.cli import export, merge, partition, render, train
+
+    parsers = (train.train_parser(), evaluation.eval_parser(), partition.partition_parser(), render.render_parser(),
+               export.export_parser(), merge.merge_parser())
+    return set().union(*(_option_names(p) for p in parsers))
+
+
 def ignored_options(parser: configargparse.ArgParser, args: configargparse.Namespace) -> list[str]:
-    """One line per Mega-NeRF option given but ignored, and per config-file key no option of this command reads."""
+    """One line per Mega-NeRF option given but ignored, and per config-file key that no command of ours reads
+    (a key another command reads, e.g. eval's val_scale_factor in a config train is given, is for that one)."""
     lines = [f"ignoring --{name} (Mega-NeRF's): {why}" for name, (_, why) in MEGA_NERF_IGNORED.items()
              if getattr(args, f"ignored_{name}", None) is not None]
     config = getattr(args, "config_file", None)
     if config:
-        known = {s.lstrip("-") for action in parser._actions for s in action.option_strings}
-        keys = yaml.safe_load(Path(config).read_text()) or {}
-        lines += [f"ignoring '{key}' in {config}: not an option of this command"
-                  for key in keys if key not in known]
+        keys = [k for k in (yaml.safe_load(Path(config).read_text()) or {}) if k not in _option_names(parser)]
+        if keys:
+            known = options_of_every_command()
+            lines += [f"ignoring '{key}' in {config}: no command reads it" for key in keys if key not in known]
     return lines
 
 
