@@ -79,8 +79,13 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     resumed = torch.load(tmp_path / "killed" / "checkpoints" / "00000012.pt", weights_only=True)
     assert resumed["step"] == 12
+    # --ckpt_path (Mega-NeRF's): a new experiment that starts from the killed run's checkpoint ends the same
+    started = Trainer(args(tiny_city, tmp_path / "started", "--chunk_paths", str(tmp_path / "c2"), *common,
+                           "--ckpt_path", str(tmp_path / "killed" / "checkpoints" / "00000005.pt")))
+    assert started.run().name == "00000012.pt"
     for name, value in whole.field.state_dict().items():
         assert torch.equal(value, resumed["model"][name]), name
+        assert torch.equal(value, started.field.state_dict()[name]), name
 
 
 def test_bad_input_is_one_line(tiny_city, masks, tmp_path):
@@ -140,3 +145,11 @@ def test_parscript_trains_two_cells(tiny_city, masks, tmp_path):
         assert (tmp_path / f"exp-{k}" / "checkpoints" / "00000006.pt").exists()
         assert list((tmp_path / f"exp-{k}" / "val").glob("00000006_*.png"))
         assert (tmp_path / f"chunks-{k}" / "manifest.json").exists()
+
+
+def test_a_run_without_an_altitude_slab_is_warned(tiny_city, tmp_path, capsys):
+    Trainer(args(tiny_city, tmp_path / "with", "--data_mode", "memory"))
+    assert "ray_altitude_range" not in capsys.readouterr().err
+    Trainer(config_from_argv(["--dataset_path", str(tiny_city), "--exp_name", str(tmp_path / "without"),
+                              "--data_mode", "memory", *SMALL]))
+    assert "warning: no --ray_altitude_range: rays are not clipped" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mega_nerf.cli.options import HelpFormatter
 from mega_nerf.errors import UserError, run_cli
 
 JOB = ("python mega_nerf/train.py --config_file $CONFIG_FILE --exp_name ${{EXP_PREFIX}}{k} "
@@ -21,7 +22,7 @@ JOB = ("python mega_nerf/train.py --config_file $CONFIG_FILE --exp_name ${{EXP_P
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--cells", type=int, required=True, help="number of cells (grid_dim X * Y)")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -2,9 +2,13 @@
 whole scene. Builds a TrainConfig from the options and hands it to the Trainer."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import configargparse
 
-from mega_nerf.cli.options import base_parser, config_from_args
+from mega_nerf.cli.options import base_parser, config_from_args, record_options
+from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
 from mega_nerf.training.config import TrainConfig
@@ -34,7 +38,14 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--fine_samples", type=int, default=None, help="hierarchical fine samples (mlp: 512)")
     p.add_argument("--bg_samples", type=int, default=32,
                    help="samples per ray beyond the foreground box (the contracted far world; 0: none)")
-    p.add_argument("--appearance_dim", type=int, default=None)
+    p.add_argument("--appearance_dim", type=int, default=None, help="appearance embedding width (hash 32, mlp 48)")
+    p.add_argument("--affine_appearance", action="store_true",
+                   help="appearance as a per-image affine transform of the colour (Mega-NeRF's option), not an "
+                        "input of the colour MLP")
+    p.add_argument("--layers", type=int, default=None, help="mlp field: layers of the density MLP (8)")
+    p.add_argument("--layer_dim", type=int, default=None, help="mlp field: their width (256)")
+    p.add_argument("--pos_xyz_dim", type=int, default=None, help="mlp field: position encoding frequencies (12)")
+    p.add_argument("--pos_dir_dim", type=int, default=None, help="mlp field: direction encoding frequencies (4)")
     p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
     p.add_argument("--log2_hashmap_size", type=int, default=19)
     p.add_argument("--max_resolution", type=int, default=2048, help="finest hash-grid resolution")
@@ -46,14 +57,29 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--val_interval", type=int, default=5000)
     p.add_argument("--val_images", type=int, default=2, help="validation images rendered at each interval")
     p.add_argument("--log_interval", type=int, default=100)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval_protocol", choices=PROTOCOLS, default=MEGA_NERF,
+                   help="mega-nerf: val images train their left halves (their right halves are scored); strict: "
+                        "no pixel of a val image trains (evaluate with the same option)")
+    p.add_argument("--seed", type=int, default=42, help="seeds the field, the shuffle and the samples")
+    p.add_argument("--no_amp", dest="amp", action="store_false",
+                   help="train in float32 on a GPU (default: bfloat16 autocast)")
+    p.add_argument("--ckpt_path", type=str, default=None,
+                   help="start from this checkpoint (same dataset and field) when --exp_name holds none")
     p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
 
+MLP_SIZES = ("layers", "layer_dim", "pos_xyz_dim", "pos_dir_dim")
+
+
 def train_config(args: configargparse.Namespace) -> TrainConfig:
     """The options as a TrainConfig (which fills what a user leaves unset with the field's own defaults)."""
+    if args.field != "mlp":
+        for option in MLP_SIZES:
+            if getattr(args, option) is not None:
+                print(f"ignoring --{option}: it sizes the mlp field (Mega-NeRF's network), not --field {args.field}",
+                      file=sys.stderr)
     altitude = None if args.ray_altitude_range is None else tuple(args.ray_altitude_range)
     return config_from_args(TrainConfig, args, ("dataset_path", "exp_name"),
                             chunk_paths=tuple(args.chunk_paths or ()), ray_altitude_range=altitude)
@@ -65,7 +91,9 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    final = Trainer(train_config(train_parser().parse_args(argv))).run()
+    config = train_config(train_parser().parse_args(argv))
+    record_options(config, Path(config.exp_name))
+    final = Trainer(config).run()
     print(f"done: {final}")
 
 

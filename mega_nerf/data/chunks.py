@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mega_nerf.data.dataset import Dataset, ImageMetadata, dataset_fingerprint
+from mega_nerf.data.dataset import MEGA_NERF, Dataset, ImageMetadata, dataset_fingerprint
 from mega_nerf.errors import UserError
 from mega_nerf.io import atomic_open, write_json
 from mega_nerf.partition.maskfile import load_mask
@@ -40,6 +40,7 @@ class Manifest:
     count: int
     image_dtype: str
     chunks: list[list]  # [directory index, file name, ray count] per chunk, in order
+    protocol: str = MEGA_NERF  # the evaluation protocol: which val pixels are trained (dataset.PROTOCOLS)
 
 
 def ray_dtype(n_images: int) -> np.dtype:
@@ -67,10 +68,10 @@ def cell_mask(meta: ImageMetadata, mask_dir: Path | None) -> torch.Tensor:
     return mask.view(meta.H, s, meta.W, s).any(3).any(1) if s > 1 else mask
 
 
-def training_mask(meta: ImageMetadata, mask_dir: Path | None) -> torch.Tensor:
-    """(H, W) bool: the cell's pixels that train it, all but the scored ones (a val image's right half:
-    `ImageMetadata.scored_columns`)."""
-    return cell_mask(meta, mask_dir) & meta.trained_mask()
+def training_mask(meta: ImageMetadata, mask_dir: Path | None, protocol: str = MEGA_NERF) -> torch.Tensor:
+    """(H, W) bool: the cell's pixels that train it, all but the scored ones (a val image's right half, or all
+    of it under the strict protocol: `ImageMetadata.scored_columns_for`)."""
+    return cell_mask(meta, mask_dir) & meta.trained_mask(protocol)
 
 
 def _image_rays(meta: ImageMetadata, mask: torch.Tensor, dtype: np.dtype) -> np.ndarray:
@@ -109,11 +110,12 @@ def _clear_unfinished(path: Path) -> None:
 
 
 def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Path], chunk_rays: int,
-                   seed: int = 0, progress: bool = True) -> Manifest:
+                   seed: int = 0, progress: bool = True, protocol: str = MEGA_NERF) -> Manifest:
     """Write the cell's shuffled ray chunks, or verify and reuse chunks written before."""
     dtype = ray_dtype(len(dataset.images))
     expected = {"version": FORMAT_VERSION, "dataset": dataset_fingerprint(dataset),
-                "masks": masks_fingerprint(mask_dir), "scale_factor": dataset.images[0].scale_factor}
+                "masks": masks_fingerprint(mask_dir), "scale_factor": dataset.images[0].scale_factor,
+                "protocol": protocol}
     existing = _read_manifest(chunk_paths[0])
     if existing is not None:
         _check_manifest(existing, expected, chunk_paths[0])
@@ -124,7 +126,7 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     for p in chunk_paths:
         _clear_unfinished(p)
 
-    count = sum(int(training_mask(m, mask_dir).sum()) for m in dataset.images)
+    count = sum(int(training_mask(m, mask_dir, protocol).sum()) for m in dataset.images)
     n_chunks = max(1, -(-count // chunk_rays))
     where = [(k % len(chunk_paths), f"chunk_{k:05d}.npy") for k in range(n_chunks)]
     if progress:
@@ -134,7 +136,7 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     buckets = [open(chunk_paths[d] / (name + ".bucket"), "wb") for d, name in where]
     try:
         for meta in tqdm(dataset.images, desc="scatter rays", disable=not progress):
-            rays = _image_rays(meta, training_mask(meta, mask_dir), dtype)
+            rays = _image_rays(meta, training_mask(meta, mask_dir, protocol), dtype)
             target = rng.integers(0, n_chunks, len(rays))
             order = np.argsort(target, kind="stable")
             bounds = np.searchsorted(target[order], np.arange(n_chunks + 1))
@@ -158,8 +160,9 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     return manifest
 
 
-def gather_in_memory(dataset: Dataset, mask_dir: Path | None, seed: int = 0) -> np.ndarray:
+def gather_in_memory(dataset: Dataset, mask_dir: Path | None, seed: int = 0, protocol: str = MEGA_NERF
+                     ) -> np.ndarray:
     """Every ray of the cell in RAM, shuffled (the `memory` data mode, for small scenes)."""
     dtype = ray_dtype(len(dataset.images))
-    rays = np.concatenate([_image_rays(m, training_mask(m, mask_dir), dtype) for m in dataset.images])
+    rays = np.concatenate([_image_rays(m, training_mask(m, mask_dir, protocol), dtype) for m in dataset.images])
     return rays[np.random.default_rng(seed).permutation(len(rays))]

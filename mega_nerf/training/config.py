@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mega_nerf.bounds import FOREGROUND_SCALE
+from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import UserError
 from mega_nerf.fields import FIELDS
 
@@ -34,6 +35,12 @@ class TrainConfig:
     occupancy_resolution: int = 128
     occupancy_interval: int = 8
     occupancy_warmup: int = 32
+    affine_appearance: bool = False  # appearance as a per-image affine colour transform (fields/base.py)
+    # Mega-NeRF's network sizes, for the mlp field (None: its 8 layers of 256, 12 position, 4 direction frequencies)
+    layers: int | None = None
+    layer_dim: int | None = None
+    pos_xyz_dim: int | None = None
+    pos_dir_dim: int | None = None
     # optimisation (None: the field's own default, its Field.train_defaults)
     batch_size: int | None = None
     lr: float | None = None
@@ -45,6 +52,10 @@ class TrainConfig:
     samples: int | None = None
     fine_samples: int | None = None
     bg_samples: int = 32  # samples beyond the foreground box, in contracted space
+    amp: bool = True  # training steps on a GPU under a bfloat16 autocast
+    ckpt_path: str | None = None  # a checkpoint to start from when exp_name holds none
+    # which val pixels train: Mega-NeRF's protocol (left halves) or strict (none); data/dataset.PROTOCOLS
+    eval_protocol: str = MEGA_NERF
     # bookkeeping
     ckpt_interval: int = 2000
     val_interval: int = 5000
@@ -55,6 +66,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.eval_protocol not in PROTOCOLS:
+            raise UserError(f"--eval_protocol: unknown protocol '{self.eval_protocol}' (choose from "
+                            f"{', '.join(PROTOCOLS)})")
         if self.field not in FIELDS:
             raise UserError(f"--field: unknown field '{self.field}' (choose from {', '.join(FIELDS)})")
         for key, default in FIELDS[self.field].train_defaults.items():

@@ -41,11 +41,17 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
                            "n_images": n_images, "contracted": contracted}
     if config.appearance_dim is not None:
         cfg["appearance_dim"] = config.appearance_dim
+    if config.affine_appearance:
+        cfg["affine_appearance"] = True
     if config.field == "hash":
         cfg.update(n_levels=config.hash_levels, log2_table_size=config.log2_hashmap_size,
                    max_resolution=config.max_resolution, occupancy_resolution=config.occupancy_resolution,
                    occupancy_threshold=occupancy_threshold, occupancy_interval=config.occupancy_interval,
                    occupancy_warmup=config.occupancy_warmup)
+    if config.field == "mlp":
+        sizes = {"layers": config.layers, "width": config.layer_dim, "position_frequencies": config.pos_xyz_dim,
+                 "direction_frequencies": config.pos_dir_dim}
+        cfg.update({k: v for k, v in sizes.items() if v is not None})
     return cfg
 
 
@@ -64,6 +70,11 @@ class Trainer:
             raise UserError(f"--cluster_mask_path: {self.mask_dir} is not a directory")
         self.bounds = SceneBounds.from_real(config.near, config.far, config.ray_altitude_range,
                                            self.dataset.coordinates)
+        if self.bounds.altitude is None:
+            print("warning: no --ray_altitude_range: rays are not clipped to the scene's altitude slab, and the "
+                  "foreground box's height is guessed from the cameras (bounds.foreground_box); give [top, ground] "
+                  "in real down-coordinates (the converters estimate it from sparse points; preview_dataset.py "
+                  "draws it)", file=sys.stderr)
         self.cameras = Cameras.from_dataset(self.dataset)
         box = foreground_box(self.cameras.c2w[:, :, 3], self.bounds.altitude, config.foreground_scale)
         segment = mean_segment(self.cameras, self.bounds, box)
@@ -84,9 +95,11 @@ class Trainer:
         self.step = 0
 
     def validate(self) -> dict[str, float]:
-        """Validation at the current step on the first `val_images` val images (training.validation)."""
-        return validate(self.field, self.dataset.val[: self.config.val_images], self.mask_dir, self.bounds,
-                        self.render_config, self.exp_dir / "val", self.step)
+        """Validation at the current step on the first `val_images` val images (training.validation), scored
+        and rendered as the evaluation protocol says."""
+        images, protocol = self.dataset.val[: self.config.val_images], self.config.eval_protocol
+        return validate(self.field, images, self.mask_dir, self.bounds, self.render_config, self.exp_dir / "val",
+                        self.step, protocol, [self.dataset.appearance_for(m, protocol) for m in images])
 
     def lr_at(self, step: int) -> float:
         """lr * decay_factor ** (epochs / lr_decay_epochs), epochs counted in the cell's rays; with
@@ -122,12 +135,12 @@ class Trainer:
         """The cell's rays as a stream; None when the cell has no rays."""
         a = self.config
         if a.data_mode == "memory":
-            rays = gather_in_memory(self.dataset, self.mask_dir, a.seed)
+            rays = gather_in_memory(self.dataset, self.mask_dir, a.seed, a.eval_protocol)
             sources, counts = [rays], [len(rays)]
         else:
             paths = [Path(p) for p in a.chunk_paths]
             manifest = prepare_chunks(self.dataset, self.mask_dir, paths, a.chunk_rays, a.seed,
-                                      progress=a.progress)
+                                      progress=a.progress, protocol=a.eval_protocol)
             sources = [paths[d] / name for d, name, _ in manifest.chunks]
             counts = [c for _, _, c in manifest.chunks]
         total = sum(counts)
@@ -143,7 +156,7 @@ class Trainer:
                 "model": self.field.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "stream": stream.state_dict() if stream else {}, "rng": ckpt.rng_state(self.generator),
                 "dataset": dataset_fingerprint(self.dataset), "empty": empty,
-                "cell": self.mask_dir.name if self.mask_dir else None,
+                "cell": self.mask_dir.name if self.mask_dir else None, "eval_protocol": self.config.eval_protocol,
                 "render": {"samples": self.config.samples, "fine_samples": self.config.fine_samples,
                            "bg_samples": self.config.bg_samples},
                 "scene": {"near": self.bounds.near, "far": self.bounds.far,
@@ -155,7 +168,12 @@ class Trainer:
         return path
 
     def resume(self, stream: RayStream) -> Path | None:
+        """Continue from the latest checkpoint in exp_name or, when it holds none, from --ckpt_path."""
         path = ckpt.latest_checkpoint(self.exp_dir)
+        if path is None and self.config.ckpt_path:
+            path = Path(self.config.ckpt_path)
+            if not path.is_file():
+                raise UserError(f"--ckpt_path: {path} is not a file")
         if path is None:
             return None
         state = ckpt.load_checkpoint(path, self.device)
@@ -175,7 +193,7 @@ class Trainer:
         near, far = self.bounds.clip(origins, dirs)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.amp):
             out = render_rays(self.field, origins, dirs, near, far, image, self.render_config, self.generator)
         self.last_samples = out["samples"]  # points shaded this step: logged as samples per ray
         mse = torch.mean((out["rgb"] - rgb) ** 2)
