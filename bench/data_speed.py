@@ -40,7 +40,7 @@ def main() -> None:
     shutil.rmtree(out.parent, ignore_errors=True)
     dataset = load_dataset(data)
     start = time.perf_counter()
-    manifest = prepare_chunks(dataset, masks / str(args.cell), [out], args.chunk_rays, progress=False,
+    manifest = prepare_chunks(dataset, masks / str(args.cell), [out], args.chunk_rays,
                               store_dir=store)
     write_seconds = time.perf_counter() - start
     cells = load_params(masks).num_cells

@@ -99,21 +99,21 @@ def test_keys_round_trip_in_few_bits():
 def test_chunks_are_reused_and_mismatches_refused(scene, tmp_path):
     data, masks = scene
     dataset = load_dataset(data)
-    first = prepare_chunks(dataset, masks, [tmp_path / "c"], chunk_rays=500, progress=False)
+    first = prepare_chunks(dataset, masks, [tmp_path / "c"], chunk_rays=500)
     stamp = (tmp_path / "c" / first.chunks[0][1]).stat().st_mtime_ns
-    again = prepare_chunks(dataset, masks, [tmp_path / "c"], chunk_rays=500, progress=False)
+    again = prepare_chunks(dataset, masks, [tmp_path / "c"], chunk_rays=500)
     assert again == first and (tmp_path / "c" / first.chunks[0][1]).stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match="another masks"):
-        prepare_chunks(dataset, None, [tmp_path / "c"], chunk_rays=500, progress=False)
+        prepare_chunks(dataset, None, [tmp_path / "c"], chunk_rays=500)
     with pytest.raises(UserError, match="another scale factor|another dataset"):
-        prepare_chunks(load_dataset(data, scale_factor=2), None, [tmp_path / "c"], chunk_rays=500, progress=False)
+        prepare_chunks(load_dataset(data, scale_factor=2), None, [tmp_path / "c"], chunk_rays=500)
     make_dataset(tmp_path / "moved", shift=0.5)  # same names and sizes, other poses
     with pytest.raises(UserError, match=r"c: holds chunks of another dataset"):
-        prepare_chunks(load_dataset(tmp_path / "moved"), masks, [tmp_path / "c"], chunk_rays=500, progress=False)
+        prepare_chunks(load_dataset(tmp_path / "moved"), masks, [tmp_path / "c"], chunk_rays=500)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "thesis.tex").write_text("precious")
     with pytest.raises(UserError, match="not ray chunks"):
-        prepare_chunks(dataset, masks, [tmp_path / "d"], chunk_rays=500, progress=False)
+        prepare_chunks(dataset, masks, [tmp_path / "d"], chunk_rays=500)
 
 
 def test_old_format_is_refused_saying_what_to_delete(scene, tmp_path):
@@ -123,14 +123,14 @@ def test_old_format_is_refused_saying_what_to_delete(scene, tmp_path):
     np.save(old / "chunk_00000.npy", np.zeros(3, [("image", "<u2"), ("pixel", "<u4"), ("rgb", "u1", 3)]))
     (old / MANIFEST).write_text(json.dumps({"version": 1, "chunks": [[0, "chunk_00000.npy", 3]]}))
     with pytest.raises(UserError, match=rf"{old}: holds ray chunks of an older format .*delete"):
-        prepare_chunks(load_dataset(data), masks, [old], chunk_rays=500, progress=False)
+        prepare_chunks(load_dataset(data), masks, [old], chunk_rays=500)
 
 
 def test_a_full_disk_is_refused_before_writing(scene, tmp_path):
     data, masks = scene
     with mock.patch.object(chunks.shutil, "disk_usage", return_value=mock.Mock(free=100)), \
             pytest.raises(UserError, match=r"the ray chunks need [\d,]+ bytes but its disk has 100 free"):
-        prepare_chunks(load_dataset(data), masks, [tmp_path / "full"], chunk_rays=500, progress=False)
+        prepare_chunks(load_dataset(data), masks, [tmp_path / "full"], chunk_rays=500)
     assert not list((tmp_path / "full").glob("chunk_*"))
 
 
@@ -149,16 +149,16 @@ def test_killed_write_resumes(scene, tmp_path):
     with mock.patch.object(chunks, "_write_chunk", dies_after_one), mock.patch.object(chunks, "ordered_map",
                                                                                       lambda f, xs: map(f, xs)):
         with pytest.raises(KeyboardInterrupt):
-            prepare_chunks(load_dataset(data), masks, [out], chunk_rays=400, progress=False)
+            prepare_chunks(load_dataset(data), masks, [out], chunk_rays=400)
     assert not (out / MANIFEST).exists()
     kept = out / calls[0]
     stamp = kept.stat().st_mtime_ns
     (out / "chunk_00003.keys.77.tmp").write_bytes(b"half")
-    manifest = prepare_chunks(load_dataset(data), masks, [out], chunk_rays=400, progress=False)
+    manifest = prepare_chunks(load_dataset(data), masks, [out], chunk_rays=400)
     assert kept.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [n for _, n, _ in manifest.chunks])
     assert sorted(read_all(manifest, [out], data)) == sorted(expected_rays(data, masks))
-    prepare_chunks(load_dataset(data), masks, [tmp_path / "f"], chunk_rays=400, progress=False)
+    prepare_chunks(load_dataset(data), masks, [tmp_path / "f"], chunk_rays=400)
     assert [(p.name, p.read_bytes()) for p in sorted(out.glob("chunk_*"))] == \
         [(p.name, p.read_bytes()) for p in sorted((tmp_path / "f").glob("chunk_*"))]
 
@@ -168,7 +168,7 @@ def test_stream_visits_every_ray_once_per_epoch_and_resumes(scene, tmp_path, mod
     data, masks = scene
     dataset = load_dataset(data)
     if mode == "disk":
-        manifest = prepare_chunks(dataset, masks, [tmp_path], chunk_rays=250, progress=False)
+        manifest = prepare_chunks(dataset, masks, [tmp_path], chunk_rays=250)
         read = ChunkReader(manifest, [tmp_path], dataset)
         counts = read.counts
     else:

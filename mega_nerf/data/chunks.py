@@ -167,8 +167,7 @@ def _write_chunk(path: Path, keys: list[np.ndarray], universe: int) -> int:
 
 
 def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Path], chunk_rays: int,
-                   seed: int = 0, progress: bool = True, store_dir: Path | None = None, masks: str | None = None
-                   ) -> Manifest:
+                   seed: int = 0, store_dir: Path | None = None, masks: str | None = None) -> Manifest:
     """Write the cell's ray chunks and the dataset's image store if missing, or verify and reuse them. Prints how
     many bytes go where before writing; one-line UserError when a disk lacks the space. `masks`: the masks'
     fingerprint when the caller has it (masks_fingerprint reads every mask file)."""
@@ -184,7 +183,7 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
             if not (chunk_paths[d] / name).is_file():
                 raise UserError(f"{chunk_paths[d] / name}: chunk listed in the manifest is missing")
         if not store_complete(store, dataset):
-            _announce(progress, f"image store: {store_bytes(dataset):,} bytes to {store}")
+            _announce(f"image store: {store_bytes(dataset):,} bytes to {store}")
             _check_space({store.parent: store_bytes(dataset)})
             write_store(store, dataset)
         return existing
@@ -212,7 +211,7 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     write_store_too = not store_complete(store, dataset)
     if write_store_too:
         needs[store.parent] = needs.get(store.parent, 0) + store_bytes(dataset)
-    _announce(progress, f"chunks: {count:,} rays in {n_chunks} chunk(s), about {sum(needs.values()):,} bytes: "
+    _announce(f"chunks: {count:,} rays in {n_chunks} chunk(s), about {sum(needs.values()):,} bytes: "
               f"keys to {', '.join(map(str, chunk_paths))}"
               + (f"; image store ({store_bytes(dataset):,} bytes, shared by every cell) to {store}"
                  if write_store_too else f"; image store {store} present"))
@@ -243,9 +242,9 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     return manifest
 
 
-def _announce(progress: bool, line: str) -> None:
-    if progress:
-        print(line, flush=True)
+def _announce(line: str) -> None:
+    """What is about to be written where: printed before writing, progress bars or not."""
+    print(line, flush=True)
 
 
 def _chunk_count(path: Path) -> int:

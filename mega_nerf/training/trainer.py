@@ -7,8 +7,10 @@ the latest one and ends bit-equal (on the CPU) to an uninterrupted run.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +61,8 @@ class Trainer:
         self.clock = StartupClock(started)
         if started is not None:
             self.clock.mark("imports")
+        # torch.optim's first optimiser imports torch._dynamo (seconds); begin it now, beside the device and data.
+        threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
         if config.data_mode == "disk" and not config.chunk_paths:
             raise UserError("missing option --chunk_paths")
         self.config, self.on_step = config, on_step
@@ -144,7 +148,7 @@ class Trainer:
             paths = [Path(p) for p in a.chunk_paths]
             store = Path(a.image_store) if a.image_store else None
             reused = (paths[0] / "manifest.json").is_file()
-            manifest = prepare_chunks(self.dataset, self.mask_dir, paths, a.chunk_rays, a.seed, a.progress, store,
+            manifest = prepare_chunks(self.dataset, self.mask_dir, paths, a.chunk_rays, a.seed, store,
                                       masks=self.masks)
             read = ChunkReader(manifest, paths, self.dataset, store)
             counts = read.counts
