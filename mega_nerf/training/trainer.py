@@ -276,7 +276,7 @@ class Trainer:
                 last_good = self.save(stream)
             if self.step % a.val_interval == 0 or self.step == self.iterations:
                 metrics = self.validate()
-                log.scalars(self.step, **metrics)
+                log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
         bar.close()
         if self.step - first == 1:  # a one-step run: no second step to tell compilation apart
             self._log_startup(log)
