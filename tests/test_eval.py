@@ -306,9 +306,9 @@ def test_strict_protocol_trains_no_val_pixel(tiny_city: Path) -> None:
     val = {m.index for m in dataset.val}
     strict = gather_in_memory(dataset, None, 0, STRICT)
     assert not np.isin(strict["image"], list(val)).any()
-    assert len(strict) == sum(m.W * m.H for m in dataset.train)
+    assert len(strict["image"]) == sum(m.W * m.H for m in dataset.train)
     default = gather_in_memory(dataset, None, 0, MEGA_NERF)
-    assert len(default) == len(strict) + sum(m.H * (m.W // 2) for m in dataset.val)
+    assert len(default["image"]) == len(strict["image"]) + sum(m.H * (m.W // 2) for m in dataset.val)
     for meta in dataset.val:  # the appearance of a val image under strict: the nearest training camera's
         distances = {m.index: float(np.linalg.norm(m.c2w[:, 3].numpy() - meta.c2w[:, 3].numpy()))
                      for m in dataset.train}

@@ -12,7 +12,7 @@ import configargparse
 from mega_nerf.cli.options import base_parser, require, scene_bounds
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError, run_cli
-from mega_nerf.partition.cells import make_params, parse_grid_dim
+from mega_nerf.partition.cells import EXACT, make_params, parse_grid_dim
 from mega_nerf.partition.job import MaskJob, create_cluster_masks
 
 
@@ -22,8 +22,9 @@ def partition_parser() -> configargparse.ArgParser:
     parser.add_argument("--output", type=str, help="mask directory to create (M/params.pt, M/<cell>/<image>)")
     parser.add_argument("--grid_dim", nargs="+", default=None,
                         help="cells along y (right) and along z (back), e.g. --grid_dim 2 4")
-    parser.add_argument("--ray_samples", type=int, default=1000,
-                        help="points per ray, evenly spaced from near to far, compared with the centroids")
+    parser.add_argument("--ray_samples", type=int, default=None,
+                        help="Mega-NeRF's sampled rule: this many points per ray (Mega-NeRF: 1000), evenly spaced "
+                             "from near to far, compared with the centroids; default: the exact rule, no samples")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted run in --output")
     parser.add_argument("--ray_chunk", type=int, default=1 << 16, help="rays generated at once per image")
     parser.add_argument("--dist_chunk", type=int, default=None,
@@ -51,7 +52,7 @@ def mask_job(args: configargparse.Namespace) -> MaskJob:
     dataset = load_dataset(args.dataset_path)
     bounds = scene_bounds(args, dataset.coordinates)
     params = make_params(dataset, grid_dim, bounds.near, bounds.far, bounds.altitude, args.boundary_margin,
-                         args.cluster_2d, args.ray_samples, args.foreground_scale)
+                         args.cluster_2d, args.ray_samples or EXACT, args.foreground_scale)
     return MaskJob(dataset, params, Path(args.output), args.resume, args.ray_chunk, args.dist_chunk,
                    args.timeout_minutes, not args.no_progress)
 

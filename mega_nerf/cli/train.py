@@ -12,6 +12,7 @@ from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
 from mega_nerf.training.config import TrainConfig
+from mega_nerf.training.startup import process_start
 from mega_nerf.training.trainer import Trainer
 
 
@@ -22,7 +23,11 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--cluster_mask_path", type=str, default=None, help="this cell's mask directory (M/<k>)")
     p.add_argument("--data_mode", choices=("disk", "memory"), default="disk",
                    help="disk: stream shuffled chunks from --chunk_paths; memory: keep every ray in RAM")
-    p.add_argument("--chunk_rays", type=int, default=2 ** 26, help="rays per chunk: bounds the shuffle's memory")
+    p.add_argument("--chunk_rays", type=int, default=2 ** 22,
+                   help="rays per chunk: what the stream loads at once (a random sample of the cell)")
+    p.add_argument("--image_store", type=str, default=None,
+                   help="folder of the decoded images every cell's chunks share (default: image_store/ beside the "
+                        "first --chunk_paths directory)")
     p.add_argument("--train_scale_factor", type=int, default=1, help="downsample training images by this")
     p.add_argument("--field", type=str, default="hash", help=f"one of {', '.join(FIELDS)}")
     p.add_argument("--batch_size", type=int, default=None, help="rays per step (hash 32768, mlp 1024)")
@@ -93,7 +98,7 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     config = train_config(train_parser().parse_args(argv))
     record_options(config, Path(config.exp_name))
-    final = Trainer(config).run()
+    final = Trainer(config, started=process_start()).run()
     print(f"done: {final}")
 
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from mega_nerf.partition.maskfile import (
 )
 
 ImageHook = Callable[[int], None]
+WRITERS = 8  # threads compressing and writing masks (zlib and fsync release the GIL)
+WRITE_QUEUE = 16  # images computed but not yet written, at most
 
 
 @dataclass
@@ -124,23 +128,45 @@ def _read_masks(job: MaskJob, image: ImageMetadata) -> torch.Tensor:
                         for k in range(job.params.num_cells)], -1)
 
 
+def _write_image_masks(job: MaskJob, image: ImageMetadata, member: torch.Tensor) -> torch.Tensor:
+    """Write one image's K masks (member: (H, W, K) bool); returns its rays per cell (K,)."""
+    for k in range(job.params.num_cells):
+        write_mask(job.output / str(k) / f"{image.name}{SUFFIX}", member[..., k])
+    return member.flatten(0, 1).sum(0)
+
+
 def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_image: ImageHook | None
                  ) -> tuple[torch.Tensor, int]:
     """Compute and write the masks of `images`; returns rays per cell (K,) and rays in all, for the report.
-    `on_image` is called with the number of images written after each one (tests stop a run with it)."""
+    Masks are compressed and written (each file fsynced) by a pool of threads while the next image is computed;
+    at most WRITE_QUEUE images wait. `on_image` is called with the number of images written after each one, in
+    order (tests stop a run with it)."""
     # About 1 MiB per (points, cells) tensor stays in a CPU's cache; a GPU wants large launches.
     dist_chunk = job.dist_chunk or (1 << 24 if info.device.type == "cuda" else 1 << 18)
     counts = torch.zeros(job.params.num_cells, dtype=torch.int64)
-    rays = 0
-    bar = tqdm(images, desc="cluster masks", unit="image", disable=not (info.is_main and job.progress))
-    for written, image in enumerate(bar, 1):
-        member = image_membership(image, job.params, info.device, job.ray_chunk, dist_chunk)
-        for k in range(job.params.num_cells):
-            write_mask(job.output / str(k) / f"{image.name}{SUFFIX}", member[..., k])
-        counts += member.flatten(0, 1).sum(0)
-        rays += image.H * image.W
+    rays, written = 0, 0
+    pending: deque[Future] = deque()
+
+    def finish_one() -> None:
+        nonlocal counts, written
+        counts += pending.popleft().result()
+        written += 1
         if on_image is not None:
             on_image(written)
+    bar = tqdm(images, desc="cluster masks", unit="image", disable=not (info.is_main and job.progress))
+    with ThreadPoolExecutor(WRITERS) as pool:
+        try:
+            for image in bar:
+                member = image_membership(image, job.params, info.device, job.ray_chunk, dist_chunk)
+                pending.append(pool.submit(_write_image_masks, job, image, member))
+                rays += image.H * image.W
+                while len(pending) > WRITE_QUEUE or (pending and pending[0].done()):
+                    finish_one()
+            while pending:
+                finish_one()
+        finally:
+            for future in pending:
+                future.cancel()
     return counts, rays
 
 

@@ -19,7 +19,8 @@ class TrainConfig:
     chunk_paths: tuple[str, ...] = ()  # directories for the shuffled ray chunks (data_mode disk)
     cluster_mask_path: str | None = None  # this cell's mask directory; None trains on every ray
     data_mode: str = "disk"  # disk: stream shuffled chunks; memory: every ray in RAM
-    chunk_rays: int = 2 ** 26
+    chunk_rays: int = 2 ** 22  # rays per chunk, which is also what the stream loads at once
+    image_store: str | None = None  # the shared decoded images; None: image_store/ beside the first chunk path
     train_scale_factor: int = 1
     # scene bounds (real-world units)
     near: float = 1.0

@@ -23,6 +23,11 @@ class Logger:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
 
+    def record(self, **values: object) -> None:
+        """One line of plain values that are not per-step scalars (e.g. the start-up breakdown)."""
+        self.file.write(json.dumps(values) + "\n")
+        self.file.flush()
+
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:

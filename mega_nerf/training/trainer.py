@@ -7,8 +7,10 @@ the latest one and ends bit-equal (on the CPU) to an uninterrupted run.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,17 +20,19 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.bounds import contracted_axes, foreground_box, mean_segment
-from mega_nerf.data.chunks import dataset_fingerprint, gather_in_memory, prepare_chunks
-from mega_nerf.data.dataset import load_dataset
-from mega_nerf.data.stream import RayStream
+from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
+from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
+from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
 from mega_nerf.io import save_torch_atomic
+from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
 from mega_nerf.render import RenderConfig, render_rays
 from mega_nerf.training import checkpoint as ckpt
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.log import Logger
+from mega_nerf.training.startup import StartupClock
 from mega_nerf.training.validation import validate
 
 StepHook = Callable[[int], None]
@@ -56,18 +60,25 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, on_step: StepHook | None = None) -> None:
+    def __init__(self, config: TrainConfig, on_step: StepHook | None = None, started: float | None = None) -> None:
         """config: the run; on_step: called after every optimiser step with the step number (tests use it to
-        stop a run abruptly)."""
+        stop a run abruptly); started: when the process started (the command line passes it, so that the
+        start-up breakdown counts imports), else start-up is timed from here."""
+        self.clock = StartupClock(started)
+        if started is not None:
+            self.clock.mark("imports")
+        # torch.optim's first optimiser imports torch._dynamo (seconds); begin it now, beside the device and data.
+        threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
         if config.data_mode == "disk" and not config.chunk_paths:
             raise UserError("missing option --chunk_paths")
         self.config, self.on_step = config, on_step
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it
+            torch.cuda.synchronize(self.device)
+        self.clock.mark("device init")
         self.exp_dir = Path(config.exp_name)
         self.dataset = load_dataset(config.dataset_path, config.train_scale_factor)
-        self.mask_dir = Path(config.cluster_mask_path) if config.cluster_mask_path else None
-        if self.mask_dir is not None and not self.mask_dir.is_dir():
-            raise UserError(f"--cluster_mask_path: {self.mask_dir} is not a directory")
         self.bounds = SceneBounds.from_real(config.near, config.far, config.ray_altitude_range,
                                            self.dataset.coordinates)
         if self.bounds.altitude is None:
@@ -76,6 +87,14 @@ class Trainer:
                   "in real down-coordinates (the converters estimate it from sparse points; preview_dataset.py "
                   "draws it)", file=sys.stderr)
         self.cameras = Cameras.from_dataset(self.dataset)
+        self.clock.mark("dataset")
+        self.mask_dir = Path(config.cluster_mask_path) if config.cluster_mask_path else None
+        if self.mask_dir is not None and not self.mask_dir.is_dir():
+            raise UserError(f"--cluster_mask_path: {self.mask_dir} is not a directory")
+        if self.mask_dir is not None:
+            check_cell_masks(self.mask_dir, self.dataset)
+        self.masks = masks_fingerprint(self.mask_dir)
+        self.clock.mark("masks")
         box = foreground_box(self.cameras.c2w[:, :, 3], self.bounds.altitude, config.foreground_scale)
         segment = mean_segment(self.cameras, self.bounds, box)
         self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
@@ -93,6 +112,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.step = 0
+        self.clock.mark("model")
 
     def validate(self) -> dict[str, float]:
         """Validation at the current step on the first `val_images` val images (training.validation), scored
@@ -135,28 +155,32 @@ class Trainer:
         """The cell's rays as a stream; None when the cell has no rays."""
         a = self.config
         if a.data_mode == "memory":
-            rays = gather_in_memory(self.dataset, self.mask_dir, a.seed, a.eval_protocol)
-            sources, counts = [rays], [len(rays)]
+            read, counts = memory_pieces(gather_in_memory(self.dataset, self.mask_dir, a.seed, a.eval_protocol))
+            self.clock.mark("rays in memory")
         else:
             paths = [Path(p) for p in a.chunk_paths]
-            manifest = prepare_chunks(self.dataset, self.mask_dir, paths, a.chunk_rays, a.seed,
-                                      progress=a.progress, protocol=a.eval_protocol)
-            sources = [paths[d] / name for d, name, _ in manifest.chunks]
-            counts = [c for _, _, c in manifest.chunks]
+            store = Path(a.image_store) if a.image_store else None
+            reused = (paths[0] / "manifest.json").is_file()
+            manifest = prepare_chunks(self.dataset, self.mask_dir, paths, a.chunk_rays, a.seed, store,
+                                      masks=self.masks, protocol=a.eval_protocol)
+            read = ChunkReader(manifest, paths, self.dataset, store)
+            counts = read.counts
+            self.clock.mark("chunks", "reused" if reused else f"written, {manifest.count:,} rays")
         total = sum(counts)
         if total == 0:
             return None
         if a.batch_size > total:
             raise UserError(f"--batch_size {a.batch_size} is larger than the {total} rays in this cell")
         self._plan(total)
-        return RayStream(sources, counts, a.batch_size, a.seed, self.device)
+        return RayStream(read, counts, a.batch_size, a.seed, self.device)
 
     def state(self, stream: RayStream | None, empty: bool = False) -> dict[str, Any]:
         return {"version": ckpt.VERSION, "step": self.step, "field_config": self.field_config,
                 "model": self.field.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "stream": stream.state_dict() if stream else {}, "rng": ckpt.rng_state(self.generator),
                 "dataset": dataset_fingerprint(self.dataset), "empty": empty,
-                "cell": self.mask_dir.name if self.mask_dir else None, "eval_protocol": self.config.eval_protocol,
+                "cell": self.mask_dir.name if self.mask_dir else None, "masks": self.masks,
+                "eval_protocol": self.config.eval_protocol,
                 "render": {"samples": self.config.samples, "fine_samples": self.config.fine_samples,
                            "bg_samples": self.config.bg_samples},
                 "scene": {"near": self.bounds.near, "far": self.bounds.far,
@@ -179,6 +203,12 @@ class Trainer:
         state = ckpt.load_checkpoint(path, self.device)
         if state["dataset"] != dataset_fingerprint(self.dataset) or state["field_config"] != self.field_config:
             raise UserError(f"{path}: checkpoint of another dataset or field; use another --exp_name")
+        cell = self.mask_dir.name if self.mask_dir else None
+        if state["cell"] != cell or state.get("masks", self.masks) != self.masks:
+            given = f"cell {cell}" if cell else "no masks"
+            raise UserError(f"{path}: checkpoint trained on cell {state['cell']}'s masks, but --cluster_mask_path "
+                            f"gives {given}{' with other masks' if state['cell'] == cell else ''}; use another "
+                            "--exp_name or the masks it was trained with")
         self.field.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
@@ -205,6 +235,23 @@ class Trainer:
         self.field.after_step(self.step, self.generator)
         return loss.detach(), mse.detach()
 
+    def _time_first_steps(self, steps: int, loss: torch.Tensor, stream: RayStream, log: Logger) -> None:
+        """Start-up parts of the first two steps: the first step, less the wait for its data and less a second
+        step's time, is kernel compilation (and other first-call costs); logged after the second."""
+        float(loss)  # waits for the device
+        if steps == 1:
+            self.clock.mark("first step")
+            self.clock.split("first step", "first data", stream.wait_seconds)
+            self._step_started = time.time()
+        else:
+            second = time.time() - self._step_started
+            self.clock.split("first step", "kernel compilation", self.clock.parts["first step"] - second)
+            self._log_startup(log)
+
+    def _log_startup(self, log: Logger) -> None:
+        print(self.clock.summary(), flush=True)
+        log.record(startup={**self.clock.parts, "total": self.clock.total}, startup_notes=self.clock.notes)
+
     def run(self) -> Path:
         """Train `iterations` steps, resuming if checkpoints exist. Returns the final checkpoint."""
         a = self.config
@@ -214,14 +261,19 @@ class Trainer:
             print(f"warning: cell {self.mask_dir} has no rays; writing an empty checkpoint", file=sys.stderr)
             return self.save(None, empty=True)
         last_good = self.resume(stream)
+        if last_good is not None:
+            self.clock.mark("resume")
         log = Logger(self.exp_dir)
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
         bar = tqdm(total=self.iterations, initial=self.step, disable=not a.progress, desc="train")
         first_bad = torch.tensor(-1, device=self.device)
         t0, rays0 = time.perf_counter(), 0
+        first = self.step
         while self.step < self.iterations:
             loss, mse = self.train_step(stream)
+            if self.step - first <= 2:
+                self._time_first_steps(self.step - first, loss, stream, log)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.step, first_bad)
             rays0 += a.batch_size
             bar.update(1)
@@ -235,15 +287,17 @@ class Trainer:
                 rate = rays0 / (time.perf_counter() - t0)
                 psnr = -10 * math.log10(max(float(mse), 1e-10))
                 log.scalars(self.step, loss=float(loss), psnr=psnr, lr=self.lr_at(self.step), rays_per_s=rate,
-                            epoch=self.epochs(self.step),
-                            samples_per_ray=int(self.last_samples) / a.batch_size)
+                            epoch=self.epochs(self.step), samples_per_ray=int(self.last_samples) / a.batch_size,
+                            data_waits=stream.waits, data_wait_s=stream.wait_seconds)
                 bar.set_postfix(psnr=f"{psnr:.2f}", rays_s=f"{rate:,.0f}", epoch=f"{self.epochs(self.step):.1f}")
                 t0, rays0 = time.perf_counter(), 0
             if at_ckpt:
                 last_good = self.save(stream)
             if self.step % a.val_interval == 0 or self.step == self.iterations:
                 metrics = self.validate()
-                log.scalars(self.step, **metrics)
+                log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
         bar.close()
+        if self.step - first == 1:  # a one-step run: no second step to tell compilation apart
+            self._log_startup(log)
         log.close()
         return last_good
