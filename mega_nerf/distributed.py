@@ -47,7 +47,8 @@ class DistInfo:
     store: dist.Store | None = None
     timeout_s: float = 600.0
     ops: int = 0  # barriers and gathers so far: every rank makes them in the same order, so the count names them
-    local_counters: dict[str, int] = field(default_factory=dict)  # the work queue when running alone
+    local_counters: dict[str, int] = field(default_factory=dict)  # claim's counters when running alone
+    local_shared: dict[str, object] = field(default_factory=dict)  # share's objects when running alone
 
     @property
     def is_main(self) -> bool:
@@ -135,7 +136,7 @@ def _wait(info: DistInfo, keys: list[str], what: str) -> None:
 
 def _next_op(info: DistInfo, name: str) -> str:
     info.ops += 1
-    return f"{info.ops}.{name}"
+    return f"{name}#{info.ops}"
 
 
 def barrier(info: DistInfo, name: str = "barrier") -> None:
@@ -147,17 +148,28 @@ def barrier(info: DistInfo, name: str = "barrier") -> None:
     _wait(info, [f"{op}/{r}" for r in range(info.world_size)], f"waiting at {name}")
 
 
+def share(obj: object, info: DistInfo, name: str) -> None:
+    """Publish this rank's picklable `obj` under `name`, for `shared` (one object per rank and name)."""
+    if info.store is None:
+        info.local_shared[name] = obj
+    else:
+        info.store.set(f"{name}/{info.rank}", pickle.dumps(obj))
+
+
+def shared(info: DistInfo, name: str) -> list:
+    """Every rank's object shared under `name`, in rank order, once every rank has shared it (waits until then)."""
+    if info.store is None:
+        return [info.local_shared[name]]
+    keys = [f"{name}/{r}" for r in range(info.world_size)]
+    _wait(info, keys, f"waiting for every rank's {name.partition('#')[0]}")
+    return [pickle.loads(info.store.get(key)) for key in keys]
+
+
 def gather_objects(obj: T, info: DistInfo, name: str = "gather") -> list[T] | None:
     """Every rank's picklable `obj`, in rank order, on rank 0; None on the other ranks, which do not wait."""
-    if info.store is None:
-        return [obj]
     op = _next_op(info, name)
-    info.store.set(f"{op}/{info.rank}", pickle.dumps(obj))
-    if not info.is_main:
-        return None
-    keys = [f"{op}/{r}" for r in range(info.world_size)]
-    _wait(info, keys, f"gathering {name}")
-    return [pickle.loads(info.store.get(key)) for key in keys]
+    share(obj, info, op)
+    return shared(info, op) if info.is_main else None
 
 
 def broadcast_object(obj: T | None, info: DistInfo, name: str = "broadcast") -> T:

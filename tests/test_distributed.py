@@ -3,16 +3,12 @@ torch.distributed.run (CPU) gathers arrive in rank order, every queue number goe
 error ends every rank at once, and a rank that dies silently is waited for only until the timeout."""
 from __future__ import annotations
 
-import datetime
-import os
-import subprocess
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from mega_nerf.distributed import (
     DistInfo,
@@ -25,7 +21,8 @@ from mega_nerf.distributed import (
 )
 from mega_nerf.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:
+    from conftest import Ranks
 
 # argv: timeout minutes, then what rank 1 does: "ok", "fail" (raises a UserError) or "die" (exits silently)
 WORKER = """
@@ -81,67 +78,46 @@ def test_a_rank_not_launched_by_torchrun_is_one_line(monkeypatch: pytest.MonkeyP
         init_distributed()
 
 
-def worker_env() -> dict[str, str]:
-    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-
-
-def run_workers(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_workers(tmp_path: Path, launch_script: Callable[..., Ranks], *args: str, agent: bool = True) -> Ranks:
+    """WORKER on 3 ranks: under torchrun, or (agent=False) with no launcher to stop the others (conftest)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                             "3", str(script), *args], env=worker_env(), capture_output=True, text=True, timeout=120)
-    return result, time.monotonic() - start
+    return launch_script(script, list(args), 3, agent)
 
 
-def test_gather_broadcast_and_queue_under_torchrun(tmp_path: Path) -> None:
-    result, _ = run_workers(tmp_path, "1", "ok")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "GATHERED [(0, [0, 3, 6]), (1, [1, 4]), (2, [2, 5])]" in result.stdout
-    assert f"CLAIMED {list(range(20))}" in result.stdout  # every number to exactly one rank
-    assert all(f"RANK {r} GOT from rank 0" in result.stdout for r in range(3))
+def test_gather_broadcast_and_queue_under_torchrun(tmp_path: Path, launch_script: Callable[..., Ranks]) -> None:
+    result = run_workers(tmp_path, launch_script, "1", "ok")
+    assert result.codes == [0], result.stderr[0][-3000:]
+    assert "GATHERED [(0, [0, 3, 6]), (1, [1, 4]), (2, [2, 5])]" in result.stdout[0]
+    assert f"CLAIMED {list(range(20))}" in result.stdout[0]  # every number to exactly one rank
+    assert all(f"RANK {r} GOT from rank 0" in result.stdout[0] for r in range(3))
 
 
-def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path: Path) -> None:
+def test_a_failing_rank_ends_the_job_under_torchrun(tmp_path: Path, launch_script: Callable[..., Ranks]) -> None:
     """Ranks 0 and 2 wait at a barrier for rank 1, which raised: the job ends with rank 1's error well before
     the 10-minute timeout."""
-    result, seconds = run_workers(tmp_path, "10", "fail")
-    assert result.returncode != 0
-    assert "error: rank 1 fails on purpose" in result.stderr
-    assert seconds < 60
+    result = run_workers(tmp_path, launch_script, "10", "fail")
+    assert result.codes != [0]
+    assert "error: rank 1 fails on purpose" in result.stderr[0]
+    assert result.seconds < 60
 
 
-def run_as_across_nodes(tmp_path: Path, timeout_minutes: str, rank1: str) -> tuple[list[int], list[str], float]:
-    """Three workers launched without torchrun's agent stopping the others when one fails (as on other nodes):
-    this test hosts the job's store as the agent would. Returns exit codes, last stderr lines and seconds."""
-    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=30))
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**worker_env(), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-           "TORCHELASTIC_USE_AGENT_STORE": "True"}
-    start = time.monotonic()
-    workers = [subprocess.Popen([sys.executable, str(script), timeout_minutes, rank1], env={**env, "RANK": str(r)},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(3)]
-    errors = [w.communicate(timeout=60)[1].strip() for w in workers]
-    return [w.returncode for w in workers], [e.splitlines()[-1] if e else "" for e in errors], \
-        time.monotonic() - start
-
-
-def test_a_failing_rank_reaches_ranks_torchrun_does_not_stop(tmp_path: Path) -> None:
+def test_a_failing_rank_reaches_ranks_torchrun_does_not_stop(tmp_path: Path,
+                                                             launch_script: Callable[..., Ranks]) -> None:
     """Rank 1 raises; ranks 0 and 2, waiting with a 10-minute timeout, end at once with its error, one line."""
-    codes, last, seconds = run_as_across_nodes(tmp_path, "10", "fail")
-    assert codes == [2, 2, 2]
-    assert last == ["error: rank 1 failed: rank 1 fails on purpose", "error: rank 1 fails on purpose",
-                    "error: rank 1 failed: rank 1 fails on purpose"]
-    assert seconds < 30
+    result = run_workers(tmp_path, launch_script, "10", "fail", agent=False)
+    assert result.codes == [2, 2, 2]
+    assert result.last_error_lines() == ["error: rank 1 failed: rank 1 fails on purpose",
+                                         "error: rank 1 fails on purpose",
+                                         "error: rank 1 failed: rank 1 fails on purpose"]
+    assert result.seconds < 30
 
 
-def test_a_silent_death_is_waited_for_until_the_timeout(tmp_path: Path) -> None:
+def test_a_silent_death_is_waited_for_until_the_timeout(tmp_path: Path, launch_script: Callable[..., Ranks]) -> None:
     """Rank 1 exits without a word; ranks 0 and 2 give up at the 3 s timeout, naming rank 1."""
-    codes, last, seconds = run_as_across_nodes(tmp_path, "0.05", "die")
-    assert codes == [2, 3, 2]
+    result = run_workers(tmp_path, launch_script, "0.05", "die", agent=False)
+    assert result.codes == [2, 3, 2]
     expected = ("error: waiting at barrier: no word from rank 1 within 0.05 minutes (--timeout_minutes); it died "
                 "or is stuck, see its output")
-    assert last == [expected, "", expected]
-    assert 3 <= seconds < 30
+    assert result.last_error_lines() == [expected, "", expected]
+    assert 3 <= result.seconds < 30

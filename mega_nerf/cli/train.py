@@ -2,6 +2,8 @@
 whole scene. Builds a TrainConfig from the options and hands it to the Trainer."""
 from __future__ import annotations
 
+from typing import Any
+
 import configargparse
 
 from mega_nerf.cli.options import base_parser, config_from_args
@@ -16,6 +18,12 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--exp_name", type=str, help="experiment directory (checkpoints, logs, renders)")
     p.add_argument("--chunk_paths", type=str, nargs="+", help="directories for the shuffled ray chunks")
     p.add_argument("--cluster_mask_path", type=str, default=None, help="this cell's mask directory (M/<k>)")
+    add_training_options(p)
+    return p
+
+
+def add_training_options(p: configargparse.ArgParser) -> None:
+    """How to train a model (every option of train.py but where its files go): train.py's and train_cells.py's."""
     p.add_argument("--data_mode", choices=("disk", "memory"), default="disk",
                    help="disk: stream shuffled chunks from --chunk_paths; memory: keep every ray in RAM")
     p.add_argument("--chunk_rays", type=int, default=2 ** 26, help="rays per chunk: bounds the shuffle's memory")
@@ -49,14 +57,15 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true")
-    return p
 
 
-def train_config(args: configargparse.Namespace) -> TrainConfig:
-    """The options as a TrainConfig (which fills what a user leaves unset with the field's own defaults)."""
+def train_config(args: configargparse.Namespace, **values: Any) -> TrainConfig:
+    """The options as a TrainConfig (which fills what a user leaves unset with the field's own defaults);
+    `values` take precedence (train_cells gives each cell's directories)."""
     altitude = None if args.ray_altitude_range is None else tuple(args.ray_altitude_range)
-    return config_from_args(TrainConfig, args, ("dataset_path", "exp_name"),
-                            chunk_paths=tuple(args.chunk_paths or ()), ray_altitude_range=altitude)
+    required = tuple(option for option in ("dataset_path", "exp_name") if option not in values)
+    given = {"chunk_paths": tuple(getattr(args, "chunk_paths", None) or ()), "ray_altitude_range": altitude}
+    return config_from_args(TrainConfig, args, required, **{**given, **values})
 
 
 def config_from_argv(argv: list[str]) -> TrainConfig:
