@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
+from mega_nerf.cli.parscript import main as parscript_main
 from mega_nerf.cli.train import main as train_main
 from mega_nerf.cli.train_cells import main as train_cells_main
 from mega_nerf.errors import UserError
@@ -85,10 +86,16 @@ def assert_as_separate_runs(root: Path, separate_runs: Path) -> None:
         assert same(ours, reference), f"cell {k}"
 
 
-def test_cells_go_largest_first(masks: Path) -> None:
+def test_cells_go_largest_first(masks: Path, tmp_path: Path) -> None:
+    """Here and in the parscript job list (make_parscript.py --mask_path)."""
     sizes = cell_sizes(masks)
     assert len(sizes) == 4 and min(sizes) > 0
     assert [sizes[k] for k in largest_first(sizes)] == sorted(sizes, reverse=True)
+    parscript_main(["--cells", "4", "--output", str(tmp_path / "run_4.txt"), "--mask_path", str(masks)])
+    jobs = (tmp_path / "run_4.txt").read_text().splitlines()
+    assert [int(line.split("$MASK_PATH/")[1].split()[0]) for line in jobs] == largest_first(sizes)
+    with pytest.raises(UserError, match="holds 4 cells, not --cells 8"):
+        parscript_main(["--cells", "8", "--output", str(tmp_path / "run_8.txt"), "--mask_path", str(masks)])
     (masks / "partition.json").rename(masks / "partition.bak")  # as Mega-NeRF's masks: counted from the files
     try:
         assert cell_sizes(masks) == sizes
