@@ -49,39 +49,6 @@ def oblique_summary(oblique_city: Path) -> dict:
     return json.loads((oblique_city / "scene.json").read_text())
 
 
-# A stage run as its command runs it, with a test hook: argv = stage, hook rank (-1: any), hook kind (none, exit,
-# user, crash), the hook's trigger (comma-separated: the last numbers the hook is called with: images written,
-# or cell and step), then the stage's own options.
-STAGE_WORKER = """
-import os, sys
-from mega_nerf.errors import UserError, run_cli
-
-stage, rank, kind, trigger, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
-trigger = [int(n) for n in trigger.split(",")]
-
-def hook(*counts):
-    if rank in (-1, int(os.environ["RANK"])) and list(counts[-len(trigger):]) == trigger:
-        if kind == "exit":
-            os._exit(3)  # as kill -9 would
-        raise (UserError if kind == "user" else RuntimeError)("fails on purpose (test hook)")
-
-def main():
-    hooked = None if kind == "none" else hook
-    if stage == "partition":
-        from mega_nerf.cli.partition import mask_job, partition_parser
-        from mega_nerf.partition.job import create_cluster_masks
-        create_cluster_masks(mask_job(partition_parser().parse_args(argv)), on_image=hooked)
-    elif stage == "eval":
-        from mega_nerf.cli.eval import config_from_argv
-        from mega_nerf.evaluation.evaluate import evaluate
-        evaluate(config_from_argv(argv), on_image=hooked)
-    else:
-        from mega_nerf.cli.train_cells import cells_config, train_cells_parser
-        from mega_nerf.training.all_cells import train_cells
-        train_cells(cells_config(train_cells_parser().parse_args(argv)), on_step=hooked)
-
-run_cli(main)
-"""
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -133,13 +100,10 @@ def launch_script() -> Callable[..., Ranks]:
 
 
 @pytest.fixture
-def launch(tmp_path: Path) -> Callable[..., Ranks]:
+def launch() -> Callable[..., Ranks]:
     """launch(stage, options, hook=(rank, kind, trigger), nproc=2, agent=True): a stage (partition, eval, cells)
-    run as its command runs it with STAGE_WORKER's test hook, on ranks started by launch_ranks."""
-    script = tmp_path / "stage_worker.py"
-    script.write_text(STAGE_WORKER)
-
+    run as its command runs it with tests/stage_worker.py's test hook, on ranks started by launch_ranks."""
     def run(stage: str, options: list[object], hook: tuple[int, str, str] = (-1, "none", "0"), nproc: int = 2,
             agent: bool = True) -> Ranks:
-        return launch_ranks(script, [stage, *hook, *options], nproc, agent)
+        return launch_ranks(ROOT / "tests" / "stage_worker.py", [stage, *hook, *options], nproc, agent)
     return run
