@@ -7,6 +7,9 @@ waits can look for another rank's failure while it waits. A rank that fails post
 (`distributed_job`); every wait polls for it and ends its own rank with that error, one line, within a fraction
 of a second, on one node as across nodes. A rank that dies without a word (killed, its node lost) is waited for
 at most `timeout_minutes`. (torchrun also stops a node's other workers when one of them exits with an error.)
+Waits that may last as long as the others work (the end of training every cell) are patient: they wait for
+ranks whose heartbeat (a background thread, `heartbeat`) goes on, and name the rank whose heartbeat stops. Every
+rank then leaves together, which also keeps the first node's agent, and with it the store, alive until the end.
 
 Every helper works unlaunched too: without `RANK` in the environment the process is rank 0 of 1, waits return
 at once and the work queue counts locally.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +34,8 @@ from mega_nerf.errors import UserError
 T = TypeVar("T")
 FAILED = "failed"  # the store key holding the first failing rank's error
 POLL_SECONDS = 0.02  # a wait looks at the store this often (a look is one round trip, ~0.1 ms)
+PATIENT_POLL_SECONDS = 1.0  # a patient wait (possibly hours, every rank) looks less often
+HEARTBEAT_SECONDS = 5.0  # a rank's heartbeat thread bumps its counter this often
 
 
 class PeerFailure(UserError):
@@ -46,6 +52,7 @@ class DistInfo:
     device: torch.device
     store: dist.Store | None = None
     timeout_s: float = 600.0
+    prefix: str = ""  # of this attempt's keys in torchrun's store
     ops: int = 0  # barriers and gathers so far: every rank makes them in the same order, so the count names them
     local_counters: dict[str, int] = field(default_factory=dict)  # claim's counters when running alone
     local_shared: dict[str, object] = field(default_factory=dict)  # share's objects when running alone
@@ -90,9 +97,9 @@ def init_distributed(timeout_minutes: float = 10) -> DistInfo:
     timeout = datetime.timedelta(minutes=timeout_minutes)
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     # torchrun keeps its store across restarts (--max_restarts): keys of an earlier attempt must not be seen
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"mega_nerf/{attempt}/", store)
-    return DistInfo(rank, world_size, local_rank, _pick_device(local_rank), store, timeout_minutes * 60)
+    prefix = f"mega_nerf/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    return DistInfo(rank, world_size, local_rank, _pick_device(local_rank), dist.PrefixStore(prefix, store),
+                    timeout_minutes * 60, prefix)
 
 
 def shard(items: list[T], info: DistInfo) -> list[T]:
@@ -120,18 +127,56 @@ def post_failure(info: DistInfo, error: BaseException) -> None:
         pass  # the store is gone (its node with it): the others will time out instead
 
 
-def _wait(info: DistInfo, keys: list[str], what: str) -> None:
-    """Until every key exists (keys[r]: rank r's), polling for failures; a one-line UserError naming the ranks
-    still missing after the timeout."""
+def _wait(info: DistInfo, keys: list[str], what: str, patient: bool = False) -> None:
+    """Until every key exists (keys[r]: rank r's), polling for failures. A one-line PeerFailure names the ranks
+    still missing after the timeout, or (patient) a missing rank whose heartbeat stopped for the timeout."""
     assert info.store is not None
-    deadline = time.monotonic() + info.timeout_s
+    start = time.monotonic()
+    beats: dict[int, tuple[int, float]] = {}  # rank -> (heartbeat count, when it was last seen to change)
     while not info.store.check(keys):
         check_failures(info)
-        if time.monotonic() > deadline:
-            missing = [str(r) for r, key in enumerate(keys) if not info.store.check([key])]
-            raise PeerFailure(f"{what}: no word from rank {', '.join(missing)} within {info.timeout_s / 60:g} minutes "
-                            "(--timeout_minutes); it died or is stuck, see its output")
-        time.sleep(POLL_SECONDS)
+        now, missing = time.monotonic(), []
+        if patient:
+            for r in (r for r, key in enumerate(keys) if not info.store.check([key])):
+                count = info.store.add(f"beat.{r}", 0)
+                if beats.get(r, (None, now))[0] != count:
+                    beats[r] = (count, now)
+                if now - beats[r][1] > info.timeout_s:
+                    missing.append(r)
+        elif now - start > info.timeout_s:
+            missing = [r for r, key in enumerate(keys) if not info.store.check([key])]
+        if missing:
+            ranks, silence = ", ".join(map(str, missing)), "heartbeat" if patient else "word"
+            raise PeerFailure(f"{what}: no {silence} from rank {ranks} within {info.timeout_s / 60:g} minutes "
+                              "(--timeout_minutes); it died or is stuck, see its output")
+        time.sleep(PATIENT_POLL_SECONDS if patient else POLL_SECONDS)
+
+
+@contextmanager
+def heartbeat(info: DistInfo) -> Iterator[None]:
+    """While the block runs, a background thread bumps this rank's heartbeat counter every HEARTBEAT_SECONDS
+    (or a quarter of the timeout, if shorter; through its own connection to the store), so that patient waits
+    can tell a slow rank from a dead one."""
+    if info.store is None:
+        yield
+        return
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), is_master=False,
+                           timeout=datetime.timedelta(seconds=info.timeout_s))
+    store, stop = dist.PrefixStore(info.prefix, client), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(min(HEARTBEAT_SECONDS, info.timeout_s / 4)):
+            try:
+                store.add(f"beat.{info.rank}", 1)
+            except dist.DistError:
+                return  # the store is gone: the job is ending
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _next_op(info: DistInfo, name: str) -> str:
@@ -156,12 +201,13 @@ def share(obj: object, info: DistInfo, name: str) -> None:
         info.store.set(f"{name}/{info.rank}", pickle.dumps(obj))
 
 
-def shared(info: DistInfo, name: str) -> list:
-    """Every rank's object shared under `name`, in rank order, once every rank has shared it (waits until then)."""
+def shared(info: DistInfo, name: str, patient: bool = False) -> list:
+    """Every rank's object shared under `name`, in rank order, once every rank has shared it (waits until then:
+    at most the timeout, or, patient, as long as the ranks still working keep their heartbeat)."""
     if info.store is None:
         return [info.local_shared[name]]
     keys = [f"{name}/{r}" for r in range(info.world_size)]
-    _wait(info, keys, f"waiting for every rank's {name.partition('#')[0]}")
+    _wait(info, keys, f"waiting for every rank's {name.partition('#')[0]}", patient)
     return [pickle.loads(info.store.get(key)) for key in keys]
 
 

@@ -50,6 +50,24 @@ def main():
 run_cli(main)
 """
 
+# argv: timeout minutes, then what rank 1 does before it shares: "die" (exits silently) or sleep that many seconds
+PATIENT_WORKER = """
+import os, sys, time
+from mega_nerf.distributed import distributed_job, heartbeat, share, shared
+from mega_nerf.errors import run_cli
+
+def main():
+    with distributed_job(float(sys.argv[1])) as info, heartbeat(info):
+        if info.rank == 1 and sys.argv[2] == "die":
+            os._exit(3)
+        if info.rank == 1:
+            time.sleep(float(sys.argv[2]))
+        share(info.rank * 10, info, "done")
+        print("SHARED", shared(info, "done", patient=True))
+
+run_cli(main)
+"""
+
 
 @pytest.mark.parametrize("world_size, count", [(1, 5), (3, 10), (4, 2), (8, 0)])
 def test_shard_covers_every_item_once(world_size: int, count: int) -> None:
@@ -121,3 +139,26 @@ def test_a_silent_death_is_waited_for_until_the_timeout(tmp_path: Path, launch_s
                 "or is stuck, see its output")
     assert result.last_error_lines() == [expected, "", expected]
     assert 3 <= result.seconds < 30
+
+
+def test_a_patient_wait_outlasts_the_timeout_for_a_live_rank(tmp_path: Path,
+                                                             launch_script: Callable[..., Ranks]) -> None:
+    """Rank 1 works for 8 s, over twice the 3 s timeout, with its heartbeat going: the others wait for it."""
+    script = tmp_path / "patient.py"
+    script.write_text(PATIENT_WORKER)
+    result = launch_script(script, ["0.05", "8"], 3, False)
+    assert result.codes == [0, 0, 0], result.stderr
+    assert all("SHARED [0, 10, 20]" in out for out in result.stdout)
+    assert result.seconds >= 8
+
+
+def test_a_patient_wait_names_a_rank_whose_heartbeat_stops(tmp_path: Path,
+                                                           launch_script: Callable[..., Ranks]) -> None:
+    script = tmp_path / "patient.py"
+    script.write_text(PATIENT_WORKER)
+    result = launch_script(script, ["0.05", "die"], 3, False)
+    assert result.codes == [2, 3, 2]
+    expected = ("error: waiting for every rank's done: no heartbeat from rank 1 within 0.05 minutes "
+                "(--timeout_minutes); it died or is stuck, see its output")
+    assert result.last_error_lines() == [expected, "", expected]
+    assert result.seconds < 30

@@ -10,7 +10,8 @@ once the Trainer has written its final checkpoint (atomically, with everything n
 
 A cell that fails with a user error (a non-finite loss, a bad mask) or runs out of GPU memory is reported and
 its rank goes on to the next cell; any other error stops the job (mega_nerf.distributed posts it to every rank).
-The last rank to finish prints every cell's outcome and, when some failed, one error line naming them and why.
+Every rank waits for the others at the end (as long as their heartbeat goes on); then rank 0 prints every cell's
+outcome and, when some failed, one error line naming them and why.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from mega_nerf.distributed import (
     check_failures,
     claim,
     distributed_job,
+    heartbeat,
     share,
     shared,
 )
@@ -146,9 +148,9 @@ def summary(outcomes: list[CellOutcome], num_cells: int) -> str:
 
 def train_cells(config: CellsConfig, on_step: CellStepHook | None = None) -> list[CellOutcome] | None:
     """Train every cell, each rank taking the next largest untaken cell until none is left. Returns every
-    cell's outcome on the last rank to finish (after printing them), None on the others; UserError (one line,
-    naming the cells and why) on the last rank when some cell failed."""
-    with distributed_job(config.timeout_minutes) as info:
+    cell's outcome on rank 0 (after printing them), None on the others; UserError on rank 0 (one line, naming
+    the cells and why) when some cell failed."""
+    with distributed_job(config.timeout_minutes) as info, heartbeat(info):
         order = broadcast_object(largest_first(cell_sizes(Path(config.mask_path))) if info.is_main else None, info)
         progress = config.train.progress and info.local_rank == 0  # one progress bar per node's terminal
         outcomes = []
@@ -162,9 +164,10 @@ def train_cells(config: CellsConfig, on_step: CellStepHook | None = None) -> lis
             print(f"rank {info.rank}: cell {cell}: {'ok' if outcomes[-1].trained else 'FAILED'}: "
                   f"{outcomes[-1].detail}", flush=True)
         share(outcomes, info, "outcomes")
-        if claim(info, "finished") < info.world_size - 1:
-            return None  # not the last rank to finish: the last one reports
-        everything = [o for rank in shared(info, "outcomes") for o in rank]
+        # Every rank stays until the last cell is done: the first node's agent hosts the store the others use.
+        everything = [o for rank in shared(info, "outcomes", patient=True) for o in rank]
+        if not info.is_main:
+            return None
         print(summary(everything, len(order)))
         failed = [o for o in everything if not o.trained]
         if failed:
