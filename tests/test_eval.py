@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -171,6 +172,20 @@ def test_failing_rank_ends_the_job_with_its_error(pipeline: Path, tiny_city: Pat
 def eval_args(config: Path, container: Path, dataset: Path, out: Path) -> list[str]:
     return ["--config_file", str(config), "--exp_name", str(out), "--container_path", str(container),
             "--dataset_path", str(dataset), "--no_progress"]
+
+
+def test_a_failing_rank_stops_every_rank(pipeline: Path, tiny_city: Path, tmp_path: Path, launch: Callable) -> None:
+    """Rank 1 fails after its first image (test hook); rank 0, with no launcher to stop it (as on another node),
+    stops before its next image with rank 1's error, one line, long before the 10-minute timeout."""
+    options = [*eval_args(tiny_city / "config.yaml", pipeline / "merged.pt", tiny_city, tmp_path / "out"),
+               "--timeout_minutes", "10"]
+    result = launch("eval", options, hook=(1, "user", "1"), agent=False)
+    assert result.codes == [2, 2]
+    assert result.last_error_lines() == ["error: rank 1 failed: fails on purpose (test hook)",
+                                         "error: fails on purpose (test hook)"]
+    assert result.seconds < 60
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert len(list((tmp_path / "out" / "rgb").iterdir())) < len(load_dataset(tiny_city).val)
 
 
 def test_eval_bad_inputs(pipeline: Path, tiny_city: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import runpy
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -315,6 +315,18 @@ def test_two_processes_write_the_same_bytes(done_before: int, rule: str, request
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert tree_bytes(output) == tree_bytes(partitioned)
+
+
+def test_a_failing_rank_ends_every_rank_with_its_error(tiny_city: Path, tmp_path: Path, launch: Callable) -> None:
+    """Rank 1 fails after its first image; rank 0, with no launcher to stop it (as on another node), stops with
+    rank 1's error, one line, long before the 10-minute timeout."""
+    options = base_args(tiny_city, tmp_path / "masks", "--no_progress", "--timeout_minutes", 10)
+    result = launch("partition", options, hook=(1, "user", "1"), agent=False)
+    assert result.codes == [2, 2]
+    assert result.last_error_lines() == ["error: rank 1 failed: fails on purpose (test hook)",
+                                         "error: fails on purpose (test hook)"]
+    assert result.seconds < 60
+    assert not (tmp_path / "masks" / "partition.json").exists()
 
 
 # ---- one-line errors -----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import configargparse
 
@@ -21,6 +22,12 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--exp_name", type=str, help="experiment directory (checkpoints, logs, renders)")
     p.add_argument("--chunk_paths", type=str, nargs="+", help="directories for the shuffled ray chunks")
     p.add_argument("--cluster_mask_path", type=str, default=None, help="this cell's mask directory (M/<k>)")
+    add_training_options(p)
+    return p
+
+
+def add_training_options(p: configargparse.ArgParser) -> None:
+    """How to train a model (every option of train.py but where its files go): train.py's and train_cells.py's."""
     p.add_argument("--data_mode", choices=("disk", "memory"), default="disk",
                    help="disk: stream shuffled chunks from --chunk_paths; memory: keep every ray in RAM")
     p.add_argument("--chunk_rays", type=int, default=2 ** 22,
@@ -72,22 +79,23 @@ def train_parser() -> configargparse.ArgParser:
                    help="start from this checkpoint (same dataset and field) when --exp_name holds none")
     p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true")
-    return p
 
 
 MLP_SIZES = ("layers", "layer_dim", "pos_xyz_dim", "pos_dir_dim")
 
 
-def train_config(args: configargparse.Namespace) -> TrainConfig:
-    """The options as a TrainConfig (which fills what a user leaves unset with the field's own defaults)."""
+def train_config(args: configargparse.Namespace, **values: Any) -> TrainConfig:
+    """The options as a TrainConfig (which fills what a user leaves unset with the field's own defaults);
+    `values` take precedence (train_cells gives each cell's directories)."""
     if args.field != "mlp":
         for option in MLP_SIZES:
             if getattr(args, option) is not None:
                 print(f"ignoring --{option}: it sizes the mlp field (Mega-NeRF's network), not --field {args.field}",
                       file=sys.stderr)
     altitude = None if args.ray_altitude_range is None else tuple(args.ray_altitude_range)
-    return config_from_args(TrainConfig, args, ("dataset_path", "exp_name"),
-                            chunk_paths=tuple(args.chunk_paths or ()), ray_altitude_range=altitude)
+    required = tuple(option for option in ("dataset_path", "exp_name") if option not in values)
+    given = {"chunk_paths": tuple(getattr(args, "chunk_paths", None) or ()), "ray_altitude_range": altitude}
+    return config_from_args(TrainConfig, args, required, **{**given, **values})
 
 
 def config_from_argv(argv: list[str]) -> TrainConfig:

@@ -12,12 +12,13 @@ Outputs under `--exp_name`: rgb/<name>.png, depth/<name>.png (colour-mapped, nea
 Distributed (`python -m torch.distributed.run --nproc_per_node N mega_nerf/eval.py ...`): the val images are
 sharded over ranks, each rank writes its own renders, rank 0 gathers the metrics and writes metrics.json. An
 image is rendered the same way whichever rank gets it (fixed ray chunks, no jitter), so the metrics do not
-depend on the world size. A rank that fails exits with its error and torchrun stops the others; waits
-between ranks end after `--timeout_minutes`.
+depend on the world size. A rank that fails posts its error and every other rank stops with it before its next
+image (mega_nerf.distributed); a rank that dies silently is waited for at most `--timeout_minutes`.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.data.dataset import MEGA_NERF, STRICT, Dataset, ImageMetadata, dataset_fingerprint, load_dataset
-from mega_nerf.distributed import cleanup, gather_objects, init_distributed, shard
+from mega_nerf.distributed import check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.lpips import LPIPS, load_lpips_nets
 from mega_nerf.evaluation.metrics import SSIM_WINDOW, image_metrics
@@ -50,6 +51,7 @@ IMPLEMENTATIONS = {
              "AlexNet / VGG16 weights and the lpips package's linear layers; inputs scaled to [-1, 1]"}
 METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
 TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metrics.json has them all)
+ImageHook = Callable[[int], None]
 
 
 @dataclass
@@ -185,16 +187,22 @@ def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.d
     return line
 
 
-def evaluate(config: EvalConfig) -> dict[str, Any] | None:
-    """Run the evaluation on this rank's share of the val images. Returns the report on rank 0, else None."""
-    info = init_distributed(config.timeout_minutes)
-    try:
+def evaluate(config: EvalConfig, on_image: ImageHook | None = None) -> dict[str, Any] | None:
+    """Run the evaluation on this rank's share of the val images. Returns the report on rank 0, else None.
+    `on_image` is called with the number of images this rank has evaluated after each one (tests stop a rank
+    with it)."""
+    with distributed_job(config.timeout_minutes) as info:
         job = prepare(config, info.device)
         mine = shard(job.images, info)
         bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or not config.progress)
         start = time.perf_counter()
+        results = []
         with torch.no_grad():
-            results = [evaluate_image(job, meta) for meta in bar]
+            for meta in bar:
+                check_failures(info)  # another rank's error ends this one too
+                results.append(evaluate_image(job, meta))
+                if on_image is not None:
+                    on_image(len(results))
         seconds = time.perf_counter() - start
         gathered = gather_objects(results, info)
         if gathered is None:
@@ -205,6 +213,3 @@ def evaluate(config: EvalConfig) -> dict[str, Any] | None:
         print(throughput_line(mine, seconds, info.device))
         print(f"wrote {job.output / 'metrics.json'}")
         return report
-    finally:
-        cleanup(info)
-
