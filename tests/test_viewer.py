@@ -9,6 +9,7 @@ Set VIEWER_SCREENSHOT=path to keep the browser test's screenshot (docs/viewer.pn
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -31,12 +32,14 @@ from mega_nerf.viewer.scene import Scene, compose, render_rows
 from mega_nerf.viewer.watch import FieldCopy
 
 CHROMIUM = Path("/usr/bin/chromium")
-STEPS = 150
+STEPS = int(os.environ.get("VIEWER_STEPS", 150))  # more for a screenshot worth showing
 TRAIN = ["--data_mode", "memory", "--lr_decay_epochs", "0", "--batch_size", "512", "--lr", "3e-2", "--samples", "16",
          "--bg_samples", "8", "--hash_levels", "4", "--log2_hashmap_size", "12", "--max_resolution", "64",
          "--occupancy_resolution", "16", "--no_progress", "--val_interval", "100000", "--log_interval", "100000",
          "--val_images", "0"]
-BROWSER_PSNR_FLOOR = 33.0  # dB, the browser's frame (JPEG, drawn by WebGL) against a direct render; measured 40-41
+# dB, the browser's frame (JPEG quality 92, drawn by WebGL) against a direct render of its pose: measured 37.2 and
+# 33.7 at 150 steps, 35.7 and 31.0 at 1000 (sharper, so JPEG loses more)
+BROWSER_PSNR_FLOOR = 28.0
 FRAME_SECONDS = 60.0  # longest wait for a frame
 
 
@@ -257,8 +260,32 @@ def browser_frame(viewer, client_id: int, shown: Shown) -> np.ndarray:
     return client.get_render(shown.height, shown.width, transport_format="png", timeout=20)[:, :, :3]
 
 
+def turned(view: View) -> View:
+    """The view turned by one pixel's angle about its up axis."""
+    angle = view.fov / view.height
+    c, s = math.cos(angle), math.sin(angle)
+    about_up = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])  # in the camera's (right, up, back) axes
+    c2w = view.c2w.copy()
+    c2w[:, :3] = c2w[:, :3] @ about_up
+    return dataclasses.replace(view, c2w=c2w)
+
+
 def direct_frame(scene: Scene, view: View, W: int, H: int) -> np.ndarray:
     return compose(render_rows(scene, view, W, H, (0, H)), view.overlay)
+
+
+def screenshot(page, viewer, client_id: int, path: str) -> None:
+    """The page at 1200 x 640 from the home pose, frames up to 600 pixels wide, cameras but no points,
+    notifications hidden (docs/viewer.png: VIEWER_STEPS=1000)."""
+    viewer.max_resolution = 600
+    viewer.overlay.value = "rgb"
+    viewer.show_points.value = False
+    viewer.go_home(viewer.server.get_clients()[client_id])
+    page.set_viewport_size({"width": 1200, "height": 640})
+    page.add_style_tag(content=".mantine-Notifications-root { display: none !important; }")
+    time.sleep(1.0)
+    settled_frame(viewer, client_id)
+    page.screenshot(path=path)
 
 
 def test_viewer_in_headless_chromium(container_path: Path, tiny_city: Path, scene: Scene, tmp_path: Path) -> None:
@@ -296,7 +323,10 @@ def test_viewer_in_headless_chromium(container_path: Path, tiny_city: Path, scen
             after = browser_frame(viewer, client_id, second)
             assert not np.allclose(first.view.c2w, second.view.c2w, atol=1e-3)
             assert np.abs(after.astype(int) - before.astype(int)).mean() > 10  # the picture moved (measured 55)
-            assert psnr(after, direct_frame(scene, second.view, second.width, second.height)) > BROWSER_PSNR_FLOOR
+            fit = psnr(after, direct_frame(scene, second.view, second.width, second.height))
+            assert fit > BROWSER_PSNR_FLOOR
+            # and it is that pose's: a view turned by one pixel fits worse (measured 33.7 against 27.1 dB)
+            assert fit > psnr(after, direct_frame(scene, turned(second.view), second.width, second.height)) + 3
             page.get_by_role("button", name="Add key pose").click()
             page.get_by_role("button", name="Save path").click()
             deadline = time.time() + 10
@@ -307,9 +337,10 @@ def test_viewer_in_headless_chromium(container_path: Path, tiny_city: Path, scen
 
             viewer.overlay.value = "cells"
             viewer.show_cameras.value = viewer.show_points.value = True
-            settled_frame(viewer, client_id)
+            frame = browser_frame(viewer, client_id, settled_frame(viewer, client_id))
+            assert psnr(frame, after) < BROWSER_PSNR_FLOOR  # the overlay is drawn
             if os.environ.get("VIEWER_SCREENSHOT"):
-                page.screenshot(path=os.environ["VIEWER_SCREENSHOT"])
+                screenshot(page, viewer, client_id, os.environ["VIEWER_SCREENSHOT"])
             browser.close()
     finally:
         viewer.close()

@@ -56,7 +56,9 @@ class Viewer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.server.get_host()}:{self.server.get_port()}"
+        """The page's address (localhost when serving on every interface)."""
+        host = self.server.get_host()
+        return f"http://{'localhost' if host == '0.0.0.0' else host}:{self.server.get_port()}"
 
     def close(self) -> None:
         """Stop every render loop and the server."""
@@ -155,12 +157,16 @@ class Viewer:
             appearance = min(int(self.appearance.value), self.scene.n_images - 1)
         return View(c2w, float(camera.fov), W, H, appearance, self.overlay.value)
 
+    def go_home(self, client: viser.ClientHandle) -> None:
+        """Put the browser's camera at the home pose, looking at the target."""
+        client.camera.up_direction = UP
+        client.camera.position = self.home[:, 3]
+        client.camera.look_at = self.target
+
     def _connect(self, client: viser.ClientHandle) -> None:
         """A new browser: put its camera at home, start its render loop and render on every camera change."""
+        self.go_home(client)
         camera = client.camera
-        camera.up_direction = UP
-        camera.position = self.home[:, 3]
-        camera.look_at = self.target
 
         def show(image: np.ndarray, shown: Shown) -> None:
             client.scene.set_background_image(image, format="jpeg", jpeg_quality=JPEG_QUALITY[shown.final])
@@ -189,20 +195,14 @@ class Viewer:
 
 def home_pose(centres: np.ndarray | None, box: tuple[np.ndarray, np.ndarray], ground: float | None
               ) -> tuple[np.ndarray, np.ndarray]:
-    """Where a browser starts: (c2w (3, 4), target (3,)). Above the cameras' mean altitude at the edge of their
-    horizontal extent, looking at its centre on the ground; without cameras, 45 degrees down onto the box's
-    centre from half its width away."""
-    lo, hi = box
-    if centres is not None:
-        lo_c, hi_c = centres.min(0), centres.max(0)
-        middle = (lo_c + hi_c) / 2
-        altitude = float(centres[:, 0].mean())
-        reach = max(float(np.ptp(centres[:, 1:], axis=0).max()) / 2, 1e-3)
-    else:
-        middle = (lo + hi) / 2
-        reach = max(float((hi - lo)[1:].max()) / 2, 1e-3)
-        altitude = float(middle[0]) - reach
+    """Where a browser starts: (c2w (3, 4), target (3,)), looking at the centre of the cameras' horizontal extent
+    on the ground from a reach above their mean altitude and 1.5 reaches to the side (reach: half the extent), so
+    that the cameras and the scene are in view; without cameras, the same over the box (its top as altitude)."""
+    lo, hi = (centres.min(0), centres.max(0)) if centres is not None else box
+    middle = (lo + hi) / 2
+    reach = max(float((hi - lo)[1:].max()) / 2, 1e-3)
+    altitude = float(centres[:, 0].mean()) if centres is not None else float(lo[0])
     ground_x = ground if ground is not None else altitude + reach
     target = np.array([max(ground_x, altitude + 1e-3), middle[1], middle[2]])
-    position = np.array([altitude, middle[1], middle[2] + reach])
+    position = np.array([altitude - reach, middle[1], middle[2] + 1.5 * reach])
     return np.concatenate([look_at(position, target), position[:, None]], 1), target
