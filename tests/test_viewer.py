@@ -9,12 +9,14 @@ Set VIEWER_SCREENSHOT=path to keep the browser test's screenshot (docs/viewer.pn
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
-import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,14 +24,17 @@ import torch
 
 from mega_nerf.camera_path import Pose, read_pose_file, write_pose_file
 from mega_nerf.cli.train import config_from_argv
+from mega_nerf.cli.view import main as view_main
+from mega_nerf.errors import UserError
 from mega_nerf.imaging import render_image, to_uint8
 from mega_nerf.merging.container import inference_state, load_container, save_container
 from mega_nerf.rays import image_rays
 from mega_nerf.training.trainer import Trainer
+from mega_nerf.viewer.app import ViewerConfig, open_viewer
 from mega_nerf.viewer.camera import View, c2w_from_viser, lens, viser_from_c2w
 from mega_nerf.viewer.loop import FIRST_PREVIEW, RenderLoop, Shown
 from mega_nerf.viewer.scene import Scene, compose, render_rows
-from mega_nerf.viewer.watch import FieldCopy
+from mega_nerf.viewer.watch import FieldCopy, watch
 
 CHROMIUM = Path("/usr/bin/chromium")
 STEPS = int(os.environ.get("VIEWER_STEPS", 150))  # more for a screenshot worth showing
@@ -228,12 +233,6 @@ def test_pose_file_round_trip(tmp_path: Path) -> None:
 
 # ---- in the browser ------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def same_view(a: View, b: View) -> bool:
     return (np.allclose(a.c2w, b.c2w) and (a.fov, a.width, a.height, a.appearance, a.overlay)
             == (b.fov, b.width, b.height, b.appearance, b.overlay))
@@ -288,27 +287,36 @@ def screenshot(page, viewer, client_id: int, path: str) -> None:
     page.screenshot(path=path)
 
 
-def test_viewer_in_headless_chromium(container_path: Path, tiny_city: Path, scene: Scene, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def page_of(viewer) -> Iterator[tuple[Any, int]]:
+    """A headless Chromium page on the viewer at 640 x 400, once the viewer has its render loop: (page, client
+    id). Fails (never skips) without the system browser."""
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: the viewer's browser test needs Debian's chromium package "
+        pytest.fail(f"{CHROMIUM} is missing: the viewer's browser tests need Debian's chromium package "
                     "(apt-get install chromium; `make test` installs it)")
     from playwright.sync_api import sync_playwright
 
-    from mega_nerf.viewer.app import ViewerConfig, open_viewer
-
-    path_file = tmp_path / "viewer_path.txt"
-    viewer = open_viewer(ViewerConfig(str(container_path), str(tiny_city), host="127.0.0.1", port=free_port(),
-                                      max_resolution=96, point_resolution=32, path_file=str(path_file)))
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                                 args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader"])
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader"])
+        try:
             page = browser.new_page(viewport={"width": 640, "height": 400})
             page.goto(viewer.url)
             deadline = time.time() + FRAME_SECONDS
             while not viewer.loops and time.time() < deadline:
                 time.sleep(0.1)
             (client_id,) = viewer.loops
+            yield page, client_id
+        finally:
+            browser.close()
+
+
+def test_viewer_in_headless_chromium(container_path: Path, tiny_city: Path, scene: Scene, tmp_path: Path) -> None:
+    path_file = tmp_path / "viewer_path.txt"
+    viewer = open_viewer(ViewerConfig(str(container_path), str(tiny_city), host="127.0.0.1", port=0,
+                                      max_resolution=96, point_resolution=32, path_file=str(path_file)))
+    try:
+        with page_of(viewer) as (page, client_id):
             viewer.show_cameras.value = viewer.show_points.value = False  # the render alone on the canvas
             first = settled_frame(viewer, client_id)
             before = browser_frame(viewer, client_id, first)
@@ -341,6 +349,37 @@ def test_viewer_in_headless_chromium(container_path: Path, tiny_city: Path, scen
             assert psnr(frame, after) < BROWSER_PSNR_FLOOR  # the overlay is drawn
             if os.environ.get("VIEWER_SCREENSHOT"):
                 screenshot(page, viewer, client_id, os.environ["VIEWER_SCREENSHOT"])
-            browser.close()
     finally:
         viewer.close()
+
+
+def test_training_viewer_renders_while_training(tiny_city: Path, tmp_path: Path) -> None:
+    """train.py --viewer's setup: a browser watches while the trainer runs with the hook; the run completes, the
+    copy was refreshed between steps and frames reached the browser."""
+    trainer = Trainer(config_from_argv(["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                        str(tmp_path / "exp"), "--train_iterations", "100", "--ckpt_interval", "100",
+                                        *TRAIN]))
+    watched = watch(trainer, 0, host="127.0.0.1")
+    watched.viewer.max_resolution = 48
+    try:
+        with page_of(watched.viewer) as (_, client_id):
+            trainer.on_step = watched.on_step
+            final = trainer.run()
+            loop = watched.viewer.loops[client_id]
+            deadline = time.time() + FRAME_SECONDS
+            while loop.frames == 0 and time.time() < deadline:
+                time.sleep(0.1)
+    finally:
+        watched.viewer.close()
+    assert final.name == "00000100.pt"
+    assert watched.copy.copied_at is not None and 1 <= watched.copy.copied_at <= 100
+    assert loop.frames >= 1
+
+
+def test_view_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="missing option --container_path"):
+        view_main([])
+    with pytest.raises(UserError, match="--max_resolution must be at least 1"):
+        view_main(["--container_path", "merged.pt", "--max_resolution", "0"])
+    with pytest.raises(UserError, match="missing.pt: container file not found"):
+        view_main(["--container_path", str(tmp_path / "missing.pt")])

@@ -14,7 +14,8 @@ def view_parser() -> configargparse.ArgParser:
                     "container.")
     p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
     p.add_argument("--host", type=str, default="0.0.0.0", help="address to serve on")
-    p.add_argument("--port", type=int, default=7007, help="port to serve on (the next free one if taken)")
+    p.add_argument("--port", type=int, default=7007,
+                   help="port to serve on (the next free one if taken; 0: any free port)")
     p.add_argument("--max_resolution", type=int, default=1920,
                    help="longer side of a full frame in pixels (the browser's canvas, scaled down to this)")
     p.add_argument("--target_fps", type=float, default=10.0,

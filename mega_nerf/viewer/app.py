@@ -23,7 +23,7 @@ class ViewerConfig:
     container_path: str
     dataset_path: str | None = None  # training cameras, nearest appearance; None: neither
     host: str = "0.0.0.0"
-    port: int = 7007
+    port: int = 7007  # the next free one if taken; 0: any free port
     max_resolution: int = 1920  # longer side of a full frame, pixels (the canvas, scaled down)
     target_fps: float = 10.0  # frames per second while the camera moves (previews sized to match)
     point_resolution: int = 128  # cells along the box's longest side of the point cloud; 0: none
@@ -34,9 +34,11 @@ class ViewerConfig:
 
 def check(config: ViewerConfig) -> None:
     """One-line UserError for an option out of range."""
-    for option in ("max_resolution", "port", "train_scale_factor"):
+    for option in ("max_resolution", "train_scale_factor"):
         if getattr(config, option) < 1:
             raise UserError(f"--{option} must be at least 1, got {getattr(config, option)}")
+    if not 0 <= config.port < 65536:
+        raise UserError(f"--port must be a port number (0: any free port), got {config.port}")
     if not config.target_fps > 0:
         raise UserError(f"--target_fps must be positive, got {config.target_fps}")
     if config.point_resolution < 0 or (config.ray_chunk is not None and config.ray_chunk < 1):
