@@ -1,7 +1,8 @@
 """The browser viewer's speed, through the code a browser's requests run (mega_nerf/viewer), without a browser:
 
 - moving: frames per second of previews at --moving_size (960x540) along an orbit, each rendered
-  (viewer.scene.render_rows), composed and JPEG-encoded as the server sends it;
+  (viewer.scene.render_rows), composed and JPEG-encoded as the server sends it; and the frames per second a
+  RenderLoop shows on a --rest_size canvas whose camera moves at 60 Hz (previews sized by the loop itself);
 - at rest: seconds from a --rest_size (1920x1080) view's submission to its full frame, encoded, through a
   RenderLoop whose speed estimate is warm (the camera moved first, as it does before it rests);
 - training: rays/s of train_step on one cell with the `train.py --viewer` hook and a render loop kept busy (a
@@ -72,6 +73,29 @@ def moving(scene: Scene, path: list[View]) -> float:
     for view in path:
         frame(view)
     return len(path) / (time.perf_counter() - start)
+
+
+def moving_loop(scene: Scene, path: list[View], seconds: float) -> tuple[float, float]:
+    """(frames shown per second, mean preview pixels) of a RenderLoop whose camera moves at 60 Hz along `path`
+    for `seconds` (the loop sizes its previews; a frame counts once encoded)."""
+    shown: list[Shown] = []
+
+    def show(image: np.ndarray, info: Shown) -> None:
+        encode(image, info.final)
+        shown.append(info)
+
+    loop = RenderLoop(scene, show)
+    start = time.perf_counter()
+    try:
+        for i in itertools.count():
+            if time.perf_counter() - start > seconds:
+                break
+            loop.submit(path[i % len(path)])
+            time.sleep(1 / 60)
+    finally:
+        loop.close()
+    previews = [s.width * s.height for s in shown if not s.final] or [0]
+    return len(shown) / (time.perf_counter() - start), sum(previews) / len(previews)
 
 
 def at_rest(scene: Scene, moves: list[View], rests: list[View]) -> list[float]:
@@ -149,6 +173,7 @@ def main() -> None:
     p.add_argument("--moving_size", type=int, nargs=2, default=[960, 540])
     p.add_argument("--rest_size", type=int, nargs=2, default=[1920, 1080])
     p.add_argument("--frames", type=int, default=30, help="moving frames timed")
+    p.add_argument("--loop_seconds", type=float, default=10, help="the render loop timed on a moving camera")
     p.add_argument("--train_seconds", type=float, default=120, help="training timed, half with renders")
     p.add_argument("--block_seconds", type=float, default=10)
     p.add_argument("--extra", default="", help="further training options (e.g. smoke tests on a CPU)")
@@ -160,16 +185,19 @@ def main() -> None:
     dataset = ensure_city(args.preset, args.work)
     path = views(dataset, info.altitude_range, args.frames, *args.moving_size)
     fps = moving(scene, path)
-    rests = views(dataset, info.altitude_range, 3, *args.rest_size)
-    rest = at_rest(scene, path[:5], rests)
-    print(f"moving {fps:.1f} fps, at rest {', '.join(f'{s:.2f}' for s in rest)} s", flush=True)
+    rests = views(dataset, info.altitude_range, max(args.frames, 3), *args.rest_size)
+    loop_fps, preview_pixels = moving_loop(scene, rests, args.loop_seconds)
+    rest = at_rest(scene, path[:5], rests[:3])
+    print(f"moving {fps:.1f} fps; the loop on a moving {args.rest_size} canvas {loop_fps:.1f} fps, previews of "
+          f"{preview_pixels:,.0f} pixels; at rest {', '.join(f'{s:.2f}' for s in rest)} s", flush=True)
     del container, scene
     plain, watched, frames = training_cost(args, path)
     (mw, mh), (rw, rh) = args.moving_size, args.rest_size
-    table = (f"| moving {mw}x{mh} fps | at rest: s to a full {rw}x{rh} frame (3 poses) | training rays/s | with "
-             f"--viewer (camera always moving) | cost | frames rendered meanwhile |\n|---|---|---|---|---|---|\n"
-             f"| {fps:.1f} | {', '.join(f'{s:.2f}' for s in rest)} | {plain:,.0f} | {watched:,.0f} | "
-             f"{100 * (1 - watched / plain):.1f}% | {frames} |")
+    table = (f"| moving {mw}x{mh} fps | loop fps, {rw}x{rh} canvas moving (mean preview) | at rest: s to a full "
+             f"{rw}x{rh} frame (3 poses) | training rays/s | with --viewer (camera always moving) | cost | frames "
+             f"rendered meanwhile |\n|---|---|---|---|---|---|---|\n"
+             f"| {fps:.1f} | {loop_fps:.1f} ({preview_pixels:,.0f} px) | {', '.join(f'{s:.2f}' for s in rest)} | "
+             f"{plain:,.0f} | {watched:,.0f} | {100 * (1 - watched / plain):.1f}% | {frames} |")
     append_results(args.results, f"Viewer speed, {args.preset} preset", "python " + " ".join(sys.argv), table)
 
 

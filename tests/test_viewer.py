@@ -178,7 +178,8 @@ def test_loop_previews_then_full_frame(scene: Scene, trained: Trainer) -> None:
 
 
 def test_share_bounds_the_time_spent_rendering(scene: Scene, trained: Trainer, monkeypatch) -> None:
-    """With share s, render time over wall time stays under s, whatever the renders cost."""
+    """With share s, render time over wall time stays under s, whatever the renders cost (each render is followed
+    by a pause of (1 - s) / s times its duration)."""
     import mega_nerf.viewer.loop as loop_module
     spent = []
 
@@ -195,7 +196,7 @@ def test_share_bounds_the_time_spent_rendering(scene: Scene, trained: Trainer, m
     time.sleep(3.0)
     loop.close()
     wall = time.perf_counter() - start
-    assert len(spent) >= 3 and sum(spent) <= 0.25 * wall + 0.05
+    assert len(spent) >= 3 and sum(spent[:-1]) <= 0.25 * wall  # the last one's pause was cut by close()
 
 
 def test_field_copy_follows_training_between_steps(trained: Trainer) -> None:

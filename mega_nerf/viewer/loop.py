@@ -1,10 +1,11 @@
 """One browser's render thread: a low-resolution frame as soon as the camera moves, the full frame once it rests.
 
 Each submitted view replaces the one before (only the latest matters). For a new view the thread first renders a
-preview sized so that it takes about 1 / target_fps seconds at the rays per second measured so far (none when the
-full frame fits in that time), shows it, then renders the full frame in bands of about the same duration, giving
-up between bands as soon as a newer view arrives. So while the camera moves the browser gets previews at about
-target_fps, and when it stops the full frame follows the last preview.
+preview sized so that it takes RENDER_BUDGET / target_fps seconds at the rays per second measured so far (none when
+the full frame fits in that time; the rest of 1 / target_fps composes, encodes and sends it), shows it, then renders
+the full frame in bands of about the same duration, giving up between bands as soon as a newer view arrives. So
+while the camera moves the browser gets previews at about target_fps, and when it stops the full frame follows the
+last preview.
 
 With `share` (the training viewer), every render is followed by a pause so that rendering takes at most that share
 of wall time (and so of the GPU's time), and with `refresh` the current view is rendered again every `refresh`
@@ -25,6 +26,7 @@ from mega_nerf.viewer.camera import View
 from mega_nerf.viewer.scene import Scene, compose, render_rows
 
 FIRST_PREVIEW = 1 / 8  # preview scale (of each side) before any speed is measured
+RENDER_BUDGET = 0.75  # of a preview's 1 / target_fps seconds spent rendering; the rest composes, encodes, sends
 RATE_MEMORY = 0.5  # weight of the previous rays/s estimate in the running average
 
 
@@ -118,13 +120,13 @@ class RenderLoop:
         measured rate (FIRST_PREVIEW before any measurement); 1: no preview needed."""
         if self.rate is None:
             return FIRST_PREVIEW
-        return min(1.0, math.sqrt(self.rate / self.target_fps / pixels))
+        return min(1.0, math.sqrt(RENDER_BUDGET * self.rate / self.target_fps / pixels))
 
     def band_rows(self, W: int) -> int:
         """Rows per band of a full frame W pixels wide: about 1 / target_fps seconds each at the measured rate."""
         if self.rate is None:
             return max(1, round(FIRST_PREVIEW * W))
-        return max(1, int(self.rate / self.target_fps / W))
+        return max(1, int(RENDER_BUDGET * self.rate / self.target_fps / W))
 
     def _render(self, view: View, W: int, H: int, rows: tuple[int, int]) -> dict[str, torch.Tensor]:
         """render_rows, timed into the rate, followed by the pause `share` asks for."""
@@ -140,6 +142,8 @@ class RenderLoop:
 
     def _show(self, view: View, frame: dict[str, torch.Tensor], W: int, H: int, final: bool, submitted: float
               ) -> None:
+        if self._closed:
+            return
         shown = Shown(view, W, H, final, time.perf_counter() - submitted)
         self.show(compose(frame, view.overlay), shown)
         self.last, self.frames = shown, self.frames + 1

@@ -169,7 +169,8 @@ class Viewer:
         camera = client.camera
 
         def show(image: np.ndarray, shown: Shown) -> None:
-            client.scene.set_background_image(image, format="jpeg", jpeg_quality=JPEG_QUALITY[shown.final])
+            if client.client_id in self.server.get_clients():  # not a browser that left while this rendered
+                client.scene.set_background_image(image, format="jpeg", jpeg_quality=JPEG_QUALITY[shown.final])
 
         loop = RenderLoop(self.scene, show, self.target_fps, self.share, self.refresh, self.stream)
         with self._lock:
