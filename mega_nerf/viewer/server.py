@@ -19,6 +19,7 @@ import viser
 
 from mega_nerf.camera_path import Pose, look_at, nearest_image, write_pose_file
 from mega_nerf.data.dataset import ImageMetadata
+from mega_nerf.errors import UserError
 from mega_nerf.preview import TRAIN, frustum_corners
 from mega_nerf.viewer.camera import OVERLAYS, View, c2w_from_viser, full_size, lens
 from mega_nerf.viewer.loop import RenderLoop, Shown
@@ -137,11 +138,16 @@ class Viewer:
                                         auto_close_seconds=5)
             return
         W, H = keys[0].width, keys[0].height
-        write_pose_file(self.path_file, [Pose(k.c2w, lens(k.fov, W, H), (W, H), k.appearance) for k in keys])
-        message = f"{len(keys)} key poses in {self.path_file}: render with mega-nerf-render --path {self.path_file}"
+        try:
+            write_pose_file(self.path_file, [Pose(k.c2w, lens(k.fov, W, H), (W, H), k.appearance) for k in keys])
+        except UserError as e:  # a refused write: said in the browser and the terminal, the server goes on
+            title, message = "Camera path not saved", str(e)
+        else:
+            title = "Camera path saved"
+            message = f"{len(keys)} key poses in {self.path_file}: render with mega-nerf-render --path {self.path_file}"
         print(message)
         if client is not None:
-            client.add_notification("Camera path saved", message, auto_close_seconds=10)
+            client.add_notification(title, message, auto_close_seconds=10)
 
     # ---- clients --------------------------------------------------------------------------------------------
 
