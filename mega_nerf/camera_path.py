@@ -27,7 +27,7 @@ from mega_nerf.data.frames import Similarity, load_source_frame, read_similarity
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.imaging import render_image, to_uint8
-from mega_nerf.io import write_png
+from mega_nerf.io import atomic_write, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.nerfstudio import read_camera_path, write_camera_path
 from mega_nerf.render import default_chunk
@@ -99,6 +99,16 @@ def read_pose_file(path: Path, n_images: int) -> list[Pose]:
     return poses
 
 
+def write_pose_file(path: Path, poses: list[Pose]) -> None:
+    """Complete poses (intrinsics, size and appearance set) as a pose file of 19 numbers a line (the format in
+    the module docstring), written atomically; read back by read_pose_file."""
+    lines = ["# key poses: c2w row by row (normalised DRB), fx fy cx cy W H, appearance (camera_path.py)"]
+    for pose in poses:
+        values = [*pose.c2w.reshape(-1), *pose.intrinsics, *pose.size]
+        lines.append(" ".join(f"{v:.17g}" for v in values) + f" {pose.appearance}")
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
+
+
 def interpolate(keys: list[Pose], frames: int) -> list[Pose]:
     """`frames` poses spread evenly over the key poses, first and last included. Centres and intrinsics
     linearly, rotations by slerp; each frame keeps the appearance index of the nearest key."""
@@ -130,7 +140,7 @@ def look_at(position: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def orbit(dataset: Dataset, frames: int, altitude_range: tuple[float, float] | None) -> list[Pose]:
     """A circle over the scene (see the module docstring), `frames` poses, not repeating the first."""
-    positions = torch.stack([m.c2w[:, 3] for m in dataset.images]).double().numpy()
+    positions = camera_centres(dataset)
     centre = (positions.min(0) + positions.max(0)) / 2
     radius = max(float(np.linalg.norm(positions[:, 1:] - centre[1:], axis=1).mean()), 1e-3)
     altitude = float(positions[:, 0].mean())
@@ -143,11 +153,21 @@ def orbit(dataset: Dataset, frames: int, altitude_range: tuple[float, float] | N
     return poses
 
 
+def camera_centres(dataset: Dataset) -> np.ndarray:
+    """(I, 3) float64 centres of every dataset image, train and val, in appearance-index order."""
+    return torch.stack([m.c2w[:, 3] for m in dataset.images]).double().numpy()
+
+
+def nearest_image(centres: np.ndarray, centre: np.ndarray) -> int:
+    """The index of the camera among centres (I, 3) nearest to `centre` (3,): the appearance a new view uses."""
+    return int(np.argmin(np.linalg.norm(centres - centre, axis=1)))
+
+
 def complete(poses: list[Pose], dataset: Dataset, height: int | None) -> list[Pose]:
     """Fill in missing intrinsics (the dataset's first image's) and appearance (the nearest camera's), and
     scale every frame to `height` pixels (None: keep). All frames must share one size (one video)."""
     first = dataset.images[0]
-    cameras = torch.stack([m.c2w[:, 3] for m in dataset.images]).double().numpy()
+    cameras = camera_centres(dataset)
     out = []
     for pose in poses:
         intrinsics = first.intrinsics.double().numpy() if pose.intrinsics is None else pose.intrinsics
@@ -155,7 +175,7 @@ def complete(poses: list[Pose], dataset: Dataset, height: int | None) -> list[Po
         scale = 1.0 if height is None else height / H
         appearance = pose.appearance
         if appearance is None:
-            appearance = int(np.argmin(np.linalg.norm(cameras - pose.c2w[:, 3], axis=1)))
+            appearance = nearest_image(cameras, pose.c2w[:, 3])
         out.append(Pose(pose.c2w, intrinsics * scale, (round(W * scale), round(H * scale)), appearance))
     sizes = {p.size for p in out}
     if len(sizes) > 1:

@@ -17,7 +17,7 @@ import torch
 import yaml
 from plyfile import PlyData, PlyElement
 
-from mega_nerf.data.dataset import Dataset, load_dataset
+from mega_nerf.data.dataset import Dataset, ImageMetadata, load_dataset
 from mega_nerf.data.frames import Similarity
 from mega_nerf.errors import UserError
 from mega_nerf.io import atomic_open, write_bgr
@@ -249,6 +249,14 @@ def write_preview(dataset_path: str | os.PathLike, output: str | os.PathLike,
     return scene_report(scene)
 
 
+def frustum_corners(meta: ImageMetadata, depth: float) -> torch.Tensor:
+    """(4, 3) float64 world points of the image's corners (top-left, top-right, bottom-right, bottom-left)
+    `depth` normalised units in front of the camera along its axis."""
+    d = camera_directions(meta.intrinsics.double(), torch.tensor([0.0, meta.W, meta.W, 0], dtype=torch.float64),
+                          torch.tensor([0.0, 0, meta.H, meta.H], dtype=torch.float64), center=0.0)
+    return meta.c2w[:, 3].double() + depth * d @ meta.c2w[:, :3].double().T
+
+
 def write_cameras_ply(dataset: Dataset, path: str | os.PathLike, frusta: bool = False, depth: float = 0.05,
                       to_frame: Similarity | None = None) -> int:
     """The training cameras as a PLY in normalised DRB (or, with `to_frame`, mapped by it, e.g. to the source
@@ -259,10 +267,7 @@ def write_cameras_ply(dataset: Dataset, path: str | os.PathLike, frusta: bool = 
     vertices, elements = [centres], []
     if frusta:
         n = len(cams)
-        for i, m in enumerate(cams):
-            d = camera_directions(m.intrinsics.double(), torch.tensor([0.0, m.W, m.W, 0], dtype=torch.float64),
-                                  torch.tensor([0.0, 0, m.H, m.H], dtype=torch.float64), center=0.0)
-            vertices.append(centres[i] + depth * d @ m.c2w[:, :3].double().T)
+        vertices += [frustum_corners(m, depth) for m in cams]
         corner = n + 4 * np.arange(n)[:, None] + np.arange(4)  # (n, 4) vertex indices
         edge = np.zeros(8 * n, [("vertex1", "i4"), ("vertex2", "i4")])
         edge["vertex1"] = np.concatenate([np.repeat(np.arange(n), 4), corner.ravel()])  # centre to corners,

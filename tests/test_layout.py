@@ -1,5 +1,6 @@
 """The package layout: every console script answers --help, and layers point down (a sampler knows nothing of a
-trainer): data/, fields/, rays.py, render.py, imaging.py and io.py import nothing from the stages above them."""
+trainer): data/, fields/, rays.py, render.py, imaging.py and io.py import nothing from the stages above them; the
+viewer sits on top, imported by the command line alone, and --help needs no viser."""
 from __future__ import annotations
 
 import ast
@@ -16,7 +17,7 @@ SCRIPTS = dict(re.findall(r'^(\S+) = "(\S+)"$', SECTION, re.M))
 LOWER = ["mega_nerf/data", "mega_nerf/fields", "mega_nerf/rays.py", "mega_nerf/render.py", "mega_nerf/bounds.py",
          "mega_nerf/imaging.py", "mega_nerf/io.py", "mega_nerf/errors.py"]
 HIGHER = ("mega_nerf.training", "mega_nerf.merging", "mega_nerf.evaluation", "mega_nerf.partition.job",
-          "mega_nerf.cli")
+          "mega_nerf.cli", "mega_nerf.viewer")
 
 
 def _imports(path: Path) -> set[str]:
@@ -56,3 +57,22 @@ def test_io_is_the_lowest_layer() -> None:
     only."""
     own = {name for name in _imports(ROOT / "mega_nerf" / "io.py") if name.startswith("mega_nerf")}
     assert own <= {"mega_nerf.errors", "mega_nerf.errors.UserError"}, own
+
+
+def test_the_viewer_is_on_top() -> None:
+    """Only cli/ imports mega_nerf.viewer (training's --viewer included), and the viewer imports no command."""
+    package = ROOT / "mega_nerf"
+    users = [str(f.relative_to(ROOT)) for f in package.rglob("*.py")
+             if not f.is_relative_to(package / "viewer") and not f.is_relative_to(package / "cli")
+             and any(name.startswith("mega_nerf.viewer") for name in _imports(f))]
+    assert not users, users
+    commands = [(str(f.relative_to(ROOT)), name) for f in (package / "viewer").rglob("*.py") for name in _imports(f)
+                if name.startswith("mega_nerf.cli")]
+    assert not commands, commands
+
+
+def test_help_does_not_load_viser() -> None:
+    code = ("import sys; from mega_nerf.cli import train, view; train.train_parser(); view.view_parser(); "
+            "print('viser' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr

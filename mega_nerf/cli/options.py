@@ -157,10 +157,10 @@ def _option_names(parser: configargparse.ArgParser) -> set[str]:
 def options_of_every_command() -> set[str]:
     """Every option name of our configargparse commands: a config shared by them holds keys for each."""
     from mega_nerf.cli import eval as evaluation  # here, not at the top: these modules import this one
-    from mega_nerf.cli import export, merge, partition, render, train
+    from mega_nerf.cli import export, merge, partition, render, train, view
 
     parsers = (train.train_parser(), evaluation.eval_parser(), partition.partition_parser(), render.render_parser(),
-               export.export_parser(), merge.merge_parser())
+               export.export_parser(), merge.merge_parser(), view.view_parser())
     return set().union(*(_option_names(p) for p in parsers))
 
 

@@ -23,6 +23,9 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--chunk_paths", type=str, nargs="+", help="directories for the shuffled ray chunks")
     p.add_argument("--cluster_mask_path", type=str, default=None, help="this cell's mask directory (M/<k>)")
     add_training_options(p)
+    p.add_argument("--viewer", type=int, nargs="?", const=7007, default=None, metavar="PORT",
+                   help="serve the field being trained to the browser on PORT (7007 when none is given), rendering "
+                        "at most 3%% of the time and never holding up a step (mega_nerf/viewer/watch.py)")
     return p
 
 
@@ -104,9 +107,15 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = train_config(train_parser().parse_args(argv))
+    args = train_parser().parse_args(argv)
+    config = train_config(args)
     record_options(config, Path(config.exp_name))
-    final = Trainer(config, started=process_start()).run()
+    trainer = Trainer(config, started=process_start())
+    if args.viewer is not None:
+        from mega_nerf.viewer.watch import watch  # viser only when asked for
+
+        trainer.on_step = watch(trainer, args.viewer).on_step
+    final = trainer.run()
     print(f"done: {final}")
 
 

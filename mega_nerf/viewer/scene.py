@@ -1,0 +1,101 @@
+"""What the viewer renders, and how a rendered frame becomes the picture a browser shows.
+
+A frame is rendered a band of rows at a time (`render_rows`), each band through imaging.render_image with the
+view's intrinsics shifted up by the band's first row, so the bands put together are exactly the rays of the whole
+image (and a render in progress can be dropped between bands when the camera moves on). `compose` turns the
+assembled bands into uint8 RGB: the colour, the depth colour-mapped (imaging.colorize_depth, normalised over the
+whole frame), or the cell-membership overlay: each opaque pixel tinted with the colour of the submodule that owns
+its surface point, the one with the largest blend weight there (Container.weights: the routing rule, far points
+pulled in by the contraction as the container routes them).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mega_nerf.fields.base import Field
+from mega_nerf.imaging import colorize_depth, render_image, to_uint8
+from mega_nerf.merging.container import Container
+from mega_nerf.rays import SceneBounds, image_rays
+from mega_nerf.render import RenderConfig
+from mega_nerf.viewer.camera import View
+
+# Cell colours (RGB), repeated past the twelfth cell: Tableau's categorical palette, well apart in hue.
+PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
+                    [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [255, 187, 120],
+                    [152, 223, 138]], np.float32)
+TINT = 0.45  # share of the cell colour in an overlaid pixel
+SOLID = 0.5  # opacity above which a pixel has a surface (as imaging.colorize_depth)
+
+
+@dataclass
+class Scene:
+    """A field to render with the settings it was trained with. `prepare` (may be None) runs in the render
+    thread before each frame (the training viewer refreshes its copy of the field there)."""
+
+    field: Field
+    bounds: SceneBounds
+    render: RenderConfig
+    chunk: int  # rays per render_in_chunks call
+    n_images: int  # appearance indices 0 .. n_images - 1
+    prepare: Callable[[], None] | None = None
+
+    @property
+    def cells(self) -> list[int]:
+        """The non-empty cells of a container (the overlay's colours); [] for a single field."""
+        return self.field.cells if isinstance(self.field, Container) else []
+
+    @property
+    def device(self) -> torch.device:
+        weight = next(self.field.parameters(), None)
+        return torch.device("cpu") if weight is None else weight.device
+
+
+def cell_colour(cell: int) -> tuple[int, int, int]:
+    """The overlay's RGB colour of cell `cell`."""
+    return tuple(int(v) for v in PALETTE[cell % len(PALETTE)])
+
+
+@torch.no_grad()
+def render_rows(scene: Scene, view: View, W: int, H: int, rows: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Rows [rows[0], rows[1]) of the view's W x H frame, on the CPU: rgb (h, W, 3), depth (h, W), opacity (h, W)
+    and, for the cells overlay of a container, cell (h, W) long: the owning cell, -1 where nothing is solid."""
+    first, last = rows
+    intrinsics = torch.as_tensor(view.intrinsics(W, H), dtype=torch.float32)
+    intrinsics[3] -= first  # the band's row 0 is the frame's row `first`
+    c2w = torch.as_tensor(view.c2w, dtype=torch.float32)
+    out = render_image(scene.field, c2w, intrinsics, W, last - first, view.appearance, scene.bounds, scene.render,
+                       scene.chunk)
+    band = {key: out[key] for key in ("rgb", "depth", "opacity")}
+    if view.overlay == "cells" and scene.cells:
+        band["cell"] = owners(scene.field, c2w.to(scene.device), intrinsics.to(scene.device), band["depth"],
+                              band["opacity"])
+    return {key: value.cpu() for key, value in band.items()}
+
+
+def owners(container: Container, c2w: torch.Tensor, intrinsics: torch.Tensor, depth: torch.Tensor,
+           opacity: torch.Tensor) -> torch.Tensor:
+    """(h, W) long: the cell whose submodule has the largest blend weight at each pixel's surface point (the
+    expected ray distance depth / opacity), -1 where opacity <= SOLID. depth, opacity: (h, W)."""
+    h, W = depth.shape
+    origins, dirs = image_rays(c2w, intrinsics, W, h)
+    distance = (depth / opacity.clamp_min(1e-6)).reshape(-1, 1)
+    dominant = container.weights(origins + distance * dirs).argmax(1)  # (h * W,) over the non-empty submodules
+    cell = torch.as_tensor(container.cells, device=depth.device)[dominant].view(h, W)
+    return torch.where(opacity > SOLID, cell, torch.full_like(cell, -1))
+
+
+def compose(frame: dict[str, torch.Tensor], overlay: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an assembled frame (render_rows' keys) for the overlay (camera.OVERLAYS)."""
+    if overlay == "depth":
+        return colorize_depth(frame["depth"], frame["opacity"])
+    rgb = to_uint8(frame["rgb"])
+    if overlay != "cells" or "cell" not in frame:
+        return rgb
+    cell = frame["cell"].numpy()
+    tint = PALETTE[cell % len(PALETTE)]
+    mixed = (1 - TINT) * rgb + TINT * tint
+    return np.where((cell >= 0)[..., None], mixed + 0.5, rgb).astype(np.uint8)
