@@ -24,7 +24,7 @@ from mega_nerf.data.dataset import Dataset, rotation_problem
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.imaging import render_image, to_uint8
-from mega_nerf.io import write_png
+from mega_nerf.io import atomic_path, check_free_space, remove_temp_files, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.render import default_chunk
 
@@ -164,6 +164,12 @@ def render_frame(container: Container, info: ContainerInfo, pose: Pose, chunk: i
     return to_uint8(out["rgb"])
 
 
+def _video_problem(path: Path, frames: int) -> str | None:
+    """What is wrong with a written video that should hold `frames` frames (OpenCV writes a full disk silently)."""
+    found = int(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT))
+    return None if found == frames else f"the video holds {found} of its {frames} frames (disk full?)"
+
+
 @dataclass(frozen=True)
 class PathConfig:
     """One camera-path rendering, as `mega-nerf-render` was asked for it (built in cli/render)."""
@@ -194,16 +200,23 @@ def render_images(config: PathConfig) -> Path:
         poses = orbit(dataset, config.frames, info.altitude_range)
     poses = complete(poses, dataset, config.height)
     output = Path(config.output)
+    W, H = poses[0].size
+    check_free_space(output / "frames", 3 * W * H * len(poses))  # raw pixels: more than PNGs and MP4 take
+    remove_temp_files(output)
+    remove_temp_files(output / "frames")
     video_path = output / "video.mp4"
-    output.mkdir(parents=True, exist_ok=True)
-    video = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), config.fps, poses[0].size)
-    if not video.isOpened():
-        raise UserError(f"{video_path}: cannot write an MP4 here (OpenCV without an mp4v encoder?)")
-    with torch.no_grad():
-        for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=not config.progress)):
-            rgb = render_frame(container, info, pose, chunk)
-            write_png(output / "frames" / f"{f:05d}.png", rgb)
-            video.write(np.ascontiguousarray(rgb[:, :, ::-1]))
-    video.release()
+    # The MP4 is written under a temp name and renamed only once it holds every frame (io.atomic_path).
+    with atomic_path(video_path, keep_suffix=True, check=lambda tmp: _video_problem(tmp, len(poses))) as tmp:
+        video = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), config.fps, (W, H))
+        if not video.isOpened():
+            raise UserError(f"{video_path}: cannot write an MP4 here (OpenCV without an mp4v encoder?)")
+        try:
+            with torch.no_grad():
+                for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=not config.progress)):
+                    rgb = render_frame(container, info, pose, chunk)
+                    write_png(output / "frames" / f"{f:05d}.png", rgb)
+                    video.write(np.ascontiguousarray(rgb[:, :, ::-1]))
+        finally:
+            video.release()
     print(f"wrote {len(poses)} frames to {output / 'frames'} and {video_path}")
     return video_path

@@ -8,15 +8,29 @@ instant-ngp transforms.json, with their images, to Mega-NeRF's dataset layout.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mega_nerf.data.colmap import convert_colmap
 from mega_nerf.data.convert import add_conversion_options, conversion_options
 from mega_nerf.data.transforms_json import convert_transforms
 from mega_nerf.errors import run_cli
+from mega_nerf.lock import locked
 
 
 def _parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _joined_up_axis(argv: list[str] | None) -> list[str]:
+    """The words with `--up_axis -z` joined into `--up_axis=-z` (as the README writes it): argparse takes a
+    value starting with '-' for an option."""
+    joined: list[str] = []
+    for word in sys.argv[1:] if argv is None else argv:
+        if joined and joined[-1] == "--up_axis" and word.startswith("-"):
+            joined[-1] = f"--up_axis={word}"
+        else:
+            joined.append(word)
+    return joined
 
 
 def colmap_main(argv: list[str] | None = None) -> None:
@@ -25,8 +39,9 @@ def colmap_main(argv: list[str] | None = None) -> None:
                         "points3D as .bin or .txt)")
     parser.add_argument("--images_path", required=True, help="folder the model's image names are relative to")
     add_conversion_options(parser)
-    args = parser.parse_args(argv)
-    convert_colmap(args.model_path, args.images_path, args.output, **conversion_options(args))
+    args = parser.parse_args(_joined_up_axis(argv))
+    with locked({"--output": [args.output]}):
+        convert_colmap(args.model_path, args.images_path, args.output, **conversion_options(args))
 
 
 def transforms_main(argv: list[str] | None = None) -> None:
@@ -35,8 +50,9 @@ def transforms_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", default=None,
                         help="PLY of sparse points in the json's world (default: its ply_file_path, if any)")
     add_conversion_options(parser)
-    args = parser.parse_args(argv)
-    convert_transforms(args.transforms, args.output, args.points, **conversion_options(args))
+    args = parser.parse_args(_joined_up_axis(argv))
+    with locked({"--output": [args.output]}):
+        convert_transforms(args.transforms, args.output, args.points, **conversion_options(args))
 
 
 def colmap_console() -> None:

@@ -9,6 +9,7 @@ import configargparse
 from mega_nerf.cli.options import base_parser, config_from_args
 from mega_nerf.errors import run_cli
 from mega_nerf.evaluation.evaluate import EvalConfig, evaluate
+from mega_nerf.lock import locked
 
 
 def eval_parser() -> configargparse.ArgParser:
@@ -42,7 +43,9 @@ def config_from_argv(argv: list[str]) -> EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    evaluate(eval_config(eval_parser().parse_args(argv)))
+    config = eval_config(eval_parser().parse_args(argv))
+    with locked({"--exp_name": [config.exp_name]}):
+        evaluate(config)
 
 
 def console() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from mega_nerf.errors import run_cli
 from mega_nerf.export import __doc__ as EXPORT_DOC
 from mega_nerf.export import export_ply
+from mega_nerf.lock import locked
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,9 @@ def export_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Path:
     """Export the container named by the options; returns the PLY path."""
-    return export_ply(export_parser().parse_args(argv))
+    args = export_parser().parse_args(argv)
+    with locked({"--output": [args.output]}):
+        return export_ply(args)
 
 
 def console() -> None:

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from mega_nerf.errors import UserError, run_cli
+from mega_nerf.io import atomic_write
 
 JOB = ("python mega_nerf/train.py --config_file $CONFIG_FILE --exp_name ${{EXP_PREFIX}}{k} "
        "--dataset_path $DATASET_PATH --chunk_paths ${{CHUNK_PREFIX}}{k} --cluster_mask_path $MASK_PATH/{k} $TRAIN_ARGS")
@@ -27,8 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cells < 1:
         raise UserError(f"--cells must be positive, got {args.cells}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("".join(JOB.format(k=k) + "\n" for k in range(args.cells)))
+    atomic_write(args.output, "".join(JOB.format(k=k) + "\n" for k in range(args.cells)).encode())
     print(f"wrote {args.cells} jobs to {args.output}")
 
 

@@ -12,6 +12,7 @@ import configargparse
 from mega_nerf.cli.options import base_parser, require, scene_bounds
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError, run_cli
+from mega_nerf.lock import locked
 from mega_nerf.partition.cells import make_params, parse_grid_dim
 from mega_nerf.partition.job import MaskJob, create_cluster_masks
 
@@ -57,7 +58,9 @@ def mask_job(args: configargparse.Namespace) -> MaskJob:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    return create_cluster_masks(mask_job(partition_parser().parse_args(argv)))
+    args = partition_parser().parse_args(argv)
+    with locked({"--output": [args.output]} if args.output else {}):
+        return create_cluster_masks(mask_job(args))
 
 
 def console() -> None:

@@ -10,6 +10,7 @@ import configargparse
 from mega_nerf.camera_path import POSE_FILE_FORMAT, PathConfig, render_images
 from mega_nerf.cli.options import base_parser, config_from_args
 from mega_nerf.errors import run_cli
+from mega_nerf.lock import locked
 
 
 def render_parser() -> configargparse.ArgParser:
@@ -41,7 +42,9 @@ def config_from_argv(argv: list[str]) -> PathConfig:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    return render_images(config_from_argv(argv))
+    config = config_from_argv(argv)
+    with locked({"--output": [config.output]}):
+        return render_images(config)
 
 
 def console() -> None:

@@ -7,6 +7,7 @@ import configargparse
 from mega_nerf.cli.options import base_parser, config_from_args
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
+from mega_nerf.lock import locked
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.trainer import Trainer
 
@@ -65,7 +66,9 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    final = Trainer(train_config(train_parser().parse_args(argv))).run()
+    config = train_config(train_parser().parse_args(argv))
+    with locked({"--exp_name": [config.exp_name], "--chunk_paths": list(config.chunk_paths)}):
+        final = Trainer(config).run()
     print(f"done: {final}")
 
 

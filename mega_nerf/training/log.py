@@ -4,21 +4,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mega_nerf.io import atomic_write, write_error
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one log line; None for a line a killed run left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
 
 class Logger:
     """Scalars to `log.jsonl` always, and to TensorBoard when it is installed."""
 
-    def __init__(self, exp_dir: Path) -> None:
-        self.file = open(exp_dir / "log.jsonl", "a")
+    def __init__(self, exp_dir: Path, start_step: int = 0) -> None:
+        """start_step: the step the run starts (or resumes) from. What a killed run logged after it (the steps
+        between its last checkpoint and the kill) is dropped, so that each step appears once."""
+        self.path = exp_dir / "log.jsonl"
+        if self.path.is_file():
+            lines = self.path.read_text(errors="replace").splitlines()
+            kept = [line for line in lines if (step := _step_of(line)) is not None and step <= start_step]
+            atomic_write(self.path, "".join(line + "\n" for line in kept).encode())
+        self.file = open(self.path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(exp_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(exp_dir / "tensorboard"), purge_step=start_step or None)
         except ImportError:
             self.tb = None
 
     def scalars(self, step: int, **values: float) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({"step": step, **values}) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise write_error(self.path, e) from None
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)

@@ -196,7 +196,7 @@ class Trainer:
             print(f"warning: cell {self.mask_dir} has no rays; writing an empty checkpoint", file=sys.stderr)
             return self.save(None, empty=True)
         last_good = self.resume(stream)
-        log = Logger(self.exp_dir)
+        log = Logger(self.exp_dir, self.step)
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
         bar = tqdm(total=self.iterations, initial=self.step, disable=not a.progress, desc="train")
