@@ -22,7 +22,11 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--chunk_rays", type=int, default=2 ** 26, help="rays per chunk: bounds the shuffle's memory")
     p.add_argument("--train_scale_factor", type=int, default=1, help="downsample training images by this")
     p.add_argument("--field", type=str, default="hash", help=f"one of {', '.join(FIELDS)}")
-    p.add_argument("--batch_size", type=int, default=None, help="rays per step (hash 32768, mlp 1024)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="rays per step (hash 32768 on a GPU and 4096 on a CPU, mlp 1024)")
+    p.add_argument("--micro_batch", type=int, default=None,
+                   help="rays per forward/backward pass, bounding a step's memory (gradients of the passes add "
+                        "up; default: as many as fit in 3/4 of the GPU's memory, or in 1 GiB on a CPU)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (hash 1e-2, mlp 5e-4)")
     p.add_argument("--lr_decay_factor", type=float, default=0.1,
                    help="lr multiplier per --lr_decay_epochs (or, with 0 there, reached at the last step)")
