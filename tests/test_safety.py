@@ -6,6 +6,7 @@ The container is a 1 x 1 partition of the tiny city trained for two steps: enoug
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from mega_nerf.cli import eval as eval_cli
 from mega_nerf.cli import partition as partition_cli
 from mega_nerf.cli import render as render_cli
 from mega_nerf.cli import train as train_cli
-from mega_nerf.errors import run_cli
+from mega_nerf.errors import UserError, run_cli
 from mega_nerf.lock import lock_path
 from mega_nerf.merging.merge import merge_submodules
 
@@ -154,3 +155,36 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_host_is_named(tiny_city: Path,
     err = fails_in_one_line(render_cli.main, render_args(tiny_city, merged, out, frames=1), capsys)
     assert err == (f"error: --output {out}: in use by another run (pid 4242 on elsewhere); wait for it to finish or "
                    f"use another --output (if that run is gone, delete {lock_path(out)})")
+
+
+@pytest.mark.parametrize(("words", "message"), [
+    (["--boundary_margin", "nan"], "--boundary_margin must be finite, got nan"),
+    (["--ray_altitude_range", "nan", "2"], "--ray_altitude_range must be finite, got nan 2.0"),
+    (["--lr", "nan"], "--lr must be finite, got nan"),
+    (["--lr=-1e-3"], "--lr must be positive, got -0.001"),
+    (["--batch_size", "0"], "--batch_size must be positive, got 0"),
+    (["--train_iterations", "0"], "--train_iterations must be positive, got 0"),
+    (["--near", "-1"], "--near must not be negative, got -1.0"),
+    (["--boundary_margin", "0.5"], "--boundary_margin must be at least 1, got 0.5"),
+])
+def test_options_that_cannot_be_right_are_one_line(words: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        train_cli.train_parser().parse_args(words)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ("ray_altitude_rnage: [-29, 2]\n", "unknown key 'ray_altitude_rnage' (did you mean 'ray_altitude_range'?)"),
+    ("ray_altitude_range: [-29, 2, 5.0]\n", "ray_altitude_range needs 2 values, got 3"),
+    ("batch_size: abc\n", "batch_size must be an integer, got 'abc'"),
+    ("lr: [1, 2]\n", "lr takes one value, got 2"),
+    ("- a list\n", "a config file holds 'key: value' lines"),
+])
+def test_config_file_mistakes_name_the_key_and_the_file(tmp_path: Path, config: str, message: str) -> None:
+    (tmp_path / "c.yaml").write_text(config)
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'c.yaml'))}: {re.escape(message)}$"):
+        train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml")])
+
+
+def test_keys_of_other_commands_and_of_mega_nerf_are_accepted(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("grid_dim: [2, 2]\ncontainer_path: m.pt\ntrain_every: 1\nbatch_size: 64\n")
+    assert train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml")]).batch_size == 64
