@@ -57,8 +57,12 @@ def read_pose_file(path: Path, n_images: int) -> list[Pose]:
     """Key poses of a pose file (format in the module docstring); one-line errors naming file and line."""
     if not path.is_file():
         raise UserError(f"{path}: pose file not found")
+    try:
+        text_lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a text pose file (byte {e.start} is not UTF-8)") from None
     poses = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text_lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue

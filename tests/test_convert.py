@@ -396,3 +396,16 @@ def test_an_output_holding_other_files_is_refused(colmap_input: tuple[Path, Path
     with pytest.raises(UserError, match=r"out: exists and is not an empty folder; choose another --output$"):
         convert_colmap(*colmap_input, tmp_path / "out")
     assert os.listdir(tmp_path / "out") == ["thesis.tex"]
+
+
+@pytest.mark.parametrize(("key", "value"), [("fl_x", "fifty"), ("cx", None), ("k1", [0.1]), ("w", "64")])
+def test_transforms_values_of_the_wrong_type_name_the_key(scene: Scene, tmp_path: Path, key: str, value) -> None:
+    write_images(scene, tmp_path / "images")
+    c2w, _ = to_source(scene, np.eye(3), 1.0, np.zeros(3))
+    frames = [{"file_path": f"images/{name}.png", "transform_matrix": np.vstack([c2w[i], [0, 0, 0, 1]]).tolist()}
+              for i, name in enumerate(scene.names)]
+    shared = {"w": W, "h": H, "fl_x": 30.0, "fl_y": 30.0, "cx": W / 2, "cy": H / 2, key: value}
+    (tmp_path / "transforms.json").write_text(json.dumps({**shared, "frames": frames}))
+    with pytest.raises(UserError, match=rf"frame images/img_000\.png: '{key}' must be a finite number, got "):
+        convert_transforms(tmp_path / "transforms.json", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
