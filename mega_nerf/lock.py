@@ -77,10 +77,15 @@ def release(lock: Path) -> None:
 
 
 @contextlib.contextmanager
-def locked(outputs: dict[str, list[str | os.PathLike]]) -> Iterator[None]:
-    """Hold the locks of every output while the block runs: `outputs` maps an option name to its paths.
-    Under torch.distributed.run only rank 0 takes them (the ranks of one job share their outputs)."""
+def locked(outputs: dict[str, list[str | os.PathLike]], folders: bool = True) -> Iterator[None]:
+    """Hold the locks of every output while the block runs: `outputs` maps an option name to its paths, which
+    are folders (an existing file there is a one-line error) unless `folders` is False. Under
+    torch.distributed.run only rank 0 takes them (the ranks of one job share their outputs)."""
     taken: list[Path] = []
+    for what, paths in outputs.items():
+        for path in paths:
+            if folders and Path(path).exists() and not Path(path).is_dir():
+                raise UserError(f"{what} {path}: is a file, not a folder")
     try:
         if os.environ.get("RANK", "0") == "0":
             seen: set[Path] = set()

@@ -21,6 +21,7 @@ from mega_nerf.cli import eval as eval_cli
 from mega_nerf.cli import partition as partition_cli
 from mega_nerf.cli import render as render_cli
 from mega_nerf.cli import train as train_cli
+from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.lock import lock_path
 from mega_nerf.merging.merge import merge_submodules
@@ -188,3 +189,23 @@ def test_config_file_mistakes_name_the_key_and_the_file(tmp_path: Path, config: 
 def test_keys_of_other_commands_and_of_mega_nerf_are_accepted(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("grid_dim: [2, 2]\ncontainer_path: m.pt\ntrain_every: 1\nbatch_size: 64\n")
     assert train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml")]).batch_size == 64
+
+
+def test_an_output_folder_option_naming_a_file_is_one_line(tiny_city: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    base = ["--config_file", str(tiny_city / "config.yaml"), *SMALL, "--train_iterations", "1"]
+    err = fails_in_one_line(train_cli.main, [*base, "--exp_name", str(tmp_path / "file")], capsys)
+    assert err == f"error: --exp_name {tmp_path / 'file'}: is a file, not a folder"
+    err = fails_in_one_line(train_cli.main, [*base, "--exp_name", str(tmp_path / "exp"), "--chunk_paths",
+                                             str(tmp_path / "file")], capsys)
+    assert err == f"error: --chunk_paths {tmp_path / 'file'}: is a file, not a folder"
+
+
+def test_a_grid_far_too_fine_for_the_scene_is_warned_about(tiny_city: Path) -> None:
+    dataset = load_dataset(tiny_city)
+    assert partition_cli.work_warning(dataset, (2, 2), 1000) is None
+    warning = partition_cli.work_warning(dataset, (100, 100), 1000)
+    assert warning == ("warning: --grid_dim 100 100: 10,000 cells for 40 images, 1.5e+12 point-centroid distances to "
+                       "partition and 10,000 models to train; a smaller grid is usually what such a scene needs")
+    assert partition_cli.work_warning(dataset, (7, 6), 8) is not None  # 42 cells for 40 images

@@ -36,7 +36,7 @@ def export_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> Path:
     """Export the container named by the options; returns the PLY path."""
     args = export_parser().parse_args(argv)
-    with locked({"--output": [args.output]}):
+    with locked({"--output": [args.output]}, folders=False):
         return export_ply(args)
 
 

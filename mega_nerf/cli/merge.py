@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = merge_parser().parse_args(argv)
     for option in ("ckpt_prefix", "centroid_path", "output"):
         require(getattr(args, option), option)
-    with locked({"--output": [args.output]}):
+    with locked({"--output": [args.output]}, folders=False):
         merge_submodules(args.ckpt_prefix, Path(args.centroid_path), Path(args.output), args.allow_empty_cells,
                          args.boundary_margin)
 
