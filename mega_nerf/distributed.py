@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -27,6 +28,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    timeout_minutes: float = 10  # how long a collective waits for the other ranks
 
     @property
     def is_main(self) -> bool:
@@ -71,7 +73,7 @@ def init_distributed(timeout_minutes: float = 10) -> DistInfo:
         device = torch.device("cpu")
     timeout = datetime.timedelta(minutes=timeout_minutes)
     dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, device)
+    return DistInfo(rank, world_size, local_rank, device, timeout_minutes)
 
 
 def shard(items: list[T], info: DistInfo) -> list[T]:
@@ -81,12 +83,26 @@ def shard(items: list[T], info: DistInfo) -> list[T]:
 
 
 def barrier(info: DistInfo) -> None:
-    """Wait for every rank (no-op for a single process)."""
-    if info.is_distributed:
+    """Wait for every rank (no-op for a single process). With gloo the barrier is monitored: rank 0 learns
+    which ranks did not arrive within the timeout, and every rank stops with one line naming them."""
+    if not info.is_distributed:
+        return
+    try:
         if dist.get_backend() == "nccl":
             dist.barrier(device_ids=[info.device.index])
         else:
-            dist.barrier()
+            dist.monitored_barrier(timeout=datetime.timedelta(minutes=info.timeout_minutes), wait_all_ranks=True)
+    except RuntimeError as e:
+        raise UserError(_stalled(e, info, "a barrier")) from None
+
+
+def _stalled(error: RuntimeError, info: DistInfo, where: str) -> str:
+    """One line for a collective that failed because a rank stopped answering (or died)."""
+    found = re.search(r"[Rr]anks? ([\d, ]+) failed to pass monitoredBarrier", str(error))
+    who = f"rank {found.group(1).strip()}" if found else "another rank"
+    first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    return (f"rank {info.rank}: {who} stopped answering at {where} within --timeout_minutes "
+            f"{info.timeout_minutes:g} ({first})")
 
 
 def gather_objects(obj: T, info: DistInfo) -> list[T] | None:
@@ -94,7 +110,10 @@ def gather_objects(obj: T, info: DistInfo) -> list[T] | None:
     if not info.is_distributed:
         return [obj]
     gathered: list[T] | None = [None] * info.world_size if info.is_main else None  # type: ignore[list-item]
-    dist.gather_object(obj, gathered, dst=0)
+    try:
+        dist.gather_object(obj, gathered, dst=0)
+    except RuntimeError as e:
+        raise UserError(_stalled(e, info, "a gather")) from None
     return gathered
 
 

@@ -16,16 +16,21 @@ from mega_nerf.distributed import DistInfo, barrier, cleanup, gather_objects, in
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = """
-import sys
+import sys, time
 from mega_nerf.distributed import barrier, cleanup, gather_objects, init_distributed, shard
-info = init_distributed(timeout_minutes=float(sys.argv[1]))
-if sys.argv[2] == "fail" and info.rank == 1:
-    raise RuntimeError("rank 1 fails on purpose")
-barrier(info)
-gathered = gather_objects((info.rank, shard(list(range(7)), info)), info)
-if info.is_main:
-    print("GATHERED", gathered)
-cleanup(info)
+from mega_nerf.errors import run_cli
+def main():
+    info = init_distributed(timeout_minutes=float(sys.argv[1]))
+    if sys.argv[2] == "fail" and info.rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    if sys.argv[2] == "stall" and info.rank == 1:
+        time.sleep(300)
+    barrier(info)
+    gathered = gather_objects((info.rank, shard(list(range(7)), info)), info)
+    if info.is_main:
+        print("GATHERED", gathered)
+    cleanup(info)
+run_cli(main)
 """
 
 
@@ -70,4 +75,12 @@ def test_a_failing_rank_ends_the_job(tmp_path: Path) -> None:
     result, seconds = run_workers(tmp_path, "10", "fail")
     assert result.returncode != 0
     assert "rank 1 fails on purpose" in result.stderr
+    assert seconds < 60
+
+
+def test_a_stalled_rank_is_named_in_one_line(tmp_path: Path) -> None:
+    """Rank 1 stops answering (it sleeps): after the 3-second timeout rank 0 stops with one line naming it."""
+    result, seconds = run_workers(tmp_path, "0.05", "stall")
+    assert result.returncode != 0
+    assert "error: rank 0: rank 1 stopped answering at a barrier within --timeout_minutes 0.05 (" in result.stderr
     assert seconds < 60
