@@ -134,7 +134,8 @@ def atomic_path(path: str | os.PathLike, size: int = 0, keep_suffix: bool = Fals
     tmp = temp_path(path, keep_suffix)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        check_free_space(path, size)
+        if size:
+            check_free_space(path, size)
         yield tmp
         _commit(tmp, path, check)
     except BaseException as e:
