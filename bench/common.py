@@ -21,12 +21,12 @@ def ensure_city(preset: str, work: Path) -> Path:
 
 
 def ensure_partition(dataset: Path, work: Path, grid: tuple[int, int]) -> Path:
-    """Run create_cluster_masks once; return the mask directory."""
+    """Run create_cluster_masks once (the exact rule); return the mask directory."""
     masks = work / f"masks-{grid[0]}x{grid[1]}"
     if not (masks / "params.pt").exists():
         subprocess.run([sys.executable, str(ROOT / "scripts/create_cluster_masks.py"), "--config_file",
                         str(dataset / "config.yaml"), "--dataset_path", str(dataset), "--output", str(masks),
-                        "--grid_dim", str(grid[0]), str(grid[1]), "--ray_samples", "256", "--no_progress"], check=True)
+                        "--grid_dim", str(grid[0]), str(grid[1]), "--no_progress"], check=True)
     return masks
 
 

@@ -1,8 +1,9 @@
-"""Data path speed: chunk writing (rays/s, bytes per ray on disk) for one cell, and how fast the stream hands out
-batches with no training in the way (so it can be compared with the trainer's consumption in train_speed.py,
-which also reports the time training spent waiting on data).
+"""Data path speed: chunk writing (rays/s, bytes per ray on disk: the cell's keys plus its share of the image
+store, divided over the partition's cells) for one cell, and how fast the stream hands out batches with no
+training in the way (so it can be compared with the trainer's consumption in train_speed.py, which also reports
+the time training spent waiting on data). The image store is rewritten too, so the write time is a first cell's.
 
-    python bench/data_speed.py --preset city [--batch_size 32768] [--chunk_rays 16777216]
+    python bench/data_speed.py --preset city [--batch_size 32768] [--chunk_rays 4194304]
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, ensure_city, ensure_partition  # noqa: E402
 
-from mega_nerf.data.chunks import prepare_chunks  # noqa: E402
+from mega_nerf.data.chunks import ChunkReader, prepare_chunks  # noqa: E402
 from mega_nerf.data.dataset import load_dataset  # noqa: E402
 from mega_nerf.data.stream import RayStream  # noqa: E402
+from mega_nerf.partition.cells import load_params  # noqa: E402
 
 
 def main() -> None:
@@ -28,22 +30,25 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("bench-work"))
     p.add_argument("--cell", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=32768)
-    p.add_argument("--chunk_rays", type=int, default=2 ** 24)
+    p.add_argument("--chunk_rays", type=int, default=2 ** 22)
     p.add_argument("--batches", type=int, default=2000)
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
     data = ensure_city(args.preset, args.work)
     masks = ensure_partition(data, args.work, (2, 2))
-    out = args.work / "data-speed-chunks"
-    shutil.rmtree(out, ignore_errors=True)
+    out, store = args.work / "data-speed" / "chunks", args.work / "data-speed" / "image_store"
+    shutil.rmtree(out.parent, ignore_errors=True)
     dataset = load_dataset(data)
     start = time.perf_counter()
-    manifest = prepare_chunks(dataset, masks / str(args.cell), [out], args.chunk_rays, progress=False)
+    manifest = prepare_chunks(dataset, masks / str(args.cell), [out], args.chunk_rays,
+                              store_dir=store)
     write_seconds = time.perf_counter() - start
-    on_disk = sum((out / name).stat().st_size for _, name, _ in manifest.chunks)
+    cells = load_params(masks).num_cells
+    on_disk = (sum((out / name).stat().st_size for _, name, _ in manifest.chunks)
+               + (store / manifest.store).stat().st_size / cells)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    stream = RayStream([out / n for _, n, _ in manifest.chunks], [c for _, _, c in manifest.chunks],
-                       args.batch_size, seed=0, device=device)
+    reader = ChunkReader(manifest, [out], dataset, store)
+    stream = RayStream(reader, reader.counts, args.batch_size, seed=0, device=device)
     stream.next_batch()
     start = time.perf_counter()
     for _ in range(args.batches):

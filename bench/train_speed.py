@@ -37,12 +37,17 @@ SETTINGS = {  # Mega-NeRF's reference settings for mlp; ours for hash
 DENSE_SECONDS = 60  # val PSNR every eval_every seconds up to here (where the curves rise), then 8 times sparser
 
 
-def val_pixels(trainer: Trainer, count: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """A fixed sample of the cell's scored val pixels (right halves): image index, pixel index, rgb."""
+def val_pixels(trainer: Trainer, count: int, seed: int = 0, trained: bool = False) -> tuple[torch.Tensor, ...]:
+    """A fixed sample of the cell's scored val pixels (right halves): image index, pixel index, rgb. With
+    `trained`, a sample of the pixels training fits instead (every train image's, val left halves): their PSNR
+    beside the val PSNR tells over-fitting from a lack of capacity."""
     images, pixels, colours = [], [], []
-    for meta in trainer.dataset.val:
-        mask = cell_mask(meta, trainer.mask_dir) & meta.scored_mask()
+    for meta in trainer.dataset.images if trained else trainer.dataset.val:
+        cell = cell_mask(meta, trainer.mask_dir)
+        mask = cell & meta.trained_mask() if trained else cell & meta.scored_mask()
         idx = mask.flatten().nonzero()[:, 0]
+        if trained:  # a few thousand pixels per image keep loading cheap
+            idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:4096]]
         images.append(torch.full_like(idx, meta.index))
         pixels.append(idx)
         colours.append(meta.load_rgb().view(-1, 3)[idx])

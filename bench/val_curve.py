@@ -50,6 +50,7 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path) -> 
     trainer = Trainer(config_from_argv(base))
     stream = trainer.prepare_data()
     sample = val_pixels(trainer, sample_count)
+    fitted = val_pixels(trainer, sample_count, trained=True)
     neighbour = nearest_train_appearance(trainer)
     curve, trained, done, shaded = [], 0.0, 0, 0
     for target in steps:
@@ -62,9 +63,9 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path) -> 
         sync()
         trained += time.perf_counter() - start
         curve.append((done, round(trained, 1), round(val_psnr(trainer, sample), 3),
-                      round(val_psnr(trainer, sample, neighbour), 3)))
+                      round(val_psnr(trainer, sample, neighbour), 3), round(val_psnr(trainer, fitted), 3)))
         print(f"step {done} ({trained:.1f} s): val PSNR {curve[-1][2]:.2f} dB, with the nearest train image's "
-              f"appearance {curve[-1][3]:.2f} dB", flush=True)
+              f"appearance {curve[-1][3]:.2f} dB; trained pixels {curve[-1][4]:.2f} dB", flush=True)
     batch = trainer.config.batch_size
     return {"curve": curve, "rays_per_s": done * batch / trained,
             "samples_per_ray": shaded / (len(range(0, done, 50)) * batch),
@@ -74,10 +75,11 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path) -> 
 
 def table(results: dict[str, dict]) -> str:
     rows = ["| variant | rays/s | samples/ray | box / town | val PSNR by step (training seconds; in brackets: with "
-            "the nearest train image's appearance) | best | last - best |", "|---|---|---|---|---|---|---|"]
+            "the nearest train image's appearance; then the trained pixels' PSNR) | best | last - best |",
+            "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        curve = ", ".join(f"{s}: {p:.2f} [{q:.2f}] ({t:.0f} s)" for s, t, p, q in r["curve"])
-        best = max(p for _, _, p, _ in r["curve"])
+        curve = ", ".join(f"{s}: {p:.2f} [{q:.2f}; {f:.2f}] ({t:.0f} s)" for s, t, p, q, f in r["curve"])
+        best = max(p for _, _, p, _, _ in r["curve"])
         ratio = "n/a" if r["bounds_ratio"] is None else f"{r['bounds_ratio']:.2f}"
         rows.append(f"| {name} | {r['rays_per_s']:,.0f} | {r['samples_per_ray']:.1f} | {ratio} | {curve} | "
                     f"{best:.2f} | {r['curve'][-1][2] - best:+.2f} |")

@@ -6,7 +6,9 @@ altitude around the centre of their horizontal extent, with a radius of their me
 always looking at the scene centre on the ground (the ground plane of the altitude range; without one, 45
 degrees down).
 
-The pose file format is POSE_FILE_FORMAT below (also printed by scripts/render_images.py --help).
+The pose file format is POSE_FILE_FORMAT below (also printed by scripts/render_images.py --help). A path may
+also be a nerfstudio camera_path.json (nerfstudio.py), rendered frame by frame; every rendering writes its frames
+as `<output>/camera_path.json` too, in the same world such a file is read in (`path_frame`).
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ from scipy.spatial.transform import Rotation, Slerp
 from tqdm import tqdm
 
 from mega_nerf.data.dataset import Dataset, rotation_problem
+from mega_nerf.data.frames import Similarity, load_source_frame, read_similarity, to_source_map
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.imaging import render_image, to_uint8
 from mega_nerf.io import atomic_path, check_free_space, remove_temp_files, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
+from mega_nerf.nerfstudio import read_camera_path, write_camera_path
 from mega_nerf.render import default_chunk
 
 POSE_FILE_FORMAT = """\
@@ -38,7 +42,12 @@ appearance index (a dataset image, train and val counted together sorted by name
 embedding to use). Give intrinsics on every line or on none; without them the dataset's first image's are
 used. Without an appearance index a frame uses that of the dataset camera nearest its centre. Frames are
 spread evenly over the key poses (first and last included): centres and intrinsics linearly, rotations by
-spherical linear interpolation. Without --path the camera orbits the scene."""
+spherical linear interpolation. Without --path the camera orbits the scene.
+
+A --path ending in .json is a nerfstudio camera_path.json: its frames are rendered as they are (--frames is not
+used), in the world of --dataparser_transforms (nerfstudio's, from its training run) when given, else in the
+dataset's source world (COLMAP / transforms.json, from the dataset's dataparser_transforms.json) when it has
+one, else in the normalised DRB frame. <output>/camera_path.json is written in that same world."""
 WORLD_UP = np.array([-1.0, 0.0, 0.0])  # altitude grows with -x (DRB)
 LINE_LENGTHS = (12, 13, 18, 19)
 
@@ -174,6 +183,25 @@ def _video_problem(path: Path, frames: int) -> str | None:
     return None if found == frames else f"the video holds {found} of its {frames} frames (disk full?)"
 
 
+def path_frame(dataset_path: str, dataparser_transforms: str | None) -> Similarity | None:
+    """The map from the world camera path files are in to ours (None: they are in ours): nerfstudio's world
+    when its dataparser_transforms.json is given, else the dataset's source world when it has one."""
+    if dataparser_transforms is not None:
+        from_source = to_source_map(dataset_path, "--dataparser_transforms").inverse()
+        return read_similarity(dataparser_transforms).inverse().then(from_source)
+    return load_source_frame(dataset_path)
+
+
+def path_poses(config: PathConfig, dataset: Dataset, altitude_range: tuple[float, float] | None,
+               to_ours: Similarity | None) -> list[Pose]:
+    """The poses to render: a nerfstudio camera path's frames, a pose file interpolated, or an orbit."""
+    if config.path is not None and config.path.endswith(".json"):
+        return [Pose(c2w, K, size) for c2w, K, size in read_camera_path(Path(config.path), to_ours)]
+    if config.path is not None:
+        return interpolate(read_pose_file(Path(config.path), len(dataset.images)), config.frames)
+    return orbit(dataset, config.frames, altitude_range)
+
+
 @dataclass(frozen=True)
 class PathConfig:
     """One camera-path rendering, as `mega-nerf-render` was asked for it (built in cli/render)."""
@@ -181,7 +209,8 @@ class PathConfig:
     container_path: str
     dataset_path: str
     output: str  # folder for frames/<00000>.png and video.mp4
-    path: str | None = None  # pose file (POSE_FILE_FORMAT); None: an orbit
+    path: str | None = None  # pose file (POSE_FILE_FORMAT) or nerfstudio camera_path.json; None: an orbit
+    dataparser_transforms: str | None = None  # nerfstudio's, when a camera_path.json is in nerfstudio's world
     frames: int = 120
     height: int | None = None  # frame height in pixels; None: the poses'
     fps: float = 30.0
@@ -198,11 +227,8 @@ def render_images(config: PathConfig) -> Path:
         raise UserError("--frames, --height and --ray_chunk must be positive")
     container, info = load_container(config.container_path, device)
     dataset = load_checked_dataset(info, config.dataset_path, config.train_scale_factor, 1)
-    if config.path is not None:
-        poses = interpolate(read_pose_file(Path(config.path), len(dataset.images)), config.frames)
-    else:
-        poses = orbit(dataset, config.frames, info.altitude_range)
-    poses = complete(poses, dataset, config.height)
+    to_ours = path_frame(config.dataset_path, config.dataparser_transforms)
+    poses = complete(path_poses(config, dataset, info.altitude_range, to_ours), dataset, config.height)
     output = Path(config.output)
     W, H = poses[0].size
     check_free_space(output / "frames", 3 * W * H * len(poses))  # raw pixels: more than PNGs and MP4 take
@@ -222,5 +248,7 @@ def render_images(config: PathConfig) -> Path:
                     video.write(np.ascontiguousarray(rgb[:, :, ::-1]))
         finally:
             video.release()
+    write_camera_path(output / "camera_path.json", [(p.c2w, p.intrinsics, p.size) for p in poses], config.fps,
+                      None if to_ours is None else to_ours.inverse())
     print(f"wrote {len(poses)} frames to {output / 'frames'} and {video_path}")
     return video_path

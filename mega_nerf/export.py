@@ -12,6 +12,9 @@ if at least K training images have it inside their view: regions few cameras see
 a briefly trained model leaves its fog (tests/test_export.py, bench/RESULTS.md).
 
     python scripts/export_ply.py --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D]
+
+Points are written in normalised DRB, in real-world DRB metres (`--real_units`) or in the COLMAP / transforms.json
+world the dataset was converted from (`--source_frame`, through its dataparser_transforms.json).
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from plyfile import PlyData, PlyElement
+from tqdm import tqdm
 
 from mega_nerf.data.dataset import Coordinates, load_coordinates, load_dataset
+from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import UserError
 from mega_nerf.fields.base import Field
 from mega_nerf.io import atomic_open
@@ -73,12 +78,13 @@ def _evaluate(field: Field, points: torch.Tensor, appearance: int, chunk: int
 
 def export_points(field: Field, box_min: torch.Tensor, box_max: torch.Tensor, resolution: int,
                   density_threshold: float | None = None, layers: int = 2, appearance: int = 0,
-                  chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+                  chunk: int = 1 << 18, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The top-visible dense cells of `field` in the box [box_min, box_max] (3,) (normalised DRB).
 
     Returns cell centres xyz (P, 3) float32 and colours (P, 3) uint8, in order of (y, z, x) cell index.
     `resolution`: cells along the box's longest side (cells are cubes); `density_threshold`: None to find where
-    a downward ray has lost half its light; `layers`: cells kept per column; `chunk`: points per field call.
+    a downward ray has lost half its light; `layers`: cells kept per column; `chunk`: points per field call;
+    `progress`: a progress bar over the slabs.
     """
     device = next(field.buffers()).device
     lo, hi = box_min.double().cpu(), box_max.double().cpu()
@@ -88,7 +94,7 @@ def export_points(field: Field, box_min: torch.Tensor, box_max: torch.Tensor, re
             for i in range(3)]
     slab = max(1, chunk // (counts[0] * counts[2]))  # y values per slab, so a slab is about one chunk
     xyz, rgb = [], []
-    for y0 in range(0, counts[1], slab):
+    for y0 in tqdm(range(0, counts[1], slab), desc="export", unit="slab", disable=not progress):
         ys = axes[1][y0:y0 + slab]
         grid = torch.stack(torch.meshgrid(ys, axes[2], axes[0], indexing="ij"), -1)  # (Y, Z, X, 3) y, z, x
         points = grid[..., [2, 0, 1]].reshape(-1, 3)  # to x, y, z; x fastest so each column is contiguous
@@ -159,9 +165,12 @@ def check_args(args: argparse.Namespace, n_images: int) -> None:
         raise UserError(f"--density_threshold must be positive, got {args.density_threshold}")
     if args.min_views < 0:
         raise UserError(f"--min_views must be at least 0, got {args.min_views}")
-    for option in ("real_units", "min_views"):
+    for option in ("real_units", "source_frame", "min_views"):
         if getattr(args, option) and args.dataset_path is None:
-            raise UserError(f"--{option} needs --dataset_path (its coordinates.pt and cameras)")
+            raise UserError(f"--{option} needs --dataset_path (its coordinates.pt, dataparser_transforms.json and "
+                            "cameras)")
+    if args.real_units and args.source_frame:
+        raise UserError("--real_units and --source_frame exclude each other: choose one frame")
 
 
 def export_ply(args: argparse.Namespace) -> Path:
@@ -170,9 +179,10 @@ def export_ply(args: argparse.Namespace) -> Path:
     container, info = load_container(args.container_path, device)
     check_args(args, info.n_images)
     coordinates = load_coordinates(Path(args.dataset_path)) if args.real_units else None
+    to_source = to_source_map(args.dataset_path, "--source_frame") if args.source_frame else None
     box_min, box_max = export_box(container, info.altitude_range)
     xyz, rgb = export_points(container, box_min, box_max, args.resolution, args.density_threshold, args.layers,
-                             args.appearance, args.chunk)
+                             args.appearance, args.chunk, not args.no_progress)
     found = len(xyz)
     if args.min_views > 0:
         dataset = load_dataset(Path(args.dataset_path))
@@ -184,11 +194,13 @@ def export_ply(args: argparse.Namespace) -> Path:
         print(f"kept {int(keep.sum())} of {found} points seen by at least {args.min_views} training views")
         xyz, rgb = xyz[keep], rgb[keep]
     xyz, rgb = subsample(xyz, rgb, args.max_points)
+    units = "normalised DRB"
     if coordinates is not None:
-        xyz = to_real_units(xyz, coordinates)
+        xyz, units = to_real_units(xyz, coordinates), "real-world DRB metres"
+    if to_source is not None:
+        xyz, units = to_source.points(xyz).astype(np.float32), "the source frame of dataparser_transforms.json"
     output = Path(args.output)
     write_ply(output, xyz, rgb)
-    units = "real-world DRB metres" if coordinates is not None else "normalised DRB"
     print(f"wrote {len(xyz)} points ({found} found) to {output} ({units}, "
           f"{output.stat().st_size / 2 ** 10:.0f} KiB)")
     return output

@@ -77,17 +77,19 @@ def release(lock: Path) -> None:
 
 
 @contextlib.contextmanager
-def locked(outputs: dict[str, list[str | os.PathLike]], folders: bool = True) -> Iterator[None]:
+def locked(outputs: dict[str, list[str | os.PathLike]], folders: bool = True,
+           main_rank_only: bool = True) -> Iterator[None]:
     """Hold the locks of every output while the block runs: `outputs` maps an option name to its paths, which
     are folders (an existing file there is a one-line error) unless `folders` is False. Under
-    torch.distributed.run only rank 0 takes them (the ranks of one job share their outputs)."""
+    torch.distributed.run only rank 0 takes them (the ranks of one job share their outputs), unless
+    `main_rank_only` is False (outputs of one rank's own, as a cell trained by train_cells)."""
     taken: list[Path] = []
     for what, paths in outputs.items():
         for path in paths:
             if folders and Path(path).exists() and not Path(path).is_dir():
                 raise UserError(f"{what} {path}: is a file, not a folder")
     try:
-        if os.environ.get("RANK", "0") == "0":
+        if not main_rank_only or os.environ.get("RANK", "0") == "0":
             seen: set[Path] = set()
             for what, paths in outputs.items():
                 for path in {Path(p).resolve() for p in paths} - seen:  # one lock per place, however spelled

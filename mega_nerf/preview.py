@@ -18,6 +18,7 @@ import yaml
 from plyfile import PlyData, PlyElement
 
 from mega_nerf.data.dataset import Dataset, decode_image, load_dataset
+from mega_nerf.data.frames import Similarity
 from mega_nerf.errors import UserError
 from mega_nerf.io import atomic_open, write_bgr
 from mega_nerf.partition.cells import PartitionParams, load_params, params_file
@@ -264,9 +265,11 @@ def write_preview(dataset_path: str | os.PathLike, output: str | os.PathLike,
     return scene_report(scene)
 
 
-def write_cameras_ply(dataset: Dataset, path: str | os.PathLike, frusta: bool = False, depth: float = 0.05) -> int:
-    """The training cameras as a PLY in normalised DRB: a vertex per centre, plus, with `frusta`, a vertex per
-    image corner `depth` units in front and edges outlining each frustum. Returns the number of cameras."""
+def write_cameras_ply(dataset: Dataset, path: str | os.PathLike, frusta: bool = False, depth: float = 0.05,
+                      to_frame: Similarity | None = None) -> int:
+    """The training cameras as a PLY in normalised DRB (or, with `to_frame`, mapped by it, e.g. to the source
+    world): a vertex per centre, plus, with `frusta`, a vertex per image corner `depth` normalised units in front
+    and edges outlining each frustum. Returns the number of cameras."""
     cams = dataset.train
     centres = torch.stack([m.c2w[:, 3] for m in cams]).double()
     vertices, elements = [centres], []
@@ -282,6 +285,8 @@ def write_cameras_ply(dataset: Dataset, path: str | os.PathLike, frusta: bool = 
         edge["vertex2"] = np.concatenate([corner.ravel(), np.roll(corner, -1, 1).ravel()])  # corner to corner
         elements.append(PlyElement.describe(edge, "edge"))
     xyz = torch.cat(vertices).numpy()
+    if to_frame is not None:
+        xyz = to_frame.points(xyz)
     vertex = np.zeros(len(xyz), [("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"), ("green", "u1"),
                                  ("blue", "u1")])
     vertex["x"], vertex["y"], vertex["z"] = xyz.T

@@ -1,16 +1,23 @@
-"""Shared fixtures: the tiny synthetic city and the tiny oblique survey, generated once per test session; a full
-disk stub for the files mega_nerf.io writes."""
+"""Shared fixtures: the tiny synthetic city and the tiny oblique survey, generated once per test session, a
+launcher that runs a stage on several ranks with a test hook, and a full disk stub for the files mega_nerf.io
+writes."""
 from __future__ import annotations
 
 import builtins
+import datetime
 import errno
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch.distributed as dist
 
 import mega_nerf.io
 from mega_nerf.synthetic import generate_city
@@ -45,6 +52,66 @@ def oblique_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def oblique_summary(oblique_city: Path) -> dict:
     """generate_city's summary of `oblique_city`, as saved in its scene.json."""
     return json.loads((oblique_city / "scene.json").read_text())
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Ranks:
+    """How the ranks of one launch ended: exit codes, stderr and stdout per rank (one entry for all ranks
+    under torchrun, whose output is interleaved), and the launch's wall time."""
+
+    codes: list[int]
+    stderr: list[str]
+    stdout: list[str]
+    seconds: float
+
+    def last_error_lines(self) -> list[str]:
+        return [err.strip().splitlines()[-1] if err.strip() else "" for err in self.stderr]
+
+
+def _worker_env() -> dict[str, str]:
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def launch_ranks(script: Path, args: list[object], nproc: int = 2, agent: bool = True) -> Ranks:
+    """Run `script args` on `nproc` ranks under torch.distributed.run, or (agent=False) as separate processes
+    around a store this function hosts as torchrun's agent would, so that no launcher stops the other ranks when
+    one fails (as on other nodes)."""
+    args = [str(script), *map(str, args)]
+    start = time.monotonic()
+    if agent:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                            str(nproc), *args], env=_worker_env(), cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        return Ranks([r.returncode], [r.stderr], [r.stdout], time.monotonic() - start)
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=60))
+    env = {**_worker_env(), "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    workers = [subprocess.Popen([sys.executable, *args], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for rank in range(nproc)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    return Ranks([w.returncode for w in workers], [e for _, e in outputs], [o for o, _ in outputs],
+                 time.monotonic() - start)
+
+
+@pytest.fixture
+def launch_script() -> Callable[..., Ranks]:
+    """launch_ranks, for tests that bring their own worker script."""
+    return launch_ranks
+
+
+@pytest.fixture
+def launch() -> Callable[..., Ranks]:
+    """launch(stage, options, hook=(rank, kind, trigger), nproc=2, agent=True): a stage (partition, eval, cells)
+    run as its command runs it with tests/stage_worker.py's test hook, on ranks started by launch_ranks."""
+    def run(stage: str, options: list[object], hook: tuple[int, str, str] = (-1, "none", "0"), nproc: int = 2,
+            agent: bool = True) -> Ranks:
+        return launch_ranks(ROOT / "tests" / "stage_worker.py", [stage, *hook, *options], nproc, agent)
+    return run
 
 
 class FullDisk:

@@ -1,127 +1,194 @@
-"""Ray chunks: exactly the cell's rays, each once, shuffled across images; reuse, mismatch and killed writes;
-the stream visits every ray once per epoch and resumes exactly."""
+"""Ray chunks: every ray of the cell exactly once with its colour, shuffled across images; keys in few bits;
+reuse, mismatch, old formats, full disks and killed writes; the stream visits every ray once per epoch and
+resumes exactly."""
 import json
+import math
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
-from mega_nerf.data.chunks import MANIFEST, gather_in_memory, prepare_chunks
+import mega_nerf.data.chunks as chunks
+from mega_nerf.data.chunks import MANIFEST, ChunkReader, gather_in_memory, prepare_chunks
 from mega_nerf.data.dataset import load_dataset, write_coordinates, write_image
-from mega_nerf.data.stream import RayStream
+from mega_nerf.data.keys import decode_keys, encode_keys
+from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
-from mega_nerf.partition.maskfile import write_mask
+from mega_nerf.partition.maskfile import load_mask, write_mask
 
 W, H = 20, 10
 
 
+def make_dataset(root: Path, shift: float = 0.0) -> None:
+    """12 random images (3 val); `shift` moves every camera (another dataset of the same names and sizes)."""
+    write_coordinates(root, torch.zeros(3), 10.0)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        c2w = torch.cat([torch.eye(3), torch.tensor([[shift], [0.1 * i], [0.0]])], 1)
+        write_image(root, "val" if i % 4 == 3 else "train", f"img{i:02d}",
+                    rng.integers(0, 256, (H, W, 3), dtype=np.uint8), [20, 20, W / 2, H / 2], c2w)
+
+
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> tuple[Path, Path]:
-    """12 random images (3 val) and one cell's masks covering a random ~60% of each image."""
+    """The dataset and one cell's masks covering a random ~60% of each image."""
     root = tmp_path_factory.mktemp("chunks")
     data, masks = root / "data", root / "masks" / "0"
     masks.mkdir(parents=True)
-    write_coordinates(data, torch.zeros(3), 10.0)
-    rng = np.random.default_rng(0)
+    make_dataset(data)
+    rng = np.random.default_rng(1)
     for i in range(12):
-        c2w = torch.cat([torch.eye(3), torch.tensor([[0.0], [0.1 * i], [0.0]])], 1)
-        write_image(data, "val" if i % 4 == 3 else "train", f"img{i:02d}",
-                    rng.integers(0, 256, (H, W, 3), dtype=np.uint8), [20, 20, W / 2, H / 2], c2w)
         write_mask(masks / f"img{i:02d}.mask", torch.from_numpy(rng.random((H, W)) < 0.6))
     return data, masks
 
 
-def expected_rays(data: Path, masks: Path) -> set[tuple[int, int, tuple[int, ...]]]:
-    from mega_nerf.partition.maskfile import load_mask
-    rays = set()
+def expected_rays(data: Path, masks: Path) -> list[tuple[int, int, tuple[int, ...]]]:
+    """The cell's rays (image, pixel, rgb) by a slow loop over the masks (val images: left half only)."""
+    rays = []
     for m in load_dataset(data).images:
         mask = load_mask(masks, m.name, H, W).clone()
         if m.split == "val":
             mask[:, W // 2:] = False
         rgb = m.load_rgb().view(-1, 3)
-        for p in mask.flatten().nonzero()[:, 0].tolist():
-            rays.add((m.index, p, tuple(rgb[p].tolist())))
+        rays += [(m.index, p, tuple(rgb[p].tolist())) for p in mask.flatten().nonzero()[:, 0].tolist()]
     return rays
 
 
-def read_chunks(path: Path) -> np.ndarray:
-    manifest = json.loads((path / MANIFEST).read_text())
-    return np.concatenate([np.load(path / name) for _, name, _ in manifest["chunks"]])
+def as_tuples(rays: dict[str, np.ndarray]) -> list[tuple[int, int, tuple[int, ...]]]:
+    return [(int(i), int(p), tuple(int(c) for c in rgb))
+            for i, p, rgb in zip(rays["image"], rays["pixel"], rays["rgb"], strict=True)]
 
 
-def test_chunks_hold_each_masked_ray_once_shuffled(scene, tmp_path):
+def read_all(manifest, paths: list[Path], data: Path, store: Path | None = None) -> list[tuple]:
+    reader = ChunkReader(manifest, paths, load_dataset(data), store)
+    return [ray for c in range(len(reader.counts)) for ray in as_tuples(reader(c))]
+
+
+def test_chunks_hold_each_masked_ray_once_shuffled(scene, tmp_path, capsys):
     data, masks = scene
-    manifest = prepare_chunks(load_dataset(data), masks, [tmp_path / "a", tmp_path / "b"], chunk_rays=300,
-                              progress=False)
+    paths = [tmp_path / "a", tmp_path / "b"]
+    manifest = prepare_chunks(load_dataset(data), masks, paths, chunk_rays=300)
+    out = capsys.readouterr().out
+    assert f"{manifest.count:,} rays" in out and str(tmp_path / "image_store") in out  # bytes and where, first
     assert len(manifest.chunks) > 2 and {d for d, _, _ in manifest.chunks} == {0, 1}
-    rays = np.concatenate([np.load([tmp_path / "a", tmp_path / "b"][d] / n) for d, n, _ in manifest.chunks])
-    got = [(int(r["image"]), int(r["pixel"]), tuple(int(c) for c in r["rgb"])) for r in rays]
-    assert len(got) == len(set(got)) == manifest.count  # each once
-    assert set(got) == expected_rays(data, masks)  # exactly the cell's rays (val: left half)
-    assert rays.dtype.itemsize <= 12
-    for _, name, count in manifest.chunks:  # every chunk mixes many images
-        images = np.load((tmp_path / "a" if (tmp_path / "a" / name).exists() else tmp_path / "b") / name)["image"]
+    got = read_all(manifest, paths, data)
+    assert sorted(got) == sorted(expected_rays(data, masks))  # a permutation of the cell's rays
+    for c in range(len(manifest.chunks)):  # every chunk mixes many images
+        images = ChunkReader(manifest, paths, load_dataset(data))(c)["image"]
         assert len(np.unique(images)) >= 10
-        assert np.bincount(images).max() < 0.25 * count
+        assert np.bincount(images).max() < 0.25 * len(images)
+    assert sorted(p.name for p in (tmp_path / "image_store").iterdir()) == [manifest.store]
+    assert (tmp_path / "image_store" / manifest.store).stat().st_size == 12 * H * W * 3
+
+
+def test_keys_round_trip_in_few_bits():
+    """Elias-Fano: sorted keys come back exactly, in at most 2 + log2(universe / count) bits a key (+ header)."""
+    rng = np.random.default_rng(2)
+    for universe, count in ((1, 1), (1000, 0), (1000, 1000), (30_000_000, 3_000_000), (2 ** 40, 5000)):
+        keys = np.sort(rng.choice(universe, count, replace=False)) if universe < 2 ** 31 else \
+            np.unique(rng.integers(0, universe, count))
+        data = encode_keys(keys, universe)
+        assert np.array_equal(decode_keys(data), keys)
+        assert len(data) <= 34 + count * (2 + math.log2(universe / max(count, 1))) / 8
+    with pytest.raises(ValueError):
+        decode_keys(encode_keys(np.arange(10), 100)[:-1])
 
 
 def test_chunks_are_reused_and_mismatches_refused(scene, tmp_path):
     data, masks = scene
     dataset = load_dataset(data)
-    first = prepare_chunks(dataset, masks, [tmp_path / "c"], chunk_rays=500, progress=False)
+    first = prepare_chunks(dataset, masks, [tmp_path / "c"], chunk_rays=500)
     stamp = (tmp_path / "c" / first.chunks[0][1]).stat().st_mtime_ns
-    again = prepare_chunks(dataset, masks, [tmp_path / "c"], chunk_rays=500, progress=False)
+    again = prepare_chunks(dataset, masks, [tmp_path / "c"], chunk_rays=500)
     assert again == first and (tmp_path / "c" / first.chunks[0][1]).stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match="another masks"):
-        prepare_chunks(dataset, None, [tmp_path / "c"], chunk_rays=500, progress=False)
+        prepare_chunks(dataset, None, [tmp_path / "c"], chunk_rays=500)
     with pytest.raises(UserError, match="another scale factor|another dataset"):
-        prepare_chunks(load_dataset(data, scale_factor=2), None, [tmp_path / "c"], chunk_rays=500, progress=False)
+        prepare_chunks(load_dataset(data, scale_factor=2), None, [tmp_path / "c"], chunk_rays=500)
+    make_dataset(tmp_path / "moved", shift=0.5)  # same names and sizes, other poses
+    with pytest.raises(UserError, match=r"c: holds chunks of another dataset"):
+        prepare_chunks(load_dataset(tmp_path / "moved"), masks, [tmp_path / "c"], chunk_rays=500)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "thesis.tex").write_text("precious")
     with pytest.raises(UserError, match="not ray chunks"):
-        prepare_chunks(dataset, masks, [tmp_path / "d"], chunk_rays=500, progress=False)
+        prepare_chunks(dataset, masks, [tmp_path / "d"], chunk_rays=500)
 
 
-def test_killed_write_is_redone(scene, tmp_path):
+def test_old_format_is_refused_saying_what_to_delete(scene, tmp_path):
+    data, masks = scene
+    old = tmp_path / "old"
+    old.mkdir()
+    np.save(old / "chunk_00000.npy", np.zeros(3, [("image", "<u2"), ("pixel", "<u4"), ("rgb", "u1", 3)]))
+    (old / MANIFEST).write_text(json.dumps({"version": 1, "chunks": [[0, "chunk_00000.npy", 3]]}))
+    with pytest.raises(UserError, match=rf"{old}: holds ray chunks of an older format .*delete"):
+        prepare_chunks(load_dataset(data), masks, [old], chunk_rays=500)
+
+
+def test_a_full_disk_is_refused_before_writing(scene, tmp_path):
+    data, masks = scene
+    with mock.patch.object(chunks.shutil, "disk_usage", return_value=mock.Mock(free=100)), \
+            pytest.raises(UserError, match=r"the ray chunks need [\d,]+ bytes but its disk has 100 free"):
+        prepare_chunks(load_dataset(data), masks, [tmp_path / "full"], chunk_rays=500)
+    assert not list((tmp_path / "full").glob("chunk_*"))
+
+
+def test_killed_write_resumes(scene, tmp_path):
+    """A write killed after its first chunk keeps that chunk on the rerun, which writes the rest; leftovers of a
+    killed run (temp files) go."""
     data, masks = scene
     out = tmp_path / "e"
-    out.mkdir()
-    (out / "chunk_00000.npy.bucket").write_bytes(b"half")  # what a killed scatter leaves: no manifest
-    (out / "chunk_00001.npy.tmp").write_bytes(b"half")
-    manifest = prepare_chunks(load_dataset(data), masks, [out], chunk_rays=400, progress=False)
+    real, calls = chunks._write_chunk, []
+
+    def dies_after_one(*job):
+        calls.append(job[0].name)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # as a kill would stop it
+        return real(*job)
+    with mock.patch.object(chunks, "_write_chunk", dies_after_one), mock.patch.object(chunks, "ordered_map",
+                                                                                      lambda f, xs: map(f, xs)):
+        with pytest.raises(KeyboardInterrupt):
+            prepare_chunks(load_dataset(data), masks, [out], chunk_rays=400)
+    assert not (out / MANIFEST).exists()
+    kept = out / calls[0]
+    stamp = kept.stat().st_mtime_ns
+    (out / "chunk_00003.keys.77.tmp").write_bytes(b"half")
+    manifest = prepare_chunks(load_dataset(data), masks, [out], chunk_rays=400)
+    assert kept.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [n for _, n, _ in manifest.chunks])
-    assert len(read_chunks(out)) == manifest.count
+    assert sorted(read_all(manifest, [out], data)) == sorted(expected_rays(data, masks))
+    prepare_chunks(load_dataset(data), masks, [tmp_path / "f"], chunk_rays=400)
+    assert [(p.name, p.read_bytes()) for p in sorted(out.glob("chunk_*"))] == \
+        [(p.name, p.read_bytes()) for p in sorted((tmp_path / "f").glob("chunk_*"))]
 
 
-@pytest.mark.parametrize("piece_rays", [1 << 22, 90])  # whole chunks; pieces of chunks
-def test_stream_visits_every_ray_once_per_epoch_and_resumes(scene, tmp_path, piece_rays):
+@pytest.mark.parametrize("mode", ["disk", "memory"])
+def test_stream_visits_every_ray_once_per_epoch_and_resumes(scene, tmp_path, mode):
     data, masks = scene
-    manifest = prepare_chunks(load_dataset(data), masks, [tmp_path], chunk_rays=250, progress=False)
-    sources = [tmp_path / n for _, n, _ in manifest.chunks]
-    counts = [c for _, _, c in manifest.chunks]
-    stream = RayStream(sources, counts, batch_size=64, seed=3, device=torch.device("cpu"), piece_rays=piece_rays)
-    assert len(stream.pieces) > len(counts) or piece_rays > max(counts)
+    dataset = load_dataset(data)
+    if mode == "disk":
+        manifest = prepare_chunks(dataset, masks, [tmp_path], chunk_rays=250)
+        read = ChunkReader(manifest, [tmp_path], dataset)
+        counts = read.counts
+    else:
+        read, counts = memory_pieces(gather_in_memory(dataset, masks), piece_rays=90)
+    assert len(counts) > 2
+    total = sum(counts)
+    stream = RayStream(read, counts, batch_size=64, seed=3, device=torch.device("cpu"))
     seen = []
-    while stream.epoch == 0:
+    while stream.offset < total:
         image, pixel, rgb = stream.next_batch()
-        seen += list(zip(image.tolist(), pixel.tolist()))
-        if stream.offset >= manifest.count:
-            break
-    assert len(seen) == len(set(seen)) == manifest.count
+        seen += list(zip(image.tolist(), pixel.tolist(), (rgb * 255).round().int().tolist()))
+    assert sorted((i, p, tuple(c)) for i, p, c in seen) == sorted(expected_rays(data, masks))
     state = stream.state_dict()
     after = [stream.next_batch() for _ in range(5)]
-    resumed = RayStream(sources, counts, batch_size=64, seed=3, device=torch.device("cpu"), piece_rays=piece_rays)
+    resumed = RayStream(read, counts, batch_size=64, seed=3, device=torch.device("cpu"))
     resumed.load_state_dict(state)
     for a, b in zip(after, [resumed.next_batch() for _ in range(5)]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_memory_mode_holds_the_same_rays(scene, tmp_path):
+def test_memory_mode_holds_the_same_rays(scene):
     data, masks = scene
-    dataset = load_dataset(data)
-    manifest = prepare_chunks(dataset, masks, [tmp_path], chunk_rays=10_000, progress=False)
-    memory = gather_in_memory(dataset, masks)
-    assert len(memory) == manifest.count
-    assert set(zip(memory["image"].tolist(), memory["pixel"].tolist())) == set(
-        zip(read_chunks(tmp_path)["image"].tolist(), read_chunks(tmp_path)["pixel"].tolist()))
+    assert sorted(as_tuples(gather_in_memory(load_dataset(data), masks))) == sorted(expected_rays(data, masks))

@@ -75,6 +75,6 @@ def test_colmap_city_runs_the_whole_pipeline(tiny_city, tmp_path):
     run("scripts/merge_submodules.py", "--config_file", str(config), "--ckpt_prefix", str(tmp_path / "exp-"),
         "--centroid_path", str(tmp_path / "masks" / "params.pt"), "--output", str(tmp_path / "merged.pt"))
     run("mega_nerf/eval.py", "--config_file", str(config), "--dataset_path", str(data), "--container_path",
-        str(tmp_path / "merged.pt"), "--exp_name", str(tmp_path / "eval"), "--no_progress")
+        str(tmp_path / "merged.pt"), "--exp_name", str(tmp_path / "eval"), "--val_scale_factor", "1", "--no_progress")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["mean"]["psnr"] > 10

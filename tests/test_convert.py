@@ -39,6 +39,7 @@ from mega_nerf.data.colmap import (
 )
 from mega_nerf.data.convert import drb_rotation, estimate_up
 from mega_nerf.data.dataset import load_dataset
+from mega_nerf.data.frames import to_source_map
 from mega_nerf.data.transforms_json import convert_transforms
 from mega_nerf.errors import UserError
 from mega_nerf.rays import rays_from_pixels
@@ -192,12 +193,14 @@ def test_colmap_conversion_keeps_rays(scene: Scene, tmp_path: Path, binary: bool
             np.testing.assert_allclose(m.distortion.numpy(), expected, rtol=1e-6)
         assert m.image_path.read_bytes() == (tmp_path / "images" / f"{m.name}.png").read_bytes()
         np.testing.assert_array_equal(cv2.imread(str(m.image_path))[:, :, ::-1], rgb)
-    # the slab holds the cameras and the ground plane (x = 50), each within its margin
+    # the slab holds the bulk of the points (all but the top 1%), from the roofs (x = 30) to the ground plane
+    # (x = 50), each within its margin, not the cameras 20 m above the roofs
     top, ground = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["ray_altitude_range"]
-    cam_down = conv.c2w[:, 0, 3] * conv.pose_scale_factor + conv.origin_drb[0]
-    ground_down = (conv.points[:200, 0] * conv.pose_scale_factor + conv.origin_drb[0]).max()
-    height = ground_down - cam_down.min()
-    assert cam_down.min() - 0.1 * height < top < cam_down.min() and ground_down < ground < ground_down + 0.1 * height
+    down = conv.points[:, 0] * conv.pose_scale_factor + conv.origin_drb[0]
+    roofs, ground_down = np.percentile(down, 1), down[:200].max()
+    height = ground_down - roofs
+    assert roofs - 0.1 * height < top < roofs and ground_down < ground < ground_down + 0.1 * height
+    assert top > (conv.c2w[:, 0, 3] * conv.pose_scale_factor + conv.origin_drb[0]).max()
     assert np.abs(conv.c2w[:, :, 3]).max() <= 1 + 1e-9  # cameras and the bulk of the points fit in [-1, 1]
     assert np.percentile(np.abs(np.load(tmp_path / "out" / "points3D.npy")), 95, axis=0).max() <= 1
 
@@ -275,6 +278,9 @@ def test_estimate_up_planes_and_street(scene: Scene) -> None:
     rotation = random_rotation(rng)
     c2w, points = to_source(scene, rotation, 1.0, np.zeros(3))
     up, reason = estimate_up(c2w, points)
+    np.testing.assert_allclose(up, rotation @ [-1.0, 0, 0], atol=1e-9)
+    assert "the ground" in reason
+    up, reason = estimate_up(c2w, points[:0])  # without points: the camera centres' plane
     np.testing.assert_allclose(up, rotation @ [-1.0, 0, 0], atol=1e-9)
     assert "camera centres" in reason
     np.testing.assert_allclose(drb_rotation(up) @ up, [-1, 0, 0], atol=1e-12)
@@ -409,3 +415,58 @@ def test_transforms_values_of_the_wrong_type_name_the_key(scene: Scene, tmp_path
     with pytest.raises(UserError, match=rf"frame images/img_000\.png: '{key}' must be a finite number, got "):
         convert_transforms(tmp_path / "transforms.json", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def assert_back_in_source(path: Path, c2w: np.ndarray, points: np.ndarray) -> None:
+    """dataparser_transforms.json takes the converted points and cameras back where the source had them, within
+    1e-5 of the scene's size (the dataset stores float32)."""
+    to_source = to_source_map(path, "test")
+    size = np.ptp(points, axis=0).max()
+    np.testing.assert_allclose(to_source.points(np.load(path / "points3D.npy")), points, atol=1e-5 * size)
+    converted = np.stack([m.c2w.double().numpy() for m in load_dataset(path).images])
+    back = to_source.cameras(converted)
+    np.testing.assert_allclose(back[:, :, 3], c2w[:, :, 3], atol=1e-5 * size)
+    np.testing.assert_allclose(back[:, :, :3], c2w[:, :, :3], atol=1e-6)
+
+
+def test_conversions_map_back_to_the_source_frame(scene: Scene, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    c2w, points = to_source(scene, random_rotation(rng), 7.0, rng.normal(size=3) * 1000)
+    write_model(colmap_model(scene, c2w, points), tmp_path / "sparse", binary=True)
+    write_images(scene, tmp_path / "images")
+    convert_colmap(tmp_path / "sparse", tmp_path / "images", tmp_path / "colmap")
+    assert_back_in_source(tmp_path / "colmap", c2w, points)
+    assert json.loads((tmp_path / "colmap" / "dataparser_transforms.json").read_text())["source"] == "colmap"
+    vertex = np.array([tuple(p) for p in points], dtype=[("x", "f8"), ("y", "f8"), ("z", "f8")])
+    PlyData([PlyElement.describe(vertex, "vertex")]).write(str(tmp_path / "points.ply"))
+    frames = [{"file_path": f"images/{name}.png", "transform_matrix": np.vstack([c2w[i], [0, 0, 0, 1]]).tolist(),
+               "fl_x": 30.0, "w": W, "h": H} for i, name in enumerate(scene.names)]
+    (tmp_path / "transforms.json").write_text(json.dumps({"ply_file_path": "points.ply", "frames": frames}))
+    convert_transforms(tmp_path / "transforms.json", tmp_path / "ns")
+    assert_back_in_source(tmp_path / "ns", c2w, points)
+
+
+def test_up_of_a_varying_altitude_survey_is_its_flat_ground() -> None:
+    """Cameras from 150 to 295 m over flat ground with buildings (the flight climbs across the area, so the
+    camera centres' plane is tilted): up comes from the ground points, within 0.1 degree of the truth."""
+    rng = np.random.default_rng(7)
+    true_up = Rotation.random(random_state=8).as_matrix() @ np.array([-1.0, 0, 0])
+    to_world = drb_rotation(true_up).T  # DRB -> a tilted source world
+    n = 60
+    yz = rng.uniform(-400, 400, (n, 2))
+    altitude = 150 + 145 * (yz[:, 0] + 400) / 800 + rng.normal(0, 3, n)  # climbs across the area
+    nadir = np.stack([[0.0, 1, 0], [0, 0, -1], [-1, 0, 0]], 1)
+    c2w_drb = []
+    for i in range(n):
+        tilt = Rotation.from_rotvec(np.r_[0, rng.normal(size=2)] / 4) * Rotation.from_rotvec([rng.uniform(-3, 3), 0, 0])
+        c2w_drb.append(np.concatenate([tilt.as_matrix() @ nadir, np.r_[-altitude[i], yz[i]][:, None]], 1))
+    c2w_drb = np.stack(c2w_drb)
+    ground = np.column_stack([rng.normal(0, 0.05, 3000), rng.uniform(-500, 500, (3000, 2))])
+    roofs = np.column_stack([-rng.uniform(5, 60, 1500), rng.uniform(-300, 300, (1500, 2))])
+    points = np.concatenate([ground, roofs]) @ to_world.T
+    c2w = np.concatenate([np.einsum("ij,njk->nik", to_world, c2w_drb[:, :, :3]),
+                          (c2w_drb[:, :, 3] @ to_world.T)[:, :, None]], 2)
+    centres_normal = np.linalg.eigh(np.cov(c2w[:, :, 3].T))[1][:, 0]
+    assert np.degrees(np.arccos(abs(centres_normal @ true_up))) > 1.0  # the cameras' plane is tilted
+    up, reason = estimate_up(c2w, points)
+    assert np.degrees(np.arccos(min(1.0, up @ true_up))) < 0.1 and "the ground" in reason

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -33,7 +34,8 @@ from mega_nerf.camera_path import (
 from mega_nerf.cli.eval import config_from_argv as eval_config_from_argv
 from mega_nerf.cli.render import config_from_argv as path_config_from_argv
 from mega_nerf.cli.train import config_from_argv
-from mega_nerf.data.dataset import load_dataset
+from mega_nerf.data.chunks import gather_in_memory
+from mega_nerf.data.dataset import MEGA_NERF, STRICT, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import evaluate
 from mega_nerf.fields import build_field
@@ -172,6 +174,20 @@ def eval_args(config: Path, container: Path, dataset: Path, out: Path) -> list[s
             "--dataset_path", str(dataset), "--no_progress"]
 
 
+def test_a_failing_rank_stops_every_rank(pipeline: Path, tiny_city: Path, tmp_path: Path, launch: Callable) -> None:
+    """Rank 1 fails after its first image (test hook); rank 0, with no launcher to stop it (as on another node),
+    stops before its next image with rank 1's error, one line, long before the 10-minute timeout."""
+    options = [*eval_args(tiny_city / "config.yaml", pipeline / "merged.pt", tiny_city, tmp_path / "out"),
+               "--timeout_minutes", "10"]
+    result = launch("eval", options, hook=(1, "user", "1"), agent=False)
+    assert result.codes == [2, 2]
+    assert result.last_error_lines() == ["error: rank 1 failed: fails on purpose (test hook)",
+                                         "error: fails on purpose (test hook)"]
+    assert result.seconds < 60
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert len(list((tmp_path / "out" / "rgb").iterdir())) < len(load_dataset(tiny_city).val)
+
+
 def test_eval_bad_inputs(pipeline: Path, tiny_city: Path, tmp_path: Path) -> None:
     config, merged = tiny_city / "config.yaml", pipeline / "merged.pt"
 
@@ -219,6 +235,12 @@ def test_render_images_orbit_and_pose_file(pipeline: Path, tiny_city: Path, tmp_
     frames = sorted((tmp_path / "orbit" / "frames").glob("*.png"))
     assert [cv2.imread(str(f)).shape for f in frames] == [(12, 16, 3)] * 2
     assert cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT) == 2
+    # the orbit's camera_path.json (nerfstudio's format), rendered as a path, gives the same frames
+    render_images(path_config_from_argv([*base, "--output", str(tmp_path / "again"),
+                                         "--path", str(tmp_path / "orbit" / "camera_path.json")]))
+    for frame in frames:
+        again = cv2.imread(str(tmp_path / "again" / "frames" / frame.name)).astype(int)
+        assert np.abs(again - cv2.imread(str(frame)).astype(int)).max() <= 1
     val = load_dataset(tiny_city).val
     lines = [" ".join(repr(float(v)) for v in m.c2w.flatten()) + f" {m.index}" for m in val[:2]]
     (tmp_path / "poses.txt").write_text("# two val cameras\n" + "\n".join(lines) + "\n")
@@ -296,3 +318,35 @@ def test_look_at_and_orbit(tiny_city: Path) -> None:
     nearest = int(np.argmin(np.linalg.norm(cameras - poses[0].c2w[:, 3], axis=1)))
     assert done.size == (32, 24) and done.appearance == nearest
     assert np.allclose(done.intrinsics, dataset.images[0].intrinsics.numpy() / 2, rtol=1e-6)
+
+
+# ---- the strict protocol ----
+
+def test_strict_protocol_trains_no_val_pixel(tiny_city: Path) -> None:
+    dataset = load_dataset(tiny_city)
+    val = {m.index for m in dataset.val}
+    strict = gather_in_memory(dataset, None, 0, STRICT)
+    assert not np.isin(strict["image"], list(val)).any()
+    assert len(strict["image"]) == sum(m.W * m.H for m in dataset.train)
+    default = gather_in_memory(dataset, None, 0, MEGA_NERF)
+    assert len(default["image"]) == len(strict["image"]) + sum(m.H * (m.W // 2) for m in dataset.val)
+    for meta in dataset.val:  # the appearance of a val image under strict: the nearest training camera's
+        distances = {m.index: float(np.linalg.norm(m.c2w[:, 3].numpy() - meta.c2w[:, 3].numpy()))
+                     for m in dataset.train}
+        assert dataset.appearance_for(meta, STRICT) == min(distances, key=distances.get)
+        assert dataset.appearance_for(meta, MEGA_NERF) == meta.index
+
+
+def test_strict_evaluation_scores_whole_images_and_says_so(pipeline: Path, tiny_city: Path, tmp_path: Path) -> None:
+    args = eval_args(tiny_city / "config.yaml", pipeline / "merged.pt", tiny_city, tmp_path / "strict")
+    report = evaluate(eval_config_from_argv([*args, "--eval_protocol", "strict"]))
+    saved = read_metrics(tmp_path / "strict")
+    assert saved["eval_protocol"] == "strict" and "whole val image" in saved["protocol"]
+    assert "nearest" in saved["appearance"] and {"ssim", "lpips"} <= set(saved["implementations"])
+    dataset = load_dataset(tiny_city)
+    meta = dataset.val[0]
+    rendered = cv2.imread(str(tmp_path / "strict" / "rgb" / f"{meta.name}.png"))[:, :, ::-1].astype(float) / 255
+    gt = meta.load_rgb().numpy().astype(float) / 255
+    whole = -10 * np.log10(np.mean((rendered - gt) ** 2))  # from the 8-bit render: within its rounding
+    assert abs(report["images"][meta.name]["psnr"] - whole) < 0.05
+    assert read_metrics(pipeline / "eval")["eval_protocol"] == "mega-nerf"

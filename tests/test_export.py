@@ -23,10 +23,12 @@ import numpy as np
 import pytest
 import torch
 from plyfile import PlyData
+from scipy.spatial.transform import Rotation
 from test_eval import ENV, REPO, partition_train_merge
 
 from mega_nerf.cli.export import main
 from mega_nerf.data.dataset import load_coordinates, load_dataset
+from mega_nerf.data.frames import Similarity, write_source_frame
 from mega_nerf.errors import UserError
 from mega_nerf.export import count_views, export_points
 from mega_nerf.fields.base import Field
@@ -171,6 +173,17 @@ def test_export_writes_a_capped_coloured_cloud(merged: Path, tiny_city: Path, tm
     coords = load_coordinates(tiny_city)
     metres = read_ply(real)
     assert np.allclose(metres["y"], few["y"] * coords.pose_scale_factor + float(coords.origin_drb[1]), atol=1e-3)
+    # --source_frame: the same subset taken back through a dataset's dataparser_transforms.json (its 4x4 inverted)
+    to_ours = Similarity(Rotation.random(random_state=0).as_matrix(), np.array([3.0, -40, 500]), 0.02)
+    write_source_frame(tmp_path, to_ours, 50.0, np.zeros(3), np.array([0.0, 0, 1]), "colmap")
+    source = tmp_path / "source.ply"
+    main(["--container_path", str(merged), "--output", str(source), "--resolution", "96", "--max_points", "100",
+          "--source_frame", "--dataset_path", str(tmp_path)])
+    assert "the source frame" in capsys.readouterr().out
+    xyz_few = np.stack([few["x"], few["y"], few["z"]], 1).astype(np.float64)
+    expected = (np.linalg.inv(to_ours.matrix) @ np.c_[xyz_few, np.ones(len(xyz_few))].T).T[:, :3]
+    got = read_ply(source)
+    np.testing.assert_allclose(np.stack([got["x"], got["y"], got["z"]], 1), expected, atol=1e-5 * 50)
 
 
 def test_export_errors(merged: Path, tmp_path: Path) -> None:
@@ -179,6 +192,8 @@ def test_export_errors(merged: Path, tmp_path: Path) -> None:
         main(["--container_path", str(tmp_path / "missing.pt"), "--output", out])
     with pytest.raises(UserError, match="--real_units needs --dataset_path"):
         main(["--container_path", str(merged), "--output", out, "--real_units"])
+    with pytest.raises(UserError, match="--source_frame: .*dataparser_transforms.json not found"):
+        main(["--container_path", str(merged), "--output", out, "--source_frame", "--dataset_path", str(tmp_path)])
     with pytest.raises(UserError, match="--min_views needs --dataset_path"):
         main(["--container_path", str(merged), "--output", out, "--min_views", "3"])
     with pytest.raises(UserError, match="--appearance 99 is not an image index"):

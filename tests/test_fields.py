@@ -170,3 +170,21 @@ def test_no_triton_switch_turns_every_kernel_off(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(kernels)
+
+
+@pytest.mark.parametrize("kind", ["hash", "mlp"])
+def test_affine_appearance_transforms_the_colour_before_its_sigmoid(kind: str) -> None:
+    """Mega-NeRF's --affine_appearance: identity at the start; a transform set by hand acts on the logits."""
+    torch.manual_seed(0)
+    sizes = {"hash": {"n_levels": 4, "log2_table_size": 10, "max_resolution": 32}, "mlp": {"layers": 2, "width": 16}}
+    field = build_field({"kind": kind, "box_min": [-1.0] * 3, "box_max": [1.0] * 3, "n_images": 3,
+                         "affine_appearance": True, **sizes[kind]})
+    x, d = torch.rand(50, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(50, 3), dim=-1)
+    image = torch.randint(0, 3, (50,))
+    with torch.no_grad():
+        _, identity = field(x, d, image)
+        A, b = torch.randn(3, 3), torch.randn(3)
+        field.affine.bias.copy_(torch.cat([A, b[:, None]], 1).flatten())
+        _, rgb = field(x, d, image)
+    expected = torch.sigmoid(torch.logit(identity.double()) @ A.double().T + b.double())
+    torch.testing.assert_close(rgb.double(), expected, atol=1e-5, rtol=1e-4)

@@ -37,6 +37,9 @@ def test_console_script_help(name: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+    # every option with a default other than None shows it
+    flat = " ".join(result.stdout.split())
+    assert "(default: " in flat, flat
 
 
 def test_layers_point_down() -> None:

@@ -1,11 +1,19 @@
 """Volume rendering against analytic answers, hierarchical sampling, background compositing, empty-space skipping,
 and whole images (imaging.render_image)."""
+import json
 import math
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from scipy.spatial.transform import Rotation
 
+from mega_nerf.data.frames import Similarity, read_similarity, write_source_frame
+from mega_nerf.errors import UserError
 from mega_nerf.fields.base import Field
 from mega_nerf.imaging import render_image
+from mega_nerf.nerfstudio import read_camera_path, write_camera_path
 from mega_nerf.rays import SceneBounds, rays_from_pixels
 from mega_nerf.render import RenderConfig, composite, render_rays, render_terminating, sample_pdf, uniform_samples
 
@@ -169,3 +177,49 @@ def test_render_image_renders_each_pixel_ray_within_the_bounds():
     out = render_image(GroundAndSky(), c2w, intrinsics, W, H, appearance, above_ground, config, chunk=7)
     sky = GroundAndSky().background(dirs, torch.full((W * H,), appearance))
     assert torch.allclose(out["rgb"], sky.view(H, W, 3), atol=1e-6) and out["opacity"].max() == 0
+
+
+def random_similarity(seed: int) -> Similarity:
+    rng = np.random.default_rng(seed)
+    return Similarity(Rotation.random(random_state=seed).as_matrix(), rng.normal(size=3) * 10, rng.uniform(0.1, 3))
+
+
+def test_similarity_composes_and_inverts_as_its_matrix() -> None:
+    a, b = random_similarity(0), random_similarity(1)
+    np.testing.assert_allclose(a.then(b).matrix, b.matrix @ a.matrix, atol=1e-12)
+    np.testing.assert_allclose(a.inverse().matrix, np.linalg.inv(a.matrix), atol=1e-12)
+    p = np.random.default_rng(2).normal(size=(5, 3))
+    np.testing.assert_allclose(a.points(p), (a.matrix @ np.c_[p, np.ones(5)].T).T[:, :3], atol=1e-12)
+
+
+def test_nerfstudio_camera_path_round_trips_through_both_worlds(tmp_path: Path) -> None:
+    """Cameras of ours written as a camera_path.json in nerfstudio's world (our source map, then nerfstudio's
+    dataparser transform) read back as the same cameras; the file holds nerfstudio's matrices and fov."""
+    ours_from_source, ns_from_source = random_similarity(3), random_similarity(4)
+    write_source_frame(tmp_path, ours_from_source, 1.0, np.zeros(3), np.array([0.0, 0, 1]), "colmap")
+    write_source_frame(tmp_path / "ns", ns_from_source, 1.0, np.zeros(3), np.array([0.0, 0, 1]), "nerfstudio")
+    to_ours = read_similarity(tmp_path / "ns" / "dataparser_transforms.json").inverse().then(
+        read_similarity(tmp_path / "dataparser_transforms.json"))
+    rotations = Rotation.random(6, random_state=5).as_matrix()
+    c2w = np.concatenate([rotations, np.random.default_rng(6).normal(size=(6, 3, 1))], 2)
+    K = np.array([70.0, 70.0, 40.0, 30.0])
+    write_camera_path(tmp_path / "camera_path.json", [(m, K, (80, 60)) for m in c2w], 24.0, to_ours.inverse())
+    back = read_camera_path(tmp_path / "camera_path.json", to_ours)
+    for (m, k, size), original in zip(back, c2w):
+        np.testing.assert_allclose(m, original, atol=1e-9)
+        np.testing.assert_allclose(k, K, atol=1e-9)
+        assert size == (80, 60)
+    first = np.array(json.loads((tmp_path / "camera_path.json").read_text())["camera_path"][0]["camera_to_world"])
+    expected = ns_from_source.matrix @ np.linalg.inv(ours_from_source.matrix) @ np.vstack([c2w[0], [0, 0, 0, 1]])
+    np.testing.assert_allclose(first.reshape(4, 4)[:3, 3], expected[:3, 3], atol=1e-9)  # centres: the full map
+    fov = json.loads((tmp_path / "camera_path.json").read_text())["camera_path"][0]["fov"]
+    assert fov == pytest.approx(2 * math.degrees(math.atan(30 / 70)))
+
+
+def test_bad_camera_path_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text('{"camera_path": [{"fov": 50}], "render_height": 10}')
+    with pytest.raises(UserError, match="a.json: needs render_height and, per frame, camera_to_world"):
+        read_camera_path(tmp_path / "a.json", None)
+    (tmp_path / "b.json").write_text("{}")
+    with pytest.raises(UserError, match="b.json: has no 'camera_path'"):
+        read_camera_path(tmp_path / "b.json", None)

@@ -72,11 +72,14 @@ def test_render_onto_a_full_disk_fails_in_one_line_and_leaves_no_partial_frame(
         tiny_city: Path, merged: Path, tmp_path: Path, full_disk, capsys: pytest.CaptureFixture) -> None:
     render_cli.main(render_args(tiny_city, merged, tmp_path / "whole"))
     sizes = [p.stat().st_size for p in sorted((tmp_path / "whole" / "frames").iterdir())]
-    full_disk(sizes[0] + sizes[1] // 2)  # the first frame fits, the second does not
+    # config.yaml (written first, and a byte shorter for "full" than for "whole") and the first frame fit, the
+    # second frame does not
+    full_disk((tmp_path / "whole" / "config.yaml").stat().st_size + sizes[0] + sizes[1] // 2)
     out = tmp_path / "full"
     err = fails_in_one_line(render_cli.main, render_args(tiny_city, merged, out), capsys)
     assert err.startswith(f"error: {out / 'frames' / '00001.png'}: could not write (no space left on device; ")
     assert sorted(p.name for p in (out / "frames").iterdir()) == ["00000.png"]
+    assert (out / "config.yaml").is_file()
     assert (out / "frames" / "00000.png").read_bytes() == (tmp_path / "whole" / "frames" / "00000.png").read_bytes()
     assert not (out / "video.mp4").exists() and leftovers(out) == []
 
@@ -184,9 +187,19 @@ def test_config_file_mistakes_name_the_key_and_the_file(tmp_path: Path, config: 
         train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml")])
 
 
-def test_keys_of_other_commands_and_of_mega_nerf_are_accepted(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text("grid_dim: [2, 2]\ncontainer_path: m.pt\ntrain_every: 1\nbatch_size: 64\n")
-    assert train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml")]).batch_size == 64
+def test_keys_of_other_commands_and_of_mega_nerf_are_accepted(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Keys of our other commands pass silently; Mega-NeRF's (flags too) and keys no command reads are each
+    reported as ignored in one line, with the reason; only a near miss of one of our names is an error."""
+    config = tmp_path / "c.yaml"
+    config.write_text("grid_dim: [2, 2]\ncontainer_path: m.pt\ntrain_every: 1\nall_val: true\ncluster_2d: true\n"
+                      "colour_space: srgb\nbatch_size: 64\n")
+    assert train_cli.train_parser().parse_args(["--config_file", str(config)]).batch_size == 64
+    assert capsys.readouterr().err.splitlines() == [
+        "ignoring --all_val (Mega-NeRF's): evaluation scores the whole right half of every val image; validation "
+        "during training, its part inside the cell",
+        "ignoring --train_every (Mega-NeRF's): every training image is used",
+        f"ignoring 'colour_space' in {config}: no command reads it"]
 
 
 def test_an_output_folder_option_naming_a_file_is_one_line(tiny_city: Path, tmp_path: Path,
@@ -207,3 +220,6 @@ def test_a_grid_far_too_fine_for_the_scene_is_warned_about(tiny_city: Path) -> N
     assert warning == ("warning: --grid_dim 100 100: 10,000 cells for 40 images, 1.5e+12 point-centroid distances to "
                        "partition and 10,000 models to train; a smaller grid is usually what such a scene needs")
     assert partition_cli.work_warning(dataset, (7, 6), 8) is not None  # 42 cells for 40 images
+    # the exact rule (no --ray_samples): 2K + 2 points per ray, 122,880 pixels
+    assert partition_cli.work_warning(dataset, (2, 2), None) is None
+    assert "2.5e+13 point-centroid distances" in partition_cli.work_warning(dataset, (100, 100), None)

@@ -376,7 +376,7 @@ def _town(summary: dict) -> np.ndarray:
     return np.array([summary["town"]["min"], summary["town"]["max"]])
 
 
-@pytest.mark.parametrize("preset", ["oblique", "oblique_tiny"])
+@pytest.mark.parametrize("preset", ["oblique", "oblique_tiny", "survey256"])
 def test_oblique_presets_scale_by_cameras_and_town(preset: str) -> None:
     """Without rendering, so that the benchmark preset is checked too: cameras and town fill [-1, 1], the
     ground square reaches 4 times as far as the town, both hills stand, lower than the tallest building."""

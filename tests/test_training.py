@@ -2,8 +2,10 @@
 and the parscript job list trains two cells end to end."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,12 +82,20 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     resumed = torch.load(tmp_path / "killed" / "checkpoints" / "00000012.pt", weights_only=True)
     assert resumed["step"] == 12
+    # --ckpt_path (Mega-NeRF's): a new experiment that starts from the killed run's checkpoint ends the same
+    started = Trainer(args(tiny_city, tmp_path / "started", "--chunk_paths", str(tmp_path / "c2"), *common,
+                           "--ckpt_path", str(tmp_path / "killed" / "checkpoints" / "00000005.pt")))
+    assert started.run().name == "00000012.pt"
     for name, value in whole.field.state_dict().items():
         assert torch.equal(value, resumed["model"][name]), name
-    # the log holds each step once: what the killed run logged after its checkpoint (steps 6-8) was dropped
-    def steps(exp: Path) -> list[int]:
-        return [json.loads(line)["step"] for line in (exp / "log.jsonl").read_text().splitlines()]
-    assert steps(tmp_path / "killed") == steps(tmp_path / "whole") == [*range(1, 13), 12]  # 12: validation
+        assert torch.equal(value, started.field.state_dict()[name]), name
+    # the log holds each step once: what the killed run logged after its checkpoint (steps 6-8) was dropped; the
+    # start-up records (no step) of both of its runs stay
+    def lines(exp: Path) -> list[dict]:
+        return [json.loads(line) for line in (exp / "log.jsonl").read_text().splitlines()]
+    steps = [[line["step"] for line in lines(tmp_path / exp) if "step" in line] for exp in ("killed", "whole")]
+    assert steps[0] == steps[1] == [*range(1, 13), 12]  # 12: validation
+    assert sum("startup" in line for line in lines(tmp_path / "killed")) == 2
 
 
 def test_bad_input_is_one_line(tiny_city, masks, tmp_path):
@@ -184,3 +194,56 @@ def test_the_defaults_train_the_tiny_city_on_a_cpu_within_4_gb(tiny_city, tmp_pa
     assert "step: 4,096 rays in 5 pass(es) of at most 845, about 1.00 GiB each on cpu" in out
     assert max_kib * 1024 < 4e9, max_kib
     assert (tmp_path / "exp" / "checkpoints" / "00000002.pt").exists()
+
+
+def test_a_run_without_an_altitude_slab_is_warned(tiny_city, tmp_path, capsys):
+    Trainer(args(tiny_city, tmp_path / "with", "--data_mode", "memory"))
+    assert "ray_altitude_range" not in capsys.readouterr().err
+    Trainer(config_from_argv(["--dataset_path", str(tiny_city), "--exp_name", str(tmp_path / "without"),
+                              "--data_mode", "memory", *SMALL]))
+    assert "warning: no --ray_altitude_range: rays are not clipped" in capsys.readouterr().err
+
+
+def test_masks_of_another_dataset_or_cell_are_refused(tiny_city, masks, tmp_path):
+    """Masks made from another dataset of the same names and sizes (moved cameras) are refused in one line, and
+    so is an experiment of cell 0 rerun with cell 1's masks (issue 20, item 2)."""
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_city, moved)
+    for meta_file in moved.glob("*/metadata/*.pt"):
+        meta = torch.load(meta_file, weights_only=True)
+        meta["c2w"][:, 3] += 0.01
+        torch.save(meta, meta_file)
+    with pytest.raises(UserError, match=r"params.pt: made from another dataset .*same image names and sizes"):
+        Trainer(args(moved, tmp_path / "m", "--data_mode", "memory", "--cluster_mask_path", str(masks / "0")))
+    common = ["--data_mode", "memory", "--batch_size", "64", "--train_iterations", "2", "--val_interval", "100"]
+    Trainer(args(tiny_city, tmp_path / "cell0", *common, "--cluster_mask_path", str(masks / "0"))).run()
+    with pytest.raises(UserError, match="trained on cell 0's masks, but --cluster_mask_path gives cell 1"):
+        Trainer(args(tiny_city, tmp_path / "cell0", *common, "--cluster_mask_path", str(masks / "1"))).run()
+
+
+# Trains like mega_nerf/train.py (start-up timed from the process start) and writes the time at the end of step 1.
+TIMED_RUN = ("import sys, time; from mega_nerf.cli.train import config_from_argv; "
+             "from mega_nerf.training.startup import process_start; from mega_nerf.training.trainer import Trainer; "
+             "Trainer(config_from_argv(sys.argv[2:]), started=process_start(), "
+             "on_step=lambda s: s == 1 and open(sys.argv[1], 'w').write(repr(time.time()))).run()")
+
+
+def test_startup_breakdown_sums_to_the_time_to_the_first_step(tiny_city, masks, tmp_path):
+    """The parts logged to log.jsonl add up to the time from launching the process to the end of its first step,
+    measured outside the process, within 10 %; the chunks are reported written, then reused."""
+    argv = ["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(tiny_city), *SMALL,
+            "--cluster_mask_path", str(masks / "0"), "--chunk_paths", str(tmp_path / "chunks"), "--batch_size", "256",
+            "--train_iterations", "3", "--val_interval", "100"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for run, note in ((1, "written"), (2, "reused")):
+        exp = tmp_path / f"exp{run}"
+        launched = time.time()
+        subprocess.run([sys.executable, "-c", TIMED_RUN, str(tmp_path / "t"), *argv, "--exp_name", str(exp)],
+                       cwd=ROOT, env=env, check=True, capture_output=True)
+        measured = float((tmp_path / "t").read_text()) - launched
+        record = next(json.loads(line) for line in (exp / "log.jsonl").read_text().splitlines() if "startup" in line)
+        parts = {k: v for k, v in record["startup"].items() if k != "total"}
+        assert {"imports", "device init", "dataset", "masks", "model", "chunks", "kernel compilation",
+                "first step"} <= set(parts)
+        assert sum(parts.values()) == pytest.approx(measured, rel=0.1)
+        assert record["startup_notes"]["chunks"].startswith(note)

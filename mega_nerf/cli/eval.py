@@ -4,23 +4,32 @@ Distributed: `python -m torch.distributed.run --standalone --nproc_per_node N me
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import configargparse
 
-from mega_nerf.cli.options import base_parser, config_from_args
+from mega_nerf.cli.options import base_parser, config_from_args, record_options
+from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.evaluation.evaluate import EvalConfig, evaluate
 from mega_nerf.lock import locked
 
 
 def eval_parser() -> configargparse.ArgParser:
-    p = base_parser("Evaluate a merged container on the val images (right halves), optionally distributed. Rays use "
+    p = base_parser("Evaluate a merged container on the val images, optionally distributed. Rays use "
                     "the near/far/altitude range stored in the container; --near, --far, --ray_altitude_range, "
                     "--boundary_margin and --cluster_2d are not used.")
     p.add_argument("--exp_name", type=str, help="output directory (renders and metrics.json)")
     p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
-    p.add_argument("--val_scale_factor", type=int, default=1, help="downsample val images by this")
+    p.add_argument("--val_scale_factor", type=int, default=4,
+                   help="downsample val images by this (Mega-NeRF's default, 4; the synthetic city's config sets 1)")
     p.add_argument("--train_scale_factor", type=int, default=1,
                    help="the scale the submodules were trained at (to check the container's dataset)")
+    p.add_argument("--eval_protocol", choices=PROTOCOLS, default=MEGA_NERF,
+                   help="mega-nerf: score the right half of each val image (its left half trained its appearance); "
+                        "strict: score whole val images, never trained, with the nearest training image's "
+                        "appearance (train with the same option)")
     p.add_argument("--lpips_weights_dir", type=str, default=None,
                    help="LPIPS weights (see mega_nerf/lpips.py; default ~/.cache/mega_nerf/lpips); "
                         "without them LPIPS is reported as null")
@@ -28,7 +37,7 @@ def eval_parser() -> configargparse.ArgParser:
                    help="rays rendered at once, bounds memory (default: 262144 on a GPU, 8192 on a CPU)")
     p.add_argument("--timeout_minutes", type=float, default=10,
                    help="how long a rank waits for the others before the job fails")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")
     return p
 
 
@@ -45,6 +54,8 @@ def config_from_argv(argv: list[str]) -> EvalConfig:
 def main(argv: list[str] | None = None) -> None:
     config = eval_config(eval_parser().parse_args(argv))
     with locked({"--exp_name": [config.exp_name]}):
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: one record per run
+            record_options(config, Path(config.exp_name))
         evaluate(config)
 
 

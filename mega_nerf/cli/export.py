@@ -1,22 +1,25 @@
 """`mega-nerf-export` (and `scripts/export_ply.py`): export the merged model as a coloured point cloud (PLY).
 
     mega-nerf-export --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D]
+    mega-nerf-export --config_file CFG --container_path merged.pt --output scene.ply --source_frame
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+import configargparse
+
+from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import run_cli
 from mega_nerf.export import __doc__ as EXPORT_DOC
 from mega_nerf.export import export_ply
 from mega_nerf.lock import locked
 
 
-def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=EXPORT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--container_path", required=True, help="merged container (scripts/merge_submodules.py)")
-    p.add_argument("--output", required=True, help="PLY file to write")
+def export_parser() -> configargparse.ArgParser:
+    p = base_parser(EXPORT_DOC)
+    p.add_argument("--container_path", help="merged container (scripts/merge_submodules.py)")
+    p.add_argument("--output", help="PLY file to write")
     p.add_argument("--resolution", type=int, default=512, help="grid cells along the scene box's longest side")
     p.add_argument("--max_points", type=int, default=2_000_000, help="keep at most this many (uniform, seeded)")
     p.add_argument("--density_threshold", type=float, default=None,
@@ -25,17 +28,21 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--appearance", type=int, default=0, help="appearance (image) index for the colours")
     p.add_argument("--real_units", action="store_true",
                    help="write real-world DRB metres instead of normalised units (needs --dataset_path)")
-    p.add_argument("--dataset_path", default=None,
-                   help="the training dataset: origin and scale for --real_units, cameras for --min_views")
+    p.add_argument("--source_frame", action="store_true",
+                   help="write the COLMAP / transforms.json world the dataset was converted from (needs "
+                        "--dataset_path with its dataparser_transforms.json)")
     p.add_argument("--min_views", type=int, default=0,
                    help="keep points inside at least this many images' views (needs --dataset_path; 0: all)")
     p.add_argument("--chunk", type=int, default=1 << 18, help="points per field call (bounds memory)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")
     return p
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Export the container named by the options; returns the PLY path."""
     args = export_parser().parse_args(argv)
+    require(args.container_path, "container_path")
+    require(args.output, "output")
     with locked({"--output": [args.output]}, folders=False):
         return export_ply(args)
 

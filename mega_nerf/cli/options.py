@@ -1,6 +1,7 @@
 """Options shared by every entry point, with Mega-NeRF's names so that its users' YAML configs carry over."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -14,16 +15,18 @@ import yaml
 from mega_nerf.bounds import FOREGROUND_SCALE
 from mega_nerf.data.dataset import Coordinates
 from mega_nerf.errors import UserError
+from mega_nerf.io import atomic_write
 from mega_nerf.rays import SceneBounds
 
 Config = TypeVar("Config")
 
 
 def base_parser(description: str) -> configargparse.ArgParser:
-    """A parser with the dataset and scene options. Unknown keys in a config file are ignored, so Mega-NeRF's
-    own configs (which carry options we do not have) parse unchanged."""
-    parser = _CheckedParser(
+    """A parser with the dataset and scene options. Mega-NeRF's own configs parse unchanged: keys we do not use
+    are ignored, each reported in one line (MegaNerfParser)."""
+    parser = MegaNerfParser(
         description=description,
+        formatter_class=HelpFormatter,
         config_file_parser_class=configargparse.YAMLConfigFileParser,
         ignore_unknown_config_file_keys=True,
     )
@@ -33,7 +36,7 @@ def base_parser(description: str) -> configargparse.ArgParser:
                         help="[top, ground] in real-world down-coordinates; clips rays to this slab")
     parser.add_argument("--near", type=float, default=1.0, help="ray near bound, real-world units")
     parser.add_argument("--far", type=float, default=None,
-                        help="ray far bound, real-world units (default: 2 in normalised units)")
+                        help="ray far bound, real-world units (default: rays.DEFAULT_FAR, 1000 normalised units)")
     parser.add_argument("--boundary_margin", type=float, default=1.15,
                         help="a point belongs to every cell within this factor of its nearest centroid's distance")
     parser.add_argument("--cluster_2d", action="store_true", help="partition on horizontal distance only")
@@ -67,6 +70,114 @@ def config_from_args(cls: type[Config], args: configargparse.Namespace, required
     return cls(**{**given, **values})
 
 
+# ---- Mega-NeRF's option names (issue 22) -----------------------------------------------------------------------
+# Its users' configs and command lines carry over: a Mega-NeRF name with our meaning is an alias of our option;
+# one we do not implement is accepted and reported in one line naming it and why, never dropped without a word.
+
+def _dataset_type(value: str) -> str:
+    """Mega-NeRF's --dataset_type value as our --data_mode's: its 'filesystem' streams chunks from disk."""
+    return "disk" if value == "filesystem" else value
+
+
+# Mega-NeRF's name -> (our option, value conversion or None); added where the command has our option.
+MEGA_NERF_ALIASES: dict[str, tuple[str, Any]] = {
+    "coarse_samples": ("samples", None),
+    "random_seed": ("seed", None),
+    "dataset_type": ("data_mode", _dataset_type),
+    "image_pixel_batch_size": ("ray_chunk", None),
+}
+
+# Mega-NeRF's options we do not implement -> (takes a value, why it is ignored).
+MEGA_NERF_IGNORED: dict[str, tuple[bool, str]] = {
+    "bg_layer_dim": (True, "no background NeRF: the world beyond the foreground box is contracted into the same "
+                           "field (--bg_samples) and the sky is a direction-only colour"),
+    "no_bg_nerf": (False, "no background NeRF to turn off (--bg_samples 0 drops the contracted far world)"),
+    "use_cascade": (False, "the mlp field shades coarse and fine samples with one network"),
+    "sh_deg": (True, "directions are encoded by degree-4 spherical harmonics (hash field) or --pos_dir_dim "
+                     "frequencies (mlp field)"),
+    "no_ellipse_bounds": (False, "the foreground is a box over the cameras' extent and the altitude slab "
+                                 "(--foreground_scale), never an ellipsoid"),
+    "ellipse_scale_factor": (True, "the foreground is a box; its size is --foreground_scale"),
+    "all_val": (False, "evaluation scores the whole right half of every val image; validation during training, "
+                       "its part inside the cell"),
+    "skip_layers": (True, "the mlp field has one skip connection, at layer 4"),
+    "no_center_pixels": (False, "rays always pass through pixel centres (+0.5)"),
+    "no_shifted_softplus": (False, "each field has its own fixed density activation"),
+    "model_chunk_size": (True, "samples are shaded per ray chunk; see --ray_chunk where a command has it"),
+    "perturb": (True, "training always jitters samples within their intervals, rendering never"),
+    "noise_std": (True, "no noise is added to densities"),
+    "num_chunks": (True, "chunks hold --chunk_rays rays each"),
+    "disk_flush_size": (True, "chunks hold --chunk_rays rays each"),
+    "train_every": (True, "every training image is used"),
+    "train_mega_nerf": (True, "one process trains one cell (--cluster_mask_path); merge_submodules joins them"),
+    "no_resume_ckpt_state": (False, "a resumed run restores the whole state (model, optimiser, step, data)"),
+    "detect_anomalies": (False, "a non-finite loss stops the run and names the step instead"),
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every option's default and keeps the description's and epilog's line breaks."""
+
+
+class MegaNerfParser(configargparse.ArgParser):
+    """A parser that also takes Mega-NeRF's names (added when it first parses, once the command's options exist),
+    checks a config file before parsing and the values after (`validate_config_file`, `validate_values`), and
+    prints one line per option or config key it ignores."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None, **kwargs: Any) -> configargparse.Namespace:
+        if not getattr(self, "_has_mega_nerf_names", False):
+            add_mega_nerf_names(self)
+            self._has_mega_nerf_names = True
+        parsed = super().parse_args(args, namespace, **kwargs)
+        for line in ignored_options(self, parsed):
+            print(line, file=sys.stderr)
+        return parsed
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None, **kwargs: Any) -> Any:
+        words = list(sys.argv[1:] if args is None else args)
+        for i, word in enumerate(words):
+            if word in ("--config_file", "--config") and i + 1 < len(words):
+                validate_config_file(self, words[i + 1])
+            elif word.startswith(("--config_file=", "--config=")):
+                validate_config_file(self, word.split("=", 1)[1])
+        parsed, rest = super().parse_known_args(args, namespace, **kwargs)
+        validate_values(parsed)
+        return parsed, rest
+
+
+def add_mega_nerf_names(parser: configargparse.ArgParser) -> None:
+    """Add Mega-NeRF's aliases of the parser's options and its ignored options (call once all options exist)."""
+    dests = {action.dest for action in parser._actions}
+    names = {s for action in parser._actions for s in action.option_strings}
+    for alias, (ours, convert) in MEGA_NERF_ALIASES.items():
+        if ours in dests and f"--{alias}" not in names:
+            parser.add_argument(f"--{alias}", dest=ours, default=argparse.SUPPRESS,
+                                type=convert or _type_of(parser, ours), help=f"Mega-NeRF's name for --{ours}")
+    for name, (takes_value, why) in MEGA_NERF_IGNORED.items():
+        if f"--{name}" not in names:
+            arity = {"nargs": "+"} if takes_value else {"action": "store_const", "const": True}
+            parser.add_argument(f"--{name}", dest=f"ignored_{name}", default=None, **arity,
+                                help=f"Mega-NeRF's; ignored: {why}")
+
+
+def _type_of(parser: configargparse.ArgParser, dest: str) -> Any:
+    return next(action.type for action in parser._actions if action.dest == dest)
+
+
+def _option_names(parser: configargparse.ArgParser) -> set[str]:
+    return {s.lstrip("-") for action in parser._actions for s in action.option_strings}
+
+
+def options_of_every_command() -> set[str]:
+    """Every option name of our configargparse commands: a config shared by them holds keys for each."""
+    from mega_nerf.cli import eval as evaluation  # here, not at the top: these modules import this one
+    from mega_nerf.cli import export, merge, partition, render, train
+
+    parsers = (train.train_parser(), evaluation.eval_parser(), partition.partition_parser(), render.render_parser(),
+               export.export_parser(), merge.merge_parser())
+    return set().union(*(_option_names(p) for p in parsers))
+
+
 # Ranges of options, wherever they appear: (lowest allowed, whether the lowest itself is allowed).
 POSITIVE = ("batch_size", "micro_batch", "train_iterations", "chunk_rays", "samples", "ckpt_interval",
             "val_interval", "log_interval", "hash_levels", "log2_hashmap_size", "max_resolution",
@@ -77,17 +188,10 @@ NON_NEGATIVE = ("near", "far", "fine_samples", "bg_samples", "appearance_dim", "
 AT_LEAST_ONE = ("boundary_margin",)
 
 
-def _option_names() -> set[str]:
-    """Every option of every command that reads config files (a key another command uses is not a typo)."""
-    from mega_nerf.cli import eval, merge, partition, render, train  # here: they import this module
-    parsers = (eval.eval_parser(), merge.merge_parser(), partition.partition_parser(), render.render_parser(),
-               train.train_parser())
-    return {a.dest for p in parsers for a in p._actions}
-
-
 def validate_config_file(parser: configargparse.ArgParser, file: str) -> None:
     """One line naming the key and `file` for a key that looks like a typo of one of our options, a value of the
-    wrong type, or the wrong number of values. Other unknown keys (Mega-NeRF's own options) are ignored."""
+    wrong type, or the wrong number of values. Other unknown keys (Mega-NeRF's own options among them) are
+    reported by `ignored_options`."""
     try:
         data = yaml.safe_load(Path(file).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -96,16 +200,17 @@ def validate_config_file(parser: configargparse.ArgParser, file: str) -> None:
         return
     if not isinstance(data, dict):
         raise UserError(f"{file}: a config file holds 'key: value' lines")
-    actions = {a.dest: a for a in parser._actions}
-    known = _option_names() | set(actions)
+    actions = {s.lstrip("-"): a for a in parser._actions for s in a.option_strings}
+    ours = options_of_every_command() | set(actions)
+    known = ours | set(MEGA_NERF_ALIASES) | set(MEGA_NERF_IGNORED)
     for key, value in data.items():
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+        if key not in known:  # a near miss of one of our names is a typo; anything else is reported as ignored
+            close = difflib.get_close_matches(str(key), ours, n=1, cutoff=0.8)
             if close:
                 raise UserError(f"{file}: unknown key '{key}' (did you mean '{close[0]}'?)")
             continue
         action = actions.get(key)
-        if action is None or value is None:
+        if action is None or value is None or action.nargs == 0:  # a flag: configargparse reads true / false
             continue
         values = value if isinstance(value, list) else [value]
         if action.nargs is None and isinstance(value, list):
@@ -137,16 +242,35 @@ def validate_values(args: configargparse.Namespace) -> None:
             raise UserError(f"--{name} must be at least 1, got {value}")
 
 
-class _CheckedParser(configargparse.ArgParser):
-    """configargparse's parser with the config file checked before parsing and the values after."""
+def ignored_options(parser: configargparse.ArgParser, args: configargparse.Namespace) -> list[str]:
+    """One line per Mega-NeRF option given but ignored, and per config-file key that no command of ours reads
+    (a key another command reads, e.g. eval's val_scale_factor in a config train is given, is for that one)."""
+    lines = [f"ignoring --{name} (Mega-NeRF's): {why}" for name, (_, why) in MEGA_NERF_IGNORED.items()
+             if getattr(args, f"ignored_{name}", None) is not None]
+    config = getattr(args, "config_file", None)
+    if config:
+        keys = [k for k in (yaml.safe_load(Path(config).read_text()) or {}) if k not in _option_names(parser)]
+        if keys:
+            known = options_of_every_command()
+            lines += [f"ignoring '{key}' in {config}: no command reads it" for key in keys if key not in known]
+    return lines
 
-    def parse_known_args(self, args: Any = None, namespace: Any = None, **kwargs: Any) -> Any:
-        words = list(sys.argv[1:] if args is None else args)
-        for i, word in enumerate(words):
-            if word in ("--config_file", "--config") and i + 1 < len(words):
-                validate_config_file(self, words[i + 1])
-            elif word.startswith(("--config_file=", "--config=")):
-                validate_config_file(self, word.split("=", 1)[1])
-        parsed, rest = super().parse_known_args(args, namespace, **kwargs)
-        validate_values(parsed)
-        return parsed, rest
+
+# ---- the resolved options of a run (issue 22) ------------------------------------------------------------------
+
+INVERTED = {"progress": "no_progress", "amp": "no_amp"}  # config fields whose option is their negation
+
+
+def record_options(config: Any, folder: Path) -> Path:
+    """Save a run's resolved options as `folder/config.yaml`, which the same command reads back through
+    --config_file (nerfstudio's config.yml habit), and print them in one line. Unset (None) options are left out."""
+    values: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(config).items():
+        if key in INVERTED:
+            key, value = INVERTED[key], not value
+        if value is not None:
+            values[key] = list(value) if isinstance(value, tuple) else value
+    path = folder / "config.yaml"
+    atomic_write(path, yaml.safe_dump(values, sort_keys=False).encode())
+    print("options: " + ", ".join(f"{k}={v}" for k, v in values.items()) + f" (saved to {path})")
+    return path

@@ -14,7 +14,7 @@ from mega_nerf.cli.options import base_parser, require, scene_bounds
 from mega_nerf.data.dataset import Dataset, load_dataset
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.lock import locked
-from mega_nerf.partition.cells import make_params, parse_grid_dim
+from mega_nerf.partition.cells import EXACT, make_params, parse_grid_dim
 from mega_nerf.partition.job import MaskJob, create_cluster_masks
 
 DISTANCE_WARNING = 1e11  # point-centroid distances: the tiny city at 2 x 2 takes 6e8, a 100 x 100 grid 1.5e12
@@ -26,8 +26,9 @@ def partition_parser() -> configargparse.ArgParser:
     parser.add_argument("--output", type=str, help="mask directory to create (M/params.pt, M/<cell>/<image>)")
     parser.add_argument("--grid_dim", nargs="+", default=None,
                         help="cells along y (right) and along z (back), e.g. --grid_dim 2 4")
-    parser.add_argument("--ray_samples", type=int, default=1000,
-                        help="points per ray, evenly spaced from near to far, compared with the centroids")
+    parser.add_argument("--ray_samples", type=int, default=None,
+                        help="Mega-NeRF's sampled rule: this many points per ray (Mega-NeRF: 1000), evenly spaced "
+                             "from near to far, compared with the centroids; default: the exact rule, no samples")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted run in --output")
     parser.add_argument("--ray_chunk", type=int, default=1 << 16, help="rays generated at once per image")
     parser.add_argument("--dist_chunk", type=int, default=None,
@@ -39,12 +40,14 @@ def partition_parser() -> configargparse.ArgParser:
     return parser
 
 
-def work_warning(dataset: Dataset, grid_dim: tuple[int, int], ray_samples: int) -> str | None:
+def work_warning(dataset: Dataset, grid_dim: tuple[int, int], ray_samples: int | None) -> str | None:
     """A warning when the grid implies far more work than the scene needs: more cells than images (most cells
     then see a sliver of a few images, and each trains a model of its own), or more than DISTANCE_WARNING
-    point-centroid distances to partition (1.25 * ray_samples points per ray, DESIGN.md, Partitioning)."""
+    point-centroid distances to partition (points per ray: 1.25 * ray_samples for the sampled rule, 2K + 2 for
+    the exact one; DESIGN.md, Partitioning)."""
     cells = grid_dim[0] * grid_dim[1]
-    distances = sum(m.W * m.H for m in dataset.images) * 1.25 * ray_samples * cells
+    points = 1.25 * ray_samples if ray_samples else 2 * cells + 2
+    distances = sum(m.W * m.H for m in dataset.images) * points * cells
     if cells <= len(dataset.images) and distances <= DISTANCE_WARNING:
         return None
     return (f"warning: --grid_dim {grid_dim[0]} {grid_dim[1]}: {cells:,} cells for {len(dataset.images)} images, "
@@ -71,7 +74,7 @@ def mask_job(args: configargparse.Namespace) -> MaskJob:
         print(warning, file=sys.stderr)
     bounds = scene_bounds(args, dataset.coordinates)
     params = make_params(dataset, grid_dim, bounds.near, bounds.far, bounds.altitude, args.boundary_margin,
-                         args.cluster_2d, args.ray_samples, args.foreground_scale)
+                         args.cluster_2d, args.ray_samples or EXACT, args.foreground_scale)
     return MaskJob(dataset, params, Path(args.output), args.resume, args.ray_chunk, args.dist_chunk,
                    args.timeout_minutes, not args.no_progress)
 

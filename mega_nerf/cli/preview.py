@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mega_nerf.cli.options import base_parser, require
+from mega_nerf.cli.options import HelpFormatter, base_parser, require
 from mega_nerf.data.dataset import load_dataset
+from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import run_cli
 from mega_nerf.preview import write_cameras_ply, write_preview
 
-CAMERAS_DOC = """Export a dataset's training cameras as a PLY (normalised DRB units) for a 3D viewer: a point per camera
+CAMERAS_DOC = """Export a dataset's training cameras as a PLY (normalised DRB units, or with --source_frame
+the world it was converted from) for a 3D viewer: a point per camera
 centre, or with --frusta the outline of each camera's frustum.
 
     python scripts/export_cameras_ply.py --dataset_path data/scene --output cams.ply --frusta
@@ -38,14 +40,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cameras_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=CAMERAS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=CAMERAS_DOC, formatter_class=HelpFormatter)
     parser.add_argument("--dataset_path", required=True, help="dataset in Mega-NeRF's layout")
     parser.add_argument("--output", required=True, help="PLY file to write")
     parser.add_argument("--frusta", action="store_true", help="write frustum outlines instead of bare centres")
     parser.add_argument("--frustum_depth", type=float, default=0.05, help="frustum depth, normalised units")
+    parser.add_argument("--source_frame", action="store_true",
+                        help="write the COLMAP / transforms.json world the dataset was converted from (its "
+                             "dataparser_transforms.json) instead of normalised DRB")
     args = parser.parse_args(argv)
-    count = write_cameras_ply(load_dataset(args.dataset_path), args.output, args.frusta, args.frustum_depth)
-    print(f"wrote {count} training cameras to {args.output}")
+    to_frame = to_source_map(args.dataset_path, "--source_frame") if args.source_frame else None
+    count = write_cameras_ply(load_dataset(args.dataset_path), args.output, args.frusta, args.frustum_depth,
+                              to_frame)
+    frame = "the source frame" if to_frame else "normalised DRB"
+    print(f"wrote {count} training cameras to {args.output} ({frame})")
 
 
 def console() -> None:

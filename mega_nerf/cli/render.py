@@ -2,13 +2,12 @@
 camera path, to PNG frames and an MP4."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import configargparse
 
 from mega_nerf.camera_path import POSE_FILE_FORMAT, PathConfig, render_images
-from mega_nerf.cli.options import base_parser, config_from_args
+from mega_nerf.cli.options import base_parser, config_from_args, record_options
 from mega_nerf.errors import run_cli
 from mega_nerf.lock import locked
 
@@ -16,18 +15,22 @@ from mega_nerf.lock import locked
 def render_parser() -> configargparse.ArgParser:
     p = base_parser("Render new views through a container along a camera path, to PNG frames and an MP4. Rays use "
                     "the near/far/altitude range stored in the container.")
-    p.epilog, p.formatter_class = POSE_FILE_FORMAT, argparse.RawDescriptionHelpFormatter
+    p.epilog = POSE_FILE_FORMAT
     p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
     p.add_argument("--output", type=str, help="directory for frames/<00000>.png and video.mp4")
-    p.add_argument("--path", type=str, default=None, help="pose file (format below); default: an orbit")
+    p.add_argument("--path", type=str, default=None,
+                   help="pose file (format below) or nerfstudio camera_path.json; default: an orbit")
+    p.add_argument("--dataparser_transforms", type=str, default=None,
+                   help="nerfstudio's dataparser_transforms.json of its run on the same data: a camera_path.json "
+                        "read or written is then in nerfstudio's world")
     p.add_argument("--frames", type=int, default=120, help="frames in the video, spread over the path")
     p.add_argument("--height", type=int, default=None, help="frame height in pixels (default: the poses')")
-    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--fps", type=float, default=30.0, help="video frame rate")
     p.add_argument("--train_scale_factor", type=int, default=1,
                    help="the scale the submodules were trained at (to check the container's dataset)")
     p.add_argument("--ray_chunk", type=int, default=None,
                    help="rays rendered at once, bounds memory (default: 262144 on a GPU, 8192 on a CPU)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")
     return p
 
 
@@ -44,6 +47,7 @@ def config_from_argv(argv: list[str]) -> PathConfig:
 def main(argv: list[str] | None = None) -> Path:
     config = config_from_argv(argv)
     with locked({"--output": [config.output]}):
+        record_options(config, Path(config.output))
         return render_images(config)
 
 

@@ -2,13 +2,19 @@
 whole scene. Builds a TrainConfig from the options and hands it to the Trainer."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Any
+
 import configargparse
 
-from mega_nerf.cli.options import base_parser, config_from_args
+from mega_nerf.cli.options import base_parser, config_from_args, record_options
+from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
 from mega_nerf.lock import locked
 from mega_nerf.training.config import TrainConfig
+from mega_nerf.training.startup import process_start
 from mega_nerf.training.trainer import Trainer
 
 
@@ -17,9 +23,19 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--exp_name", type=str, help="experiment directory (checkpoints, logs, renders)")
     p.add_argument("--chunk_paths", type=str, nargs="+", help="directories for the shuffled ray chunks")
     p.add_argument("--cluster_mask_path", type=str, default=None, help="this cell's mask directory (M/<k>)")
+    add_training_options(p)
+    return p
+
+
+def add_training_options(p: configargparse.ArgParser) -> None:
+    """How to train a model (every option of train.py but where its files go): train.py's and train_cells.py's."""
     p.add_argument("--data_mode", choices=("disk", "memory"), default="disk",
                    help="disk: stream shuffled chunks from --chunk_paths; memory: keep every ray in RAM")
-    p.add_argument("--chunk_rays", type=int, default=2 ** 26, help="rays per chunk: bounds the shuffle's memory")
+    p.add_argument("--chunk_rays", type=int, default=2 ** 22,
+                   help="rays per chunk: what the stream loads at once (a random sample of the cell)")
+    p.add_argument("--image_store", type=str, default=None,
+                   help="folder of the decoded images every cell's chunks share (default: image_store/ beside the "
+                        "first --chunk_paths directory)")
     p.add_argument("--train_scale_factor", type=int, default=1, help="downsample training images by this")
     p.add_argument("--field", type=str, default="hash", help=f"one of {', '.join(FIELDS)}")
     p.add_argument("--batch_size", type=int, default=None,
@@ -39,7 +55,14 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--fine_samples", type=int, default=None, help="hierarchical fine samples (mlp: 512)")
     p.add_argument("--bg_samples", type=int, default=32,
                    help="samples per ray beyond the foreground box (the contracted far world; 0: none)")
-    p.add_argument("--appearance_dim", type=int, default=None)
+    p.add_argument("--appearance_dim", type=int, default=None, help="appearance embedding width (hash 32, mlp 48)")
+    p.add_argument("--affine_appearance", action="store_true",
+                   help="appearance as a per-image affine transform of the colour (Mega-NeRF's option), not an "
+                        "input of the colour MLP")
+    p.add_argument("--layers", type=int, default=None, help="mlp field: layers of the density MLP (8)")
+    p.add_argument("--layer_dim", type=int, default=None, help="mlp field: their width (256)")
+    p.add_argument("--pos_xyz_dim", type=int, default=None, help="mlp field: position encoding frequencies (12)")
+    p.add_argument("--pos_dir_dim", type=int, default=None, help="mlp field: direction encoding frequencies (4)")
     p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
     p.add_argument("--log2_hashmap_size", type=int, default=19)
     p.add_argument("--max_resolution", type=int, default=2048, help="finest hash-grid resolution")
@@ -51,17 +74,33 @@ def train_parser() -> configargparse.ArgParser:
     p.add_argument("--val_interval", type=int, default=5000)
     p.add_argument("--val_images", type=int, default=2, help="validation images rendered at each interval")
     p.add_argument("--log_interval", type=int, default=100)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval_protocol", choices=PROTOCOLS, default=MEGA_NERF,
+                   help="mega-nerf: val images train their left halves (their right halves are scored); strict: "
+                        "no pixel of a val image trains (evaluate with the same option)")
+    p.add_argument("--seed", type=int, default=42, help="seeds the field, the shuffle and the samples")
+    p.add_argument("--no_amp", dest="amp", action="store_false",
+                   help="train in float32 on a GPU (default: bfloat16 autocast)")
+    p.add_argument("--ckpt_path", type=str, default=None,
+                   help="start from this checkpoint (same dataset and field) when --exp_name holds none")
     p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true")
-    return p
 
 
-def train_config(args: configargparse.Namespace) -> TrainConfig:
-    """The options as a TrainConfig (which fills what a user leaves unset with the field's own defaults)."""
+MLP_SIZES = ("layers", "layer_dim", "pos_xyz_dim", "pos_dir_dim")
+
+
+def train_config(args: configargparse.Namespace, **values: Any) -> TrainConfig:
+    """The options as a TrainConfig (which fills what a user leaves unset with the field's own defaults);
+    `values` take precedence (train_cells gives each cell's directories)."""
+    if args.field != "mlp":
+        for option in MLP_SIZES:
+            if getattr(args, option) is not None:
+                print(f"ignoring --{option}: it sizes the mlp field (Mega-NeRF's network), not --field {args.field}",
+                      file=sys.stderr)
     altitude = None if args.ray_altitude_range is None else tuple(args.ray_altitude_range)
-    return config_from_args(TrainConfig, args, ("dataset_path", "exp_name"),
-                            chunk_paths=tuple(args.chunk_paths or ()), ray_altitude_range=altitude)
+    required = tuple(option for option in ("dataset_path", "exp_name") if option not in values)
+    given = {"chunk_paths": tuple(getattr(args, "chunk_paths", None) or ()), "ray_altitude_range": altitude}
+    return config_from_args(TrainConfig, args, required, **{**given, **values})
 
 
 def config_from_argv(argv: list[str]) -> TrainConfig:
@@ -72,7 +111,8 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     config = train_config(train_parser().parse_args(argv))
     with locked({"--exp_name": [config.exp_name], "--chunk_paths": list(config.chunk_paths)}):
-        final = Trainer(config).run()
+        record_options(config, Path(config.exp_name))
+        final = Trainer(config, started=process_start()).run()
     print(f"done: {final}")
 
 

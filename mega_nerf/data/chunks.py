@@ -1,52 +1,70 @@
-"""Shuffled ray chunks: every training ray of a cell as (image index, pixel index, uint8 RGB), shuffled across
-all images, written once and streamed by the trainer.
+"""A cell's training rays on disk in under a byte each, plus a share of one image store: written once, streamed by
+the trainer.
 
-On disk (each directory of `--chunk_paths`):
-    manifest.json       written last: what the chunks hold (dataset, masks, scale, count) and which files
-    chunk_<k>.npy       numpy structured arrays, fields image (u2 or u4), pixel (u4), rgb (3 x u1): 9-11 bytes/ray
+A ray is the key `offset[image] + pixel` (data.store.pixel_offsets): its place among the dataset's pixels. Every
+training ray of the cell goes to one of C chunks at random (C = ceil(rays / chunk_rays)), so each chunk is a
+random sample of the cell; a chunk stores its keys sorted, Elias-Fano coded (data.keys: 2 + log2(pixels / keys)
+bits a key). Colours are not copied: the stream gathers them from the dataset's image store (data.store), one
+file shared by every cell. Rays are regenerated from (image, pixel) and the poses; nothing float is stored.
 
-The shuffle is external (scatter every image's rays to random buckets, then shuffle each bucket), so memory is
-bounded by the chunk size, never by the dataset. Every file appears under its final name only when complete
-(io.atomic_open: temp file, then rename), and the manifest only after every chunk: a killed write is redone,
-never half-reused.
-Rays are regenerated from (image, pixel) and the image's pose; nothing float is stored per ray.
+On disk (each directory of `--chunk_paths`; chunks go round-robin over them):
+    chunk_<c>.keys   one chunk's keys (data.keys format)
+    plan.json        written before the first chunk: what they will hold, so a killed write resumes (keeping the
+                     chunks already written) rather than starting over
+    manifest.json    written last, in every directory: version, dataset fingerprint, masks fingerprint, scale,
+                     seed, ray count, store file name and the chunk list. Only a manifest marks chunks as usable.
+and `<image store>/<dataset fingerprint>.rgb`. Every file appears under its final name only when complete
+(io.atomic_open). A later run reuses matching chunks, refuses those of another dataset, mask set or scale (or of
+the older .npy format) in one line, and refuses a directory holding anything but chunks.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from mega_nerf.data.dataset import Dataset, ImageMetadata, dataset_fingerprint
+from mega_nerf.data.dataset import MEGA_NERF, Dataset, ImageMetadata, dataset_fingerprint
+from mega_nerf.data.keys import decode_keys, encode_keys, encoded_size
+from mega_nerf.data.store import (
+    open_store,
+    ordered_map,
+    pixel_offsets,
+    store_bytes,
+    store_complete,
+    store_path,
+    write_store,
+)
 from mega_nerf.errors import UserError
-from mega_nerf.io import atomic_open, write_json
+from mega_nerf.io import atomic_write, write_json
 from mega_nerf.partition.maskfile import load_mask
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+PLAN = "plan.json"
+KEY_BUDGET = 1 << 27  # keys held in memory at once while writing (1 GiB of int64)
 
 
 @dataclass
 class Manifest:
     version: int
-    dataset: str  # fingerprint of image names, sizes and poses
+    dataset: str  # data.dataset.dataset_fingerprint: names, sizes, scale and poses
     masks: str  # fingerprint of the cell's mask files ('' when training on every ray)
     scale_factor: int
+    seed: int
     count: int
-    image_dtype: str
+    store: str  # the image store's file name
     chunks: list[list]  # [directory index, file name, ray count] per chunk, in order
-
-
-def ray_dtype(n_images: int) -> np.dtype:
-    return np.dtype([("image", "<u2" if n_images < 2 ** 16 else "<u4"), ("pixel", "<u4"), ("rgb", "u1", 3)])
+    protocol: str = MEGA_NERF  # the evaluation protocol: which val pixels are trained (dataset.PROTOCOLS)
 
 
 def masks_fingerprint(mask_dir: Path | None) -> str:
+    """SHA-1 over the names and bytes of a cell's mask files ('' without masks)."""
     if mask_dir is None:
         return ""
     h = hashlib.sha1()
@@ -67,99 +85,206 @@ def cell_mask(meta: ImageMetadata, mask_dir: Path | None) -> torch.Tensor:
     return mask.view(meta.H, s, meta.W, s).any(3).any(1) if s > 1 else mask
 
 
-def training_mask(meta: ImageMetadata, mask_dir: Path | None) -> torch.Tensor:
-    """(H, W) bool: the cell's pixels that train it, all but the scored ones (a val image's right half:
-    `ImageMetadata.scored_columns`)."""
-    return cell_mask(meta, mask_dir) & meta.trained_mask()
+def training_mask(meta: ImageMetadata, mask_dir: Path | None, protocol: str = MEGA_NERF) -> torch.Tensor:
+    """(H, W) bool: the cell's pixels that train it, all but the scored ones (a val image's right half, or all
+    of it under the strict protocol: `ImageMetadata.scored_columns_for`)."""
+    return cell_mask(meta, mask_dir) & meta.trained_mask(protocol)
 
 
-def _image_rays(meta: ImageMetadata, mask: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    pixels = mask.flatten().nonzero()[:, 0].numpy()
-    rays = np.empty(len(pixels), dtype)
-    rays["image"], rays["pixel"] = meta.index, pixels
-    rays["rgb"] = meta.load_rgb().view(-1, 3).numpy()[pixels]
-    return rays
+def default_store_dir(chunk_paths: list[Path]) -> Path:
+    """Where the image store goes unless given: `image_store` beside the first chunk directory, so the cells of
+    one scene (scratch-0, scratch-1, ...) share it."""
+    return Path(chunk_paths[0]).absolute().parent / "image_store"
 
 
-def _read_manifest(path: Path) -> Manifest | None:
-    file = path / MANIFEST
+def _chunk_of(count: int, chunks: int, seed: int, image: int) -> np.ndarray:
+    """(count,) chunk of each of an image's rays: uniform, and the same draws on every pass and every run."""
+    return np.random.default_rng([seed, image]).integers(0, chunks, count)
+
+
+def _read_json(file: Path) -> dict | None:
     if not file.is_file():
         return None
     try:
-        return Manifest(**json.loads(file.read_text()))
-    except (ValueError, TypeError):
-        raise UserError(f"{file}: not a chunk manifest of this version; delete the directory to rewrite") from None
+        data = json.loads(file.read_text())
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: not a chunk manifest; delete {file.parent} to rewrite the chunks")
+    return data
+
+
+def _read_manifest(path: Path) -> Manifest | None:
+    data = _read_json(path / MANIFEST)
+    if data is None:
+        return None
+    if data.get("version") != FORMAT_VERSION:
+        raise UserError(f"{path}: holds ray chunks of an older format (version {data.get('version')}); delete "
+                        f"its chunk_* files and {MANIFEST} (or the whole directory) to rewrite them")
+    try:
+        return Manifest(**data)
+    except TypeError:
+        raise UserError(f"{path / MANIFEST}: not a chunk manifest; delete {path} to rewrite the chunks") from None
 
 
 def _check_manifest(m: Manifest, expected: dict, path: Path) -> None:
     for key, value in expected.items():
-        if getattr(m, key) != value:
+        if key != "seed" and getattr(m, key) != value:
             raise UserError(f"{path}: holds chunks of another {key.replace('_', ' ')} "
                             f"(use another --chunk_paths or delete it)")
 
 
-def _clear_unfinished(path: Path) -> None:
-    """Remove what a killed write left (nothing there was finished); refuse to touch anything else."""
+def _clear_unfinished(path: Path, keep: set[str]) -> None:
+    """Remove what a killed write left but the chunks in `keep` (complete: written atomically); refuse to touch
+    anything that is not ours."""
     path.mkdir(parents=True, exist_ok=True)
     for entry in path.iterdir():
-        if not (entry.name.startswith("chunk_") or entry.name.startswith(MANIFEST)):
+        if not entry.name.startswith(("chunk_", MANIFEST, PLAN)):
             raise UserError(f"{path}: holds files that are not ray chunks ({entry.name}); "
                             "choose an empty or new --chunk_paths directory")
-        entry.unlink()
+        if entry.name not in keep:
+            entry.unlink()
+
+
+def _check_space(needs: dict[Path, int]) -> None:
+    """One line when a folder's disk has less free space than it is about to be given (bytes per folder)."""
+    by_disk: dict[int, tuple[Path, int]] = {}
+    for folder, size in needs.items():
+        existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+        device = existing.stat().st_dev
+        first, total = by_disk.get(device, (existing, 0))
+        by_disk[device] = (first, total + size)
+    for existing, size in by_disk.values():
+        free = shutil.disk_usage(existing).free
+        if free < size:
+            raise UserError(f"{existing}: the ray chunks need {size:,} bytes but its disk has {free:,} free")
+
+
+def _write_chunk(path: Path, keys: list[np.ndarray], universe: int) -> int:
+    """Encode one chunk's keys (per image, each sorted, images in order) to `path`; returns the key count."""
+    joined = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    atomic_write(path, encode_keys(joined, universe))
+    return len(joined)
 
 
 def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Path], chunk_rays: int,
-                   seed: int = 0, progress: bool = True) -> Manifest:
-    """Write the cell's shuffled ray chunks, or verify and reuse chunks written before."""
-    dtype = ray_dtype(len(dataset.images))
+                   seed: int = 0, store_dir: Path | None = None, masks: str | None = None,
+                   protocol: str = MEGA_NERF) -> Manifest:
+    """Write the cell's ray chunks and the dataset's image store if missing, or verify and reuse them. Prints how
+    many bytes go where before writing; one-line UserError when a disk lacks the space. `masks`: the masks'
+    fingerprint when the caller has it (masks_fingerprint reads every mask file)."""
+    chunk_paths = [Path(p) for p in chunk_paths]
+    store = store_path(store_dir or default_store_dir(chunk_paths), dataset)
     expected = {"version": FORMAT_VERSION, "dataset": dataset_fingerprint(dataset),
-                "masks": masks_fingerprint(mask_dir), "scale_factor": dataset.images[0].scale_factor}
+                "masks": masks_fingerprint(mask_dir) if masks is None else masks,
+                "scale_factor": dataset.images[0].scale_factor, "seed": seed, "protocol": protocol}
     existing = _read_manifest(chunk_paths[0])
     if existing is not None:
         _check_manifest(existing, expected, chunk_paths[0])
         for d, name, _ in existing.chunks:
             if not (chunk_paths[d] / name).is_file():
                 raise UserError(f"{chunk_paths[d] / name}: chunk listed in the manifest is missing")
+        if not store_complete(store, dataset):
+            _announce(f"image store: {store_bytes(dataset):,} bytes to {store}")
+            _check_space({store.parent: store_bytes(dataset)})
+            write_store(store, dataset)
         return existing
-    for p in chunk_paths:
-        _clear_unfinished(p)
 
-    count = sum(int(training_mask(m, mask_dir).sum()) for m in dataset.images)
-    n_chunks = max(1, -(-count // chunk_rays))
-    where = [(k % len(chunk_paths), f"chunk_{k:05d}.npy") for k in range(n_chunks)]
-    if progress:
-        print(f"chunks: {count:,} rays, {count * dtype.itemsize / 2 ** 30:.2f} GiB in {n_chunks} chunk(s) "
-              f"under {', '.join(map(str, chunk_paths))}")
-    rng = np.random.default_rng(seed)
-    buckets = [open(chunk_paths[d] / (name + ".bucket"), "wb") for d, name in where]
-    try:
-        for meta in tqdm(dataset.images, desc="scatter rays", disable=not progress):
-            rays = _image_rays(meta, training_mask(meta, mask_dir), dtype)
-            target = rng.integers(0, n_chunks, len(rays))
-            order = np.argsort(target, kind="stable")
+    offsets = pixel_offsets(dataset)
+    universe = int(offsets[-1])
+
+    def image_keys(i: int) -> np.ndarray:
+        meta = dataset.images[i]
+        return offsets[i] + np.flatnonzero(training_mask(meta, mask_dir, protocol).numpy())
+    cached = list(ordered_map(image_keys, range(len(dataset.images))))
+    count = sum(len(k) for k in cached)
+    n_chunks = max(1, math.ceil(count / chunk_rays))
+    where = [(c % len(chunk_paths), f"chunk_{c:05d}.keys") for c in range(n_chunks)]
+    plan = {**expected, "count": count, "chunks": [list(w) for w in where]}
+    resumable = _read_json(chunk_paths[0] / PLAN) == plan
+    keep = {name for d, name in where if resumable and (chunk_paths[d] / name).is_file()}
+    for p in chunk_paths:
+        _clear_unfinished(p, keep)
+    todo = [c for c, (_, name) in enumerate(where) if name not in keep]
+    needs = {p: 0 for p in chunk_paths}
+    for c in todo:
+        needs[chunk_paths[where[c][0]]] += encoded_size(math.ceil(count / n_chunks), universe) + 8
+    write_store_too = not store_complete(store, dataset)
+    if write_store_too:
+        needs[store.parent] = needs.get(store.parent, 0) + store_bytes(dataset)
+    _announce(f"chunks: {count:,} rays in {n_chunks} chunk(s), about {sum(needs.values()):,} bytes: "
+              f"keys to {', '.join(map(str, chunk_paths))}"
+              + (f"; image store ({store_bytes(dataset):,} bytes, shared by every cell) to {store}"
+                 if write_store_too else f"; image store {store} present"))
+    _check_space(needs)  # before the first byte: the plan too waits for it
+    write_json(chunk_paths[0] / PLAN, plan)
+    if write_store_too:
+        write_store(store, dataset)
+    if count > KEY_BUDGET:
+        cached = []  # re-read the masks for each group of chunks instead
+    per_group = max(1, KEY_BUDGET // max(1, math.ceil(count / n_chunks)))
+    for g in range(0, len(todo), per_group):
+        group = todo[g:g + per_group]
+        buckets: dict[int, list[np.ndarray]] = {c: [] for c in group}
+        keys_iter = iter(cached) if cached else ordered_map(image_keys, range(len(dataset.images)))
+        for i, keys in enumerate(keys_iter):
+            target = _chunk_of(len(keys), n_chunks, seed, i)
+            order = np.argsort(target, kind="stable")  # keeps each chunk's keys sorted
             bounds = np.searchsorted(target[order], np.arange(n_chunks + 1))
-            for k in range(n_chunks):
-                rays[order[bounds[k]:bounds[k + 1]]].tofile(buckets[k])
-    finally:
-        for f in buckets:
-            f.close()
-    counts = []
-    for d, name in tqdm(where, desc="shuffle chunks", disable=not progress):
-        bucket = chunk_paths[d] / (name + ".bucket")
-        rays = np.fromfile(bucket, dtype)
-        with atomic_open(chunk_paths[d] / name) as f:
-            np.save(f, rays[rng.permutation(len(rays))])
-        bucket.unlink()
-        counts.append(len(rays))
-    manifest = Manifest(**expected, count=count, image_dtype=dtype["image"].str,
-                        chunks=[[d, name, c] for (d, name), c in zip(where, counts, strict=True)])
+            for c in group:
+                buckets[c].append(keys[order[bounds[c]:bounds[c + 1]]])
+        jobs = [(chunk_paths[where[c][0]] / where[c][1], buckets.pop(c)) for c in group]
+        list(ordered_map(lambda job: _write_chunk(*job, universe), jobs))
+    counts = [_chunk_count(chunk_paths[d] / name) for d, name in where]
+    manifest = Manifest(**expected, count=count, store=store.name,
+                        chunks=[[d, name, n] for (d, name), n in zip(where, counts, strict=True)])
     for p in chunk_paths:
         write_json(p / MANIFEST, asdict(manifest))
+    (chunk_paths[0] / PLAN).unlink()
     return manifest
 
 
-def gather_in_memory(dataset: Dataset, mask_dir: Path | None, seed: int = 0) -> np.ndarray:
-    """Every ray of the cell in RAM, shuffled (the `memory` data mode, for small scenes)."""
-    dtype = ray_dtype(len(dataset.images))
-    rays = np.concatenate([_image_rays(m, training_mask(m, mask_dir), dtype) for m in dataset.images])
-    return rays[np.random.default_rng(seed).permutation(len(rays))]
+def _announce(line: str) -> None:
+    """What is about to be written where: printed before writing, progress bars or not."""
+    print(line, flush=True)
+
+
+def _chunk_count(path: Path) -> int:
+    """Keys in a chunk file, from its header."""
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(16)[8:16], "little")
+
+
+class ChunkReader:
+    """Chunk c of a manifest as ray arrays: image (N,) int32, pixel (N,) int32, rgb (N, 3) uint8, the colours
+    gathered from the image store (the keys come sorted, so the gather walks the store in order)."""
+
+    def __init__(self, manifest: Manifest, chunk_paths: list[Path], dataset: Dataset,
+                 store_dir: Path | None = None) -> None:
+        self.files = [Path(chunk_paths[d]) / name for d, name, _ in manifest.chunks]
+        self.counts = [n for _, _, n in manifest.chunks]
+        self.offsets = pixel_offsets(dataset)
+        self.store = open_store((store_dir or default_store_dir(chunk_paths)) / manifest.store, dataset)
+
+    def __call__(self, c: int) -> dict[str, np.ndarray]:
+        try:
+            keys = decode_keys(self.files[c].read_bytes())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{self.files[c]}: unreadable ray chunk ({e}); delete its directory to rewrite") from None
+        image = np.searchsorted(self.offsets, keys, side="right") - 1
+        return {"image": image.astype(np.int32), "pixel": (keys - self.offsets[image]).astype(np.int32),
+                "rgb": np.asarray(self.store[keys])}
+
+
+def gather_in_memory(dataset: Dataset, mask_dir: Path | None, seed: int = 0, protocol: str = MEGA_NERF
+                     ) -> dict[str, np.ndarray]:
+    """Every ray of the cell in RAM as ChunkReader's arrays, shuffled (the `memory` data mode, small scenes).
+    Images are decoded by a pool of threads."""
+    def image_rays(meta: ImageMetadata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pixels = np.flatnonzero(training_mask(meta, mask_dir, protocol).numpy())
+        return np.full(len(pixels), meta.index, np.int32), pixels, meta.load_rgb().view(-1, 3).numpy()[pixels]
+    image, pixel, rgb = zip(*ordered_map(image_rays, dataset.images), strict=True)
+    rays = {"image": np.concatenate(image), "pixel": np.concatenate(pixel).astype(np.int32),
+            "rgb": np.concatenate(rgb).reshape(-1, 3)}
+    order = np.random.default_rng(seed).permutation(len(rays["image"]))
+    return {k: v[order] for k, v in rays.items()}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from mega_nerf.data.convert import Conversion, SceneInput, convert, keep_existing_images, unique_stems
 from mega_nerf.errors import UserError
@@ -66,22 +67,14 @@ class Model:
 
 
 def qvec_to_rotmat(q: np.ndarray) -> np.ndarray:
-    """Unit quaternion (4,) w, x, y, z (Hamilton) to a rotation matrix (3, 3)."""
-    w, x, y, z = q / np.linalg.norm(q)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+    """Unit quaternion (4,) w, x, y, z (Hamilton; normalised here) to a rotation matrix (3, 3)."""
+    w, x, y, z = q
+    return Rotation.from_quat([x, y, z, w]).as_matrix()
 
 
 def rotmat_to_qvec(R: np.ndarray) -> np.ndarray:
-    """Rotation (3, 3) to a unit quaternion (4,) w, x, y, z with w >= 0, stable for every rotation: the
-    entries of R give the matrix 4 q q^T (ordered x, y, z, w), whose top eigenvector is q."""
-    (a, b, c), (d, e, f), (g, h, i) = R
-    qqt = np.array([[1 + a - e - i, b + d, c + g, h - f],
-                    [b + d, 1 - a + e - i, f + h, c - g],
-                    [c + g, f + h, 1 - a - e + i, d - b],
-                    [h - f, c - g, d - b, 1 + a + e + i]])
-    x, y, z, w = np.linalg.eigh(qqt)[1][:, -1]
+    """Rotation (3, 3) to a unit quaternion (4,) w, x, y, z with w >= 0."""
+    x, y, z, w = Rotation.from_matrix(R).as_quat()
     q = np.array([w, x, y, z])
     return q if w >= 0 else -q
 
@@ -336,7 +329,7 @@ def colmap_scene(model: Model, images_path: Path, source: str,
         sizes=np.array([[model.cameras[im.camera_id].width, model.cameras[im.camera_id].height]
                         for im in images]),
         distortion=[cameras[im.camera_id][1] for im in images],
-        points=model.points.xyz, colors=model.points.rgb)
+        points=model.points.xyz, colors=model.points.rgb, source="colmap")
     return scene, images
 
 

@@ -1,10 +1,12 @@
 """What the COLMAP and transforms.json converters share: from posed images in any world frame to our layout.
 
-Steps (each a function, so each is testable): choose the up direction (given, or estimated from plane fits
-of camera centres and sparse points, checked against the cameras' orientations); rotate the world so that
-up becomes -x (DRB, docs/DESIGN.md); fit `origin_drb` and `pose_scale_factor` so cameras and the bulk of the
-points lie in [-1, 1]; estimate `ray_altitude_range` from the points; pick every Nth image for validation;
-copy or link the images; write metadata, `coordinates.pt`, `points3D.npy` and `config.yaml`.
+Steps (each a function, so each is testable): choose the up direction (given, or estimated from a plane fit of
+the ground under the sparse points or of the camera centres, checked against the cameras' orientations); rotate
+the world so that up becomes -x (DRB, docs/DESIGN.md); fit `origin_drb` and `pose_scale_factor` so cameras and
+the bulk of the points lie in [-1, 1]; bound `ray_altitude_range` by the points, with a margin; pick every Nth
+image for validation; copy or link the images; write metadata, `coordinates.pt`, `points3D.npy`, `config.yaml`
+and the whole map from the source world to ours, `dataparser_transforms.json` (data/frames.py), so results can be
+taken back there.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from mega_nerf.data.dataset import IMAGE_EXTENSIONS, SPLITS, decode_image, write_coordinates
+from mega_nerf.data.frames import Similarity, dataset_similarity, write_source_frame
 from mega_nerf.errors import UserError
 from mega_nerf.io import atomic_folder, atomic_open, atomic_write, check_free_space, save_torch_atomic, write_bgr
 
@@ -29,6 +32,8 @@ PLANAR_RATIO = 0.1  # smallest / middle eigenvalue of the covariance below which
 MAX_PLANE_ANGLE = 60.0  # degrees between a plane normal and the cameras' rough up for the fit to be trusted
 POINT_PERCENTILES = (1.0, 99.0)  # the "bulk" of the sparse points, per axis
 ALTITUDE_MARGIN = 0.05  # fraction of the slab's height added above and below it
+GROUND_PERCENTILE = 30.0  # the lowest points along up taken as ground for the up fit
+GROUND_ITERATIONS = 4  # refits of the ground along the new up (each reselects the lowest points)
 
 
 @dataclass
@@ -43,6 +48,7 @@ class SceneInput:
     distortion: list[np.ndarray | None]  # OpenCV coefficients [k1, k2, p1, p2(, k3)] per image
     points: np.ndarray  # (P, 3) float64 sparse points, source world (P may be 0)
     colors: np.ndarray  # (P, 3) uint8
+    source: str = "unknown"  # the poses' origin, recorded in dataparser_transforms.json: colmap, transforms.json
 
 
 @dataclass
@@ -58,6 +64,11 @@ class Conversion:
     c2w: np.ndarray  # (N, 3, 4) float64 normalised DRB
     points: np.ndarray  # (P, 3) float64 normalised DRB
     splits: list[str]  # per image, 'train' or 'val'
+
+    @property
+    def to_normalised(self) -> Similarity:
+        """The map from the source world to normalised DRB (saved as dataparser_transforms.json)."""
+        return dataset_similarity(self.rotation, self.origin_drb, self.pose_scale_factor)
 
 
 def unique_stems(relative_paths: list[str]) -> list[str]:
@@ -137,30 +148,47 @@ def rough_up(c2w: np.ndarray) -> tuple[np.ndarray, str]:
     return votes / np.linalg.norm(votes), "mean of the cameras' up + back axes (rough: yaws do not vary)"
 
 
+def ground_normal(points: np.ndarray, up: np.ndarray) -> np.ndarray | None:
+    """Unit normal (3,), on up's side, of a plane fit to the ground: the lowest GROUND_PERCENTILE of the points
+    (P, 3) along `up`, refitted GROUND_ITERATIONS times along the new normal; None when they form no plane.
+    Roofs and treetops lie above the ground, so the lowest points are ground wherever the ground is flat."""
+    for _ in range(GROUND_ITERATIONS):
+        height = points @ up
+        normal = plane_normal(points[height <= np.percentile(height, GROUND_PERCENTILE)])
+        if normal is None:
+            return None
+        up = normal if normal @ up >= 0 else -normal
+    return up
+
+
 def estimate_up(c2w: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, str]:
     """Up direction (3,) in the source world and why it was chosen.
 
-    A plane fit of the camera centres (aerial grids) or, failing that, of the sparse points (the ground of a
-    city) is precise, and is used when within MAX_PLANE_ANGLE of the cameras' rough up (which rejects, say,
-    a facade); the rough up gives the normal's sign (cameras look down or level, not at the sky).
+    The ground under the sparse points is the best reference (a survey's cameras may fly at varying altitude);
+    without points, a plane fit of the camera centres (aerial grids). A fit is used when within MAX_PLANE_ANGLE
+    of the cameras' rough up (which rejects, say, a facade); the rough up gives the normal's sign (cameras look
+    down or level, not at the sky) and is the answer when no fit agrees.
     """
     rough, rough_reason = rough_up(c2w)
-    for what, positions in (("camera centres", c2w[:, :, 3]), ("sparse points", _bulk(points))):
-        normal = plane_normal(positions)
+    bulk = _bulk(points)
+    fits = [(f"plane fit of the lowest {GROUND_PERCENTILE:.0f}% of {len(bulk)} sparse points (the ground)",
+             ground_normal(bulk, rough) if len(bulk) >= 4 else None),
+            (f"plane fit of {len(c2w)} camera centres", plane_normal(c2w[:, :, 3]))]
+    for what, normal in fits:
         if normal is not None:
             normal = normal if normal @ rough >= 0 else -normal
             angle = _angle(normal, rough)
             if angle < MAX_PLANE_ANGLE:
-                return normal, f"plane fit of {len(positions)} {what}, {angle:.0f} deg from the cameras' up"
+                return normal, f"{what}, {angle:.0f} deg from the cameras' up"
     return rough, f"{rough_reason}; no plane fit agreed"
 
 
 def describe_up(up: np.ndarray) -> str:
-    """'(0.010, -1.000, 0.020), 1.3 deg from -y', with a hint when an estimate is close to an axis."""
+    """'(0.010, -1.000, 0.020), tilted 1.30 deg from -y', with a hint when an estimate is close to an axis."""
     name, axis = min(UP_AXES.items(), key=lambda kv: _angle(up, kv[1]))
     angle = _angle(up, axis)
     hint = f"; if the world's up is exactly {name}, pass --up_axis {name}" if 0.01 < angle < 5 else ""
-    return f"({up[0]:.3f}, {up[1]:.3f}, {up[2]:.3f}), {angle:.1f} deg from {name}{hint}"
+    return f"({up[0]:.3f}, {up[1]:.3f}, {up[2]:.3f}), tilted {angle:.2f} deg from {name}{hint}"
 
 
 def drb_rotation(up: np.ndarray) -> np.ndarray:
@@ -184,13 +212,13 @@ def fit_normalisation(centres: np.ndarray, points: np.ndarray) -> tuple[np.ndarr
     return (lo + hi) / 2, float((hi - lo).max() / 2)
 
 
-def estimate_altitude_range(centres: np.ndarray, points: np.ndarray) -> tuple[float, float] | None:
-    """[top, ground] in real DRB down-coordinates: ground below a low percentile of point altitudes,
-    top above the highest camera and the bulk of the points; None without points."""
+def estimate_altitude_range(points: np.ndarray) -> tuple[float, float] | None:
+    """[top, ground] in real DRB down-coordinates: the bulk of the points' altitudes (POINT_PERCENTILES, from
+    the tallest roofs to the lowest ground) widened by ALTITUDE_MARGIN of its height each way; None without
+    points. Cameras may fly above it: rays are clipped to the slab, and the space above the scene holds nothing."""
     if len(points) < 10:
         return None
-    low, high = np.percentile(points[:, 0], POINT_PERCENTILES)
-    top, ground = min(float(centres[:, 0].min()), float(low)), float(high)
+    top, ground = (float(v) for v in np.percentile(points[:, 0], POINT_PERCENTILES))
     margin = ALTITUDE_MARGIN * max(ground - top, 1e-9)
     return top - margin, ground + margin
 
@@ -216,7 +244,7 @@ def convert_poses(scene: SceneInput, up: np.ndarray | None, val_every: int) -> C
     origin, scale = fit_normalisation(centres, points)
     c2w = np.concatenate([rot, ((centres - origin) / scale)[:, :, None]], axis=2)
     return Conversion(up=up / np.linalg.norm(up), up_reason=reason, rotation=rotation, origin_drb=origin,
-                      pose_scale_factor=scale, altitude_range=estimate_altitude_range(centres, points),
+                      pose_scale_factor=scale, altitude_range=estimate_altitude_range(points),
                       c2w=c2w, points=(points - origin) / scale, splits=val_splits(scene.names, val_every))
 
 
@@ -276,6 +304,8 @@ def write_dataset(scene: SceneInput, conv: Conversion, output: Path, undistort: 
                 meta["distortion"] = torch.tensor(dist, dtype=torch.float32)
             save_torch_atomic(meta, folder / split / "metadata" / f"{name}.pt")
         write_coordinates(folder, torch.tensor(conv.origin_drb), conv.pose_scale_factor)
+        write_source_frame(folder, conv.to_normalised, conv.pose_scale_factor, conv.origin_drb, conv.up,
+                           scene.source)
         for file, array in (("points3D.npy", conv.points.astype(np.float32)),
                             ("points3D_rgb.npy", scene.colors.astype(np.uint8))):
             with atomic_open(folder / file, array.nbytes) as f:
@@ -296,10 +326,12 @@ def summary(scene: SceneInput, conv: Conversion, output: Path) -> list[str]:
              f"pose_scale_factor: {conv.pose_scale_factor:.6g}",
              f"sparse points: {len(scene.points)}"]
     if conv.altitude_range is None:
-        lines.append("ray_altitude_range: not estimated (no sparse points); add it to config.yaml by hand")
+        lines.append("warning: ray_altitude_range not estimated (no sparse points): add [top, ground] in real "
+                     "down-coordinates to config.yaml by hand; without it rays are not clipped to the scene")
     else:
         top, ground = conv.altitude_range
-        lines.append(f"ray_altitude_range: [{top:.4g}, {ground:.4g}] (real down-coordinates, top < ground)")
+        lines.append(f"ray_altitude_range: [{top:.4g}, {ground:.4g}] (real down-coordinates, top < ground; the "
+                     f"sparse points' altitudes {100 * ALTITUDE_MARGIN:.0f}% wider each way)")
         below = int((conv.c2w[:, 0, 3] * conv.pose_scale_factor + conv.origin_drb[0] > ground).sum())
         if below:
             lines.append(f"warning: {below} cameras lie below the estimated ground: is the up axis right?")

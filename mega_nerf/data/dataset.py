@@ -23,6 +23,10 @@ from mega_nerf.errors import UserError
 from mega_nerf.io import load_torch, save_torch_atomic, write_bgr
 
 SPLITS = ("train", "val")
+# Evaluation protocols: Mega-NeRF's trains the left half of each val image and scores the right half; strict trains
+# no pixel of a val image, scores it whole and renders it with the nearest training image's appearance.
+MEGA_NERF, STRICT = "mega-nerf", "strict"
+PROTOCOLS = (MEGA_NERF, STRICT)
 IMAGE_EXTENSIONS = (".jpg", ".JPG", ".png", ".PNG", ".jpeg", ".JPEG")
 # Largest entry of |R^T R - I| a camera rotation may have: metadata stored in float32, or a converter's float
 # output, is orthonormal to about 1e-6; a scaled or sheared matrix is off by far more.
@@ -62,20 +66,26 @@ class ImageMetadata:
 
     @property
     def scored_columns(self) -> slice:
-        """The columns metrics are taken on and training never sees: a val image's right half [W // 2, W), none
-        of a train image. A val image's left half trains its appearance embedding (Mega-NeRF's protocol;
-        docs/DESIGN.md, Val images)."""
-        return slice(self.W // 2 if self.split == "val" else self.W, self.W)
+        """`scored_columns_for` Mega-NeRF's protocol, the default."""
+        return self.scored_columns_for(MEGA_NERF)
 
-    def scored_mask(self) -> torch.Tensor:
-        """(H, W) bool: the pixels of `scored_columns`."""
+    def scored_columns_for(self, protocol: str) -> slice:
+        """The columns metrics are taken on and training never sees, none of a train image. Mega-NeRF's protocol:
+        a val image's right half [W // 2, W); its left half trains its appearance embedding (docs/DESIGN.md, Val
+        images). Strict: the whole val image, no pixel of it trained."""
+        if self.split != "val":
+            return slice(self.W, self.W)
+        return slice(0 if protocol == STRICT else self.W // 2, self.W)
+
+    def scored_mask(self, protocol: str = MEGA_NERF) -> torch.Tensor:
+        """(H, W) bool: the pixels of `scored_columns_for(protocol)`."""
         mask = torch.zeros(self.H, self.W, dtype=torch.bool)
-        mask[:, self.scored_columns] = True
+        mask[:, self.scored_columns_for(protocol)] = True
         return mask
 
-    def trained_mask(self) -> torch.Tensor:
+    def trained_mask(self, protocol: str = MEGA_NERF) -> torch.Tensor:
         """(H, W) bool: the pixels training may use, every pixel but the scored ones."""
-        return ~self.scored_mask()
+        return ~self.scored_mask(protocol)
 
 
 @dataclass
@@ -91,6 +101,15 @@ class Dataset:
     @property
     def val(self) -> list[ImageMetadata]:
         return [m for m in self.images if m.split == "val"]
+
+    def appearance_for(self, meta: ImageMetadata, protocol: str) -> int:
+        """The appearance index a val image is rendered with: its own (Mega-NeRF's protocol, trained on its left
+        half) or, strict, that of the training image whose camera centre is nearest (its own was never trained)."""
+        if protocol != STRICT or meta.split != "val":
+            return meta.index
+        train = self.train
+        centres = torch.stack([m.c2w[:, 3] for m in train])
+        return train[int(torch.linalg.norm(centres - meta.c2w[:, 3], dim=1).argmin())].index
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:

@@ -1,53 +1,57 @@
-"""Streaming training batches from shuffled ray chunks, the next piece loading on a background thread.
+"""Streaming training batches from pieces of a cell's rays, the next piece loading on a background thread.
 
-The chunks are read in pieces of at most `piece_rays` consecutive rays (a memory-mapped slice of a chunk file),
-so the first batch waits for one small piece, not a whole chunk. Since a chunk is already a random shuffle of
-the cell's rays, every piece is a random sample of them. An epoch is the pieces in a seeded random order, each
-re-permuted by a seed of (epoch, piece): batch b of an epoch is rays [b * batch_size, (b + 1) * batch_size) of
-that sequence. The position is therefore two integers (epoch, offset), saved in checkpoints, so a resumed run
-sees exactly the batches an uninterrupted one would.
+A piece is a chunk (data.chunks.ChunkReader: a random sample of the cell) or a slice of the in-memory rays
+(`memory_pieces`, already shuffled). An epoch is the pieces in a seeded random order, each re-permuted by a seed
+of (epoch, piece): batch b of an epoch is rays [b * batch_size, (b + 1) * batch_size) of that sequence. The
+position is therefore two integers (epoch, offset), saved in checkpoints, so a resumed run sees exactly the
+batches an uninterrupted one would. The first piece starts loading when the stream is made.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 
+Rays = dict[str, np.ndarray]  # image (N,) int32, pixel (N,) int32, rgb (N, 3) uint8
+PieceReader = Callable[[int], Rays]
 
-def _to_tensors(rays: np.ndarray, pin: bool) -> dict[str, torch.Tensor]:
-    out = {"image": torch.from_numpy(rays["image"].astype(np.int32)),
-           "pixel": torch.from_numpy(rays["pixel"].astype(np.int32)),
-           "rgb": torch.from_numpy(np.ascontiguousarray(rays["rgb"]))}
+
+def memory_pieces(rays: Rays, piece_rays: int = 1 << 22) -> tuple[PieceReader, list[int]]:
+    """In-memory rays as pieces of at most `piece_rays`: a reader and the piece sizes."""
+    starts = list(range(0, len(rays["image"]), piece_rays))
+    counts = [min(piece_rays, len(rays["image"]) - s) for s in starts]
+    return (lambda k: {name: v[starts[k]:starts[k] + counts[k]] for name, v in rays.items()}), counts
+
+
+def _to_tensors(rays: Rays, pin: bool) -> dict[str, torch.Tensor]:
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rays.items()}
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
 class RayStream:
-    """Batches over chunk files (disk mode) or one in-memory array (memory mode)."""
+    """Batches over the pieces `read(k)` of sizes `counts`."""
 
-    def __init__(self, sources: list[Path | np.ndarray], counts: list[int], batch_size: int, seed: int,
-                 device: torch.device, piece_rays: int = 1 << 22) -> None:
-        self.sources = sources
-        self.pieces = [(k, start, min(start + piece_rays, count))  # (source, first ray, end)
-                       for k, count in enumerate(counts) for start in range(0, count, piece_rays)]
-        self.counts = [end - start for _, start, end in self.pieces]
+    def __init__(self, read: PieceReader, counts: list[int], batch_size: int, seed: int,
+                 device: torch.device) -> None:
+        self.read, self.counts = read, counts
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.epoch, self.offset = 0, 0
         self.wait_seconds = 0.0  # time the trainer spent blocked on data
         self.waits = 0  # batches that blocked on a piece load for over a millisecond
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._loaded: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (epoch, position) -> tensors
-        self._pending: dict[tuple[int, int], Future] = {}
+        self._pending: dict[tuple[int, int], Future] = {(0, 0): self._pool.submit(self._load, 0, 0)}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Go to a saved position (pieces already loading stay useful: a key fixes a piece's content)."""
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._loaded.clear()
-        self._pending.clear()
 
     def _order(self, epoch: int) -> np.ndarray:
         """The piece indices in the order epoch `epoch` visits them."""
@@ -60,11 +64,9 @@ class RayStream:
 
     def _load(self, epoch: int, position: int) -> dict[str, torch.Tensor]:
         k = int(self._order(epoch)[position])
-        source, start, end = self.pieces[k]
-        rays = self.sources[source]
-        rays = (rays if isinstance(rays, np.ndarray) else np.load(rays, mmap_mode="r"))[start:end]
-        rays = rays[np.random.default_rng([self.seed, epoch, k]).permutation(len(rays))]
-        return _to_tensors(rays, pin=self.device.type == "cuda")
+        rays = self.read(k)
+        order = np.random.default_rng([self.seed, epoch, k]).permutation(len(rays["image"]))
+        return _to_tensors({name: v[order] for name, v in rays.items()}, pin=self.device.type == "cuda")
 
     def _piece(self, position: int) -> dict[str, torch.Tensor]:
         """This epoch's piece at `position`, on the device; starts loading the one after it (next epoch's

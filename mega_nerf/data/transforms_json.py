@@ -131,7 +131,7 @@ def transforms_scene(path: str | os.PathLike, points_path: str | os.PathLike | N
     return SceneInput(names=unique_stems(relative), image_paths=paths,
                       c2w=np.stack([_c2w(f, f"{file}: frame {f['file_path']}") for f in frames]),
                       intrinsics=np.stack([c[1] for c in cams]), sizes=np.stack([c[0] for c in cams]),
-                      distortion=[c[2] for c in cams], points=xyz, colors=rgb)
+                      distortion=[c[2] for c in cams], points=xyz, colors=rgb, source="transforms.json")
 
 
 def convert_transforms(path: str | os.PathLike, output: str | os.PathLike, points_path: str | None = None,

@@ -1,7 +1,10 @@
 """Evaluate a container on the val images: render each whole, score its right half, write renders and metrics.
 
-Protocol (Mega-NeRF's, kept for comparable numbers): val images are trained on their left halves, so PSNR,
-SSIM and LPIPS are taken on their right halves only. Every printed table says so.
+Protocols (`--eval_protocol`, the same one training was given): Mega-NeRF's (the default, kept for comparable
+numbers) trains val images on their left halves, so PSNR, SSIM and LPIPS are taken on their right halves only,
+each rendered with its own appearance embedding; strict trains no pixel of a val image and scores it whole,
+rendered with the appearance embedding of the training image whose camera is nearest. Every printed table and
+metrics.json say which, and how SSIM and LPIPS were computed.
 
 Outputs under `--exp_name`: rgb/<name>.png, depth/<name>.png (colour-mapped, near bright), compare/<name>.png
 (ground truth | render | depth) and metrics.json (per image, and the mean over images).
@@ -9,12 +12,13 @@ Outputs under `--exp_name`: rgb/<name>.png, depth/<name>.png (colour-mapped, nea
 Distributed (`python -m torch.distributed.run --nproc_per_node N mega_nerf/eval.py ...`): the val images are
 sharded over ranks, each rank writes its own renders, rank 0 gathers the metrics and writes metrics.json. An
 image is rendered the same way whichever rank gets it (fixed ray chunks, no jitter), so the metrics do not
-depend on the world size. A rank that fails exits with its error and torchrun stops the others; waits
-between ranks end after `--timeout_minutes`.
+depend on the world size. A rank that fails posts its error and every other rank stops with it before its next
+image (mega_nerf.distributed); a rank that dies silently is waited for at most `--timeout_minutes`.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mega_nerf.data.dataset import Dataset, ImageMetadata, dataset_fingerprint, load_dataset
-from mega_nerf.distributed import cleanup, gather_objects, init_distributed, shard
+from mega_nerf.data.dataset import MEGA_NERF, STRICT, Dataset, ImageMetadata, dataset_fingerprint, load_dataset
+from mega_nerf.distributed import check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.lpips import LPIPS, load_lpips_nets
 from mega_nerf.evaluation.metrics import SSIM_WINDOW, image_metrics
@@ -33,9 +37,21 @@ from mega_nerf.io import write_json, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.render import default_chunk
 
-PROTOCOL = "metrics on the right half of each val image (its left half was trained on: Mega-NeRF's protocol)"
+PROTOCOL_TEXT = {
+    MEGA_NERF: "metrics on the right half of each val image (its left half was trained on: Mega-NeRF's protocol)",
+    STRICT: "metrics on each whole val image, no pixel of which was trained on (strict protocol)"}
+APPEARANCE_TEXT = {
+    MEGA_NERF: "each val image's own embedding, trained on its left half",
+    STRICT: "the embedding of the training image whose camera centre is nearest (the val image's own is untrained)"}
+IMPLEMENTATIONS = {
+    "ssim": "mega_nerf.evaluation.metrics.ssim: Wang et al. 2004, 11x11 Gaussian window (sigma 1.5), K1 0.01, "
+            "K2 0.03, data range 1, valid region, per channel, float64: the definition torchmetrics' "
+            "structural_similarity_index_measure (nerfstudio's SSIM) uses",
+    "lpips": "mega_nerf.evaluation.lpips: LPIPS v0.1 (Zhang et al. 2018), our torch code reading torchvision's "
+             "AlexNet / VGG16 weights and the lpips package's linear layers; inputs scaled to [-1, 1]"}
 METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
 TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metrics.json has them all)
+ImageHook = Callable[[int], None]
 
 
 @dataclass
@@ -43,6 +59,8 @@ class EvalJob:
     container: Container
     info: ContainerInfo
     images: list[ImageMetadata]  # the val images, in appearance-index order
+    appearance: dict[str, int]  # image name -> the appearance index it is rendered with
+    protocol: str  # dataset.PROTOCOLS
     output: Path
     ray_chunk: int
     lpips: dict[str, LPIPS | None]
@@ -74,8 +92,9 @@ class EvalConfig:
     container_path: str
     dataset_path: str
     exp_name: str  # output directory
-    val_scale_factor: int = 1
+    val_scale_factor: int = 4  # Mega-NeRF's default
     train_scale_factor: int = 1  # the scale the submodules were trained at (checks the container's dataset)
+    eval_protocol: str = MEGA_NERF  # which val pixels were trained and are scored (dataset.PROTOCOLS)
     lpips_weights_dir: str | None = None
     ray_chunk: int | None = None  # rays rendered at once; None: render.default_chunk for the device
     timeout_minutes: float = 10
@@ -89,24 +108,28 @@ def prepare(config: EvalConfig, device: torch.device) -> EvalJob:
         raise UserError(f"--ray_chunk must be at least 1, got {chunk}")
     container, info = load_container(config.container_path, device)
     dataset = load_checked_dataset(info, config.dataset_path, config.train_scale_factor, config.val_scale_factor)
+    protocol = config.eval_protocol
     for meta in dataset.val:
-        width = meta.W - meta.scored_columns.start
+        width = meta.W - meta.scored_columns_for(protocol).start
         if min(meta.H, width) < SSIM_WINDOW:
-            raise UserError(f"--val_scale_factor {config.val_scale_factor}: the right half of '{meta.name}' "
+            part = "the right half" if protocol == MEGA_NERF else "the whole"
+            raise UserError(f"--val_scale_factor {config.val_scale_factor}: {part} of '{meta.name}' "
                             f"({width}x{meta.H}) is under {SSIM_WINDOW} pixels a side (SSIM)")
     weights_dir = Path(config.lpips_weights_dir) if config.lpips_weights_dir else None
-    return EvalJob(container, info, dataset.val, Path(config.exp_name), chunk,
+    appearance = {m.name: dataset.appearance_for(m, protocol) for m in dataset.val}
+    return EvalJob(container, info, dataset.val, appearance, protocol, Path(config.exp_name), chunk,
                    load_lpips_nets(weights_dir, device), device)
 
 
 def evaluate_image(job: EvalJob, meta: ImageMetadata) -> dict[str, Any]:
-    """Render whole, score the right half, write rgb, depth and compare PNGs. Returns {index, name, metrics}."""
+    """Render whole, score the protocol's part, write rgb, depth and compare PNGs. Returns {index, name,
+    metrics}."""
     info = job.info
-    out = render_image(job.container, meta.c2w, meta.intrinsics, meta.W, meta.H, meta.index, info.bounds,
-                       info.render, job.ray_chunk)
+    out = render_image(job.container, meta.c2w, meta.intrinsics, meta.W, meta.H, job.appearance[meta.name],
+                       info.bounds, info.render, job.ray_chunk)
     gt = meta.load_rgb().to(job.device).float() / 255
     pred = out["rgb"].clamp(0, 1)
-    scored = meta.scored_columns
+    scored = meta.scored_columns_for(job.protocol)
     metrics = image_metrics(pred[:, scored], gt[:, scored], job.lpips)
     depth = colorize_depth(out["depth"], out["opacity"])
     rgb = to_uint8(pred)
@@ -123,9 +146,11 @@ def summarise(results: list[dict[str, Any]], config: EvalConfig) -> dict[str, An
     for key in METRICS:
         values = [r["metrics"][key] for r in results]
         mean[key] = None if any(v is None for v in values) else float(np.mean(values))
-    return {"protocol": PROTOCOL, "container": str(config.container_path), "dataset": str(config.dataset_path),
-            "val_scale_factor": config.val_scale_factor, "images": {r["name"]: r["metrics"] for r in results},
-            "mean": mean}
+    protocol = config.eval_protocol
+    return {"protocol": PROTOCOL_TEXT[protocol], "eval_protocol": protocol, "appearance": APPEARANCE_TEXT[protocol],
+            "implementations": IMPLEMENTATIONS, "container": str(config.container_path),
+            "dataset": str(config.dataset_path), "val_scale_factor": config.val_scale_factor,
+            "images": {r["name"]: r["metrics"] for r in results}, "mean": mean}
 
 
 def _cells(metrics: dict[str, float | None]) -> str:
@@ -146,7 +171,7 @@ def format_table(report: dict[str, Any]) -> str:
         rows = sorted(rows, key=lambda item: item[1]["psnr"])[:TABLE_ROWS]
         note = f"  ({TABLE_ROWS} worst of {len(images)} images by PSNR; all in metrics.json)"
     width = max(12, *(len(name) for name, _ in rows))
-    lines = [f"{len(images)} val images, {PROTOCOL}",
+    lines = [f"{len(images)} val images, {report['protocol']}; appearance: {report['appearance']}",
              f"{'image':<{width}}{'PSNR':>8}{'SSIM':>8}{'LPIPS-alex':>12}{'LPIPS-vgg':>12}{note}"]
     lines += [f"{name:<{width}}{_cells(m)}" for name, m in rows]
     lines.append(f"{'mean':<{width}}{_cells(report['mean'])}")
@@ -162,16 +187,22 @@ def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.d
     return line
 
 
-def evaluate(config: EvalConfig) -> dict[str, Any] | None:
-    """Run the evaluation on this rank's share of the val images. Returns the report on rank 0, else None."""
-    info = init_distributed(config.timeout_minutes)
-    try:
+def evaluate(config: EvalConfig, on_image: ImageHook | None = None) -> dict[str, Any] | None:
+    """Run the evaluation on this rank's share of the val images. Returns the report on rank 0, else None.
+    `on_image` is called with the number of images this rank has evaluated after each one (tests stop a rank
+    with it)."""
+    with distributed_job(config.timeout_minutes) as info:
         job = prepare(config, info.device)
         mine = shard(job.images, info)
         bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or not config.progress)
         start = time.perf_counter()
+        results = []
         with torch.no_grad():
-            results = [evaluate_image(job, meta) for meta in bar]
+            for meta in bar:
+                check_failures(info)  # another rank's error ends this one too
+                results.append(evaluate_image(job, meta))
+                if on_image is not None:
+                    on_image(len(results))
         seconds = time.perf_counter() - start
         gathered = gather_objects(results, info)
         if gathered is None:
@@ -182,6 +213,3 @@ def evaluate(config: EvalConfig) -> dict[str, Any] | None:
         print(throughput_line(mine, seconds, info.device))
         print(f"wrote {job.output / 'metrics.json'}")
         return report
-    finally:
-        cleanup(info)
-

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mega_nerf.bounds import box_exit, box_to_world, contract, contracted_position
+from mega_nerf.errors import UserError
 from mega_nerf.fields.background import Background
 
 
@@ -58,17 +59,48 @@ class BoxField(Field):
     """A field over an axis-aligned foreground box of the normalised world. Along `contracted` axes the world
     beyond the box is contracted into the field's domain (bounds.py); along the others density is zero outside.
     Field coordinates u lie in [0, 1]^3: the box fills [0, 1] on a plain axis and [1/4, 3/4] on a contracted one.
+
+    Appearance: each image's embedding enters the colour MLP (NeRF-W style) or, with `affine_appearance`
+    (Mega-NeRF's option of that name), maps through one linear layer to a 3x4 affine transform of the colour MLP's
+    output before its sigmoid, the MLP then seeing no embedding. The background always sees the embedding.
     """
 
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int,
-                 contracted: tuple[bool, bool, bool] | list[bool] = (False, False, False)) -> None:
+                 contracted: tuple[bool, bool, bool] | list[bool] = (False, False, False),
+                 affine_appearance: bool = False) -> None:
         super().__init__()
+        if affine_appearance and appearance_dim < 1:
+            raise UserError("--affine_appearance needs an appearance embedding (--appearance_dim of 1 or more)")
+        self.affine = nn.Linear(appearance_dim, 12) if affine_appearance else None
+        if self.affine is not None:  # the identity transform for every image at the start
+            nn.init.zeros_(self.affine.weight)
+            with torch.no_grad():
+                self.affine.bias.copy_(torch.eye(3, 4).flatten())
+        self.colour_code_dim = 0 if affine_appearance else appearance_dim  # embedding width the colour MLP sees
         self.register_buffer("box_min", torch.as_tensor(box_min, dtype=torch.float32).clone())
         self.register_buffer("box_max", torch.as_tensor(box_max, dtype=torch.float32).clone())
         self.register_buffer("contracted", torch.tensor(list(contracted), dtype=torch.bool), persistent=False)
         self.any_contracted = any(contracted)
         self.appearance = nn.Embedding(n_images, appearance_dim)
         self.bg = Background(appearance_dim)
+
+    def colour_code(self, appearance: torch.Tensor) -> torch.Tensor:
+        """The appearance input of the colour MLP for image indices (N,): (N, colour_code_dim)."""
+        if self.affine is not None:
+            return self.appearance.weight.new_zeros(appearance.shape[0], 0)
+        return self.appearance(appearance)
+
+    def finish_colour(self, logits: torch.Tensor, appearance: torch.Tensor,
+                      ray_of: torch.Tensor | None = None) -> torch.Tensor:
+        """Colour (N, 3) in [0, 1] from the colour MLP's output (N, 3): through the image's affine transform when
+        there is one, then a sigmoid. appearance: (N,), or (R,) per ray with ray_of (N,) giving each point's ray."""
+        logits = logits.float()
+        if self.affine is not None:
+            transform = self.affine(self.appearance(appearance)).float().view(-1, 3, 4)  # (N or R, 3, 4)
+            if ray_of is not None:
+                transform = transform[ray_of]
+            logits = (transform[:, :, :3] @ logits[:, :, None])[:, :, 0] + transform[:, :, 3]
+        return torch.sigmoid(logits)
 
     def to_box(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Field coordinates u (N, 3) and whether each point is in the field's domain (N,)."""

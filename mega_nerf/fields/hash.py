@@ -45,10 +45,12 @@ class HashField(BoxField):
                  hidden: int = 64, geo_features: int = 15, n_levels: int = 16, n_features: int = 2,
                  log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
                  occupancy_resolution: int = 128, occupancy_threshold: float = 0.0, occupancy_interval: int = 8,
-                 occupancy_warmup: int = 32, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3) -> None:
+                 occupancy_warmup: int = 32, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3,
+                 affine_appearance: bool = False) -> None:
         """occupancy_threshold: the density below which a cell counts as empty; occupancy_interval and
-        occupancy_warmup: steps between updates and before the first one; contracted: BoxField's."""
-        super().__init__(box_min, box_max, n_images, appearance_dim, contracted)
+        occupancy_warmup: steps between updates and before the first one; contracted, affine_appearance:
+        BoxField's."""
+        super().__init__(box_min, box_max, n_images, appearance_dim, contracted, affine_appearance)
         self.occupancy_threshold = occupancy_threshold
         self.occupancy_interval, self.occupancy_warmup = occupancy_interval, occupancy_warmup
         self.grid = HashGrid(n_levels, n_features, log2_table_size, base_resolution, max_resolution)
@@ -56,7 +58,7 @@ class HashField(BoxField):
                                          nn.Linear(hidden, 1 + geo_features))
         # The colour MLP's first layer, W [sh(d), geo, embedding] + b, split in two: the direction and appearance
         # part is the same for every sample of a ray, so it is computed once per ray.
-        self.color_ray = nn.Linear(16 + appearance_dim, hidden)
+        self.color_ray = nn.Linear(16 + self.colour_code_dim, hidden)
         self.color_geo = nn.Linear(geo_features, hidden, bias=False)
         self.color_net = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3))
         self.occupancy = OccupancyGrid(occupancy_resolution)
@@ -73,8 +75,8 @@ class HashField(BoxField):
 
     def fused(self, positions: torch.Tensor) -> bool:
         """Whether forward runs the fused inference kernel: on the GPU, without gradients, under a half
-        autocast (what the kernel reproduces), for widths it takes."""
-        return (mlp_triton.available(positions) and not torch.is_grad_enabled()
+        autocast (what the kernel reproduces), for widths it takes, without an affine appearance."""
+        return (self.affine is None and mlp_triton.available(positions) and not torch.is_grad_enabled()
                 and torch.is_autocast_enabled("cuda")
                 and mlp_triton.supported(self.grid.output_dim, self.color_geo.out_features,
                                          self.density_net[2].out_features))
@@ -82,7 +84,7 @@ class HashField(BoxField):
     def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
                 ray_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         u, inside = self.to_box(positions)
-        view = self.color_ray(torch.cat([spherical_harmonics(directions), self.appearance(appearance)], -1))
+        view = self.color_ray(torch.cat([spherical_harmonics(directions), self.colour_code(appearance)], -1))
         if self.fused(positions):
             if ray_of is None:
                 ray_of = torch.arange(positions.shape[0], device=positions.device)
@@ -90,9 +92,8 @@ class HashField(BoxField):
                                                 self.color_net, torch.get_autocast_dtype("cuda"))
             return trunc_exp(logit - 1.0) * inside, rgb
         density, geo = self.density_features(u)
-        if ray_of is not None:
-            view = view[ray_of]
-        rgb = torch.sigmoid(self.color_net(self.color_geo(geo) + view).float())
+        logits = self.color_net(self.color_geo(geo) + (view if ray_of is None else view[ray_of]))
+        rgb = self.finish_colour(logits, appearance, ray_of)
         return density * inside, rgb
 
     def occupied(self, positions: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,11 @@ class MLPField(BoxField):
 
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int = 48,
                  layers: int = 8, width: int = 256, skip: int = 4, position_frequencies: int = 12,
-                 direction_frequencies: int = 4, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3
-                 ) -> None:
-        super().__init__(box_min, box_max, n_images, appearance_dim, contracted)
+                 direction_frequencies: int = 4, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3,
+                 affine_appearance: bool = False) -> None:
+        """layers, width, position_frequencies, direction_frequencies: Mega-NeRF's --layers, --layer_dim,
+        --pos_xyz_dim, --pos_dir_dim; contracted, affine_appearance: BoxField's."""
+        super().__init__(box_min, box_max, n_images, appearance_dim, contracted, affine_appearance)
         self.position_frequencies, self.direction_frequencies, self.skip = (
             position_frequencies, direction_frequencies, skip)
         pos_dim, dir_dim = 3 * (1 + 2 * position_frequencies), 3 * (1 + 2 * direction_frequencies)
@@ -28,7 +30,7 @@ class MLPField(BoxField):
             nn.Linear(pos_dim if i == 0 else width + (pos_dim if i == skip else 0), width) for i in range(layers))
         self.sigma = nn.Linear(width, 1)
         self.feature = nn.Linear(width, width)
-        self.color = nn.Sequential(nn.Linear(width + dir_dim + appearance_dim, width // 2), nn.ReLU(),
+        self.color = nn.Sequential(nn.Linear(width + dir_dim + self.colour_code_dim, width // 2), nn.ReLU(),
                                    nn.Linear(width // 2, 3))
 
     def train_bytes_per_sample(self) -> int:
@@ -47,7 +49,8 @@ class MLPField(BoxField):
             h = F.relu(layer(torch.cat([h, x], -1) if i == self.skip else h))
         density = F.softplus(self.sigma(h).float()[:, 0] - 1.0)  # shifted softplus (Mip-NeRF 360 / Mega-NeRF)
         d = positional_encoding(directions, self.direction_frequencies)
-        rgb = torch.sigmoid(self.color(torch.cat([self.feature(h), d, self.appearance(appearance)], -1)).float())
+        rgb = self.finish_colour(self.color(torch.cat([self.feature(h), d, self.colour_code(appearance)], -1)),
+                                 appearance)
         return density * inside, rgb
 
     def occupied(self, positions: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ samples belongs to. The merged container routes points with the same `cell_membe
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -26,7 +27,10 @@ from mega_nerf.bounds import FOREGROUND_SCALE, box_exit, contracted_axes, contra
 from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.errors import UserError
 from mega_nerf.io import load_torch, save_torch_atomic
+from mega_nerf.partition.exact import DEFAULT_ARCS, arc_membership, segment_membership
 from mega_nerf.rays import near_far, rays_from_pixels
+
+EXACT = 0  # `ray_samples` of the exact rule (partition.exact); a positive count is Mega-NeRF's sampled rule
 
 
 def parse_grid_dim(values: list[str] | None) -> tuple[int, int]:
@@ -117,15 +121,35 @@ def ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor
     return member
 
 
+def exact_ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor, split: torch.Tensor,
+                         far: torch.Tensor, centroids: torch.Tensor, boundary_margin: float, cluster_2d: bool,
+                         dist_chunk: int, place: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """(N, K) bool without sampling (partition.exact): exact over the straight part [near, split], conservative
+    over the routed remainder [split, far] (only with `place`). Rays go in blocks of about `dist_chunk`
+    point-centroid distances."""
+    K = centroids.shape[0]
+    rows = max(1, dist_chunk // (K * max(K, 2 * DEFAULT_ARCS)))
+    member = torch.empty(origins.shape[0], K, dtype=torch.bool, device=origins.device)
+    for r in range(0, origins.shape[0], rows):
+        o, d, n, s, f = (x[r:r + rows] for x in (origins, dirs, near, split, far))
+        block = segment_membership(o, d, n, s, centroids, boundary_margin, cluster_2d, place)
+        if place is not None:
+            block |= arc_membership(o, d, s, f, centroids, boundary_margin, cluster_2d, place)
+        member[r:r + rows] = block
+    return member
+
+
 def image_membership(image: ImageMetadata, params: PartitionParams, device: torch.device,
                      ray_chunk: int = 1 << 16, dist_chunk: int = 1 << 18) -> torch.Tensor:
     """(H, W, K) bool on the CPU: the cells each pixel's ray belongs to.
 
     Rays are made `ray_chunk` pixels at a time (row-major, as `image_rays`), bounded to [near, far] and the
-    altitude slab. With a foreground box (params.foreground()), `ray_samples` evenly spaced points cover the
-    ray's part inside it and a quarter as many, evenly spaced in 1 / t, the part beyond, each routed where the
-    container routes it (pulled in by the contraction where beyond the box: bounds.contracted_position). A
-    pixel's result never depends on the chunk it came in, so any sharding gives the same bits.
+    altitude slab. With a foreground box (params.foreground()), the ray's part inside it is taken as it is and
+    the part beyond routed where the container routes it (pulled in by the contraction:
+    bounds.contracted_position). `params.ray_samples` EXACT (0) answers without sampling (partition.exact);
+    a positive count samples as Mega-NeRF does: that many evenly spaced points over the part inside the box and
+    a quarter as many, evenly spaced in 1 / t, beyond. A pixel's result never depends on the chunk it came in,
+    so any sharding gives the same bits.
     """
     assert params.boundary_margin is not None and params.ray_samples is not None
     c2w, intrinsics = image.c2w.to(device), image.intrinsics.to(device)
@@ -134,6 +158,7 @@ def image_membership(image: ImageMetadata, params: PartitionParams, device: torc
     axes = torch.tensor(contracted_axes(params.ray_altitude_range), device=device)
     place = None if box is None else partial(contracted_position, box_min=box[0].to(device),
                                              box_max=box[1].to(device), contracted=axes)
+    rule = (params.boundary_margin, params.cluster_2d, dist_chunk)
     out = torch.empty(image.H * image.W, params.num_cells, dtype=torch.bool)
     for start in range(0, image.H * image.W, ray_chunk):
         pix = torch.arange(start, min(start + ray_chunk, image.H * image.W), device=device)
@@ -141,11 +166,13 @@ def image_membership(image: ImageMetadata, params: PartitionParams, device: torc
                                          torch.div(pix, image.W, rounding_mode="floor"))
         near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
         split = far if box is None else torch.minimum(far, box_exit(origins, dirs, *box)).clamp_min(near)
-        member = ray_membership(origins, dirs, near, split, centroids, params.ray_samples,
-                                params.boundary_margin, params.cluster_2d, dist_chunk, place)
-        if place is not None:
-            member |= ray_membership(origins, dirs, split, far, centroids, max(2, params.ray_samples // 4),
-                                     params.boundary_margin, params.cluster_2d, dist_chunk, place, disparity=True)
+        if params.ray_samples == EXACT:
+            member = exact_ray_membership(origins, dirs, near, split, far, centroids, *rule, place)
+        else:
+            member = ray_membership(origins, dirs, near, split, centroids, params.ray_samples, *rule, place)
+            if place is not None:
+                member |= ray_membership(origins, dirs, split, far, centroids, max(2, params.ray_samples // 4),
+                                         *rule, place, disparity=True)
         out[start:start + pix.shape[0]] = member.cpu()
     return out.view(image.H, image.W, -1)
 
@@ -173,6 +200,7 @@ class PartitionParams:
     ray_samples: int | None = None
     image_sizes: dict[str, tuple[int, int]] | None = None
     foreground_scale: float | None = None  # None (older files): rays are not clipped to the foreground box
+    fingerprint: str | None = None  # partition_fingerprint of the dataset; None in older files
 
     def foreground(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The foreground box (bounds.foreground_box) the fields of this partition share, or None."""
@@ -199,7 +227,8 @@ class PartitionParams:
         return [f.name for f in fields(self) if not same(getattr(self, f.name), getattr(other, f.name))]
 
     def check_dataset(self, dataset: Dataset, source: Path) -> None:
-        """UserError when `source` (this params file) was made from another dataset (names or sizes)."""
+        """UserError when `source` (this params file) was made from another dataset: names or sizes, or (files
+        that record it) poses. `dataset` may be loaded at any scale."""
         if self.image_sizes is None:
             return
         sizes = dataset_image_sizes(dataset)
@@ -207,6 +236,15 @@ class PartitionParams:
             odd = sorted(set(sizes.items()) ^ set(self.image_sizes.items()))
             raise UserError(f"{source}: made from another dataset than {dataset.path} "
                             f"({len(odd)} image names or sizes differ, e.g. '{odd[0][0]}')")
+        if self.fingerprint is not None and self.fingerprint != partition_fingerprint(dataset):
+            raise UserError(f"{source}: made from another dataset than {dataset.path} (same image names and "
+                            "sizes, other poses); partition this dataset")
+
+    def check_cell(self, cell: str, source: Path) -> int:
+        """Cell `cell` (a mask folder's name) as an index; UserError when this partition has no such cell."""
+        if not cell.isdigit() or int(cell) >= self.num_cells:
+            raise UserError(f"{source}: the partition there has cells 0-{self.num_cells - 1}, not '{cell}'")
+        return int(cell)
 
 
 def make_params(dataset: Dataset, grid_dim: tuple[int, int], near: float, far: float,
@@ -222,12 +260,36 @@ def make_params(dataset: Dataset, grid_dim: tuple[int, int], near: float, far: f
         centroids=grid_centroids(positions, grid_dim, sum(altitude_range) / 2),
         min_position=positions.min(0).values, max_position=positions.max(0).values,
         cluster_2d=bool(cluster_2d), boundary_margin=float(boundary_margin), ray_samples=int(ray_samples),
-        image_sizes=dataset_image_sizes(dataset), foreground_scale=foreground_scale)
+        image_sizes=dataset_image_sizes(dataset), foreground_scale=foreground_scale,
+        fingerprint=partition_fingerprint(dataset))
 
 
 def dataset_image_sizes(dataset: Dataset) -> dict[str, tuple[int, int]]:
-    """The dataset fingerprint: image stem -> (H, W), sorted by stem."""
-    return {m.name: (m.H, m.W) for m in sorted(dataset.images, key=lambda m: m.name)}
+    """A readable dataset fingerprint: image stem -> full-scale (H, W), sorted by stem."""
+    return {m.name: (m.H * m.scale_factor, m.W * m.scale_factor) for m in sorted(dataset.images, key=lambda m: m.name)}
+
+
+def partition_fingerprint(dataset: Dataset) -> str:
+    """SHA-1 over every image's name, split, full-scale size and pose (c2w as stored): what masks depend on, and
+    the same at any --train_scale_factor, so that masks of another dataset with the same names and sizes are
+    refused (data.dataset.dataset_fingerprint differs between scales)."""
+    h = hashlib.sha1()
+    for m in dataset.images:
+        h.update(f"{m.name}/{m.split}/{m.W * m.scale_factor}/{m.H * m.scale_factor}".encode())
+        h.update(m.c2w.numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_cell_masks(mask_dir: Path, dataset: Dataset) -> int | None:
+    """The cell index of a training run's mask folder `<masks>/<k>`, after checking that the partition in
+    `<masks>/params.pt` was made from `dataset` and has cell k (one-line UserErrors). None when the folder has no
+    params.pt beside it (loose masks: their sizes are still checked as they are read)."""
+    file = mask_dir.parent / "params.pt"
+    if not file.is_file():
+        return None
+    params = load_params(file)
+    params.check_dataset(dataset, file)
+    return params.check_cell(mask_dir.name, mask_dir)
 
 
 def _pair(value: object, cast: type) -> tuple:
@@ -269,7 +331,8 @@ def load_params(path: str | os.PathLike) -> PartitionParams:
             boundary_margin=None if data.get("boundary_margin") is None else float(data["boundary_margin"]),
             ray_samples=None if data.get("ray_samples") is None else int(data["ray_samples"]),
             image_sizes=None if sizes is None else {str(k): _pair(v, int) for k, v in sizes.items()},
-            foreground_scale=None if data.get("foreground_scale") is None else float(data["foreground_scale"]))
+            foreground_scale=None if data.get("foreground_scale") is None else float(data["foreground_scale"]),
+            fingerprint=None if data.get("fingerprint") is None else str(data["fingerprint"]))
     except (ValueError, TypeError, LookupError, RuntimeError, AttributeError) as e:  # a value of the wrong kind
         raise UserError(f"{file}: not a valid partition params file ({type(e).__name__}: {e})") from None
     if math.prod(params.grid_dim) != params.num_cells:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.data.dataset import Dataset, ImageMetadata
-from mega_nerf.distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, shard
+from mega_nerf.distributed import DistInfo, barrier, check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
 from mega_nerf.io import write_bgr, write_json
 from mega_nerf.partition.cells import (
@@ -35,6 +37,8 @@ from mega_nerf.partition.maskfile import (
 )
 
 ImageHook = Callable[[int], None]
+WRITERS = 8  # threads compressing and writing masks (zlib and fsync release the GIL)
+WRITE_QUEUE = 16  # images computed but not yet written, at most
 
 
 @dataclass
@@ -53,11 +57,10 @@ class MaskJob:
 
 def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None) -> dict | None:
     """Write every train and val image's mask for every cell, each rank on its share of the images still to
-    do, then check that every mask exists. Rank 0 writes params.pt first and the report last, and returns
-    the report. Sharding what is left (not all images) keeps ranks in step when resuming, so no rank waits
-    at a barrier for longer than about one image takes."""
-    info = init_distributed(job.timeout_minutes)
-    try:
+    do, then check that every mask exists (each rank its share). Rank 0 writes params.pt first and the report
+    last, and returns the report. Sharding what is left (not all images) keeps ranks in step when resuming, so
+    no rank waits at a barrier for longer than about one image takes."""
+    with distributed_job(job.timeout_minutes) as info:
         _prepare_output(job, info)
         done = [m for m in job.dataset.images if job.resume and _complete(job, m)]
         done_names = {m.name for m in done}
@@ -68,17 +71,17 @@ def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None) -> dic
             counts += _read_masks(job, image).flatten(0, 1).sum(0)
             rays += image.H * image.W
         barrier(info)
-        problems = missing_masks(job.output, job.params.image_sizes, job.params.num_cells)
+        sizes = dict(shard(sorted(job.params.image_sizes.items()), info))
+        problems = missing_masks(job.output, sizes, job.params.num_cells)
+        gathered = gather_objects((counts.tolist(), rays, problems), info)
+        if gathered is None:
+            return None
+        problems = [p for _, _, rank_problems in gathered for p in rank_problems]
         if problems:
             raise UserError(f"{job.output}: {len(problems)} masks missing or wrong after the run, "
                             f"e.g. {problems[0]}")
-        gathered = gather_objects((counts.tolist(), rays), info)
-        if gathered is None:
-            return None
-        return write_report(job, [sum(c[k] for c, _ in gathered) for k in range(job.params.num_cells)],
-                            sum(r for _, r in gathered))
-    finally:
-        cleanup(info)
+        return write_report(job, [sum(c[k] for c, _, _ in gathered) for k in range(job.params.num_cells)],
+                            sum(r for _, r, _ in gathered))
 
 
 def _prepare_output(job: MaskJob, info: DistInfo) -> None:
@@ -124,23 +127,46 @@ def _read_masks(job: MaskJob, image: ImageMetadata) -> torch.Tensor:
                         for k in range(job.params.num_cells)], -1)
 
 
+def _write_image_masks(job: MaskJob, image: ImageMetadata, member: torch.Tensor) -> torch.Tensor:
+    """Write one image's K masks (member: (H, W, K) bool); returns its rays per cell (K,)."""
+    for k in range(job.params.num_cells):
+        write_mask(job.output / str(k) / f"{image.name}{SUFFIX}", member[..., k])
+    return member.flatten(0, 1).sum(0)
+
+
 def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_image: ImageHook | None
                  ) -> tuple[torch.Tensor, int]:
     """Compute and write the masks of `images`; returns rays per cell (K,) and rays in all, for the report.
-    `on_image` is called with the number of images written after each one (tests stop a run with it)."""
+    Masks are compressed and written (each file fsynced) by a pool of threads while the next image is computed;
+    at most WRITE_QUEUE images wait. `on_image` is called with the number of images written after each one, in
+    order (tests stop a run with it)."""
     # About 1 MiB per (points, cells) tensor stays in a CPU's cache; a GPU wants large launches.
     dist_chunk = job.dist_chunk or (1 << 24 if info.device.type == "cuda" else 1 << 18)
     counts = torch.zeros(job.params.num_cells, dtype=torch.int64)
-    rays = 0
-    bar = tqdm(images, desc="cluster masks", unit="image", disable=not (info.is_main and job.progress))
-    for written, image in enumerate(bar, 1):
-        member = image_membership(image, job.params, info.device, job.ray_chunk, dist_chunk)
-        for k in range(job.params.num_cells):
-            write_mask(job.output / str(k) / f"{image.name}{SUFFIX}", member[..., k])
-        counts += member.flatten(0, 1).sum(0)
-        rays += image.H * image.W
+    rays, written = 0, 0
+    pending: deque[Future] = deque()
+
+    def finish_one() -> None:
+        nonlocal counts, written
+        counts += pending.popleft().result()
+        written += 1
         if on_image is not None:
             on_image(written)
+    bar = tqdm(images, desc="cluster masks", unit="image", disable=not (info.is_main and job.progress))
+    with ThreadPoolExecutor(WRITERS) as pool:
+        try:
+            for image in bar:
+                check_failures(info)  # another rank's error ends this one too
+                member = image_membership(image, job.params, info.device, job.ray_chunk, dist_chunk)
+                pending.append(pool.submit(_write_image_masks, job, image, member))
+                rays += image.H * image.W
+                while len(pending) > WRITE_QUEUE or (pending and pending[0].done()):
+                    finish_one()
+            while pending:
+                finish_one()
+        finally:
+            for future in pending:
+                future.cancel()
     return counts, rays
 
 

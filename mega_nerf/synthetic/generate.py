@@ -220,6 +220,7 @@ def generate_city(output: Path | str, preset: str = "tiny", seed: int = 0, devic
     atomic_write(output / "config.yaml", (
         f"# The synthetic city '{preset}' (seed {seed}), written by mega_nerf.synthetic.generate_city\n"
         f"dataset_path: {json.dumps(str(output))}\n"
-        f"ray_altitude_range: {json.dumps(summary['ray_altitude_range'])}\n").encode())
+        f"ray_altitude_range: {json.dumps(summary['ray_altitude_range'])}\n"
+        "val_scale_factor: 1  # small images, evaluated at full scale (Mega-NeRF's default is 4)\n").encode())
     write_coordinates(output, torch.as_tensor(origin), scale)  # last: a killed run leaves no loadable dataset
     return summary

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from mega_nerf.bounds import FOREGROUND_SCALE
+from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import UserError
 from mega_nerf.fields import FIELDS
 
@@ -20,7 +21,8 @@ class TrainConfig:
     chunk_paths: tuple[str, ...] = ()  # directories for the shuffled ray chunks (data_mode disk)
     cluster_mask_path: str | None = None  # this cell's mask directory; None trains on every ray
     data_mode: str = "disk"  # disk: stream shuffled chunks; memory: every ray in RAM
-    chunk_rays: int = 2 ** 26
+    chunk_rays: int = 2 ** 22  # rays per chunk, which is also what the stream loads at once
+    image_store: str | None = None  # the shared decoded images; None: image_store/ beside the first chunk path
     train_scale_factor: int = 1
     # scene bounds (real-world units)
     near: float = 1.0
@@ -36,6 +38,12 @@ class TrainConfig:
     occupancy_resolution: int = 128
     occupancy_interval: int = 8
     occupancy_warmup: int = 32
+    affine_appearance: bool = False  # appearance as a per-image affine colour transform (fields/base.py)
+    # Mega-NeRF's network sizes, for the mlp field (None: its 8 layers of 256, 12 position, 4 direction frequencies)
+    layers: int | None = None
+    layer_dim: int | None = None
+    pos_xyz_dim: int | None = None
+    pos_dir_dim: int | None = None
     # optimisation (None: the field's own default, its Field.train_defaults)
     batch_size: int | None = None  # rays per optimiser step
     micro_batch: int | None = None  # rays per forward/backward pass (None: what fits the device, see Trainer)
@@ -48,6 +56,10 @@ class TrainConfig:
     samples: int | None = None
     fine_samples: int | None = None
     bg_samples: int = 32  # samples beyond the foreground box, in contracted space
+    amp: bool = True  # training steps on a GPU under a bfloat16 autocast
+    ckpt_path: str | None = None  # a checkpoint to start from when exp_name holds none
+    # which val pixels train: Mega-NeRF's protocol (left halves) or strict (none); data/dataset.PROTOCOLS
+    eval_protocol: str = MEGA_NERF
     # bookkeeping
     ckpt_interval: int = 2000
     val_interval: int = 5000
@@ -58,7 +70,11 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        """Fill what the user left unset: the device (cuda when available) and the field's own defaults for it."""
+        """Check the protocol and field, and fill what the user left unset: the device (cuda when available) and
+        the field's own defaults for it."""
+        if self.eval_protocol not in PROTOCOLS:
+            raise UserError(f"--eval_protocol: unknown protocol '{self.eval_protocol}' (choose from "
+                            f"{', '.join(PROTOCOLS)})")
         if self.field not in FIELDS:
             raise UserError(f"--field: unknown field '{self.field}' (choose from {', '.join(FIELDS)})")
         if self.device is None:

@@ -7,12 +7,14 @@ from pathlib import Path
 from mega_nerf.io import atomic_write, write_error
 
 
-def _step_of(line: str) -> int | None:
-    """The step of one log line; None for a line a killed run left half-written."""
+def _kept(line: str, start_step: int) -> bool:
+    """Whether a line of an earlier run stays: a whole JSON object, either a record (no step) or a step's
+    scalars up to `start_step`; a line a killed run left half-written does not."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+        values = json.loads(line)
+        return isinstance(values, dict) and int(values.get("step", 0)) <= start_step
+    except (ValueError, TypeError):
+        return False
 
 
 class Logger:
@@ -20,11 +22,11 @@ class Logger:
 
     def __init__(self, exp_dir: Path, start_step: int = 0) -> None:
         """start_step: the step the run starts (or resumes) from. What a killed run logged after it (the steps
-        between its last checkpoint and the kill) is dropped, so that each step appears once."""
+        between its last checkpoint and the kill) is dropped, so that each step appears once; records stay."""
         self.path = exp_dir / "log.jsonl"
         if self.path.is_file():
             lines = self.path.read_text(errors="replace").splitlines()
-            kept = [line for line in lines if (step := _step_of(line)) is not None and step <= start_step]
+            kept = [line for line in lines if _kept(line, start_step)]
             atomic_write(self.path, "".join(line + "\n" for line in kept).encode())
         self.file = open(self.path, "a")
         try:
@@ -33,15 +35,22 @@ class Logger:
         except ImportError:
             self.tb = None
 
-    def scalars(self, step: int, **values: float) -> None:
+    def _write(self, values: dict) -> None:
         try:
-            self.file.write(json.dumps({"step": step, **values}) + "\n")
+            self.file.write(json.dumps(values) + "\n")
             self.file.flush()
         except OSError as e:
             raise write_error(self.path, e) from None
+
+    def scalars(self, step: int, **values: float) -> None:
+        self._write({"step": step, **values})
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
+
+    def record(self, **values: object) -> None:
+        """One line of plain values that are not per-step scalars (e.g. the start-up breakdown)."""
+        self._write(values)
 
     def close(self) -> None:
         self.file.close()

@@ -7,8 +7,10 @@ the latest one and ends bit-equal (on the CPU) to an uninterrupted run.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,25 +20,19 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.bounds import contracted_axes, foreground_box, mean_segment
-from mega_nerf.data.chunks import (
-    MANIFEST,
-    Manifest,
-    dataset_fingerprint,
-    gather_in_memory,
-    prepare_chunks,
-    ray_dtype,
-    training_mask,
-)
-from mega_nerf.data.dataset import load_dataset
-from mega_nerf.data.stream import RayStream
+from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
+from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
+from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
-from mega_nerf.io import check_free_space, save_torch_atomic, write_error
+from mega_nerf.io import save_torch_atomic
+from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
 from mega_nerf.render import RenderConfig, render_rays
 from mega_nerf.training import checkpoint as ckpt
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.log import Logger
+from mega_nerf.training.startup import StartupClock
 from mega_nerf.training.validation import validate
 
 StepHook = Callable[[int], None]
@@ -58,30 +54,56 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
                            "n_images": n_images, "contracted": contracted}
     if config.appearance_dim is not None:
         cfg["appearance_dim"] = config.appearance_dim
+    if config.affine_appearance:
+        cfg["affine_appearance"] = True
     if config.field == "hash":
         cfg.update(n_levels=config.hash_levels, log2_table_size=config.log2_hashmap_size,
                    max_resolution=config.max_resolution, occupancy_resolution=config.occupancy_resolution,
                    occupancy_threshold=occupancy_threshold, occupancy_interval=config.occupancy_interval,
                    occupancy_warmup=config.occupancy_warmup)
+    if config.field == "mlp":
+        sizes = {"layers": config.layers, "width": config.layer_dim, "position_frequencies": config.pos_xyz_dim,
+                 "direction_frequencies": config.pos_dir_dim}
+        cfg.update({k: v for k, v in sizes.items() if v is not None})
     return cfg
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, on_step: StepHook | None = None) -> None:
+    def __init__(self, config: TrainConfig, on_step: StepHook | None = None, started: float | None = None) -> None:
         """config: the run; on_step: called after every optimiser step with the step number (tests use it to
-        stop a run abruptly)."""
+        stop a run abruptly); started: when the process started (the command line passes it, so that the
+        start-up breakdown counts imports), else start-up is timed from here."""
+        self.clock = StartupClock(started)
+        if started is not None:
+            self.clock.mark("imports")
+        # torch.optim's first optimiser imports torch._dynamo (seconds); begin it now, beside the device and data.
+        threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
         if config.data_mode == "disk" and not config.chunk_paths:
             raise UserError("missing option --chunk_paths")
         self.config, self.on_step = config, on_step
-        self.device = torch.device(config.device)
+        self.device = torch.device(config.device)  # resolved by TrainConfig
+        if self.device.type == "cuda":
+            torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it
+            torch.cuda.synchronize(self.device)
+        self.clock.mark("device init")
         self.exp_dir = Path(config.exp_name)
         self.dataset = load_dataset(config.dataset_path, config.train_scale_factor)
+        self.bounds = SceneBounds.from_real(config.near, config.far, config.ray_altitude_range,
+                                           self.dataset.coordinates)
+        if self.bounds.altitude is None:
+            print("warning: no --ray_altitude_range: rays are not clipped to the scene's altitude slab, and the "
+                  "foreground box's height is guessed from the cameras (bounds.foreground_box); give [top, ground] "
+                  "in real down-coordinates (the converters estimate it from sparse points; preview_dataset.py "
+                  "draws it)", file=sys.stderr)
+        self.cameras = Cameras.from_dataset(self.dataset)
+        self.clock.mark("dataset")
         self.mask_dir = Path(config.cluster_mask_path) if config.cluster_mask_path else None
         if self.mask_dir is not None and not self.mask_dir.is_dir():
             raise UserError(f"--cluster_mask_path: {self.mask_dir} is not a directory")
-        self.bounds = SceneBounds.from_real(config.near, config.far, config.ray_altitude_range,
-                                           self.dataset.coordinates)
-        self.cameras = Cameras.from_dataset(self.dataset)
+        if self.mask_dir is not None:
+            check_cell_masks(self.mask_dir, self.dataset)
+        self.masks = masks_fingerprint(self.mask_dir)
+        self.clock.mark("masks")
         box = foreground_box(self.cameras.c2w[:, :, 3], self.bounds.altitude, config.foreground_scale)
         segment = mean_segment(self.cameras, self.bounds, box)
         self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
@@ -104,11 +126,14 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.step = 0
+        self.clock.mark("model")
 
     def validate(self) -> dict[str, float]:
-        """Validation at the current step on the first `val_images` val images (training.validation)."""
-        return validate(self.field, self.dataset.val[: self.config.val_images], self.mask_dir, self.bounds,
-                        self.render_config, self.exp_dir / "val", self.step)
+        """Validation at the current step on the first `val_images` val images (training.validation), scored
+        and rendered as the evaluation protocol says."""
+        images, protocol = self.dataset.val[: self.config.val_images], self.config.eval_protocol
+        return validate(self.field, images, self.mask_dir, self.bounds, self.render_config, self.exp_dir / "val",
+                        self.step, protocol, [self.dataset.appearance_for(m, protocol) for m in images])
 
     def lr_at(self, step: int) -> float:
         """lr * decay_factor ** (epochs / lr_decay_epochs), epochs counted in the cell's rays; with
@@ -151,48 +176,32 @@ class Trainer:
         """The cell's rays as a stream; None when the cell has no rays."""
         a = self.config
         if a.data_mode == "memory":
-            rays = gather_in_memory(self.dataset, self.mask_dir, a.seed)
-            sources, counts = [rays], [len(rays)]
+            read, counts = memory_pieces(gather_in_memory(self.dataset, self.mask_dir, a.seed, a.eval_protocol))
+            self.clock.mark("rays in memory")
         else:
             paths = [Path(p) for p in a.chunk_paths]
-            manifest = self._chunks(paths)
-            sources = [paths[d] / name for d, name, _ in manifest.chunks]
-            counts = [c for _, _, c in manifest.chunks]
+            store = Path(a.image_store) if a.image_store else None
+            reused = (paths[0] / "manifest.json").is_file()
+            manifest = prepare_chunks(self.dataset, self.mask_dir, paths, a.chunk_rays, a.seed, store,
+                                      masks=self.masks, protocol=a.eval_protocol)
+            read = ChunkReader(manifest, paths, self.dataset, store)
+            counts = read.counts
+            self.clock.mark("chunks", "reused" if reused else f"written, {manifest.count:,} rays")
         total = sum(counts)
         if total == 0:
             return None
         if a.batch_size > total:
             raise UserError(f"--batch_size {a.batch_size} is larger than the {total} rays in this cell")
         self._plan(total)
-        return RayStream(sources, counts, a.batch_size, a.seed, self.device)
-
-    def _chunks(self, paths: list[Path]) -> Manifest:
-        """prepare_chunks, with the disk checked before a first write (each directory takes its share of the
-        chunks plus one chunk while its bucket file still exists) and any failure removing the bucket files."""
-        a, need = self.config, 0
-        if not (paths[0] / MANIFEST).is_file():
-            count = sum(int(training_mask(m, self.mask_dir).sum()) for m in self.dataset.images)
-            chunk_bytes = min(count, a.chunk_rays) * ray_dtype(len(self.dataset.images)).itemsize
-            per_dir = math.ceil(max(1, math.ceil(count / a.chunk_rays)) / len(paths))  # round-robin
-            need = (per_dir + 1) * chunk_bytes
-            for p in paths:
-                check_free_space(p / "chunk", need)
-        try:
-            return prepare_chunks(self.dataset, self.mask_dir, paths, a.chunk_rays, a.seed, progress=a.progress)
-        except BaseException as e:
-            for p in paths:
-                for bucket in p.glob("*.bucket"):
-                    bucket.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise write_error(e.filename or paths[0], e, need) from None
-            raise
+        return RayStream(read, counts, a.batch_size, a.seed, self.device)
 
     def state(self, stream: RayStream | None, empty: bool = False) -> dict[str, Any]:
         return {"version": ckpt.VERSION, "step": self.step, "field_config": self.field_config,
                 "model": self.field.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "stream": stream.state_dict() if stream else {}, "rng": ckpt.rng_state(self.generator),
                 "dataset": dataset_fingerprint(self.dataset), "empty": empty,
-                "cell": self.mask_dir.name if self.mask_dir else None,
+                "cell": self.mask_dir.name if self.mask_dir else None, "masks": self.masks,
+                "eval_protocol": self.config.eval_protocol,
                 "render": {"samples": self.config.samples, "fine_samples": self.config.fine_samples,
                            "bg_samples": self.config.bg_samples},
                 "scene": {"near": self.bounds.near, "far": self.bounds.far,
@@ -204,12 +213,23 @@ class Trainer:
         return path
 
     def resume(self, stream: RayStream) -> Path | None:
+        """Continue from the latest checkpoint in exp_name or, when it holds none, from --ckpt_path."""
         path = ckpt.latest_checkpoint(self.exp_dir)
+        if path is None and self.config.ckpt_path:
+            path = Path(self.config.ckpt_path)
+            if not path.is_file():
+                raise UserError(f"--ckpt_path: {path} is not a file")
         if path is None:
             return None
         state = ckpt.load_checkpoint(path, self.device)
         if state["dataset"] != dataset_fingerprint(self.dataset) or state["field_config"] != self.field_config:
             raise UserError(f"{path}: checkpoint of another dataset or field; use another --exp_name")
+        cell = self.mask_dir.name if self.mask_dir else None
+        if state["cell"] != cell or state.get("masks", self.masks) != self.masks:
+            given = f"cell {cell}" if cell else "no masks"
+            raise UserError(f"{path}: checkpoint trained on cell {state['cell']}'s masks, but --cluster_mask_path "
+                            f"gives {given}{' with other masks' if state['cell'] == cell else ''}; use another "
+                            "--exp_name or the masks it was trained with")
         self.field.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
@@ -224,7 +244,7 @@ class Trainer:
         the fine-pass MSE and the samples shaded (device tensors, no sync)."""
         origins, dirs = self.cameras.rays(image, pixel)
         near, far = self.bounds.clip(origins, dirs)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.amp):
             out = render_rays(self.field, origins, dirs, near, far, image, self.render_config, self.generator)
         scale = 1.0 / (3 * batch)  # 3 channels per ray
         mse = ((out["rgb"] - rgb) ** 2).sum() * scale
@@ -251,6 +271,23 @@ class Trainer:
         self.field.after_step(self.step, self.generator)
         return loss.detach(), mse.detach()
 
+    def _time_first_steps(self, steps: int, loss: torch.Tensor, stream: RayStream, log: Logger) -> None:
+        """Start-up parts of the first two steps: the first step, less the wait for its data and less a second
+        step's time, is kernel compilation (and other first-call costs); logged after the second."""
+        float(loss)  # waits for the device
+        if steps == 1:
+            self.clock.mark("first step")
+            self.clock.split("first step", "first data", stream.wait_seconds)
+            self._step_started = time.time()
+        else:
+            second = time.time() - self._step_started
+            self.clock.split("first step", "kernel compilation", self.clock.parts["first step"] - second)
+            self._log_startup(log)
+
+    def _log_startup(self, log: Logger) -> None:
+        print(self.clock.summary(), flush=True)
+        log.record(startup={**self.clock.parts, "total": self.clock.total}, startup_notes=self.clock.notes)
+
     def run(self) -> Path:
         """Train `iterations` steps, resuming if checkpoints exist. Returns the final checkpoint."""
         a = self.config
@@ -260,6 +297,8 @@ class Trainer:
             print(f"warning: cell {self.mask_dir} has no rays; writing an empty checkpoint", file=sys.stderr)
             return self.save(None, empty=True)
         last_good = self.resume(stream)
+        if last_good is not None:
+            self.clock.mark("resume")
         log = Logger(self.exp_dir, self.step)
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
@@ -267,8 +306,11 @@ class Trainer:
         bar = tqdm(total=self.iterations, initial=self.step, disable=not a.progress, desc="train")
         first_bad = torch.tensor(-1, device=self.device)
         t0, rays0 = time.perf_counter(), 0
+        first = self.step
         while self.step < self.iterations:
             loss, mse = self.train_step(stream)
+            if self.step - first <= 2:
+                self._time_first_steps(self.step - first, loss, stream, log)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.step, first_bad)
             rays0 += a.batch_size
             bar.update(1)
@@ -282,15 +324,17 @@ class Trainer:
                 rate = rays0 / (time.perf_counter() - t0)
                 psnr = -10 * math.log10(max(float(mse), 1e-10))
                 log.scalars(self.step, loss=float(loss), psnr=psnr, lr=self.lr_at(self.step), rays_per_s=rate,
-                            epoch=self.epochs(self.step),
-                            samples_per_ray=int(self.last_samples) / a.batch_size)
+                            epoch=self.epochs(self.step), samples_per_ray=int(self.last_samples) / a.batch_size,
+                            data_waits=stream.waits, data_wait_s=stream.wait_seconds)
                 bar.set_postfix(psnr=f"{psnr:.2f}", rays_s=f"{rate:,.0f}", epoch=f"{self.epochs(self.step):.1f}")
                 t0, rays0 = time.perf_counter(), 0
             if at_ckpt:
                 last_good = self.save(stream)
             if self.step % a.val_interval == 0 or self.step == self.iterations:
                 metrics = self.validate()
-                log.scalars(self.step, **metrics)
+                log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
         bar.close()
+        if self.step - first == 1:  # a one-step run: no second step to tell compilation apart
+            self._log_startup(log)
         log.close()
         return last_good

@@ -1,0 +1,171 @@
+"""Training every cell (mega-nerf-train-cells): under torch.distributed.run with 2 ranks it trains the tiny city's
+4 cells exactly as 4 separate train.py runs do (bit-equal checkpoints, one thread), a rerun after a kill resumes
+the unfinished cells only, a failing cell is listed with its reason, and a crashing rank ends every rank with its
+error; the order (largest first) and the options' one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+
+from mega_nerf.cli.parscript import main as parscript_main
+from mega_nerf.cli.train import main as train_main
+from mega_nerf.cli.train_cells import main as train_cells_main
+from mega_nerf.errors import UserError
+from mega_nerf.training.all_cells import cell_sizes, largest_first
+
+if TYPE_CHECKING:
+    from conftest import Ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+FINAL = "00000012.pt"
+# A small hash grid on a few hundred rays a step, a checkpoint every 5 steps: what a CPU trains in a second.
+TRAIN = ["--samples", "32", "--hash_levels", "8", "--log2_hashmap_size", "14", "--max_resolution", "128",
+         "--occupancy_resolution", "16", "--occupancy_warmup", "4", "--occupancy_interval", "2", "--batch_size", "256",
+         "--train_iterations", "12", "--ckpt_interval", "5", "--val_interval", "1000", "--chunk_rays", "3000",
+         "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def masks(tiny_city: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cells") / "masks"
+    subprocess.run([sys.executable, "scripts/create_cluster_masks.py", "--config_file", str(tiny_city / "config.yaml"),
+                    "--dataset_path", str(tiny_city), "--output", str(out), "--grid_dim", "2", "2", "--ray_samples",
+                    "32", "--no_progress"], check=True, cwd=ROOT, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """CPU kernels split reductions across threads in varying ways; one thread makes runs bit-reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scene(city: Path) -> list[str]:
+    return ["--config_file", str(city / "config.yaml"), "--dataset_path", str(city)]
+
+
+@pytest.fixture(scope="module")
+def separate_runs(tiny_city: Path, masks: Path, tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
+    """ref/exp-<k>: each cell trained by its own train.py run, as the parscript job list would."""
+    root = tmp_path_factory.mktemp("separate")
+    for k in range(4):
+        train_main([*scene(tiny_city), "--exp_name", str(root / f"exp-{k}"), "--chunk_paths",
+                    str(root / f"chunks-{k}"), "--cluster_mask_path", str(masks / str(k)), *TRAIN])
+    return root
+
+
+def cells_options(city: Path, masks: Path, root: Path, *extra: object) -> list[object]:
+    return [*scene(city), "--mask_path", masks, "--exp_prefix", root / "exp-", "--chunk_prefix", root / "chunks-",
+            "--timeout_minutes", 10, *TRAIN, *extra]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal checkpoint contents: tensors bit for bit, containers item by item."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def assert_as_separate_runs(root: Path, separate_runs: Path) -> None:
+    for k in range(4):
+        ours = torch.load(root / f"exp-{k}" / "checkpoints" / FINAL, weights_only=True)
+        reference = torch.load(separate_runs / f"exp-{k}" / "checkpoints" / FINAL, weights_only=True)
+        assert same(ours, reference), f"cell {k}"
+
+
+def test_cells_go_largest_first(masks: Path, tmp_path: Path) -> None:
+    """Here and in the parscript job list (make_parscript.py --mask_path)."""
+    sizes = cell_sizes(masks)
+    assert len(sizes) == 4 and min(sizes) > 0
+    assert [sizes[k] for k in largest_first(sizes)] == sorted(sizes, reverse=True)
+    parscript_main(["--cells", "4", "--output", str(tmp_path / "run_4.txt"), "--mask_path", str(masks)])
+    jobs = (tmp_path / "run_4.txt").read_text().splitlines()
+    assert [int(line.split("$MASK_PATH/")[1].split()[0]) for line in jobs] == largest_first(sizes)
+    with pytest.raises(UserError, match="holds 4 cells, not --cells 8"):
+        parscript_main(["--cells", "8", "--output", str(tmp_path / "run_8.txt"), "--mask_path", str(masks)])
+    (masks / "partition.json").rename(masks / "partition.bak")  # as Mega-NeRF's masks: counted from the files
+    try:
+        assert cell_sizes(masks) == sizes
+    finally:
+        (masks / "partition.bak").rename(masks / "partition.json")
+    assert largest_first([5, 9, 9, 1]) == [1, 2, 0, 3]
+
+
+def test_two_ranks_train_every_cell_as_separate_runs(tiny_city: Path, masks: Path, separate_runs: Path,
+                                                     tmp_path: Path, launch: Callable[..., Ranks]) -> None:
+    result = launch("cells", cells_options(tiny_city, masks, tmp_path))
+    assert result.codes == [0], result.stderr[0][-3000:]
+    assert "4 of 4 cells trained" in result.stdout[0]
+    assert {f"rank {r}: cell" in result.stdout[0] for r in (0, 1)} == {True}  # both ranks took cells
+    assert_as_separate_runs(tmp_path, separate_runs)
+
+
+def test_a_rerun_after_a_kill_resumes_the_unfinished_cells_only(tiny_city: Path, masks: Path, separate_runs: Path,
+                                                                tmp_path: Path,
+                                                                launch: Callable[..., Ranks]) -> None:
+    """The third cell handed out dies at step 8 (its last checkpoint: step 5) and takes the job down. The rerun
+    leaves the cells trained before it alone (their final checkpoints untouched) and ends like separate runs."""
+    options = cells_options(tiny_city, masks, tmp_path)
+    killed_cell = largest_first(cell_sizes(masks))[2]
+    killed = launch("cells", options, hook=(-1, "exit", f"{killed_cell},8"))
+    assert killed.codes != [0]
+    assert sorted(p.name for p in (tmp_path / f"exp-{killed_cell}" / "checkpoints").iterdir()) == ["00000005.pt"]
+    finished = {k: (p.read_bytes(), p.stat().st_mtime_ns) for k in range(4)
+                if (p := tmp_path / f"exp-{k}" / "checkpoints" / FINAL).exists()}
+    assert finished, "a larger cell finished before the third one started"
+    rerun = launch("cells", options)
+    assert rerun.codes == [0], rerun.stderr[0][-3000:]
+    for k, (data, mtime) in finished.items():
+        path = tmp_path / f"exp-{k}" / "checkpoints" / FINAL
+        assert (path.read_bytes(), path.stat().st_mtime_ns) == (data, mtime)
+        assert f"cell {k}: ok: already trained" in rerun.stdout[0]
+    assert f"cell {killed_cell}: ok: resumed at step 5, trained to step 12" in rerun.stdout[0]
+    assert_as_separate_runs(tmp_path, separate_runs)
+
+
+def test_a_failing_cell_is_listed_and_the_others_are_trained(tiny_city: Path, masks: Path, tmp_path: Path,
+                                                             launch: Callable[..., Ranks]) -> None:
+    """A user error in one cell (as a non-finite loss would raise) fails that cell only."""
+    first = largest_first(cell_sizes(masks))[0]
+    result = launch("cells", cells_options(tiny_city, masks, tmp_path), hook=(-1, "user", f"{first},3"))
+    assert result.codes != [0]
+    assert (f"error: 1 of 4 cells failed (a rerun retries them only): cell {first}: fails on purpose (test hook)"
+            in result.stderr[0].splitlines())
+    assert sorted(k for k in range(4) if (tmp_path / f"exp-{k}" / "checkpoints" / FINAL).exists()) == \
+        sorted(set(range(4)) - {first})
+
+
+def test_a_crashing_rank_ends_every_rank_with_its_error(tiny_city: Path, masks: Path, tmp_path: Path,
+                                                        launch: Callable[..., Ranks]) -> None:
+    """Rank 1 crashes at step 3 of a cell; with no launcher to stop it (as on another node), rank 0 stops within
+    seconds, not at the 10-minute timeout, with rank 1's error as its one line."""
+    result = launch("cells", cells_options(tiny_city, masks, tmp_path), hook=(1, "crash", "3"), agent=False)
+    assert result.codes == [2, 1]
+    assert result.last_error_lines() == ["error: rank 1 failed: RuntimeError: fails on purpose (test hook)",
+                                         "RuntimeError: fails on purpose (test hook)"]
+    assert result.seconds < 60
+
+
+def test_bad_options_are_one_line(tiny_city: Path, masks: Path, tmp_path: Path) -> None:
+    base = [*scene(tiny_city), "--exp_prefix", str(tmp_path / "exp-")]
+    with pytest.raises(UserError, match="missing option --mask_path"):
+        train_cells_main(base)
+    with pytest.raises(UserError, match="missing option --chunk_prefix"):
+        train_cells_main([*base, "--mask_path", str(masks)])
+    with pytest.raises(UserError, match="nowhere is not a directory"):
+        train_cells_main([*base, "--mask_path", str(tmp_path / "nowhere"), "--data_mode", "memory"])
+    with pytest.raises(UserError, match="params.pt: partition parameters missing"):
+        train_cells_main([*base, "--mask_path", str(tmp_path), "--data_mode", "memory"])
