@@ -27,7 +27,7 @@ from mega_nerf.data.frames import Similarity, load_source_frame, read_similarity
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.imaging import render_image, to_uint8
-from mega_nerf.io import atomic_write, write_png
+from mega_nerf.io import atomic_path, atomic_write, check_free_space, remove_temp_files, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.nerfstudio import read_camera_path, write_camera_path
 from mega_nerf.render import default_chunk
@@ -66,8 +66,12 @@ def read_pose_file(path: Path, n_images: int) -> list[Pose]:
     """Key poses of a pose file (format in the module docstring); one-line errors naming file and line."""
     if not path.is_file():
         raise UserError(f"{path}: pose file not found")
+    try:
+        text_lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a text pose file (byte {e.start} is not UTF-8)") from None
     poses = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text_lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -193,6 +197,12 @@ def render_frame(container: Container, info: ContainerInfo, pose: Pose, chunk: i
     return to_uint8(out["rgb"])
 
 
+def _video_problem(path: Path, frames: int) -> str | None:
+    """What is wrong with a written video that should hold `frames` frames (OpenCV writes a full disk silently)."""
+    found = int(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT))
+    return None if found == frames else f"the video holds {found} of its {frames} frames (disk full?)"
+
+
 def path_frame(dataset_path: str, dataparser_transforms: str | None) -> Similarity | None:
     """The map from the world camera path files are in to ours (None: they are in ours): nerfstudio's world
     when its dataparser_transforms.json is given, else the dataset's source world when it has one."""
@@ -240,17 +250,24 @@ def render_images(config: PathConfig) -> Path:
     to_ours = path_frame(config.dataset_path, config.dataparser_transforms)
     poses = complete(path_poses(config, dataset, info.altitude_range, to_ours), dataset, config.height)
     output = Path(config.output)
+    W, H = poses[0].size
+    check_free_space(output / "frames", 3 * W * H * len(poses))  # raw pixels: more than PNGs and MP4 take
+    remove_temp_files(output)
+    remove_temp_files(output / "frames")
     video_path = output / "video.mp4"
-    output.mkdir(parents=True, exist_ok=True)
-    video = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), config.fps, poses[0].size)
-    if not video.isOpened():
-        raise UserError(f"{video_path}: cannot write an MP4 here (OpenCV without an mp4v encoder?)")
-    with torch.no_grad():
-        for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=not config.progress)):
-            rgb = render_frame(container, info, pose, chunk)
-            write_png(output / "frames" / f"{f:05d}.png", rgb)
-            video.write(np.ascontiguousarray(rgb[:, :, ::-1]))
-    video.release()
+    # The MP4 is written under a temp name and renamed only once it holds every frame (io.atomic_path).
+    with atomic_path(video_path, keep_suffix=True, check=lambda tmp: _video_problem(tmp, len(poses))) as tmp:
+        video = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), config.fps, (W, H))
+        if not video.isOpened():
+            raise UserError(f"{video_path}: cannot write an MP4 here (OpenCV without an mp4v encoder?)")
+        try:
+            with torch.no_grad():
+                for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=not config.progress)):
+                    rgb = render_frame(container, info, pose, chunk)
+                    write_png(output / "frames" / f"{f:05d}.png", rgb)
+                    video.write(np.ascontiguousarray(rgb[:, :, ::-1]))
+        finally:
+            video.release()
     write_camera_path(output / "camera_path.json", [(p.c2w, p.intrinsics, p.size) for p in poses], config.fps,
                       None if to_ours is None else to_ours.inverse())
     print(f"wrote {len(poses)} frames to {output / 'frames'} and {video_path}")

@@ -1,20 +1,29 @@
-"""Files written whole or not at all, images encoded in memory, and torch files read with one-line errors.
+"""Files written whole or not at all, with one-line errors; images encoded in memory; torch files read with
+one-line errors.
 
-Every file the package writes goes through `atomic_open`: the bytes go to a temp file beside the target,
-`<name>.<pid>.tmp` (unique per process, so ranks writing side by side never share one), are flushed to the disk
-(fsync), and the temp file is renamed over the target (os.replace, atomic on POSIX). A killed run or a full disk
-thus leaves the old file or none under the target's name, never a truncated one; at worst a stale temp file,
-which the stages that list their folders remove (partition.maskfile, data.chunks). A write the disk refuses is
-one `UserError` line naming the file.
+Every file the package writes goes through `atomic_path` (or `atomic_open`, `atomic_write` built on it): the
+bytes go to a temp file beside the target, `<name>.<pid>.tmp` (unique per process, so ranks writing side by side
+never share one; a writer that picks its format by suffix, OpenCV's VideoWriter, gets `<name>.<pid>.tmp<suffix>`),
+are checked (it exists, is as long as what was written, and passes the caller's own check), flushed to the
+disk (fsync), and the temp file is renamed over the target (os.replace, atomic on POSIX). A killed run or a full
+disk thus leaves the old file or none under the target's name, never a truncated one; at worst a stale temp file,
+which `remove_temp_files` deletes when the command that owns the folder runs again. A folder written as a whole
+(a converted dataset) goes through `atomic_folder` the same way.
+
+Before a large write the free space is checked (`check_free_space`), and every operating-system error of a
+write becomes one `UserError` line naming the path, and for a full disk the bytes needed (`write_error`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
+import re
+import shutil
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,53 +34,197 @@ import torch
 from mega_nerf.errors import UserError
 
 TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\.(\d+)\.tmp(\.\w+)?$")  # <name>.<pid>.tmp, or <name>.<pid>.tmp<suffix>
 # What torch.load raises on a file that is not a torch file or is damaged (PyTorch 2.x, found by cutting and
 # corrupting saved files): OSError (missing, unreadable), EOFError (empty), RuntimeError (a cut zip archive),
 # pickle.UnpicklingError (foreign bytes, or objects weights_only refuses); damage inside the pickle itself
 # surfaces as ValueError, LookupError, TypeError, AttributeError or struct.error.
 TORCH_LOAD_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, LookupError, TypeError,
                      AttributeError, struct.error)
+_REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
+            errno.EISDIR: "it is a directory", errno.ENOTDIR: "a folder above it is a file",
+            errno.EEXIST: "a folder above it is a file",  # from mkdir, the only call here that raises it
+            errno.ENAMETOOLONG: "name too long"}
+Check = Callable[[Path], "str | None"]  # a written temp file -> what is wrong with it, or None
 
 
-def temp_path(path: Path) -> Path:
-    """Where this process writes `path`'s new content before the rename."""
-    return path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (signal 0 checks without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def temp_path(path: Path, keep_suffix: bool = False) -> Path:
+    """Where this process writes `path`'s new content before the rename (`keep_suffix` for writers that pick
+    their format by the suffix)."""
+    return path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}{path.suffix if keep_suffix else ''}")
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete the temp files and folders in `folder` left by runs that are dead (killed mid-write)."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.search(entry.name)
+        if match and not process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free to this user on the disk that holds `path` (or would, for a path not made yet)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def write_error(path: str | os.PathLike, error: OSError, needed: int = 0) -> UserError:
+    """The one line for an operating-system error writing `path`: the reason in words and, for a full disk,
+    the bytes needed and free."""
+    reason = _REASONS.get(error.errno or 0, error.strerror or str(error))
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += f"; {needed:,} bytes needed" if needed else ""
+        reason += f", {free_bytes(Path(path).parent):,} free"
+    return UserError(f"{path}: could not write ({reason})")
+
+
+def check_free_space(path: str | os.PathLike, needed: int) -> None:
+    """UserError before a write of `needed` bytes to `path` that its disk cannot hold."""
+    free = free_bytes(Path(path).parent)
+    if needed > free:
+        raise UserError(f"{path}: not enough disk space ({needed:,} bytes needed, {free:,} free)")
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename inside it survives a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, path: Path, check: Check | None) -> None:
+    """Check the written temp file, fsync it and rename it to `path`."""
+    if not tmp.is_file():
+        raise UserError(f"{path}: the writer produced no file")
+    problem = check(tmp) if check is not None else None
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _sync_folder(path.parent)
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file whose content appears under `path` (folders created) only when the block completes
-    (module docstring); the temp file is removed if the block fails. UserError when the disk refuses."""
+def atomic_path(path: str | os.PathLike, size: int = 0, keep_suffix: bool = False,
+                check: Check | None = None) -> Iterator[Path]:
+    """A temp path beside `path` (folders created) for the block to write; when the block completes, the file is
+    checked (not empty, `check` passes), fsynced and renamed to `path` (module docstring). `size`: bytes about to
+    be written, checked against the free space first. The temp file is removed if anything fails; an OS error
+    is one UserError line (`write_error`)."""
     path = Path(path)
-    tmp = temp_path(path)
+    tmp = temp_path(path, keep_suffix)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if size:
+            check_free_space(path, size)
+        yield tmp
+        _commit(tmp, path, check)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise UserError(f"{path}: could not write ({e.strerror or e})") from None
+            raise write_error(path, e, size) from None
         raise
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, size: int = 0) -> Iterator[BinaryIO]:
+    """A binary file whose content appears under `path` only when the block completes (`atomic_path`); the
+    length on disk is checked against what was written, so a short write never passes."""
+    with atomic_path(path, size) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        written, on_disk = f.tell(), os.fstat(f.fileno()).st_size
+        if on_disk != written:
+            raise OSError(errno.ENOSPC, f"{on_disk} of {written} bytes written")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (`atomic_open`)."""
-    with atomic_open(path) as f:
+    """Write `data` to `path` atomically (`atomic_open`), its length checked against the free space first."""
+    with atomic_open(path, len(data)) as f:
         f.write(data)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp folder beside `path` for the block to fill; renamed to `path` (which must be absent or an empty
+    folder) when the block completes, removed if it fails. Temp folders of dead runs are removed first, so a
+    killed run's rerun starts clean."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(path.parent)
+        tmp.mkdir()
+        yield tmp
+        os.replace(tmp, path)
+        _sync_folder(path.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
+        raise
+
+
+class _Recording:
+    """A file that remembers the OS error its last write raised (torch.save hides it in a RuntimeError)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors inside `obj` (nested dicts, lists, tuples): about a torch file's size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save `obj` to `path` atomically. Written through a file object, so the archive inside is named
-    'archive' whatever the file's name: the bytes depend on `obj` only. Load with `load_torch`."""
-    with atomic_open(path) as f:
-        torch.save(obj, f)
-
-
+    """torch.save `obj` to `path` atomically, its tensors' size checked against the free space first. Written
+    through a file object, so the archive inside is named 'archive' whatever the file's name: the bytes depend
+    on `obj` only. Load with `load_torch`."""
+    with atomic_open(path, tensor_bytes(obj)) as f:
+        recording = _Recording(f)
+        try:
+            torch.save(obj, recording)
+        except RuntimeError:
+            if recording.error is None:
+                raise
+            raise recording.error from None
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """`data` as indented JSON plus a newline, atomically; infinities are written as Infinity."""
     atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())

@@ -17,7 +17,7 @@ import torch
 import yaml
 from plyfile import PlyData, PlyElement
 
-from mega_nerf.data.dataset import Dataset, ImageMetadata, load_dataset
+from mega_nerf.data.dataset import Dataset, ImageMetadata, decode_image, load_dataset
 from mega_nerf.data.frames import Similarity
 from mega_nerf.errors import UserError
 from mega_nerf.io import atomic_open, write_bgr
@@ -65,6 +65,22 @@ def _altitude(dataset: Dataset, given: list[float] | None, params: PartitionPara
     return None, "nowhere"
 
 
+def _image_notes(dataset: Dataset) -> list[str]:
+    """A warning naming the images that do not decode whole (training would stop at the first of them); each
+    is decoded at an eighth of its size, which still reads every byte."""
+    bad = []
+    for m in dataset.images:
+        try:
+            decode_image(m.image_path, cv2.IMREAD_REDUCED_COLOR_8)
+        except UserError:
+            bad.append(m.image_path.name)
+    if not bad:
+        return []
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return [f"warning: {len(bad)} images are unreadable or truncated (training stops at them): "
+            f"{', '.join(bad[:3])}{more}"]
+
+
 def load_preview_scene(dataset_path: str | os.PathLike, partition_path: str | os.PathLike | None = None,
                        ray_altitude_range: list[float] | None = None) -> PreviewScene:
     """Cameras from the dataset, points from `points3D.npy` (+ `points3D_rgb.npy`) when present, the slab
@@ -82,7 +98,7 @@ def load_preview_scene(dataset_path: str | os.PathLike, partition_path: str | os
     params_path = None if partition_path is None else params_file(partition_path)
     params = None if params_path is None else load_params(params_path)
     altitude, source = _altitude(ds, ray_altitude_range, params, params_path)
-    notes = []
+    notes = _image_notes(ds)
     if params is not None and (not torch.allclose(params.origin_drb, ds.coordinates.origin_drb)
                                or abs(params.pose_scale_factor - ds.coordinates.pose_scale_factor) > 1e-9):
         notes.append(f"warning: {params_path} was made for another origin or scale than this dataset")

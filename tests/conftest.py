@@ -1,8 +1,11 @@
-"""Shared fixtures: the tiny synthetic city and the tiny oblique survey, generated once per test session, and a
-launcher that runs a stage on several ranks with a test hook."""
+"""Shared fixtures: the tiny synthetic city and the tiny oblique survey, generated once per test session, a
+launcher that runs a stage on several ranks with a test hook, and a full disk stub for the files mega_nerf.io
+writes."""
 from __future__ import annotations
 
+import builtins
 import datetime
+import errno
 import json
 import os
 import subprocess
@@ -11,10 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch.distributed as dist
 
+import mega_nerf.io
 from mega_nerf.synthetic import generate_city
 
 
@@ -107,3 +112,46 @@ def launch() -> Callable[..., Ranks]:
             agent: bool = True) -> Ranks:
         return launch_ranks(ROOT / "tests" / "stage_worker.py", [stage, *hook, *options], nproc, agent)
     return run
+
+
+class FullDisk:
+    """A disk stub for `mega_nerf.io`: every file it opens for writing shares `capacity` bytes; a write past it
+    stores what still fits and raises ENOSPC, as a real full disk does."""
+
+    def __init__(self, capacity: int) -> None:
+        self.left = capacity
+
+    def open(self, path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = builtins.open(path, mode, *args, **kwargs)
+        return _FullFile(f, self) if "w" in mode or "a" in mode else f
+
+
+class _FullFile:
+    def __init__(self, f: Any, disk: FullDisk) -> None:
+        self.f, self.disk = f, disk
+
+    def write(self, data: Any) -> int:
+        data = memoryview(data).cast("B")
+        n = min(len(data), self.disk.left)
+        self.f.write(data[:n])
+        self.disk.left -= n
+        if n < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+    def __enter__(self) -> _FullFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """Call with a byte count: from then on the files `mega_nerf.io` writes share that many bytes."""
+    def fill(capacity: int) -> None:
+        monkeypatch.setattr(mega_nerf.io, "open", FullDisk(capacity).open, raising=False)
+    return fill

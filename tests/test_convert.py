@@ -9,6 +9,7 @@ origin, scale and horizontal axes), whose rotation must keep 'down' down.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import yaml
 from plyfile import PlyData, PlyElement
 from scipy.spatial.transform import Rotation
 
+from mega_nerf.cli.convert import colmap_main
 from mega_nerf.data.colmap import (
     Camera,
     Image,
@@ -349,6 +351,70 @@ def test_cli_error_is_one_line(tmp_path: Path) -> None:
                              "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: COLMAP model folder not found"
+
+
+def colmap_argv(sparse: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_path", str(sparse), "--images_path", str(images), "--output", str(out), *extra]
+
+
+def test_killed_conversion_leaves_no_dataset_and_the_same_command_then_succeeds(
+        colmap_input: tuple[Path, Path], tmp_path: Path) -> None:
+    """kill -9 after the third metadata file: the output does not exist (the work was in a temp folder), and the
+    same command run again converts everything, leaving no temp folder and no lock behind."""
+    argv = colmap_argv(*colmap_input, tmp_path / "out")
+    script = ("import os, signal, sys\nimport mega_nerf.data.convert as c\nfrom mega_nerf.cli import convert\n"
+              "real, calls = c.save_torch_atomic, []\n"
+              "def dying(obj, path):\n    calls.append(path)\n    if len(calls) == 3:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n    real(obj, path)\n"
+              f"c.save_torch_atomic = dying\nsys.argv = ['colmap', *{argv!r}]\nconvert.colmap_console()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == -9, result.stderr
+    assert not (tmp_path / "out").exists()
+    colmap_main(argv)
+    assert len(load_dataset(tmp_path / "out").images) == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out", "sparse"]
+
+
+def test_truncated_or_missized_source_image_is_named(colmap_input: tuple[Path, Path], tmp_path: Path) -> None:
+    sparse, images = colmap_input
+    image = images / "img_005.png"
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) * 3 // 4])
+    with pytest.raises(UserError, match=r"img_005\.png: unreadable or truncated image$"):
+        convert_colmap(sparse, images, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    cv2.imwrite(str(image), np.zeros((H + 1, W, 3), np.uint8))
+    with pytest.raises(UserError, match=rf"img_005\.png: image is {W}x{H + 1} but its camera says {W}x{H}$"):
+        convert_colmap(sparse, images, tmp_path / "out")
+
+
+def test_up_axis_with_a_minus_sign_is_accepted_as_the_readme_writes_it(colmap_input: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    """`--up_axis -z` (a value starting with '-') parses like `--up_axis=-z`."""
+    colmap_main(colmap_argv(*colmap_input, tmp_path / "a", "--up_axis", "-z", "--val_every", "4"))
+    colmap_main(colmap_argv(*colmap_input, tmp_path / "b", "--up_axis=-z", "--val_every", "4"))
+    assert (tmp_path / "a" / "coordinates.pt").read_bytes() == (tmp_path / "b" / "coordinates.pt").read_bytes()
+
+
+def test_an_output_holding_other_files_is_refused(colmap_input: tuple[Path, Path], tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match=r"out: exists and is not an empty folder; choose another --output$"):
+        convert_colmap(*colmap_input, tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == ["thesis.tex"]
+
+
+@pytest.mark.parametrize(("key", "value"), [("fl_x", "fifty"), ("cx", None), ("k1", [0.1]), ("w", "64")])
+def test_transforms_values_of_the_wrong_type_name_the_key(scene: Scene, tmp_path: Path, key: str, value) -> None:
+    write_images(scene, tmp_path / "images")
+    c2w, _ = to_source(scene, np.eye(3), 1.0, np.zeros(3))
+    frames = [{"file_path": f"images/{name}.png", "transform_matrix": np.vstack([c2w[i], [0, 0, 0, 1]]).tolist()}
+              for i, name in enumerate(scene.names)]
+    shared = {"w": W, "h": H, "fl_x": 30.0, "fl_y": 30.0, "cx": W / 2, "cy": H / 2, key: value}
+    (tmp_path / "transforms.json").write_text(json.dumps({**shared, "frames": frames}))
+    with pytest.raises(UserError, match=rf"frame images/img_000\.png: '{key}' must be a finite number, got "):
+        convert_transforms(tmp_path / "transforms.json", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def assert_back_in_source(path: Path, c2w: np.ndarray, points: np.ndarray) -> None:

@@ -266,8 +266,15 @@ def corrupt_metadata(root: Path, **changes: object) -> Path:
     {"intrinsics": torch.tensor([10.0, 10.0, 4.0])},
     {"intrinsics": torch.tensor([10.0, 0.0, 4.0, 3.0])},
     {"distortion": torch.tensor([0.1, float("nan"), 0, 0, 0])},
+    {"W": "abc"},
+    {"H": 6.5},
+    {"intrinsics": "10 10 4 3"},
+    {"distortion": "none"},
+    {"distortion": torch.tensor([0.1, 0.0, 0.0])},
+    {"c2w": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1]]},
 ], ids=["c2w4x4", "c2w3x3", "c2w_nan", "intrinsics_inf", "scaled_rotation", "sheared_rotation",
-        "reflection", "three_intrinsics", "zero_focal", "distortion_nan"])
+        "reflection", "three_intrinsics", "zero_focal", "distortion_nan", "W_text", "H_fraction", "intrinsics_text",
+        "distortion_text", "three_distortion_coefficients", "ragged_c2w"])
 def test_bad_metadata_values(tmp_path, changes):
     meta = corrupt_metadata(minimal_dataset(tmp_path), **changes)
     with raises_naming(meta):
@@ -293,3 +300,25 @@ def test_run_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert err.startswith("error: ") and str(missing) in err and err.count("\n") == 1
     assert run_cli(lambda: 7) == 7  # a clean run returns main's value and prints nothing
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("scale", ["abc", [1.0, 2.0], None])
+def test_coordinates_of_the_wrong_type_are_one_line(tmp_path, scale):
+    minimal_dataset(tmp_path)
+    torch.save({"origin_drb": torch.zeros(3), "pose_scale_factor": scale}, tmp_path / "coordinates.pt")
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "coordinates.pt")) + ": 'pose_scale_factor'"):
+        load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"garbage bytes", "numpy"])
+def test_metadata_that_is_not_a_plain_torch_file_is_one_line(tmp_path, content):
+    """Foreign bytes, or numpy arrays (which weights_only refuses): one line, not PyTorch's advice."""
+    minimal_dataset(tmp_path)
+    meta = tmp_path / "train" / "metadata" / "a.pt"
+    if content == "numpy":
+        torch.save({"W": 8, "H": 6, "intrinsics": np.ones(4), "c2w": np.eye(3, 4)}, meta)
+    else:
+        meta.write_bytes(content)
+    with pytest.raises(UserError) as error:
+        load_dataset(tmp_path)
+    assert str(error.value).startswith(f"{meta}: unreadable or truncated torch file") and "\n" not in str(error.value)

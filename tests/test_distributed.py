@@ -24,9 +24,10 @@ from mega_nerf.errors import UserError
 if TYPE_CHECKING:
     from conftest import Ranks
 
-# argv: timeout minutes, then what rank 1 does: "ok", "fail" (raises a UserError) or "die" (exits silently)
+# argv: timeout minutes, then what rank 1 does: "ok", "fail" (raises a UserError), "die" (exits silently) or
+# "stall" (stops answering, alive)
 WORKER = """
-import os, sys
+import os, sys, time
 from mega_nerf.distributed import barrier, broadcast_object, claim, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError, run_cli
 
@@ -36,6 +37,8 @@ def main():
             raise UserError("rank 1 fails on purpose")
         if info.rank == 1 and sys.argv[2] == "die":
             os._exit(3)
+        if info.rank == 1 and sys.argv[2] == "stall":
+            time.sleep(300)
         barrier(info)
         taken = []
         while (n := claim(info, "q")) < 20:
@@ -139,6 +142,15 @@ def test_a_silent_death_is_waited_for_until_the_timeout(tmp_path: Path, launch_s
                 "or is stuck, see its output")
     assert result.last_error_lines() == [expected, "", expected]
     assert 3 <= result.seconds < 30
+
+
+def test_a_stalled_rank_is_named_in_one_line(tmp_path: Path, launch_script: Callable[..., Ranks]) -> None:
+    """Rank 1 stops answering, alive (it sleeps): after the 3 s timeout the job ends with one line naming it."""
+    result = run_workers(tmp_path, launch_script, "0.05", "stall")
+    assert result.codes != [0]
+    assert ("error: waiting at barrier: no word from rank 1 within 0.05 minutes (--timeout_minutes)"
+            in result.stderr[0])
+    assert result.seconds < 60
 
 
 def test_a_patient_wait_outlasts_the_timeout_for_a_live_rank(tmp_path: Path,

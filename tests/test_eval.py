@@ -274,6 +274,12 @@ def test_pose_file_errors(tmp_path: Path, line: str, message: str) -> None:
         read_pose_file(path, n_images=5)
 
 
+def test_a_pose_file_that_is_not_text_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "poses.txt").write_bytes(IDENTITY.encode() + b"\n\xff\xfe binary\n")
+    with pytest.raises(UserError, match=r"poses\.txt: not a text pose file \(byte 24 is not UTF-8\)$"):
+        read_pose_file(tmp_path / "poses.txt", 5)
+
+
 def rotation_z(angle: float) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])

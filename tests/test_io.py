@@ -1,9 +1,13 @@
-"""Atomic writes (a failed write leaves the old file and no temp file), images encoded in memory, torch files
-whose bytes do not depend on their name, and one-line errors for unreadable torch files."""
+"""Atomic writes (a failed write leaves the old file and no temp file, whatever byte the disk fills at), free-space
+checks, operating-system errors as one line, atomic folders, images encoded in memory, torch files whose bytes do
+not depend on their name, and one-line errors for unreadable torch files."""
 from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -29,7 +33,8 @@ def test_full_disk_keeps_the_old_file_and_is_one_line(tmp_path: Path, monkeypatc
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(UserError, match=r"frame\.png: could not write \(No space left on device\)$"):
+    with pytest.raises(UserError, match=r"frame\.png: could not write \(no space left on device; \d+ bytes needed, "
+                                        r"[\d,]+ free\)$"):
         io.write_png(path, np.zeros((4, 6, 3), np.uint8))
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["frame.png"]
 
@@ -75,3 +80,81 @@ def test_unreadable_torch_file_is_one_line(tmp_path: Path, damage: str) -> None:
     with pytest.raises(UserError, match=r"c\.pt: unreadable or truncated checkpoint \(\w+\)$") as error:
         io.load_torch(path, "checkpoint")
     assert "\n" not in str(error.value)
+
+
+WRITERS = {
+    "png": lambda path: io.write_png(path, np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)),
+    "torch": lambda path: io.save_torch_atomic({"w": torch.arange(300.0)}, path),
+    "bytes": lambda path: io.atomic_write(path, bytes(range(256)) * 4),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+def test_a_disk_full_at_any_byte_leaves_the_old_file_or_none(tmp_path: Path, full_disk, kind: str) -> None:
+    """The stub fills the disk after `capacity` bytes; whatever the byte, the final name holds the old
+    content (or nothing, for a new file), no temp file stays, and the error is one line naming the file."""
+    WRITERS[kind](tmp_path / "whole.png")
+    size = (tmp_path / "whole.png").stat().st_size
+    for capacity in range(0, size, max(1, size // 17)):
+        full_disk(capacity)
+        for name, old in (("new", None), ("old", b"old content")):
+            path = tmp_path / f"{name}{capacity}.png"
+            if old is not None:
+                path.write_bytes(old)
+            with pytest.raises(UserError) as error:
+                WRITERS[kind](path)
+            assert str(error.value).startswith(f"{path}: could not write (no space left on device")
+            assert "\n" not in str(error.value)
+            assert (path.read_bytes() == old) if old is not None else not path.exists()
+        assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
+
+
+def test_free_space_is_checked_before_a_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = shutil.disk_usage
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    with pytest.raises(UserError, match=r"big\.pt: not enough disk space \(4,000 bytes needed, 1,000 free\)$"):
+        io.save_torch_atomic({"w": torch.zeros(1000)}, tmp_path / "big.pt")
+    assert os.listdir(tmp_path) == []
+    io.atomic_write(tmp_path / "small", b"x" * 999)
+
+
+def test_os_errors_are_one_line_in_words(tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match=r"folder: could not write \(it is a directory\)$"):
+        io.atomic_write(tmp_path / "folder", b"data")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(UserError, match=r"file/x\.png: could not write \(a folder above it is a file\)$"):
+        io.atomic_write(tmp_path / "file" / "x.png", b"data")
+    assert sorted(os.listdir(tmp_path)) == ["file", "folder"] and os.listdir(tmp_path / "folder") == []
+
+
+def test_a_short_write_never_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that says a write went through but stored less (the length on disk is checked)."""
+    real_fstat = os.fstat
+    monkeypatch.setattr(io.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 3, *real_fstat(fd)[7:])))
+    with pytest.raises(UserError, match=r"x\.bin: could not write \(no space left on device; 10 bytes needed"):
+        io.atomic_write(tmp_path / "x.bin", b"0123456789")
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    with pytest.raises(ZeroDivisionError), io.atomic_folder(tmp_path / "out") as folder:
+        (folder / "half").write_bytes(b"x")
+        _ = 1 / 0
+    assert os.listdir(tmp_path) == []
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"out.{int(dead.stdout)}.tmp"  # a killed run's folder: its process is gone
+    stale.mkdir()
+    with io.atomic_folder(tmp_path / "out") as folder:
+        (folder / "whole").write_bytes(b"x")
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == ["whole"]
+
+
+def test_stale_temp_files_of_dead_runs_only_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = [f"a.png.{int(dead.stdout)}.tmp", f"video.mp4.{int(dead.stdout)}.tmp.mp4", f"b.png.{os.getpid()}.tmp",
+             "c.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    io.remove_temp_files(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])

@@ -135,3 +135,14 @@ def test_cameras_ply(dataset: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(corner / np.linalg.norm(corner), d[0].numpy(), atol=1e-5)
     np.testing.assert_allclose(-corner @ m.c2w[:, 2].double().numpy(), 0.1, atol=1e-6)
     assert {tuple(e) for e in edges[:4]} == {(0, 9), (0, 10), (0, 11), (0, 12)}
+
+
+def test_truncated_images_are_named(tmp_path: Path) -> None:
+    """Images that do not decode whole are reported before training would stop at them."""
+    data = make_dataset(tmp_path / "data")
+    assert not any("unreadable" in line for line in scene_report(load_preview_scene(data)))
+    for name in ("im03", "im07"):
+        image = data / "train" / "rgbs" / f"{name}.png"
+        image.write_bytes(image.read_bytes()[:-40])
+    assert ("warning: 2 images are unreadable or truncated (training stops at them): im03.png, im07.png"
+            in scene_report(load_preview_scene(data)))

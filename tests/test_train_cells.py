@@ -1,9 +1,12 @@
 """Training every cell (mega-nerf-train-cells): under torch.distributed.run with 2 ranks it trains the tiny city's
 4 cells exactly as 4 separate train.py runs do (bit-equal checkpoints, one thread), a rerun after a kill resumes
 the unfinished cells only, a failing cell is listed with its reason, and a crashing rank ends every rank with its
-error; the order (largest first) and the options' one-line errors."""
+error; a cell whose directories another run holds fails alone; each rank's device; the order (largest first) and
+the options' one-line errors."""
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,9 +18,10 @@ import torch
 
 from mega_nerf.cli.parscript import main as parscript_main
 from mega_nerf.cli.train import main as train_main
+from mega_nerf.cli.train_cells import cells_config, train_cells_parser
 from mega_nerf.cli.train_cells import main as train_cells_main
 from mega_nerf.errors import UserError
-from mega_nerf.training.all_cells import cell_sizes, largest_first
+from mega_nerf.training.all_cells import cell_config, cell_sizes, largest_first
 
 if TYPE_CHECKING:
     from conftest import Ranks
@@ -169,3 +173,29 @@ def test_bad_options_are_one_line(tiny_city: Path, masks: Path, tmp_path: Path) 
         train_cells_main([*base, "--mask_path", str(tmp_path / "nowhere"), "--data_mode", "memory"])
     with pytest.raises(UserError, match="params.pt: partition parameters missing"):
         train_cells_main([*base, "--mask_path", str(tmp_path), "--data_mode", "memory"])
+
+
+def test_a_cell_another_run_holds_fails_alone(tiny_city: Path, masks: Path, tmp_path: Path) -> None:
+    """Each cell's directories are locked by the rank training it (mega_nerf.lock): a cell whose experiment
+    directory another live run holds fails in one line naming that run; the other cells train, and their locks
+    are given back."""
+    (tmp_path / ".exp-0.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live run (this one)
+    with pytest.raises(UserError) as error:
+        train_cells_main([str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")])
+    assert str(error.value) == (f"1 of 4 cells failed (a rerun retries them only): cell 0: --exp_prefix "
+                                f"{tmp_path / 'exp-0'}: in use by another run (pid {os.getpid()} on "
+                                f"{socket.gethostname()}); wait for it to finish or use another --exp_prefix")
+    assert [k for k in range(4) if (tmp_path / f"exp-{k}" / "checkpoints" / FINAL).exists()] == [1, 2, 3]
+    assert [p.name for p in tmp_path.glob(".*.lock")] == [".exp-0.lock"]
+
+
+def test_each_rank_trains_on_its_own_device_unless_one_is_given(tiny_city: Path, masks: Path, tmp_path: Path) -> None:
+    """TrainConfig always resolves a device (cuda or cpu), so the rank's device comes from the user's --device
+    alone: cell k on rank r's cuda:r, or everywhere the one given."""
+    for given, expected in ((None, "cuda:1"), ("cpu", "cpu")):
+        extra = ["--data_mode", "memory", *(["--device", given] if given else [])]
+        config = cells_config(train_cells_parser().parse_args([str(o) for o in cells_options(tiny_city, masks,
+                                                                                               tmp_path, *extra)]))
+        run = cell_config(config, 2, torch.device("cuda", 1))
+        assert (run.device, run.exp_name, run.cluster_mask_path) == (expected, f"{tmp_path / 'exp-'}2",
+                                                                     str(masks / "2"))

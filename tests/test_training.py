@@ -69,7 +69,7 @@ def one_thread():
 def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
     common = ["--cluster_mask_path", str(masks / "0"), "--batch_size", "256", "--train_iterations", "12",
               "--ckpt_interval", "5", "--val_interval", "1000", "--chunk_rays", "3000", "--occupancy_warmup", "4",
-              "--occupancy_interval", "2"]
+              "--occupancy_interval", "2", "--log_interval", "1"]
     whole = Trainer(args(tiny_city, tmp_path / "whole", "--chunk_paths", str(tmp_path / "c1"), *common))
     whole.run()
     argv = ["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(tiny_city), "--exp_name",
@@ -89,6 +89,13 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
     for name, value in whole.field.state_dict().items():
         assert torch.equal(value, resumed["model"][name]), name
         assert torch.equal(value, started.field.state_dict()[name]), name
+    # the log holds each step once: what the killed run logged after its checkpoint (steps 6-8) was dropped; the
+    # start-up records (no step) of both of its runs stay
+    def lines(exp: Path) -> list[dict]:
+        return [json.loads(line) for line in (exp / "log.jsonl").read_text().splitlines()]
+    steps = [[line["step"] for line in lines(tmp_path / exp) if "step" in line] for exp in ("killed", "whole")]
+    assert steps[0] == steps[1] == [*range(1, 13), 12]  # 12: validation
+    assert sum("startup" in line for line in lines(tmp_path / "killed")) == 2
 
 
 def test_bad_input_is_one_line(tiny_city, masks, tmp_path):
@@ -148,6 +155,45 @@ def test_parscript_trains_two_cells(tiny_city, masks, tmp_path):
         assert (tmp_path / f"exp-{k}" / "checkpoints" / "00000006.pt").exists()
         assert list((tmp_path / f"exp-{k}" / "val").glob("00000006_*.png"))
         assert (tmp_path / f"chunks-{k}" / "manifest.json").exists()
+
+
+def test_a_step_split_into_passes_equals_the_unsplit_step(tiny_city, tmp_path, one_thread):
+    """--micro_batch splits a step's rays into passes whose gradients add up: the gradients and the loss equal
+    the unsplit step's up to float rounding (the jitter is drawn in the same order on the CPU)."""
+    def one_step(micro: int) -> tuple[float, dict[str, torch.Tensor]]:
+        trainer = Trainer(args(tiny_city, tmp_path / str(micro), "--data_mode", "memory", "--batch_size", "96",
+                               "--micro_batch", str(micro)))
+        assert trainer.micro_batch == micro
+        trainer.optimizer.step = lambda: None  # keep the gradients of the step, unapplied
+        stream = trainer.prepare_data()
+        loss, _ = trainer.train_step(stream)
+        return float(loss), {n: p.grad.clone() for n, p in trainer.field.named_parameters() if p.grad is not None}
+
+    loss, grads = one_step(96)
+    split_loss, split_grads = one_step(40)  # passes of 40, 40 and 16 rays
+    assert split_loss == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == split_grads.keys() and len(grads) > 5
+    for name, grad in grads.items():
+        assert torch.allclose(split_grads[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max()), name
+
+
+def test_the_defaults_train_the_tiny_city_on_a_cpu_within_4_gb(tiny_city, tmp_path):
+    """mega_nerf/train.py with its defaults (the CPU's batch, passes bounded by the CPU's budget): peak resident
+    memory of the run (ru_maxrss of a child that only runs it) stays under 4 GB; the plan is printed."""
+    run = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+           "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(r.stdout + r.stderr)")
+    cmd = [sys.executable, "mega_nerf/train.py", "--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+           str(tmp_path / "exp"), "--chunk_paths", str(tmp_path / "chunks"), "--train_iterations", "2",
+           "--no_progress"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", run, *cmd], cwd=ROOT, env=env, capture_output=True, text=True,
+                            check=True)
+    status, out = result.stdout.split("\n", 1)
+    code, max_kib = map(int, status.split())
+    assert code == 0, out
+    assert "step: 4,096 rays in 5 pass(es) of at most 845, about 1.00 GiB each on cpu" in out
+    assert max_kib * 1024 < 4e9, max_kib
+    assert (tmp_path / "exp" / "checkpoints" / "00000002.pt").exists()
 
 
 def test_a_run_without_an_altitude_slab_is_warned(tiny_city, tmp_path, capsys):

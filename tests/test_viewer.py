@@ -380,7 +380,7 @@ def test_training_viewer_renders_while_training(tiny_city: Path, tmp_path: Path)
 def test_view_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="missing option --container_path"):
         view_main([])
-    with pytest.raises(UserError, match="--max_resolution must be at least 1"):
+    with pytest.raises(UserError, match="--max_resolution must be positive, got 0"):
         view_main(["--container_path", "merged.pt", "--max_resolution", "0"])
     with pytest.raises(UserError, match="missing.pt: container file not found"):
         view_main(["--container_path", str(tmp_path / "missing.pt")])

@@ -8,6 +8,7 @@ instant-ngp transforms.json, with their images, to Mega-NeRF's dataset layout.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mega_nerf.cli.options import HelpFormatter
@@ -15,6 +16,7 @@ from mega_nerf.data.colmap import convert_colmap
 from mega_nerf.data.convert import add_conversion_options, conversion_options
 from mega_nerf.data.transforms_json import convert_transforms
 from mega_nerf.errors import run_cli
+from mega_nerf.lock import locked
 
 
 def _parser(description: str) -> argparse.ArgumentParser:
@@ -29,6 +31,18 @@ def default_images_path(model_path: str) -> Path:
     return sparse.parent / "images"
 
 
+def _joined_up_axis(argv: list[str] | None) -> list[str]:
+    """The words with `--up_axis -z` joined into `--up_axis=-z` (as the README writes it): argparse takes a
+    value starting with '-' for an option."""
+    joined: list[str] = []
+    for word in sys.argv[1:] if argv is None else argv:
+        if joined and joined[-1] == "--up_axis" and word.startswith("-"):
+            joined[-1] = f"--up_axis={word}"
+        else:
+            joined.append(word)
+    return joined
+
+
 def colmap_main(argv: list[str] | None = None) -> None:
     parser = _parser("Convert a COLMAP sparse model (text or binary) and its images to Mega-NeRF's dataset layout.")
     parser.add_argument("--model_path", required=True, help="COLMAP sparse model folder (cameras, images, "
@@ -36,11 +50,12 @@ def colmap_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images_path", default=None, help="folder the model's image names are relative to "
                         "(default: images/ beside the sparse/ folder holding the model)")
     add_conversion_options(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_joined_up_axis(argv))
     images = args.images_path or default_images_path(args.model_path)
     if args.images_path is None:
         print(f"images: {images} (the default beside sparse/; --images_path to choose another)")
-    convert_colmap(args.model_path, images, args.output, **conversion_options(args))
+    with locked({"--output": [args.output]}):
+        convert_colmap(args.model_path, images, args.output, **conversion_options(args))
 
 
 def transforms_main(argv: list[str] | None = None) -> None:
@@ -49,8 +64,9 @@ def transforms_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", default=None,
                         help="PLY of sparse points in the json's world (default: its ply_file_path, if any)")
     add_conversion_options(parser)
-    args = parser.parse_args(argv)
-    convert_transforms(args.transforms, args.output, args.points, **conversion_options(args))
+    args = parser.parse_args(_joined_up_axis(argv))
+    with locked({"--output": [args.output]}):
+        convert_transforms(args.transforms, args.output, args.points, **conversion_options(args))
 
 
 def colmap_console() -> None:

@@ -13,6 +13,7 @@ from mega_nerf.cli.options import base_parser, config_from_args, record_options
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.evaluation.evaluate import EvalConfig, evaluate
+from mega_nerf.lock import locked
 
 
 def eval_parser() -> configargparse.ArgParser:
@@ -52,9 +53,10 @@ def config_from_argv(argv: list[str]) -> EvalConfig:
 
 def main(argv: list[str] | None = None) -> None:
     config = eval_config(eval_parser().parse_args(argv))
-    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: one record per run
-        record_options(config, Path(config.exp_name))
-    evaluate(config)
+    with locked({"--exp_name": [config.exp_name]}):
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: one record per run
+            record_options(config, Path(config.exp_name))
+        evaluate(config)
 
 
 def console() -> None:

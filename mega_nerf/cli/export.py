@@ -13,6 +13,7 @@ from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import run_cli
 from mega_nerf.export import __doc__ as EXPORT_DOC
 from mega_nerf.export import export_ply
+from mega_nerf.lock import locked
 
 
 def export_parser() -> configargparse.ArgParser:
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = export_parser().parse_args(argv)
     require(args.container_path, "container_path")
     require(args.output, "output")
-    return export_ply(args)
+    with locked({"--output": [args.output]}, folders=False):
+        return export_ply(args)
 
 
 def console() -> None:

@@ -7,6 +7,7 @@ import configargparse
 
 from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import run_cli
+from mega_nerf.lock import locked
 from mega_nerf.merging.merge import merge_submodules
 
 
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     args = merge_parser().parse_args(argv)
     for option in ("ckpt_prefix", "centroid_path", "output"):
         require(getattr(args, option), option)
-    merge_submodules(args.ckpt_prefix, Path(args.centroid_path), Path(args.output), args.allow_empty_cells,
-                     args.boundary_margin)
+    with locked({"--output": [args.output]}, folders=False):
+        merge_submodules(args.ckpt_prefix, Path(args.centroid_path), Path(args.output), args.allow_empty_cells,
+                         args.boundary_margin)
 
 
 def console() -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
@@ -118,8 +120,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 class MegaNerfParser(configargparse.ArgParser):
-    """A parser that also takes Mega-NeRF's names (added when it first parses, once the command's options exist)
-    and prints one line per option or config key it ignores."""
+    """A parser that also takes Mega-NeRF's names (added when it first parses, once the command's options exist),
+    checks a config file before parsing and the values after (`validate_config_file`, `validate_values`), and
+    prints one line per option or config key it ignores."""
 
     def parse_args(self, args: Any = None, namespace: Any = None, **kwargs: Any) -> configargparse.Namespace:
         if not getattr(self, "_has_mega_nerf_names", False):
@@ -129,6 +132,17 @@ class MegaNerfParser(configargparse.ArgParser):
         for line in ignored_options(self, parsed):
             print(line, file=sys.stderr)
         return parsed
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None, **kwargs: Any) -> Any:
+        words = list(sys.argv[1:] if args is None else args)
+        for i, word in enumerate(words):
+            if word in ("--config_file", "--config") and i + 1 < len(words):
+                validate_config_file(self, words[i + 1])
+            elif word.startswith(("--config_file=", "--config=")):
+                validate_config_file(self, word.split("=", 1)[1])
+        parsed, rest = super().parse_known_args(args, namespace, **kwargs)
+        validate_values(parsed)
+        return parsed, rest
 
 
 def add_mega_nerf_names(parser: configargparse.ArgParser) -> None:
@@ -162,6 +176,70 @@ def options_of_every_command() -> set[str]:
     parsers = (train.train_parser(), evaluation.eval_parser(), partition.partition_parser(), render.render_parser(),
                export.export_parser(), merge.merge_parser(), view.view_parser())
     return set().union(*(_option_names(p) for p in parsers))
+
+
+# Ranges of options, wherever they appear: (lowest allowed, whether the lowest itself is allowed).
+POSITIVE = ("batch_size", "micro_batch", "train_iterations", "chunk_rays", "samples", "ckpt_interval",
+            "val_interval", "log_interval", "hash_levels", "log2_hashmap_size", "max_resolution",
+            "occupancy_resolution", "occupancy_interval", "ray_chunk", "dist_chunk", "ray_samples", "frames", "fps",
+            "lr", "lr_decay_factor", "foreground_scale", "timeout_minutes", "train_scale_factor", "val_scale_factor")
+NON_NEGATIVE = ("near", "far", "fine_samples", "bg_samples", "appearance_dim", "val_images", "occupancy_warmup",
+                "lr_decay_epochs", "seed")
+AT_LEAST_ONE = ("boundary_margin",)
+
+
+def validate_config_file(parser: configargparse.ArgParser, file: str) -> None:
+    """One line naming the key and `file` for a key that looks like a typo of one of our options, a value of the
+    wrong type, or the wrong number of values. Other unknown keys (Mega-NeRF's own options among them) are
+    reported by `ignored_options`."""
+    try:
+        data = yaml.safe_load(Path(file).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{file}: not a readable YAML config ({type(e).__name__})") from None
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: a config file holds 'key: value' lines")
+    actions = {s.lstrip("-"): a for a in parser._actions for s in a.option_strings}
+    ours = options_of_every_command() | set(actions)
+    known = ours | set(MEGA_NERF_ALIASES) | set(MEGA_NERF_IGNORED)
+    for key, value in data.items():
+        if key not in known:  # a near miss of one of our names is a typo; anything else is reported as ignored
+            close = difflib.get_close_matches(str(key), ours, n=1, cutoff=0.8)
+            if close:
+                raise UserError(f"{file}: unknown key '{key}' (did you mean '{close[0]}'?)")
+            continue
+        action = actions.get(key)
+        if action is None or value is None or action.nargs == 0:  # a flag: configargparse reads true / false
+            continue
+        values = value if isinstance(value, list) else [value]
+        if action.nargs is None and isinstance(value, list):
+            raise UserError(f"{file}: {key} takes one value, got {len(value)}")
+        if isinstance(action.nargs, int) and len(values) != action.nargs:
+            raise UserError(f"{file}: {key} needs {action.nargs} values, got {len(values)}")
+        for v in values:
+            if action.type in (int, float):
+                try:
+                    action.type(v)
+                except (TypeError, ValueError):
+                    kind = "an integer" if action.type is int else "a number"
+                    raise UserError(f"{file}: {key} must be {kind}, got {v!r}") from None
+
+
+def validate_values(args: configargparse.Namespace) -> None:
+    """One line naming the option for a non-finite number or a value out of its range (POSITIVE, ...)."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise UserError(f"--{name} must be finite, got {' '.join(map(str, values))}")
+        if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if name in POSITIVE and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+        if name in NON_NEGATIVE and value < 0:
+            raise UserError(f"--{name} must not be negative, got {value}")
+        if name in AT_LEAST_ONE and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
 
 
 def ignored_options(parser: configargparse.ArgParser, args: configargparse.Namespace) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mega_nerf.cli.options import HelpFormatter
 from mega_nerf.errors import UserError, run_cli
+from mega_nerf.io import atomic_write
 from mega_nerf.training.all_cells import cell_sizes, largest_first
 
 JOB = ("python mega_nerf/train.py --config_file $CONFIG_FILE --exp_name ${{EXP_PREFIX}}{k} "
@@ -39,8 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(sizes) != args.cells:
             raise UserError(f"--mask_path: {args.mask_path} holds {len(sizes)} cells, not --cells {args.cells}")
         order = largest_first(sizes)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("".join(JOB.format(k=k) + "\n" for k in order))
+    atomic_write(args.output, "".join(JOB.format(k=k) + "\n" for k in order).encode())
     print(f"wrote {args.cells} jobs to {args.output}" + (f", cells {order} (largest first)" if args.mask_path else ""))
 
 

@@ -5,15 +5,19 @@ Several GPUs:  python -m torch.distributed.run --standalone --nproc_per_node 8 s
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import configargparse
 
 from mega_nerf.cli.options import base_parser, require, scene_bounds
-from mega_nerf.data.dataset import load_dataset
+from mega_nerf.data.dataset import Dataset, load_dataset
 from mega_nerf.errors import UserError, run_cli
+from mega_nerf.lock import locked
 from mega_nerf.partition.cells import EXACT, make_params, parse_grid_dim
 from mega_nerf.partition.job import MaskJob, create_cluster_masks
+
+DISTANCE_WARNING = 1e11  # point-centroid distances: the tiny city at 2 x 2 takes 6e8, a 100 x 100 grid 1.5e12
 
 
 def partition_parser() -> configargparse.ArgParser:
@@ -36,6 +40,21 @@ def partition_parser() -> configargparse.ArgParser:
     return parser
 
 
+def work_warning(dataset: Dataset, grid_dim: tuple[int, int], ray_samples: int | None) -> str | None:
+    """A warning when the grid implies far more work than the scene needs: more cells than images (most cells
+    then see a sliver of a few images, and each trains a model of its own), or more than DISTANCE_WARNING
+    point-centroid distances to partition (points per ray: 1.25 * ray_samples for the sampled rule, 2K + 2 for
+    the exact one; DESIGN.md, Partitioning)."""
+    cells = grid_dim[0] * grid_dim[1]
+    points = 1.25 * ray_samples if ray_samples else 2 * cells + 2
+    distances = sum(m.W * m.H for m in dataset.images) * points * cells
+    if cells <= len(dataset.images) and distances <= DISTANCE_WARNING:
+        return None
+    return (f"warning: --grid_dim {grid_dim[0]} {grid_dim[1]}: {cells:,} cells for {len(dataset.images)} images, "
+            f"{distances:.1e} point-centroid distances to partition and {cells:,} models to train; "
+            "a smaller grid is usually what such a scene needs")
+
+
 def mask_job(args: configargparse.Namespace) -> MaskJob:
     """Check the options and the dataset, and compute the partition (one-line UserErrors)."""
     grid_dim = parse_grid_dim(args.grid_dim)
@@ -50,6 +69,9 @@ def mask_job(args: configargparse.Namespace) -> MaskJob:
     if args.timeout_minutes <= 0:
         raise UserError(f"--timeout_minutes must be positive, got {args.timeout_minutes}")
     dataset = load_dataset(args.dataset_path)
+    warning = work_warning(dataset, grid_dim, args.ray_samples)
+    if warning:
+        print(warning, file=sys.stderr)
     bounds = scene_bounds(args, dataset.coordinates)
     params = make_params(dataset, grid_dim, bounds.near, bounds.far, bounds.altitude, args.boundary_margin,
                          args.cluster_2d, args.ray_samples or EXACT, args.foreground_scale)
@@ -58,7 +80,9 @@ def mask_job(args: configargparse.Namespace) -> MaskJob:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    return create_cluster_masks(mask_job(partition_parser().parse_args(argv)))
+    args = partition_parser().parse_args(argv)
+    with locked({"--output": [args.output]} if args.output else {}):
+        return create_cluster_masks(mask_job(args))
 
 
 def console() -> None:

@@ -9,6 +9,7 @@ import configargparse
 from mega_nerf.camera_path import POSE_FILE_FORMAT, PathConfig, render_images
 from mega_nerf.cli.options import base_parser, config_from_args, record_options
 from mega_nerf.errors import run_cli
+from mega_nerf.lock import locked
 
 
 def render_parser() -> configargparse.ArgParser:
@@ -45,8 +46,9 @@ def config_from_argv(argv: list[str]) -> PathConfig:
 
 def main(argv: list[str] | None = None) -> Path:
     config = config_from_argv(argv)
-    record_options(config, Path(config.output))
-    return render_images(config)
+    with locked({"--output": [config.output]}):
+        record_options(config, Path(config.output))
+        return render_images(config)
 
 
 def console() -> None:

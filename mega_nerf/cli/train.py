@@ -12,6 +12,7 @@ from mega_nerf.cli.options import base_parser, config_from_args, record_options
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
+from mega_nerf.lock import locked
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.startup import process_start
 from mega_nerf.training.trainer import Trainer
@@ -40,7 +41,11 @@ def add_training_options(p: configargparse.ArgParser) -> None:
                         "first --chunk_paths directory)")
     p.add_argument("--train_scale_factor", type=int, default=1, help="downsample training images by this")
     p.add_argument("--field", type=str, default="hash", help=f"one of {', '.join(FIELDS)}")
-    p.add_argument("--batch_size", type=int, default=None, help="rays per step (hash 32768, mlp 1024)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="rays per step (hash 32768 on a GPU and 4096 on a CPU, mlp 1024)")
+    p.add_argument("--micro_batch", type=int, default=None,
+                   help="rays per forward/backward pass, bounding a step's memory (gradients of the passes add "
+                        "up; default: as many as fit in 3/4 of the GPU's memory, or in 1 GiB on a CPU)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (hash 1e-2, mlp 5e-4)")
     p.add_argument("--lr_decay_factor", type=float, default=0.1,
                    help="lr multiplier per --lr_decay_epochs (or, with 0 there, reached at the last step)")
@@ -109,13 +114,14 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     args = train_parser().parse_args(argv)
     config = train_config(args)
-    record_options(config, Path(config.exp_name))
-    trainer = Trainer(config, started=process_start())
-    if args.viewer is not None:
-        from mega_nerf.viewer.watch import watch  # viser only when asked for
+    with locked({"--exp_name": [config.exp_name], "--chunk_paths": list(config.chunk_paths)}):
+        record_options(config, Path(config.exp_name))
+        trainer = Trainer(config, started=process_start())
+        if args.viewer is not None:
+            from mega_nerf.viewer.watch import watch  # viser only when asked for
 
-        trainer.on_step = watch(trainer, args.viewer).on_step
-    final = trainer.run()
+            trainer.on_step = watch(trainer, args.viewer).on_step
+        final = trainer.run()
     print(f"done: {final}")
 
 

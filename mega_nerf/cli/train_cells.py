@@ -18,6 +18,7 @@ import configargparse
 from mega_nerf.cli.options import base_parser, require
 from mega_nerf.cli.train import add_training_options, train_config
 from mega_nerf.errors import UserError, run_cli
+from mega_nerf.lock import locked
 from mega_nerf.merging.merge import merge_submodules
 from mega_nerf.training.all_cells import CellsConfig, train_cells
 
@@ -49,16 +50,18 @@ def cells_config(args: configargparse.Namespace) -> CellsConfig:
     if not Path(args.mask_path).is_dir():
         raise UserError(f"--mask_path: {args.mask_path} is not a directory")
     train = train_config(args, exp_name=args.exp_prefix)  # each cell's directories are set per cell
-    return CellsConfig(train, args.mask_path, args.exp_prefix, tuple(args.chunk_prefix or ()), args.timeout_minutes)
+    return CellsConfig(train, args.mask_path, args.exp_prefix, tuple(args.chunk_prefix or ()), args.timeout_minutes,
+                       args.device)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = train_cells_parser().parse_args(argv)
     config = cells_config(args)
     outcomes = train_cells(config)
-    if outcomes is not None and args.merge_output:  # the last rank to finish, every cell trained
-        merge_submodules(config.exp_prefix, Path(config.mask_path) / "params.pt", Path(args.merge_output), False,
-                         args.boundary_margin)
+    if outcomes is not None and args.merge_output:  # rank 0, every cell trained
+        with locked({"--merge_output": [args.merge_output]}, folders=False):
+            merge_submodules(config.exp_prefix, Path(config.mask_path) / "params.pt", Path(args.merge_output),
+                             False, args.boundary_margin)
 
 
 def console() -> None:

@@ -205,7 +205,6 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     keep = {name for d, name in where if resumable and (chunk_paths[d] / name).is_file()}
     for p in chunk_paths:
         _clear_unfinished(p, keep)
-    write_json(chunk_paths[0] / PLAN, plan)
     todo = [c for c, (_, name) in enumerate(where) if name not in keep]
     needs = {p: 0 for p in chunk_paths}
     for c in todo:
@@ -217,7 +216,8 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
               f"keys to {', '.join(map(str, chunk_paths))}"
               + (f"; image store ({store_bytes(dataset):,} bytes, shared by every cell) to {store}"
                  if write_store_too else f"; image store {store} present"))
-    _check_space(needs)
+    _check_space(needs)  # before the first byte: the plan too waits for it
+    write_json(chunk_paths[0] / PLAN, plan)
     if write_store_too:
         write_store(store, dataset)
     if count > KEY_BUDGET:

@@ -16,6 +16,7 @@ from scipy.spatial.transform import Rotation
 
 from mega_nerf.data.convert import Conversion, SceneInput, convert, keep_existing_images, unique_stems
 from mega_nerf.errors import UserError
+from mega_nerf.io import atomic_write
 
 # name -> (model id, number of params); every model COLMAP defines, so any binary file parses
 CAMERA_MODELS = {
@@ -133,21 +134,22 @@ def _read_points_txt(file: Path) -> Points3D:
 def _write_text(model: Model, folder: Path) -> None:
     cams = [f"{c.id} {c.model} {c.width} {c.height} " + " ".join(repr(float(v)) for v in c.params)
             for c in model.cameras.values()]
-    (folder / "cameras.txt").write_text("# CAMERA_ID MODEL WIDTH HEIGHT PARAMS[]\n" + "\n".join(cams) + "\n")
+    atomic_write(folder / "cameras.txt",
+                 ("# CAMERA_ID MODEL WIDTH HEIGHT PARAMS[]\n" + "\n".join(cams) + "\n").encode())
     imgs = []
     for im in model.images.values():
         pose = " ".join(repr(float(v)) for v in (*im.qvec, *im.tvec))
         imgs.append(f"{im.id} {pose} {im.camera_id} {im.name}")
         keypoints = zip(im.xys.tolist(), im.point3D_ids, strict=True)
         imgs.append(" ".join(f"{x!r} {y!r} {int(p)}" for (x, y), p in keypoints))
-    (folder / "images.txt").write_text("# IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME\n"
-                                       "# POINTS2D[] as (X, Y, POINT3D_ID)\n" + "\n".join(imgs) + "\n")
+    atomic_write(folder / "images.txt", ("# IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME\n"
+                                         "# POINTS2D[] as (X, Y, POINT3D_ID)\n" + "\n".join(imgs) + "\n").encode())
     p = model.points
     rows = zip(p.ids, p.xyz.tolist(), p.rgb.tolist(), p.error, p.tracks, strict=True)
     pts = [f"{int(i)} {x!r} {y!r} {z!r} {r} {g} {b} {float(e)!r} " + " ".join(map(str, t.ravel().tolist()))
            for i, (x, y, z), (r, g, b), e, t in rows]
-    (folder / "points3D.txt").write_text("# POINT3D_ID X Y Z R G B ERROR TRACK[] as (IMAGE_ID, POINT2D_IDX)\n"
-                                         + "\n".join(pts) + "\n")
+    atomic_write(folder / "points3D.txt", ("# POINT3D_ID X Y Z R G B ERROR TRACK[] as (IMAGE_ID, POINT2D_IDX)\n"
+                                           + "\n".join(pts) + "\n").encode())
 
 
 # ---- binary files ----
@@ -220,20 +222,20 @@ def _write_binary(model: Model, folder: Path) -> None:
     for c in model.cameras.values():
         out.append(struct.pack(f"<iiQQ{len(c.params)}d", c.id, CAMERA_MODELS[c.model][0], c.width, c.height,
                                *c.params))
-    (folder / "cameras.bin").write_bytes(b"".join(out))
+    atomic_write(folder / "cameras.bin", b"".join(out))
     out = [struct.pack("<Q", len(model.images))]
     for im in model.images.values():
         kp = np.zeros(len(im.xys), KEYPOINT)
         kp["x"], kp["y"], kp["point3D_id"] = im.xys[:, 0], im.xys[:, 1], im.point3D_ids
         out += [struct.pack("<i7di", im.id, *im.qvec, *im.tvec, im.camera_id), im.name.encode() + b"\x00",
                 struct.pack("<Q", len(kp)), kp.tobytes()]
-    (folder / "images.bin").write_bytes(b"".join(out))
+    atomic_write(folder / "images.bin", b"".join(out))
     p = model.points
     out = [struct.pack("<Q", len(p.ids))]
     for i in range(len(p.ids)):
         out += [struct.pack("<Q3d3BdQ", p.ids[i], *p.xyz[i], *p.rgb[i], p.error[i], len(p.tracks[i])),
                 np.ascontiguousarray(p.tracks[i], "<i4").tobytes()]
-    (folder / "points3D.bin").write_bytes(b"".join(out))
+    atomic_write(folder / "points3D.bin", b"".join(out))
 
 
 # ---- models ----

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -23,10 +22,10 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from mega_nerf.data.dataset import IMAGE_EXTENSIONS, SPLITS, write_coordinates
+from mega_nerf.data.dataset import IMAGE_EXTENSIONS, SPLITS, decode_image, write_coordinates
 from mega_nerf.data.frames import Similarity, dataset_similarity, write_source_frame
 from mega_nerf.errors import UserError
-from mega_nerf.io import save_torch_atomic, write_bgr
+from mega_nerf.io import atomic_folder, atomic_open, atomic_write, check_free_space, save_torch_atomic, write_bgr
 
 UP_AXES = {f"{s}{a}": (1.0 if s == "+" else -1.0) * np.eye(3)[i] for i, a in enumerate("xyz") for s in "+-"}
 PLANAR_RATIO = 0.1  # smallest / middle eigenvalue of the covariance below which a set of positions is a plane
@@ -249,18 +248,20 @@ def convert_poses(scene: SceneInput, up: np.ndarray | None, val_every: int) -> C
                       c2w=c2w, points=(points - origin) / scale, splits=val_splits(scene.names, val_every))
 
 
-def _place_image(src: Path, dst_stem: Path, K: np.ndarray, dist: np.ndarray | None, link: bool) -> None:
-    """Copy, link, re-encode (formats the layout does not read) or undistort (when `dist` is given)."""
+def _place_image(src: Path, dst_stem: Path, size: tuple[int, int], K: np.ndarray, dist: np.ndarray | None,
+                 link: bool) -> None:
+    """Check that `src` decodes whole at `size` (W, H), then copy, link, re-encode (formats the layout does not
+    read) or undistort it (when `dist` is given)."""
+    img = decode_image(src)
+    if (img.shape[1], img.shape[0]) != size:
+        raise UserError(f"{src}: image is {img.shape[1]}x{img.shape[0]} but its camera says {size[0]}x{size[1]}")
     if dist is None and src.suffix in IMAGE_EXTENSIONS:
         dst = dst_stem.with_suffix(src.suffix)
         if link:
             os.symlink(src.resolve(), dst)
         else:
-            shutil.copyfile(src, dst)
+            atomic_write(dst, src.read_bytes())
         return
-    img = cv2.imread(str(src), cv2.IMREAD_COLOR)
-    if img is None:
-        raise UserError(f"{src}: unreadable image")
     if dist is not None:
         img = cv2.undistort(img, K, dist)
     dst = dst_stem.with_suffix(src.suffix if src.suffix in IMAGE_EXTENSIONS else ".png")
@@ -268,35 +269,51 @@ def _place_image(src: Path, dst_stem: Path, K: np.ndarray, dist: np.ndarray | No
     write_bgr(dst, img, quality)
 
 
-def write_dataset(scene: SceneInput, conv: Conversion, output: Path, undistort: bool = False,
-                  link_images: bool = False) -> None:
-    """Write images, metadata, coordinates.pt, points3D.npy (+ points3D_rgb.npy) and config.yaml."""
+def _check_output(scene: SceneInput, output: Path, link_images: bool) -> None:
+    """Refuse an output that holds anything, and a disk that cannot hold the images."""
     if any((output / p).exists() for p in (*SPLITS, "coordinates.pt")):
         raise UserError(f"{output}: already holds a dataset; choose another --output")
-    for split in SPLITS:
-        (output / split / "rgbs").mkdir(parents=True, exist_ok=True)
-        (output / split / "metadata").mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(len(scene.names)), desc="images", leave=False):
-        split, name = conv.splits[i], scene.names[i]
-        fx, fy, cx, cy = scene.intrinsics[i]
-        dist = scene.distortion[i]
-        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
-        _place_image(scene.image_paths[i], output / split / "rgbs" / name, K,
-                     dist if undistort else None, link_images)
-        meta = {"W": int(scene.sizes[i, 0]), "H": int(scene.sizes[i, 1]),
-                "intrinsics": torch.tensor(scene.intrinsics[i], dtype=torch.float32),
-                "c2w": torch.tensor(conv.c2w[i], dtype=torch.float32)}
-        if dist is not None and not undistort:
-            meta["distortion"] = torch.tensor(dist, dtype=torch.float32)
-        save_torch_atomic(meta, output / split / "metadata" / f"{name}.pt")
-    write_coordinates(output, torch.tensor(conv.origin_drb), conv.pose_scale_factor)
-    write_source_frame(output, conv.to_normalised, conv.pose_scale_factor, conv.origin_drb, conv.up, scene.source)
-    np.save(output / "points3D.npy", conv.points.astype(np.float32))
-    np.save(output / "points3D_rgb.npy", scene.colors.astype(np.uint8))
-    config: dict[str, object] = {"dataset_path": str(output.resolve())}
-    if conv.altitude_range is not None:
-        config["ray_altitude_range"] = [round(v, 6) for v in conv.altitude_range]
-    (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"{output}: exists and is not an empty folder; choose another --output")
+    if not link_images:
+        check_free_space(output, sum(p.stat().st_size for p in scene.image_paths))
+
+
+def write_dataset(scene: SceneInput, conv: Conversion, output: Path, undistort: bool = False,
+                  link_images: bool = False) -> None:
+    """Write images, metadata, coordinates.pt, points3D.npy (+ points3D_rgb.npy) and config.yaml into a temp
+    folder renamed to `output` at the end (io.atomic_folder): a killed or failed conversion leaves no dataset,
+    and the same command then runs again from the start."""
+    _check_output(scene, output, link_images)
+    with atomic_folder(output) as folder:
+        for split in SPLITS:
+            (folder / split / "rgbs").mkdir(parents=True)
+            (folder / split / "metadata").mkdir(parents=True)
+        for i in tqdm(range(len(scene.names)), desc="images", leave=False):
+            split, name = conv.splits[i], scene.names[i]
+            fx, fy, cx, cy = scene.intrinsics[i]
+            dist = scene.distortion[i]
+            K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+            size = (int(scene.sizes[i, 0]), int(scene.sizes[i, 1]))
+            _place_image(scene.image_paths[i], folder / split / "rgbs" / name, size, K,
+                         dist if undistort else None, link_images)
+            meta = {"W": size[0], "H": size[1],
+                    "intrinsics": torch.tensor(scene.intrinsics[i], dtype=torch.float32),
+                    "c2w": torch.tensor(conv.c2w[i], dtype=torch.float32)}
+            if dist is not None and not undistort:
+                meta["distortion"] = torch.tensor(dist, dtype=torch.float32)
+            save_torch_atomic(meta, folder / split / "metadata" / f"{name}.pt")
+        write_coordinates(folder, torch.tensor(conv.origin_drb), conv.pose_scale_factor)
+        write_source_frame(folder, conv.to_normalised, conv.pose_scale_factor, conv.origin_drb, conv.up,
+                           scene.source)
+        for file, array in (("points3D.npy", conv.points.astype(np.float32)),
+                            ("points3D_rgb.npy", scene.colors.astype(np.uint8))):
+            with atomic_open(folder / file, array.nbytes) as f:
+                np.save(f, array)
+        config: dict[str, object] = {"dataset_path": str(output.resolve())}
+        if conv.altitude_range is not None:
+            config["ray_altitude_range"] = [round(v, 6) for v in conv.altitude_range]
+        atomic_write(folder / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
 
 
 def summary(scene: SceneInput, conv: Conversion, output: Path) -> list[str]:

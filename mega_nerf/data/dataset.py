@@ -31,6 +31,7 @@ IMAGE_EXTENSIONS = (".jpg", ".JPG", ".png", ".PNG", ".jpeg", ".JPEG")
 # Largest entry of |R^T R - I| a camera rotation may have: metadata stored in float32, or a converter's float
 # output, is orthonormal to about 1e-6; a scaled or sheared matrix is off by far more.
 ORTHONORMAL_TOLERANCE = 1e-2
+OPENCV_COEFFICIENTS = (4, 5, 8, 12, 14)  # distortion vector lengths cv2.undistort takes
 
 
 @dataclass
@@ -134,6 +135,20 @@ def rotation_problem(rot: np.ndarray) -> str | None:
     return None
 
 
+def numbers(file: Path, key: str, value: object) -> torch.Tensor:
+    """`value` of `key` in `file` as a float64 tensor (its shape kept) of at least one number; UserError naming
+    both when it is text or anything else that is not numbers (a converter's or a hand edit's mistake)."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{file}: '{key}' must be numbers, got {type(value).__name__} {str(value)[:40]!r}") from None
+    if tensor.numel() == 0:
+        raise UserError(f"{file}: '{key}' is empty")
+    return tensor
+
+
 def load_coordinates(path: Path) -> Coordinates:
     """Read `coordinates.pt`, checking its keys and values."""
     file = Path(path) / "coordinates.pt"
@@ -142,8 +157,11 @@ def load_coordinates(path: Path) -> Coordinates:
     data = load_torch(file, "torch file")
     if not isinstance(data, dict) or not {"origin_drb", "pose_scale_factor"} <= set(data):
         raise UserError(f"{file}: needs keys 'origin_drb' and 'pose_scale_factor'")
-    origin = torch.as_tensor(data["origin_drb"], dtype=torch.float64).flatten()
-    scale = float(data["pose_scale_factor"])
+    origin = numbers(file, "origin_drb", data["origin_drb"]).flatten()
+    scale_value = numbers(file, "pose_scale_factor", data["pose_scale_factor"])
+    if scale_value.numel() != 1:
+        raise UserError(f"{file}: 'pose_scale_factor' must be one number, got {scale_value.numel()}")
+    scale = float(scale_value)
     if origin.numel() != 3 or not torch.isfinite(origin).all():
         raise UserError(f"{file}: 'origin_drb' must be 3 finite numbers")
     if not np.isfinite(scale) or scale <= 0:
@@ -165,13 +183,16 @@ def _parse_metadata(file: Path, image_path: Path, split: str, scale_factor: int)
     data = load_torch(file, "torch file")
     if not isinstance(data, dict) or not {"W", "H", "intrinsics", "c2w"} <= set(data):
         raise UserError(f"{file}: needs keys 'W', 'H', 'intrinsics' and 'c2w'")
-    W, H = int(data["W"]), int(data["H"])
+    size = [numbers(file, key, data[key]) for key in ("W", "H")]
+    if any(v.numel() != 1 or v.flatten()[0] != v.flatten()[0].round() for v in size):
+        raise UserError(f"{file}: W and H must be whole numbers, got {data['W']!r} and {data['H']!r}")
+    W, H = (int(v.flatten()[0]) for v in size)
     if W <= 0 or H <= 0:
         raise UserError(f"{file}: W and H must be positive, got {W}x{H}")
     if W % scale_factor or H % scale_factor:
         raise UserError(f"{file}: size {W}x{H} is not divisible by scale factor {scale_factor}")
-    intrinsics = torch.as_tensor(data["intrinsics"], dtype=torch.float64).flatten()
-    c2w = torch.as_tensor(data["c2w"], dtype=torch.float64)
+    intrinsics = numbers(file, "intrinsics", data["intrinsics"]).flatten()
+    c2w = numbers(file, "c2w", data["c2w"])
     if intrinsics.numel() != 4:
         raise UserError(f"{file}: 'intrinsics' must be [fx, fy, cx, cy], got {intrinsics.numel()} values")
     if c2w.shape != (3, 4):
@@ -185,7 +206,10 @@ def _parse_metadata(file: Path, image_path: Path, split: str, scale_factor: int)
         raise UserError(f"{file}: the rotation in 'c2w' is {problem}")
     distortion = data.get("distortion")
     if distortion is not None:
-        distortion = torch.as_tensor(distortion, dtype=torch.float64).flatten()
+        distortion = numbers(file, "distortion", distortion).flatten()
+        if distortion.numel() not in OPENCV_COEFFICIENTS:
+            raise UserError(f"{file}: 'distortion' must hold {', '.join(map(str, OPENCV_COEFFICIENTS))} OpenCV "
+                            f"coefficients, got {distortion.numel()}")
         if not torch.isfinite(distortion).all():
             raise UserError(f"{file}: 'distortion' holds non-finite values")
         if not distortion.abs().gt(0).any():
@@ -252,13 +276,21 @@ def _jpeg_truncated(data: bytes) -> bool:
     return not data[i:i + 2] == b"\xff\xd9"
 
 
+def decode_image(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """Decode a whole image file to BGR uint8 with OpenCV `flags` (IMREAD_REDUCED_COLOR_8 checks a file at an
+    eighth of the cost); UserError when it is missing, unreadable or truncated (a cut PNG does not decode, a cut
+    JPEG decodes grey at the bottom, so its markers are walked)."""
+    data = Path(path).read_bytes() if Path(path).is_file() else b""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
+    if img is None or (Path(path).suffix.lower() in (".jpg", ".jpeg") and _jpeg_truncated(data)):
+        raise UserError(f"{path}: unreadable or truncated image")
+    return img
+
+
 def read_image(path: Path, W: int, H: int, scale_factor: int = 1, intrinsics: torch.Tensor | None = None,
                distortion: torch.Tensor | None = None) -> np.ndarray:
     """Decode one image to (H / scale, W / scale, 3) uint8 RGB, checking it against the metadata size."""
-    data = Path(path).read_bytes() if Path(path).is_file() else b""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if img is None or (path.suffix.lower() in (".jpg", ".jpeg") and _jpeg_truncated(data)):
-        raise UserError(f"{path}: unreadable or truncated image")
+    img = decode_image(path)
     if img.shape[:2] != (H, W):
         raise UserError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but its metadata says {W}x{H}")
     if distortion is not None:

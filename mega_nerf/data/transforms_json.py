@@ -38,25 +38,38 @@ def _image_size(path: Path) -> tuple[int, int]:
     return img.shape[1], img.shape[0]
 
 
+def _number(get: dict, key: str, where: str, default: float | None = None) -> float:
+    """get[key] (or `default` when absent) as a finite float; UserError naming the key otherwise."""
+    value = get.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where}: '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _intrinsics(get: dict, path: Path, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(W, H), (fx, fy, cx, cy) and OpenCV distortion of one frame merged over the top level."""
     model = get.get("camera_model", "OPENCV")
     if model not in SUPPORTED_CAMERA_MODELS:
         raise UserError(f"{where}: camera model {model} is not supported (supported: "
                         f"{', '.join(SUPPORTED_CAMERA_MODELS)})")
-    if float(get.get("k4", 0)):
+    if _number(get, "k4", where, 0.0):
         raise UserError(f"{where}: k4 is set, which only fisheye models use; not supported")
-    W, H = (int(get["w"]), int(get["h"])) if "w" in get and "h" in get else _image_size(path)
-    fx = get.get("fl_x")
-    if fx is None and "camera_angle_x" in get:
-        fx = 0.5 * W / math.tan(0.5 * float(get["camera_angle_x"]))
-    if fx is None:
+    if "w" in get and "h" in get:
+        W, H = int(_number(get, "w", where)), int(_number(get, "h", where))
+    else:
+        W, H = _image_size(path)
+    if "fl_x" in get:
+        fx = _number(get, "fl_x", where)
+    elif "camera_angle_x" in get:
+        fx = 0.5 * W / math.tan(0.5 * _number(get, "camera_angle_x", where))
+    else:
         raise UserError(f"{where}: needs fl_x or camera_angle_x")
-    fy = get.get("fl_y")
-    if fy is None:
-        fy = 0.5 * H / math.tan(0.5 * float(get["camera_angle_y"])) if "camera_angle_y" in get else fx
-    K = np.array([fx, fy, get.get("cx", W / 2), get.get("cy", H / 2)], float)
-    dist = np.array([get.get(k, 0.0) for k in ("k1", "k2", "p1", "p2", "k3")], float)
+    if "fl_y" in get:
+        fy = _number(get, "fl_y", where)
+    else:
+        fy = 0.5 * H / math.tan(0.5 * _number(get, "camera_angle_y", where)) if "camera_angle_y" in get else fx
+    K = np.array([fx, fy, _number(get, "cx", where, W / 2), _number(get, "cy", where, H / 2)], float)
+    dist = np.array([_number(get, k, where, 0.0) for k in ("k1", "k2", "p1", "p2", "k3")], float)
     dist = dist if dist[4] else dist[:4]
     return np.array([W, H]), K, dist if dist.any() else None
 

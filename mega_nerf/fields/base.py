@@ -24,6 +24,12 @@ class Field(nn.Module):
     """
 
     train_defaults: ClassVar[dict[str, Any]] = {}
+    cpu_train_defaults: ClassVar[dict[str, Any]] = {}  # overrides of train_defaults on a CPU (what fits there)
+
+    def train_bytes_per_sample(self) -> int:
+        """About the memory one sample takes in a training step (forward activations kept for backward, and
+        their gradients): bounds how many rays one forward/backward pass may hold. Default: a small MLP's."""
+        return 4096
 
     def after_step(self, step: int, generator: torch.Generator | None = None) -> None:
         """Called by the trainer after optimiser step `step` (counted from 1). Default: nothing."""

@@ -37,6 +37,9 @@ class HashField(BoxField):
     # and 12000 steps (bench/RESULTS.md, val PSNR against steps).
     train_defaults = {"lr": 1e-2, "samples": 128, "fine_samples": 0, "batch_size": 32768, "lr_decay_epochs": 30.0,
                       "train_iterations": None}
+    # The plain PyTorch encoding (the CPU's) materialises every corner of every sample: 32768 rays would take
+    # about 40 GB there, so a CPU step is smaller (and split into passes by the trainer's --micro_batch).
+    cpu_train_defaults = {"batch_size": 4096}
 
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int = 32,
                  hidden: int = 64, geo_features: int = 15, n_levels: int = 16, n_features: int = 2,
@@ -59,6 +62,11 @@ class HashField(BoxField):
         self.color_geo = nn.Linear(geo_features, hidden, bias=False)
         self.color_net = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3))
         self.occupancy = OccupancyGrid(occupancy_resolution)
+
+    def train_bytes_per_sample(self) -> int:
+        """Measured on the CPU (bench/step_memory.py, tiny city): 7.5 KB per sample at 16 levels, nearly all of
+        it the encoding's 8 corners per level (indices, weights, features and their gradients)."""
+        return 480 * self.grid.n_levels + 256
 
     def density_features(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Box coordinates (N, 3) -> density (N,) and geometry features (N, geo_features)."""

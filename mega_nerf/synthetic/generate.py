@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mega_nerf.data.dataset import write_coordinates, write_image
 from mega_nerf.errors import UserError
-from mega_nerf.io import write_bgr
+from mega_nerf.io import atomic_open, atomic_write, write_bgr
 from mega_nerf.rays import image_rays
 from mega_nerf.synthetic.scene import PRESETS, City, Preset, build_city
 from mega_nerf.synthetic.shading import camera_response, render
@@ -131,8 +131,8 @@ def _write_view(output: Path, name: str, split: str, image: np.ndarray, depth: n
                 intrinsics: torch.Tensor, c2w: torch.Tensor) -> None:
     write_image(output, split, name, image, intrinsics, c2w)
     if depth is not None:
-        (output / "depth" / split).mkdir(parents=True, exist_ok=True)
-        np.save(output / "depth" / split / f"{name}.npy", depth)
+        with atomic_open(output / "depth" / split / f"{name}.npy", depth.nbytes) as f:
+            np.save(f, depth)
 
 
 def _render_views(output: Path, preset: Preset, city: City, survey: Survey, origin: np.ndarray, scale: float,
@@ -213,14 +213,14 @@ def generate_city(output: Path | str, preset: str = "tiny", seed: int = 0, devic
     survey = plan_survey(city, PRESETS[preset], rng)
     origin, scale = normalisation(city, survey, PRESETS[preset])
     summary = _summary(preset, seed, city, survey, origin, scale)
-    (output / "scene.json").write_text(json.dumps(summary, indent=1) + "\n")  # first: marks the folder ours
+    atomic_write(output / "scene.json", (json.dumps(summary, indent=1) + "\n").encode())  # first: marks the folder ours
     with _one_cpu_thread(dev):
         _render_views(output, PRESETS[preset], city.to(dev), survey, origin, scale, write_depth, dev, progress)
         _overview(output, PRESETS[preset], city, survey, dev)
-    (output / "config.yaml").write_text(
+    atomic_write(output / "config.yaml", (
         f"# The synthetic city '{preset}' (seed {seed}), written by mega_nerf.synthetic.generate_city\n"
         f"dataset_path: {json.dumps(str(output))}\n"
         f"ray_altitude_range: {json.dumps(summary['ray_altitude_range'])}\n"
-        "val_scale_factor: 1  # small images, evaluated at full scale (Mega-NeRF's default is 4)\n")
+        "val_scale_factor: 1  # small images, evaluated at full scale (Mega-NeRF's default is 4)\n").encode())
     write_coordinates(output, torch.as_tensor(origin), scale)  # last: a killed run leaves no loadable dataset
     return summary

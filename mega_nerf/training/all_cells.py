@@ -36,6 +36,7 @@ from mega_nerf.distributed import (
     shared,
 )
 from mega_nerf.errors import UserError
+from mega_nerf.lock import locked
 from mega_nerf.partition.cells import load_params
 from mega_nerf.partition.maskfile import MEGA_NERF_SUFFIX, SUFFIX, read_mask
 from mega_nerf.training import checkpoint as ckpt
@@ -55,6 +56,7 @@ class CellsConfig:
     exp_prefix: str  # cell k's experiment directory is <exp_prefix><k>
     chunk_prefixes: tuple[str, ...] = ()  # cell k's chunks go to <prefix><k> for each prefix (data_mode disk)
     timeout_minutes: float = 10
+    device: str | None = None  # the user's --device; None: each rank's own (`train.device` is always resolved)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def cell_config(config: CellsConfig, cell: int, device: torch.device) -> TrainCo
     return dataclasses.replace(
         config.train, exp_name=f"{config.exp_prefix}{cell}",
         chunk_paths=tuple(f"{prefix}{cell}" for prefix in config.chunk_prefixes),
-        cluster_mask_path=str(Path(config.mask_path) / str(cell)), device=config.train.device or str(device))
+        cluster_mask_path=str(Path(config.mask_path) / str(cell)), device=config.device or str(device))
 
 
 def cell_sizes(mask_path: Path) -> list[int]:
@@ -106,8 +108,9 @@ def _latest_step(exp_dir: Path) -> int | None:
 
 
 def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStepHook | None) -> CellOutcome:
-    """Train (or resume, or pass over) one cell. A user error or running out of GPU memory is the cell's
-    failure, returned; any other exception, or another rank's failure, propagates."""
+    """Train (or resume, or pass over) one cell, its outputs locked. A user error (another run holding them
+    among them) or running out of GPU memory is the cell's failure, returned; any other exception, or another
+    rank's failure, propagates."""
     start = time.perf_counter()
     before = _latest_step(Path(config.exp_name))
     last_poll = [time.monotonic()]
@@ -119,7 +122,11 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
         if on_step is not None:
             on_step(cell, step)
     try:
-        final = Trainer(config, on_step=step_hook).run()
+        # The cell's own outputs are locked by the rank training it: another job (or train.py) on the same
+        # cell fails that cell in one line.
+        with locked({"--exp_prefix": [config.exp_name], "--chunk_prefix": list(config.chunk_paths)},
+                    main_rank_only=False):
+            final = Trainer(config, on_step=step_hook).run()
     except PeerFailure:
         raise
     except (UserError, torch.cuda.OutOfMemoryError) as e:

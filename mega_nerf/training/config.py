@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from mega_nerf.bounds import FOREGROUND_SCALE
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import UserError
@@ -43,7 +45,8 @@ class TrainConfig:
     pos_xyz_dim: int | None = None
     pos_dir_dim: int | None = None
     # optimisation (None: the field's own default, its Field.train_defaults)
-    batch_size: int | None = None
+    batch_size: int | None = None  # rays per optimiser step
+    micro_batch: int | None = None  # rays per forward/backward pass (None: what fits the device, see Trainer)
     lr: float | None = None
     lr_decay_factor: float = 0.1
     # The lr falls by lr_decay_factor every lr_decay_epochs passes over the cell's rays, so a long run settles
@@ -67,11 +70,20 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """Check the protocol and field, and fill what the user left unset: the device (cuda when available) and
+        the field's own defaults for it."""
         if self.eval_protocol not in PROTOCOLS:
             raise UserError(f"--eval_protocol: unknown protocol '{self.eval_protocol}' (choose from "
                             f"{', '.join(PROTOCOLS)})")
         if self.field not in FIELDS:
             raise UserError(f"--field: unknown field '{self.field}' (choose from {', '.join(FIELDS)})")
-        for key, default in FIELDS[self.field].train_defaults.items():
+        if self.device is None:
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            on_cpu = torch.device(self.device).type == "cpu"
+        except RuntimeError:
+            raise UserError(f"--device: unknown device '{self.device}' (e.g. cuda, cuda:1, cpu)") from None
+        field = FIELDS[self.field]
+        for key, default in {**field.train_defaults, **(field.cpu_train_defaults if on_cpu else {})}.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, default)  # frozen: set once, here

@@ -4,29 +4,53 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mega_nerf.io import atomic_write, write_error
+
+
+def _kept(line: str, start_step: int) -> bool:
+    """Whether a line of an earlier run stays: a whole JSON object, either a record (no step) or a step's
+    scalars up to `start_step`; a line a killed run left half-written does not."""
+    try:
+        values = json.loads(line)
+        return isinstance(values, dict) and int(values.get("step", 0)) <= start_step
+    except (ValueError, TypeError):
+        return False
+
 
 class Logger:
     """Scalars to `log.jsonl` always, and to TensorBoard when it is installed."""
 
-    def __init__(self, exp_dir: Path) -> None:
-        self.file = open(exp_dir / "log.jsonl", "a")
+    def __init__(self, exp_dir: Path, start_step: int = 0) -> None:
+        """start_step: the step the run starts (or resumes) from. What a killed run logged after it (the steps
+        between its last checkpoint and the kill) is dropped, so that each step appears once; records stay."""
+        self.path = exp_dir / "log.jsonl"
+        if self.path.is_file():
+            lines = self.path.read_text(errors="replace").splitlines()
+            kept = [line for line in lines if _kept(line, start_step)]
+            atomic_write(self.path, "".join(line + "\n" for line in kept).encode())
+        self.file = open(self.path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(exp_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(exp_dir / "tensorboard"), purge_step=start_step or None)
         except ImportError:
             self.tb = None
 
+    def _write(self, values: dict) -> None:
+        try:
+            self.file.write(json.dumps(values) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise write_error(self.path, e) from None
+
     def scalars(self, step: int, **values: float) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
+        self._write({"step": step, **values})
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
 
     def record(self, **values: object) -> None:
         """One line of plain values that are not per-step scalars (e.g. the start-up breakdown)."""
-        self.file.write(json.dumps(values) + "\n")
-        self.file.flush()
+        self._write(values)
 
     def close(self) -> None:
         self.file.close()

@@ -36,6 +36,15 @@ from mega_nerf.training.startup import StartupClock
 from mega_nerf.training.validation import validate
 
 StepHook = Callable[[int], None]
+CPU_PASS_BYTES = 1 << 30  # what one forward/backward pass may take on a CPU by default: room on a small machine
+GPU_PASS_FRACTION = 0.75  # of the GPU's memory, by default
+
+
+def pass_budget(device: torch.device) -> int:
+    """Bytes one forward/backward pass may take unless --micro_batch says otherwise."""
+    if device.type == "cuda":
+        return int(GPU_PASS_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+    return CPU_PASS_BYTES
 
 
 def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], contracted: list[bool],
@@ -72,7 +81,7 @@ class Trainer:
         if config.data_mode == "disk" and not config.chunk_paths:
             raise UserError("missing option --chunk_paths")
         self.config, self.on_step = config, on_step
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(config.device)  # resolved by TrainConfig
         if self.device.type == "cuda":
             torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it
             torch.cuda.synchronize(self.device)
@@ -109,6 +118,11 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.field.parameters(), lr=config.lr, betas=(0.9, 0.99), eps=1e-15,
                                           fused=self.device.type == "cuda" or None)
         self.cameras = self.cameras.to(self.device)
+        # Memory grows with the samples a pass shades: a step's rays go in passes of at most micro_batch rays.
+        self.bytes_per_ray = self.field.train_bytes_per_sample() * (config.samples + config.bg_samples
+                                                                    + config.fine_samples)
+        budget_rays = max(1, pass_budget(self.device) // self.bytes_per_ray)
+        self.micro_batch = min(config.batch_size, config.micro_batch or budget_rays)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.step = 0
@@ -128,6 +142,13 @@ class Trainer:
         if c.lr_decay_epochs:
             return c.lr * c.lr_decay_factor ** (self.epochs(step) / c.lr_decay_epochs)
         return c.lr * c.lr_decay_factor ** (step / self.iterations)
+
+    def memory_report(self) -> str:
+        """One line on a step's passes and the memory each takes (Field.train_bytes_per_sample's estimate)."""
+        passes = -(-self.config.batch_size // self.micro_batch)
+        gib = self.bytes_per_ray * self.micro_batch / 2 ** 30
+        return (f"step: {self.config.batch_size:,} rays in {passes} pass(es) of at most {self.micro_batch:,}, "
+                f"about {gib:.2f} GiB each on {self.device.type} (estimate; --micro_batch bounds it)")
 
     def foreground_report(self) -> str:
         """One line on the foreground box: its horizontal extent, over the cameras' (docs/DESIGN.md, Scene bounds)."""
@@ -216,20 +237,35 @@ class Trainer:
         self.step = int(state["step"])
         return path
 
-    def train_step(self, stream: RayStream) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimisation step. Returns the loss and the fine-pass MSE (device tensors, no sync)."""
-        image, pixel, rgb = stream.next_batch()
+    def _pass(self, image: torch.Tensor, pixel: torch.Tensor, rgb: torch.Tensor, batch: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward of one pass over rays (R,) with colours (R, 3). Its losses are sums over its rays
+        divided by the step's `batch` rays, so the passes' gradients add up to the step's mean. Returns the loss,
+        the fine-pass MSE and the samples shaded (device tensors, no sync)."""
         origins, dirs = self.cameras.rays(image, pixel)
         near, far = self.bounds.clip(origins, dirs)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.amp):
             out = render_rays(self.field, origins, dirs, near, far, image, self.render_config, self.generator)
-        self.last_samples = out["samples"]  # points shaded this step: logged as samples per ray
-        mse = torch.mean((out["rgb"] - rgb) ** 2)
-        loss = mse + torch.mean((out["rgb_coarse"] - rgb) ** 2) if "rgb_coarse" in out else mse
-        self.optimizer.zero_grad(set_to_none=True)
+        scale = 1.0 / (3 * batch)  # 3 channels per ray
+        mse = ((out["rgb"] - rgb) ** 2).sum() * scale
+        loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum() * scale if "rgb_coarse" in out else mse
         loss.backward()
+        return loss.detach(), mse.detach(), out["samples"]
+
+    def train_step(self, stream: RayStream) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step over `batch_size` rays, in passes of at most `micro_batch` rays whose gradients
+        add up (`_pass`). On the CPU the jitter of consecutive passes is drawn in the order of the unsplit step,
+        so without hierarchical sampling a split step equals the unsplit one up to float rounding. Returns the
+        loss and the fine-pass MSE (device tensors, no sync)."""
+        image, pixel, rgb = stream.next_batch()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        batch, loss, mse, self.last_samples = len(image), 0.0, 0.0, 0  # samples: logged per ray
+        for start in range(0, batch, self.micro_batch):
+            part = slice(start, start + self.micro_batch)
+            pass_loss, pass_mse, samples = self._pass(image[part], pixel[part], rgb[part], batch)
+            loss, mse, self.last_samples = loss + pass_loss, mse + pass_mse, self.last_samples + samples
         self.optimizer.step()
         self.step += 1
         self.field.after_step(self.step, self.generator)
@@ -263,9 +299,10 @@ class Trainer:
         last_good = self.resume(stream)
         if last_good is not None:
             self.clock.mark("resume")
-        log = Logger(self.exp_dir)
+        log = Logger(self.exp_dir, self.step)
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
+        print(self.memory_report())
         bar = tqdm(total=self.iterations, initial=self.step, disable=not a.progress, desc="train")
         first_bad = torch.tensor(-1, device=self.device)
         t0, rays0 = time.perf_counter(), 0

@@ -1,0 +1,101 @@
+"""One run per output: a command that writes an output folder (or file) first takes its lock.
+
+The lock is a file beside the output, `.<name>.lock`, holding `<pid> <host>` of the run that holds it. It is
+created whole (written under a temp name, then hard-linked to the lock's name, which fails if it exists), so a
+reader never sees a half-written one. A second run on the same output stops at once with one line naming the
+holder. A lock whose process is dead on this host (a run killed with -9) is stale and taken over; a lock from
+another host cannot be checked from here, so the message says to delete it by hand if that run is gone.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from mega_nerf.errors import UserError
+from mega_nerf.io import process_alive
+
+
+def lock_path(output: Path) -> Path:
+    """The lock file of `output`: `.<name>.lock` beside it (inside it would change what the folder holds)."""
+    return output.parent / f".{output.name}.lock"
+
+
+def _read_holder(lock: Path) -> tuple[int, str] | None:
+    """(pid, host) written in `lock`, or None when it is gone or unreadable."""
+    try:
+        pid, host = lock.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _try_create(lock: Path, content: str) -> bool:
+    """Create `lock` holding `content` atomically; False when it already exists."""
+    tmp = lock.with_name(f"{lock.name}.{os.getpid()}.tmp")
+    tmp.write_text(content)
+    try:
+        os.link(tmp, lock)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def acquire(output: str | os.PathLike, what: str) -> Path:
+    """Take `output`'s lock (folders above it created) or raise a one-line UserError naming the run holding
+    it; `what` names the option for the message (e.g. '--exp_name'). Returns the lock file."""
+    output = Path(output)
+    lock = lock_path(output)
+    host, pid = socket.gethostname(), os.getpid()
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a stale lock removed by a racing run is retried, not an error
+            if _try_create(lock, f"{pid} {host}\n"):
+                return lock
+            holder = _read_holder(lock)
+            if holder is None or (holder[1] == host and not process_alive(holder[0])):
+                lock.unlink(missing_ok=True)  # stale: its run is dead (or died before writing it)
+                continue
+            other_pid, other_host = holder
+            extra = "" if other_host == host else f" (if that run is gone, delete {lock})"
+            raise UserError(f"{what} {output}: in use by another run (pid {other_pid} on {other_host}); wait for "
+                            f"it to finish or use another {what}{extra}")
+    except OSError as e:
+        raise UserError(f"{lock}: cannot create the lock of {what} {output} ({e.strerror or e})") from None
+    raise UserError(f"{lock}: could not take the lock of {what} {output}; retry")
+
+
+def release(lock: Path) -> None:
+    """Give a lock back if this process still holds it."""
+    holder = _read_holder(lock)
+    if holder is not None and holder == (os.getpid(), socket.gethostname()):
+        lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(outputs: dict[str, list[str | os.PathLike]], folders: bool = True,
+           main_rank_only: bool = True) -> Iterator[None]:
+    """Hold the locks of every output while the block runs: `outputs` maps an option name to its paths, which
+    are folders (an existing file there is a one-line error) unless `folders` is False. Under
+    torch.distributed.run only rank 0 takes them (the ranks of one job share their outputs), unless
+    `main_rank_only` is False (outputs of one rank's own, as a cell trained by train_cells)."""
+    taken: list[Path] = []
+    for what, paths in outputs.items():
+        for path in paths:
+            if folders and Path(path).exists() and not Path(path).is_dir():
+                raise UserError(f"{what} {path}: is a file, not a folder")
+    try:
+        if not main_rank_only or os.environ.get("RANK", "0") == "0":
+            seen: set[Path] = set()
+            for what, paths in outputs.items():
+                for path in {Path(p).resolve() for p in paths} - seen:  # one lock per place, however spelled
+                    seen.add(path)
+                    taken.append(acquire(path, what))
+        yield
+    finally:
+        for lock in reversed(taken):
+            release(lock)

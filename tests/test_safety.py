@@ -1,0 +1,225 @@
+"""Nothing lost, nothing silent: full disks, killed runs and concurrent runs on the commands that write outputs
+(render, eval, train), each checked against the files it leaves and the one line it prints.
+
+The container is a 1 x 1 partition of the tiny city trained for two steps: enough to render, cheap to make.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+
+from mega_nerf.cli import eval as eval_cli
+from mega_nerf.cli import partition as partition_cli
+from mega_nerf.cli import render as render_cli
+from mega_nerf.cli import train as train_cli
+from mega_nerf.data.dataset import load_dataset
+from mega_nerf.errors import UserError, run_cli
+from mega_nerf.lock import lock_path
+from mega_nerf.merging.merge import merge_submodules
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+SMALL = ["--data_mode", "memory", "--batch_size", "256", "--samples", "8", "--bg_samples", "4",
+         "--log2_hashmap_size", "10", "--max_resolution", "32", "--occupancy_resolution", "8", "--no_progress",
+         "--val_interval", "100000", "--val_images", "0"]
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_city: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("safety")
+    config = str(tiny_city / "config.yaml")
+    partition_cli.main(["--config_file", config, "--output", str(root / "masks"), "--grid_dim", "1", "1",
+                        "--ray_samples", "8", "--no_progress"])
+    train_cli.main(["--config_file", config, "--exp_name", str(root / "exp-0"), "--train_iterations", "2",
+                    "--cluster_mask_path", str(root / "masks" / "0"), *SMALL])
+    merge_submodules(f"{root}/exp-", root / "masks" / "params.pt", root / "merged.pt", False, 1.15)
+    return root / "merged.pt"
+
+
+def fails_in_one_line(main, argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run a command's main as its console script would; it must exit 2 with one error line on stderr, its last
+    (warnings may come before it), and no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: main(argv))
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and [line for line in lines if not line.startswith("warning: ")] == lines[-1:]
+    assert lines[-1].startswith("error: "), lines
+    return lines[-1]
+
+
+def render_args(tiny_city: Path, merged: Path, out: Path, frames: int = 3) -> list[str]:
+    return ["--config_file", str(tiny_city / "config.yaml"), "--container_path", str(merged), "--output", str(out),
+            "--frames", str(frames), "--height", "12", "--no_progress"]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temp files and locks under `folder` and beside it."""
+    return sorted(p.name for p in [*folder.rglob("*"), *folder.parent.iterdir()]
+                  if ".tmp" in p.name or p.name.endswith(".lock"))
+
+
+def test_render_onto_a_full_disk_fails_in_one_line_and_leaves_no_partial_frame(
+        tiny_city: Path, merged: Path, tmp_path: Path, full_disk, capsys: pytest.CaptureFixture) -> None:
+    render_cli.main(render_args(tiny_city, merged, tmp_path / "whole"))
+    sizes = [p.stat().st_size for p in sorted((tmp_path / "whole" / "frames").iterdir())]
+    # config.yaml (written first, and a byte shorter for "full" than for "whole") and the first frame fit, the
+    # second frame does not
+    full_disk((tmp_path / "whole" / "config.yaml").stat().st_size + sizes[0] + sizes[1] // 2)
+    out = tmp_path / "full"
+    err = fails_in_one_line(render_cli.main, render_args(tiny_city, merged, out), capsys)
+    assert err.startswith(f"error: {out / 'frames' / '00001.png'}: could not write (no space left on device; ")
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["00000.png"]
+    assert (out / "config.yaml").is_file()
+    assert (out / "frames" / "00000.png").read_bytes() == (tmp_path / "whole" / "frames" / "00000.png").read_bytes()
+    assert not (out / "video.mp4").exists() and leftovers(out) == []
+
+
+def test_eval_onto_a_full_disk_leaves_no_zero_byte_or_truncated_png(
+        tiny_city: Path, merged: Path, tmp_path: Path, full_disk, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "eval"
+    full_disk(3000)
+    err = fails_in_one_line(eval_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name", str(out),
+                                            "--container_path", str(merged), "--no_progress"], capsys)
+    assert "could not write (no space left on device; " in err
+    pngs = list(out.rglob("*.png"))
+    assert all(cv2.imread(str(p)) is not None for p in pngs)  # every PNG there is whole
+    assert not (out / "metrics.json").exists() and leftovers(out) == []
+
+
+def test_killed_render_reruns_and_its_video_is_never_partial(tiny_city: Path, merged: Path, tmp_path: Path) -> None:
+    out = tmp_path / "render"
+    args = render_args(tiny_city, merged, out)
+    result = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\nimport mega_nerf.camera_path as cp\nfrom mega_nerf.cli import render\n"
+        "real = cp.write_png\n"
+        "def dying(path, rgb):\n    if path.name == '00002.png':\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(path, rgb)\n"
+        f"cp.write_png = dying\nsys.argv = ['render', *{args!r}]\nrender.console()\n")],
+        env=ENV, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == -signal.SIGKILL
+    assert not (out / "video.mp4").exists()  # the killed run's MP4 is only under its temp name
+    assert leftovers(out) != []  # and its lock and temp video are still there
+    video = render_cli.main(args)
+    assert cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT) == 3
+    assert len(list((out / "frames").iterdir())) == 3 and leftovers(out) == []
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    start = time.monotonic()
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() - start < seconds
+        time.sleep(0.1)
+
+
+def test_a_second_run_on_the_same_outputs_stops_at_once(tiny_city: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    exp, chunks = tmp_path / "exp", tmp_path / "chunks"
+    args = ["--config_file", str(tiny_city / "config.yaml"), "--exp_name", str(exp), "--chunk_paths", str(chunks),
+            *SMALL[2:], "--train_iterations", "100000"]
+    first = subprocess.Popen([sys.executable, str(REPO / "mega_nerf" / "train.py"), *args], env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        wait_for(lock_path(exp), first)
+        wait_for(lock_path(chunks), first)
+        host = socket.gethostname()
+        start = time.monotonic()
+        err = fails_in_one_line(train_cli.main, args, capsys)
+        assert time.monotonic() - start < 5
+        assert err == (f"error: --exp_name {exp}: in use by another run (pid {first.pid} on {host}); wait for it to "
+                       "finish or use another --exp_name")
+        other = [*args[:4], "--exp_name", str(tmp_path / "exp2"), *args[4:]][2:]  # same chunks, another exp
+        err = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), *other], capsys)
+        assert err.startswith(f"error: --chunk_paths {chunks}: in use by another run (pid {first.pid} on {host})")
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_a_foreign_host_is_named(tiny_city: Path, merged: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "render"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_path(out).write_text(f"{int(dead.stdout)} {socket.gethostname()}\n")  # a run killed with -9
+    render_cli.main(render_args(tiny_city, merged, out, frames=1))
+    assert not lock_path(out).exists()
+    lock_path(out).write_text("4242 elsewhere\n")
+    err = fails_in_one_line(render_cli.main, render_args(tiny_city, merged, out, frames=1), capsys)
+    assert err == (f"error: --output {out}: in use by another run (pid 4242 on elsewhere); wait for it to finish or "
+                   f"use another --output (if that run is gone, delete {lock_path(out)})")
+
+
+@pytest.mark.parametrize(("words", "message"), [
+    (["--boundary_margin", "nan"], "--boundary_margin must be finite, got nan"),
+    (["--ray_altitude_range", "nan", "2"], "--ray_altitude_range must be finite, got nan 2.0"),
+    (["--lr", "nan"], "--lr must be finite, got nan"),
+    (["--lr=-1e-3"], "--lr must be positive, got -0.001"),
+    (["--batch_size", "0"], "--batch_size must be positive, got 0"),
+    (["--train_iterations", "0"], "--train_iterations must be positive, got 0"),
+    (["--near", "-1"], "--near must not be negative, got -1.0"),
+    (["--boundary_margin", "0.5"], "--boundary_margin must be at least 1, got 0.5"),
+])
+def test_options_that_cannot_be_right_are_one_line(words: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        train_cli.train_parser().parse_args(words)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ("ray_altitude_rnage: [-29, 2]\n", "unknown key 'ray_altitude_rnage' (did you mean 'ray_altitude_range'?)"),
+    ("ray_altitude_range: [-29, 2, 5.0]\n", "ray_altitude_range needs 2 values, got 3"),
+    ("batch_size: abc\n", "batch_size must be an integer, got 'abc'"),
+    ("lr: [1, 2]\n", "lr takes one value, got 2"),
+    ("- a list\n", "a config file holds 'key: value' lines"),
+])
+def test_config_file_mistakes_name_the_key_and_the_file(tmp_path: Path, config: str, message: str) -> None:
+    (tmp_path / "c.yaml").write_text(config)
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'c.yaml'))}: {re.escape(message)}$"):
+        train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml")])
+
+
+def test_keys_of_other_commands_and_of_mega_nerf_are_accepted(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Keys of our other commands pass silently; Mega-NeRF's (flags too) and keys no command reads are each
+    reported as ignored in one line, with the reason; only a near miss of one of our names is an error."""
+    config = tmp_path / "c.yaml"
+    config.write_text("grid_dim: [2, 2]\ncontainer_path: m.pt\ntrain_every: 1\nall_val: true\ncluster_2d: true\n"
+                      "colour_space: srgb\nbatch_size: 64\n")
+    assert train_cli.train_parser().parse_args(["--config_file", str(config)]).batch_size == 64
+    assert capsys.readouterr().err.splitlines() == [
+        "ignoring --all_val (Mega-NeRF's): evaluation scores the whole right half of every val image; validation "
+        "during training, its part inside the cell",
+        "ignoring --train_every (Mega-NeRF's): every training image is used",
+        f"ignoring 'colour_space' in {config}: no command reads it"]
+
+
+def test_an_output_folder_option_naming_a_file_is_one_line(tiny_city: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    base = ["--config_file", str(tiny_city / "config.yaml"), *SMALL, "--train_iterations", "1"]
+    err = fails_in_one_line(train_cli.main, [*base, "--exp_name", str(tmp_path / "file")], capsys)
+    assert err == f"error: --exp_name {tmp_path / 'file'}: is a file, not a folder"
+    err = fails_in_one_line(train_cli.main, [*base, "--exp_name", str(tmp_path / "exp"), "--chunk_paths",
+                                             str(tmp_path / "file")], capsys)
+    assert err == f"error: --chunk_paths {tmp_path / 'file'}: is a file, not a folder"
+
+
+def test_a_grid_far_too_fine_for_the_scene_is_warned_about(tiny_city: Path) -> None:
+    dataset = load_dataset(tiny_city)
+    assert partition_cli.work_warning(dataset, (2, 2), 1000) is None
+    warning = partition_cli.work_warning(dataset, (100, 100), 1000)
+    assert warning == ("warning: --grid_dim 100 100: 10,000 cells for 40 images, 1.5e+12 point-centroid distances to "
+                       "partition and 10,000 models to train; a smaller grid is usually what such a scene needs")
+    assert partition_cli.work_warning(dataset, (7, 6), 8) is not None  # 42 cells for 40 images
+    # the exact rule (no --ray_samples): 2K + 2 points per ray, 122,880 pixels
+    assert partition_cli.work_warning(dataset, (2, 2), None) is None
+    assert "2.5e+13 point-centroid distances" in partition_cli.work_warning(dataset, (100, 100), None)
