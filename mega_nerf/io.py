@@ -225,9 +225,21 @@ def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
             if recording.error is None:
                 raise
             raise recording.error from None
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """`data` as indented JSON plus a newline, atomically; infinities are written as Infinity."""
     atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; a missing or unreadable file is one UserError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def write_bgr(path: str | os.PathLike, bgr: np.ndarray, params: Sequence[int] = ()) -> None:

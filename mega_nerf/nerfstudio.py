@@ -12,7 +12,6 @@ or ours).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,18 +20,13 @@ import numpy as np
 from mega_nerf.data.dataset import rotation_problem
 from mega_nerf.data.frames import Similarity
 from mega_nerf.errors import UserError
-from mega_nerf.io import write_json
+from mega_nerf.io import read_json, write_json
 
 PathCamera = tuple[np.ndarray, np.ndarray, tuple[int, int]]  # c2w (3, 4), intrinsics fx fy cx cy (4,), (W, H)
 
 
 def _load(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: camera path not found") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or not data.get("camera_path"):
         raise UserError(f"{path}: has no 'camera_path' (not a nerfstudio camera path)")
     return data

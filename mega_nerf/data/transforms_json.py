@@ -7,7 +7,6 @@ per frame or shared at the top level. Sparse points come from `ply_file_path` (n
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path, PurePosixPath
@@ -19,6 +18,7 @@ from plyfile import PlyData, PlyParseError
 from mega_nerf.data.convert import Conversion, SceneInput, convert, keep_existing_images, unique_stems
 from mega_nerf.data.dataset import IMAGE_EXTENSIONS, rotation_problem
 from mega_nerf.errors import UserError
+from mega_nerf.io import read_json
 
 SUPPORTED_CAMERA_MODELS = ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE")
 
@@ -107,12 +107,7 @@ def transforms_scene(path: str | os.PathLike, points_path: str | os.PathLike | N
                      allow_missing: bool = False) -> SceneInput:
     """A SceneInput (frames found on disk, in file order) from a transforms.json."""
     file = Path(path)
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{file}: not found") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{file}: not valid JSON ({e})") from None
+    data = read_json(file)
     frames = data.get("frames") if isinstance(data, dict) else None
     if not frames:
         raise UserError(f"{file}: has no 'frames'")
