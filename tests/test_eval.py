@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torchmetrics
 from test_video import decode, psnr
 
 from mega_nerf.camera_path import (
@@ -348,6 +349,7 @@ def test_strict_evaluation_scores_whole_images_and_says_so(pipeline: Path, tiny_
     saved = read_metrics(tmp_path / "strict")
     assert saved["eval_protocol"] == "strict" and "whole val image" in saved["protocol"]
     assert "nearest" in saved["appearance"] and {"ssim", "lpips"} <= set(saved["implementations"])
+    assert saved["implementations"]["ssim"].startswith(f"torchmetrics {torchmetrics.__version__} ")
     dataset = load_dataset(tiny_city)
     meta = dataset.val[0]
     rendered = cv2.imread(str(tmp_path / "strict" / "rgb" / f"{meta.name}.png"))[:, :, ::-1].astype(float) / 255
