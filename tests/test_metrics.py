@@ -1,7 +1,9 @@
 """PSNR, SSIM and LPIPS against independent re-computations (numpy, scipy, plain functional torch)."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from mega_nerf.errors import UserError
+from mega_nerf.evaluation import lpips as lpips_module
 from mega_nerf.evaluation.lpips import load_lpips, load_lpips_nets
 from mega_nerf.evaluation.metrics import image_metrics, psnr, ssim
 
@@ -153,7 +156,7 @@ def reference_lpips(pred: torch.Tensor, target: torch.Tensor, net: str, director
     """LPIPS v0.1 by the paper's formula (Eq. 1) from the saved files."""
     backbone_name = "alexnet-owt-7be5be79.pth" if net == "alex" else "vgg16-397923af.pth"
     sd = torch.load(directory / backbone_name)
-    lins = torch.load(directory / f"{net}.pth")
+    lins = torch.load(directory / f"{net}.pth", map_location="cpu")  # the lpips wheel's were saved on CUDA
     total = 0.0
     per_image = []
     for image in (pred, target):
@@ -197,13 +200,48 @@ def test_image_metrics_reports_every_metric(weights_dir: Path) -> None:
     assert image_metrics(pred, target, {"alex": None})["lpips_alex"] is None
 
 
-def test_missing_weights_give_none_and_one_warning(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    assert load_lpips("alex", tmp_path) is None
-    assert load_lpips("alex", tmp_path) is None
+def lpips_package_dir() -> Path:
+    """The installed lpips package's folder, found by the import system without running the package (it imports
+    torchvision): an independent route to the files `package_linear_file` finds through the package metadata."""
+    spec = importlib.util.find_spec("lpips")
+    assert spec is not None, "the tests need the lpips wheel's weights: pip install --no-deps lpips==0.1.4 (make does)"
+    return Path(spec.submodule_search_locations[0])
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_linear_layers_come_from_the_lpips_package(net: str, weights_dir: Path, tmp_path: Path) -> None:
+    """A directory with only the backbone: the linear layers are the lpips wheel's v0.1 files."""
+    backbone = "alexnet-owt-7be5be79.pth" if net == "alex" else "vgg16-397923af.pth"
+    (tmp_path / "backbone_only").mkdir()
+    shutil.copy(weights_dir / backbone, tmp_path / "backbone_only" / backbone)
+    lpips = load_lpips(net, tmp_path / "backbone_only", device="cpu")
+    assert lpips is not None
+    (tmp_path / "reference").mkdir()
+    shutil.copy(weights_dir / backbone, tmp_path / "reference" / backbone)
+    shutil.copy(lpips_package_dir() / "weights" / "v0.1" / f"{net}.pth", tmp_path / "reference" / f"{net}.pth")
+    pred, target = shifted_noisy_pair()
+    expected = reference_lpips(pred, target, net, tmp_path / "reference")
+    assert expected > 1e-3 and all(bool((lin.weight >= 0).all()) for lin in lpips.lins)  # the trained ones
+    assert lpips(pred, target) == pytest.approx(expected, rel=1e-4)
+    # a linear file in the directory comes first
+    assert load_lpips(net, weights_dir, device="cpu")(pred, target) == pytest.approx(
+        reference_lpips(pred, target, net, weights_dir), rel=1e-4)
+
+
+def test_missing_weights_give_none_and_one_line_once(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_lpips_nets(tmp_path) == {"alex": None, "vgg": None}
+    assert load_lpips_nets(tmp_path) == {"alex": None, "vgg": None}
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1
-    assert str(tmp_path) in lines[0] and "alexnet-owt-7be5be79.pth" in lines[0]
+    assert len(lines) == 1  # the lpips package is installed: only the backbones are missing
+    assert lines[0] == (f"warning: LPIPS reported as null where its weights are missing: alexnet-owt-7be5be79.pth, "
+                        f"vgg16-397923af.pth (torchvision's ImageNet backbones, never downloaded) not in {tmp_path} "
+                        "(see --lpips_weights_dir)")
+    monkeypatch.setattr(lpips_module, "package_linear_file", lambda net: None)
+    assert load_lpips_nets(tmp_path / "other") == {"alex": None, "vgg": None}
+    line = capsys.readouterr().err.strip()
+    assert "alex.pth, vgg.pth (linear layers) neither there nor in an installed lpips package" in line
+    assert "\n" not in line
 
 
 def test_malformed_weights_are_one_line_user_errors(tmp_path: Path, weights_dir: Path) -> None:

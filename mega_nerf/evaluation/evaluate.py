@@ -30,7 +30,7 @@ from tqdm import tqdm
 from mega_nerf.data.dataset import MEGA_NERF, STRICT, Dataset, ImageMetadata, dataset_fingerprint, load_dataset
 from mega_nerf.distributed import check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
-from mega_nerf.evaluation.lpips import LPIPS, load_lpips_nets
+from mega_nerf.evaluation.lpips import LPIPS, LPIPS_IMPLEMENTATION, load_lpips_nets
 from mega_nerf.evaluation.metrics import SSIM_IMPLEMENTATION, SSIM_WINDOW, image_metrics
 from mega_nerf.imaging import colorize_depth, render_image, to_uint8
 from mega_nerf.io import write_json, write_png
@@ -45,8 +45,7 @@ APPEARANCE_TEXT = {
     STRICT: "the embedding of the training image whose camera centre is nearest (the val image's own is untrained)"}
 IMPLEMENTATIONS = {
     "ssim": SSIM_IMPLEMENTATION,
-    "lpips": "mega_nerf.evaluation.lpips: LPIPS v0.1 (Zhang et al. 2018), our torch code reading torchvision's "
-             "AlexNet / VGG16 weights and the lpips package's linear layers; inputs scaled to [-1, 1]"}
+    "lpips": LPIPS_IMPLEMENTATION}
 METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
 TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metrics.json has them all)
 ImageHook = Callable[[int], None]
