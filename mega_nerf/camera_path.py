@@ -1,4 +1,4 @@
-"""Camera paths for new views, rendered through a container to PNG frames and an MP4.
+"""Camera paths for new views, rendered through a container to PNG frames and an H.264 MP4 (video.py).
 
 A path is either key poses from a text file, interpolated (centres linearly, rotations by spherical linear
 interpolation, intrinsics linearly), or, without a file, an orbit over the scene: a circle at the cameras' mean
@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from scipy.spatial.transform import Rotation, Slerp
@@ -31,6 +30,7 @@ from mega_nerf.io import atomic_path, atomic_write, check_free_space, remove_tem
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.nerfstudio import read_camera_path, write_camera_path
 from mega_nerf.render import default_chunk
+from mega_nerf.video import mp4_writer, video_problem
 
 POSE_FILE_FORMAT = """\
 pose file (--path): one key pose per line; blank lines and lines starting with # are ignored. A line holds
@@ -197,12 +197,6 @@ def render_frame(container: Container, info: ContainerInfo, pose: Pose, chunk: i
     return to_uint8(out["rgb"])
 
 
-def _video_problem(path: Path, frames: int) -> str | None:
-    """What is wrong with a written video that should hold `frames` frames (OpenCV writes a full disk silently)."""
-    found = int(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT))
-    return None if found == frames else f"the video holds {found} of its {frames} frames (disk full?)"
-
-
 def path_frame(dataset_path: str, dataparser_transforms: str | None) -> Similarity | None:
     """The map from the world camera path files are in to ours (None: they are in ours): nerfstudio's world
     when its dataparser_transforms.json is given, else the dataset's source world when it has one."""
@@ -256,18 +250,12 @@ def render_images(config: PathConfig) -> Path:
     remove_temp_files(output / "frames")
     video_path = output / "video.mp4"
     # The MP4 is written under a temp name and renamed only once it holds every frame (io.atomic_path).
-    with atomic_path(video_path, keep_suffix=True, check=lambda tmp: _video_problem(tmp, len(poses))) as tmp:
-        video = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), config.fps, (W, H))
-        if not video.isOpened():
-            raise UserError(f"{video_path}: cannot write an MP4 here (OpenCV without an mp4v encoder?)")
-        try:
-            with torch.no_grad():
-                for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=not config.progress)):
-                    rgb = render_frame(container, info, pose, chunk)
-                    write_png(output / "frames" / f"{f:05d}.png", rgb)
-                    video.write(np.ascontiguousarray(rgb[:, :, ::-1]))
-        finally:
-            video.release()
+    with (atomic_path(video_path, keep_suffix=True, check=lambda tmp: video_problem(tmp, len(poses))) as tmp,
+          mp4_writer(tmp, (W, H), config.fps) as write_video, torch.no_grad()):
+        for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=not config.progress)):
+            rgb = render_frame(container, info, pose, chunk)
+            write_png(output / "frames" / f"{f:05d}.png", rgb)
+            write_video(rgb)
     write_camera_path(output / "camera_path.json", [(p.c2w, p.intrinsics, p.size) for p in poses], config.fps,
                       None if to_ours is None else to_ours.inverse())
     print(f"wrote {len(poses)} frames to {output / 'frames'} and {video_path}")

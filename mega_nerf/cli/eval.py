@@ -31,8 +31,9 @@ def eval_parser() -> configargparse.ArgParser:
                         "strict: score whole val images, never trained, with the nearest training image's "
                         "appearance (train with the same option)")
     p.add_argument("--lpips_weights_dir", type=str, default=None,
-                   help="LPIPS weights (see mega_nerf/lpips.py; default ~/.cache/mega_nerf/lpips); "
-                        "without them LPIPS is reported as null")
+                   help="folder of torchvision's AlexNet / VGG16 weights for LPIPS, never downloaded (linear "
+                        "layers: the lpips package's; see mega_nerf/evaluation/lpips.py; default "
+                        "~/.cache/mega_nerf/lpips); without them LPIPS is reported as null")
     p.add_argument("--ray_chunk", type=int, default=None,
                    help="rays rendered at once, bounds memory (default: 262144 on a GPU, 8192 on a CPU)")
     p.add_argument("--timeout_minutes", type=float, default=10,

@@ -30,8 +30,8 @@ from tqdm import tqdm
 from mega_nerf.data.dataset import MEGA_NERF, STRICT, Dataset, ImageMetadata, dataset_fingerprint, load_dataset
 from mega_nerf.distributed import check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
-from mega_nerf.evaluation.lpips import LPIPS, load_lpips_nets
-from mega_nerf.evaluation.metrics import SSIM_WINDOW, image_metrics
+from mega_nerf.evaluation.lpips import LPIPS, LPIPS_IMPLEMENTATION, load_lpips_nets
+from mega_nerf.evaluation.metrics import SSIM_IMPLEMENTATION, SSIM_WINDOW, image_metrics
 from mega_nerf.imaging import colorize_depth, render_image, to_uint8
 from mega_nerf.io import write_json, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
@@ -44,11 +44,8 @@ APPEARANCE_TEXT = {
     MEGA_NERF: "each val image's own embedding, trained on its left half",
     STRICT: "the embedding of the training image whose camera centre is nearest (the val image's own is untrained)"}
 IMPLEMENTATIONS = {
-    "ssim": "mega_nerf.evaluation.metrics.ssim: Wang et al. 2004, 11x11 Gaussian window (sigma 1.5), K1 0.01, "
-            "K2 0.03, data range 1, valid region, per channel, float64: the definition torchmetrics' "
-            "structural_similarity_index_measure (nerfstudio's SSIM) uses",
-    "lpips": "mega_nerf.evaluation.lpips: LPIPS v0.1 (Zhang et al. 2018), our torch code reading torchvision's "
-             "AlexNet / VGG16 weights and the lpips package's linear layers; inputs scaled to [-1, 1]"}
+    "ssim": SSIM_IMPLEMENTATION,
+    "lpips": LPIPS_IMPLEMENTATION}
 METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
 TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metrics.json has them all)
 ImageHook = Callable[[int], None]

@@ -1,24 +1,28 @@
 """LPIPS, the learned perceptual image distance (Zhang et al. 2018, version 0.1), AlexNet and VGG16 backbones.
 
-Written in plain torch (torchvision cannot be installed beside our torch), with the backbones laid out as
-torchvision's `features` stacks so that the public checkpoints load unchanged. Nothing is downloaded: the
-weights are read from a directory (`--lpips_weights_dir`, else `~/.cache/mega_nerf/lpips/`) holding the files
-of the public releases:
+Written in plain torch, with the backbones laid out as torchvision's `features` stacks so that the public
+checkpoints load unchanged: the `lpips` package itself cannot be used, as it imports torchvision, which does not
+install beside our torch (PyPI's torchvision needs its own torch build). Nothing is downloaded. Files read:
 
     alexnet-owt-7be5be79.pth  torchvision AlexNet  features.{0,3,6,8,10}.{weight,bias}
     vgg16-397923af.pth        torchvision VGG16    features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.{weight,bias}
     alex.pth, vgg.pth         LPIPS v0.1 linear    lin{k}.model.1.weight, shape (1, C_k, 1, 1), k = 0..4
 
+The ImageNet backbones come from a directory only (`--lpips_weights_dir`, else `~/.cache/mega_nerf/lpips/`):
+copy torchvision's files there (from `~/.cache/torch/hub/checkpoints/` wherever torchvision has fetched them).
+The linear layers come from that directory when there, else from the `lpips` package's wheel, which ships them
+(`lpips/weights/v0.1/`): `pip install --no-deps lpips` installs it without torchvision, and its files are found
+through the package's metadata, never by importing it.
+
 Key mapping: `features.<i>.*` -> `LPIPS.features.<i>.*` (same indices; `classifier.*` is ignored) and
 `lin<k>.model.1.weight` -> `LPIPS.lins.<k>.weight` (`model.0` is the dropout of the original training code).
-To install them, copy torchvision's files (from `~/.cache/torch/hub/checkpoints/` wherever torchvision has
-fetched them) and the `lpips` package's `weights/v0.1/{alex,vgg}.pth` into that directory.
 
-When files are missing, `load_lpips` returns None and warns once, so that evaluation reports LPIPS as
-unavailable instead of failing.
+When files are missing, `load_lpips_nets` says so in one line, once, and reports LPIPS as unavailable instead of
+failing.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,44 +128,77 @@ class LPIPS(nn.Module):
         return float(total)
 
 
+LPIPS_IMPLEMENTATION = ("mega_nerf.evaluation.lpips: LPIPS v0.1 (Zhang et al. 2018), our torch code reading "
+                        "torchvision's AlexNet / VGG16 weights and the lpips package's linear layers; inputs scaled "
+                        "to [-1, 1]")
+
+
 def default_weights_dir() -> Path:
     """The documented cache directory used when no `--lpips_weights_dir` is given."""
     return Path.home() / ".cache" / "mega_nerf" / "lpips"
 
 
-_warned: set[tuple[str, Path]] = set()
+def package_linear_file(net: str) -> Path | None:
+    """The installed `lpips` package's v0.1 linear weights of `net`, or None when it is not installed. Found
+    through the package's metadata: importing it would import torchvision."""
+    try:
+        path = Path(importlib.metadata.distribution("lpips").locate_file(f"lpips/weights/v0.1/{net}.pth"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def weight_files(net: str, directory: Path) -> tuple[Path | None, Path | None]:
+    """(backbone, linear) weight files of `net`, None where absent: the backbone from `directory` only; the
+    linear layers from `directory` when there, else from the installed `lpips` package."""
+    spec = _BACKBONES[net]
+    backbone, linear = directory / spec.backbone_file, directory / spec.linear_file
+    return (backbone if backbone.is_file() else None,
+            linear if linear.is_file() else package_linear_file(net))
 
 
 def load_lpips(net: str, weights_dir: Path | None = None, device: str | torch.device | None = None
                ) -> LPIPS | None:
-    """LPIPS with backbone `net` ("alex" or "vgg") and the public weights found in `weights_dir`
-    (default `default_weights_dir()`), on `device` (default CUDA when available).
-
-    Returns None, warning once per backbone and directory on stderr, when a weights file is missing.
+    """LPIPS with backbone `net` ("alex" or "vgg") and the public weights (`weight_files` in `weights_dir`,
+    default `default_weights_dir()`), on `device` (default CUDA when available); None when a file is missing.
     Raises UserError naming the file when one is present but unreadable or of the wrong shape.
     """
-    model = LPIPS(net)
-    spec = _BACKBONES[net]
-    directory = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
-    missing = [name for name in (spec.backbone_file, spec.linear_file) if not (directory / name).is_file()]
-    if missing:
-        if (net, directory) not in _warned:
-            _warned.add((net, directory))
-            print(f"warning: LPIPS ({net}) unavailable, reported as null: {', '.join(missing)} not found "
-                  f"in {directory} (see --lpips_weights_dir)", file=sys.stderr)
+    backbone, linear = weight_files(net, _directory(weights_dir))
+    if backbone is None or linear is None:
         return None
-    _copy_weights(model.features, directory / spec.backbone_file, lambda key: f"features.{key}")
-    _copy_weights(model.lins, directory / spec.linear_file,
-                  lambda key: f"lin{key.split('.')[0]}.model.1.weight")
+    model = LPIPS(net)
+    _copy_weights(model.features, backbone, lambda key: f"features.{key}")
+    _copy_weights(model.lins, linear, lambda key: f"lin{key.split('.')[0]}.model.1.weight")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device)
 
 
+_warned: set[Path] = set()
+
+
 def load_lpips_nets(weights_dir: Path | None = None, device: str | torch.device | None = None
                     ) -> dict[str, LPIPS | None]:
-    """Both backbones, as `image_metrics` expects them: {"alex": ..., "vgg": ...}, None where unavailable."""
-    return {net: load_lpips(net, weights_dir, device) for net in NETS}
+    """Both backbones, as `image_metrics` expects them: {"alex": ..., "vgg": ...}, None where unavailable. What
+    is missing is said once per directory, in one line on stderr."""
+    directory = _directory(weights_dir)
+    files = {net: weight_files(net, directory) for net in NETS}
+    backbones = [_BACKBONES[net].backbone_file for net in NETS if files[net][0] is None]
+    linears = [_BACKBONES[net].linear_file for net in NETS if files[net][1] is None]
+    if (backbones or linears) and directory not in _warned:
+        _warned.add(directory)
+        missing = [f"{', '.join(backbones)} (torchvision's ImageNet backbones, never downloaded) not in {directory}"
+                   ] if backbones else []
+        if linears:
+            missing.append(f"{', '.join(linears)} (linear layers) neither there nor in an installed lpips package "
+                           "(pip install --no-deps lpips)")
+        print(f"warning: LPIPS reported as null where its weights are missing: {'; '.join(missing)} "
+              "(see --lpips_weights_dir)", file=sys.stderr)
+    return {net: load_lpips(net, directory, device) for net in NETS}
+
+
+def _directory(weights_dir: Path | None) -> Path:
+    return Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
 
 
 def _copy_weights(module: nn.Module, path: Path, file_key: Callable[[str], str]) -> None:

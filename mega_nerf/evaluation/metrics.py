@@ -1,22 +1,25 @@
 """Image-quality metrics as NeRF papers report them: PSNR, SSIM and LPIPS (AlexNet and VGG).
 
 Images are (H, W, 3) float tensors in [0, 1], on CPU or CUDA. PSNR and SSIM are computed in float64 so that
-the reported numbers do not depend on the device; LPIPS lives in `mega_nerf.evaluation.lpips`.
+the reported numbers do not depend on the device. SSIM is torchmetrics' (nerfstudio's), not our own, so that our
+numbers and nerfstudio's compare; LPIPS lives in `mega_nerf.evaluation.lpips`.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
+import torchmetrics
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from mega_nerf.evaluation.lpips import LPIPS, NETS
 
-# SSIM constants of Wang et al. 2004, Sec. III-C, for data range 1.
-SSIM_WINDOW = 11
-SSIM_SIGMA = 1.5
-SSIM_C1 = 0.01 ** 2
-SSIM_C2 = 0.03 ** 2
+SSIM_WINDOW = 11  # the Gaussian window's side (sigma 1.5): images must be at least this large
+SSIM_IMPLEMENTATION = (
+    f"torchmetrics {torchmetrics.__version__} structural_similarity_index_measure, as nerfstudio reports SSIM: "
+    "11x11 Gaussian window (sigma 1.5), K1 0.01, K2 0.03, data range 1, each channel reflect-padded by 5 pixels and "
+    "the SSIM map averaged over every pixel (torchmetrics >= 1.4.2; up to 1.4.1 it averaged the valid region "
+    "only), in float64")
 
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -31,34 +34,15 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
-def _gaussian_window(device: torch.device) -> torch.Tensor:
-    """(SSIM_WINDOW,) normalised 1D Gaussian; the 2D window is its outer product."""
-    x = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=device) - (SSIM_WINDOW - 1) / 2
-    window = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
-    return window / window.sum()
-
-
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean SSIM (Wang et al. 2004): 11x11 Gaussian window (sigma 1.5), 'valid' filtering, each channel
-    separately, averaged over positions and channels. pred, target: (H, W, 3) with H, W >= 11."""
+    """Mean SSIM (Wang et al. 2004) as nerfstudio reports it (SSIM_IMPLEMENTATION), in float64 so that the number
+    does not depend on the device. pred, target: (H, W, 3) with H, W >= SSIM_WINDOW."""
     _check_pair(pred, target)
     if min(pred.shape[:2]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images at least {SSIM_WINDOW} pixels a side, got {tuple(pred.shape)}")
-    # Channels become batch items: (3, 1, H, W).
-    x = pred.double().permute(2, 0, 1).unsqueeze(1)
-    y = target.double().permute(2, 0, 1).unsqueeze(1)
-    window = _gaussian_window(pred.device)
-    # Local means of x, y, x^2, y^2, xy in one separable 'valid' convolution: (5 * 3, 1, H - 10, W - 10).
-    stacked = torch.cat([x, y, x * x, y * y, x * y])
-    blurred = F.conv2d(F.conv2d(stacked, window.view(1, 1, -1, 1)), window.view(1, 1, 1, -1))
-    mu_x, mu_y, e_xx, e_yy, e_xy = blurred.chunk(5)
-    var_x = e_xx - mu_x ** 2
-    var_y = e_yy - mu_y ** 2
-    cov = e_xy - mu_x * mu_y
-    # Eq. 13 of the paper.
-    ssim_map = ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)) / (
-        (mu_x ** 2 + mu_y ** 2 + SSIM_C1) * (var_x + var_y + SSIM_C2))
-    return float(ssim_map.mean())
+    # torchmetrics takes (N, C, H, W) batches.
+    x, y = (image.double().permute(2, 0, 1).unsqueeze(0) for image in (pred, target))
+    return float(structural_similarity_index_measure(x, y, data_range=1.0))
 
 
 def image_metrics(pred: torch.Tensor, target: torch.Tensor, lpips_nets: dict[str, LPIPS | None]
