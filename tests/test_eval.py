@@ -344,7 +344,20 @@ def test_strict_protocol_trains_no_val_pixel(tiny_city: Path) -> None:
 
 
 def test_strict_evaluation_scores_whole_images_and_says_so(pipeline: Path, tiny_city: Path, tmp_path: Path) -> None:
-    args = eval_args(tiny_city / "config.yaml", pipeline / "merged.pt", tiny_city, tmp_path / "strict")
+    """A model trained under the strict protocol (merged as a one-cell container) evaluates under it; the merged
+    city, trained on the left halves of val images, is refused under strict (its metrics.json would say no
+    pixel was trained on), and a strict model under Mega-NeRF's protocol."""
+    train(tiny_city / "config.yaml", tmp_path / "strict-0", STEPS, "--eval_protocol", "strict")
+    params = load_params(pipeline / "masks" / "params.pt")
+    one_cell = dataclasses.replace(params, centroids=params.centroids.mean(0, keepdim=True), grid_dim=(1, 1))
+    one_cell.save(tmp_path / "one_cell.pt")
+    merge_submodules(f"{tmp_path}/strict-", tmp_path / "one_cell.pt", tmp_path / "strict.pt", False, 1.15)
+    args = eval_args(tiny_city / "config.yaml", pipeline / "merged.pt", tiny_city, tmp_path / "leaky")
+    with pytest.raises(UserError, match=r"merged.pt: trained under --eval_protocol mega-nerf; .* \(got strict\)"):
+        evaluate(eval_config_from_argv([*args, "--eval_protocol", "strict"]))
+    args = eval_args(tiny_city / "config.yaml", tmp_path / "strict.pt", tiny_city, tmp_path / "strict")
+    with pytest.raises(UserError, match=r"strict.pt: trained under --eval_protocol strict; .* \(got mega-nerf\)"):
+        evaluate(eval_config_from_argv(args))
     report = evaluate(eval_config_from_argv([*args, "--eval_protocol", "strict"]))
     saved = read_metrics(tmp_path / "strict")
     assert saved["eval_protocol"] == "strict" and "whole val image" in saved["protocol"]

@@ -206,7 +206,8 @@ def test_a_run_without_an_altitude_slab_is_warned(tiny_city, tmp_path, capsys):
 
 def test_masks_of_another_dataset_or_cell_are_refused(tiny_city, masks, tmp_path):
     """Masks made from another dataset of the same names and sizes (moved cameras) are refused in one line, and
-    so is an experiment of cell 0 rerun with cell 1's masks (issue 20, item 2)."""
+    so is an experiment of cell 0 rerun with cell 1's masks (issue 20, item 2), or with another --eval_protocol
+    (in memory mode no chunk manifest would catch it, and the model would train val pixels strict forbids)."""
     moved = tmp_path / "moved"
     shutil.copytree(tiny_city, moved)
     for meta_file in moved.glob("*/metadata/*.pt"):
@@ -219,6 +220,9 @@ def test_masks_of_another_dataset_or_cell_are_refused(tiny_city, masks, tmp_path
     Trainer(args(tiny_city, tmp_path / "cell0", *common, "--cluster_mask_path", str(masks / "0"))).run()
     with pytest.raises(UserError, match="trained on cell 0's masks, but --cluster_mask_path gives cell 1"):
         Trainer(args(tiny_city, tmp_path / "cell0", *common, "--cluster_mask_path", str(masks / "1"))).run()
+    with pytest.raises(UserError, match="trained under --eval_protocol mega-nerf, but this run gives strict"):
+        Trainer(args(tiny_city, tmp_path / "cell0", *common, "--cluster_mask_path", str(masks / "0"),
+                     "--eval_protocol", "strict")).run()
 
 
 # Trains like mega_nerf/train.py (start-up timed from the process start) and writes the time at the end of step 1.

@@ -106,6 +106,9 @@ def prepare(config: EvalConfig, device: torch.device) -> EvalJob:
     container, info = load_container(config.container_path, device)
     dataset = load_checked_dataset(info, config.dataset_path, config.train_scale_factor, config.val_scale_factor)
     protocol = config.eval_protocol
+    if info.eval_protocol != protocol:  # else metrics.json would say pixels were (or were not) trained wrongly
+        raise UserError(f"{info.path}: trained under --eval_protocol {info.eval_protocol}; evaluate it with the "
+                        f"same (got {protocol})")
     for meta in dataset.val:
         width = meta.W - meta.scored_columns_for(protocol).start
         if min(meta.H, width) < SSIM_WINDOW:

@@ -16,7 +16,7 @@ The container file (`merged.pt`, written by `mega_nerf.merging.merge`; loads wit
     version, kind = "container"
     centroids (K, 3) float32, boundary_margin, cluster_2d      the partition (from masks/params.pt)
     render {samples, fine_samples, bg_samples}, scene {near, far, altitude_range}   as trained, normalised
-    dataset (fingerprint of the training dataset), n_images
+    dataset (fingerprint of the training dataset), n_images, eval_protocol (which val pixels trained; absent: mega-nerf)
     submodules: K entries, None for an empty or missing cell, else {field_config, model, step}
 The models are inference-only state dicts: hash tables in float16 (where finite), no occupancy running
 density (only the mask is needed to skip empty space).
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mega_nerf.bounds import box_to_world
+from mega_nerf.data.dataset import MEGA_NERF
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
 from mega_nerf.fields.base import BoxField, Field
@@ -208,6 +209,7 @@ class ContainerInfo:
     n_images: int
     cells: list[int]  # the non-empty cells
     steps: list[int | None]  # training steps per cell, None where empty or missing
+    eval_protocol: str = MEGA_NERF  # which val pixels the submodules trained on (dataset.PROTOCOLS)
 
     @property
     def bounds(self) -> SceneBounds:
@@ -282,5 +284,6 @@ def load_container(path: str | Path, device: torch.device | str = "cpu") -> tupl
         near=float(scene["near"]), far=float(scene["far"]),
         altitude_range=None if altitude is None else (float(altitude[0]), float(altitude[1])),
         dataset=state["dataset"], n_images=int(state["n_images"]), cells=container.cells,
-        steps=[None if e is None else int(e["step"]) for e in state["submodules"]])
+        steps=[None if e is None else int(e["step"]) for e in state["submodules"]],
+        eval_protocol=state.get("eval_protocol", MEGA_NERF))
     return container.to(device).eval(), info

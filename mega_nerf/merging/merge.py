@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mega_nerf.data.dataset import MEGA_NERF
 from mega_nerf.errors import UserError
 from mega_nerf.merging.container import inference_state, save_container
 from mega_nerf.partition.cells import PartitionParams, load_params
@@ -81,12 +82,20 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
         if n_images is not None and config["n_images"] != n_images:
             raise UserError(f"{name}: trained on {config['n_images']} images, but {params_path} was made "
                             f"from {n_images}")
+        if _protocol(st) != _protocol(ref.state):
+            raise UserError(f"{name}: trained under --eval_protocol {_protocol(st)}, submodule {ref.cell} under "
+                            f"{_protocol(ref.state)}")
         if st["render"] != ref.state["render"]:
             raise UserError(f"{name}: render settings {st['render']} differ from submodule {ref.cell}'s "
                             f"{ref.state['render']}")
         if not _same_scene(st["scene"], partition_scene):
             raise UserError(f"{name}: near/far/altitude range {st['scene']} differ from {params_path}'s "
                             f"{partition_scene}")
+
+
+def _protocol(state: dict[str, Any]) -> str:
+    """The evaluation protocol a checkpoint was trained under (before the strict one existed: Mega-NeRF's)."""
+    return state.get("eval_protocol", MEGA_NERF)
 
 
 def container_state(subs: list[Submodule | None], params: PartitionParams, boundary_margin: float
@@ -102,7 +111,8 @@ def container_state(subs: list[Submodule | None], params: PartitionParams, bound
                             "step": int(s.state["step"])})
     return {"centroids": params.centroids.float().clone(), "boundary_margin": float(boundary_margin),
             "cluster_2d": bool(params.cluster_2d), "render": dict(ref["render"]), "scene": dict(ref["scene"]),
-            "dataset": ref["dataset"], "n_images": int(ref["field_config"]["n_images"]), "submodules": entries}
+            "dataset": ref["dataset"], "n_images": int(ref["field_config"]["n_images"]),
+            "eval_protocol": _protocol(ref), "submodules": entries}
 
 
 def merge_submodules(prefix: str, params_path: Path, output: Path, allow_empty_cells: bool,
