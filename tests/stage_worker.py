@@ -40,9 +40,8 @@ def main() -> None:
         from mega_nerf.evaluation.evaluate import evaluate
         evaluate(config_from_argv(argv), on_image=hook)
     else:
-        from mega_nerf.cli.train_cells import cells_config, train_cells_parser
-        from mega_nerf.training.all_cells import train_cells
-        train_cells(cells_config(train_cells_parser().parse_args(argv)), on_step=hook)
+        from mega_nerf.cli.train_cells import main as train_cells
+        train_cells(argv, on_step=hook)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+import yaml
 
 from mega_nerf.cli.parscript import main as parscript_main
 from mega_nerf.cli.train import main as train_main
@@ -115,6 +116,9 @@ def test_two_ranks_train_every_cell_as_separate_runs(tiny_city: Path, masks: Pat
     assert "4 of 4 cells trained" in result.stdout[0]
     assert {f"rank {r}: cell" in result.stdout[0] for r in (0, 1)} == {True}  # both ranks took cells
     assert_as_separate_runs(tmp_path, separate_runs)
+    for k in range(4):  # each cell's resolved options, saved where train.py would save them
+        saved = yaml.safe_load((tmp_path / f"exp-{k}" / "config.yaml").read_text())
+        assert (saved["exp_name"], saved["cluster_mask_path"]) == (str(tmp_path / f"exp-{k}"), str(masks / str(k)))
 
 
 def test_a_rerun_after_a_kill_resumes_the_unfinished_cells_only(tiny_city: Path, masks: Path, separate_runs: Path,

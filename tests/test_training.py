@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mega_nerf.cli.train import config_from_argv
+from mega_nerf.cli.train import main as train_main
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.partition.maskfile import write_mask
@@ -223,6 +224,20 @@ def test_masks_of_another_dataset_or_cell_are_refused(tiny_city, masks, tmp_path
     with pytest.raises(UserError, match="trained under --eval_protocol mega-nerf, but this run gives strict"):
         Trainer(args(tiny_city, tmp_path / "cell0", *common, "--cluster_mask_path", str(masks / "0"),
                      "--eval_protocol", "strict")).run()
+
+
+def test_a_refused_run_leaves_the_saved_options_alone(tiny_city, masks, tmp_path):
+    """train.py saves the run's options (config.yaml) only once its data and checkpoint are verified: a rerun of
+    cell 0's experiment with cell 1's masks is refused and config.yaml still says cell 0."""
+    common = ["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(tiny_city), *SMALL,
+              "--exp_name", str(tmp_path / "exp"), "--data_mode", "memory", "--batch_size", "64",
+              "--train_iterations", "2", "--val_interval", "100"]
+    train_main([*common, "--cluster_mask_path", str(masks / "0")])
+    saved = (tmp_path / "exp" / "config.yaml").read_bytes()
+    assert f"cluster_mask_path: {masks / '0'}" in saved.decode()
+    with pytest.raises(UserError, match="trained on cell 0's masks, but --cluster_mask_path gives cell 1"):
+        train_main([*common, "--cluster_mask_path", str(masks / "1")])
+    assert (tmp_path / "exp" / "config.yaml").read_bytes() == saved
 
 
 # Trains like mega_nerf/train.py (start-up timed from the process start) and writes the time at the end of step 1.

@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     args = train_parser().parse_args(argv)
     config = train_config(args)
     with locked({"--exp_name": [config.exp_name], "--chunk_paths": list(config.chunk_paths)}):
-        record_options(config, Path(config.exp_name))
-        trainer = Trainer(config, started=process_start())
+        trainer = Trainer(config, started=process_start(),
+                          on_ready=lambda: record_options(config, Path(config.exp_name)))
         if args.viewer is not None:
             from mega_nerf.viewer.watch import watch  # viser only when asked for
 

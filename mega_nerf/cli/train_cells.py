@@ -15,12 +15,12 @@ from pathlib import Path
 
 import configargparse
 
-from mega_nerf.cli.options import base_parser, require
+from mega_nerf.cli.options import base_parser, record_options, require
 from mega_nerf.cli.train import add_training_options, train_config
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.lock import locked
 from mega_nerf.merging.merge import merge_submodules
-from mega_nerf.training.all_cells import CellsConfig, train_cells
+from mega_nerf.training.all_cells import CellsConfig, CellStepHook, train_cells
 
 
 def train_cells_parser() -> configargparse.ArgParser:
@@ -54,10 +54,11 @@ def cells_config(args: configargparse.Namespace) -> CellsConfig:
                        args.device)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, on_step: CellStepHook | None = None) -> None:
+    """The command; `on_step` (cell, step) is the trainer's test hook (tests/stage_worker.py)."""
     args = train_cells_parser().parse_args(argv)
     config = cells_config(args)
-    outcomes = train_cells(config)
+    outcomes = train_cells(config, on_step, on_ready=lambda cell: record_options(cell, Path(cell.exp_name)))
     if outcomes is not None and args.merge_output:  # rank 0, every cell trained
         with locked({"--merge_output": [args.merge_output]}, folders=False):
             merge_submodules(config.exp_prefix, Path(config.mask_path) / "params.pt", Path(args.merge_output),

@@ -16,6 +16,7 @@ outcome and, when some failed, one error line naming them and why.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.trainer import Trainer
 
 CellStepHook = Callable[[int, int], None]  # (cell, step) after every optimiser step
+ReadyHook = Callable[[TrainConfig], None]  # a cell's config, once its data and checkpoints are verified
 FAILURE_POLL_SECONDS = 1.0  # how often a training rank looks whether another rank has failed
 
 
@@ -107,10 +109,11 @@ def _latest_step(exp_dir: Path) -> int | None:
     return None if latest is None else int(latest.stem)
 
 
-def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStepHook | None) -> CellOutcome:
+def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStepHook | None,
+               on_ready: ReadyHook | None = None) -> CellOutcome:
     """Train (or resume, or pass over) one cell, its outputs locked. A user error (another run holding them
     among them) or running out of GPU memory is the cell's failure, returned; any other exception, or another
-    rank's failure, propagates."""
+    rank's failure, propagates. `on_ready` gets the cell's config once its data and checkpoints are verified."""
     start = time.perf_counter()
     before = _latest_step(Path(config.exp_name))
     last_poll = [time.monotonic()]
@@ -126,7 +129,8 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
         # cell fails that cell in one line.
         with locked({"--exp_prefix": [config.exp_name], "--chunk_prefix": list(config.chunk_paths)},
                     main_rank_only=False):
-            final = Trainer(config, on_step=step_hook).run()
+            ready = None if on_ready is None else functools.partial(on_ready, config)
+            final = Trainer(config, on_step=step_hook, on_ready=ready).run()
     except PeerFailure:
         raise
     except (UserError, torch.cuda.OutOfMemoryError) as e:
@@ -153,10 +157,12 @@ def summary(outcomes: list[CellOutcome], num_cells: int) -> str:
     return "\n".join([f"{sum(o.trained for o in outcomes)} of {num_cells} cells trained", *lines])
 
 
-def train_cells(config: CellsConfig, on_step: CellStepHook | None = None) -> list[CellOutcome] | None:
+def train_cells(config: CellsConfig, on_step: CellStepHook | None = None, on_ready: ReadyHook | None = None
+                ) -> list[CellOutcome] | None:
     """Train every cell, each rank taking the next largest untaken cell until none is left. Returns every
     cell's outcome on rank 0 (after printing them), None on the others; UserError on rank 0 (one line, naming
-    the cells and why) when some cell failed."""
+    the cells and why) when some cell failed. `on_ready`: as train_cell's (the command saves each cell's
+    options with it)."""
     with distributed_job(config.timeout_minutes) as info, heartbeat(info):
         order = broadcast_object(largest_first(cell_sizes(Path(config.mask_path))) if info.is_main else None, info)
         progress = config.train.progress and info.local_rank == 0  # one progress bar per node's terminal
@@ -167,7 +173,7 @@ def train_cells(config: CellsConfig, on_step: CellStepHook | None = None) -> lis
             run = dataclasses.replace(cell_config(config, cell, info.device), progress=progress)
             print(f"rank {info.rank}: cell {cell} ({position + 1} of {len(order)}, largest first) on {info.device}",
                   flush=True)
-            outcomes.append(train_cell(run, cell, info, on_step))
+            outcomes.append(train_cell(run, cell, info, on_step, on_ready))
             print(f"rank {info.rank}: cell {cell}: {'ok' if outcomes[-1].trained else 'FAILED'}: "
                   f"{outcomes[-1].detail}", flush=True)
         share(outcomes, info, "outcomes")

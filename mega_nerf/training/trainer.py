@@ -69,10 +69,13 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, on_step: StepHook | None = None, started: float | None = None) -> None:
+    def __init__(self, config: TrainConfig, on_step: StepHook | None = None, started: float | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
         """config: the run; on_step: called after every optimiser step with the step number (tests use it to
         stop a run abruptly); started: when the process started (the command line passes it, so that the
-        start-up breakdown counts imports), else start-up is timed from here."""
+        start-up breakdown counts imports), else start-up is timed from here; on_ready: called once the data
+        and any checkpoint to resume are verified, before training (the commands save the run's options then,
+        so a refused run leaves the experiment's saved options alone)."""
         self.clock = StartupClock(started)
         if started is not None:
             self.clock.mark("imports")
@@ -80,7 +83,7 @@ class Trainer:
         threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
         if config.data_mode == "disk" and not config.chunk_paths:
             raise UserError("missing option --chunk_paths")
-        self.config, self.on_step = config, on_step
+        self.config, self.on_step, self.on_ready = config, on_step, on_ready
         self.device = torch.device(config.device)  # resolved by TrainConfig
         if self.device.type == "cuda":
             torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it
@@ -297,12 +300,14 @@ class Trainer:
         a = self.config
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         stream = self.prepare_data()
+        last_good = None if stream is None else self.resume(stream)
+        if last_good is not None:
+            self.clock.mark("resume")
+        if self.on_ready is not None:
+            self.on_ready()
         if stream is None:
             print(f"warning: cell {self.mask_dir} has no rays; writing an empty checkpoint", file=sys.stderr)
             return self.save(None, empty=True)
-        last_good = self.resume(stream)
-        if last_good is not None:
-            self.clock.mark("resume")
         log = Logger(self.exp_dir, self.step)
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
