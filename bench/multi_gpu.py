@@ -131,6 +131,10 @@ def final_steps(prefix: Path) -> list[int]:
 def stage_train(args: argparse.Namespace, preset: str, data: Path, environ: dict[str, str]) -> str:
     masks = masks_of(args, preset)
     rows, root = [], args.work / f"{preset}-train"
+
+    def add(row: str) -> None:  # printed at once: a stage cut short by its call's time still reports its rows
+        rows.append(row)
+        print(row, flush=True)
     separate = fresh(root / "separate")
     cell_times = []
     for k in range(4):
@@ -139,7 +143,7 @@ def stage_train(args: argparse.Namespace, preset: str, data: Path, environ: dict
                             *train_options(args)], environ)
         cell_times.append(seconds)
     total = sum(cell_times)
-    rows.append(f"| 4 separate train.py runs (cells {', '.join(f'{t:.0f}' for t in cell_times)} s) | 1 | "
+    add(f"| 4 separate train.py runs (cells {', '.join(f'{t:.0f}' for t in cell_times)} s) | 1 | "
                 f"{total:.1f} | 1.00 | {final_steps(separate / 'exp-')} |")
     par = fresh(root / "parscript")
     jobs = par / f"run_4_{args.n}.txt"
@@ -149,14 +153,14 @@ def stage_train(args: argparse.Namespace, preset: str, data: Path, environ: dict
                "TRAIN_ARGS": shlex.join(train_options(args))}
     timed([PY, "-m", "parscript.dispatcher", str(jobs), "-r"], job_env)
     seconds, _ = timed([PY, "-m", "parscript.dispatcher", str(jobs), "-g", str(args.n)], job_env)
-    rows.append(f"| parscript -g {args.n} | {args.n} | {seconds:.1f} | {seconds / total:.2f} | "
+    add(f"| parscript -g {args.n} | {args.n} | {seconds:.1f} | {seconds / total:.2f} | "
                 f"{final_steps(par / 'exp-')} |")
     for n in (1, args.n):
         out = fresh(root / f"cells-n{n}")
         seconds, _ = timed([*launcher(n), "scripts/train_cells.py", *scene(data), "--mask_path", str(masks),
                             "--exp_prefix", f"{out}/exp-", "--chunk_prefix", f"{out}/chunks-", *train_options(args)],
                            environ)
-        rows.append(f"| train_cells.py, {n} rank(s) | {n} | {seconds:.1f} | {seconds / total:.2f} | "
+        add(f"| train_cells.py, {n} rank(s) | {n} | {seconds:.1f} | {seconds / total:.2f} | "
                     f"{final_steps(out / 'exp-')} |")
     return "\n".join([f"| all 4 cells, {preset}, {args.iterations} steps each | GPUs | wall s | / sum of cells "
                       "| final steps |", "|---|---|---|---|---|", *rows])
