@@ -240,6 +240,17 @@ def test_a_refused_run_leaves_the_saved_options_alone(tiny_city, masks, tmp_path
     assert (tmp_path / "exp" / "config.yaml").read_bytes() == saved
 
 
+def test_a_run_asking_fewer_steps_than_its_checkpoint_says_so(tiny_city, tmp_path, capsys):
+    """Resuming an experiment already past --train_iterations trains nothing, keeps the checkpoint, and warns."""
+    common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "4"]
+    final = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4")).run()
+    data = final.read_bytes()
+    capsys.readouterr()
+    assert Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2")).run() == final
+    assert final.read_bytes() == data
+    assert "is at step 4, past the 2 steps this run asks for: nothing to train" in capsys.readouterr().err
+
+
 # Trains like mega_nerf/train.py (start-up timed from the process start) and writes the time at the end of step 1.
 TIMED_RUN = ("import sys, time; from mega_nerf.cli.train import config_from_argv; "
              "from mega_nerf.training.startup import process_start; from mega_nerf.training.trainer import Trainer; "

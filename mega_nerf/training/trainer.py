@@ -242,6 +242,9 @@ class Trainer:
         stream.load_state_dict(state["stream"])
         ckpt.restore_rng(state["rng"], self.generator)
         self.step = int(state["step"])
+        if self.step > self.iterations:
+            print(f"warning: {path} is at step {self.step}, past the {self.iterations} steps this run asks for: "
+                  "nothing to train (its checkpoint stays the result)", file=sys.stderr)
         return path
 
     def _pass(self, image: torch.Tensor, pixel: torch.Tensor, rgb: torch.Tensor, batch: int
