@@ -22,6 +22,7 @@ from common import append_results, cell_args, ensure_city, ensure_partition  # n
 from train_speed import sync, val_pixels, val_psnr  # noqa: E402
 
 from mega_nerf.cli.train import config_from_argv  # noqa: E402
+from mega_nerf.data.dataset import STRICT  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 
 
@@ -39,10 +40,8 @@ def nearest_train_appearance(trainer: Trainer) -> torch.Tensor:
     """(I,) per image index: a val image's nearest training image (camera centres), others themselves. Rendering
     val pixels with it tells appearance embeddings fitted to val left halves from the scene itself."""
     index = torch.arange(len(trainer.dataset.images))
-    train = trainer.dataset.train
-    centres = torch.stack([m.c2w[:, 3] for m in train])
-    for meta in trainer.dataset.val:
-        index[meta.index] = train[int((centres - meta.c2w[:, 3]).norm(dim=1).argmin())].index
+    for meta in trainer.dataset.val:  # the strict protocol's choice of appearance
+        index[meta.index] = trainer.dataset.appearance_for(meta, STRICT)
     return index
 
 
