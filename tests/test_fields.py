@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mega_nerf.fields import build_field, kernels
-from mega_nerf.fields.encoding import HASH_PRIMES, HashGrid, positional_encoding, spherical_harmonics
+from mega_nerf.fields.encoding import HASH_PRIMES, HashGrid, level_resolutions, positional_encoding, spherical_harmonics
 from mega_nerf.fields.kernels import hash_encode, mlp_heads
 from mega_nerf.fields.occupancy import OccupancyGrid
 
@@ -50,6 +50,20 @@ def test_hash_grid_equals_direct_formula():
     x[0] = torch.tensor([0.0, 1.0, 0.5])  # faces of the unit cube
     expected = slow_hash_grid(grid, x)
     assert torch.allclose(grid(x).double(), expected, atol=1e-4)  # float32 positions at resolution 199
+
+
+def test_hash_decay_is_the_sum_over_levels_of_the_mean_squared_feature():
+    torch.manual_seed(0)
+    grid = HashGrid(n_levels=6, n_features=2, log2_table_size=10, base_resolution=4, max_resolution=200)
+    with torch.no_grad():
+        grid.table.uniform_(-1, 1)
+    expected, start = 0.0, 0
+    for r in level_resolutions(6, 4, 200):
+        size = min((r + 1) ** 3, 2 ** 10)  # a level's entries: its vertices, or the table when they do not fit
+        expected += float((grid.table[start:start + size] ** 2).mean())
+        start += size
+    assert start == grid.table.shape[0]
+    assert float(grid.decay_loss()) == pytest.approx(expected, rel=1e-6)
 
 
 def test_hash_grid_reads_a_float16_table_as_its_float32_values():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from mega_nerf import render
 from mega_nerf.data.frames import Similarity, read_similarity, write_source_frame
 from mega_nerf.errors import UserError
 from mega_nerf.fields.base import Field
@@ -69,6 +70,24 @@ def test_composite_weights_are_transmittance_times_alpha():
     expected = [1 - math.exp(-tau[0]), math.exp(-tau[0]) * (1 - math.exp(-tau[1])),
                 math.exp(-tau[0] - tau[1]) * (1 - math.exp(-tau[2]))]
     assert torch.allclose(out["weights"][0], torch.tensor(expected), atol=1e-6)
+
+
+def test_distortion_equals_its_pairwise_definition_with_its_gradient():
+    torch.manual_seed(0)
+    weights = torch.rand(6, 40, dtype=torch.float64) * (torch.rand(6, 40) < 0.3)
+    weights = (weights / weights.sum(-1, keepdim=True) * 0.9).requires_grad_()
+    fast = render.distortion(weights.float())
+    slow = render.distortion_reference(weights)
+    assert torch.allclose(fast.double(), slow, rtol=1e-5, atol=1e-7)
+    grad_fast, = torch.autograd.grad(render.distortion(weights.float()).sum(), weights)
+    grad_slow, = torch.autograd.grad(slow.sum(), weights)
+    assert torch.allclose(grad_fast, grad_slow, rtol=1e-4, atol=1e-6)
+    # One opaque sample costs only its own width's third; the same weight spread over the ray costs far more.
+    n = 40
+    one = torch.zeros(1, n)
+    one[0, 7] = 1.0
+    assert float(render.distortion(one)) == pytest.approx(1 / (3 * n), rel=1e-5)
+    assert float(render.distortion(torch.full((1, n), 1.0 / n))) > 0.3
 
 
 def test_skipping_unoccupied_space_changes_nothing_but_cost():

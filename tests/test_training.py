@@ -106,6 +106,10 @@ def test_bad_input_is_one_line(tiny_city, masks, tmp_path):
         Trainer(args(tiny_city, tmp_path / "b", "--data_mode", "memory", "--batch_size", "10000000")).run()
     with pytest.raises(UserError, match="missing option --chunk_paths"):
         Trainer(args(tiny_city, tmp_path / "c"))
+    with pytest.raises(UserError, match="--hash_decay: the mlp field has no hash grid"):
+        args(tiny_city, tmp_path / "c", "--field", "mlp", "--hash_decay", "0.1")
+    with pytest.raises(UserError, match="--distortion_loss: needs uniform samples"):
+        args(tiny_city, tmp_path / "c", "--fine_samples", "8", "--distortion_loss", "0.01")
     with pytest.raises(UserError, match="not a directory"):
         Trainer(args(tiny_city, tmp_path / "d", "--data_mode", "memory", "--cluster_mask_path", str(tmp_path / "no")))
     other = tmp_path / "other"  # masks of another dataset: their size disagrees
@@ -158,12 +162,14 @@ def test_parscript_trains_two_cells(tiny_city, masks, tmp_path):
         assert (tmp_path / f"chunks-{k}" / "manifest.json").exists()
 
 
-def test_a_step_split_into_passes_equals_the_unsplit_step(tiny_city, tmp_path, one_thread):
+@pytest.mark.parametrize("regularisers", [[], ["--distortion_loss", "0.01", "--hash_decay", "0.1"]])
+def test_a_step_split_into_passes_equals_the_unsplit_step(tiny_city, tmp_path, one_thread, regularisers):
     """--micro_batch splits a step's rays into passes whose gradients add up: the gradients and the loss equal
-    the unsplit step's up to float rounding (the jitter is drawn in the same order on the CPU)."""
+    the unsplit step's up to float rounding (the jitter is drawn in the same order on the CPU), regularisers
+    included (each pass adds its share)."""
     def one_step(micro: int) -> tuple[float, dict[str, torch.Tensor]]:
         trainer = Trainer(args(tiny_city, tmp_path / str(micro), "--data_mode", "memory", "--batch_size", "96",
-                               "--micro_batch", str(micro)))
+                               "--micro_batch", str(micro), *regularisers))
         assert trainer.micro_batch == micro
         trainer.optimizer.step = lambda: None  # keep the gradients of the step, unapplied
         stream = trainer.prepare_data()

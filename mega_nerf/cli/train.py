@@ -58,6 +58,11 @@ def add_training_options(p: configargparse.ArgParser) -> None:
     p.add_argument("--fine_samples", type=int, default=None, help="hierarchical fine samples (mlp: 512)")
     p.add_argument("--bg_samples", type=int, default=32,
                    help="samples per ray beyond the foreground box (the contracted far world; 0: none)")
+    p.add_argument("--distortion_loss", type=float, default=0.0,
+                   help="weight of mip-NeRF 360's distortion loss, which gathers each ray's weight in one span "
+                        "(0: off)")
+    p.add_argument("--hash_decay", type=float, default=0.0,
+                   help="weight of the hash grid's normalised weight decay (Zip-NeRF's; 0: off)")
     p.add_argument("--appearance_dim", type=int, default=None, help="appearance embedding width (hash 32, mlp 48)")
     p.add_argument("--affine_appearance", action="store_true",
                    help="appearance as a per-image affine transform of the colour (Mega-NeRF's option), not an "

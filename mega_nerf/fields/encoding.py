@@ -84,6 +84,7 @@ class HashGrid(nn.Module):
         # A coarse level needs only its (r + 1)^3 vertices; finer ones share a hashed table of table_size.
         sizes = [min((r + 1) ** 3, self.table_size) for r in resolutions]
         offsets = [sum(sizes[:i]) for i in range(n_levels)]
+        self.level_sizes = sizes
         self.register_buffer("resolutions", torch.tensor(resolutions, dtype=torch.long), persistent=False)
         self.register_buffer("dense", torch.tensor([(r + 1) ** 3 <= self.table_size for r in resolutions]),
                              persistent=False)
@@ -92,6 +93,12 @@ class HashGrid(nn.Module):
         corners = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])
         self.register_buffer("corners", corners, persistent=False)  # (8, 3) offsets
         self.register_buffer("primes", torch.tensor(HASH_PRIMES, dtype=torch.long), persistent=False)
+
+    def decay_loss(self) -> torch.Tensor:
+        """Zip-NeRF's normalised weight decay of the grid (Barron et al. 2023, sec. 4): the sum over levels of the
+        mean squared feature. A coarse level's few entries each weigh more than a fine level's many, so what is
+        held down is broad low-frequency clutter rather than detail; entries no sample reaches decay to zero."""
+        return sum(level.float().square().mean() for level in self.table.split(self.level_sizes))
 
     @property
     def output_dim(self) -> int:

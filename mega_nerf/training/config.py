@@ -57,6 +57,9 @@ class TrainConfig:
     fine_samples: int | None = None
     bg_samples: int = 32  # samples beyond the foreground box, in contracted space
     amp: bool = True  # training steps on a GPU under a bfloat16 autocast
+    # regularisers against fitting few views (0: off); see Trainer._pass
+    distortion_loss: float = 0.0  # weight of mip-NeRF 360's distortion loss (render.distortion)
+    hash_decay: float = 0.0  # weight of the hash grid's normalised weight decay (HashGrid.decay_loss)
     ckpt_path: str | None = None  # a checkpoint to start from when exp_name holds none
     # which val pixels train: Mega-NeRF's protocol (left halves) or strict (none); data/dataset.PROTOCOLS
     eval_protocol: str = MEGA_NERF
@@ -87,3 +90,7 @@ class TrainConfig:
         for key, default in {**field.train_defaults, **(field.cpu_train_defaults if on_cpu else {})}.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, default)  # frozen: set once, here
+        if self.hash_decay and self.field != "hash":
+            raise UserError(f"--hash_decay: the {self.field} field has no hash grid (use --field hash)")
+        if self.distortion_loss and self.fine_samples:
+            raise UserError("--distortion_loss: needs uniform samples (--fine_samples 0), as the hash field's")

@@ -28,7 +28,7 @@ from mega_nerf.fields import build_field
 from mega_nerf.io import save_torch_atomic
 from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
-from mega_nerf.render import RenderConfig, render_rays
+from mega_nerf.render import RenderConfig, distortion, render_rays
 from mega_nerf.training import checkpoint as ckpt
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.log import Logger
@@ -259,6 +259,11 @@ class Trainer:
         scale = 1.0 / (3 * batch)  # 3 channels per ray
         mse = ((out["rgb"] - rgb) ** 2).sum() * scale
         loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum() * scale if "rgb_coarse" in out else mse
+        c = self.config
+        if c.distortion_loss:
+            loss = loss + c.distortion_loss * distortion(out["weights"]).sum() / batch
+        if c.hash_decay:  # a share of the step's decay per pass, in proportion to its rays
+            loss = loss + c.hash_decay * self.field.grid.decay_loss() * (len(image) / batch)
         loss.backward()
         return loss.detach(), mse.detach(), out["samples"]
 
