@@ -12,7 +12,6 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 
 # libx264's constant rate factor: 0 lossless, 23 its default, 18 about visually lossless (ffmpeg's H.264 guide).
@@ -23,6 +22,8 @@ VIDEO_CRF = 18
 def mp4_writer(path: Path, size: tuple[int, int], fps: float) -> Iterator[Callable[[np.ndarray], None]]:
     """A function writing one (H, W, 3) uint8 RGB frame of `size` (W, H) to the H.264 MP4 at `path`; the file
     is complete when the block ends. An encoder failure (e.g. a full disk) raises OSError."""
+    import imageio_ffmpeg  # here: its import finds the ffmpeg binary, which only writing a video needs
+
     W, H = size
     pad = ((0, H % 2), (0, W % 2), (0, 0))
     frames = imageio_ffmpeg.write_frames(
@@ -38,6 +39,8 @@ def mp4_writer(path: Path, size: tuple[int, int], fps: float) -> Iterator[Callab
 def video_problem(path: Path, frames: int) -> str | None:
     """What is wrong with a written video that should hold `frames` frames (None: nothing), counted by decoding
     it with ffmpeg, so a truncated file (a full disk) is caught."""
+    import imageio_ffmpeg
+
     try:
         found, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
     except RuntimeError:
