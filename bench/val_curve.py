@@ -95,12 +95,20 @@ def main() -> None:
     p.add_argument("--grid_dim", type=int, nargs=2, default=[2, 2])
     p.add_argument("--work", type=Path, default=Path("bench-work"))
     p.add_argument("--val_rays", type=int, default=16384)
+    p.add_argument("--warmup_steps", type=int, default=0,
+                   help="steps of an untimed run first, so that no variant's times include kernel compilation")
     p.add_argument("--json_out", type=Path, default=None)
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
     dataset = ensure_city(args.preset, args.work)
     masks = ensure_partition(dataset, args.work, tuple(args.grid_dim))
     results = {}
+    if args.warmup_steps:
+        warm = Trainer(config_from_argv(cell_args(dataset, masks, args.work, args.cell, "curve-warmup")))
+        stream = warm.prepare_data()
+        for _ in range(args.warmup_steps):
+            warm.train_step(stream)
+        del warm, stream
     for name, options in args.variant or [("default", "")]:
         base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *options.split()]
         print(f"== {name}: {options}", flush=True)
