@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from train_speed import sync, val_pixels, val_psnr  # noqa: E402
 
 from mega_nerf.cli.train import config_from_argv  # noqa: E402
 from mega_nerf.data.dataset import STRICT  # noqa: E402
+from mega_nerf.imaging import render_clipped  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 
 
@@ -45,6 +47,25 @@ def nearest_train_appearance(trainer: Trainer) -> torch.Tensor:
     return index
 
 
+def region_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> dict[str, tuple[float, float]]:
+    """Where the error of a pixel sample lies, by where the trained field puts each pixel's surface: inside the
+    foreground box, beyond it (the contracted far world), or nowhere (opacity under 1/2: the sky). Per region:
+    (share of the pixels, PSNR)."""
+    image, pixel, rgb = (t.to(trainer.device) for t in sample)
+    origins, dirs = trainer.cameras.rays(image, pixel)
+    trainer.field.eval()
+    out = render_clipped(trainer.field, origins, dirs, image, trainer.bounds, trainer.render_config, chunk=4096)
+    trainer.field.train()
+    exit_t = trainer.field.foreground_exit(origins, dirs)
+    depth = out["depth"] / out["opacity"].clamp_min(1e-6)
+    sky = out["opacity"] < 0.5
+    beyond = ~sky & (depth > exit_t) if exit_t is not None else torch.zeros_like(sky)
+    error = ((out["rgb"] - rgb) ** 2).mean(-1)
+    regions = {"foreground": ~sky & ~beyond, "beyond": beyond, "sky": sky}
+    return {name: (float(m.float().mean()), -10 * math.log10(float(error[m].mean())) if m.any() else float("nan"))
+            for name, m in regions.items()}
+
+
 def run(base: list[str], steps: list[int], sample_count: int, dataset: Path) -> dict:
     trainer = Trainer(config_from_argv(base))
     stream = trainer.prepare_data()
@@ -65,8 +86,12 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path) -> 
                       round(val_psnr(trainer, sample, neighbour), 3), round(val_psnr(trainer, fitted), 3)))
         print(f"step {done} ({trained:.1f} s): val PSNR {curve[-1][2]:.2f} dB, with the nearest train image's "
               f"appearance {curve[-1][3]:.2f} dB; trained pixels {curve[-1][4]:.2f} dB", flush=True)
+    regions = {"held-out": region_psnr(trainer, sample), "fitted": region_psnr(trainer, fitted)}
+    for name, split in regions.items():
+        print(f"{name} pixels at step {done}: " + ", ".join(f"{r} {share:.0%} {psnr:.2f} dB"
+                                                           for r, (share, psnr) in split.items()), flush=True)
     batch = trainer.config.batch_size
-    return {"curve": curve, "rays_per_s": done * batch / trained,
+    return {"curve": curve, "regions": regions, "rays_per_s": done * batch / trained,
             "samples_per_ray": shaded / (len(range(0, done, 50)) * batch),
             "bounds_ratio": bounds_ratio(trainer, dataset),
             "box": [trainer.field.box_min.tolist(), trainer.field.box_max.tolist()]}
