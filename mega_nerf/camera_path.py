@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.spatial.transform import Rotation, Slerp
 from tqdm import tqdm
 
 from mega_nerf.data.dataset import Dataset, rotation_problem
@@ -116,6 +115,10 @@ def write_pose_file(path: Path, poses: list[Pose]) -> None:
 def interpolate(keys: list[Pose], frames: int) -> list[Pose]:
     """`frames` poses spread evenly over the key poses, first and last included. Centres and intrinsics
     linearly, rotations by slerp; each frame keeps the appearance index of the nearest key."""
+    # Imported here: scipy takes a fifth of a second, and every command that parses a config file imports this
+    # module (cli.options.options_of_every_command), training included.
+    from scipy.spatial.transform import Rotation, Slerp
+
     if len(keys) == 1:
         return [replace(keys[0]) for _ in range(frames)]
     s = np.linspace(0.0, len(keys) - 1, frames)

@@ -6,17 +6,17 @@ numbers and nerfstudio's compare; LPIPS lives in `mega_nerf.evaluation.lpips`.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import math
 
 import torch
-import torchmetrics
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from mega_nerf.evaluation.lpips import LPIPS, NETS
 
 SSIM_WINDOW = 11  # the Gaussian window's side (sigma 1.5): images must be at least this large
 SSIM_IMPLEMENTATION = (
-    f"torchmetrics {torchmetrics.__version__} structural_similarity_index_measure, as nerfstudio reports SSIM: "
+    f"torchmetrics {importlib.metadata.version('torchmetrics')} structural_similarity_index_measure, "
+    "as nerfstudio reports SSIM: "
     "11x11 Gaussian window (sigma 1.5), K1 0.01, K2 0.03, data range 1, each channel reflect-padded by 5 pixels and "
     "the SSIM map averaged over every pixel (torchmetrics >= 1.4.2; up to 1.4.1 it averaged the valid region "
     "only), in float64")
@@ -40,6 +40,10 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
     _check_pair(pred, target)
     if min(pred.shape[:2]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images at least {SSIM_WINDOW} pixels a side, got {tuple(pred.shape)}")
+    # Imported here: torchmetrics takes seconds to import, and every command that parses a config file imports
+    # this module (cli.options.options_of_every_command), training included.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     # torchmetrics takes (N, C, H, W) batches.
     x, y = (image.double().permute(2, 0, 1).unsqueeze(0) for image in (pred, target))
     return float(structural_similarity_index_measure(x, y, data_range=1.0))

@@ -1,8 +1,10 @@
 """Training scalars: `log.jsonl` always (the plain-text record), TensorBoard when it is installed."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import Any
 
 from mega_nerf.io import atomic_write, write_error
 
@@ -29,11 +31,17 @@ class Logger:
             kept = [line for line in lines if _kept(line, start_step)]
             atomic_write(self.path, "".join(line + "\n" for line in kept).encode())
         self.file = open(self.path, "a")
+        self.exp_dir, self.start_step = exp_dir, start_step
+
+    @functools.cached_property
+    def tb(self) -> Any:
+        """TensorBoard's SummaryWriter, made at the first scalars so that importing TensorBoard (a tenth of a second)
+        is not part of the time to the first step; None when TensorBoard is not installed."""
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(exp_dir / "tensorboard"), purge_step=start_step or None)
         except ImportError:
-            self.tb = None
+            return None
+        return SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.start_step or None)
 
     def _write(self, values: dict) -> None:
         try:
@@ -54,5 +62,5 @@ class Logger:
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
+        if self.__dict__.get("tb") is not None:  # made (cached_property stores it in __dict__) and installed
             self.tb.close()

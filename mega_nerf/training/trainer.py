@@ -7,10 +7,8 @@ the latest one and ends bit-equal (on the CPU) to an uninterrupted run.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +28,7 @@ from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
 from mega_nerf.render import RenderConfig, distortion, render_rays
 from mega_nerf.training import checkpoint as ckpt
+from mega_nerf.training.adam import Adam
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.log import Logger
 from mega_nerf.training.startup import StartupClock
@@ -79,8 +78,6 @@ class Trainer:
         self.clock = StartupClock(started)
         if started is not None:
             self.clock.mark("imports")
-        # torch.optim's first optimiser imports torch._dynamo (seconds); begin it now, beside the device and data.
-        threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
         if config.data_mode == "disk" and not config.chunk_paths:
             raise UserError("missing option --chunk_paths")
         self.config, self.on_step, self.on_ready = config, on_step, on_ready
@@ -117,9 +114,7 @@ class Trainer:
         self.field_config = field_config(config, box, contracted_axes(self.bounds.altitude),
                                          len(self.dataset.images), self.occupancy_threshold)
         self.field = build_field(self.field_config).to(self.device)
-        # One fused kernel for the whole update on the GPU (the CPU keeps the default, bit-reproducible path).
-        self.optimizer = torch.optim.Adam(self.field.parameters(), lr=config.lr, betas=(0.9, 0.99), eps=1e-15,
-                                          fused=self.device.type == "cuda" or None)
+        self.optimizer = Adam(self.field.parameters(), lr=config.lr)  # one fused kernel, CPU and GPU alike
         self.cameras = self.cameras.to(self.device)
         # Memory grows with the samples a pass shades: a step's rays go in passes of at most micro_batch rays.
         self.bytes_per_ray = self.field.train_bytes_per_sample() * (config.samples + config.bg_samples
@@ -273,9 +268,8 @@ class Trainer:
         so without hierarchical sampling a split step equals the unsplit one up to float rounding. Returns the
         loss and the fine-pass MSE (device tensors, no sync)."""
         image, pixel, rgb = stream.next_batch()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.lr = self.lr_at(self.step)
+        self.optimizer.zero_grad()
         batch, loss, mse, self.last_samples = len(image), 0.0, 0.0, 0  # samples: logged per ray
         for start in range(0, batch, self.micro_batch):
             part = slice(start, start + self.micro_batch)
