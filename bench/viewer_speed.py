@@ -37,8 +37,7 @@ from mega_nerf.render import default_chunk  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 from mega_nerf.viewer.camera import View, fov_of  # noqa: E402
 from mega_nerf.viewer.loop import RenderLoop, Shown  # noqa: E402
-from mega_nerf.viewer.scene import Scene, compose, render_rows  # noqa: E402
-from mega_nerf.viewer.server import JPEG_QUALITY  # noqa: E402
+from mega_nerf.viewer.scene import JPEG_QUALITY, Scene, compose, render_rows  # noqa: E402
 from mega_nerf.viewer.watch import SHARE, FieldCopy  # noqa: E402
 
 

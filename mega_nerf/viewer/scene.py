@@ -28,6 +28,7 @@ PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40]
                     [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [255, 187, 120],
                     [152, 223, 138]], np.float32)
 TINT = 0.45  # share of the cell colour in an overlaid pixel
+JPEG_QUALITY = {False: 75, True: 92}  # what a frame is sent at: previews, full frames
 SOLID = 0.5  # opacity above which a pixel has a surface (as imaging.colorize_depth)
 
 

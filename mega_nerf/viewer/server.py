@@ -23,10 +23,9 @@ from mega_nerf.errors import UserError
 from mega_nerf.preview import TRAIN, frustum_corners
 from mega_nerf.viewer.camera import OVERLAYS, View, c2w_from_viser, full_size, lens
 from mega_nerf.viewer.loop import RenderLoop, Shown
-from mega_nerf.viewer.scene import Scene, cell_colour
+from mega_nerf.viewer.scene import JPEG_QUALITY, Scene, cell_colour
 
 UP = (-1.0, 0.0, 0.0)  # normalised DRB: x points down
-JPEG_QUALITY = {False: 75, True: 92}  # previews, full frames
 FRUSTUM_SIZE = 0.03  # frustum depth, as a share of the cameras' horizontal extent
 
 

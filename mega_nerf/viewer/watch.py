@@ -16,6 +16,7 @@ import copy
 import threading
 from dataclasses import dataclass
 from itertools import chain
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,7 +24,9 @@ from mega_nerf.fields.base import Field
 from mega_nerf.render import default_chunk
 from mega_nerf.training.trainer import Trainer
 from mega_nerf.viewer.scene import Scene
-from mega_nerf.viewer.server import Viewer, home_pose
+
+if TYPE_CHECKING:
+    from mega_nerf.viewer.server import Viewer
 
 SHARE = 0.03  # of wall time spent rendering, at most
 REFRESH = 2.0  # seconds between renders of a resting view
@@ -83,6 +86,8 @@ class Watch:
 
 def watch(trainer: Trainer, port: int, host: str = "0.0.0.0") -> Watch:
     """Serve the trainer's field on `port` (the next free one if taken)."""
+    from mega_nerf.viewer.server import Viewer, home_pose  # viser, only when a run is watched
+
     copied = FieldCopy(trainer.field)
     scene = Scene(copied.field, trainer.bounds, trainer.render_config, default_chunk(trainer.device),
                   len(trainer.dataset.images), prepare=copied.refresh)
