@@ -30,10 +30,11 @@ def partition_parser() -> configargparse.ArgParser:
                         help="Mega-NeRF's sampled rule: this many points per ray (Mega-NeRF: 1000), evenly spaced "
                              "from near to far, compared with the centroids; default: the exact rule, no samples")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted run in --output")
-    parser.add_argument("--ray_chunk", type=int, default=1 << 16, help="rays generated at once per image")
+    parser.add_argument("--ray_chunk", type=int, default=None,
+                        help="rays generated at once per image (default 2^16 on CPU, 2^20 on GPU)")
     parser.add_argument("--dist_chunk", type=int, default=None,
                         help="point-centroid distances computed at once, bounding memory at about 16 bytes "
-                             "each (default 2^18 on CPU, 2^24 on GPU)")
+                             "each (default 2^18 on CPU, 2^28 on GPU)")
     parser.add_argument("--timeout_minutes", type=float, default=10,
                         help="how long a rank waits for the others before the job fails")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")

@@ -49,8 +49,8 @@ class MaskJob:
     params: PartitionParams
     output: Path
     resume: bool
-    ray_chunk: int
-    dist_chunk: int | None  # None: a default for the device
+    ray_chunk: int | None  # None: a default for the device (_write_masks)
+    dist_chunk: int | None
     timeout_minutes: float
     progress: bool
 
@@ -140,8 +140,12 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
     Masks are compressed and written (each file fsynced) by a pool of threads while the next image is computed;
     at most WRITE_QUEUE images wait. `on_image` is called with the number of images written after each one, in
     order (tests stop a run with it)."""
-    # About 1 MiB per (points, cells) tensor stays in a CPU's cache; a GPU wants large launches.
-    dist_chunk = job.dist_chunk or (1 << 24 if info.device.type == "cuda" else 1 << 18)
+    # About 1 MiB per (points, cells) tensor stays in a CPU's cache; a GPU wants few, large launches: a whole
+    # image at once (about 4 GiB) took survey256's exact partition from 9.8 to 7.9 s, the same masks
+    # (bench/RESULTS.md, seventh session).
+    gpu = info.device.type == "cuda"
+    ray_chunk = job.ray_chunk or (1 << 20 if gpu else 1 << 16)
+    dist_chunk = job.dist_chunk or (1 << 28 if gpu else 1 << 18)
     counts = torch.zeros(job.params.num_cells, dtype=torch.int64)
     rays, written = 0, 0
     pending: deque[Future] = deque()
@@ -157,7 +161,7 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
         try:
             for image in bar:
                 check_failures(info)  # another rank's error ends this one too
-                member = image_membership(image, job.params, info.device, job.ray_chunk, dist_chunk)
+                member = image_membership(image, job.params, info.device, ray_chunk, dist_chunk)
                 pending.append(pool.submit(_write_image_masks, job, image, member))
                 rays += image.H * image.W
                 while len(pending) > WRITE_QUEUE or (pending and pending[0].done()):
