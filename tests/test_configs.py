@@ -132,6 +132,24 @@ def test_recorded_options_read_back_as_the_same_run(tmp_path: Path, capsys: pyte
     assert again == config and capsys.readouterr().err == ""
 
 
+def test_saved_options_leave_what_the_machine_filled_to_the_next_machine(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU run's config.yaml names neither its device nor the CPU's smaller batch, so the same file trains with
+    the GPU's defaults on a GPU machine; options the user gave are kept."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = train_config(train_parser().parse_args(["--dataset_path", "d", "--exp_name", str(tmp_path / "a")]))
+    assert (cpu.device, cpu.batch_size) == ("cpu", 4096)
+    saved = yaml.safe_load(record_options(cpu, tmp_path / "a").read_text())
+    assert "device" not in saved and "batch_size" not in saved and "machine_filled" not in saved
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = train_config(train_parser().parse_args(["--config_file", str(tmp_path / "a" / "config.yaml")]))
+    assert (gpu.device, gpu.batch_size) == ("cuda", 32768)
+    given = train_config(train_parser().parse_args(["--dataset_path", "d", "--exp_name", str(tmp_path / "b"),
+                                                    "--device", "cpu", "--batch_size", "512"]))
+    saved = yaml.safe_load(record_options(given, tmp_path / "b").read_text())
+    assert (saved["device"], saved["batch_size"]) == ("cpu", 512)
+
+
 def test_colmap_images_default_beside_sparse(tmp_path: Path) -> None:
     assert default_images_path(str(tmp_path / "scene" / "sparse" / "0")) == (tmp_path / "scene" / "images").resolve()
     assert default_images_path(str(tmp_path / "model")) == (tmp_path / "images").resolve()

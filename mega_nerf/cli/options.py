@@ -263,12 +263,16 @@ INVERTED = {"progress": "no_progress", "amp": "no_amp"}  # config fields whose o
 
 def record_options(config: Any, folder: Path) -> Path:
     """Save a run's resolved options as `folder/config.yaml`, which the same command reads back through
-    --config_file (nerfstudio's config.yml habit), and print them in one line. Unset (None) options are left out."""
+    --config_file (nerfstudio's config.yml habit), and print them in one line. Unset (None or empty) options are
+    left out, and so are those whose default was filled for this machine (TrainConfig.machine_filled)."""
     values: dict[str, Any] = {}
+    machine = getattr(config, "machine_filled", ())  # filled for this machine: another one fills its own
     for key, value in dataclasses.asdict(config).items():
+        if key in machine or key == "machine_filled":
+            continue
         if key in INVERTED:
             key, value = INVERTED[key], not value
-        if value is not None:
+        if value is not None and value != ():  # an empty list would read back as an option without values
             values[key] = list(value) if isinstance(value, tuple) else value
     path = folder / "config.yaml"
     atomic_write(path, yaml.safe_dump(values, sort_keys=False).encode())

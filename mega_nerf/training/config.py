@@ -71,6 +71,9 @@ class TrainConfig:
     seed: int = 42
     device: str | None = None
     progress: bool = True
+    # Options left unset whose default depends on the machine (the device; the CPU's smaller batch): filled here,
+    # and left out of a saved config.yaml (cli.options.record_options), so that it reads back right elsewhere.
+    machine_filled: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Check the protocol and field, and fill what the user left unset: the device (cuda when available) and
@@ -80,6 +83,9 @@ class TrainConfig:
                             f"{', '.join(PROTOCOLS)})")
         if self.field not in FIELDS:
             raise UserError(f"--field: unknown field '{self.field}' (choose from {', '.join(FIELDS)})")
+        machine = ("device", *FIELDS[self.field].cpu_train_defaults)  # what a default depends on the machine for
+        filled = {*self.machine_filled, *(key for key in machine if getattr(self, key) is None)}
+        object.__setattr__(self, "machine_filled", tuple(sorted(filled)))
         if self.device is None:
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         try:
