@@ -111,11 +111,11 @@ def composite(density: torch.Tensor, rgb: torch.Tensor, starts: torch.Tensor, en
 
 def distortion(weights: torch.Tensor) -> torch.Tensor:
     """mip-NeRF 360's distortion loss (Barron et al. 2022, eq. 15) of weights (R, n) over a ray's samples in order,
-    per ray (R,). The intervals are measured in sample index over n, so a ray's foreground and its background
-    (spaced in disparity) count alike, as mip-NeRF 360's normalised distance does: sum_ij w_i w_j |m_i - m_j| over
-    interval midpoints m, plus 1/3 sum_i w_i^2 over widths 1/n. Low when a ray's weight gathers in one short span:
-    it penalises the semi-transparent clouds a field fits to explain few views. Computed in O(n) per ray with
-    prefix sums; `distortion_reference` is the definition."""
+    per ray (R,): sum_ij w_i w_j |m_i - m_j| over interval midpoints m, plus 1/3 sum_i w_i^2 over widths 1/n. The
+    intervals are measured in sample index over n, so a ray's foreground (even in t) and its background (even in
+    disparity) count alike, much as mip-NeRF 360's normalised distance (even in disparity) does. Low when a ray's
+    weight gathers in one short span: it penalises the semi-transparent clouds a field fits to explain few views.
+    Computed in O(n) per ray with prefix sums; `distortion_reference` is the definition."""
     n = weights.shape[1]
     mids = (torch.arange(n, device=weights.device) + 0.5) / n
     before = prefix_sums(weights, inclusive=False)  # weight of the samples in front of each one

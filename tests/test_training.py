@@ -283,3 +283,25 @@ def test_startup_breakdown_sums_to_the_time_to_the_first_step(tiny_city, masks, 
                 "first step"} <= set(parts)
         assert sum(parts.values()) == pytest.approx(measured, rel=0.1)
         assert record["startup_notes"]["chunks"].startswith(note)
+
+
+def test_a_resumed_log_keeps_each_step_once_in_both_records(tmp_path: Path) -> None:
+    """A run killed after step 500 and resumed from its checkpoint at step 300: log.jsonl and TensorBoard each
+    hold steps 100-300 of the first run and 400 of the second, once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mega_nerf.training.log import Logger
+
+    first = Logger(tmp_path)
+    for step in range(100, 600, 100):
+        first.scalars(step, psnr=float(step))
+    first.close()
+    resumed = Logger(tmp_path, start_step=300)
+    resumed.scalars(400, psnr=-1.0)
+    resumed.close()
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["psnr"]) for r in lines] == [(100, 100.0), (200, 200.0), (300, 300.0), (400, -1.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("psnr")] == [(100, 100.0), (200, 200.0), (300, 300.0),
+                                                                     (400, -1.0)]

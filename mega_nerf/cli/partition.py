@@ -33,8 +33,8 @@ def partition_parser() -> configargparse.ArgParser:
     parser.add_argument("--ray_chunk", type=int, default=None,
                         help="rays generated at once per image (default 2^16 on CPU, 2^20 on GPU)")
     parser.add_argument("--dist_chunk", type=int, default=None,
-                        help="point-centroid distances computed at once, bounding memory at about 16 bytes "
-                             "each (default 2^18 on CPU, 2^28 on GPU)")
+                        help="point-centroid distances computed at once, bounding memory at 24-56 bytes each "
+                             "(default 2^18 on CPU; on GPU 2^28 or what 1/64 of its free memory holds)")
     parser.add_argument("--timeout_minutes", type=float, default=10,
                         help="how long a rank waits for the others before the job fails")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")

@@ -97,7 +97,8 @@ class HashGrid(nn.Module):
     def decay_loss(self) -> torch.Tensor:
         """Zip-NeRF's normalised weight decay of the grid (Barron et al. 2023, sec. 4): the sum over levels of the
         mean squared feature. A coarse level's few entries each weigh more than a fine level's many, so what is
-        held down is broad low-frequency clutter rather than detail; entries no sample reaches decay to zero."""
+        held down is broad low-frequency clutter rather than detail. Under Adam an entry no sample reaches moves
+        towards zero by about the lr each step (its gradient is the decay alone, normalised)."""
         return sum(level.float().square().mean() for level in self.table.split(self.level_sizes))
 
     @property

@@ -139,8 +139,25 @@ def exact_ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.
     return member
 
 
+# Work per launch. A CPU keeps each (points, cells) tensor near its cache (about 1 MiB); a GPU wants few, large
+# launches: a whole image at once took survey256's exact partition from 9.8 to 7.9 s (bench/RESULTS.md, seventh
+# session), at most what its free memory holds: a distance takes 24-56 bytes of temporaries (both rules, 4-64 cells,
+# measured on a CPU), so BYTES_PER_DISTANCE leaves room.
+CPU_RAY_CHUNK, CPU_DIST_CHUNK = 1 << 16, 1 << 18
+GPU_RAY_CHUNK, GPU_DIST_CHUNK = 1 << 20, 1 << 28
+BYTES_PER_DISTANCE = 64
+
+
+def default_chunks(device: torch.device) -> tuple[int, int]:
+    """(ray_chunk, dist_chunk) for the device when the user gives none: on a GPU, bounded by its free memory."""
+    if device.type != "cuda":
+        return CPU_RAY_CHUNK, CPU_DIST_CHUNK
+    free = torch.cuda.mem_get_info(device)[0]
+    return GPU_RAY_CHUNK, max(CPU_DIST_CHUNK, min(GPU_DIST_CHUNK, free // BYTES_PER_DISTANCE))
+
+
 def image_membership(image: ImageMetadata, params: PartitionParams, device: torch.device,
-                     ray_chunk: int = 1 << 16, dist_chunk: int = 1 << 18) -> torch.Tensor:
+                     ray_chunk: int = CPU_RAY_CHUNK, dist_chunk: int = CPU_DIST_CHUNK) -> torch.Tensor:
     """(H, W, K) bool on the CPU: the cells each pixel's ray belongs to.
 
     Rays are made `ray_chunk` pixels at a time (row-major, as `image_rays`), bounded to [near, far] and the

@@ -23,6 +23,7 @@ from mega_nerf.partition.cells import (
     PartitionParams,
     cell_membership,
     centroid_distances,
+    default_chunks,
     image_membership,
     load_params,
 )
@@ -140,12 +141,8 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
     Masks are compressed and written (each file fsynced) by a pool of threads while the next image is computed;
     at most WRITE_QUEUE images wait. `on_image` is called with the number of images written after each one, in
     order (tests stop a run with it)."""
-    # About 1 MiB per (points, cells) tensor stays in a CPU's cache; a GPU wants few, large launches: a whole
-    # image at once (about 4 GiB) took survey256's exact partition from 9.8 to 7.9 s, the same masks
-    # (bench/RESULTS.md, seventh session).
-    gpu = info.device.type == "cuda"
-    ray_chunk = job.ray_chunk or (1 << 20 if gpu else 1 << 16)
-    dist_chunk = job.dist_chunk or (1 << 28 if gpu else 1 << 18)
+    default_ray, default_dist = default_chunks(info.device)
+    ray_chunk, dist_chunk = job.ray_chunk or default_ray, job.dist_chunk or default_dist
     counts = torch.zeros(job.params.num_cells, dtype=torch.int64)
     rays, written = 0, 0
     pending: deque[Future] = deque()
@@ -161,7 +158,11 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
         try:
             for image in bar:
                 check_failures(info)  # another rank's error ends this one too
-                member = image_membership(image, job.params, info.device, ray_chunk, dist_chunk)
+                try:
+                    member = image_membership(image, job.params, info.device, ray_chunk, dist_chunk)
+                except torch.OutOfMemoryError:
+                    raise UserError(f"{image.name}: out of GPU memory at --ray_chunk {ray_chunk} --dist_chunk "
+                                    f"{dist_chunk}; give smaller ones") from None
                 pending.append(pool.submit(_write_image_masks, job, image, member))
                 rays += image.H * image.W
                 while len(pending) > WRITE_QUEUE or (pending and pending[0].done()):

@@ -32,16 +32,20 @@ class Logger:
             atomic_write(self.path, "".join(line + "\n" for line in kept).encode())
         self.file = open(self.path, "a")
         self.exp_dir, self.start_step = exp_dir, start_step
+        if start_step:
+            self.tb  # noqa: B018 (made now: its purge drops what the killed run logged, even if this one logs nothing)
 
     @functools.cached_property
     def tb(self) -> Any:
-        """TensorBoard's SummaryWriter, made at the first scalars so that importing TensorBoard (a tenth of a second)
-        is not part of the time to the first step; None when TensorBoard is not installed."""
+        """TensorBoard's SummaryWriter, made at the first scalars of a fresh run, so that importing TensorBoard (a
+        tenth of a second) is not part of the time to the first step; None when TensorBoard is not installed."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return None
-        return SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.start_step or None)
+        # TensorBoard hides events at and after purge_step; the step resumed from keeps its own, as log.jsonl does.
+        return SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.start_step + 1 if self.start_step
+                             else None)
 
     def _write(self, values: dict) -> None:
         try:
