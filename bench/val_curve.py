@@ -25,6 +25,7 @@ from train_speed import sync, val_pixels, val_psnr  # noqa: E402
 from mega_nerf.cli.train import config_from_argv  # noqa: E402
 from mega_nerf.data.dataset import STRICT  # noqa: E402
 from mega_nerf.imaging import render_clipped  # noqa: E402
+from mega_nerf.io import write_json  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 
 
@@ -66,14 +67,22 @@ def region_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> dict[str,
             for name, m in regions.items()}
 
 
-def run(base: list[str], steps: list[int], sample_count: int, dataset: Path) -> dict:
+def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, resume: bool = False) -> dict:
+    """Train to each of `steps` and score there. With `resume`, a variant continues from the checkpoint and curve
+    it saved at its last point (a curve longer than one device call takes: rerun the same command)."""
     trainer = Trainer(config_from_argv(base))
     stream = trainer.prepare_data()
     sample = val_pixels(trainer, sample_count)
     fitted = val_pixels(trainer, sample_count, trained=True)
     neighbour = nearest_train_appearance(trainer)
+    progress = trainer.exp_dir / "curve.json"
     curve, trained, done, shaded = [], 0.0, 0, 0
-    for target in steps:
+    if resume and progress.is_file() and trainer.resume(stream) is not None:
+        saved = json.loads(progress.read_text())
+        curve, trained, shaded = [tuple(point) for point in saved["curve"]], saved["trained"], saved["shaded"]
+        done = trainer.step
+        print(f"resumed at step {done} ({trained:.1f} s)", flush=True)
+    for target in (s for s in steps if s > done):
         sync()
         start = time.perf_counter()
         while done < target:
@@ -86,6 +95,9 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path) -> 
                       round(val_psnr(trainer, sample, neighbour), 3), round(val_psnr(trainer, fitted), 3)))
         print(f"step {done} ({trained:.1f} s): val PSNR {curve[-1][2]:.2f} dB, with the nearest train image's "
               f"appearance {curve[-1][3]:.2f} dB; trained pixels {curve[-1][4]:.2f} dB", flush=True)
+        if resume:
+            trainer.save(stream)
+            write_json(progress, {"curve": curve, "trained": trained, "shaded": shaded})
     regions = {"held-out": region_psnr(trainer, sample), "fitted": region_psnr(trainer, fitted)}
     for name, split in regions.items():
         print(f"{name} pixels at step {done}: " + ", ".join(f"{r} {share:.0%} {psnr:.2f} dB"
@@ -122,6 +134,8 @@ def main() -> None:
     p.add_argument("--val_rays", type=int, default=16384)
     p.add_argument("--warmup_steps", type=int, default=0,
                    help="steps of an untimed run first, so that no variant's times include kernel compilation")
+    p.add_argument("--resume", action="store_true",
+                   help="save a checkpoint at each point and continue from it when rerun (curves longer than a call)")
     p.add_argument("--json_out", type=Path, default=None)
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
@@ -137,7 +151,7 @@ def main() -> None:
     for name, options in args.variant or [("default", "")]:
         base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *options.split()]
         print(f"== {name}: {options}", flush=True)
-        results[name] = run(base, args.steps, args.val_rays, dataset)
+        results[name] = run(base, args.steps, args.val_rays, dataset, args.resume)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.json_out:
         args.json_out.write_text(json.dumps(results))
