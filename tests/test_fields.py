@@ -63,7 +63,7 @@ def test_hash_decay_is_the_sum_over_levels_of_the_mean_squared_feature():
         expected += float((grid.table.detach()[start:start + size] ** 2).mean())
         start += size
     assert start == grid.table.shape[0]
-    assert float(grid.decay_loss()) == pytest.approx(expected, rel=1e-6)
+    assert grid.decay_loss().item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_hash_grid_reads_a_float16_table_as_its_float32_values():
