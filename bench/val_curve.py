@@ -5,7 +5,10 @@ falls after, and what each variant costs in speed. Also the scene bounds each ru
         --variant affine "--appearance affine"
 
 Val PSNR is taken on a fixed sample of the cell's val pixels, right halves only (never trained on), as
-bench/train_speed.py does; rays/s and samples/ray over the training steps only (evaluation excluded).
+bench/train_speed.py does, beside a sample of the pixels training fits; rays/s and samples/ray over the training
+steps only (evaluation excluded). At the last step both samples' PSNR is split by where the field puts each pixel's
+surface (foreground box, beyond it, sky). `--warmup_steps` keeps kernel compilation out of every variant's seconds;
+`--resume` lets a curve outlast one device call (rerun the same command); `--json_out` feeds bench/plot_curves.py.
 """
 from __future__ import annotations
 
