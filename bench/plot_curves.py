@@ -85,6 +85,9 @@ def main() -> None:
     titles = args.titles or [path.stem for path in args.curves]
     if len(titles) != len(args.curves):
         raise SystemExit(f"error: {len(titles)} --titles for {len(args.curves)} --curves")
+    for path in args.curves:
+        if not path.is_file():
+            raise SystemExit(f"error: --curves: {path} is not a file")
     panels = [panel(json.loads(path.read_text()), title) for path, title in zip(args.curves, titles, strict=True)]
     if not cv2.imwrite(str(args.output), np.concatenate(panels, 1)):
         raise SystemExit(f"error: could not write {args.output}")

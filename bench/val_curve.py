@@ -2,7 +2,7 @@
 falls after, and what each variant costs in speed. Also the scene bounds each run trains in.
 
     python bench/val_curve.py --preset oblique --steps 250 500 1000 2000 4000 --variant default "" \
-        --variant affine "--appearance affine"
+        --variant affine "--affine_appearance"
 
 Val PSNR is taken on a fixed sample of the cell's val pixels, right halves only (never trained on), as
 bench/train_speed.py does, beside a sample of the pixels training fits; rays/s and samples/ray over the training
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from train_speed import sync, val_pixels, val_psnr  # noqa: E402
 
 from mega_nerf.cli.train import config_from_argv  # noqa: E402
 from mega_nerf.data.dataset import STRICT  # noqa: E402
+from mega_nerf.errors import run_cli  # noqa: E402
 from mega_nerf.imaging import render_clipped  # noqa: E402
 from mega_nerf.io import write_json  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
@@ -104,7 +106,8 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
     regions = {"held-out": region_psnr(trainer, sample), "fitted": region_psnr(trainer, fitted)}
     for name, split in regions.items():
         print(f"{name} pixels at step {done}: " + ", ".join(f"{r} {share:.0%} {psnr:.2f} dB"
-                                                           for r, (share, psnr) in split.items()), flush=True)
+                                                           for r, (share, psnr) in split.items() if share),
+              flush=True)
     batch = trainer.config.batch_size
     return {"curve": curve, "regions": regions, "rays_per_s": done * batch / trained,
             "samples_per_ray": shaded / (len(range(0, done, 50)) * batch),
@@ -159,8 +162,8 @@ def main() -> None:
     if args.json_out:
         args.json_out.write_text(json.dumps(results))
     append_results(args.results, f"Val PSNR against steps, {args.preset} preset, cell {args.cell}",
-                   "python " + " ".join(sys.argv), table(results))
+                   "python " + shlex.join(sys.argv), table(results))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -13,6 +13,7 @@ as `<output>/camera_path.json` too, in the same world such a file is read in (`p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -236,8 +237,9 @@ class PathConfig:
     progress: bool = True
 
 
-def render_images(config: PathConfig) -> Path:
-    """Render the path to `<output>/frames/` and `<output>/video.mp4`. Returns the video's path."""
+def render_images(config: PathConfig, on_ready: Callable[[], None] | None = None) -> Path:
+    """Render the path to `<output>/frames/` and `<output>/video.mp4`. Returns the video's path. `on_ready` is
+    called once the container, dataset and path have passed their checks (the command saves its options then)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chunk = default_chunk(device) if config.ray_chunk is None else config.ray_chunk
     if config.frames < 1 or (config.height is not None and config.height < 1) or chunk < 1:
@@ -249,6 +251,8 @@ def render_images(config: PathConfig) -> Path:
     output = Path(config.output)
     W, H = poses[0].size
     check_free_space(output / "frames", 3 * W * H * len(poses))  # raw pixels: more than PNGs and MP4 take
+    if on_ready is not None:
+        on_ready()
     remove_temp_files(output)
     remove_temp_files(output / "frames")
     video_path = output / "video.mp4"

@@ -153,3 +153,17 @@ def test_saved_options_leave_what_the_machine_filled_to_the_next_machine(tmp_pat
 def test_colmap_images_default_beside_sparse(tmp_path: Path) -> None:
     assert default_images_path(str(tmp_path / "scene" / "sparse" / "0")) == (tmp_path / "scene" / "images").resolve()
     assert default_images_path(str(tmp_path / "model")) == (tmp_path / "images").resolve()
+
+
+def test_an_alias_of_an_option_another_command_has_is_accepted_and_said_to_be_ignored(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Mega-NeRF's --image_pixel_batch_size is eval's --ray_chunk; train.py has no --ray_chunk, so it takes the
+    name and says in one line that it ignores it, on the command line and in a config file alike."""
+    parsed = train_parser().parse_args(["--image_pixel_batch_size", "4096"])
+    assert "ignoring --image_pixel_batch_size (Mega-NeRF's name for --ray_chunk" in capsys.readouterr().err
+    assert not hasattr(parsed, "ray_chunk")
+    config = tmp_path / "c.yaml"
+    config.write_text("image_pixel_batch_size: 4096\n")
+    train_parser().parse_args(["--config_file", str(config)])
+    err = capsys.readouterr().err
+    assert err.count("image_pixel_batch_size") == 1 and "no command reads it" not in err

@@ -370,3 +370,19 @@ def test_strict_evaluation_scores_whole_images_and_says_so(pipeline: Path, tiny_
     whole = -10 * np.log10(np.mean((rendered - gt) ** 2))  # from the 8-bit render: within its rounding
     assert abs(report["images"][meta.name]["psnr"] - whole) < 0.05
     assert read_metrics(pipeline / "eval")["eval_protocol"] == "mega-nerf"
+
+
+def test_refused_eval_and_render_runs_save_no_options(tiny_city: Path, tmp_path: Path) -> None:
+    """eval.py and render_images.py save config.yaml only once their inputs pass the checks: with a container
+    that does not exist each stops in one line and leaves no config.yaml behind."""
+    from mega_nerf.cli.eval import main as eval_main
+    from mega_nerf.cli.render import main as render_main
+
+    missing = str(tmp_path / "no.pt")
+    common = ["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(tiny_city), "--container_path",
+              missing, "--no_progress"]
+    with pytest.raises(UserError, match="no.pt"):
+        eval_main([*common, "--exp_name", str(tmp_path / "eval")])
+    with pytest.raises(UserError, match="no.pt"):
+        render_main([*common, "--output", str(tmp_path / "render"), "--frames", "2"])
+    assert not (tmp_path / "eval" / "config.yaml").exists() and not (tmp_path / "render" / "config.yaml").exists()

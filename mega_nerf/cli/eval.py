@@ -4,7 +4,6 @@ Distributed: `python -m torch.distributed.run --standalone --nproc_per_node N me
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import configargparse
@@ -55,9 +54,7 @@ def config_from_argv(argv: list[str]) -> EvalConfig:
 def main(argv: list[str] | None = None) -> None:
     config = eval_config(eval_parser().parse_args(argv))
     with locked({"--exp_name": [config.exp_name]}):
-        if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: one record per run
-            record_options(config, Path(config.exp_name))
-        evaluate(config)
+        evaluate(config, on_ready=lambda: record_options(config, Path(config.exp_name)))
 
 
 def console() -> None:

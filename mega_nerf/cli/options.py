@@ -36,7 +36,7 @@ def base_parser(description: str) -> configargparse.ArgParser:
                         help="[top, ground] in real-world down-coordinates; clips rays to this slab")
     parser.add_argument("--near", type=float, default=1.0, help="ray near bound, real-world units")
     parser.add_argument("--far", type=float, default=None,
-                        help="ray far bound, real-world units (default: rays.DEFAULT_FAR, 1000 normalised units)")
+                        help="ray far bound, real-world units (default: 1000 normalised units, i.e. unbounded)")
     parser.add_argument("--boundary_margin", type=float, default=1.15,
                         help="a point belongs to every cell within this factor of its nearest centroid's distance")
     parser.add_argument("--cluster_2d", action="store_true", help="partition on horizontal distance only")
@@ -93,8 +93,8 @@ MEGA_NERF_IGNORED: dict[str, tuple[bool, str]] = {
                            "field (--bg_samples) and the sky is a direction-only colour"),
     "no_bg_nerf": (False, "no background NeRF to turn off (--bg_samples 0 drops the contracted far world)"),
     "use_cascade": (False, "the mlp field shades coarse and fine samples with one network"),
-    "sh_deg": (True, "directions are encoded by degree-4 spherical harmonics (hash field) or --pos_dir_dim "
-                     "frequencies (mlp field)"),
+    "sh_deg": (True, "directions are encoded by spherical harmonics up to degree 3 (hash field) or "
+                     "--pos_dir_dim frequencies (mlp field)"),
     "no_ellipse_bounds": (False, "the foreground is a box over the cameras' extent and the altitude slab "
                                  "(--foreground_scale), never an ellipsoid"),
     "ellipse_scale_factor": (True, "the foreground is a box; its size is --foreground_scale"),
@@ -116,7 +116,14 @@ MEGA_NERF_IGNORED: dict[str, tuple[bool, str]] = {
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every option's default and keeps the description's and epilog's line breaks."""
+    """--help shows every option's default and keeps the description's and epilog's line breaks. An option whose
+    help already says its default in words (one that depends on the device or field), or whose default is None,
+    is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and ("default" in action.help or action.default is None):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class MegaNerfParser(configargparse.ArgParser):
@@ -153,6 +160,9 @@ def add_mega_nerf_names(parser: configargparse.ArgParser) -> None:
         if ours in dests and f"--{alias}" not in names:
             parser.add_argument(f"--{alias}", dest=ours, default=argparse.SUPPRESS,
                                 type=convert or _type_of(parser, ours), help=f"Mega-NeRF's name for --{ours}")
+        elif f"--{alias}" not in names:  # e.g. train.py's --image_pixel_batch_size: accepted, said to be ignored
+            parser.add_argument(f"--{alias}", dest=f"ignored_{alias}", default=None, nargs="+",
+                                help=f"Mega-NeRF's name for --{ours}, which this command does not have; ignored")
     for name, (takes_value, why) in MEGA_NERF_IGNORED.items():
         if f"--{name}" not in names:
             arity = {"nargs": "+"} if takes_value else {"action": "store_const", "const": True}
@@ -247,11 +257,14 @@ def ignored_options(parser: configargparse.ArgParser, args: configargparse.Names
     (a key another command reads, e.g. eval's val_scale_factor in a config train is given, is for that one)."""
     lines = [f"ignoring --{name} (Mega-NeRF's): {why}" for name, (_, why) in MEGA_NERF_IGNORED.items()
              if getattr(args, f"ignored_{name}", None) is not None]
+    lines += [f"ignoring --{alias} (Mega-NeRF's name for --{ours}, which this command does not have)"
+              for alias, (ours, _) in MEGA_NERF_ALIASES.items() if getattr(args, f"ignored_{alias}", None) is not None]
     config = getattr(args, "config_file", None)
     if config:
         keys = [k for k in (yaml.safe_load(Path(config).read_text()) or {}) if k not in _option_names(parser)]
         if keys:
             known = options_of_every_command()
+            known |= {alias for alias, (ours, _) in MEGA_NERF_ALIASES.items() if ours in known}
             lines += [f"ignoring '{key}' in {config}: no command reads it" for key in keys if key not in known]
     return lines
 

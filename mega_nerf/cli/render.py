@@ -47,8 +47,7 @@ def config_from_argv(argv: list[str]) -> PathConfig:
 def main(argv: list[str] | None = None) -> Path:
     config = config_from_argv(argv)
     with locked({"--output": [config.output]}):
-        record_options(config, Path(config.output))
-        return render_images(config)
+        return render_images(config, on_ready=lambda: record_options(config, Path(config.output)))
 
 
 def console() -> None:

@@ -72,16 +72,16 @@ def add_training_options(p: configargparse.ArgParser) -> None:
     p.add_argument("--pos_xyz_dim", type=int, default=None, help="mlp field: position encoding frequencies (12)")
     p.add_argument("--pos_dir_dim", type=int, default=None, help="mlp field: direction encoding frequencies (4)")
     p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
-    p.add_argument("--log2_hashmap_size", type=int, default=19)
+    p.add_argument("--log2_hashmap_size", type=int, default=19, help="hash-table entries per level, as a power of two")
     p.add_argument("--max_resolution", type=int, default=2048, help="finest hash-grid resolution")
-    p.add_argument("--occupancy_resolution", type=int, default=128)
+    p.add_argument("--occupancy_resolution", type=int, default=128, help="occupancy-grid cells along each axis")
     p.add_argument("--occupancy_interval", type=int, default=8,
                    help="steps between occupancy updates (every 262,144 rays at the hash default batch)")
     p.add_argument("--occupancy_warmup", type=int, default=32, help="steps before the first update")
-    p.add_argument("--ckpt_interval", type=int, default=2000)
-    p.add_argument("--val_interval", type=int, default=5000)
+    p.add_argument("--ckpt_interval", type=int, default=2000, help="steps between checkpoints")
+    p.add_argument("--val_interval", type=int, default=5000, help="steps between validation renders")
     p.add_argument("--val_images", type=int, default=2, help="validation images rendered at each interval")
-    p.add_argument("--log_interval", type=int, default=100)
+    p.add_argument("--log_interval", type=int, default=100, help="steps between logged scalars")
     p.add_argument("--eval_protocol", choices=PROTOCOLS, default=MEGA_NERF,
                    help="mega-nerf: val images train their left halves (their right halves are scored); strict: "
                         "no pixel of a val image trains (evaluate with the same option)")

@@ -130,8 +130,10 @@ def _read_manifest(path: Path) -> Manifest | None:
 def _check_manifest(m: Manifest, expected: dict, path: Path) -> None:
     for key, value in expected.items():
         if key != "seed" and getattr(m, key) != value:
-            raise UserError(f"{path}: holds chunks of another {key.replace('_', ' ')} "
-                            f"(use another --chunk_paths or delete it)")
+            saved = f"made under --eval_protocol {m.protocol}; " if key == "protocol" else ""
+            raise UserError(f"{path}: holds chunks of another {key.replace('_', ' ')} ({saved}resuming an "
+                            f"experiment? give the options it was trained with; else use another --chunk_paths or "
+                            f"delete it)")
 
 
 def _clear_unfinished(path: Path, keep: set[str]) -> None:

@@ -187,12 +187,16 @@ def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.d
     return line
 
 
-def evaluate(config: EvalConfig, on_image: ImageHook | None = None) -> dict[str, Any] | None:
+def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
+             on_ready: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Run the evaluation on this rank's share of the val images. Returns the report on rank 0, else None.
     `on_image` is called with the number of images this rank has evaluated after each one (tests stop a rank
-    with it)."""
+    with it); `on_ready`, on rank 0, once the container, dataset and protocol have passed their checks (the
+    command saves its options then, so a refused run leaves the saved ones alone)."""
     with distributed_job(config.timeout_minutes) as info:
         job = prepare(config, info.device)
+        if on_ready is not None and info.is_main:
+            on_ready()
         mine = shard(job.images, info)
         bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or not config.progress)
         start = time.perf_counter()

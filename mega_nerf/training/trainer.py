@@ -294,7 +294,7 @@ class Trainer:
             self._log_startup(log)
 
     def _log_startup(self, log: Logger) -> None:
-        print(self.clock.summary(), flush=True)
+        tqdm.write(self.clock.summary())  # on a line of its own, not into the progress bar's
         log.record(startup={**self.clock.parts, "total": self.clock.total}, startup_notes=self.clock.notes)
 
     def run(self) -> Path:
@@ -305,6 +305,7 @@ class Trainer:
         last_good = None if stream is None else self.resume(stream)
         if last_good is not None:
             self.clock.mark("resume")
+            print(f"resuming from {last_good} (step {self.step})")
         if self.on_ready is not None:
             self.on_ready()
         if stream is None:
