@@ -214,7 +214,10 @@ def path_poses(config: PathConfig, dataset: Dataset, altitude_range: tuple[float
                to_ours: Similarity | None) -> list[Pose]:
     """The poses to render: a nerfstudio camera path's frames, a pose file interpolated, or an orbit."""
     if config.path is not None and config.path.endswith(".json"):
-        return [Pose(c2w, K, size) for c2w, K, size in read_camera_path(Path(config.path), to_ours)]
+        poses = [Pose(c2w, K, size) for c2w, K, size in read_camera_path(Path(config.path), to_ours)]
+        print(f"{config.path}: {len(poses)} frames, as the camera path has them (--frames is for pose files and "
+              "orbits)")
+        return poses
     if config.path is not None:
         return interpolate(read_pose_file(Path(config.path), len(dataset.images)), config.frames)
     return orbit(dataset, config.frames, altitude_range)

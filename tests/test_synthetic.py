@@ -212,6 +212,12 @@ def test_refuses_to_overwrite_a_dataset(tiny_city: Path, tmp_path: Path) -> None
     with pytest.raises(UserError, match="train not written by generate_city"):
         generate_city(tmp_path, "tiny", device="cpu", progress=False)
     assert (tmp_path / "train").is_dir()
+    masks = tmp_path / "masks"  # a folder of other files: the dataset would be mixed into it
+    masks.mkdir()
+    (masks / "params.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="params.pt not written by generate_city"):
+        generate_city(masks, "tiny", device="cpu", progress=False)
+    assert [p.name for p in masks.iterdir()] == ["params.pt"]
 
 
 # ---- geometry: depth and the caster against the independent one --------------------------------------------

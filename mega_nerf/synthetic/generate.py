@@ -49,12 +49,13 @@ def clear_output(output: Path) -> None:
 
 
 def _prepare(output: Path) -> None:
-    """Make `output` ready: clear a previous generation (marked by its scene.json), refuse anyone else's data."""
-    if not (output / "scene.json").exists():
-        foreign = [name for name in OWNED if (output / name).exists()]
+    """Make `output` ready: clear a previous generation (marked by its scene.json), refuse a folder holding
+    anything else (anyone's dataset, or other files a dataset would be mixed into)."""
+    if not (output / "scene.json").exists() and output.is_dir():
+        foreign = sorted(entry.name for entry in output.iterdir())
         if foreign:
-            raise UserError(f"{output}: holds {', '.join(foreign)} not written by generate_city; "
-                            "refusing to overwrite")
+            raise UserError(f"{output}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''} not "
+                            "written by generate_city; refusing to write into it (choose a new or empty --output)")
     clear_output(output)
     output.mkdir(parents=True, exist_ok=True)
 
