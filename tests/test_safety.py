@@ -175,6 +175,15 @@ def test_options_that_cannot_be_right_are_one_line(words: list[str], message: st
         train_cli.train_parser().parse_args(words)
 
 
+@pytest.mark.parametrize("words", [["--dataset_pth", "d"], ["--batch_size", "many"], ["--grid_dim"]])
+def test_a_bad_command_line_is_one_line_not_the_usage(words: list[str], capsys: pytest.CaptureFixture) -> None:
+    """argparse's own errors (an unknown option, a value of the wrong type) print one line, not the whole usage."""
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.train_parser().parse_args(words)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--help" in err, err
+
+
 @pytest.mark.parametrize(("config", "message"), [
     ("ray_altitude_rnage: [-29, 2]\n", "unknown key 'ray_altitude_rnage' (did you mean 'ray_altitude_range'?)"),
     ("ray_altitude_range: [-29, 2, 5.0]\n", "ray_altitude_range needs 2 values, got 3"),

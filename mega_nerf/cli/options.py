@@ -7,7 +7,7 @@ import difflib
 import math
 import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import configargparse
 import yaml
@@ -139,6 +139,10 @@ class MegaNerfParser(configargparse.ArgParser):
         for line in ignored_options(self, parsed):
             print(line, file=sys.stderr)
         return parsed
+
+    def error(self, message: str) -> NoReturn:
+        """A bad command line in one line (argparse would print the whole usage first: dozens of lines)."""
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
     def parse_known_args(self, args: Any = None, namespace: Any = None, **kwargs: Any) -> Any:
         words = list(sys.argv[1:] if args is None else args)
