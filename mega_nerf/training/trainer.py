@@ -254,11 +254,8 @@ class Trainer:
         scale = 1.0 / (3 * batch)  # 3 channels per ray
         mse = ((out["rgb"] - rgb) ** 2).sum() * scale
         loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum() * scale if "rgb_coarse" in out else mse
-        c = self.config
-        if c.distortion_loss:
-            loss = loss + c.distortion_loss * distortion(out["weights"]).sum() / batch
-        if c.hash_decay:  # a share of the step's decay per pass, in proportion to its rays
-            loss = loss + c.hash_decay * self.field.grid.decay_loss() * (len(image) / batch)
+        if self.config.distortion_loss:  # per ray, as the MSE: each pass adds its rays' share
+            loss = loss + self.config.distortion_loss * distortion(out["weights"]).sum() / batch
         loss.backward()
         return loss.detach(), mse.detach(), out["samples"]
 
@@ -275,6 +272,10 @@ class Trainer:
             part = slice(start, start + self.micro_batch)
             pass_loss, pass_mse, samples = self._pass(image[part], pixel[part], rgb[part], batch)
             loss, mse, self.last_samples = loss + pass_loss, mse + pass_mse, self.last_samples + samples
+        if self.config.hash_decay:  # a term of the step, not of its rays: once, whatever the passes
+            decay = self.config.hash_decay * self.field.grid.decay_loss()
+            decay.backward()
+            loss = loss + decay.detach()
         self.optimizer.step()
         self.step += 1
         self.field.after_step(self.step, self.generator)
