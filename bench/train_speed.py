@@ -56,14 +56,22 @@ def val_pixels(trainer: Trainer, count: int, seed: int = 0, trained: bool = Fals
     return image[pick], pixel[pick], rgb[pick].float() / 255
 
 
-def val_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...], appearance: torch.Tensor | None = None) -> float:
-    """PSNR of the sample's pixels; `appearance` (I,) replaces each image's appearance index when given."""
+def render_sample(trainer: Trainer, sample: tuple[torch.Tensor, ...], appearance: torch.Tensor | None = None
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sample's pixels rendered as at evaluation (no jitter): render_clipped's output, their true colours
+    and their rays (origins, dirs); `appearance` (I,) replaces each image's appearance index when given."""
     image, pixel, rgb = (t.to(trainer.device) for t in sample)
     origins, dirs = trainer.cameras.rays(image, pixel)
     app = image if appearance is None else appearance.to(image.device)[image]
     trainer.field.eval()
     out = render_clipped(trainer.field, origins, dirs, app, trainer.bounds, trainer.render_config, chunk=4096)
     trainer.field.train()
+    return out, rgb, origins, dirs
+
+
+def val_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...], appearance: torch.Tensor | None = None) -> float:
+    """PSNR of the sample's pixels; `appearance` (I,) replaces each image's appearance index when given."""
+    out, rgb, _, _ = render_sample(trainer, sample, appearance)
     return -10 * math.log10(torch.mean((out["rgb"] - rgb) ** 2).item())
 
 

@@ -24,12 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, cell_args, ensure_city, ensure_partition  # noqa: E402
-from train_speed import sync, val_pixels, val_psnr  # noqa: E402
+from train_speed import render_sample, sync, val_pixels, val_psnr  # noqa: E402
 
 from mega_nerf.cli.train import config_from_argv  # noqa: E402
 from mega_nerf.data.dataset import STRICT  # noqa: E402
 from mega_nerf.errors import run_cli  # noqa: E402
-from mega_nerf.imaging import render_clipped  # noqa: E402
 from mega_nerf.io import write_json  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 
@@ -57,11 +56,7 @@ def region_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> dict[str,
     """Where the error of a pixel sample lies, by where the trained field puts each pixel's surface: inside the
     foreground box, beyond it (the contracted far world), or nowhere (opacity under 1/2: the sky). Per region:
     (share of the pixels, PSNR)."""
-    image, pixel, rgb = (t.to(trainer.device) for t in sample)
-    origins, dirs = trainer.cameras.rays(image, pixel)
-    trainer.field.eval()
-    out = render_clipped(trainer.field, origins, dirs, image, trainer.bounds, trainer.render_config, chunk=4096)
-    trainer.field.train()
+    out, rgb, origins, dirs = render_sample(trainer, sample)
     exit_t = trainer.field.foreground_exit(origins, dirs)
     depth = out["depth"] / out["opacity"].clamp_min(1e-6)
     sky = out["opacity"] < 0.5
