@@ -105,6 +105,8 @@ def test_chunks_are_reused_and_mismatches_refused(scene, tmp_path):
     assert again == first and (tmp_path / "c" / first.chunks[0][1]).stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match="another masks"):
         prepare_chunks(dataset, None, [tmp_path / "c"], chunk_rays=500)
+    with pytest.raises(UserError, match="another protocol \\(made under --eval_protocol mega-nerf; resuming"):
+        prepare_chunks(dataset, masks, [tmp_path / "c"], chunk_rays=500, protocol="strict")
     with pytest.raises(UserError, match="another scale factor|another dataset"):
         prepare_chunks(load_dataset(data, scale_factor=2), None, [tmp_path / "c"], chunk_rays=500)
     make_dataset(tmp_path / "moved", shift=0.5)  # same names and sizes, other poses

@@ -355,6 +355,15 @@ def test_bad_inputs(partitioned: Path, tiny_city: Path, tmp_path: Path, capsys: 
     expect_error(capsys, base_args(tiny_city, tmp_path / "m", "--boundary_margin", 0.9), "--boundary_margin")
 
 
+def test_out_of_gpu_memory_names_the_image_and_the_chunk_options(tiny_city: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+    with mock.patch("mega_nerf.partition.job.image_membership", full):
+        expect_error(capsys, base_args(tiny_city, tmp_path / "m", "--ray_chunk", 4096, "--dist_chunk", 65536),
+                     "out of GPU memory at --ray_chunk 4096 --dist_chunk 65536; give smaller ones")
+
+
 def test_resume_refuses_masks_of_another_dataset(partitioned: Path, tiny_city: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     output = tmp_path / "masks"
