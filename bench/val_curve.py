@@ -2,7 +2,7 @@
 falls after, and what each variant costs in speed. Also the scene bounds each run trains in.
 
     python bench/val_curve.py --preset oblique --steps 250 500 1000 2000 4000 --variant default "" \
-        --variant affine "--affine_appearance"
+        --variant affine "--affine_appearance" --variant sh0 "--sh_degree 0"
 
 Val PSNR is taken on a fixed sample of the cell's val pixels, right halves only (never trained on), as
 bench/train_speed.py does, beside a sample of the pixels training fits; rays/s and samples/ray over the training

@@ -107,6 +107,24 @@ def test_spherical_harmonics_are_orthonormal():
     torch.testing.assert_close(spherical_harmonics(-d[:100]), parity * spherical_harmonics(d[:100]))
 
 
+def test_lower_spherical_harmonic_degrees_are_the_leading_functions_and_degree_0_ignores_the_direction():
+    """--sh_degree k keeps the (k + 1)^2 functions of degree <= k; at 0 the hash field's colour is the same from
+    every direction (and its colour layer is that much narrower)."""
+    d = torch.nn.functional.normalize(torch.randn(20, 3, dtype=torch.float64), dim=-1)
+    for degree in range(4):
+        torch.testing.assert_close(spherical_harmonics(d, degree), spherical_harmonics(d)[:, :(degree + 1) ** 2])
+    torch.manual_seed(0)
+    field = build_field({"kind": "hash", "box_min": [-1.0] * 3, "box_max": [1.0] * 3, "n_images": 2,
+                         "n_levels": 4, "log2_table_size": 10, "max_resolution": 32, "sh_degree": 0})
+    assert field.color_ray.in_features == 1 + field.colour_code_dim
+    x, image = torch.rand(20, 3) * 2 - 1, torch.zeros(20, dtype=torch.long)
+    other = torch.nn.functional.normalize(torch.randn(20, 3), dim=-1)
+    with torch.no_grad():
+        _, rgb = field(x, d.float(), image)
+        _, seen_otherwise = field(x, other, image)
+    torch.testing.assert_close(rgb, seen_otherwise, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["hash", "mlp"])
 def test_fields_shapes_ranges_and_gradients(kind):
     torch.manual_seed(0)

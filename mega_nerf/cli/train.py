@@ -74,6 +74,9 @@ def add_training_options(p: configargparse.ArgParser) -> None:
     p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
     p.add_argument("--log2_hashmap_size", type=int, default=19, help="hash-table entries per level, as a power of two")
     p.add_argument("--max_resolution", type=int, default=2048, help="finest hash-grid resolution")
+    p.add_argument("--sh_degree", type=int, default=3, choices=range(4),
+                   help="hash field: degree of the view direction's spherical harmonics in the colour (0: a colour "
+                        "independent of the view direction)")
     p.add_argument("--occupancy_resolution", type=int, default=128, help="occupancy-grid cells along each axis")
     p.add_argument("--occupancy_interval", type=int, default=8,
                    help="steps between occupancy updates (every 262,144 rays at the hash default batch)")

@@ -52,14 +52,15 @@ def _sh_matrix(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _SH_MATRICES[key]
 
 
-def spherical_harmonics(d: torch.Tensor) -> torch.Tensor:
-    """Real spherical harmonics up to degree 3 (16 values) of unit directions (N, 3) -> (N, 16).
+def spherical_harmonics(d: torch.Tensor, degree: int = 3) -> torch.Tensor:
+    """Real spherical harmonics up to `degree` (0 to 3; (degree + 1)^2 values) of unit directions (N, 3) ->
+    (N, (degree + 1)^2), in the order of _SH_POLYNOMIALS.
 
     Computed as one matrix product over the 64 products of (1, x, y, z) taken three at a time: a handful of
     kernels however many terms, since per-step kernel launches, not arithmetic, bound a training step."""
     m = torch.nn.functional.pad(d, (1, 0), value=1.0)  # (N, 4): 1, x, y, z
     products = (m[:, :, None, None] * m[:, None, :, None] * m[:, None, None, :]).flatten(1)  # (N, 64)
-    return products @ _sh_matrix(d.device, products.dtype)
+    return products @ _sh_matrix(d.device, products.dtype)[:, :(degree + 1) ** 2]
 
 
 def level_resolutions(n_levels: int, base_resolution: int, max_resolution: int) -> list[int]:

@@ -46,10 +46,11 @@ class HashField(BoxField):
                  log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
                  occupancy_resolution: int = 128, occupancy_threshold: float = 0.0, occupancy_interval: int = 8,
                  occupancy_warmup: int = 32, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3,
-                 affine_appearance: bool = False) -> None:
+                 affine_appearance: bool = False, sh_degree: int = 3) -> None:
         """occupancy_threshold: the density below which a cell counts as empty; occupancy_interval and
         occupancy_warmup: steps between updates and before the first one; contracted, affine_appearance:
-        BoxField's."""
+        BoxField's; sh_degree: the degree of the view direction's spherical harmonics in the colour MLP (0: the
+        colour does not depend on the direction; the background's stays at 3, since the sky is all direction)."""
         super().__init__(box_min, box_max, n_images, appearance_dim, contracted, affine_appearance)
         self.occupancy_threshold = occupancy_threshold
         self.occupancy_interval, self.occupancy_warmup = occupancy_interval, occupancy_warmup
@@ -58,7 +59,8 @@ class HashField(BoxField):
                                          nn.Linear(hidden, 1 + geo_features))
         # The colour MLP's first layer, W [sh(d), geo, embedding] + b, split in two: the direction and appearance
         # part is the same for every sample of a ray, so it is computed once per ray.
-        self.color_ray = nn.Linear(16 + self.colour_code_dim, hidden)
+        self.sh_degree = sh_degree
+        self.color_ray = nn.Linear((sh_degree + 1) ** 2 + self.colour_code_dim, hidden)
         self.color_geo = nn.Linear(geo_features, hidden, bias=False)
         self.color_net = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3))
         self.occupancy = OccupancyGrid(occupancy_resolution)
@@ -84,7 +86,8 @@ class HashField(BoxField):
     def forward(self, positions: torch.Tensor, directions: torch.Tensor, appearance: torch.Tensor,
                 ray_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         u, inside = self.to_box(positions)
-        view = self.color_ray(torch.cat([spherical_harmonics(directions), self.colour_code(appearance)], -1))
+        sh = spherical_harmonics(directions, self.sh_degree)
+        view = self.color_ray(torch.cat([sh, self.colour_code(appearance)], -1))
         if self.fused(positions):
             if ray_of is None:
                 ray_of = torch.arange(positions.shape[0], device=positions.device)
