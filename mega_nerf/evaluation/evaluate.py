@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ IMPLEMENTATIONS = {
 METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
 TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metrics.json has them all)
 ImageHook = Callable[[int], None]
+Clock = dict[str, float]  # seconds per phase of rank 0's loop: render, score, write, waiting on writes
+WRITERS = 2  # threads encoding and writing PNGs while the next image renders
 
 
 @dataclass
@@ -121,22 +124,47 @@ def prepare(config: EvalConfig, device: torch.device) -> EvalJob:
                    load_lpips_nets(weights_dir, device), device)
 
 
-def evaluate_image(job: EvalJob, meta: ImageMetadata) -> dict[str, Any]:
-    """Render whole, score the protocol's part, write rgb, depth and compare PNGs. Returns {index, name,
-    metrics}."""
+@dataclass(frozen=True)
+class Pictures:
+    """One val image's ground truth, render, depth and opacity on the CPU, to be written as PNGs."""
+
+    name: str
+    gt: torch.Tensor  # (H, W, 3) in [0, 1]
+    rgb: torch.Tensor  # (H, W, 3) in [0, 1]
+    depth: torch.Tensor  # (H, W)
+    opacity: torch.Tensor  # (H, W)
+
+
+def evaluate_image(job: EvalJob, meta: ImageMetadata, clock: Clock) -> tuple[dict[str, Any], Pictures]:
+    """Render whole and score the protocol's part. Returns {index, name, metrics} and what `write_pictures`
+    writes (on the CPU)."""
     info = job.info
+    start = time.perf_counter()
     out = render_image(job.container, meta.c2w, meta.intrinsics, meta.W, meta.H, job.appearance[meta.name],
                        info.bounds, info.render, job.ray_chunk)
-    gt = meta.load_rgb().to(job.device).float() / 255
     pred = out["rgb"].clamp(0, 1)
+    gt = meta.load_rgb().to(job.device).float() / 255
+    if job.device.type == "cuda":
+        torch.cuda.synchronize(job.device)
+    clock["render"] += time.perf_counter() - start
+    start = time.perf_counter()
     scored = meta.scored_columns_for(job.protocol)
     metrics = image_metrics(pred[:, scored], gt[:, scored], job.lpips)
-    depth = colorize_depth(out["depth"], out["opacity"])
-    rgb = to_uint8(pred)
-    write_png(job.output / "rgb" / f"{meta.name}.png", rgb)
-    write_png(job.output / "depth" / f"{meta.name}.png", depth)
-    write_png(job.output / "compare" / f"{meta.name}.png", np.concatenate([to_uint8(gt), rgb, depth], 1))
-    return {"index": meta.index, "name": meta.name, "metrics": metrics}
+    pictures = Pictures(meta.name, gt.cpu(), pred.cpu(), out["depth"].cpu(), out["opacity"].cpu())
+    clock["score"] += time.perf_counter() - start
+    return {"index": meta.index, "name": meta.name, "metrics": metrics}, pictures
+
+
+def write_pictures(output: Path, pictures: Pictures) -> float:
+    """rgb, depth (colour-mapped) and compare (ground truth | render | depth) PNGs. Returns the seconds taken
+    (it runs on a writer thread, beside the next image's render)."""
+    start = time.perf_counter()
+    depth = colorize_depth(pictures.depth, pictures.opacity)
+    rgb = to_uint8(pictures.rgb)
+    write_png(output / "rgb" / f"{pictures.name}.png", rgb)
+    write_png(output / "depth" / f"{pictures.name}.png", depth)
+    write_png(output / "compare" / f"{pictures.name}.png", np.concatenate([to_uint8(pictures.gt), rgb, depth], 1))
+    return time.perf_counter() - start
 
 
 def summarise(results: list[dict[str, Any]], config: EvalConfig) -> dict[str, Any]:
@@ -178,10 +206,13 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.device) -> str:
-    """Rank 0's own share: images, rays per second (rendering, scoring and writing included), peak GPU memory."""
+def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.device, clock: Clock) -> str:
+    """Rank 0's own share: images, rays per second (rendering, scoring and writing included), where the time
+    went, peak GPU memory."""
     rays = sum(meta.H * meta.W for meta in images)
-    line = f"rank 0: {len(images)} images, {rays:,} rays in {seconds:.1f} s ({rays / max(seconds, 1e-9):,.0f} rays/s)"
+    line = f"rank 0: {len(images)} images, {rays:,} rays in {seconds:.1f} s ({rays / max(seconds, 1e-9):,.0f} rays/s"
+    line += f"; render {clock['render']:.1f} s, score {clock['score']:.1f} s, write {clock['write']:.1f} s on "
+    line += f"{WRITERS} threads, waited {clock['wait']:.1f} s for them)"
     if device.type == "cuda":
         line += f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
     return line
@@ -199,14 +230,21 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
             on_ready()
         mine = shard(job.images, info)
         bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or not config.progress)
+        clock: Clock = {"render": 0.0, "score": 0.0, "write": 0.0, "wait": 0.0}
         start = time.perf_counter()
-        results = []
-        with torch.no_grad():
+        results, writes = [], []
+        with torch.no_grad(), ThreadPoolExecutor(WRITERS, thread_name_prefix="eval-writer") as writer:
             for meta in bar:
                 check_failures(info)  # another rank's error ends this one too
-                results.append(evaluate_image(job, meta))
+                result, pictures = evaluate_image(job, meta, clock)
+                results.append(result)
+                writes.append(writer.submit(write_pictures, job.output, pictures))
+                while len(writes) > 2 * WRITERS:  # bounded: a slow disk holds back the renders, not memory
+                    clock["write"] += _finish(writes.pop(0), clock)
                 if on_image is not None:
                     on_image(len(results))
+            while writes:
+                clock["write"] += _finish(writes.pop(0), clock)
         seconds = time.perf_counter() - start
         gathered = gather_objects(results, info)
         if gathered is None:
@@ -214,6 +252,14 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
         report = summarise([r for rank in gathered for r in rank], config)
         write_json(job.output / "metrics.json", report)
         print(format_table(report))
-        print(throughput_line(mine, seconds, info.device))
+        print(throughput_line(mine, seconds, info.device, clock))
         print(f"wrote {job.output / 'metrics.json'}")
         return report
+
+
+def _finish(write: Future, clock: Clock) -> float:
+    """The seconds a picture write took, once done (its error raised here); the wait counted in clock."""
+    start = time.perf_counter()
+    seconds = write.result()
+    clock["wait"] += time.perf_counter() - start
+    return seconds
