@@ -5,10 +5,10 @@ Each submitted view replaces the one before (only the latest matters). For a new
 preview, with the scene's preview settings (Scene.preview_render: fewer samples per ray) and sized so that it takes
 RENDER_BUDGET / target_fps seconds at the rays per second previews have run at so far (the rest of 1 / target_fps
 composes, encodes and sends it), and shows it. Then it renders the full frame, with the scene's own settings, in
-bands of about BAND_SECONDS each, giving up between bands as soon as a newer view arrives. So while the camera
-moves the browser gets previews at about target_fps, and when it stops the full frame follows the last preview.
-No preview is rendered when the full frame itself fits in the preview's time, nor when the view is the one whose
-full frame was shown last (a refresh).
+bands of about BAND_SECONDS each (with `share`, shorter: see band_rows), giving up between bands as soon as a newer
+view arrives. So while the camera moves the browser gets previews at about target_fps, and when it stops the full
+frame follows the last preview. No preview is rendered when the full frame itself fits in the preview's time, nor
+when the view is the one whose full frame was shown last (a refresh).
 
 With `share` (the training viewer), every render is followed by a pause so that rendering takes at most that share
 of wall time (and so of the GPU's time), and with `refresh` the current view is rendered again every `refresh`
@@ -136,10 +136,12 @@ class RenderLoop:
 
     def band_rows(self, W: int) -> int:
         """Rows per band of a full frame W pixels wide: about BAND_SECONDS each at the full frames' measured rate
-        (FIRST_PREVIEW * W rows before any measurement)."""
+        (FIRST_PREVIEW * W rows before any measurement). With a share, a newer view also waits through the pause
+        after a band, (1 - share) / share times as long: there bands take a preview's time, as many more of them."""
         if self.rate is None:
             return max(1, round(FIRST_PREVIEW * W))
-        return max(1, int(BAND_SECONDS * self.rate / W))
+        seconds = BAND_SECONDS if self.share is None else RENDER_BUDGET / self.target_fps
+        return max(1, int(seconds * self.rate / W))
 
     def _render(self, view: View, W: int, H: int, rows: tuple[int, int], preview: bool) -> dict[str, torch.Tensor]:
         """render_rows (the preview settings when `preview`), timed into that kind's rate, followed by the pause
