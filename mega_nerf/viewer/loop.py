@@ -137,7 +137,7 @@ class RenderLoop:
     def band_rows(self, W: int) -> int:
         """Rows per band of a full frame W pixels wide: about BAND_SECONDS each at the full frames' measured rate
         (FIRST_PREVIEW * W rows before any measurement). With a share, a newer view also waits through the pause
-        after a band, (1 - share) / share times as long: there bands take a preview's time, as many more of them."""
+        after a band, (1 - share) / share times as long, so there a band takes a preview's time instead."""
         if self.rate is None:
             return max(1, round(FIRST_PREVIEW * W))
         seconds = BAND_SECONDS if self.share is None else RENDER_BUDGET / self.target_fps
