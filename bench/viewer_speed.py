@@ -1,8 +1,10 @@
 """The browser viewer's speed, through the code a browser's requests run (mega_nerf/viewer), without a browser:
 
-- moving: frames per second of previews at --moving_size (960x540) along an orbit, each rendered
-  (viewer.scene.render_rows), composed and JPEG-encoded as the server sends it; and the frames per second a
-  RenderLoop shows on a --rest_size canvas whose camera moves at 60 Hz (previews sized by the loop itself);
+- moving: frames per second at --moving_size (960x540) along an orbit, each rendered (viewer.scene.render_rows),
+  composed and JPEG-encoded as the server sends it, once with the previews' settings (what the loop shows while the
+  camera moves: --preview_samples of the samples per ray) and once with the full frames' (the container's), and
+  the PSNR of the first pose's preview against its full render; and the frames per second a RenderLoop shows on a
+  --rest_size canvas whose camera moves at 60 Hz (previews sized by the loop itself);
 - at rest: seconds from a --rest_size (1920x1080) view's submission to its full frame, encoded, through a
   RenderLoop whose speed estimate is warm (the camera moved first, as it does before it rests);
 - training: rays/s of train_step on one cell with the `train.py --viewer` hook and a render loop kept busy (a
@@ -32,12 +34,13 @@ from common import append_results, cell_args, ensure_city, ensure_partition  # n
 from mega_nerf.camera_path import orbit  # noqa: E402
 from mega_nerf.cli.train import config_from_argv  # noqa: E402
 from mega_nerf.data.dataset import load_dataset  # noqa: E402
+from mega_nerf.evaluation.metrics import psnr  # noqa: E402
 from mega_nerf.merging.container import load_container  # noqa: E402
 from mega_nerf.render import default_chunk  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 from mega_nerf.viewer.camera import View, fov_of  # noqa: E402
 from mega_nerf.viewer.loop import RenderLoop, Shown  # noqa: E402
-from mega_nerf.viewer.scene import JPEG_QUALITY, Scene, compose, render_rows  # noqa: E402
+from mega_nerf.viewer.scene import JPEG_QUALITY, PREVIEW_SAMPLES, Scene, compose, render_rows  # noqa: E402
 from mega_nerf.viewer.watch import SHARE, FieldCopy  # noqa: E402
 
 
@@ -61,10 +64,12 @@ def views(dataset_path: Path, altitude: tuple[float, float] | None, count: int, 
     return [View(p.c2w, fov, W, H, 0) for p in orbit(dataset, count, altitude)]
 
 
-def moving(scene: Scene, path: list[View]) -> float:
-    """Frames per second of previews along `path` (render, compose, encode; one warm-up frame)."""
+def moving(scene: Scene, path: list[View], preview: bool) -> float:
+    """Frames per second along `path` with the previews' (or the full frames') settings: render, compose, encode
+    (one warm-up frame)."""
     def frame(view: View) -> None:
-        encode(compose(render_rows(scene, view, view.width, view.height, (0, view.height)), "rgb"), False)
+        rows = render_rows(scene, view, view.width, view.height, (0, view.height), preview)
+        encode(compose(rows, "rgb"), False)
 
     frame(path[0])
     sync()
@@ -72,6 +77,13 @@ def moving(scene: Scene, path: list[View]) -> float:
     for view in path:
         frame(view)
     return len(path) / (time.perf_counter() - start)
+
+
+def preview_psnr(scene: Scene, view: View) -> float:
+    """dB of the view's preview against its full render (colours clamped to [0, 1])."""
+    full = render_rows(scene, view, view.width, view.height, (0, view.height))["rgb"]
+    preview = render_rows(scene, view, view.width, view.height, (0, view.height), preview=True)["rgb"]
+    return psnr(preview.clamp(0, 1), full.clamp(0, 1))
 
 
 def moving_loop(scene: Scene, path: list[View], seconds: float) -> tuple[float, float]:
@@ -172,6 +184,7 @@ def main() -> None:
     p.add_argument("--moving_size", type=int, nargs=2, default=[960, 540])
     p.add_argument("--rest_size", type=int, nargs=2, default=[1920, 1080])
     p.add_argument("--frames", type=int, default=30, help="moving frames timed")
+    p.add_argument("--preview_samples", type=float, default=PREVIEW_SAMPLES, help="as mega-nerf-view's")
     p.add_argument("--loop_seconds", type=float, default=10, help="the render loop timed on a moving camera")
     p.add_argument("--train_seconds", type=float, default=120, help="training timed, half with renders")
     p.add_argument("--block_seconds", type=float, default=10)
@@ -180,22 +193,26 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     container, info = load_container(args.container_path or args.work / "merged.pt", device)
-    scene = Scene(container, info.bounds, info.render, default_chunk(device), info.n_images)
+    scene = Scene(container, info.bounds, info.render, default_chunk(device), info.n_images,
+                  preview_samples=args.preview_samples)
     dataset = ensure_city(args.preset, args.work)
     path = views(dataset, info.altitude_range, args.frames, *args.moving_size)
-    fps = moving(scene, path)
+    fps, full_fps, fit = moving(scene, path, True), moving(scene, path, False), preview_psnr(scene, path[0])
     rests = views(dataset, info.altitude_range, max(args.frames, 3), *args.rest_size)
     loop_fps, preview_pixels = moving_loop(scene, rests, args.loop_seconds)
     rest = at_rest(scene, path[:5], rests[:3])
-    print(f"moving {fps:.1f} fps; the loop on a moving {args.rest_size} canvas {loop_fps:.1f} fps, previews of "
+    print(f"moving {fps:.1f} fps with previews' settings ({full_fps:.1f} with full frames', preview {fit:.1f} dB "
+          f"against full); the loop on a moving {args.rest_size} canvas {loop_fps:.1f} fps, previews of "
           f"{preview_pixels:,.0f} pixels; at rest {', '.join(f'{s:.2f}' for s in rest)} s", flush=True)
     del container, scene
     plain, watched, frames = training_cost(args, path)
     (mw, mh), (rw, rh) = args.moving_size, args.rest_size
-    table = (f"| moving {mw}x{mh} fps | loop fps, {rw}x{rh} canvas moving (mean preview) | at rest: s to a full "
-             f"{rw}x{rh} frame (3 poses) | training rays/s | with --viewer (camera always moving) | cost | frames "
-             f"rendered meanwhile |\n|---|---|---|---|---|---|---|\n"
-             f"| {fps:.1f} | {loop_fps:.1f} ({preview_pixels:,.0f} px) | {', '.join(f'{s:.2f}' for s in rest)} | "
+    rests_s = ", ".join(f"{s:.2f}" for s in rest)
+    table = (f"| moving {mw}x{mh} fps, previews ({args.preview_samples:g} of the samples) | full settings | "
+             f"preview vs full, dB (first pose) | loop fps, {rw}x{rh} canvas moving (mean preview) | at rest: s to "
+             f"a full {rw}x{rh} frame (3 poses) | training rays/s | with --viewer (camera always moving) | cost | "
+             f"frames rendered meanwhile |\n|---|---|---|---|---|---|---|---|---|\n"
+             f"| {fps:.1f} | {full_fps:.1f} | {fit:.1f} | {loop_fps:.1f} ({preview_pixels:,.0f} px) | {rests_s} | "
              f"{plain:,.0f} | {watched:,.0f} | {100 * (1 - watched / plain):.1f}% | {frames} |")
     append_results(args.results, f"Viewer speed, {args.preset} preset", "python " + " ".join(sys.argv), table)
 

@@ -29,11 +29,12 @@ from mega_nerf.errors import UserError
 from mega_nerf.imaging import render_image, to_uint8
 from mega_nerf.merging.container import inference_state, load_container, save_container
 from mega_nerf.rays import image_rays
+from mega_nerf.render import RenderConfig
 from mega_nerf.training.trainer import Trainer
 from mega_nerf.viewer.app import ViewerConfig, open_viewer
 from mega_nerf.viewer.camera import View, c2w_from_viser, lens, viser_from_c2w
 from mega_nerf.viewer.loop import FIRST_PREVIEW, RenderLoop, Shown
-from mega_nerf.viewer.scene import Scene, compose, render_rows
+from mega_nerf.viewer.scene import PREVIEW_SAMPLES, Scene, compose, render_rows
 from mega_nerf.viewer.watch import FieldCopy, watch
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -45,6 +46,7 @@ TRAIN = ["--data_mode", "memory", "--lr_decay_epochs", "0", "--batch_size", "512
 # dB, the browser's frame (JPEG quality 92, drawn by WebGL) against a direct render of its pose: measured 37.2 and
 # 33.7 at 150 steps, 35.7 and 31.0 at 1000 (sharper, so JPEG loses more)
 BROWSER_PSNR_FLOOR = 28.0
+PREVIEW_PSNR_FLOOR = 24.0  # dB, a preview (half the samples) against the full render of a val view: measured 27.2
 FRAME_SECONDS = 60.0  # longest wait for a frame
 
 
@@ -156,25 +158,71 @@ def test_cells_overlay_is_the_nearest_centroid(scene: Scene, trained: Trainer) -
     assert (image[frame["cell"] < 0] == rgb[frame["cell"] < 0]).all() and (image != rgb).any()
 
 
-def test_loop_previews_then_full_frame(scene: Scene, trained: Trainer) -> None:
+def test_preview_settings_and_quality(scene: Scene, trained: Trainer) -> None:
+    """Previews take PREVIEW_SAMPLES of each kind of sample (the tiny container's 16 uniform and 8 background
+    samples: 8 and 4), shade fewer samples, and differ from the full render by less than PREVIEW_PSNR_FLOOR."""
+    assert (scene.render.samples, scene.render.bg_samples) == (16, 8) and PREVIEW_SAMPLES == 0.5
+    assert scene.preview_render == dataclasses.replace(scene.render, samples=8, bg_samples=4)
+    third = dataclasses.replace(scene, preview_samples=1 / 3).preview_render  # rounded, at least one of each
+    assert (third.samples, third.fine_samples, third.bg_samples) == (5, 0, 3)
+    assert dataclasses.replace(scene, preview_samples=0.01).preview_render.bg_samples == 1
+    assert dataclasses.replace(scene, preview_samples=1.0).preview_render == scene.render
+    view = val_view(trained, 48, 32)
+    full = render_rows(scene, view, 48, 32, (0, 32))
+    preview = render_rows(scene, view, 48, 32, (0, 32), preview=True)
+    counted = [render_image(scene.field, torch.as_tensor(view.c2w, dtype=torch.float32),
+                            torch.as_tensor(view.intrinsics(48, 32), dtype=torch.float32), 48, 32, view.appearance,
+                            scene.bounds, config, 4096)["samples"] for config in (scene.render, scene.preview_render)]
+    assert counted[1] < 0.7 * counted[0]  # measured 0.55
+    fit = psnr(to_uint8(preview["rgb"]), to_uint8(full["rgb"]))
+    assert PREVIEW_PSNR_FLOOR < fit < 60  # fewer samples: close, yet not the same picture
+
+
+def test_loop_previews_then_full_frame(scene: Scene, trained: Trainer, monkeypatch) -> None:
+    """The loop renders a preview with the preview settings, then the full frame in bands with the scene's own:
+    each band, rendered again directly through render_image with those settings, is the same bit for bit, and so
+    is the frame shown. Then, with refresh, the same view again: its full frame alone, no preview."""
+    import mega_nerf.viewer.scene as scene_module
+    calls: list[tuple[RenderConfig, torch.Tensor, int, int, dict[str, torch.Tensor]]] = []
+
+    def recorded(field, c2w, intrinsics, W, H, appearance, bounds, config, chunk):
+        out = render_image(field, c2w, intrinsics, W, H, appearance, bounds, config, chunk)
+        calls.append((config, intrinsics.clone(), W, H, out))
+        return out
+
+    monkeypatch.setattr(scene_module, "render_image", recorded)
     shown: list[tuple[np.ndarray, Shown]] = []
-    loop = RenderLoop(scene, lambda image, info: shown.append((image, info)), target_fps=1000.0)
+    loop = RenderLoop(scene, lambda image, info: shown.append((image, info)), target_fps=1000.0, refresh=0.5)
     try:
         view = val_view(trained, 48, 32)
         loop.submit(view)
         deadline = time.time() + FRAME_SECONDS
-        while not (loop.last and loop.last.final) and time.time() < deadline:
+        while sum(info.final for _, info in shown) < 2 and time.time() < deadline:
             time.sleep(0.05)
     finally:
         loop.close()
-    (preview, first), (full, last) = shown
+    (preview, first), (full, last), (again, refreshed) = shown[:3]
     assert (first.width, first.height, first.final) == (round(48 * FIRST_PREVIEW), round(32 * FIRST_PREVIEW), False)
     assert (last.width, last.height, last.final) == (48, 32, True) and full.shape == (32, 48, 3)
-    direct = render_image(scene.field, torch.as_tensor(view.c2w, dtype=torch.float32),
-                          torch.as_tensor(view.intrinsics(48, 32), dtype=torch.float32), 48, 32, view.appearance,
-                          scene.bounds, scene.render, 4096)
-    assert np.abs(full.astype(int) - to_uint8(direct["rgb"]).astype(int)).max() <= 1
-    assert loop.rate > 0
+    assert refreshed.final and refreshed.view is view
+    assert np.abs(again.astype(int) - full.astype(int)).max() <= 1  # its bands may split the rows elsewhere
+    c2w = torch.as_tensor(view.c2w, dtype=torch.float32)
+    assert calls[0][0] == scene.preview_render and calls[0][2:4] == (first.width, first.height)
+    for config, intrinsics, W, H, out in calls:
+        direct = render_image(scene.field, c2w, intrinsics, W, H, view.appearance, scene.bounds, config, 4096)
+        for key in ("rgb", "depth", "opacity"):
+            assert torch.equal(out[key], direct[key]), key
+    bands, rows = [], 0
+    for config, _, W, H, out in calls[1:]:  # the full frames' bands, no other preview
+        assert config == scene.render and W == 48
+        if rows < 32:  # the first full frame's
+            bands.append(out["rgb"])
+            rows += H
+    assert rows == 32 and np.array_equal(full, compose({"rgb": torch.cat(bands)}, "rgb"))
+    whole = render_image(scene.field, c2w, torch.as_tensor(view.intrinsics(48, 32), dtype=torch.float32), 48, 32,
+                         view.appearance, scene.bounds, scene.render, 4096)
+    assert np.abs(full.astype(int) - to_uint8(whole["rgb"]).astype(int)).max() <= 1  # bands: cy shifted, rounding
+    assert loop.rate > 0 and loop.preview_rate > 0
 
 
 def test_share_bounds_the_time_spent_rendering(scene: Scene, trained: Trainer, monkeypatch) -> None:
@@ -392,5 +440,7 @@ def test_view_errors_are_one_line(tmp_path: Path) -> None:
         view_main([])
     with pytest.raises(UserError, match="--max_resolution must be positive, got 0"):
         view_main(["--container_path", "merged.pt", "--max_resolution", "0"])
+    with pytest.raises(UserError, match=r"--preview_samples must be in \(0, 1\], got 1.5"):
+        view_main(["--container_path", "merged.pt", "--preview_samples", "1.5"])
     with pytest.raises(UserError, match="missing.pt: container file not found"):
         view_main(["--container_path", str(tmp_path / "missing.pt")])

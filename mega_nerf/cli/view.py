@@ -20,6 +20,10 @@ def view_parser() -> configargparse.ArgParser:
                    help="longer side of a full frame in pixels (the browser's canvas, scaled down to this)")
     p.add_argument("--target_fps", type=float, default=10.0,
                    help="frames per second while the camera moves: previews are sized to render in 1 / this")
+    p.add_argument("--preview_samples", type=float, default=0.5,
+                   help="share of the container's samples per ray (of each kind) that previews, the "
+                        "frames shown while the camera moves, are rendered with: 0.5 about halves their cost; "
+                        "1: the full frame's settings")
     p.add_argument("--point_resolution", type=int, default=128,
                    help="point cloud cells along the scene box's longest side (0: no point cloud)")
     p.add_argument("--path_file", type=str, default="viewer_path.txt",

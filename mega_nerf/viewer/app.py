@@ -12,7 +12,7 @@ from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.export import export_box, export_points, field_box
 from mega_nerf.merging.container import load_container
 from mega_nerf.render import default_chunk
-from mega_nerf.viewer.scene import Scene
+from mega_nerf.viewer.scene import PREVIEW_SAMPLES, Scene
 from mega_nerf.viewer.server import Viewer, home_pose
 
 
@@ -26,6 +26,7 @@ class ViewerConfig:
     port: int = 7007  # the next free one if taken; 0: any free port
     max_resolution: int = 1920  # longer side of a full frame, pixels (the canvas, scaled down)
     target_fps: float = 10.0  # frames per second while the camera moves (previews sized to match)
+    preview_samples: float = PREVIEW_SAMPLES  # share of the samples per ray previews take, in (0, 1]
     point_resolution: int = 128  # cells along the box's longest side of the point cloud; 0: none
     path_file: str = "viewer_path.txt"  # where "Save path" writes the key poses
     train_scale_factor: int = 1  # the scale the submodules were trained at (checks the dataset)
@@ -41,6 +42,8 @@ def check(config: ViewerConfig) -> None:
         raise UserError(f"--port must be a port number (0: any free port), got {config.port}")
     if not config.target_fps > 0:
         raise UserError(f"--target_fps must be positive, got {config.target_fps}")
+    if not 0 < config.preview_samples <= 1:
+        raise UserError(f"--preview_samples must be in (0, 1], got {config.preview_samples}")
     if config.point_resolution < 0 or (config.ray_chunk is not None and config.ray_chunk < 1):
         raise UserError("--point_resolution must be at least 0 and --ray_chunk at least 1")
 
@@ -55,7 +58,7 @@ def open_viewer(config: ViewerConfig) -> Viewer:
         dataset = load_checked_dataset(info, config.dataset_path, config.train_scale_factor,
                                        config.train_scale_factor)
     chunk = default_chunk(device) if config.ray_chunk is None else config.ray_chunk
-    scene = Scene(container, info.bounds, info.render, chunk, info.n_images)
+    scene = Scene(container, info.bounds, info.render, chunk, info.n_images, preview_samples=config.preview_samples)
     points = None
     if config.point_resolution:
         box_min, box_max = export_box(container, info.altitude_range)

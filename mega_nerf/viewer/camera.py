@@ -34,6 +34,11 @@ class View:
         """(4,) fx, fy, cx, cy of this view's lens on a W x H image (the same field of view at any size)."""
         return lens(self.fov, W, H)
 
+    def same(self, other: View) -> bool:
+        """Whether `other` asks for exactly the same frame (views compare by identity otherwise: c2w is an array)."""
+        return (np.array_equal(self.c2w, other.c2w) and (self.fov, self.width, self.height, self.appearance,
+                self.overlay) == (other.fov, other.width, other.height, other.appearance, other.overlay))
+
 
 def lens(fov: float, W: int, H: int) -> np.ndarray:
     """(4,) fx, fy, cx, cy of a centred pinhole with square pixels and vertical field of view `fov` (radians)."""

@@ -1,5 +1,10 @@
 """What the viewer renders, and how a rendered frame becomes the picture a browser shows.
 
+Frames shown while the camera moves (previews) are rendered with fewer samples per ray (`Scene.preview_render`:
+`preview_samples` of the uniform, fine and background samples): a frame's time goes to looking up the occupancy of
+every sample and to shading the occupied ones, and both scale with the samples per ray (each sample of a sparser
+ray spans more of the surface, so early termination also comes after fewer). Full frames use the scene's settings.
+
 A frame is rendered a band of rows at a time (`render_rows`), each band through imaging.render_image with the
 view's intrinsics shifted up by the band's first row, so the bands put together are exactly the rays of the whole
 image (and a render in progress can be dropped between bands when the camera moves on). `compose` turns the
@@ -11,7 +16,7 @@ pulled in by the contraction as the container routes them).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,12 +35,14 @@ PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40]
 TINT = 0.45  # share of the cell colour in an overlaid pixel
 JPEG_QUALITY = {False: 75, True: 92}  # what a frame is sent at: previews, full frames
 SOLID = 0.5  # opacity above which a pixel has a surface (as imaging.colorize_depth)
+PREVIEW_SAMPLES = 0.5  # share of the samples per ray a preview takes by default: about half a full render's cost
 
 
 @dataclass
 class Scene:
-    """A field to render with the settings it was trained with. `prepare` (may be None) runs in the render
-    thread before each frame (the training viewer refreshes its copy of the field there)."""
+    """A field to render with the settings it was trained with (previews with `preview_samples` of them).
+    `prepare` (may be None) runs in the render thread before each frame (the training viewer refreshes its copy of
+    the field there)."""
 
     field: Field
     bounds: SceneBounds
@@ -43,6 +50,17 @@ class Scene:
     chunk: int  # rays per render_in_chunks call
     n_images: int  # appearance indices 0 .. n_images - 1
     prepare: Callable[[], None] | None = None
+    preview_samples: float = PREVIEW_SAMPLES  # in (0, 1]: share of each kind of sample per ray in a preview
+
+    @property
+    def preview_render(self) -> RenderConfig:
+        """The render settings of previews: `preview_samples` of the scene's samples of each kind, rounded, at
+        least one of each kind the scene has."""
+        def fewer(n: int) -> int:
+            return 0 if n == 0 else max(1, round(n * self.preview_samples))
+
+        return replace(self.render, samples=fewer(self.render.samples), fine_samples=fewer(self.render.fine_samples),
+                       bg_samples=fewer(self.render.bg_samples))
 
     @property
     def cells(self) -> list[int]:
@@ -61,14 +79,17 @@ def cell_colour(cell: int) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def render_rows(scene: Scene, view: View, W: int, H: int, rows: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Rows [rows[0], rows[1]) of the view's W x H frame, on the CPU: rgb (h, W, 3), depth (h, W), opacity (h, W)
-    and, for the cells overlay of a container, cell (h, W) long: the owning cell, -1 where nothing is solid."""
+def render_rows(scene: Scene, view: View, W: int, H: int, rows: tuple[int, int], preview: bool = False
+                ) -> dict[str, torch.Tensor]:
+    """Rows [rows[0], rows[1]) of the view's W x H frame, on the CPU, with the scene's render settings (those of
+    previews when `preview`): rgb (h, W, 3), depth (h, W), opacity (h, W) and, for the cells overlay of a
+    container, cell (h, W) long: the owning cell, -1 where nothing is solid."""
     first, last = rows
     intrinsics = torch.as_tensor(view.intrinsics(W, H), dtype=torch.float32)
     intrinsics[3] -= first  # the band's row 0 is the frame's row `first`
     c2w = torch.as_tensor(view.c2w, dtype=torch.float32)
-    out = render_image(scene.field, c2w, intrinsics, W, last - first, view.appearance, scene.bounds, scene.render,
+    config = scene.preview_render if preview else scene.render
+    out = render_image(scene.field, c2w, intrinsics, W, last - first, view.appearance, scene.bounds, config,
                        scene.chunk)
     band = {key: out[key] for key in ("rgb", "depth", "opacity")}
     if view.overlay == "cells" and scene.cells:
