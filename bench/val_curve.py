@@ -1,8 +1,8 @@
 """Val PSNR against training steps for one cell, under named option variants: where quality peaks, whether it
 falls after, and what each variant costs in speed. Also the scene bounds each run trains in.
 
-    python bench/val_curve.py --preset oblique --steps 250 500 1000 2000 4000 --variant default "" \
-        --variant affine "--affine_appearance" --variant sh0 "--sh_degree 0"
+    python bench/val_curve.py --preset oblique --steps 250 500 1000 2000 4000 --variant default= \
+        --variant affine=--affine_appearance --variant "sh0=--sh_degree 0"
 
 Val PSNR is taken on a fixed sample of the cell's val pixels, right halves only (never trained on), as
 bench/train_speed.py does, beside a sample of the pixels training fits; rays/s and samples/ray over the training
@@ -123,11 +123,20 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def variant(text: str) -> tuple[str, str]:
+    """--variant's NAME=OPTIONS as (name, options). One argument, not two: argparse would take a second one that
+    starts with '-' (as "--affine_appearance") for an option of this script."""
+    name, sep, options = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=OPTIONS (e.g. default= or sh0='--sh_degree 0'), got {text!r}")
+    return name, options
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="oblique")
     p.add_argument("--steps", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000])
-    p.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "OPTIONS"),
+    p.add_argument("--variant", type=variant, action="append", metavar="NAME=OPTIONS",
                    help="a named set of training options (repeatable); default: one run with the defaults")
     p.add_argument("--cell", type=int, default=0)
     p.add_argument("--grid_dim", type=int, nargs=2, default=[2, 2])
