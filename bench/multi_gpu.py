@@ -135,10 +135,11 @@ def stage_train(args: argparse.Namespace, preset: str, data: Path, environ: dict
     def add(row: str) -> None:  # printed at once: a stage cut short by its call's time still reports its rows
         rows.append(row)
         print(row, flush=True)
-    warm = fresh(root / "warm")  # an untimed short run first: Triton's kernels compile once per machine
+    # An untimed short run first, past the occupancy warm-up: Triton's kernels compile once per machine.
+    warm = fresh(root / "warm")
     timed([PY, "mega_nerf/train.py", *scene(data), "--exp_name", str(warm / "exp"), "--chunk_paths",
            str(warm / "chunks"), "--cluster_mask_path", str(masks / "0"), *train_options(args),
-           "--train_iterations", "20"], environ)
+           "--train_iterations", "50"], environ)
     separate = fresh(root / "separate")
     cell_times = []
     for k in range(4):

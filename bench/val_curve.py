@@ -159,7 +159,7 @@ def main() -> None:
             warm.train_step(stream)
         del warm, stream
     for name, options in args.variant or [("default", "")]:
-        base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *options.split()]
+        base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *shlex.split(options)]
         print(f"== {name}: {options}", flush=True)
         results[name] = run(base, args.steps, args.val_rays, dataset, args.resume)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -122,6 +122,18 @@ def test_mega_nerf_network_options_size_the_mlp_field(tmp_path: Path) -> None:
     assert field.affine.out_features == 12
 
 
+def test_sh_degree_is_stored_only_when_set_so_older_checkpoints_still_match() -> None:
+    """A hash field's config dict at the default degree is the one saved before --sh_degree existed (a resumed
+    checkpoint or a merge compares the dicts whole); another degree is stored and rebuilds that field."""
+    def config_of(*argv: str) -> dict:
+        config = train_config(train_parser().parse_args(["--dataset_path", "d", "--exp_name", "e", *argv]))
+        return field_config(config, (torch.zeros(3), torch.ones(3)), [False] * 3, 4, 0.0)
+
+    assert "sh_degree" not in config_of() and "sh_degree" not in config_of("--sh_degree", "3")
+    cfg = config_of("--sh_degree", "1", "--log2_hashmap_size", "10", "--max_resolution", "32")
+    assert cfg["sh_degree"] == 1 and build_field(cfg).color_ray.in_features == 4 + 32  # + the embedding
+
+
 def test_recorded_options_read_back_as_the_same_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["--dataset_path", "d", "--exp_name", str(tmp_path / "exp"), "--field", "mlp", "--no_amp", "--no_progress",
             "--chunk_paths", "a", "b", "--ray_altitude_range", "-30", "2", "--layer_dim", "64"]

@@ -33,7 +33,7 @@ from mega_nerf.render import RenderConfig
 from mega_nerf.training.trainer import Trainer
 from mega_nerf.viewer.app import ViewerConfig, open_viewer
 from mega_nerf.viewer.camera import View, c2w_from_viser, lens, viser_from_c2w
-from mega_nerf.viewer.loop import FIRST_PREVIEW, RenderLoop, Shown
+from mega_nerf.viewer.loop import FIRST_PREVIEW, RENDER_BUDGET, RenderLoop, Shown
 from mega_nerf.viewer.scene import PREVIEW_SAMPLES, Scene, compose, render_rows
 from mega_nerf.viewer.watch import FieldCopy, watch
 
@@ -223,6 +223,31 @@ def test_loop_previews_then_full_frame(scene: Scene, trained: Trainer, monkeypat
                          view.appearance, scene.bounds, scene.render, 4096)
     assert np.abs(full.astype(int) - to_uint8(whole["rgb"]).astype(int)).max() <= 1  # bands: cy shifted, rounding
     assert loop.rate > 0 and loop.preview_rate > 0
+
+
+def test_an_unchanged_view_is_not_rendered_again_and_a_first_preview_is_sized_from_the_full_rate(
+        scene: Scene, trained: Trainer) -> None:
+    """A browser sends its camera again on a click that moves nothing: the loop renders nothing more for it. Before
+    any preview is measured, a preview is sized from the full frames' rate (a preview renders faster than that)."""
+    shown: list[Shown] = []
+    loop = RenderLoop(scene, lambda image, info: shown.append(info), target_fps=1000.0)
+    try:
+        view = val_view(trained, 48, 32)
+        loop.submit(view)
+        deadline = time.time() + FRAME_SECONDS
+        while not any(info.final for info in shown) and time.time() < deadline:
+            time.sleep(0.05)
+        frames = len(shown)
+        loop.submit(dataclasses.replace(view, c2w=view.c2w.copy()))  # equal, not the same object
+        time.sleep(0.5)
+        assert len(shown) == frames and shown[-1].final
+        loop.preview_rate, loop.rate = None, 48 * 32 * 1000.0  # the whole frame in a millisecond
+        wider = dataclasses.replace(view, width=480, height=320)  # 100x the pixels: a preview of a tenth a side
+        budget_pixels = RENDER_BUDGET / loop.target_fps * loop.rate
+        assert loop.preview_size(wider) == (round(480 * (budget_pixels / (480 * 320)) ** 0.5),
+                                            round(320 * (budget_pixels / (480 * 320)) ** 0.5))
+    finally:
+        loop.close()
 
 
 def test_share_bounds_the_time_spent_rendering(scene: Scene, trained: Trainer, monkeypatch) -> None:

@@ -18,7 +18,7 @@ image (mega_nerf.distributed); a rank that dies silently is waited for at most `
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.data.dataset import MEGA_NERF, STRICT, Dataset, ImageMetadata, dataset_fingerprint, load_dataset
-from mega_nerf.distributed import check_failures, distributed_job, gather_objects, shard
+from mega_nerf.distributed import DistInfo, check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.lpips import LPIPS, LPIPS_IMPLEMENTATION, load_lpips_nets
 from mega_nerf.evaluation.metrics import SSIM_IMPLEMENTATION, SSIM_WINDOW, image_metrics
@@ -50,7 +50,9 @@ IMPLEMENTATIONS = {
 METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
 TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metrics.json has them all)
 ImageHook = Callable[[int], None]
-Clock = dict[str, float]  # seconds per phase of rank 0's loop: render, score, write, waiting on writes
+# Seconds per phase of a rank's loop: render (reading the ground truth too), score (the warm-up's wait and the
+# copies to the CPU too), write (on the writer threads), wait (for the writes).
+Clock = dict[str, float]
 WARM_SIZE = 64  # pixels a side of warm_scoring's pair: past every pooling of AlexNet's and VGG's LPIPS layers
 WRITERS = 2  # threads warming the scoring up, then encoding and writing PNGs while the next image renders
 
@@ -140,6 +142,8 @@ def warm_scoring(lpips: dict[str, LPIPS | None], device: torch.device) -> None:
     """Score a small random pair once. The first SSIM and LPIPS calls of a process pay one-time costs (importing
     torchmetrics, loading the GPU's convolution libraries): on an H200, rank 0's scoring took 11.6 s whether it
     scored 45 `city` images or 23. Run on a thread, this overlaps them with the first image's render."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # a new thread's current device is the first GPU, not this rank's
     generator = torch.Generator().manual_seed(0)
     pair = [torch.rand(WARM_SIZE, WARM_SIZE, 3, generator=generator).to(device) for _ in range(2)]
     image_metrics(*pair, lpips)
@@ -244,20 +248,14 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
         bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or not config.progress)
         clock: Clock = {"render": 0.0, "score": 0.0, "write": 0.0, "wait": 0.0}
         start = time.perf_counter()
-        results, writes = [], []
-        with torch.no_grad(), ThreadPoolExecutor(WRITERS, thread_name_prefix="eval-writer") as writer:
-            warmed = writer.submit(warm_scoring, job.lpips, job.device)
-            for meta in bar:
-                check_failures(info)  # another rank's error ends this one too
-                result, pictures = evaluate_image(job, meta, clock, warmed)
-                results.append(result)
-                writes.append(writer.submit(write_pictures, job.output, pictures))
-                while len(writes) > 2 * WRITERS:  # bounded: a slow disk holds back the renders, not memory
-                    clock["write"] += _finish(writes.pop(0), clock)
-                if on_image is not None:
-                    on_image(len(results))
-            while writes:
-                clock["write"] += _finish(writes.pop(0), clock)
+        writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="eval-writer")
+        try:
+            with torch.no_grad():
+                results = _evaluate_share(job, bar, info, clock, writer, on_image)
+        except BaseException:
+            writer.shutdown(wait=False, cancel_futures=True)  # the failure is posted now, not after queued writes
+            raise
+        writer.shutdown()
         seconds = time.perf_counter() - start
         gathered = gather_objects(results, info)
         if gathered is None:
@@ -268,6 +266,27 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
         print(throughput_line(mine, seconds, info.device, clock))
         print(f"wrote {job.output / 'metrics.json'}")
         return report
+
+
+def _evaluate_share(job: EvalJob, images: Iterable[ImageMetadata], info: DistInfo, clock: Clock,
+                    writer: ThreadPoolExecutor, on_image: ImageHook | None) -> list[dict[str, Any]]:
+    """Render and score `images` in turn while `writer` warms the scoring up and writes each image's PNGs (at
+    most 2 * WRITERS waiting: a slow disk holds back the renders, not memory). Returns their results, once every
+    PNG is written."""
+    warmed = writer.submit(warm_scoring, job.lpips, job.device)
+    results, writes = [], []
+    for meta in images:
+        check_failures(info)  # another rank's error ends this one too
+        result, pictures = evaluate_image(job, meta, clock, warmed)
+        results.append(result)
+        writes.append(writer.submit(write_pictures, job.output, pictures))
+        while len(writes) > 2 * WRITERS:
+            clock["write"] += _finish(writes.pop(0), clock)
+        if on_image is not None:
+            on_image(len(results))
+    while writes:
+        clock["write"] += _finish(writes.pop(0), clock)
+    return results
 
 
 def _finish(write: Future, clock: Clock) -> float:

@@ -58,6 +58,7 @@ def spherical_harmonics(d: torch.Tensor, degree: int = 3) -> torch.Tensor:
 
     Computed as one matrix product over the 64 products of (1, x, y, z) taken three at a time: a handful of
     kernels however many terms, since per-step kernel launches, not arithmetic, bound a training step."""
+    assert 0 <= degree <= 3, f"spherical harmonics of degree 0 to 3, not {degree}"
     m = torch.nn.functional.pad(d, (1, 0), value=1.0)  # (N, 4): 1, x, y, z
     products = (m[:, :, None, None] * m[:, None, :, None] * m[:, None, None, :]).flatten(1)  # (N, 64)
     return products @ _sh_matrix(d.device, products.dtype)[:, :(degree + 1) ** 2]

@@ -59,7 +59,9 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
         cfg.update(n_levels=config.hash_levels, log2_table_size=config.log2_hashmap_size,
                    max_resolution=config.max_resolution, occupancy_resolution=config.occupancy_resolution,
                    occupancy_threshold=occupancy_threshold, occupancy_interval=config.occupancy_interval,
-                   occupancy_warmup=config.occupancy_warmup, sh_degree=config.sh_degree)
+                   occupancy_warmup=config.occupancy_warmup)
+        if config.sh_degree != 3:  # stored only when set, as fields saved before the option compare equal
+            cfg["sh_degree"] = config.sh_degree
     if config.field == "mlp":
         sizes = {"layers": config.layers, "width": config.layer_dim, "position_frequencies": config.pos_xyz_dim,
                  "direction_frequencies": config.pos_dir_dim}

@@ -71,8 +71,11 @@ class RenderLoop:
         self._thread.start()
 
     def submit(self, view: View) -> None:
-        """Render `view` next (dropping any view not yet rendered, and the full frame in progress)."""
+        """Render `view` next (dropping any view not yet rendered, and the full frame in progress), unless it is
+        the view already asked for (a browser sends its camera again on a click that moves nothing)."""
         with self._wake:
+            if self._view is not None and self._view.same(view):
+                return
             self._view, self._version, self._submitted = view, self._version + 1, time.perf_counter()
             self._wake.notify()
 
@@ -121,7 +124,8 @@ class RenderLoop:
 
     def preview_size(self, view: View) -> tuple[int, int] | None:
         """(w, h) of the view's preview: the view scaled to what renders in RENDER_BUDGET / target_fps seconds at
-        the previews' measured rate (FIRST_PREVIEW of each side before any measurement), at most the full size.
+        the previews' measured rate (before any preview, the full frames' rate, which a preview beats; before any
+        measurement, FIRST_PREVIEW of each side), at most the full size.
         None: no preview, as the view's full frame is on screen already or renders in that time itself."""
         W, H = view.width, view.height
         if self.last is not None and self.last.final and self.last.view.same(view):
@@ -129,9 +133,8 @@ class RenderLoop:
         budget = RENDER_BUDGET / self.target_fps  # seconds
         if self.rate is not None and W * H <= budget * self.rate:
             return None
-        scale = FIRST_PREVIEW
-        if self.preview_rate is not None:
-            scale = min(1.0, math.sqrt(budget * self.preview_rate / (W * H)))
+        rate = self.preview_rate if self.preview_rate is not None else self.rate
+        scale = FIRST_PREVIEW if rate is None else min(1.0, math.sqrt(budget * rate / (W * H)))
         return max(1, round(W * scale)), max(1, round(H * scale))
 
     def band_rows(self, W: int) -> int:
