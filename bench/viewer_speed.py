@@ -40,7 +40,7 @@ from mega_nerf.render import default_chunk  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 from mega_nerf.viewer.camera import View, fov_of  # noqa: E402
 from mega_nerf.viewer.loop import RenderLoop, Shown  # noqa: E402
-from mega_nerf.viewer.scene import JPEG_QUALITY, PREVIEW_SAMPLES, Scene, compose, render_rows  # noqa: E402
+from mega_nerf.viewer.scene import JPEG_QUALITY, PREVIEW_SAMPLES, Scene, compose, render_rows, view_chunk  # noqa: E402
 from mega_nerf.viewer.watch import SHARE, FieldCopy  # noqa: E402
 
 
@@ -193,7 +193,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     container, info = load_container(args.container_path or args.work / "merged.pt", device)
-    scene = Scene(container, info.bounds, info.render, default_chunk(device), info.n_images,
+    scene = Scene(container, info.bounds, info.render, view_chunk(device), info.n_images,
                   preview_samples=args.preview_samples)
     dataset = ensure_city(args.preset, args.work)
     path = views(dataset, info.altitude_range, args.frames, *args.moving_size)

@@ -31,7 +31,7 @@ def view_parser() -> configargparse.ArgParser:
     p.add_argument("--train_scale_factor", type=int, default=1,
                    help="the scale the submodules were trained at (to check the container's dataset)")
     p.add_argument("--ray_chunk", type=int, default=None,
-                   help="rays rendered at once, bounds memory (default: 262144 on a GPU, 8192 on a CPU)")
+                   help="rays rendered at once, bounds memory (default: 524288 on a GPU, 8192 on a CPU)")
     return p
 
 

@@ -11,8 +11,7 @@ from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.export import export_box, export_points, field_box
 from mega_nerf.merging.container import load_container
-from mega_nerf.render import default_chunk
-from mega_nerf.viewer.scene import PREVIEW_SAMPLES, Scene
+from mega_nerf.viewer.scene import PREVIEW_SAMPLES, Scene, view_chunk
 from mega_nerf.viewer.server import Viewer, home_pose
 
 
@@ -30,7 +29,7 @@ class ViewerConfig:
     point_resolution: int = 128  # cells along the box's longest side of the point cloud; 0: none
     path_file: str = "viewer_path.txt"  # where "Save path" writes the key poses
     train_scale_factor: int = 1  # the scale the submodules were trained at (checks the dataset)
-    ray_chunk: int | None = None  # rays rendered at once; None: render.default_chunk for the device
+    ray_chunk: int | None = None  # rays rendered at once; None: scene.view_chunk for the device
 
 
 def check(config: ViewerConfig) -> None:
@@ -57,7 +56,7 @@ def open_viewer(config: ViewerConfig) -> Viewer:
     if config.dataset_path is not None:
         dataset = load_checked_dataset(info, config.dataset_path, config.train_scale_factor,
                                        config.train_scale_factor)
-    chunk = default_chunk(device) if config.ray_chunk is None else config.ray_chunk
+    chunk = view_chunk(device) if config.ray_chunk is None else config.ray_chunk
     scene = Scene(container, info.bounds, info.render, chunk, info.n_images, preview_samples=config.preview_samples)
     points = None
     if config.point_resolution:
