@@ -17,7 +17,9 @@ image (mega_nerf.distributed); a rank that dies silently is waited for at most `
 """
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,11 +52,11 @@ IMPLEMENTATIONS = {
 METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
 TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metrics.json has them all)
 ImageHook = Callable[[int], None]
-# Seconds per phase of a rank's loop: render (reading the ground truth too), score (the warm-up's wait and the
-# copies to the CPU too), write (on the writer threads), wait (for the writes).
+# Seconds of a rank's loop: render (the loop's own), score and write (on the worker threads), wait (the loop's, for
+# the workers).
 Clock = dict[str, float]
-WARM_SIZE = 64  # pixels a side of warm_scoring's pair: past every pooling of AlexNet's and VGG's LPIPS layers
-WRITERS = 2  # threads warming the scoring up, then encoding and writing PNGs while the next image renders
+WORKERS = 2  # threads scoring and writing rendered images while the next ones render
+PENDING_PIXELS = 1 << 25  # rendered pixels waiting for the workers at most: about 0.7 GB of float32 on the device
 
 
 @dataclass
@@ -128,59 +130,52 @@ def prepare(config: EvalConfig, device: torch.device) -> EvalJob:
 
 
 @dataclass(frozen=True)
-class Pictures:
-    """One val image's ground truth, render, depth and opacity on the CPU, to be written as PNGs."""
+class Rendered:
+    """One val image as rendered, on the device: what `score_and_write` takes."""
 
-    name: str
-    gt: torch.Tensor  # (H, W, 3) in [0, 1]
+    meta: ImageMetadata
     rgb: torch.Tensor  # (H, W, 3) in [0, 1]
     depth: torch.Tensor  # (H, W)
     opacity: torch.Tensor  # (H, W)
 
 
-def warm_scoring(lpips: dict[str, LPIPS | None], device: torch.device) -> None:
-    """Score a small random pair once. The first SSIM and LPIPS calls of a process pay one-time costs (importing
-    torchmetrics, loading the GPU's convolution libraries): on an H200, rank 0's scoring took 11.6 s whether it
-    scored 45 `city` images or 23. Run on a thread, this overlaps them with the first image's render."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # a new thread's current device is the first GPU, not this rank's
-    generator = torch.Generator().manual_seed(0)
-    pair = [torch.rand(WARM_SIZE, WARM_SIZE, 3, generator=generator).to(device) for _ in range(2)]
-    image_metrics(*pair, lpips)
+def warm_scoring(device: torch.device) -> None:
+    """Score a small random pair once, on a thread started before the container loads. A process's first SSIM
+    call pays once for what it first needs (torchmetrics' import, the GPU's convolution libraries: not profiled
+    yet): on an H200, rank 0's scoring took 11.6 s whether it scored 45 `city` images or 23. Best effort: an error
+    here is left to the first real scoring, which raises it."""
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # a new thread's current device is the first GPU, not this rank's
+        pair = torch.rand(2, 2 * SSIM_WINDOW, 2 * SSIM_WINDOW, 3, generator=torch.Generator().manual_seed(0))
+        image_metrics(*pair.to(device), {})
+    except Exception:  # noqa: BLE001 (see the docstring)
+        pass
 
 
-def evaluate_image(job: EvalJob, meta: ImageMetadata, clock: Clock, warmed: Future
-                   ) -> tuple[dict[str, Any], Pictures]:
-    """Render whole and score the protocol's part (once `warmed`, warm_scoring's future, is done). Returns
-    {index, name, metrics} and what `write_pictures` writes (on the CPU)."""
-    info = job.info
-    start = time.perf_counter()
+def render_val_image(job: EvalJob, meta: ImageMetadata) -> Rendered:
+    """Render a val image whole (fixed ray chunks, no jitter: the same pixels on any rank)."""
     out = render_image(job.container, meta.c2w, meta.intrinsics, meta.W, meta.H, job.appearance[meta.name],
-                       info.bounds, info.render, job.ray_chunk)
-    pred = out["rgb"].clamp(0, 1)
+                       job.info.bounds, job.info.render, job.ray_chunk)
+    return Rendered(meta, out["rgb"].clamp(0, 1), out["depth"], out["opacity"])
+
+
+def score_and_write(job: EvalJob, rendered: Rendered) -> tuple[dict[str, Any], float, float]:
+    """Score the protocol's part of a rendered image against its ground truth, then write rgb, depth
+    (colour-mapped) and compare (ground truth | render | depth) PNGs. Runs on a worker thread beside the next
+    images' renders. Returns {index, name, metrics} and the seconds scoring and writing took."""
+    start = time.perf_counter()
+    meta = rendered.meta
     gt = meta.load_rgb().to(job.device).float() / 255
-    if job.device.type == "cuda":
-        torch.cuda.synchronize(job.device)
-    clock["render"] += time.perf_counter() - start
-    start = time.perf_counter()
-    warmed.result()
     scored = meta.scored_columns_for(job.protocol)
-    metrics = image_metrics(pred[:, scored], gt[:, scored], job.lpips)
-    pictures = Pictures(meta.name, gt.cpu(), pred.cpu(), out["depth"].cpu(), out["opacity"].cpu())
-    clock["score"] += time.perf_counter() - start
-    return {"index": meta.index, "name": meta.name, "metrics": metrics}, pictures
-
-
-def write_pictures(output: Path, pictures: Pictures) -> float:
-    """rgb, depth (colour-mapped) and compare (ground truth | render | depth) PNGs. Returns the seconds taken
-    (it runs on a writer thread, beside the next image's render)."""
-    start = time.perf_counter()
-    depth = colorize_depth(pictures.depth, pictures.opacity)
-    rgb = to_uint8(pictures.rgb)
-    write_png(output / "rgb" / f"{pictures.name}.png", rgb)
-    write_png(output / "depth" / f"{pictures.name}.png", depth)
-    write_png(output / "compare" / f"{pictures.name}.png", np.concatenate([to_uint8(pictures.gt), rgb, depth], 1))
-    return time.perf_counter() - start
+    metrics = image_metrics(rendered.rgb[:, scored], gt[:, scored], job.lpips)
+    scoring = time.perf_counter() - start
+    depth = colorize_depth(rendered.depth, rendered.opacity)
+    rgb = to_uint8(rendered.rgb)
+    write_png(job.output / "rgb" / f"{meta.name}.png", rgb)
+    write_png(job.output / "depth" / f"{meta.name}.png", depth)
+    write_png(job.output / "compare" / f"{meta.name}.png", np.concatenate([to_uint8(gt), rgb, depth], 1))
+    return {"index": meta.index, "name": meta.name, "metrics": metrics}, scoring, time.perf_counter() - start - scoring
 
 
 def summarise(results: list[dict[str, Any]], config: EvalConfig) -> dict[str, Any]:
@@ -227,8 +222,8 @@ def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.d
     went, peak GPU memory."""
     rays = sum(meta.H * meta.W for meta in images)
     line = f"rank 0: {len(images)} images, {rays:,} rays in {seconds:.1f} s ({rays / max(seconds, 1e-9):,.0f} rays/s"
-    line += f"; render {clock['render']:.1f} s, score {clock['score']:.1f} s, write {clock['write']:.1f} s on "
-    line += f"{WRITERS} threads, waited {clock['wait']:.1f} s for them)"
+    line += f"; render {clock['render']:.1f} s; on {WORKERS} threads beside it: score {clock['score']:.1f} s, write "
+    line += f"{clock['write']:.1f} s; waited {clock['wait']:.1f} s for them)"
     if device.type == "cuda":
         line += f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
     return line
@@ -241,6 +236,7 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
     with it); `on_ready`, on rank 0, once the container, dataset and protocol have passed their checks (the
     command saves its options then, so a refused run leaves the saved ones alone)."""
     with distributed_job(config.timeout_minutes) as info:
+        threading.Thread(target=warm_scoring, args=(info.device,), name="eval-warm-up", daemon=True).start()
         job = prepare(config, info.device)
         if on_ready is not None and info.is_main:
             on_ready()
@@ -248,14 +244,15 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
         bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or not config.progress)
         clock: Clock = {"render": 0.0, "score": 0.0, "write": 0.0, "wait": 0.0}
         start = time.perf_counter()
-        writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="eval-writer")
+        workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="eval-worker", initializer=_use_device,
+                                     initargs=(job.device,))
         try:
             with torch.no_grad():
-                results = _evaluate_share(job, bar, info, clock, writer, on_image)
+                results = _evaluate_share(job, bar, info, clock, workers, on_image)
         except BaseException:
-            writer.shutdown(wait=False, cancel_futures=True)  # the failure is posted now, not after queued writes
+            workers.shutdown(wait=False, cancel_futures=True)  # the failure is posted now, not after queued work
             raise
-        writer.shutdown()
+        workers.shutdown()
         seconds = time.perf_counter() - start
         gathered = gather_objects(results, info)
         if gathered is None:
@@ -269,29 +266,37 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
 
 
 def _evaluate_share(job: EvalJob, images: Iterable[ImageMetadata], info: DistInfo, clock: Clock,
-                    writer: ThreadPoolExecutor, on_image: ImageHook | None) -> list[dict[str, Any]]:
-    """Render and score `images` in turn while `writer` warms the scoring up and writes each image's PNGs (at
-    most 2 * WRITERS waiting: a slow disk holds back the renders, not memory). Returns their results, once every
-    PNG is written."""
-    warmed = writer.submit(warm_scoring, job.lpips, job.device)
-    results, writes = [], []
+                    workers: ThreadPoolExecutor, on_image: ImageHook | None) -> list[dict[str, Any]]:
+    """Render `images` in turn while `workers` score and write the ones before (rendered images wait for them
+    up to PENDING_PIXELS, so a slow disk or a first scoring's one-time cost holds back the renders only
+    then). Returns their results in order, once every PNG is written."""
+    results, pending = [], deque()  # pending: (future, pixels)
     for meta in images:
         check_failures(info)  # another rank's error ends this one too
-        result, pictures = evaluate_image(job, meta, clock, warmed)
-        results.append(result)
-        writes.append(writer.submit(write_pictures, job.output, pictures))
-        while len(writes) > 2 * WRITERS:
-            clock["write"] += _finish(writes.pop(0), clock)
+        start = time.perf_counter()
+        rendered = render_val_image(job, meta)
+        clock["render"] += time.perf_counter() - start
+        pending.append((workers.submit(score_and_write, job, rendered), meta.H * meta.W))
+        while sum(pixels for _, pixels in pending) > PENDING_PIXELS:
+            results.append(_finish(pending.popleft()[0], clock))
         if on_image is not None:
-            on_image(len(results))
-    while writes:
-        clock["write"] += _finish(writes.pop(0), clock)
+            on_image(len(results) + len(pending))
+    while pending:
+        results.append(_finish(pending.popleft()[0], clock))
     return results
 
 
-def _finish(write: Future, clock: Clock) -> float:
-    """The seconds a picture write took, once done (its error raised here); the wait counted in clock."""
+def _use_device(device: torch.device) -> None:
+    """A worker thread's CUDA device: this rank's (a new thread's is the first GPU)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def _finish(work: Future, clock: Clock) -> dict[str, Any]:
+    """An image's result once scored and written (its error raised here); the wait and the work counted."""
     start = time.perf_counter()
-    seconds = write.result()
+    result, scoring, writing = work.result()
     clock["wait"] += time.perf_counter() - start
-    return seconds
+    clock["score"] += scoring
+    clock["write"] += writing
+    return result
