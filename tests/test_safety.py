@@ -24,6 +24,7 @@ from mega_nerf.cli import render as render_cli
 from mega_nerf.cli import train as train_cli
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError, run_cli
+from mega_nerf.evaluation.evaluate import evaluate
 from mega_nerf.lock import lock_path
 from mega_nerf.merging.merge import merge_submodules
 
@@ -95,6 +96,19 @@ def test_eval_onto_a_full_disk_leaves_no_zero_byte_or_truncated_png(
     pngs = list(out.rglob("*.png"))
     assert all(cv2.imread(str(p)) is not None for p in pngs)  # every PNG there is whole
     assert not (out / "metrics.json").exists() and leftovers(out) == []
+
+
+def test_a_failed_write_stops_eval_before_it_renders_the_rest(tiny_city: Path, merged: Path, tmp_path: Path,
+                                                             full_disk) -> None:
+    """PNGs are written on worker threads beside the renders: a write that fails on the first image stops the rank
+    before it renders more than the image or two in progress beside it, not after its whole share (8 images)."""
+    rendered: list[int] = []
+    full_disk(3000)
+    config = eval_cli.config_from_argv(["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                        str(tmp_path / "eval"), "--container_path", str(merged), "--no_progress"])
+    with pytest.raises(UserError, match="no space left on device"):
+        evaluate(config, on_image=rendered.append)
+    assert 1 <= len(rendered) <= 3
 
 
 def test_killed_render_reruns_and_its_video_is_never_partial(tiny_city: Path, merged: Path, tmp_path: Path) -> None:

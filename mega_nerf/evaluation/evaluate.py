@@ -17,7 +17,6 @@ image (mega_nerf.distributed); a rank that dies silently is waited for at most `
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -53,7 +52,7 @@ METRICS = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
 TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metrics.json has them all)
 ImageHook = Callable[[int], None]
 # Seconds of a rank's loop: render (the loop's own), score and write (on the worker threads), wait (the loop's, for
-# the workers).
+# the workers). Renders and scores share the GPU's stream, so each may include waiting for the other's kernels.
 Clock = dict[str, float]
 WORKERS = 2  # threads scoring and writing rendered images while the next ones render
 PENDING_PIXELS = 1 << 25  # rendered pixels waiting for the workers at most: about 0.7 GB of float32 on the device
@@ -139,20 +138,6 @@ class Rendered:
     opacity: torch.Tensor  # (H, W)
 
 
-def warm_scoring(device: torch.device) -> None:
-    """Score a small random pair once, on a thread started before the container loads. A process's first SSIM
-    call pays once for what it first needs (torchmetrics' import, the GPU's convolution libraries: not profiled
-    yet): on an H200, rank 0's scoring took 11.6 s whether it scored 45 `city` images or 23. Best effort: an error
-    here is left to the first real scoring, which raises it."""
-    try:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # a new thread's current device is the first GPU, not this rank's
-        pair = torch.rand(2, 2 * SSIM_WINDOW, 2 * SSIM_WINDOW, 3, generator=torch.Generator().manual_seed(0))
-        image_metrics(*pair.to(device), {})
-    except Exception:  # noqa: BLE001 (see the docstring)
-        pass
-
-
 def render_val_image(job: EvalJob, meta: ImageMetadata) -> Rendered:
     """Render a val image whole (fixed ray chunks, no jitter: the same pixels on any rank)."""
     out = render_image(job.container, meta.c2w, meta.intrinsics, meta.W, meta.H, job.appearance[meta.name],
@@ -232,11 +217,10 @@ def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.d
 def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
              on_ready: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Run the evaluation on this rank's share of the val images. Returns the report on rank 0, else None.
-    `on_image` is called with the number of images this rank has evaluated after each one (tests stop a rank
+    `on_image` is called with the number of images this rank has rendered after each one (tests stop a rank
     with it); `on_ready`, on rank 0, once the container, dataset and protocol have passed their checks (the
     command saves its options then, so a refused run leaves the saved ones alone)."""
     with distributed_job(config.timeout_minutes) as info:
-        threading.Thread(target=warm_scoring, args=(info.device,), name="eval-warm-up", daemon=True).start()
         job = prepare(config, info.device)
         if on_ready is not None and info.is_main:
             on_ready()
@@ -267,17 +251,21 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
 
 def _evaluate_share(job: EvalJob, images: Iterable[ImageMetadata], info: DistInfo, clock: Clock,
                     workers: ThreadPoolExecutor, on_image: ImageHook | None) -> list[dict[str, Any]]:
-    """Render `images` in turn while `workers` score and write the ones before (rendered images wait for them
-    up to PENDING_PIXELS, so a slow disk or a first scoring's one-time cost holds back the renders only
-    then). Returns their results in order, once every PNG is written."""
+    """Render `images` in turn while `workers` score and write the ones before. Rendered images wait for them up
+    to PENDING_PIXELS, so the renders are held back only then: by a slow disk, or by the first scoring's one-time
+    cost (on an H200, rank 0's scoring took 11.6 s for 45 `city` images and for 23 alike). A worker's error is
+    raised before the next render. Returns the results in order, once every PNG is written."""
     results, pending = [], deque()  # pending: (future, pixels)
     for meta in images:
         check_failures(info)  # another rank's error ends this one too
+        for future, _ in pending:
+            if future.done() and future.exception() is not None:
+                future.result()  # raises it here, so that this rank stops (and tells the others) now
         start = time.perf_counter()
         rendered = render_val_image(job, meta)
         clock["render"] += time.perf_counter() - start
         pending.append((workers.submit(score_and_write, job, rendered), meta.H * meta.W))
-        while sum(pixels for _, pixels in pending) > PENDING_PIXELS:
+        while pending and (pending[0][0].done() or sum(pixels for _, pixels in pending) > PENDING_PIXELS):
             results.append(_finish(pending.popleft()[0], clock))
         if on_image is not None:
             on_image(len(results) + len(pending))
