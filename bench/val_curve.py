@@ -8,7 +8,8 @@ Val PSNR is taken on a fixed sample of the cell's val pixels, right halves only 
 bench/train_speed.py does, beside a sample of the pixels training fits; rays/s and samples/ray over the training
 steps only (evaluation excluded). At the last step both samples' PSNR is split by where the field puts each pixel's
 surface (foreground box, beyond it, sky). `--warmup_steps` keeps kernel compilation out of every variant's seconds;
-`--resume` lets a curve outlast one device call (rerun the same command); `--json_out` feeds bench/plot_curves.py.
+`--resume` lets a curve outlast one device call (rerun the same command); `--json_out`, rewritten after every point,
+feeds bench/plot_curves.py.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,9 +69,11 @@ def region_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> dict[str,
             for name, m in regions.items()}
 
 
-def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, resume: bool = False) -> dict:
-    """Train to each of `steps` and score there. With `resume`, a variant continues from the checkpoint and curve
-    it saved at its last point (a curve longer than one device call takes: rerun the same command)."""
+def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, resume: bool = False,
+        on_point: Callable[[list], None] | None = None) -> dict:
+    """Train to each of `steps` and score there, handing the curve so far to `on_point` after each point. With
+    `resume`, a variant continues from the checkpoint and curve it saved at its last point (a curve longer than one
+    device call takes: rerun the same command)."""
     trainer = Trainer(config_from_argv(base))
     stream = trainer.prepare_data()
     sample = val_pixels(trainer, sample_count)
@@ -95,6 +99,8 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
                       round(val_psnr(trainer, sample, neighbour), 3), round(val_psnr(trainer, fitted), 3)))
         print(f"step {done} ({trained:.1f} s): val PSNR {curve[-1][2]:.2f} dB, with the nearest train image's "
               f"appearance {curve[-1][3]:.2f} dB; trained pixels {curve[-1][4]:.2f} dB", flush=True)
+        if on_point is not None:
+            on_point(curve)
         if resume:
             trainer.save(stream)
             write_json(progress, {"curve": curve, "trained": trained, "shaded": shaded})
@@ -152,6 +158,11 @@ def main() -> None:
     dataset = ensure_city(args.preset, args.work)
     masks = ensure_partition(dataset, args.work, tuple(args.grid_dim))
     results = {}
+
+    def save(partial: dict) -> None:
+        """--json_out after every point, so a run cut short by its call's time keeps what it measured."""
+        if args.json_out:
+            write_json(args.json_out, partial)
     if args.warmup_steps:
         warm = Trainer(config_from_argv(cell_args(dataset, masks, args.work, args.cell, "curve-warmup")))
         stream = warm.prepare_data()
@@ -161,10 +172,10 @@ def main() -> None:
     for name, options in args.variant or [("default", "")]:
         base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *shlex.split(options)]
         print(f"== {name}: {options}", flush=True)
-        results[name] = run(base, args.steps, args.val_rays, dataset, args.resume)
+        results[name] = run(base, args.steps, args.val_rays, dataset, args.resume,
+                            lambda curve, name=name: save({**results, name: {"curve": curve}}))
+        save(results)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results))
     append_results(args.results, f"Val PSNR against steps, {args.preset} preset, cell {args.cell}",
                    "python " + shlex.join(sys.argv), table(results))
 
