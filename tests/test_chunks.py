@@ -191,6 +191,30 @@ def test_stream_visits_every_ray_once_per_epoch_and_resumes(scene, tmp_path, mod
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_batches_are_the_definitions_sequence_sliced() -> None:
+    """Batch b of an epoch is rays [b B, (b + 1) B) of the epoch's pieces in their seeded order, each permuted by
+    the seed (seed, epoch, piece); an epoch's last batch is partial. Built here from that definition alone and
+    compared over two and a half epochs."""
+    rng = np.random.default_rng(0)
+    counts = [70, 130, 45]
+    pieces = [{"image": rng.integers(0, 9, n).astype(np.int32), "pixel": rng.integers(0, 999, n).astype(np.int32),
+               "rgb": rng.integers(0, 256, (n, 3)).astype(np.uint8)} for n in counts]
+    batch, seed = 64, 5
+    expected = []
+    for epoch in range(3):
+        sequence = []
+        for k in np.random.default_rng([seed, epoch]).permutation(len(counts)):
+            order = np.random.default_rng([seed, epoch, k]).permutation(counts[k])
+            sequence += [(int(pieces[k]["image"][i]), int(pieces[k]["pixel"][i]), tuple(pieces[k]["rgb"][i]))
+                         for i in order]
+        expected += [sequence[b:b + batch] for b in range(0, len(sequence), batch)]
+    stream = RayStream(lambda k: pieces[k], counts, batch_size=batch, seed=seed, device=torch.device("cpu"))
+    for want in expected[:10]:
+        image, pixel, rgb = stream.next_batch()
+        got = list(zip(image.tolist(), pixel.tolist(), map(tuple, (rgb * 255).round().int().tolist())))
+        assert got == want
+
+
 def test_memory_mode_holds_the_same_rays(scene):
     data, masks = scene
     assert sorted(as_tuples(gather_in_memory(load_dataset(data), masks))) == sorted(expected_rays(data, masks))

@@ -63,10 +63,13 @@ class RayStream:
         return sizes, np.cumsum(sizes)
 
     def _load(self, epoch: int, position: int) -> dict[str, torch.Tensor]:
+        """Epoch `epoch`'s piece at `position` as read, and "order": its permutation, through which next_batch
+        gathers each batch on the device. Permuting the piece itself here took 0.4 s of a 4 M-ray piece on a CPU
+        core, and the first piece's load is on the path to the first step."""
         k = int(self._order(epoch)[position])
         rays = self.read(k)
         order = np.random.default_rng([self.seed, epoch, k]).permutation(len(rays["image"]))
-        return _to_tensors({name: v[order] for name, v in rays.items()}, pin=self.device.type == "cuda")
+        return _to_tensors({**rays, "order": order}, pin=self.device.type == "cuda")
 
     def _piece(self, position: int) -> dict[str, torch.Tensor]:
         """This epoch's piece at `position`, on the device; starts loading the one after it (next epoch's
@@ -100,7 +103,8 @@ class RayStream:
             start = self.offset - (ends[position] - sizes[position])
             take = int(min(need, sizes[position] - start))
             piece = self._piece(position)
-            parts.append({k: v[start:start + take] for k, v in piece.items()})
+            rows = piece["order"][start:start + take]
+            parts.append({k: piece[k][rows] for k in ("image", "pixel", "rgb")})
             self.offset += take
             need -= take
         image = torch.cat([p["image"] for p in parts]).long()
