@@ -102,6 +102,11 @@ def init_distributed(timeout_minutes: float = 10) -> DistInfo:
                     timeout_minutes * 60, prefix)
 
 
+def single_host(info: DistInfo) -> bool:
+    """Whether every rank of the job runs on this machine (alone, or torchrun's LOCAL_WORLD_SIZE is the world)."""
+    return info.world_size == 1 or os.environ.get("LOCAL_WORLD_SIZE") == str(info.world_size)
+
+
 def shard(items: list[T], info: DistInfo) -> list[T]:
     """This rank's share of `items`: every world_size-th item from position rank (strided, so that shares
     differ in length by at most one). Ranks beyond the item count get an empty list."""

@@ -18,6 +18,7 @@ from mega_nerf.distributed import (
     gather_objects,
     init_distributed,
     shard,
+    single_host,
 )
 from mega_nerf.errors import UserError
 
@@ -174,3 +175,14 @@ def test_a_patient_wait_names_a_rank_whose_heartbeat_stops(tmp_path: Path,
                 "(--timeout_minutes); it died or is stuck, see its output")
     assert result.last_error_lines() == [expected, "", expected]
     assert result.seconds < 30
+
+
+def test_single_host_is_every_rank_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alone, or torchrun's local world is the whole world; not when ranks run on other machines too."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert single_host(DistInfo(0, 1, 0, cpu)) and not single_host(DistInfo(0, 4, 0, cpu))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert single_host(DistInfo(3, 4, 3, cpu))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert not single_host(DistInfo(1, 4, 1, cpu))

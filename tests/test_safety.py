@@ -111,6 +111,20 @@ def test_a_failed_write_stops_eval_before_it_renders_the_rest(tiny_city: Path, m
     assert 1 <= len(rendered) <= 3
 
 
+def test_eval_removes_what_killed_runs_left_mid_write(tiny_city: Path, merged: Path, tmp_path: Path) -> None:
+    """Temp PNGs of a dead process go at the next evaluation into the same folder; a live process's stay."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    out = tmp_path / "eval"
+    stale, live = out / "rgb" / f"000008.png.{dead}.tmp", out / "depth" / f"000008.png.{os.getpid()}.tmp"
+    for path in (stale, live):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a PNG")
+    evaluate(eval_cli.config_from_argv(["--config_file", str(tiny_city / "config.yaml"), "--exp_name", str(out),
+                                        "--container_path", str(merged), "--no_progress"]))
+    assert not stale.exists() and live.exists()
+
+
 def test_killed_render_reruns_and_its_video_is_never_partial(tiny_city: Path, merged: Path, tmp_path: Path) -> None:
     out = tmp_path / "render"
     args = render_args(tiny_city, merged, out)

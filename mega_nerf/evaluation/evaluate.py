@@ -30,12 +30,12 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.data.dataset import MEGA_NERF, STRICT, Dataset, ImageMetadata, dataset_fingerprint, load_dataset
-from mega_nerf.distributed import DistInfo, check_failures, distributed_job, gather_objects, shard
+from mega_nerf.distributed import DistInfo, check_failures, distributed_job, gather_objects, shard, single_host
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.lpips import LPIPS, LPIPS_IMPLEMENTATION, load_lpips_nets
 from mega_nerf.evaluation.metrics import SSIM_IMPLEMENTATION, SSIM_WINDOW, image_metrics
 from mega_nerf.imaging import colorize_depth, render_image, to_uint8
-from mega_nerf.io import write_json, write_png
+from mega_nerf.io import remove_temp_files, write_json, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.render import default_chunk
 
@@ -224,6 +224,9 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
         job = prepare(config, info.device)
         if on_ready is not None and info.is_main:
             on_ready()
+        if single_host(info):  # temp names carry a PID, not a host: another machine's live rank could look dead
+            for folder in ("rgb", "depth", "compare"):
+                remove_temp_files(job.output / folder)  # what killed runs left mid-write
         mine = shard(job.images, info)
         bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or not config.progress)
         clock: Clock = {"render": 0.0, "score": 0.0, "write": 0.0, "wait": 0.0}
