@@ -86,6 +86,8 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
         curve, trained, shaded = [tuple(point) for point in saved["curve"]], saved["trained"], saved["shaded"]
         done = trainer.step
         print(f"resumed at step {done} ({trained:.1f} s)", flush=True)
+        if on_point is not None:  # --json_out holds the curve so far even if nothing more is trained
+            on_point(curve)
     for target in (s for s in steps if s > done):
         sync()
         start = time.perf_counter()

@@ -110,7 +110,7 @@ def test_a_mega_nerf_config_is_used_or_reported_key_by_key(tmp_path: Path, capsy
     assert "ignoring --layer_dim: it sizes the mlp field" in capsys.readouterr().err
     train_config(train_parser().parse_args(["--dataset_path", "d", "--exp_name", "e", "--field", "mlp",
                                             "--sh_degree", "1"]))
-    assert "ignoring --sh_degree: the hash field's" in capsys.readouterr().err
+    assert "ignoring --sh_degree: it sets the hash field's direction encoding" in capsys.readouterr().err
 
 
 def test_mega_nerf_network_options_size_the_mlp_field(tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ def test_eval_removes_what_killed_runs_left_mid_write(tiny_city: Path, merged: P
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)
     out = tmp_path / "eval"
-    stale, live = out / "rgb" / f"000008.png.{dead}.tmp", out / "depth" / f"000008.png.{os.getpid()}.tmp"
+    stale, live = out / "rgb" / f"not-an-image.png.{dead}.tmp", out / "depth" / f"not-an-image.png.{os.getpid()}.tmp"
     for path in (stale, live):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half a PNG")

@@ -109,8 +109,8 @@ def train_config(args: configargparse.Namespace, **values: Any) -> TrainConfig:
                 print(f"ignoring --{option}: it sizes the mlp field (Mega-NeRF's network), not --field {args.field}",
                       file=sys.stderr)
     if args.field != "hash" and args.sh_degree != 3:
-        print(f"ignoring --sh_degree: the hash field's (--field {args.field} encodes directions by --pos_dir_dim)",
-              file=sys.stderr)
+        print(f"ignoring --sh_degree: it sets the hash field's direction encoding; --field {args.field} encodes "
+              "directions by --pos_dir_dim", file=sys.stderr)
     altitude = None if args.ray_altitude_range is None else tuple(args.ray_altitude_range)
     required = tuple(option for option in ("dataset_path", "exp_name") if option not in values)
     given = {"chunk_paths": tuple(getattr(args, "chunk_paths", None) or ()), "ray_altitude_range": altitude}

@@ -54,6 +54,7 @@ ImageHook = Callable[[int], None]
 # Seconds of a rank's loop: render (the loop's own), score and write (on the worker threads), wait (the loop's, for
 # the workers). Renders and scores share the GPU's stream, so each may include waiting for the other's kernels.
 Clock = dict[str, float]
+PICTURES = ("rgb", "depth", "compare")  # the folders of an image's PNGs (score_and_write)
 WORKERS = 2  # threads scoring and writing rendered images while the next ones render
 PENDING_PIXELS = 1 << 25  # rendered pixels waiting for the workers at most: about 0.7 GB of float32 on the device
 
@@ -157,9 +158,9 @@ def score_and_write(job: EvalJob, rendered: Rendered) -> tuple[dict[str, Any], f
     scoring = time.perf_counter() - start
     depth = colorize_depth(rendered.depth, rendered.opacity)
     rgb = to_uint8(rendered.rgb)
-    write_png(job.output / "rgb" / f"{meta.name}.png", rgb)
-    write_png(job.output / "depth" / f"{meta.name}.png", depth)
-    write_png(job.output / "compare" / f"{meta.name}.png", np.concatenate([to_uint8(gt), rgb, depth], 1))
+    compare = np.concatenate([to_uint8(gt), rgb, depth], 1)
+    for folder, picture in zip(PICTURES, (rgb, depth, compare), strict=True):
+        write_png(job.output / folder / f"{meta.name}.png", picture)
     return {"index": meta.index, "name": meta.name, "metrics": metrics}, scoring, time.perf_counter() - start - scoring
 
 
@@ -225,7 +226,7 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
         if on_ready is not None and info.is_main:
             on_ready()
         if single_host(info):  # temp names carry a PID, not a host: another machine's live rank could look dead
-            for folder in ("rgb", "depth", "compare"):
+            for folder in PICTURES:
                 remove_temp_files(job.output / folder)  # what killed runs left mid-write
         mine = shard(job.images, info)
         bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or not config.progress)
