@@ -12,6 +12,7 @@ from mega_nerf.cli.options import base_parser, config_from_args, record_options
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
+from mega_nerf.fields.encoding import SH_DEGREE
 from mega_nerf.lock import locked
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.startup import process_start
@@ -74,7 +75,7 @@ def add_training_options(p: configargparse.ArgParser) -> None:
     p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
     p.add_argument("--log2_hashmap_size", type=int, default=19, help="hash-table entries per level, as a power of two")
     p.add_argument("--max_resolution", type=int, default=2048, help="finest hash-grid resolution")
-    p.add_argument("--sh_degree", type=int, default=3, choices=range(4),
+    p.add_argument("--sh_degree", type=int, default=SH_DEGREE, choices=range(SH_DEGREE + 1),
                    help="hash field: degree of the view direction's spherical harmonics in the colour (0: a colour "
                         "independent of the view direction)")
     p.add_argument("--occupancy_resolution", type=int, default=128, help="occupancy-grid cells along each axis")
@@ -108,7 +109,7 @@ def train_config(args: configargparse.Namespace, **values: Any) -> TrainConfig:
             if getattr(args, option) is not None:
                 print(f"ignoring --{option}: it sizes the mlp field (Mega-NeRF's network), not --field {args.field}",
                       file=sys.stderr)
-    if args.field != "hash" and args.sh_degree != 3:
+    if args.field != "hash" and args.sh_degree != SH_DEGREE:
         print(f"ignoring --sh_degree: it sets the hash field's direction encoding; --field {args.field} encodes "
               "directions by --pos_dir_dim", file=sys.stderr)
     altitude = None if args.ray_altitude_range is None else tuple(args.ray_altitude_range)

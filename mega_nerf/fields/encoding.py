@@ -36,6 +36,7 @@ _SH_POLYNOMIALS = (
     ((1.4453057213202769, "xxz"), (-1.4453057213202769, "yyz")),
     ((-0.59004358992664352, "xxx"), (3 * 0.59004358992664352, "xyy")),
 )
+SH_DEGREE = 3  # the highest degree of _SH_POLYNOMIALS, and the hash field's default (--sh_degree)
 _SH_MATRICES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -52,13 +53,13 @@ def _sh_matrix(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _SH_MATRICES[key]
 
 
-def spherical_harmonics(d: torch.Tensor, degree: int = 3) -> torch.Tensor:
-    """Real spherical harmonics up to `degree` (0 to 3; (degree + 1)^2 values) of unit directions (N, 3) ->
+def spherical_harmonics(d: torch.Tensor, degree: int = SH_DEGREE) -> torch.Tensor:
+    """Real spherical harmonics up to `degree` (0 to SH_DEGREE; (degree + 1)^2 values) of unit directions (N, 3) ->
     (N, (degree + 1)^2), in the order of _SH_POLYNOMIALS.
 
     Computed as one matrix product over the 64 products of (1, x, y, z) taken three at a time: a handful of
     kernels however many terms, since per-step kernel launches, not arithmetic, bound a training step."""
-    assert 0 <= degree <= 3, f"spherical harmonics of degree 0 to 3, not {degree}"
+    assert 0 <= degree <= SH_DEGREE, f"spherical harmonics of degree 0 to {SH_DEGREE}, not {degree}"
     m = torch.nn.functional.pad(d, (1, 0), value=1.0)  # (N, 4): 1, x, y, z
     products = (m[:, :, None, None] * m[:, None, :, None] * m[:, None, None, :]).flatten(1)  # (N, 64)
     return products @ _sh_matrix(d.device, products.dtype)[:, :(degree + 1) ** 2]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mega_nerf.fields.base import BoxField
-from mega_nerf.fields.encoding import HashGrid, spherical_harmonics
+from mega_nerf.fields.encoding import SH_DEGREE, HashGrid, spherical_harmonics
 from mega_nerf.fields.kernels import mlp_heads as mlp_triton
 from mega_nerf.fields.occupancy import OccupancyGrid
 
@@ -46,7 +46,7 @@ class HashField(BoxField):
                  log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
                  occupancy_resolution: int = 128, occupancy_threshold: float = 0.0, occupancy_interval: int = 8,
                  occupancy_warmup: int = 32, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3,
-                 affine_appearance: bool = False, sh_degree: int = 3) -> None:
+                 affine_appearance: bool = False, sh_degree: int = SH_DEGREE) -> None:
         """occupancy_threshold: the density below which a cell counts as empty; occupancy_interval and
         occupancy_warmup: steps between updates and before the first one; contracted, affine_appearance:
         BoxField's; sh_degree: the degree of the view direction's spherical harmonics in the colour MLP (0: the

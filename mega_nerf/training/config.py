@@ -9,6 +9,7 @@ from mega_nerf.bounds import FOREGROUND_SCALE
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import UserError
 from mega_nerf.fields import FIELDS
+from mega_nerf.fields.encoding import SH_DEGREE
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class TrainConfig:
     occupancy_resolution: int = 128
     occupancy_interval: int = 8
     occupancy_warmup: int = 32
-    sh_degree: int = 3  # hash field: spherical-harmonic degree of the view direction in the colour MLP
+    sh_degree: int = SH_DEGREE  # hash field: spherical-harmonic degree of the view direction in the colour MLP
     affine_appearance: bool = False  # appearance as a per-image affine colour transform (fields/base.py)
     # Mega-NeRF's network sizes, for the mlp field (None: its 8 layers of 256, 12 position, 4 direction frequencies)
     layers: int | None = None

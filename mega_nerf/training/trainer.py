@@ -23,6 +23,7 @@ from mega_nerf.data.dataset import MEGA_NERF, dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
+from mega_nerf.fields.encoding import SH_DEGREE
 from mega_nerf.io import save_torch_atomic
 from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
@@ -60,7 +61,7 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
                    max_resolution=config.max_resolution, occupancy_resolution=config.occupancy_resolution,
                    occupancy_threshold=occupancy_threshold, occupancy_interval=config.occupancy_interval,
                    occupancy_warmup=config.occupancy_warmup)
-        if config.sh_degree != 3:  # stored only when set, as fields saved before the option compare equal
+        if config.sh_degree != SH_DEGREE:  # stored only when set, as fields saved before the option compare equal
             cfg["sh_degree"] = config.sh_degree
     if config.field == "mlp":
         sizes = {"layers": config.layers, "width": config.layer_dim, "position_frequencies": config.pos_xyz_dim,
