@@ -328,3 +328,15 @@ def test_the_appearance_decay_adds_each_rays_squared_embedding_to_its_loss(tiny_
     assert decayed - loss == pytest.approx(0.01 * table[image].square().sum(1).mean().item(), rel=1e-4)
     share = torch.bincount(image, minlength=len(table)).float()[:, None] / len(image)
     assert torch.allclose(decayed_grad - grad, 2 * 0.01 * table * share, atol=1e-7)
+
+
+def test_a_checkpoint_of_another_field_is_refused_naming_what_differs(tiny_city, tmp_path):
+    """A checkpoint from when the hash field's embedding was 32 wide (its config has no appearance_dim) is refused
+    at today's default, naming appearance_dim, and resumes when --appearance_dim 32 is given."""
+    common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
+    Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2", "--appearance_dim", "32")).run()
+    with pytest.raises(UserError, match=r"checkpoint of another field \(appearance_dim\); give the options"):
+        Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4")).run()
+    final = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4",
+                         "--appearance_dim", "32")).run()
+    assert final.name == "00000004.pt"

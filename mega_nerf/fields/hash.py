@@ -29,6 +29,16 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     return _TruncExp.apply(x)
 
 
+# The appearance embedding's width: 8, where NeRF-W and nerfacto take 32 and Mega-NeRF 48. Under Mega-NeRF's
+# protocol a val image's embedding is fitted to its left half alone, and a wider one lets the colour MLP fit that
+# half's own errors: on the oblique preset, 4 runs each to 12,000-14,000 steps, val PSNR ended at 25.00 dB on
+# average with 8 against 24.61 with 32, and at most 0.11 dB under its best against up to 0.99 with 32; on `city`
+# 8 and 32 ended within 0.03 dB (bench/RESULTS.md, ninth session). A survey whose images differ by more than
+# exposure and white balance (time of day, weather) may want more: --appearance_dim.
+APPEARANCE_DIM = 8
+UNSAVED_APPEARANCE_DIM = 32  # what a saved hash field config without appearance_dim means (the default before)
+
+
 class HashField(BoxField):
     # Instant-NGP's optimisation settings: large batches, a high learning rate, uniform samples only. The lr falls
     # 10x every 30 passes over the cell's rays and a run ends after two such falls (Trainer._plan): on the oblique
@@ -36,12 +46,13 @@ class HashField(BoxField):
     # 16000; 10x every 10 epochs held steady but at 23.9; every 30 epochs gave 24.88, 25.24, 25.32 dB at 4000, 8000
     # and 12000 steps (bench/RESULTS.md, val PSNR against steps).
     train_defaults = {"lr": 1e-2, "samples": 128, "fine_samples": 0, "batch_size": 32768, "lr_decay_epochs": 30.0,
-                      "train_iterations": None}
+                      "train_iterations": None, "appearance_dim": APPEARANCE_DIM}
     # The plain PyTorch encoding (the CPU's) materialises every corner of every sample: 32768 rays would take
     # about 40 GB there, so a CPU step is smaller (and split into passes by the trainer's --micro_batch).
     cpu_train_defaults = {"batch_size": 4096}
 
-    def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int = 32,
+    def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int,
+                 appearance_dim: int = UNSAVED_APPEARANCE_DIM,
                  hidden: int = 64, geo_features: int = 15, n_levels: int = 16, n_features: int = 2,
                  log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
                  occupancy_resolution: int = 128, occupancy_threshold: float = 0.0, occupancy_interval: int = 8,

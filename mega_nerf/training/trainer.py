@@ -24,6 +24,7 @@ from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
 from mega_nerf.fields.encoding import SH_DEGREE
+from mega_nerf.fields.hash import UNSAVED_APPEARANCE_DIM
 from mega_nerf.io import save_torch_atomic
 from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
@@ -52,7 +53,8 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
     """The field's constructor arguments (stored in checkpoints, so a field is rebuilt from plain data)."""
     cfg: dict[str, Any] = {"kind": config.field, "box_min": box[0].tolist(), "box_max": box[1].tolist(),
                            "n_images": n_images, "contracted": contracted}
-    if config.appearance_dim is not None:
+    # Stored unless a config without it means the same width, so that checkpoints saved before a default stay equal
+    if config.appearance_dim is not None and (config.field, config.appearance_dim) != ("hash", UNSAVED_APPEARANCE_DIM):
         cfg["appearance_dim"] = config.appearance_dim
     if config.affine_appearance:
         cfg["affine_appearance"] = True
@@ -223,8 +225,13 @@ class Trainer:
         if path is None:
             return None
         state = ckpt.load_checkpoint(path, self.device)
-        if state["dataset"] != dataset_fingerprint(self.dataset) or state["field_config"] != self.field_config:
-            raise UserError(f"{path}: checkpoint of another dataset or field; use another --exp_name")
+        if state["dataset"] != dataset_fingerprint(self.dataset):
+            raise UserError(f"{path}: checkpoint of another dataset; use another --exp_name")
+        saved, asked = state["field_config"], self.field_config
+        if saved != asked:
+            keys = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
+            raise UserError(f"{path}: checkpoint of another field ({', '.join(keys)}); give the options it was "
+                            "trained with or use another --exp_name")
         cell = self.mask_dir.name if self.mask_dir else None
         if state["cell"] != cell or state.get("masks", self.masks) != self.masks:
             given = f"cell {cell}" if cell else "no masks"
