@@ -9,7 +9,7 @@ bench/train_speed.py does, beside a sample of the pixels training fits; rays/s a
 steps only (evaluation excluded). At the last step both samples' PSNR is split by where the field puts each pixel's
 surface (foreground box, beyond it, sky). `--warmup_steps` keeps kernel compilation out of every variant's seconds;
 `--resume` lets a curve outlast one device call (rerun the same command); `--json_out`, rewritten after every point,
-feeds bench/plot_curves.py.
+feeds bench/plot_curves.py; `--seeds` runs every variant at each seed and tabulates their spread.
 """
 from __future__ import annotations
 
@@ -131,6 +131,22 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def spread(results: dict[str, dict], variants: list[str], seeds: list[int]) -> str:
+    """Per variant, its runs over `seeds` (results named NAME@SEED): the last point's val PSNR of each, their mean
+    and the worst fall from a run's best. One run differs from the next by up to 1 dB on `oblique` (GPU atomics,
+    amplified by the val embeddings: bench/RESULTS.md, ninth session), so a variant is judged on several."""
+    rows = ["| variant | seeds | last val PSNR of each | mean | worst last - best |", "|---|---|---|---|---|"]
+    for name in variants:
+        curves = [results[f"{name}@{seed}"]["curve"] for seed in seeds if f"{name}@{seed}" in results]
+        if not curves:
+            continue
+        last = [c[-1][2] for c in curves]
+        worst = min(c[-1][2] - max(p for _, _, p, _, _ in c) for c in curves)
+        rows.append(f"| {name} | {' '.join(map(str, seeds[:len(curves)]))} | {', '.join(f'{v:.2f}' for v in last)} | "
+                    f"{sum(last) / len(last):.2f} | {worst:+.2f} |")
+    return "\n".join(rows)
+
+
 def variant(text: str) -> tuple[str, str]:
     """--variant's NAME=OPTIONS as (name, options). One argument, not two: argparse would take a second one that
     starts with '-' (as "--affine_appearance") for an option of this script."""
@@ -146,6 +162,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000])
     p.add_argument("--variant", type=variant, action="append", metavar="NAME=OPTIONS",
                    help="a named set of training options (repeatable); default: one run with the defaults")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run each variant once per seed (as NAME@SEED) and add a table of their spread; default: "
+                        "one run at the trainer's seed")
     p.add_argument("--cell", type=int, default=0)
     p.add_argument("--grid_dim", type=int, nargs=2, default=[2, 2])
     p.add_argument("--work", type=Path, default=Path("bench-work"))
@@ -171,15 +190,22 @@ def main() -> None:
         for _ in range(args.warmup_steps):
             warm.train_step(stream)
         del warm, stream
-    for name, options in args.variant or [("default", "")]:
+    variants = args.variant or [("default", "")]
+    runs = [(name, options) for name, options in variants] if args.seeds is None else \
+        [(f"{name}@{seed}", f"{options} --seed {seed}") for name, options in variants for seed in args.seeds]
+    for name, options in runs:
         base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *shlex.split(options)]
         print(f"== {name}: {options}", flush=True)
         results[name] = run(base, args.steps, args.val_rays, dataset, args.resume,
                             lambda curve, name=name: save({**results, name: {"curve": curve}}))
         save(results)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    text = table(results)
+    if args.seeds is not None:
+        text += "\n\n" + spread(results, [name for name, _ in variants], args.seeds)
+        print(text.rsplit("\n\n", 1)[1])
     append_results(args.results, f"Val PSNR against steps, {args.preset} preset, cell {args.cell}",
-                   "python " + shlex.join(sys.argv), table(results))
+                   "python " + shlex.join(sys.argv), text)
 
 
 if __name__ == "__main__":
