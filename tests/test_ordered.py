@@ -1,13 +1,16 @@
 """mega_nerf.ordered.OrderedQueue against a plain list-based reference of its rule, on futures completed by hand
 (concurrent.futures.Future with set_result / set_exception): what each add gives back, in submission order
-whatever order the work finishes in, the weight bound, early errors and the cancellation of the rest."""
+whatever order the work finishes in, the weight bound, early errors and the cancellation of the rest; and
+data.store.ordered_map, built on it, against the builtin map."""
 from __future__ import annotations
 
 import random
+import time
 from concurrent.futures import CancelledError, Future
 
 import pytest
 
+from mega_nerf.data.store import ordered_map
 from mega_nerf.ordered import OrderedQueue
 
 
@@ -110,3 +113,12 @@ def test_an_error_in_the_block_cancels_what_is_left_and_a_drained_queue_cancels_
         queue.add(done)
         assert [take(f, 7) for f in queue.drain()] == [7]
     assert not done.cancelled()
+
+
+def test_ordered_map_equals_map_whatever_order_the_threads_finish_in() -> None:
+    delays = random.Random(0).choices([0.0, 0.001, 0.003], k=60)
+
+    def slow_square(i: int) -> int:
+        time.sleep(delays[i])
+        return i * i
+    assert list(ordered_map(slow_square, range(60), threads=3)) == list(map(slow_square, range(60)))
