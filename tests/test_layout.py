@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTION = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
 SCRIPTS = dict(re.findall(r'^(\S+) = "(\S+)"$', SECTION, re.M))
 LOWER = ["mega_nerf/data", "mega_nerf/fields", "mega_nerf/rays.py", "mega_nerf/render.py", "mega_nerf/bounds.py",
-         "mega_nerf/imaging.py", "mega_nerf/io.py", "mega_nerf/errors.py", "mega_nerf/lock.py"]
+         "mega_nerf/imaging.py", "mega_nerf/io.py", "mega_nerf/errors.py", "mega_nerf/lock.py",
+         "mega_nerf/ordered.py"]
 HIGHER = ("mega_nerf.training", "mega_nerf.merging", "mega_nerf.evaluation", "mega_nerf.partition.job",
           "mega_nerf.cli", "mega_nerf.viewer")
 

@@ -10,7 +10,6 @@ wins, with the same bytes. Images are decoded by a pool of threads (OpenCV relea
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from mega_nerf.data.dataset import Dataset, dataset_fingerprint
 from mega_nerf.io import atomic_open
+from mega_nerf.ordered import OrderedQueue
 
 SUFFIX = ".rgb"
 T = TypeVar("T")
@@ -32,17 +32,15 @@ def workers() -> int:
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> Iterator[R]:
-    """fn over `items` on a pool of threads, results in order; at most twice `threads` results wait, so memory
-    stays bounded however long the input."""
+    """fn over `items` on a pool of threads, results in order; fewer than twice `threads` results wait
+    (mega_nerf.ordered), so memory stays bounded however long the input; work not started is cancelled when
+    the caller stops early or a call fails."""
     threads = threads or workers()
-    with ThreadPoolExecutor(threads) as pool:
-        pending: deque = deque()
+    with ThreadPoolExecutor(threads) as pool, OrderedQueue(2 * threads - 1) as queue:
         for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+            queue.add(pool.submit(fn, item))
+            yield from (future.result() for future in queue.due())
+        yield from (future.result() for future in queue.drain())
 
 
 def pixel_offsets(dataset: Dataset) -> np.ndarray:

@@ -18,7 +18,6 @@ image (mega_nerf.distributed); a rank that dies silently is waited for at most `
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from mega_nerf.evaluation.metrics import SSIM_IMPLEMENTATION, SSIM_WINDOW, image
 from mega_nerf.imaging import colorize_depth, render_image, to_uint8
 from mega_nerf.io import remove_temp_files, write_json, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
+from mega_nerf.ordered import OrderedQueue
 from mega_nerf.render import default_chunk
 
 PROTOCOL_TEXT = {
@@ -256,25 +256,23 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
 def _evaluate_share(job: EvalJob, images: Iterable[ImageMetadata], info: DistInfo, clock: Clock,
                     workers: ThreadPoolExecutor, on_image: ImageHook | None) -> list[dict[str, Any]]:
     """Render `images` in turn while `workers` score and write the ones before. Rendered images wait for them up
-    to PENDING_PIXELS, so the renders are held back only then: by a slow disk, or by the first scoring's one-time
-    cost (on an H200, rank 0's scoring took 11.6 s for 45 `city` images and for 23 alike). A worker's error is
-    raised before the next render. Returns the results in order, once every PNG is written."""
-    results, pending = [], deque()  # pending: (future, pixels)
-    for meta in images:
-        check_failures(info)  # another rank's error ends this one too
-        for future, _ in pending:
-            if future.done() and future.exception() is not None:
-                future.result()  # raises it here, so that this rank stops (and tells the others) now
-        start = time.perf_counter()
-        rendered = render_val_image(job, meta)
-        clock["render"] += time.perf_counter() - start
-        pending.append((workers.submit(score_and_write, job, rendered), meta.H * meta.W))
-        while pending and (pending[0][0].done() or sum(pixels for _, pixels in pending) > PENDING_PIXELS):
-            results.append(_finish(pending.popleft()[0], clock))
-        if on_image is not None:
-            on_image(len(results) + len(pending))
-    while pending:
-        results.append(_finish(pending.popleft()[0], clock))
+    to PENDING_PIXELS (mega_nerf.ordered), so the renders are held back only then: by a slow disk, or by the
+    first scoring's one-time cost (on an H200, rank 0's scoring took 11.6 s for 45 `city` images and for 23
+    alike). A worker's error is raised before the next render. Returns the results in order, once every PNG is
+    written."""
+    results: list[dict[str, Any]] = []
+    with OrderedQueue(PENDING_PIXELS) as queue:
+        for count, meta in enumerate(images, 1):
+            check_failures(info)  # another rank's error ends this one too
+            queue.raise_failed()  # a worker's error, so that this rank stops (and tells the others) now
+            start = time.perf_counter()
+            rendered = render_val_image(job, meta)
+            clock["render"] += time.perf_counter() - start
+            queue.add(workers.submit(score_and_write, job, rendered), meta.H * meta.W)
+            results.extend(_finish(future, clock) for future in queue.due())
+            if on_image is not None:
+                on_image(count)
+        results.extend(_finish(future, clock) for future in queue.drain())
     return results
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.distributed import DistInfo, barrier, check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
 from mega_nerf.io import write_bgr, write_json
+from mega_nerf.ordered import OrderedQueue
 from mega_nerf.partition.cells import (
     PartitionParams,
     cell_membership,
@@ -139,39 +139,34 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
                  ) -> tuple[torch.Tensor, int]:
     """Compute and write the masks of `images`; returns rays per cell (K,) and rays in all, for the report.
     Masks are compressed and written (each file fsynced) by a pool of threads while the next image is computed;
-    at most WRITE_QUEUE images wait. `on_image` is called with the number of images written after each one, in
-    order (tests stop a run with it)."""
+    at most WRITE_QUEUE images wait (mega_nerf.ordered), and those not started are cancelled on an error.
+    `on_image` is called with the number of images written after each one, in order (tests stop a run with it)."""
     default_ray, default_dist = default_chunks(info.device)
     ray_chunk, dist_chunk = job.ray_chunk or default_ray, job.dist_chunk or default_dist
     counts = torch.zeros(job.params.num_cells, dtype=torch.int64)
     rays, written = 0, 0
-    pending: deque[Future] = deque()
 
-    def finish_one() -> None:
+    def finish(future: Future[torch.Tensor]) -> None:
         nonlocal counts, written
-        counts += pending.popleft().result()
+        counts += future.result()
         written += 1
         if on_image is not None:
             on_image(written)
     bar = tqdm(images, desc="cluster masks", unit="image", disable=not (info.is_main and job.progress))
-    with ThreadPoolExecutor(WRITERS) as pool:
-        try:
-            for image in bar:
-                check_failures(info)  # another rank's error ends this one too
-                try:
-                    member = image_membership(image, job.params, info.device, ray_chunk, dist_chunk)
-                except torch.OutOfMemoryError:
-                    raise UserError(f"{image.name}: out of GPU memory at --ray_chunk {ray_chunk} --dist_chunk "
-                                    f"{dist_chunk}; give smaller ones") from None
-                pending.append(pool.submit(_write_image_masks, job, image, member))
-                rays += image.H * image.W
-                while len(pending) > WRITE_QUEUE or (pending and pending[0].done()):
-                    finish_one()
-            while pending:
-                finish_one()
-        finally:
-            for future in pending:
-                future.cancel()
+    with ThreadPoolExecutor(WRITERS) as pool, OrderedQueue(WRITE_QUEUE) as queue:
+        for image in bar:
+            check_failures(info)  # another rank's error ends this one too
+            try:
+                member = image_membership(image, job.params, info.device, ray_chunk, dist_chunk)
+            except torch.OutOfMemoryError:
+                raise UserError(f"{image.name}: out of GPU memory at --ray_chunk {ray_chunk} --dist_chunk "
+                                f"{dist_chunk}; give smaller ones") from None
+            queue.add(pool.submit(_write_image_masks, job, image, member))
+            rays += image.H * image.W
+            for future in queue.due():
+                finish(future)
+        for future in queue.drain():
+            finish(future)
     return counts, rays
 
 
