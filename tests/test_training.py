@@ -162,8 +162,7 @@ def test_parscript_trains_two_cells(tiny_city, masks, tmp_path):
         assert (tmp_path / f"chunks-{k}" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("regularisers", [[], ["--distortion_loss", "0.01", "--hash_decay", "0.1",
-                                              "--appearance_decay", "0.01"]])
+@pytest.mark.parametrize("regularisers", [[], ["--distortion_loss", "0.01", "--hash_decay", "0.1"]])
 def test_a_step_split_into_passes_equals_the_unsplit_step(tiny_city, tmp_path, one_thread, regularisers):
     """--micro_batch splits a step's rays into passes whose gradients add up: the gradients and the loss equal
     the unsplit step's up to float rounding (the jitter is drawn in the same order on the CPU), regularisers
@@ -306,28 +305,6 @@ def test_a_resumed_log_keeps_each_step_once_in_both_records(tmp_path: Path) -> N
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("psnr")] == [(100, 100.0), (200, 200.0), (300, 300.0),
                                                                      (400, -1.0)]
-
-
-def test_the_appearance_decay_adds_each_rays_squared_embedding_to_its_loss(tiny_city, tmp_path, one_thread):
-    """--appearance_decay w: a step's loss grows by w times the mean over its rays of their image's squared
-    embedding, and each image's embedding gradient by 2 w e times its share of the step's rays."""
-    def one_step(*extra: str) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
-        trainer = Trainer(args(tiny_city, tmp_path / str(len(extra)), "--data_mode", "memory", "--batch_size", "96",
-                               *extra))
-        trainer.optimizer.step = lambda: None  # keep the gradients of the step, unapplied
-        stream = trainer.prepare_data()
-        image = stream.next_batch()[0]
-        stream = trainer.prepare_data()  # the same batch again, for the step
-        loss, _ = trainer.train_step(stream)
-        table = trainer.field.appearance.weight
-        return float(loss), table.detach().clone(), table.grad.clone(), image
-
-    loss, table, grad, image = one_step()
-    decayed, table_again, decayed_grad, _ = one_step("--appearance_decay", "0.01")
-    assert torch.equal(table, table_again)
-    assert decayed - loss == pytest.approx(0.01 * table[image].square().sum(1).mean().item(), rel=1e-4)
-    share = torch.bincount(image, minlength=len(table)).float()[:, None] / len(image)
-    assert torch.allclose(decayed_grad - grad, 2 * 0.01 * table * share, atol=1e-7)
 
 
 def test_a_checkpoint_of_another_field_is_refused_naming_what_differs(tiny_city, tmp_path):

@@ -64,9 +64,6 @@ def add_training_options(p: configargparse.ArgParser) -> None:
                         "(0: off)")
     p.add_argument("--hash_decay", type=float, default=0.0,
                    help="weight of the hash grid's normalised weight decay (Zip-NeRF's; 0: off)")
-    p.add_argument("--appearance_decay", type=float, default=0.0,
-                   help="weight of the squared norm of each ray's appearance embedding, added to its loss: a "
-                        "prior that keeps a val image's embedding from fitting its left half alone (0: off)")
     p.add_argument("--appearance_dim", type=int, default=None, help="appearance embedding width (hash 8, mlp 48)")
     p.add_argument("--affine_appearance", action="store_true",
                    help="appearance as a per-image affine transform of the colour (Mega-NeRF's option), not an "

@@ -266,8 +266,6 @@ class Trainer:
         loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum() * scale if "rgb_coarse" in out else mse
         if self.config.distortion_loss:  # per ray, as the MSE: each pass adds its rays' share
             loss = loss + self.config.distortion_loss * distortion(out["weights"]).sum() / batch
-        if self.config.appearance_decay:  # per ray too: an image's embedding is pulled in as often as it is fitted
-            loss = loss + self.config.appearance_decay * self.field.appearance(image).square().sum() / batch
         loss.backward()
         return loss.detach(), mse.detach(), out["samples"]
 
