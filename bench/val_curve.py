@@ -137,12 +137,13 @@ def spread(results: dict[str, dict], variants: list[str], seeds: list[int]) -> s
     amplified by the val embeddings: bench/RESULTS.md, ninth session), so a variant is judged on several."""
     rows = ["| variant | seeds | last val PSNR of each | mean | worst last - best |", "|---|---|---|---|---|"]
     for name in variants:
-        curves = [results[f"{name}@{seed}"]["curve"] for seed in seeds if f"{name}@{seed}" in results]
-        if not curves:
+        ran = [seed for seed in seeds if f"{name}@{seed}" in results]
+        if not ran:
             continue
+        curves = [results[f"{name}@{seed}"]["curve"] for seed in ran]
         last = [c[-1][2] for c in curves]
         worst = min(c[-1][2] - max(p for _, _, p, _, _ in c) for c in curves)
-        rows.append(f"| {name} | {' '.join(map(str, seeds[:len(curves)]))} | {', '.join(f'{v:.2f}' for v in last)} | "
+        rows.append(f"| {name} | {' '.join(map(str, ran))} | {', '.join(f'{v:.2f}' for v in last)} | "
                     f"{sum(last) / len(last):.2f} | {worst:+.2f} |")
     return "\n".join(rows)
 

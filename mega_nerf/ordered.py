@@ -20,7 +20,7 @@ T = TypeVar("T")
 class OrderedQueue(Generic[T]):
     """Submitted futures, given back in submission order with at most `limit` weight waiting after each
     `add` whose `due` was taken in full. Used as a context manager, it cancels what is left when the block
-    ends (on an error: nothing is left after `drain`)."""
+    ends: nothing after a full `drain`, so this matters when the block ends early or on an error."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

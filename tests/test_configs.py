@@ -12,7 +12,7 @@ from mega_nerf.cli.eval import eval_parser
 from mega_nerf.cli.options import MEGA_NERF_IGNORED, record_options
 from mega_nerf.cli.partition import partition_parser
 from mega_nerf.cli.train import train_config, train_parser
-from mega_nerf.fields import build_field
+from mega_nerf.fields import build_field, config_differences
 from mega_nerf.training.trainer import field_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -139,8 +139,8 @@ def test_sh_degree_is_stored_only_when_set_so_older_checkpoints_still_match() ->
 
 def test_the_hash_fields_appearance_width_is_8_and_a_saved_config_without_one_means_32() -> None:
     """The hash field's embedding is 8 wide unless --appearance_dim says otherwise, and its config says so; a config
-    dict without appearance_dim is a checkpoint saved when the default was 32, and 32 is still left out of a new
-    one, so such checkpoints resume and merge when --appearance_dim 32 is given. The mlp field keeps its 48."""
+    dict without appearance_dim was saved when the default was 32: it builds a 32-wide field and compares equal to
+    a config that says 32 (a resumed checkpoint, a merge). The mlp field keeps its 48."""
     def config_of(*argv: str) -> dict:
         config = train_config(train_parser().parse_args(["--dataset_path", "d", "--exp_name", "e", *argv]))
         return field_config(config, (torch.zeros(3), torch.ones(3)), [False] * 3, 4, 0.0)
@@ -148,11 +148,14 @@ def test_the_hash_fields_appearance_width_is_8_and_a_saved_config_without_one_me
     small = ("--log2_hashmap_size", "10", "--max_resolution", "32")
     assert config_of(*small)["appearance_dim"] == 8
     assert build_field(config_of(*small)).appearance.weight.shape == (4, 8)
-    old = config_of(*small, "--appearance_dim", "32")
-    assert "appearance_dim" not in old and build_field(old).appearance.weight.shape == (4, 32)
-    assert config_of(*small, "--appearance_dim", "16")["appearance_dim"] == 16
+    wide = config_of(*small, "--appearance_dim", "32")
+    old = {k: v for k, v in wide.items() if k != "appearance_dim"}
+    assert build_field(old).appearance.weight.shape == (4, 32)
+    assert config_differences(old, wide) == [] and config_differences(wide, old) == []
+    assert config_differences(old, config_of(*small)) == ["appearance_dim (32, 8)"]
     mlp = config_of("--field", "mlp")
     assert "appearance_dim" not in mlp and build_field(mlp).appearance.weight.shape == (4, 48)
+    assert config_differences(mlp, mlp) == []
 
 
 def test_recorded_options_read_back_as_the_same_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

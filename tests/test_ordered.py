@@ -122,3 +122,21 @@ def test_ordered_map_equals_map_whatever_order_the_threads_finish_in() -> None:
         time.sleep(delays[i])
         return i * i
     assert list(ordered_map(slow_square, range(60), threads=3)) == list(map(slow_square, range(60)))
+
+
+
+def test_ordered_map_cancels_the_work_not_started_when_a_call_fails() -> None:
+    """A failing call ends the map with its error, and what is queued behind it and not started is cancelled, not
+    run: item 0 fails after 0.3 s while the map has submitted items 1 to 3 (2 threads: at most 3 wait), item 1
+    holds the other thread for 1 s, so item 3 is still queued when the error comes back."""
+    started: list[int] = []
+
+    def work(i: int) -> int:
+        started.append(i)
+        time.sleep(0.3 if i == 0 else 1.0)
+        if i == 0:
+            raise OSError("disk full")
+        return i
+    with pytest.raises(OSError, match="disk full"):
+        list(ordered_map(work, range(10), threads=2))
+    assert {0, 1} <= set(started) and 3 not in started

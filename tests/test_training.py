@@ -307,13 +307,49 @@ def test_a_resumed_log_keeps_each_step_once_in_both_records(tmp_path: Path) -> N
                                                                      (400, -1.0)]
 
 
-def test_a_checkpoint_of_another_field_is_refused_naming_what_differs(tiny_city, tmp_path):
-    """A checkpoint from when the hash field's embedding was 32 wide (its config has no appearance_dim) is refused
-    at today's default, naming appearance_dim, and resumes when --appearance_dim 32 is given."""
+def test_a_checkpoint_from_the_32_wide_default_resumes_with_that_width_only(tiny_city, tmp_path):
+    """A checkpoint saved when the hash field's embedding was 32 wide by default (its config has no appearance_dim)
+    is refused at today's default in one line naming appearance_dim and both values, and resumes when
+    --appearance_dim 32 is given."""
     common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
-    Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2", "--appearance_dim", "32")).run()
-    with pytest.raises(UserError, match=r"checkpoint of another field \(appearance_dim\); give the options"):
+    first = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2", "--appearance_dim", "32"))
+    path = first.run()
+    state = torch.load(path, weights_only=True)
+    del state["field_config"]["appearance_dim"]  # as the old default saved it
+    torch.save(state, path)
+    with pytest.raises(UserError, match=r"checkpoint of another field \(appearance_dim \(32, 8\): its value, then"):
         Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4")).run()
     final = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4",
                          "--appearance_dim", "32")).run()
     assert final.name == "00000004.pt"
+
+
+def test_val_embeddings_only_trains_the_field_on_training_rays_alone(tiny_city, tmp_path, one_thread):
+    """--val_embeddings_only: a step's gradient of every field parameter is that of the batch's training-image rays
+    alone, and the val images' embeddings take the gradient of their own rays (rendered after the training ones,
+    so with the same jitter as in the step)."""
+    common = ("--data_mode", "memory", "--batch_size", "96")
+    on = Trainer(args(tiny_city, tmp_path / "on", *common, "--val_embeddings_only"))
+    on.optimizer.step = lambda: None  # keep the gradients of the step, unapplied
+    on.train_step(on.prepare_data())
+    grads = {name: p.grad.clone() for name, p in on.field.named_parameters() if p.grad is not None}
+
+    ref = Trainer(args(tiny_city, tmp_path / "ref", *common))
+    image, pixel, rgb = ref.prepare_data().next_batch()
+    split = {m.index: m.split for m in ref.dataset.images}
+    val = torch.tensor([split[i] == "val" for i in image.tolist()])
+    assert 0 < int(val.sum()) < len(image)
+    ref.optimizer.zero_grad()
+    ref._pass(image[~val], pixel[~val], rgb[~val], len(image))
+    expected = {name: p.grad.clone() for name, p in ref.field.named_parameters() if p.grad is not None}
+    ref.optimizer.zero_grad()
+    ref._pass(image[val], pixel[val], rgb[val], len(image))
+    val_grad = ref.field.appearance.weight.grad
+    expected["appearance.weight"] += val_grad
+    assert grads.keys() == expected.keys() and len(grads) > 5
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[name], rtol=1e-5, atol=1e-8), name
+    assert val_grad[image[val]].abs().sum() > 0 and not torch.equal(grads["appearance.weight"],
+                                                                   expected["appearance.weight"] - val_grad)
+    with pytest.raises(UserError, match="--val_embeddings_only: --eval_protocol strict trains no val pixels"):
+        args(tiny_city, tmp_path / "strict", "--val_embeddings_only", "--eval_protocol", "strict")

@@ -11,15 +11,31 @@ import torch
 
 from mega_nerf.errors import UserError
 from mega_nerf.fields.base import Field
-from mega_nerf.fields.hash import HashField
+from mega_nerf.fields.hash import UNSAVED_APPEARANCE_DIM, HashField
 from mega_nerf.fields.mlp import MLPField
 
 FIELDS = {"hash": HashField, "mlp": MLPField}
 
 
+def complete_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with what older saves left out written in, so that two configs of one field compare equal: a
+    hash field's appearance_dim (a config saved without one is from when the width was 32)."""
+    if config.get("kind") == "hash" and "appearance_dim" not in config:
+        return {**config, "appearance_dim": UNSAVED_APPEARANCE_DIM}
+    return config
+
+
+def config_differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """The keys in which two field configs differ once completed, each as 'key (saved value, asked value)'."""
+    saved, asked = complete_config(saved), complete_config(asked)
+    return [f"{key} ({saved.get(key)}, {asked.get(key)})" for key in sorted(set(saved) | set(asked))
+            if saved.get(key) != asked.get(key)]
+
+
 def build_field(config: dict[str, Any]) -> Field:
-    """config: {'kind': 'hash' | 'mlp', 'box_min': [3], 'box_max': [3], 'n_images': int, **sizes}."""
-    kwargs = dict(config)
+    """config: {'kind': 'hash' | 'mlp', 'box_min': [3], 'box_max': [3], 'n_images': int, **sizes}; one saved
+    by older code is read as it was meant (complete_config)."""
+    kwargs = complete_config(dict(config))
     kind = kwargs.pop("kind")
     if kind not in FIELDS:
         raise UserError(f"unknown field '{kind}' (choose from {', '.join(FIELDS)})")
@@ -27,4 +43,4 @@ def build_field(config: dict[str, Any]) -> Field:
     return FIELDS[kind](**kwargs)
 
 
-__all__ = ["FIELDS", "Field", "HashField", "MLPField", "build_field"]
+__all__ = ["FIELDS", "Field", "HashField", "MLPField", "build_field", "complete_config", "config_differences"]

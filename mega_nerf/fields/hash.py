@@ -29,14 +29,14 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     return _TruncExp.apply(x)
 
 
-# The appearance embedding's width: 8, where NeRF-W and nerfacto take 32 and Mega-NeRF 48. Under Mega-NeRF's
-# protocol a val image's embedding is fitted to its left half alone, and a wider one lets the colour MLP fit that
-# half's own errors: on the oblique preset, 4 runs each to 12,000-14,000 steps, val PSNR ended at 25.00 dB on
+# The appearance embedding's width: 8, where nerfacto takes 32 and NeRF-W and Mega-NeRF 48. Under Mega-NeRF's
+# protocol a val image's embedding is fitted to its left half alone, and a wider one can fit more of that half's
+# own errors: on the oblique preset, 4 runs each to 12,000-14,000 steps, val PSNR ended at 25.00 dB on
 # average with 8 against 24.61 with 32, and at most 0.11 dB under its best against up to 0.99 with 32; on `city`
 # 8 and 32 ended within 0.03 dB (bench/RESULTS.md, ninth session). A survey whose images differ by more than
 # exposure and white balance (time of day, weather) may want more: --appearance_dim.
 APPEARANCE_DIM = 8
-UNSAVED_APPEARANCE_DIM = 32  # what a saved hash field config without appearance_dim means (the default before)
+UNSAVED_APPEARANCE_DIM = 32  # what a saved config without appearance_dim means (fields.complete_config)
 
 
 class HashField(BoxField):
@@ -52,8 +52,8 @@ class HashField(BoxField):
     cpu_train_defaults = {"batch_size": 4096}
 
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int,
-                 appearance_dim: int = UNSAVED_APPEARANCE_DIM,
-                 hidden: int = 64, geo_features: int = 15, n_levels: int = 16, n_features: int = 2,
+                 appearance_dim: int = APPEARANCE_DIM, hidden: int = 64, geo_features: int = 15, n_levels: int = 16,
+                 n_features: int = 2,
                  log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
                  occupancy_resolution: int = 128, occupancy_threshold: float = 0.0, occupancy_interval: int = 8,
                  occupancy_warmup: int = 32, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3,

@@ -15,6 +15,7 @@ from typing import Any
 
 from mega_nerf.data.dataset import MEGA_NERF
 from mega_nerf.errors import UserError
+from mega_nerf.fields import config_differences
 from mega_nerf.merging.container import inference_state, save_container
 from mega_nerf.partition.cells import PartitionParams, load_params
 from mega_nerf.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -75,10 +76,11 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
             raise UserError(f"{name}: trained on cell {st['cell']}, not cell {s.cell}")
         if st["dataset"] != ref.state["dataset"]:
             raise UserError(f"{name}: trained on another dataset than submodule {ref.cell}")
-        config, ref_config = st["field_config"], ref.state["field_config"]
-        if config != ref_config:
-            keys = sorted(k for k in set(config) | set(ref_config) if config.get(k) != ref_config.get(k))
-            raise UserError(f"{name}: field differs from submodule {ref.cell}'s ({', '.join(keys)})")
+        config = st["field_config"]
+        differences = config_differences(config, ref.state["field_config"])
+        if differences:
+            raise UserError(f"{name}: field differs from submodule {ref.cell}'s ({', '.join(differences)}: its "
+                            "value, then the other's)")
         if n_images is not None and config["n_images"] != n_images:
             raise UserError(f"{name}: trained on {config['n_images']} images, but {params_path} was made "
                             f"from {n_images}")

@@ -65,6 +65,9 @@ class TrainConfig:
     ckpt_path: str | None = None  # a checkpoint to start from when exp_name holds none
     # which val pixels train: Mega-NeRF's protocol (left halves) or strict (none); data/dataset.PROTOCOLS
     eval_protocol: str = MEGA_NERF
+    # Under it, whether the val left halves train only their own appearance embeddings (Trainer._split_val), not
+    # the field as well, so that the field cannot fit itself to an embedding fitted to half an image
+    val_embeddings_only: bool = False
     # bookkeeping
     ckpt_interval: int = 2000
     val_interval: int = 5000
@@ -100,5 +103,7 @@ class TrainConfig:
                 object.__setattr__(self, key, default)  # frozen: set once, here
         if self.hash_decay and self.field != "hash":
             raise UserError(f"--hash_decay: the {self.field} field has no hash grid (use --field hash)")
+        if self.val_embeddings_only and self.eval_protocol != MEGA_NERF:
+            raise UserError(f"--val_embeddings_only: --eval_protocol {self.eval_protocol} trains no val pixels")
         if self.distortion_loss and self.fine_samples:
             raise UserError("--distortion_loss: needs uniform samples (--fine_samples 0), as the hash field's")

@@ -22,9 +22,8 @@ from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerpri
 from mega_nerf.data.dataset import MEGA_NERF, dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
-from mega_nerf.fields import build_field
+from mega_nerf.fields import build_field, config_differences
 from mega_nerf.fields.encoding import SH_DEGREE
-from mega_nerf.fields.hash import UNSAVED_APPEARANCE_DIM
 from mega_nerf.io import save_torch_atomic
 from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
@@ -53,8 +52,7 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
     """The field's constructor arguments (stored in checkpoints, so a field is rebuilt from plain data)."""
     cfg: dict[str, Any] = {"kind": config.field, "box_min": box[0].tolist(), "box_max": box[1].tolist(),
                            "n_images": n_images, "contracted": contracted}
-    # Stored unless a config without it means the same width, so that checkpoints saved before a default stay equal
-    if config.appearance_dim is not None and (config.field, config.appearance_dim) != ("hash", UNSAVED_APPEARANCE_DIM):
+    if config.appearance_dim is not None:
         cfg["appearance_dim"] = config.appearance_dim
     if config.affine_appearance:
         cfg["affine_appearance"] = True
@@ -128,6 +126,10 @@ class Trainer:
         self.micro_batch = min(config.batch_size, config.micro_batch or budget_rays)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
+        self.val_image = None  # (I,) bool on the device: which appearance indices are val images (_split_val)
+        if config.val_embeddings_only:
+            self.val_image = torch.zeros(len(self.dataset.images), dtype=torch.bool, device=self.device)
+            self.val_image[[m.index for m in self.dataset.val]] = True
         self.step = 0
         self.clock.mark("model")
 
@@ -227,11 +229,10 @@ class Trainer:
         state = ckpt.load_checkpoint(path, self.device)
         if state["dataset"] != dataset_fingerprint(self.dataset):
             raise UserError(f"{path}: checkpoint of another dataset; use another --exp_name")
-        saved, asked = state["field_config"], self.field_config
-        if saved != asked:
-            keys = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
-            raise UserError(f"{path}: checkpoint of another field ({', '.join(keys)}); give the options it was "
-                            "trained with or use another --exp_name")
+        differences = config_differences(state["field_config"], self.field_config)
+        if differences:
+            raise UserError(f"{path}: checkpoint of another field ({', '.join(differences)}: its value, then this "
+                            "run's); give the options it was trained with or use another --exp_name")
         cell = self.mask_dir.name if self.mask_dir else None
         if state["cell"] != cell or state.get("masks", self.masks) != self.masks:
             given = f"cell {cell}" if cell else "no masks"
@@ -252,11 +253,22 @@ class Trainer:
                   "nothing to train (its checkpoint stays the result)", file=sys.stderr)
         return path
 
-    def _pass(self, image: torch.Tensor, pixel: torch.Tensor, rgb: torch.Tensor, batch: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _split_val(self, image: torch.Tensor) -> list[tuple[torch.Tensor | slice, list[torch.Tensor] | None]]:
+        """A pass's rays (image indices (R,)) as groups, each with the parameters its loss may train (None: all).
+        One group of every ray, unless --val_embeddings_only: then the training images' rays train everything
+        and the val left halves' only the appearance embeddings (their backward stops short of the field)."""
+        if self.val_image is None:
+            return [(slice(None), None)]
+        val = self.val_image[image]
+        groups = [(~val, None), (val, [self.field.appearance.weight])]
+        return [(rays, inputs) for rays, inputs in groups if rays.any()]
+
+    def _pass(self, image: torch.Tensor, pixel: torch.Tensor, rgb: torch.Tensor, batch: int,
+              inputs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward and backward of one pass over rays (R,) with colours (R, 3). Its losses are sums over its rays
-        divided by the step's `batch` rays, so the passes' gradients add up to the step's mean. Returns the loss,
-        the fine-pass MSE and the samples shaded (device tensors, no sync)."""
+        divided by the step's `batch` rays, so the passes' gradients add up to the step's mean; `inputs`: the
+        parameters they train (None: all). Returns the loss, the fine-pass MSE and the samples shaded (device
+        tensors, no sync)."""
         origins, dirs = self.cameras.rays(image, pixel)
         near, far = self.bounds.clip(origins, dirs)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.amp):
@@ -266,7 +278,7 @@ class Trainer:
         loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum() * scale if "rgb_coarse" in out else mse
         if self.config.distortion_loss:  # per ray, as the MSE: each pass adds its rays' share
             loss = loss + self.config.distortion_loss * distortion(out["weights"]).sum() / batch
-        loss.backward()
+        loss.backward(inputs=inputs)
         return loss.detach(), mse.detach(), out["samples"]
 
     def train_step(self, stream: RayStream) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,8 +292,10 @@ class Trainer:
         batch, loss, mse, self.last_samples = len(image), 0.0, 0.0, 0  # samples: logged per ray
         for start in range(0, batch, self.micro_batch):
             part = slice(start, start + self.micro_batch)
-            pass_loss, pass_mse, samples = self._pass(image[part], pixel[part], rgb[part], batch)
-            loss, mse, self.last_samples = loss + pass_loss, mse + pass_mse, self.last_samples + samples
+            for rays, inputs in self._split_val(image[part]):
+                pass_loss, pass_mse, samples = self._pass(image[part][rays], pixel[part][rays], rgb[part][rays], batch,
+                                                          inputs)
+                loss, mse, self.last_samples = loss + pass_loss, mse + pass_mse, self.last_samples + samples
         if self.config.hash_decay:  # a term of the step, not of its rays: once, whatever the passes
             decay = self.config.hash_decay * self.field.grid.decay_loss()
             decay.backward()
