@@ -353,3 +353,5 @@ def test_val_embeddings_only_trains_the_field_on_training_rays_alone(tiny_city, 
                                                                    expected["appearance.weight"] - val_grad)
     with pytest.raises(UserError, match="--val_embeddings_only: --eval_protocol strict trains no val pixels"):
         args(tiny_city, tmp_path / "strict", "--val_embeddings_only", "--eval_protocol", "strict")
+    with pytest.raises(UserError, match="--val_embeddings_only: --appearance_dim 0 leaves the val pixels nothing"):
+        args(tiny_city, tmp_path / "none", "--val_embeddings_only", "--appearance_dim", "0")

@@ -105,5 +105,7 @@ class TrainConfig:
             raise UserError(f"--hash_decay: the {self.field} field has no hash grid (use --field hash)")
         if self.val_embeddings_only and self.eval_protocol != MEGA_NERF:
             raise UserError(f"--val_embeddings_only: --eval_protocol {self.eval_protocol} trains no val pixels")
+        if self.val_embeddings_only and self.appearance_dim == 0:
+            raise UserError("--val_embeddings_only: --appearance_dim 0 leaves the val pixels nothing to train")
         if self.distortion_loss and self.fine_samples:
             raise UserError("--distortion_loss: needs uniform samples (--fine_samples 0), as the hash field's")
