@@ -388,3 +388,29 @@ def test_refused_eval_and_render_runs_save_no_options(tiny_city: Path, tmp_path:
     with pytest.raises(UserError, match="no.pt"):
         render_main([*common, "--output", str(tmp_path / "render"), "--frames", "2"])
     assert not (tmp_path / "eval" / "config.yaml").exists() and not (tmp_path / "render" / "config.yaml").exists()
+
+
+def test_val_embeddings_only_is_carried_to_the_metrics_and_not_mixed(pipeline: Path, tiny_city: Path,
+                                                                      tmp_path: Path) -> None:
+    """A model trained with --val_embeddings_only carries the setting through its checkpoint and container to
+    metrics.json, whose protocol text then says the field was held; a rerun without the option is refused
+    rather than resumed, and such a cell does not merge with one trained without it."""
+    train(tiny_city / "config.yaml", tmp_path / "held-0", STEPS, "--val_embeddings_only")
+    with pytest.raises(UserError, match="trained with --val_embeddings_only; use another --exp_name"):
+        train(tiny_city / "config.yaml", tmp_path / "held-0", 2 * STEPS)
+    params = load_params(pipeline / "masks" / "params.pt")
+    one_cell = dataclasses.replace(params, centroids=params.centroids.mean(0, keepdim=True), grid_dim=(1, 1))
+    one_cell.save(tmp_path / "one_cell.pt")
+    merge_submodules(f"{tmp_path}/held-", tmp_path / "one_cell.pt", tmp_path / "held.pt", False, 1.15)
+    evaluate(eval_config_from_argv(eval_args(tiny_city / "config.yaml", tmp_path / "held.pt", tiny_city,
+                                             tmp_path / "eval")))
+    saved = read_metrics(tmp_path / "eval")
+    assert saved["eval_protocol"] == "mega-nerf" and saved["val_embeddings_only"] is True
+    assert "not the field" in saved["protocol"] and "field held" in saved["appearance"]
+    assert read_metrics(pipeline / "eval")["val_embeddings_only"] is False
+    shutil.copytree(pipeline / "exp-0", tmp_path / "mixed-0")
+    shutil.copytree(tmp_path / "held-0", tmp_path / "mixed-1")
+    two = dataclasses.replace(params, centroids=params.centroids[:2], grid_dim=(2, 1))
+    two.save(tmp_path / "two.pt")
+    with pytest.raises(UserError, match="submodule 1 .*trained with --val_embeddings_only, submodule 0 not"):
+        merge_submodules(f"{tmp_path}/mixed-", tmp_path / "two.pt", tmp_path / "mixed.pt", False, 1.15)

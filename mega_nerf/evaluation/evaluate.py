@@ -39,11 +39,15 @@ from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.ordered import OrderedQueue
 from mega_nerf.render import default_chunk
 
+EMBEDDINGS_ONLY = "mega-nerf, val embeddings only"  # Mega-NeRF's protocol under training's --val_embeddings_only
 PROTOCOL_TEXT = {
     MEGA_NERF: "metrics on the right half of each val image (its left half was trained on: Mega-NeRF's protocol)",
+    EMBEDDINGS_ONLY: "metrics on the right half of each val image (its left half trained only its own appearance "
+                     "embedding, not the field: --val_embeddings_only, stricter than Mega-NeRF's protocol)",
     STRICT: "metrics on each whole val image, no pixel of which was trained on (strict protocol)"}
 APPEARANCE_TEXT = {
     MEGA_NERF: "each val image's own embedding, trained on its left half",
+    EMBEDDINGS_ONLY: "each val image's own embedding, trained on its left half with the field held",
     STRICT: "the embedding of the training image whose camera centre is nearest (the val image's own is untrained)"}
 IMPLEMENTATIONS = {
     "ssim": SSIM_IMPLEMENTATION,
@@ -164,15 +168,19 @@ def score_and_write(job: EvalJob, rendered: Rendered) -> tuple[dict[str, Any], f
     return {"index": meta.index, "name": meta.name, "metrics": metrics}, scoring, time.perf_counter() - start - scoring
 
 
-def summarise(results: list[dict[str, Any]], config: EvalConfig) -> dict[str, Any]:
-    """metrics.json's contents: per image (val order) and the mean over images (None where unavailable)."""
+def summarise(results: list[dict[str, Any]], config: EvalConfig, val_embeddings_only: bool = False
+              ) -> dict[str, Any]:
+    """metrics.json's contents: per image (val order) and the mean over images (None where unavailable);
+    `val_embeddings_only`: the container's submodules were trained so (the protocol's text says so)."""
     results = sorted(results, key=lambda r: r["index"])
     mean: dict[str, float | None] = {}
     for key in METRICS:
         values = [r["metrics"][key] for r in results]
         mean[key] = None if any(v is None for v in values) else float(np.mean(values))
     protocol = config.eval_protocol
-    return {"protocol": PROTOCOL_TEXT[protocol], "eval_protocol": protocol, "appearance": APPEARANCE_TEXT[protocol],
+    text = EMBEDDINGS_ONLY if val_embeddings_only else protocol
+    return {"protocol": PROTOCOL_TEXT[text], "eval_protocol": protocol, "val_embeddings_only": val_embeddings_only,
+            "appearance": APPEARANCE_TEXT[text],
             "implementations": IMPLEMENTATIONS, "container": str(config.container_path),
             "dataset": str(config.dataset_path), "val_scale_factor": config.val_scale_factor,
             "images": {r["name"]: r["metrics"] for r in results}, "mean": mean}
@@ -245,7 +253,7 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
         gathered = gather_objects(results, info)
         if gathered is None:
             return None
-        report = summarise([r for rank in gathered for r in rank], config)
+        report = summarise([r for rank in gathered for r in rank], config, job.info.val_embeddings_only)
         write_json(job.output / "metrics.json", report)
         print(format_table(report))
         print(throughput_line(mine, seconds, info.device, clock))

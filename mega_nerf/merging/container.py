@@ -17,6 +17,7 @@ The container file (`merged.pt`, written by `mega_nerf.merging.merge`; loads wit
     centroids (K, 3) float32, boundary_margin, cluster_2d      the partition (from masks/params.pt)
     render {samples, fine_samples, bg_samples}, scene {near, far, altitude_range}   as trained, normalised
     dataset (fingerprint of the training dataset), n_images, eval_protocol (which val pixels trained; absent: mega-nerf)
+    val_embeddings_only (whether those pixels trained only their images' embeddings; absent: false)
     submodules: K entries, None for an empty or missing cell, else {field_config, model, step}
 The models are inference-only state dicts: hash tables in float16 (where finite), no occupancy running
 density (only the mask is needed to skip empty space).
@@ -210,6 +211,7 @@ class ContainerInfo:
     cells: list[int]  # the non-empty cells
     steps: list[int | None]  # training steps per cell, None where empty or missing
     eval_protocol: str = MEGA_NERF  # which val pixels the submodules trained on (dataset.PROTOCOLS)
+    val_embeddings_only: bool = False  # whether those val pixels trained only their images' embeddings
 
     @property
     def bounds(self) -> SceneBounds:
@@ -285,5 +287,6 @@ def load_container(path: str | Path, device: torch.device | str = "cpu") -> tupl
         altitude_range=None if altitude is None else (float(altitude[0]), float(altitude[1])),
         dataset=state["dataset"], n_images=int(state["n_images"]), cells=container.cells,
         steps=[None if e is None else int(e["step"]) for e in state["submodules"]],
-        eval_protocol=state.get("eval_protocol", MEGA_NERF))
+        eval_protocol=state.get("eval_protocol", MEGA_NERF),
+        val_embeddings_only=bool(state.get("val_embeddings_only", False)))
     return container.to(device).eval(), info

@@ -87,12 +87,20 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
         if _protocol(st) != _protocol(ref.state):
             raise UserError(f"{name}: trained under --eval_protocol {_protocol(st)}, submodule {ref.cell} under "
                             f"{_protocol(ref.state)}")
+        if _embeddings_only(st) != _embeddings_only(ref.state):
+            raise UserError(f"{name}: trained {'with' if _embeddings_only(st) else 'without'} "
+                            f"--val_embeddings_only, submodule {ref.cell} not")
         if st["render"] != ref.state["render"]:
             raise UserError(f"{name}: render settings {st['render']} differ from submodule {ref.cell}'s "
                             f"{ref.state['render']}")
         if not _same_scene(st["scene"], partition_scene):
             raise UserError(f"{name}: near/far/altitude range {st['scene']} differ from {params_path}'s "
                             f"{partition_scene}")
+
+
+def _embeddings_only(state: dict[str, Any]) -> bool:
+    """Whether the val left halves trained only their embeddings (checkpoints before the option did not)."""
+    return bool(state.get("val_embeddings_only", False))
 
 
 def _protocol(state: dict[str, Any]) -> str:
@@ -114,7 +122,7 @@ def container_state(subs: list[Submodule | None], params: PartitionParams, bound
     return {"centroids": params.centroids.float().clone(), "boundary_margin": float(boundary_margin),
             "cluster_2d": bool(params.cluster_2d), "render": dict(ref["render"]), "scene": dict(ref["scene"]),
             "dataset": ref["dataset"], "n_images": int(ref["field_config"]["n_images"]),
-            "eval_protocol": _protocol(ref), "submodules": entries}
+            "eval_protocol": _protocol(ref), "val_embeddings_only": _embeddings_only(ref), "submodules": entries}
 
 
 def merge_submodules(prefix: str, params_path: Path, output: Path, allow_empty_cells: bool,

@@ -206,7 +206,7 @@ class Trainer:
                 "stream": stream.state_dict() if stream else {}, "rng": ckpt.rng_state(self.generator),
                 "dataset": dataset_fingerprint(self.dataset), "empty": empty,
                 "cell": self.mask_dir.name if self.mask_dir else None, "masks": self.masks,
-                "eval_protocol": self.config.eval_protocol,
+                "eval_protocol": self.config.eval_protocol, "val_embeddings_only": self.config.val_embeddings_only,
                 "render": {"samples": self.config.samples, "fine_samples": self.config.fine_samples,
                            "bg_samples": self.config.bg_samples},
                 "scene": {"near": self.bounds.near, "far": self.bounds.far,
@@ -243,6 +243,10 @@ class Trainer:
         if trained != self.config.eval_protocol:
             raise UserError(f"{path}: checkpoint trained under --eval_protocol {trained}, but this run gives "
                             f"{self.config.eval_protocol}; use another --exp_name or the protocol it was trained with")
+        if state.get("val_embeddings_only", False) != self.config.val_embeddings_only:
+            given = "with" if state.get("val_embeddings_only", False) else "without"
+            raise UserError(f"{path}: checkpoint trained {given} --val_embeddings_only; use another --exp_name or "
+                            "the setting it was trained with")
         self.field.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
