@@ -3,15 +3,17 @@
 On an H200 rank 0's scoring took 11.6 s whether it scored 45 `city` val images or 23 (bench/RESULTS.md, eighth
 session): a one-time cost. This times each part of `evaluation.metrics.image_metrics` apart, on random images of
 the size eval scores (the right half of a val image at --val_scale_factor), in a fresh process so that imports
-and first calls count as they do in eval:
+and first calls count as they do in eval. Eval's scoring clock also holds decoding each ground truth and its copy to
+the device, and runs on two threads beside the renders; neither is timed here:
 
-    python bench/eval_scoring.py --height 120 --width 80 --images 8
+    python bench/eval_scoring.py --height 120 --width 80 --images 8 [--lpips_weights_dir D]
 """
 from __future__ import annotations
 
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -35,6 +37,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=80, help="the scored part's width (a right half)")
     p.add_argument("--images", type=int, default=8, help="later calls timed after the first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lpips_weights_dir", type=Path, default=None, help="as eval.py's (default: its default)")
     args = p.parse_args()
     device = torch.device(args.device)
     start = time.perf_counter()
@@ -46,7 +49,8 @@ def main() -> None:
               torch.rand(args.height, args.width, 3, device=device, generator=generator))
              for _ in range(args.images + 1)]
     nets = {}
-    rows.append(("load LPIPS nets", timed(lambda: nets.update(load_lpips_nets(None, device)), device)))
+    load = timed(lambda: nets.update(load_lpips_nets(args.lpips_weights_dir, device)), device)
+    rows.append(("load LPIPS nets", load))
     metrics: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {"psnr": psnr, "ssim": ssim}
     metrics.update({f"lpips_{name}": model for name, model in nets.items() if model is not None})
     for name, metric in metrics.items():

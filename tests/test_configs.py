@@ -155,7 +155,8 @@ def test_the_hash_fields_appearance_width_is_8_and_a_saved_config_without_one_me
     assert config_differences(old, config_of(*small)) == ["appearance_dim (32, 8)"]
     mlp = config_of("--field", "mlp")
     assert "appearance_dim" not in mlp and build_field(mlp).appearance.weight.shape == (4, 48)
-    assert config_differences(mlp, mlp) == []
+    assert config_differences(mlp, config_of("--field", "mlp", "--appearance_dim", "48")) == []
+    assert config_differences(mlp, config_of("--field", "mlp", "--appearance_dim", "16")) == ["appearance_dim (48, 16)"]
 
 
 def test_recorded_options_read_back_as_the_same_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -406,11 +406,19 @@ def test_val_embeddings_only_is_carried_to_the_metrics_and_not_mixed(pipeline: P
                                              tmp_path / "eval")))
     saved = read_metrics(tmp_path / "eval")
     assert saved["eval_protocol"] == "mega-nerf" and saved["val_embeddings_only"] is True
-    assert "not the field" in saved["protocol"] and "field held" in saved["appearance"]
+    assert "not the field" in saved["protocol"] and "did not train the field" in saved["appearance"]
     assert read_metrics(pipeline / "eval")["val_embeddings_only"] is False
-    shutil.copytree(pipeline / "exp-0", tmp_path / "mixed-0")
-    shutil.copytree(tmp_path / "held-0", tmp_path / "mixed-1")
     two = dataclasses.replace(params, centroids=params.centroids[:2], grid_dim=(2, 1))
     two.save(tmp_path / "two.pt")
-    with pytest.raises(UserError, match="submodule 1 .*trained with --val_embeddings_only, submodule 0 not"):
-        merge_submodules(f"{tmp_path}/mixed-", tmp_path / "two.pt", tmp_path / "mixed.pt", False, 1.15)
+    held, plain = tmp_path / "held-0", pipeline / "single-0"  # both trained without masks
+    for first, second, said in ((plain, held, "with --val_embeddings_only, submodule 0 without"),
+                                (held, plain, "without --val_embeddings_only, submodule 0 with")):
+        for k, exp in enumerate((first, second)):
+            shutil.rmtree(tmp_path / f"mixed-{k}", ignore_errors=True)
+            shutil.copytree(exp, tmp_path / f"mixed-{k}")
+        with pytest.raises(UserError, match=f"submodule 1 .*trained {said} it"):
+            merge_submodules(f"{tmp_path}/mixed-", tmp_path / "two.pt", tmp_path / "mixed.pt", False, 1.15)
+    older = torch.load(pipeline / "merged.pt", weights_only=True)
+    del older["val_embeddings_only"]  # a container merged before the option
+    torch.save(older, tmp_path / "older.pt")
+    assert load_container(tmp_path / "older.pt")[1].val_embeddings_only is False

@@ -162,7 +162,8 @@ def test_parscript_trains_two_cells(tiny_city, masks, tmp_path):
         assert (tmp_path / f"chunks-{k}" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("regularisers", [[], ["--distortion_loss", "0.01", "--hash_decay", "0.1"]])
+@pytest.mark.parametrize("regularisers", [[], ["--distortion_loss", "0.01", "--hash_decay", "0.1"],
+                                         ["--val_embeddings_only"]])
 def test_a_step_split_into_passes_equals_the_unsplit_step(tiny_city, tmp_path, one_thread, regularisers):
     """--micro_batch splits a step's rays into passes whose gradients add up: the gradients and the loss equal
     the unsplit step's up to float rounding (the jitter is drawn in the same order on the CPU), regularisers
@@ -308,14 +309,14 @@ def test_a_resumed_log_keeps_each_step_once_in_both_records(tmp_path: Path) -> N
 
 
 def test_a_checkpoint_from_the_32_wide_default_resumes_with_that_width_only(tiny_city, tmp_path):
-    """A checkpoint saved when the hash field's embedding was 32 wide by default (its config has no appearance_dim)
-    is refused at today's default in one line naming appearance_dim and both values, and resumes when
-    --appearance_dim 32 is given."""
+    """A checkpoint saved when the hash field's embedding was 32 wide by default (its config has no appearance_dim,
+    and it has no val_embeddings_only either) is refused at today's default in one line naming appearance_dim and
+    both values, and resumes when --appearance_dim 32 is given."""
     common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
     first = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2", "--appearance_dim", "32"))
     path = first.run()
     state = torch.load(path, weights_only=True)
-    del state["field_config"]["appearance_dim"]  # as the old default saved it
+    del state["field_config"]["appearance_dim"], state["val_embeddings_only"]  # as older code saved it
     torch.save(state, path)
     with pytest.raises(UserError, match=r"checkpoint of another field \(appearance_dim \(32, 8\): its value, then"):
         Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4")).run()
@@ -325,32 +326,32 @@ def test_a_checkpoint_from_the_32_wide_default_resumes_with_that_width_only(tiny
 
 
 def test_val_embeddings_only_trains_the_field_on_training_rays_alone(tiny_city, tmp_path, one_thread):
-    """--val_embeddings_only: a step's gradient of every field parameter is that of the batch's training-image rays
-    alone, and the val images' embeddings take the gradient of their own rays (rendered after the training ones,
-    so with the same jitter as in the step)."""
+    """--val_embeddings_only: a pass's gradient of every field parameter is that of its training-image rays alone,
+    and the val images' embeddings take the gradient of their own rays too. Reference: the same rays, the val ones
+    last, in two passes without the option (on the CPU consecutive passes draw the jitter of the unsplit one)."""
     common = ("--data_mode", "memory", "--batch_size", "96")
-    on = Trainer(args(tiny_city, tmp_path / "on", *common, "--val_embeddings_only"))
-    on.optimizer.step = lambda: None  # keep the gradients of the step, unapplied
-    on.train_step(on.prepare_data())
-    grads = {name: p.grad.clone() for name, p in on.field.named_parameters() if p.grad is not None}
-
     ref = Trainer(args(tiny_city, tmp_path / "ref", *common))
     image, pixel, rgb = ref.prepare_data().next_batch()
     split = {m.index: m.split for m in ref.dataset.images}
     val = torch.tensor([split[i] == "val" for i in image.tolist()])
     assert 0 < int(val.sum()) < len(image)
-    ref.optimizer.zero_grad()
-    ref._pass(image[~val], pixel[~val], rgb[~val], len(image))
+    order = torch.argsort(val.int(), stable=True)  # the training rays first
+    image, pixel, rgb, val = image[order], pixel[order], rgb[order], val[order]
+    trained = int((~val).sum())
+    ref._pass(image[:trained], pixel[:trained], rgb[:trained], len(image))
     expected = {name: p.grad.clone() for name, p in ref.field.named_parameters() if p.grad is not None}
     ref.optimizer.zero_grad()
-    ref._pass(image[val], pixel[val], rgb[val], len(image))
+    ref._pass(image[trained:], pixel[trained:], rgb[trained:], len(image))
     val_grad = ref.field.appearance.weight.grad
     expected["appearance.weight"] += val_grad
+
+    on = Trainer(args(tiny_city, tmp_path / "on", *common, "--val_embeddings_only"))
+    on._pass(image, pixel, rgb, len(image))
+    grads = {name: p.grad for name, p in on.field.named_parameters() if p.grad is not None}
     assert grads.keys() == expected.keys() and len(grads) > 5
     for name, grad in grads.items():
         assert torch.allclose(grad, expected[name], rtol=1e-5, atol=1e-8), name
-    assert val_grad[image[val]].abs().sum() > 0 and not torch.equal(grads["appearance.weight"],
-                                                                   expected["appearance.weight"] - val_grad)
+    assert val_grad[image[val]].abs().sum() > 0  # the val rays' embedding gradient is in the sum, and not zero
     with pytest.raises(UserError, match="--val_embeddings_only: --eval_protocol strict trains no val pixels"):
         args(tiny_city, tmp_path / "strict", "--val_embeddings_only", "--eval_protocol", "strict")
     with pytest.raises(UserError, match="--val_embeddings_only: --appearance_dim 0 leaves the val pixels nothing"):

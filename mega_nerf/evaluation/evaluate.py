@@ -47,7 +47,7 @@ PROTOCOL_TEXT = {
     STRICT: "metrics on each whole val image, no pixel of which was trained on (strict protocol)"}
 APPEARANCE_TEXT = {
     MEGA_NERF: "each val image's own embedding, trained on its left half",
-    EMBEDDINGS_ONLY: "each val image's own embedding, trained on its left half with the field held",
+    EMBEDDINGS_ONLY: "each val image's own embedding, trained on its left half (which did not train the field)",
     STRICT: "the embedding of the training image whose camera centre is nearest (the val image's own is untrained)"}
 IMPLEMENTATIONS = {
     "ssim": SSIM_IMPLEMENTATION,

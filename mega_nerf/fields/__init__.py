@@ -5,6 +5,7 @@ file we write loads with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -18,18 +19,22 @@ FIELDS = {"hash": HashField, "mlp": MLPField}
 
 
 def complete_config(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` with what older saves left out written in, so that two configs of one field compare equal: a
-    hash field's appearance_dim (a config saved without one is from when the width was 32)."""
-    if config.get("kind") == "hash" and "appearance_dim" not in config:
-        return {**config, "appearance_dim": UNSAVED_APPEARANCE_DIM}
-    return config
+    """`config` with its appearance width written in where it was left out, so that two configs of one field
+    compare equal: a hash field's is then 32 (it was saved without one while that was the default), an mlp
+    field's its own default."""
+    if "appearance_dim" in config or config.get("kind") not in FIELDS:
+        return config
+    kind = config["kind"]
+    width = UNSAVED_APPEARANCE_DIM if kind == "hash" else \
+        inspect.signature(FIELDS[kind]).parameters["appearance_dim"].default
+    return {**config, "appearance_dim": width}
 
 
 def config_differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[str]:
     """The keys in which two field configs differ once completed, each as 'key (saved value, asked value)'."""
     saved, asked = complete_config(saved), complete_config(asked)
-    return [f"{key} ({saved.get(key)}, {asked.get(key)})" for key in sorted(set(saved) | set(asked))
-            if saved.get(key) != asked.get(key)]
+    return [f"{key} ({saved.get(key, 'unset')}, {asked.get(key, 'unset')})"
+            for key in sorted(set(saved) | set(asked)) if saved.get(key) != asked.get(key)]
 
 
 def build_field(config: dict[str, Any]) -> Field:

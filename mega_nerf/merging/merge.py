@@ -88,8 +88,9 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
             raise UserError(f"{name}: trained under --eval_protocol {_protocol(st)}, submodule {ref.cell} under "
                             f"{_protocol(ref.state)}")
         if _embeddings_only(st) != _embeddings_only(ref.state):
-            raise UserError(f"{name}: trained {'with' if _embeddings_only(st) else 'without'} "
-                            f"--val_embeddings_only, submodule {ref.cell} not")
+            with_it = ("with", "without") if _embeddings_only(st) else ("without", "with")
+            raise UserError(f"{name}: trained {with_it[0]} --val_embeddings_only, submodule {ref.cell} {with_it[1]} "
+                            "it")
         if st["render"] != ref.state["render"]:
             raise UserError(f"{name}: render settings {st['render']} differ from submodule {ref.cell}'s "
                             f"{ref.state['render']}")

@@ -65,7 +65,7 @@ class TrainConfig:
     ckpt_path: str | None = None  # a checkpoint to start from when exp_name holds none
     # which val pixels train: Mega-NeRF's protocol (left halves) or strict (none); data/dataset.PROTOCOLS
     eval_protocol: str = MEGA_NERF
-    # Under it, whether the val left halves train only their own appearance embeddings (Trainer._split_val), not
+    # Under it, whether the val left halves train only their own appearance embeddings (Trainer._pass), not
     # the field as well, so that the field cannot fit itself to an embedding fitted to half an image
     val_embeddings_only: bool = False
     # bookkeeping

@@ -126,7 +126,7 @@ class Trainer:
         self.micro_batch = min(config.batch_size, config.micro_batch or budget_rays)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
-        self.val_image = None  # (I,) bool on the device: which appearance indices are val images (_split_val)
+        self.val_image = None  # (I,) bool on the device: which appearance indices are val images (_pass)
         if config.val_embeddings_only:
             self.val_image = torch.zeros(len(self.dataset.images), dtype=torch.bool, device=self.device)
             self.val_image[[m.index for m in self.dataset.val]] = True
@@ -257,33 +257,30 @@ class Trainer:
                   "nothing to train (its checkpoint stays the result)", file=sys.stderr)
         return path
 
-    def _split_val(self, image: torch.Tensor) -> list[tuple[torch.Tensor | slice, list[torch.Tensor] | None]]:
-        """A pass's rays (image indices (R,)) as groups, each with the parameters its loss may train (None: all).
-        One group of every ray, unless --val_embeddings_only: then the training images' rays train everything
-        and the val left halves' only the appearance embeddings (their backward stops short of the field)."""
-        if self.val_image is None:
-            return [(slice(None), None)]
-        val = self.val_image[image]
-        groups = [(~val, None), (val, [self.field.appearance.weight])]
-        return [(rays, inputs) for rays, inputs in groups if rays.any()]
-
-    def _pass(self, image: torch.Tensor, pixel: torch.Tensor, rgb: torch.Tensor, batch: int,
-              inputs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pass(self, image: torch.Tensor, pixel: torch.Tensor, rgb: torch.Tensor, batch: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward and backward of one pass over rays (R,) with colours (R, 3). Its losses are sums over its rays
-        divided by the step's `batch` rays, so the passes' gradients add up to the step's mean; `inputs`: the
-        parameters they train (None: all). Returns the loss, the fine-pass MSE and the samples shaded (device
+        divided by the step's `batch` rays, so the passes' gradients add up to the step's mean. With
+        --val_embeddings_only the val images' rays train only the appearance embeddings: their share of the loss
+        is back-propagated to the embedding table alone (autograd then stops short of the field), the rest to
+        everything, from one forward pass. Returns the loss, the fine-pass MSE and the samples shaded (device
         tensors, no sync)."""
         origins, dirs = self.cameras.rays(image, pixel)
         near, far = self.bounds.clip(origins, dirs)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.amp):
             out = render_rays(self.field, origins, dirs, near, far, image, self.render_config, self.generator)
         scale = 1.0 / (3 * batch)  # 3 channels per ray
-        mse = ((out["rgb"] - rgb) ** 2).sum() * scale
-        loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum() * scale if "rgb_coarse" in out else mse
+        mse = ((out["rgb"] - rgb) ** 2).sum(-1) * scale  # per ray (R,)
+        loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum(-1) * scale if "rgb_coarse" in out else mse
         if self.config.distortion_loss:  # per ray, as the MSE: each pass adds its rays' share
-            loss = loss + self.config.distortion_loss * distortion(out["weights"]).sum() / batch
-        loss.backward(inputs=inputs)
-        return loss.detach(), mse.detach(), out["samples"]
+            loss = loss + self.config.distortion_loss * distortion(out["weights"]) / batch
+        if self.val_image is None:
+            loss.sum().backward()
+        else:
+            val = self.val_image[image].to(loss.dtype)  # (R,) 1 for a val image's ray
+            (loss * val).sum().backward(inputs=[self.field.appearance.weight], retain_graph=True)
+            (loss * (1 - val)).sum().backward()
+        return loss.detach().sum(), mse.detach().sum(), out["samples"]
 
     def train_step(self, stream: RayStream) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step over `batch_size` rays, in passes of at most `micro_batch` rays whose gradients
@@ -296,10 +293,8 @@ class Trainer:
         batch, loss, mse, self.last_samples = len(image), 0.0, 0.0, 0  # samples: logged per ray
         for start in range(0, batch, self.micro_batch):
             part = slice(start, start + self.micro_batch)
-            for rays, inputs in self._split_val(image[part]):
-                pass_loss, pass_mse, samples = self._pass(image[part][rays], pixel[part][rays], rgb[part][rays], batch,
-                                                          inputs)
-                loss, mse, self.last_samples = loss + pass_loss, mse + pass_mse, self.last_samples + samples
+            pass_loss, pass_mse, samples = self._pass(image[part], pixel[part], rgb[part], batch)
+            loss, mse, self.last_samples = loss + pass_loss, mse + pass_mse, self.last_samples + samples
         if self.config.hash_decay:  # a term of the step, not of its rays: once, whatever the passes
             decay = self.config.hash_decay * self.field.grid.decay_loss()
             decay.backward()
