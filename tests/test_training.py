@@ -16,6 +16,7 @@ from mega_nerf.cli.train import main as train_main
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.partition.maskfile import write_mask
+from mega_nerf.training.checkpoint import load_checkpoint
 from mega_nerf.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,14 +311,17 @@ def test_a_resumed_log_keeps_each_step_once_in_both_records(tmp_path: Path) -> N
 
 def test_a_checkpoint_from_the_32_wide_default_resumes_with_that_width_only(tiny_city, tmp_path):
     """A checkpoint saved when the hash field's embedding was 32 wide by default (its config has no appearance_dim,
-    and it has no val_embeddings_only either) is refused at today's default in one line naming appearance_dim and
-    both values, and resumes when --appearance_dim 32 is given."""
+    and it has no eval_protocol or val_embeddings_only either) is refused at today's default in one line naming
+    appearance_dim and both values, and resumes when --appearance_dim 32 is given; loading fills the keys it lacks
+    with what their absence meant."""
     common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
     first = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2", "--appearance_dim", "32"))
     path = first.run()
     state = torch.load(path, weights_only=True)
-    del state["field_config"]["appearance_dim"], state["val_embeddings_only"]  # as older code saved it
+    del state["field_config"]["appearance_dim"], state["eval_protocol"], state["val_embeddings_only"]  # older code
     torch.save(state, path)
+    loaded = load_checkpoint(path)
+    assert loaded["eval_protocol"] == "mega-nerf" and loaded["val_embeddings_only"] is False
     with pytest.raises(UserError, match=r"checkpoint of another field \(appearance_dim \(32, 8\): its value, then"):
         Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4")).run()
     final = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4",

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mega_nerf.data.dataset import MEGA_NERF
 from mega_nerf.errors import UserError
 from mega_nerf.fields import config_differences
 from mega_nerf.merging.container import inference_state, save_container
@@ -84,11 +83,11 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
         if n_images is not None and config["n_images"] != n_images:
             raise UserError(f"{name}: trained on {config['n_images']} images, but {params_path} was made "
                             f"from {n_images}")
-        if _protocol(st) != _protocol(ref.state):
-            raise UserError(f"{name}: trained under --eval_protocol {_protocol(st)}, submodule {ref.cell} under "
-                            f"{_protocol(ref.state)}")
-        if _embeddings_only(st) != _embeddings_only(ref.state):
-            with_it = ("with", "without") if _embeddings_only(st) else ("without", "with")
+        if st["eval_protocol"] != ref.state["eval_protocol"]:
+            raise UserError(f"{name}: trained under --eval_protocol {st['eval_protocol']}, submodule {ref.cell} under "
+                            f"{ref.state['eval_protocol']}")
+        if st["val_embeddings_only"] != ref.state["val_embeddings_only"]:
+            with_it = ("with", "without") if st["val_embeddings_only"] else ("without", "with")
             raise UserError(f"{name}: trained {with_it[0]} --val_embeddings_only, submodule {ref.cell} {with_it[1]} "
                             "it")
         if st["render"] != ref.state["render"]:
@@ -97,16 +96,6 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
         if not _same_scene(st["scene"], partition_scene):
             raise UserError(f"{name}: near/far/altitude range {st['scene']} differ from {params_path}'s "
                             f"{partition_scene}")
-
-
-def _embeddings_only(state: dict[str, Any]) -> bool:
-    """Whether the val left halves trained only their embeddings (checkpoints before the option did not)."""
-    return bool(state.get("val_embeddings_only", False))
-
-
-def _protocol(state: dict[str, Any]) -> str:
-    """The evaluation protocol a checkpoint was trained under (before the strict one existed: Mega-NeRF's)."""
-    return state.get("eval_protocol", MEGA_NERF)
 
 
 def container_state(subs: list[Submodule | None], params: PartitionParams, boundary_margin: float
@@ -123,7 +112,8 @@ def container_state(subs: list[Submodule | None], params: PartitionParams, bound
     return {"centroids": params.centroids.float().clone(), "boundary_margin": float(boundary_margin),
             "cluster_2d": bool(params.cluster_2d), "render": dict(ref["render"]), "scene": dict(ref["scene"]),
             "dataset": ref["dataset"], "n_images": int(ref["field_config"]["n_images"]),
-            "eval_protocol": _protocol(ref), "val_embeddings_only": _embeddings_only(ref), "submodules": entries}
+            "eval_protocol": ref["eval_protocol"], "val_embeddings_only": ref["val_embeddings_only"],
+            "submodules": entries}
 
 
 def merge_submodules(prefix: str, params_path: Path, output: Path, allow_empty_cells: bool,

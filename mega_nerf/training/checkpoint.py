@@ -9,10 +9,13 @@ from typing import Any
 
 import torch
 
+from mega_nerf.data.dataset import MEGA_NERF
 from mega_nerf.errors import UserError
 from mega_nerf.io import load_torch
 
 VERSION = 1
+# What a checkpoint saved before each of these keys existed means by leaving it out: load_checkpoint fills them in
+ADDED_KEYS = {"eval_protocol": MEGA_NERF, "val_embeddings_only": False}
 
 
 def checkpoint_path(exp_dir: Path, step: int) -> Path:
@@ -25,11 +28,12 @@ def latest_checkpoint(exp_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint of ours, with a one-line error for a truncated file or another version."""
+    """Load a checkpoint of ours, with a one-line error for a truncated file or another version; keys added
+    since version 1 are filled in where an older one left them out (ADDED_KEYS)."""
     state = load_torch(path, "checkpoint", device)
     if not isinstance(state, dict) or state.get("version") != VERSION:
         raise UserError(f"{path}: not a checkpoint of this version (expected version {VERSION})")
-    return state
+    return {**ADDED_KEYS, **state}
 
 
 def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mega_nerf.bounds import contracted_axes, foreground_box, mean_segment
 from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
-from mega_nerf.data.dataset import MEGA_NERF, dataset_fingerprint, load_dataset
+from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, config_differences
@@ -239,12 +239,12 @@ class Trainer:
             raise UserError(f"{path}: checkpoint trained on cell {state['cell']}'s masks, but --cluster_mask_path "
                             f"gives {given}{' with other masks' if state['cell'] == cell else ''}; use another "
                             "--exp_name or the masks it was trained with")
-        trained = state.get("eval_protocol", MEGA_NERF)  # checkpoints before the strict protocol trained Mega-NeRF's
+        trained = state["eval_protocol"]
         if trained != self.config.eval_protocol:
             raise UserError(f"{path}: checkpoint trained under --eval_protocol {trained}, but this run gives "
                             f"{self.config.eval_protocol}; use another --exp_name or the protocol it was trained with")
-        if state.get("val_embeddings_only", False) != self.config.val_embeddings_only:
-            given = "with" if state.get("val_embeddings_only", False) else "without"
+        if state["val_embeddings_only"] != self.config.val_embeddings_only:
+            given = "with" if state["val_embeddings_only"] else "without"
             raise UserError(f"{path}: checkpoint trained {given} --val_embeddings_only; use another --exp_name or "
                             "the setting it was trained with")
         self.field.load_state_dict(state["model"])
