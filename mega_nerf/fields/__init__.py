@@ -5,29 +5,25 @@ file we write loads with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 
 from mega_nerf.errors import UserError
 from mega_nerf.fields.base import Field
-from mega_nerf.fields.hash import UNSAVED_APPEARANCE_DIM, HashField
+from mega_nerf.fields.hash import HashField
 from mega_nerf.fields.mlp import MLPField
 
 FIELDS = {"hash": HashField, "mlp": MLPField}
 
 
 def complete_config(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` with its appearance width written in where it was left out, so that two configs of one field
-    compare equal: a hash field's is then 32 (it was saved without one while that was the default), an mlp
-    field's its own default."""
+    """`config` with its appearance width written in where it was left out (the field's unsaved_appearance_dim:
+    a hash field's 32, saved without one while that was the default), so that two configs of one field compare
+    equal."""
     if "appearance_dim" in config or config.get("kind") not in FIELDS:
         return config
-    kind = config["kind"]
-    width = UNSAVED_APPEARANCE_DIM if kind == "hash" else \
-        inspect.signature(FIELDS[kind]).parameters["appearance_dim"].default
-    return {**config, "appearance_dim": width}
+    return {**config, "appearance_dim": FIELDS[config["kind"]].unsaved_appearance_dim}
 
 
 def config_differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[str]:

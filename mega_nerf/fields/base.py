@@ -65,6 +65,8 @@ class BoxField(Field):
     output before its sigmoid, the MLP then seeing no embedding. The background always sees the embedding.
     """
 
+    unsaved_appearance_dim: int  # the width a saved config without appearance_dim means (fields.complete_config)
+
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int,
                  contracted: tuple[bool, bool, bool] | list[bool] = (False, False, False),
                  affine_appearance: bool = False) -> None:

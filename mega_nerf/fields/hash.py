@@ -36,7 +36,6 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
 # 8 and 32 ended within 0.03 dB (bench/RESULTS.md, ninth session). A survey whose images differ by more than
 # exposure and white balance (time of day, weather) may want more: --appearance_dim.
 APPEARANCE_DIM = 8
-UNSAVED_APPEARANCE_DIM = 32  # what a saved config without appearance_dim means (fields.complete_config)
 
 
 class HashField(BoxField):
@@ -47,6 +46,7 @@ class HashField(BoxField):
     # and 12000 steps (bench/RESULTS.md, val PSNR against steps).
     train_defaults = {"lr": 1e-2, "samples": 128, "fine_samples": 0, "batch_size": 32768, "lr_decay_epochs": 30.0,
                       "train_iterations": None, "appearance_dim": APPEARANCE_DIM}
+    unsaved_appearance_dim = 32  # configs were saved without a width while 32 was the default
     # The plain PyTorch encoding (the CPU's) materialises every corner of every sample: 32768 rays would take
     # about 40 GB there, so a CPU step is smaller (and split into passes by the trainer's --micro_batch).
     cpu_train_defaults = {"batch_size": 4096}

@@ -10,16 +10,20 @@ from torch.nn import functional as F
 from mega_nerf.fields.base import BoxField
 from mega_nerf.fields.encoding import positional_encoding
 
+APPEARANCE_DIM = 48  # Mega-NeRF's
+
 
 class MLPField(BoxField):
     # Mega-NeRF's optimisation settings: small batches, coarse and fine samples.
     train_defaults = {"lr": 5e-4, "samples": 256, "fine_samples": 512, "batch_size": 1024, "lr_decay_epochs": 0.0,
                       "train_iterations": 30000}
+    unsaved_appearance_dim = APPEARANCE_DIM  # a config saved without a width: the default, which never changed
 
-    def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int = 48,
-                 layers: int = 8, width: int = 256, skip: int = 4, position_frequencies: int = 12,
-                 direction_frequencies: int = 4, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3,
-                 affine_appearance: bool = False) -> None:
+    def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int,
+                 appearance_dim: int = APPEARANCE_DIM, layers: int = 8, width: int = 256, skip: int = 4,
+                 position_frequencies: int = 12, direction_frequencies: int = 4,
+                 contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3, affine_appearance: bool = False
+                 ) -> None:
         """layers, width, position_frequencies, direction_frequencies: Mega-NeRF's --layers, --layer_dim,
         --pos_xyz_dim, --pos_dir_dim; contracted, affine_appearance: BoxField's."""
         super().__init__(box_min, box_max, n_images, appearance_dim, contracted, affine_appearance)
