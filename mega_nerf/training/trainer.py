@@ -274,13 +274,14 @@ class Trainer:
         loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum(-1) * scale if "rgb_coarse" in out else mse
         if self.config.distortion_loss:  # per ray, as the MSE: each pass adds its rays' share
             loss = loss + self.config.distortion_loss * distortion(out["weights"]) / batch
+        total = loss.sum()
         if self.val_image is None:
-            loss.sum().backward()
+            total.backward()
         else:
             val = self.val_image[image].to(loss.dtype)  # (R,) 1 for a val image's ray
             (loss * val).sum().backward(inputs=[self.field.appearance.weight], retain_graph=True)
             (loss * (1 - val)).sum().backward()
-        return loss.detach().sum(), mse.detach().sum(), out["samples"]
+        return total.detach(), mse.detach().sum(), out["samples"]
 
     def train_step(self, stream: RayStream) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step over `batch_size` rays, in passes of at most `micro_batch` rays whose gradients
