@@ -53,8 +53,7 @@ class HashField(BoxField):
 
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int,
                  appearance_dim: int = APPEARANCE_DIM, hidden: int = 64, geo_features: int = 15, n_levels: int = 16,
-                 n_features: int = 2,
-                 log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
+                 n_features: int = 2, log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
                  occupancy_resolution: int = 128, occupancy_threshold: float = 0.0, occupancy_interval: int = 8,
                  occupancy_warmup: int = 32, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3,
                  affine_appearance: bool = False, sh_degree: int = SH_DEGREE) -> None:
