@@ -192,7 +192,7 @@ def main() -> None:
             warm.train_step(stream)
         del warm, stream
     variants = args.variant or [("default", "")]
-    runs = [(name, options) for name, options in variants] if args.seeds is None else \
+    runs = variants if args.seeds is None else \
         [(f"{name}@{seed}", f"{options} --seed {seed}") for name, options in variants for seed in args.seeds]
     for name, options in runs:
         base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *shlex.split(options)]
@@ -203,8 +203,9 @@ def main() -> None:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     text = table(results)
     if args.seeds is not None:
-        text += "\n\n" + spread(results, [name for name, _ in variants], args.seeds)
-        print(text.rsplit("\n\n", 1)[1])
+        seeds = spread(results, [name for name, _ in variants], args.seeds)
+        print(seeds)
+        text += "\n\n" + seeds
     append_results(args.results, f"Val PSNR against steps, {args.preset} preset, cell {args.cell}",
                    "python " + shlex.join(sys.argv), text)
 
