@@ -167,8 +167,7 @@ WATCHED_RUN = ("import json, sys; from mega_nerf.cli.train import config_from_ar
 
 def test_a_training_run_imports_no_heavy_optional_module(tiny_city, tmp_path):
     """A fresh process parses a config file and trains two steps on the CPU: none of HEAVY is loaded by its first
-    step (torch.optim would load torch._dynamo, the evaluation options torchmetrics and scipy), and torch._dynamo
-    is still absent at the end."""
+    step (torch.optim would load torch._dynamo), and torch._dynamo is still absent at the end."""
     argv = ["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(tiny_city), "--exp_name",
             str(tmp_path / "exp"), "--data_mode", "memory", "--train_iterations", "2", "--batch_size", "64",
             "--samples", "8", "--hash_levels", "4", "--log2_hashmap_size", "12", "--max_resolution", "64",

@@ -91,6 +91,26 @@ def test_ssim_matches_scipy_reference_on_shifted_noisy_pair() -> None:
     assert ssim(pred, target) == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (37, 90), (11, 11), (11, 16)])
+def test_ssim_equals_torchmetrics(shape: tuple[int, int]) -> None:
+    """Ours applies the window as two 1-D passes of shifted sums; torchmetrics (nerfstudio's SSIM) as one 2-D
+    convolution: the same numbers up to float64 rounding, down to the smallest image SSIM takes."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    generator = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    target = torch.rand(*shape, 3, generator=generator)
+    pred = (target + 0.2 * torch.randn(*shape, 3, generator=generator)).clamp(0, 1)
+    expected = structural_similarity_index_measure(*(image.double().permute(2, 0, 1)[None] for image in (pred, target)),
+                                                   data_range=1.0)
+    assert 0.1 < float(expected) < 0.9
+    assert ssim(pred, target) == pytest.approx(float(expected), abs=1e-12)
+
+
+def test_ssim_refuses_images_smaller_than_its_window() -> None:
+    with pytest.raises(ValueError, match="at least 11 pixels"):
+        ssim(torch.rand(10, 20, 3), torch.rand(10, 20, 3))
+
+
 def test_ssim_of_identical_images_is_one() -> None:
     image = random_image(9)
     assert ssim(image, image) == pytest.approx(1.0, abs=1e-12)

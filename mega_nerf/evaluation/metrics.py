@@ -1,25 +1,28 @@
 """Image-quality metrics as NeRF papers report them: PSNR, SSIM and LPIPS (AlexNet and VGG).
 
 Images are (H, W, 3) float tensors in [0, 1], on CPU or CUDA. PSNR and SSIM are computed in float64 so that
-the reported numbers do not depend on the device. SSIM is torchmetrics' (nerfstudio's), not our own, so that our
-numbers and nerfstudio's compare; LPIPS lives in `mega_nerf.evaluation.lpips`.
+the reported numbers do not depend on the device. SSIM follows torchmetrics' convention (the SSIM nerfstudio
+reports; tests/test_metrics.py holds ours equal to torchmetrics' and to a scipy re-computation) with its Gaussian
+window applied as two 1-D passes of shifted sums: no convolution, so that scoring on a GPU never loads the
+convolution libraries (on an H200 torchmetrics' first call took 8-11 s, each later one 1 ms). LPIPS lives in
+`mega_nerf.evaluation.lpips`.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import math
 
 import torch
+import torch.nn.functional as F
 
 from mega_nerf.evaluation.lpips import LPIPS, NETS
 
 SSIM_WINDOW = 11  # the Gaussian window's side (sigma 1.5): images must be at least this large
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
 SSIM_IMPLEMENTATION = (
-    f"torchmetrics {importlib.metadata.version('torchmetrics')} structural_similarity_index_measure, "
-    "as nerfstudio reports SSIM: "
+    "SSIM as nerfstudio reports it (torchmetrics >= 1.4.2 structural_similarity_index_measure's convention): "
     "11x11 Gaussian window (sigma 1.5), K1 0.01, K2 0.03, data range 1, each channel reflect-padded by 5 pixels and "
-    "the SSIM map averaged over every pixel (torchmetrics >= 1.4.2; up to 1.4.1 it averaged the valid region "
-    "only), in float64")
+    "the SSIM map averaged over every pixel (up to 1.4.1 torchmetrics averaged the valid region only), in float64")
 
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -34,19 +37,32 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
+def _gaussian_blur(x: torch.Tensor) -> torch.Tensor:
+    """The SSIM window over the last two axes of x (..., H + 10, W + 10), valid region only: (..., H, W). Two 1-D
+    passes, each a weighted sum of 11 shifted views (elementwise kernels only)."""
+    half = SSIM_WINDOW // 2
+    offsets = torch.arange(-half, half + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (offsets / SSIM_SIGMA) ** 2)
+    weights = (weights / weights.sum()).tolist()
+    for axis in (-1, -2):
+        size = x.shape[axis] - 2 * half
+        x = sum(w * x.narrow(axis, k, size) for k, w in enumerate(weights))
+    return x
+
+
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Mean SSIM (Wang et al. 2004) as nerfstudio reports it (SSIM_IMPLEMENTATION), in float64 so that the number
     does not depend on the device. pred, target: (H, W, 3) with H, W >= SSIM_WINDOW."""
     _check_pair(pred, target)
     if min(pred.shape[:2]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images at least {SSIM_WINDOW} pixels a side, got {tuple(pred.shape)}")
-    # Imported here: torchmetrics takes seconds to import, and every command that parses a config file imports
-    # this module (cli.options.options_of_every_command), training included.
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    # torchmetrics takes (N, C, H, W) batches.
-    x, y = (image.double().permute(2, 0, 1).unsqueeze(0) for image in (pred, target))
-    return float(structural_similarity_index_measure(x, y, data_range=1.0))
+    half = SSIM_WINDOW // 2
+    x, y = (F.pad(image.double().permute(2, 0, 1), (half,) * 4, mode="reflect") for image in (pred, target))
+    mx, my, xx, yy, xy = _gaussian_blur(torch.stack([x, y, x * x, y * y, x * y]))
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2  # data range 1
+    var_x, var_y = (xx - mx * mx).clamp_min(0), (yy - my * my).clamp_min(0)
+    ssim_map = (2 * mx * my + c1) * (2 * (xy - mx * my) + c2) / ((mx * mx + my * my + c1) * (var_x + var_y + c2))
+    return float(ssim_map.mean())
 
 
 def image_metrics(pred: torch.Tensor, target: torch.Tensor, lpips_nets: dict[str, LPIPS | None]
