@@ -3,9 +3,9 @@
 Images are (H, W, 3) float tensors in [0, 1], on CPU or CUDA. PSNR and SSIM are computed in float64 so that
 the reported numbers do not depend on the device. SSIM follows torchmetrics' convention (the SSIM nerfstudio
 reports; tests/test_metrics.py holds ours equal to torchmetrics' and to a scipy re-computation) with its Gaussian
-window applied as two 1-D passes of shifted sums: no convolution, so that scoring on a GPU never loads the
-convolution libraries (on an H200 torchmetrics' first call took 8-11 s, each later one 1 ms). LPIPS lives in
-`mega_nerf.evaluation.lpips`.
+window applied as two 1-D passes of shifted sums. Our own code so that eval never imports torchmetrics: on an
+H200 machine that import took 14 s, the whole of eval's one-time scoring cost (bench/RESULTS.md, tenth session).
+LPIPS lives in `mega_nerf.evaluation.lpips`.
 """
 from __future__ import annotations
 
