@@ -6,9 +6,11 @@ import io
 import json
 import math
 import os
+import re
 import runpy
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -312,9 +314,24 @@ def test_two_processes_write_the_same_bytes(done_before: int, rule: str, request
     resume = ["--resume"] if done_before else []
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(SCRIPT), *map(str, args), "--timeout_minutes", "1", *resume]
+    start = time.time()
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    wall = time.time() - start
     assert result.returncode == 0, result.stderr[-3000:]
     assert tree_bytes(output) == tree_bytes(partitioned)
+    check_time_line(result.stdout, wall)
+
+
+def check_time_line(stdout: str, wall: float) -> None:
+    """Rank 0's line of where the time went: its parts, in order, add up to its total, which is rank 0's time
+    since its process started, so less than the launcher's wall time."""
+    line = next(x for x in stdout.splitlines() if x.startswith("partition: "))
+    total, parts = re.fullmatch(r"partition: ([\d.]+) s on rank 0: (.*)", line).groups()
+    seconds = dict(re.findall(r"([a-z -]+) ([\d.]+) s(?: \([^)]*\))?(?:, |$)", parts))
+    assert list(seconds) == ["start-up", "dataset and cells", "ranks and output", "masks", "checks and report"]
+    assert sum(map(float, seconds.values())) == pytest.approx(float(total), abs=0.03)
+    assert 0 < float(total) < wall
+    assert re.search(r"masks [\d.]+ s \(membership [\d.]+ s on cpu, waiting for writes [\d.]+ s\)", line)
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error(tiny_city: Path, tmp_path: Path, launch: Callable) -> None:

@@ -261,7 +261,7 @@ def test_a_run_asking_fewer_steps_than_its_checkpoint_says_so(tiny_city, tmp_pat
 
 # Trains like mega_nerf/train.py (start-up timed from the process start) and writes the time at the end of step 1.
 TIMED_RUN = ("import sys, time; from mega_nerf.cli.train import config_from_argv; "
-             "from mega_nerf.training.startup import process_start; from mega_nerf.training.trainer import Trainer; "
+             "from mega_nerf.clock import process_start; from mega_nerf.training.trainer import Trainer; "
              "Trainer(config_from_argv(sys.argv[2:]), started=process_start(), "
              "on_step=lambda s: s == 1 and open(sys.argv[1], 'w').write(repr(time.time()))).run()")
 

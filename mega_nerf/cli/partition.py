@@ -11,6 +11,7 @@ from pathlib import Path
 import configargparse
 
 from mega_nerf.cli.options import base_parser, require, scene_bounds
+from mega_nerf.clock import PartsClock, process_start
 from mega_nerf.data.dataset import Dataset, load_dataset
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.lock import locked
@@ -81,9 +82,15 @@ def mask_job(args: configargparse.Namespace) -> MaskJob:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    """Partition as the options say; prints where the time went since the process started (from the call when
+    /proc is missing)."""
+    clock = PartsClock(process_start())
+    clock.mark("start-up")  # the interpreter and the imports
     args = partition_parser().parse_args(argv)
     with locked({"--output": [args.output]} if args.output else {}):
-        return create_cluster_masks(mask_job(args))
+        job = mask_job(args)
+        clock.mark("dataset and cells")
+        return create_cluster_masks(job, clock=clock)
 
 
 def console() -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mega_nerf.clock import PartsClock
 from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.distributed import DistInfo, barrier, check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
@@ -56,18 +58,24 @@ class MaskJob:
     progress: bool
 
 
-def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None) -> dict | None:
+def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None, clock: PartsClock | None = None
+                         ) -> dict | None:
     """Write every train and val image's mask for every cell, each rank on its share of the images still to
     do, then check that every mask exists (each rank its share). Rank 0 writes params.pt first and the report
-    last, and returns the report. Sharding what is left (not all images) keeps ranks in step when resuming, so
-    no rank waits at a barrier for longer than about one image takes."""
+    last, prints where the run's time went (`clock`: its parts so far, e.g. the command's start-up) and returns
+    the report. Sharding what is left (not all images) keeps ranks in step when resuming, so no rank waits at a
+    barrier for longer than about one image takes."""
+    clock = PartsClock() if clock is None else clock
     with distributed_job(job.timeout_minutes) as info:
         _prepare_output(job, info)
+        clock.mark("ranks and output")
         done = [m for m in job.dataset.images if job.resume and _complete(job, m)]
         done_names = {m.name for m in done}
         todo = [m for m in job.dataset.images if m.name not in done_names]
         barrier(info)  # every rank has listed what is done before any rank writes
-        counts, rays = _write_masks(job, shard(todo, info), info, on_image)
+        counts, rays, membership, waited = _write_masks(job, shard(todo, info), info, on_image)
+        clock.mark("masks", f"membership {membership:.2f} s on {info.device.type}, waiting for writes "
+                            f"{waited:.2f} s")
         for image in shard(done, info):
             counts += _read_masks(job, image).flatten(0, 1).sum(0)
             rays += image.H * image.W
@@ -81,8 +89,11 @@ def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None) -> dic
         if problems:
             raise UserError(f"{job.output}: {len(problems)} masks missing or wrong after the run, "
                             f"e.g. {problems[0]}")
-        return write_report(job, [sum(c[k] for c, _, _ in gathered) for k in range(job.params.num_cells)],
-                            sum(r for _, r, _ in gathered))
+        report = write_report(job, [sum(c[k] for c, _, _ in gathered) for k in range(job.params.num_cells)],
+                              sum(r for _, r, _ in gathered))
+        clock.mark("checks and report")
+        print(clock.summary("partition: {total} on rank 0" if info.world_size > 1 else "partition: {total}"))
+        return report
 
 
 def _prepare_output(job: MaskJob, info: DistInfo) -> None:
@@ -136,19 +147,22 @@ def _write_image_masks(job: MaskJob, image: ImageMetadata, member: torch.Tensor)
 
 
 def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_image: ImageHook | None
-                 ) -> tuple[torch.Tensor, int]:
-    """Compute and write the masks of `images`; returns rays per cell (K,) and rays in all, for the report.
+                 ) -> tuple[torch.Tensor, int, float, float]:
+    """Compute and write the masks of `images`; returns rays per cell (K,) and rays in all, for the report, and
+    the seconds spent computing memberships and waiting for the writers.
     Masks are compressed and written (each file fsynced) by a pool of threads while the next image is computed;
     at most WRITE_QUEUE images wait (mega_nerf.ordered), and those not started are cancelled on an error.
     `on_image` is called with the number of images written after each one, in order (tests stop a run with it)."""
     default_ray, default_dist = default_chunks(info.device)
     ray_chunk, dist_chunk = job.ray_chunk or default_ray, job.dist_chunk or default_dist
     counts = torch.zeros(job.params.num_cells, dtype=torch.int64)
-    rays, written = 0, 0
+    rays, written, membership, waited = 0, 0, 0.0, 0.0
 
     def finish(future: Future[torch.Tensor]) -> None:
-        nonlocal counts, written
+        nonlocal counts, written, waited
+        start = time.perf_counter()
         counts += future.result()
+        waited += time.perf_counter() - start
         written += 1
         if on_image is not None:
             on_image(written)
@@ -156,18 +170,20 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
     with ThreadPoolExecutor(WRITERS) as pool, OrderedQueue(WRITE_QUEUE) as queue:
         for image in bar:
             check_failures(info)  # another rank's error ends this one too
+            start = time.perf_counter()
             try:
                 member = image_membership(image, job.params, info.device, ray_chunk, dist_chunk)
             except torch.OutOfMemoryError:
                 raise UserError(f"{image.name}: out of GPU memory at --ray_chunk {ray_chunk} --dist_chunk "
                                 f"{dist_chunk}; give smaller ones") from None
+            membership += time.perf_counter() - start  # the result is on the CPU: the device's work is done
             queue.add(pool.submit(_write_image_masks, job, image, member))
             rays += image.H * image.W
             for future in queue.due():
                 finish(future)
         for future in queue.drain():
             finish(future)
-    return counts, rays
+    return counts, rays, membership, waited
 
 
 def write_report(job: MaskJob, counts: list[int], rays: int) -> dict:

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.bounds import contracted_axes, foreground_box, mean_segment
+from mega_nerf.clock import PartsClock
 from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
 from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
@@ -32,7 +33,6 @@ from mega_nerf.training import checkpoint as ckpt
 from mega_nerf.training.adam import Adam
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.log import Logger
-from mega_nerf.training.startup import StartupClock
 from mega_nerf.training.validation import validate
 
 StepHook = Callable[[int], None]
@@ -78,7 +78,7 @@ class Trainer:
         start-up breakdown counts imports), else start-up is timed from here; on_ready: called once the data
         and any checkpoint to resume are verified, before training (the commands save the run's options then,
         so a refused run leaves the experiment's saved options alone)."""
-        self.clock = StartupClock(started)
+        self.clock = PartsClock(started)
         if started is not None:
             self.clock.mark("imports")
         if config.data_mode == "disk" and not config.chunk_paths:
@@ -319,7 +319,8 @@ class Trainer:
             self._log_startup(log)
 
     def _log_startup(self, log: Logger) -> None:
-        tqdm.write(self.clock.summary())  # on a line of its own, not into the progress bar's
+        # On a line of its own, not into the progress bar's.
+        tqdm.write(self.clock.summary("start-up {total} to the first step"))
         log.record(startup={**self.clock.parts, "total": self.clock.total}, startup_notes=self.clock.notes)
 
     def run(self) -> Path:

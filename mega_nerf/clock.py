@@ -1,7 +1,7 @@
-"""Where the seconds before the first training step go: a clock of consecutive parts, from the process start
-(when the command line runs the trainer) or from the trainer's creation (tests, benchmarks), to the end of the
-first step. The parts add up to the time to the first step by construction; the test holds that sum against a
-clock outside the process (tests/test_startup.py)."""
+"""Where a command's seconds go: a clock of consecutive named parts from the process start (or any other moment),
+which add up to the time since by construction. The trainer times its start-up to the end of the first step
+(tests/test_startup.py holds that sum against a clock outside the process); partitioning times its whole run.
+Torch-free, and it imports nothing of the package, so every layer may use it."""
 from __future__ import annotations
 
 import os
@@ -21,8 +21,8 @@ def process_start() -> float | None:
     return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
-class StartupClock:
-    """Consecutive named parts of start-up, in seconds (a part named twice adds up)."""
+class PartsClock:
+    """Consecutive named parts, in seconds (a part named twice adds up)."""
 
     def __init__(self, start: float | None = None) -> None:
         self.start = time.time() if start is None else start
@@ -53,8 +53,8 @@ class StartupClock:
     def total(self) -> float:
         return self.last - self.start
 
-    def summary(self) -> str:
-        """One line: the total, then each part with its note."""
+    def summary(self, title: str) -> str:
+        """One line: `title` with the total in place of {total}, then each part with its note."""
         items = [f"{name} {seconds:.2f} s" + (f" ({self.notes[name]})" if name in self.notes else "")
                  for name, seconds in self.parts.items()]
-        return f"start-up {self.total:.2f} s to the first step: " + ", ".join(items)
+        return title.format(total=f"{self.total:.2f} s") + ": " + ", ".join(items)
