@@ -11,7 +11,7 @@ import torch
 
 from mega_nerf.bounds import contracted_position
 from mega_nerf.data.dataset import load_dataset
-from mega_nerf.partition.cells import EXACT, image_membership, make_params
+from mega_nerf.partition.cells import EXACT, exact_ray_membership, image_membership, make_params
 from mega_nerf.partition.exact import arc_membership, segment_membership
 from mega_nerf.rays import normalize_altitude_range
 
@@ -71,6 +71,28 @@ def test_contracted_remainder_holds_every_dense_sample() -> None:
     bound = arc_membership(origins, dirs, t0, t1, centroids, 1.15, False, place)
     assert not (dense & ~bound).any()
     assert (bound & ~dense).sum() <= 0.01 * dense.sum()  # measured: 1 extra of 1,199
+
+
+@pytest.mark.parametrize("margin", [1.0, 1.15])
+def test_rays_without_a_remainder_skip_only_a_repeated_end(margin: float) -> None:
+    """exact_ray_membership tests the contracted remainder only on rays that have one (split != far): equal to
+    the segment and the remainder tested on every ray, where a remainder of one point is the segment's end."""
+    box_min, box_max = torch.tensor([-0.5, -1.0, -1.0]).double(), torch.tensor([0.5, 1.0, 1.0]).double()
+    place = partial(contracted_position, box_min=box_min, box_max=box_max,
+                    contracted=torch.tensor([False, True, True]))
+    g = torch.Generator().manual_seed(11)
+    n = 2000
+    origins = (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5) * (box_max - box_min) * 1.5
+    dirs = torch.nn.functional.normalize(torch.randn(n, 3, generator=g, dtype=torch.float64), dim=-1)
+    near = 0.1 + torch.rand(n, generator=g, dtype=torch.float64)
+    split = near + 2 * torch.rand(n, generator=g, dtype=torch.float64)
+    far = torch.where(torch.arange(n) % 2 == 0, split, split + 50 * torch.rand(n, generator=g, dtype=torch.float64))
+    centroids = torch.tensor([[0.0, y, z] for y in (-0.6, 0.0, 0.6) for z in (-0.5, 0.5)], dtype=torch.float64)
+    every_ray = (segment_membership(origins, dirs, near, split, centroids, margin, False, place)
+                 | arc_membership(origins, dirs, split, far, centroids, margin, False, place))
+    member = exact_ray_membership(origins, dirs, near, split, far, centroids, margin, False, 1 << 12, place)
+    assert torch.equal(member, every_ray)
+    assert 1.2 < member[::2].sum() / (n / 2) < 5  # the one-point rays: in several cells and in few
 
 
 def test_exact_masks_contain_the_sampled_rule(oblique_city: Path, oblique_summary: dict) -> None:
