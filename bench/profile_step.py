@@ -1,7 +1,9 @@
-"""Where a training step's GPU time goes: run a cell for a while (so the occupancy grid has settled), then
-profile a few steps with torch.profiler and print the kernels that take the most time.
+"""Where a training step's GPU time goes: run a cell for a while (so the occupancy grid has settled), time
+--timed_steps steps without the profiler, then profile a few with torch.profiler and print the kernels that take
+the most time. --compare_val_embeddings also times --val_embeddings_only's split backward against one backward.
 
-    python bench/profile_step.py --preset city --warmup_seconds 60 --extra "--batch_size 65536"
+    python bench/profile_step.py --preset city --warmup_seconds 60 "--extra=--batch_size 65536"
+    python bench/profile_step.py --preset oblique --compare_val_embeddings "--extra=--val_embeddings_only"
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def main() -> None:
     p.add_argument("--compare_val_embeddings", action="store_true",
                    help="with --extra=--val_embeddings_only: also time its split backward against one backward")
     args = p.parse_args()
+    if args.compare_val_embeddings and ("--val_embeddings_only" not in args.extra.split() or args.timed_steps < 6):
+        p.error("--compare_val_embeddings needs \"--extra=--val_embeddings_only\" and --timed_steps >= 6")
     dataset = ensure_city(args.preset, args.work)
     masks = ensure_partition(dataset, args.work, (2, 2))
     trainer = Trainer(config_from_argv([*cell_args(dataset, masks, args.work, 0, "exp-profile"),

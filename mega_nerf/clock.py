@@ -1,6 +1,6 @@
 """Where a command's seconds go: a clock of consecutive named parts from the process start (or any other moment),
 which add up to the time since by construction. The trainer times its start-up to the end of the first step
-(tests/test_startup.py holds that sum against a clock outside the process); partitioning times its whole run.
+(tests/test_training.py holds that sum against a clock outside the process); partitioning times its whole run.
 Torch-free, and it imports nothing of the package, so every layer may use it."""
 from __future__ import annotations
 

@@ -75,8 +75,9 @@ def test_contracted_remainder_holds_every_dense_sample() -> None:
 
 @pytest.mark.parametrize("margin", [1.0, 1.15])
 def test_rays_without_a_remainder_skip_only_a_repeated_end(margin: float) -> None:
-    """exact_ray_membership tests the contracted remainder only on rays that have one (split != far): equal to
-    the segment and the remainder tested on every ray, where a remainder of one point is the segment's end."""
+    """exact_ray_membership tests the contracted remainder only on rays that have one (split != far): equal on
+    random rays to the segment and the remainder tested on every ray, where a remainder of one point is the
+    segment's end (the two could differ only for an end within an ulp of a boundary, far inside exact.SLACK)."""
     box_min, box_max = torch.tensor([-0.5, -1.0, -1.0]).double(), torch.tensor([0.5, 1.0, 1.0]).double()
     place = partial(contracted_position, box_min=box_min, box_max=box_max,
                     contracted=torch.tensor([False, True, True]))

@@ -3,9 +3,9 @@
 Images are (H, W, 3) float tensors in [0, 1], on CPU or CUDA. PSNR and SSIM are computed in float64 so that
 the reported numbers do not depend on the device. SSIM follows torchmetrics' convention (the SSIM nerfstudio
 reports; tests/test_metrics.py holds ours equal to torchmetrics' and to a scipy re-computation) with its Gaussian
-window applied as two 1-D passes of shifted sums. Our own code so that eval never imports torchmetrics: on an
-H200 machine that import took 14 s, the whole of eval's one-time scoring cost (bench/RESULTS.md, tenth session).
-LPIPS lives in `mega_nerf.evaluation.lpips`.
+window applied as two 1-D passes of shifted sums. Our own code so that eval never imports torchmetrics: on the
+GPU machines that import took 8-14 s (their packages lack bytecode; 0.9 s on the development machine), almost all
+of the first SSIM call (bench/RESULTS.md, tenth session). LPIPS lives in `mega_nerf.evaluation.lpips`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03
 SSIM_IMPLEMENTATION = (
     "SSIM as nerfstudio reports it (torchmetrics >= 1.4.2 structural_similarity_index_measure's convention): "
     "11x11 Gaussian window (sigma 1.5), K1 0.01, K2 0.03, data range 1, each channel reflect-padded by 5 pixels and "
-    "the SSIM map averaged over every pixel (up to 1.4.1 torchmetrics averaged the valid region only), in float64")
+    "the SSIM map averaged over every pixel (up to 1.4.1 torchmetrics averaged the valid region only), in float64; "
+    "computed by mega_nerf.evaluation.metrics (a separable window), equal to torchmetrics' to float64 rounding")
 
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:

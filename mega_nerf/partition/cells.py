@@ -125,9 +125,9 @@ def exact_ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.
                          far: torch.Tensor, centroids: torch.Tensor, boundary_margin: float, cluster_2d: bool,
                          dist_chunk: int, place: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """(N, K) bool without sampling (partition.exact): exact over the straight part [near, split], conservative
-    over the routed remainder [split, far] (only with `place`), which only rays leaving the box have (on the
-    synthetic city about a quarter of them; its arcs are most of the work). Rays go in blocks of about
-    `dist_chunk` point-centroid distances."""
+    over the routed remainder [split, far] (only with `place`), tested only where there is one: rays whose far
+    bound lies beyond the box exit (on the synthetic city about a quarter of them; its arcs are most of the
+    work). Rays go in blocks of about `dist_chunk` point-centroid distances."""
     K = centroids.shape[0]
     rows = max(1, dist_chunk // (K * max(K, 2 * DEFAULT_ARCS)))
     member = torch.empty(origins.shape[0], K, dtype=torch.bool, device=origins.device)
@@ -135,7 +135,8 @@ def exact_ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.
         o, d, n, s, f = (x[r:r + rows] for x in (origins, dirs, near, split, far))
         block = segment_membership(o, d, n, s, centroids, boundary_margin, cluster_2d, place)
         if place is not None:
-            # A remainder of one point (split = far) is the segment's end, tested above.
+            # A remainder of one point (split = far) is the segment's end, tested above; the arcs would place
+            # it again up to the rounding of their t (an ulp, far inside exact.SLACK).
             rest = (s != f).nonzero().squeeze(1)
             if len(rest):
                 block[rest] |= arc_membership(o[rest], d[rest], s[rest], f[rest], centroids, boundary_margin,
