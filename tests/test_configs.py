@@ -1,6 +1,7 @@
 """The bundled configs/ against Mega-NeRF's current ones, and Mega-NeRF's option names (aliases, ignored keys)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,28 @@ def test_an_alias_of_an_option_another_command_has_is_accepted_and_said_to_be_ig
     train_parser().parse_args(["--config_file", str(config)])
     err = capsys.readouterr().err
     assert err.count("image_pixel_batch_size") == 1 and "no command reads it" not in err
+
+
+def test_every_command_default_equals_its_config_default() -> None:
+    """Parsers repeat their config dataclass's defaults (so that --help shows them); an option whose parser
+    default differs from the dataclass's would act one way from the command line and another from code (tests,
+    benchmarks). Options without a parser default (None: required, or filled in later) are left out."""
+    from mega_nerf.camera_path import PathConfig
+    from mega_nerf.cli.render import render_parser
+    from mega_nerf.cli.view import view_parser
+    from mega_nerf.evaluation.evaluate import EvalConfig
+    from mega_nerf.training.config import TrainConfig
+    from mega_nerf.viewer.app import ViewerConfig
+
+    compared = 0
+    for parser, config in ((train_parser(), TrainConfig), (eval_parser(), EvalConfig), (view_parser(), ViewerConfig),
+                           (render_parser(), PathConfig)):
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        for action in parser._actions:
+            field = fields.get(action.dest)
+            if field is None or action.default is None:
+                continue
+            assert field.default is not dataclasses.MISSING, f"{config.__name__}.{field.name} has no default"
+            assert action.default == field.default, f"--{action.dest}: {action.default} against {field.default}"
+            compared += 1
+    assert compared >= 40  # most options are compared, not skipped
