@@ -302,7 +302,8 @@ def test_resume_after_failure_matches_an_uninterrupted_run(partitioned: Path, ti
 def test_two_processes_write_the_same_bytes(done_before: int, rule: str, request: pytest.FixtureRequest,
                                             tiny_city: Path, tmp_path: Path) -> None:
     """A 2-process gloo run, fresh or resuming a run stopped after `done_before` images, writes exactly the
-    files of the single-process run, with either rule."""
+    files of the single-process run, with either rule (the exact rule's run under mega-nerf-launch, which is
+    torchrun with a one-line failure)."""
     output = tmp_path / "masks"
     partitioned = request.getfixturevalue("partitioned_exact" if rule == "exact" else "partitioned")
     args = base_args(tiny_city, output, samples=None if rule == "exact" else SAMPLES)
@@ -312,7 +313,8 @@ def test_two_processes_write_the_same_bytes(done_before: int, rule: str, request
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     resume = ["--resume"] if done_before else []
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    launcher = "mega_nerf.cli.launch" if rule == "exact" else "torch.distributed.run"
+    command = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node", "2",
                str(SCRIPT), *map(str, args), "--timeout_minutes", "1", *resume]
     start = time.time()
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -332,6 +334,21 @@ def check_time_line(stdout: str, wall: float) -> None:
     assert sum(map(float, seconds.values())) == pytest.approx(float(total), abs=0.03)
     assert 0 < float(total) < wall
     assert re.search(r"masks [\d.]+ s \(membership [\d.]+ s on cpu, waiting for writes [\d.]+ s\)", line)
+
+
+def test_a_failed_launch_reads_as_lines_of_its_own(tmp_path: Path) -> None:
+    """Bad input under mega-nerf-launch with 2 ranks: each rank's one-line error, one line from the launcher
+    naming the failing rank, no traceback, exit code 1."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "mega_nerf.cli.launch", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+               "--dataset_path", str(tmp_path / "absent"), "--output", str(tmp_path / "masks"), "--grid_dim", "2",
+               "2", "--ray_altitude_range", "-1", "1"]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[:-1] == [f"error: {tmp_path / 'absent'}: dataset directory not found"] * 2, result.stderr
+    assert re.fullmatch(r"error: .*create_cluster_masks\.py failed: rank [01] ended first, with exit code 2 .*",
+                        lines[-1])
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error(tiny_city: Path, tmp_path: Path, launch: Callable) -> None:
