@@ -76,14 +76,15 @@ def _worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
-def launch_ranks(script: Path, args: list[object], nproc: int = 2, agent: bool = True) -> Ranks:
-    """Run `script args` on `nproc` ranks under torch.distributed.run, or (agent=False) as separate processes
-    around a store this function hosts as torchrun's agent would, so that no launcher stops the other ranks when
-    one fails (as on other nodes)."""
+def launch_ranks(script: Path, args: list[object], nproc: int = 2, agent: bool = True,
+                 launcher: str = "torch.distributed.run") -> Ranks:
+    """Run `script args` on `nproc` ranks under `launcher` (torchrun, or mega_nerf.cli.launch), or (agent=False)
+    as separate processes around a store this function hosts as torchrun's agent would, so that no launcher stops
+    the other ranks when one fails (as on other nodes)."""
     args = [str(script), *map(str, args)]
     start = time.monotonic()
     if agent:
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        r = subprocess.run([sys.executable, "-m", launcher, "--standalone", "--nproc_per_node",
                             str(nproc), *args], env=_worker_env(), cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
         return Ranks([r.returncode], [r.stderr], [r.stdout], time.monotonic() - start)
@@ -106,11 +107,12 @@ def launch_script() -> Callable[..., Ranks]:
 
 @pytest.fixture
 def launch() -> Callable[..., Ranks]:
-    """launch(stage, options, hook=(rank, kind, trigger), nproc=2, agent=True): a stage (partition, eval, cells)
-    run as its command runs it with tests/stage_worker.py's test hook, on ranks started by launch_ranks."""
+    """launch(stage, options, hook=(rank, kind, trigger), nproc=2, agent=True, launcher=torchrun): a stage
+    (partition, eval, cells) run as its command runs it with tests/stage_worker.py's test hook, on ranks started by
+    launch_ranks."""
     def run(stage: str, options: list[object], hook: tuple[int, str, str] = (-1, "none", "0"), nproc: int = 2,
-            agent: bool = True) -> Ranks:
-        return launch_ranks(ROOT / "tests" / "stage_worker.py", [stage, *hook, *options], nproc, agent)
+            agent: bool = True, launcher: str = "torch.distributed.run") -> Ranks:
+        return launch_ranks(ROOT / "tests" / "stage_worker.py", [stage, *hook, *options], nproc, agent, launcher)
     return run
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from mega_nerf.cli.launch import GRACE_S, KILL_S
 from mega_nerf.cli.partition import mask_job, partition_parser
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
@@ -360,6 +361,19 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tiny_city: Path, tmp_path
     assert result.last_error_lines() == ["error: rank 1 failed: fails on purpose (test hook)",
                                          "error: fails on purpose (test hook)"]
     assert result.seconds < 60
+    assert not (tmp_path / "masks" / "partition.json").exists()
+
+
+def test_a_rank_killed_without_a_word_ends_the_launch(tiny_city: Path, tmp_path: Path, launch: Callable) -> None:
+    """Under mega-nerf-launch, rank 1 dies after its first image as kill -9 would, posting nothing: the launcher
+    stops rank 0 (which would otherwise wait out its 10-minute timeout) after its grace period, and ends with
+    one line naming rank 1 and its exit code."""
+    options = base_args(tiny_city, tmp_path / "masks", "--no_progress", "--timeout_minutes", 10)
+    result = launch("partition", options, hook=(1, "exit", "1"), launcher="mega_nerf.cli.launch")
+    assert result.codes == [1]
+    assert re.fullmatch(r"error: .*stage_worker\.py failed: rank 1 ended first, with exit code 3 .*",
+                        result.stderr[0].strip().splitlines()[-1])
+    assert result.seconds < GRACE_S + KILL_S + 30
     assert not (tmp_path / "masks" / "partition.json").exists()
 
 

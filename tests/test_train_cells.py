@@ -109,9 +109,11 @@ def test_cells_go_largest_first(masks: Path, tmp_path: Path) -> None:
     assert largest_first([5, 9, 9, 1]) == [1, 2, 0, 3]
 
 
-def test_two_ranks_train_every_cell_as_separate_runs(tiny_city: Path, masks: Path, separate_runs: Path,
+@pytest.mark.parametrize("launcher", ["torch.distributed.run", "mega_nerf.cli.launch"])
+def test_two_ranks_train_every_cell_as_separate_runs(launcher: str, tiny_city: Path, masks: Path, separate_runs: Path,
                                                      tmp_path: Path, launch: Callable[..., Ranks]) -> None:
-    result = launch("cells", cells_options(tiny_city, masks, tmp_path))
+    """Under torchrun and under mega-nerf-launch (its own ranks and store on one machine)."""
+    result = launch("cells", cells_options(tiny_city, masks, tmp_path), launcher=launcher)
     assert result.codes == [0], result.stderr[0][-3000:]
     assert "4 of 4 cells trained" in result.stdout[0]
     assert {f"rank {r}: cell" in result.stdout[0] for r in (0, 1)} == {True}  # both ranks took cells
