@@ -14,6 +14,7 @@ Stages (run them in separate calls when a call's time is short; `--work` keeps w
              compile once per machine); metrics.json and every PNG compared
   fail       each stage under torchrun N with rank 1 failing part-way (tests/stage_worker.py's hook): seconds to
              end, exit code, the error lines
+`--launcher mega_nerf.cli.launch` starts the N ranks with mega-nerf-launch instead of torchrun.
 On a CPU everything runs at tiny scale, e.g. `--presets tiny --iterations 20 --train_args "--batch_size 512
 --samples 32 --hash_levels 8 --log2_hashmap_size 15 --max_resolution 256"`.
 """
@@ -52,8 +53,13 @@ def env(work: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, **QUIET, "PYTHONPATH": path, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", **extra}
 
 
+LAUNCHERS = ("torch.distributed.run", "mega_nerf.cli.launch")
+LAUNCHER = [LAUNCHERS[0]]  # what starts N ranks: --launcher
+
+
 def launcher(n: int) -> list[str]:
-    return [PY] if n == 1 else [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+    """One plain process, or n ranks under the --launcher module."""
+    return [PY] if n == 1 else [PY, "-m", LAUNCHER[0], "--standalone", "--nproc_per_node", str(n)]
 
 
 def timed(cmd: list[str], environ: dict[str, str], check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
@@ -87,7 +93,8 @@ def stage_floor(args: argparse.Namespace, environ: dict[str, str]) -> str:
     one, _ = timed([PY, str(script)], environ)
     many, _ = timed([*launcher(args.n), str(script)], environ)
     return ("| fixed cost | seconds |\n|---|---|\n"
-            f"| python + torch + CUDA context, 1 process | {one:.1f} |\n| torchrun, {args.n} such ranks | {many:.1f} |")
+            f"| python + torch + CUDA context, 1 process | {one:.1f} |\n"
+            f"| {LAUNCHER[0]}, {args.n} such ranks | {many:.1f} |")
 
 
 def scene(data: Path) -> list[str]:
@@ -239,8 +246,10 @@ def main() -> None:
     p.add_argument("--ray_samples", type=int, default=0, help="0: the exact rule (the default)")
     p.add_argument("--iterations", type=int, default=1000, help="training steps per cell")
     p.add_argument("--train_args", type=str, default="", help="further train.py options, e.g. for a CPU")
+    p.add_argument("--launcher", default=LAUNCHERS[0], choices=LAUNCHERS, help="what starts the N ranks")
     p.add_argument("--results", type=Path, default=None)
     args = p.parse_args()
+    LAUNCHER[0] = args.launcher
     args.work = args.work.resolve()
     environ = env(args.work)
     blocks = [stage_floor(args, environ)] if "floor" in args.stages else []
