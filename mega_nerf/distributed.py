@@ -6,7 +6,8 @@ TCPStore on the first node), not through a process group: no communicator to set
 waits can look for another rank's failure while it waits. A rank that fails posts its error in the store
 (`distributed_job`); every wait polls for it and ends its own rank with that error, one line, within a fraction
 of a second, on one node as across nodes. A rank that dies without a word (killed, its node lost) is waited for
-at most `timeout_minutes`. (torchrun also stops a node's other workers when one of them exits with an error.)
+at most `timeout_minutes`. (torchrun also stops a node's other workers when one of them exits with an error;
+mega-nerf-launch, which hosts the store itself on one machine, after a grace period.)
 Waits that may last as long as the others work (the end of training every cell) are patient: they wait for
 ranks whose heartbeat (a background thread, `heartbeat`) goes on, and name the rank whose heartbeat stops. Every
 rank then leaves together, which also keeps the first node's agent, and with it the store, alive until the end.
@@ -93,7 +94,7 @@ def init_distributed(timeout_minutes: float = 10) -> DistInfo:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         # Without torchrun's agent, rank 0 would host the store and could not leave before the others.
         raise UserError("RANK is set but the job was not launched by torchrun: run it under "
-                        "python -m torch.distributed.run (see README.md, GPUs and clusters)")
+                        "python -m torch.distributed.run or mega-nerf-launch (see README.md, GPUs and clusters)")
     timeout = datetime.timedelta(minutes=timeout_minutes)
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     # torchrun keeps its store across restarts (--max_restarts): keys of an earlier attempt must not be seen

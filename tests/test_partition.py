@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from mega_nerf.cli.launch import GRACE_S, KILL_S
+from mega_nerf.cli.launch import GRACE_S, KILL_S, one_machine
 from mega_nerf.cli.partition import mask_job, partition_parser
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
@@ -337,6 +337,25 @@ def check_time_line(stdout: str, wall: float) -> None:
     assert re.search(r"masks [\d.]+ s \(membership [\d.]+ s on cpu, waiting for writes [\d.]+ s\)", line)
 
 
+@pytest.mark.parametrize(("argv", "env", "expected"), [
+    (["--standalone", "--nproc_per_node", "2", "s.py", "--x", "1"], {}, (2, ["s.py", "--x", "1"])),
+    (["--nproc-per-node=4", "--standalone", "s.py"], {}, (4, ["s.py"])),
+    (["--nproc_per_node", "2", "s.py"], {}, None),  # not --standalone: torchrun's rendezvous options may apply
+    (["--standalone", "--nproc_per_node", "gpu", "s.py"], {}, None),
+    (["--standalone", "--nproc_per_node", "2", "--max_restarts", "3", "s.py"], {}, None),
+    (["--standalone", "--nproc_per_node", "2", "-m", "mod"], {}, None),
+    (["--standalone", "--nproc_per_node", "2", "s.py"], {"PET_NNODES": "4"}, None),
+    (["--help"], {}, None)])
+def test_what_the_launcher_runs_itself(argv: list[str], env: dict[str, str], expected: tuple | None,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """mega-nerf-launch starts the ranks itself only for a plain one-machine launch; torchrun takes the rest."""
+    for name in [n for n in os.environ if n.startswith("PET_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert one_machine(argv) == expected
+
+
 def test_a_failed_launch_reads_as_lines_of_its_own(tmp_path: Path) -> None:
     """Bad input under mega-nerf-launch with 2 ranks: each rank's one-line error, one line from the launcher
     naming the failing rank, no traceback, exit code 1."""
@@ -348,7 +367,7 @@ def test_a_failed_launch_reads_as_lines_of_its_own(tmp_path: Path) -> None:
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines[:-1] == [f"error: {tmp_path / 'absent'}: dataset directory not found"] * 2, result.stderr
-    assert re.fullmatch(r"error: .*create_cluster_masks\.py failed: rank [01] ended first, with exit code 2 .*",
+    assert re.fullmatch(r"error: .*create_cluster_masks\.py failed: rank [01] failed first, with exit code 2 .*",
                         lines[-1])
 
 
@@ -371,7 +390,7 @@ def test_a_rank_killed_without_a_word_ends_the_launch(tiny_city: Path, tmp_path:
     options = base_args(tiny_city, tmp_path / "masks", "--no_progress", "--timeout_minutes", 10)
     result = launch("partition", options, hook=(1, "exit", "1"), launcher="mega_nerf.cli.launch")
     assert result.codes == [1]
-    assert re.fullmatch(r"error: .*stage_worker\.py failed: rank 1 ended first, with exit code 3 .*",
+    assert re.fullmatch(r"error: .*stage_worker\.py failed: rank 1 failed first, with exit code 3 .*",
                         result.stderr[0].strip().splitlines()[-1])
     assert result.seconds < GRACE_S + KILL_S + 30
     assert not (tmp_path / "masks" / "partition.json").exists()

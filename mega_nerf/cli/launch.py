@@ -5,12 +5,13 @@ end a failure in one line.
     mega-nerf-launch --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         scripts/train_cells.py ...
 
-One machine (only `--standalone` and `--nproc_per_node N` given): the ranks start at once, and this process
-imports torch and hosts their key-value store while they start, instead of first importing torch and running
-torchrun's rendezvous (on an H200 machine torchrun's 2 ranks started 5.3 s later than one plain process). Any
-other option: torchrun itself runs the launch. Either way, when a rank fails our commands print its error in one
-line (`error: ...`) and end every rank; this ends with one more line naming the first failing rank and its exit
-code, and exit code 1, where torchrun prints its launcher's traceback and a block per rank.
+One machine (`--standalone --nproc_per_node N`, no other option, no torchrun PET_* variable): the ranks start at
+once, each in a session of its own, and this process imports torch and hosts their key-value store while they
+start, instead of first importing torch and running torchrun's rendezvous (torchrun's 2 ranks started 5.3 s later
+than one plain process on an H200 machine; what this saves there is not measured yet). Anything else: torchrun
+itself runs the launch. Either way, when a rank fails our commands print its error in one line (`error: ...`) and
+end every rank; this ends with one more line naming the rank that failed first and its exit code, and exit code 1,
+where torchrun prints its launcher's traceback and a block per rank.
 """
 from __future__ import annotations
 
@@ -21,19 +22,22 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
-from mega_nerf.errors import UserError, run_cli
+from mega_nerf.errors import run_cli
 
 GRACE_S = 10.0  # after a rank fails, how long the others may take to stop on their own (they see its error)
 KILL_S = 5.0  # then after SIGTERM, before SIGKILL
+SHUTDOWN_S = 30.0  # after a signal to the launcher is forwarded, before SIGKILL (torchrun's default)
 POLL_S = 0.05
-STORE_TIMEOUT_MIN = 30.0  # the store server's own timeout; the ranks bound their waits with --timeout_minutes
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+Failure = tuple[int, int]  # (rank, exit code; negative: the signal that ended it)
 
 
 def fast_parser() -> argparse.ArgumentParser:
     """The options of a one-machine launch; anything else goes to torchrun."""
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     p.add_argument("--standalone", action="store_true")
     p.add_argument("--nproc_per_node", "--nproc-per-node", default="")
     p.add_argument("script", nargs="?")
@@ -41,92 +45,138 @@ def fast_parser() -> argparse.ArgumentParser:
 
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(launcher options, the script and its arguments): the script is the first word that is not an option or
-    an option's value (every launcher option but --standalone takes one value)."""
+    """(launcher options, the script and its arguments), for the one-machine launch: the script is the first word
+    that is neither an option nor --nproc_per_node's value. (torchrun's options without a value, such as -m, make
+    this guess wrong; they are torchrun's to parse, and `one_machine` sends them there.)"""
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
-        i += 1 if argv[i] == "--standalone" or "=" in argv[i] else 2
+        i += 2 if argv[i] in ("--nproc_per_node", "--nproc-per-node") else 1
     return argv[:i], argv[i:]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def one_machine(argv: list[str]) -> tuple[int, list[str]] | None:
+    """(ranks, command) when `argv` asks for a one-machine launch this process can run itself, else None."""
+    if any(name.startswith("PET_") for name in os.environ):  # torchrun's options from the environment
+        return None
+    options, command = split_command(argv)
+    try:
+        args, unknown = fast_parser().parse_known_args(options + command[:1])
+    except argparse.ArgumentError:
+        return None
+    if unknown or not command or not args.standalone or not args.nproc_per_node.isdecimal():
+        return None
+    n = int(args.nproc_per_node)
+    return (n, command) if n >= 1 else None
 
 
 def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     """The environment torchrun gives a rank of a one-machine job whose store the launcher hosts."""
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-           "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
-           "ROLE_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0",
+           "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default",
+           "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0",
            "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": f"mega-nerf-{port}"}
-    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each take every core
+    if world_size > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each take every core
     return env
 
 
-def launch_here(nproc: int, command: list[str]) -> tuple[int, int] | None:
-    """Run `command` (a script and its arguments) as `nproc` ranks on this machine, hosting their store. Returns
-    None when every rank succeeded, else (the first failing rank, its exit code; negative: a signal)."""
-    port = free_port()
-    ranks = [subprocess.Popen([sys.executable, *command], env=rank_env(r, nproc, port)) for r in range(nproc)]
-    stopping = False
+class Ranks:
+    """N rank processes, each in a session of its own (signalled as a group, its children too), with the moment
+    each ended recorded by a thread of its own, so that the first failure is the first in time."""
+
+    def __init__(self, command: list[str], n: int, port: int) -> None:
+        python = os.environ.get("PYTHON_EXEC", sys.executable)
+        self.processes = [subprocess.Popen([python, "-u", *command], env=rank_env(r, n, port),
+                                           start_new_session=True) for r in range(n)]
+        self.ended: dict[int, float] = {}
+        for r, process in enumerate(self.processes):
+            threading.Thread(target=self._wait, args=(r, process), daemon=True).start()
+
+    def _wait(self, rank: int, process: subprocess.Popen) -> None:
+        process.wait()
+        self.ended[rank] = time.monotonic()
+
+    def running(self) -> bool:
+        return len(self.ended) < len(self.processes)
+
+    def signal(self, signum: int) -> None:
+        for rank, process in enumerate(self.processes):
+            if rank not in self.ended:
+                try:
+                    os.killpg(process.pid, signum)
+                except ProcessLookupError:  # ended meanwhile
+                    pass
+
+    def first_failure(self) -> Failure | None:
+        failed = [(t, r) for r, t in self.ended.items() if self.processes[r].returncode != 0]
+        if not failed:
+            return None
+        rank = min(failed)[1]
+        return rank, self.processes[rank].returncode
+
+    def stop(self, term_at: float | None, kill_at: float) -> None:
+        """Wait for every rank to end: SIGTERM once at `term_at` (None: none), SIGKILL once at `kill_at`
+        (time.monotonic() times)."""
+        while self.running():
+            now = time.monotonic()
+            if term_at is not None and now >= term_at:
+                self.signal(signal.SIGTERM)
+                term_at = None
+            if now >= kill_at:
+                self.signal(signal.SIGKILL)
+                kill_at = float("inf")
+            time.sleep(POLL_S)
+
+
+def store_socket() -> socket.socket:
+    """A listening socket on a free local port, made before the ranks start and handed to the store, so that no
+    other process can take the port in between."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+def launch_here(n: int, command: list[str]) -> Failure | None:
+    """Run `command` (a script and its arguments) as `n` ranks on this machine, hosting their store. Returns None
+    when every rank succeeded, else the rank that failed first and its exit code. A signal to this process goes
+    to every rank, which then end as the signal says; this process ends by the same signal."""
+    sock = store_socket()
+    ranks = Ranks(command, n, sock.getsockname()[1])
+    received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for process in ranks:
-            if process.poll() is None:
-                process.send_signal(signum)
-    for signum in (signal.SIGINT, signal.SIGTERM):
+        received.append(signum)
+        ranks.signal(signum)
+    for signum in FORWARDED:
         signal.signal(signum, forward)
-    from torch.distributed import TCPStore  # while the ranks import torch themselves
-
     try:
-        store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,  # noqa: F841 (held to the end)
-                         timeout=datetime.timedelta(minutes=STORE_TIMEOUT_MIN))
-    except RuntimeError as e:  # the port was taken in the meantime
-        forward(signal.SIGTERM, None)
-        raise UserError(f"could not host the ranks' store on port {port}: {e}; run it again") from None
-    first, failed_at = None, None
-    while None in [process.poll() for process in ranks]:  # every rank polled: a list, not a short-cut any()
-        if first is None:
-            first = next(((r, p.returncode) for r, p in enumerate(ranks) if p.returncode not in (None, 0)), None)
-            failed_at = time.monotonic() if first is not None else None
-        if failed_at is not None and not stopping and time.monotonic() - failed_at > GRACE_S:
-            forward(signal.SIGTERM, None)
-        if failed_at is not None and time.monotonic() - failed_at > GRACE_S + KILL_S:
-            for process in ranks:
-                if process.poll() is None:
-                    process.kill()
-        time.sleep(POLL_S)
-    if first is None:
-        first = next(((r, p.returncode) for r, p in enumerate(ranks) if p.returncode != 0), None)
-    return first
+        from torch.distributed import TCPStore  # while the ranks import torch themselves
+
+        # Held until every rank has ended; the ranks bound their own waits (--timeout_minutes).
+        store = TCPStore("127.0.0.1", sock.getsockname()[1], is_master=True, wait_for_workers=False,  # noqa: F841
+                         master_listen_fd=sock.fileno(), timeout=datetime.timedelta(hours=1))
+        while ranks.running() and not received and ranks.first_failure() is None:
+            time.sleep(POLL_S)
+        failed = ranks.first_failure()
+        if received:  # forwarded already: the ranks stop as it says, or are killed as torchrun would
+            ranks.stop(None, time.monotonic() + SHUTDOWN_S)
+        elif failed is not None:
+            term_at = ranks.ended[failed[0]] + GRACE_S
+            ranks.stop(term_at, term_at + KILL_S)
+    finally:
+        ranks.stop(None, time.monotonic())  # on an error of this process: no rank left behind
+        sock.close()
+    if received:
+        signal.signal(received[0], signal.SIG_DFL)
+        os.kill(os.getpid(), received[0])
+    return ranks.first_failure()
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    options, command = split_command(argv)
-    fast, unknown = fast_parser().parse_known_args(options + command[:1])
-    if command and not unknown and fast.nproc_per_node.isdigit() and int(fast.nproc_per_node) >= 1:
-        if "OMP_NUM_THREADS" not in os.environ and int(fast.nproc_per_node) > 1:
-            print("note: OMP_NUM_THREADS=1 in every rank, as torchrun sets it; set it to give a rank more CPU "
-                  "threads", file=sys.stderr)
-        failure = launch_here(int(fast.nproc_per_node), command)
-    else:
-        failure = launch_torchrun(argv)
-    if failure is not None:
-        rank, code = failure
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        print(f"error: {command[0] if command else 'the command'} failed: rank {rank} ended first, with {how} "
-              "(its own error, if any, is above)", file=sys.stderr)
-        sys.exit(1)
-
-
-def launch_torchrun(argv: list[str]) -> tuple[int, int] | None:
-    """torchrun with `argv`, its logging quietened; (first failing rank, exit code) or None."""
+def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None]:
+    """torchrun with `argv`, its agent's logging quietened: (its script, the first failing rank and exit code or
+    None)."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -145,8 +195,28 @@ def launch_torchrun(argv: list[str]) -> tuple[int, int] | None:
         run(args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        return rank, failure.exitcode
-    return None
+        return args.training_script, (rank, failure.exitcode)
+    return args.training_script, None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Launch as the options say; one line and exit code 1 when a rank failed."""
+    argv = sys.argv[1:] if argv is None else argv
+    here = one_machine(argv)
+    if here is not None:
+        n, command = here
+        if "OMP_NUM_THREADS" not in os.environ and n > 1:
+            print("note: OMP_NUM_THREADS=1 in every rank, as torchrun sets it; set it to give a rank more CPU "
+                  "threads", file=sys.stderr)
+        script, failure = command[0], launch_here(n, command)
+    else:
+        script, failure = launch_torchrun(argv)
+    if failure is not None:
+        rank, code = failure
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        print(f"error: {script} failed: rank {rank} failed first, with {how} (its own error, if any, is above)",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def console() -> None:
