@@ -143,14 +143,19 @@ def launch_here(n: int, command: list[str]) -> Failure | None:
     when every rank succeeded, else the rank that failed first and its exit code. A signal to this process goes
     to every rank, which then end as the signal says; this process ends by the same signal."""
     sock = store_socket()
-    ranks = Ranks(command, n, sock.getsockname()[1])
     received: list[int] = []
+    started: list[Ranks] = []
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
-        ranks.signal(signum)
-    for signum in FORWARDED:
+        for ranks in started:
+            ranks.signal(signum)
+    for signum in FORWARDED:  # before the ranks start, so that none is left running by an early signal
         signal.signal(signum, forward)
+    ranks = Ranks(command, n, sock.getsockname()[1])
+    started.append(ranks)
+    if received:
+        ranks.signal(received[0])
     try:
         from torch.distributed import TCPStore  # while the ranks import torch themselves
 
