@@ -54,12 +54,11 @@ def env(work: Path, **extra: str) -> dict[str, str]:
 
 
 LAUNCHERS = ("torch.distributed.run", "mega_nerf.cli.launch")
-LAUNCHER = [LAUNCHERS[0]]  # what starts N ranks: --launcher
 
 
-def launcher(n: int) -> list[str]:
+def launcher(args: argparse.Namespace, n: int) -> list[str]:
     """One plain process, or n ranks under the --launcher module."""
-    return [PY] if n == 1 else [PY, "-m", LAUNCHER[0], "--standalone", "--nproc_per_node", str(n)]
+    return [PY] if n == 1 else [PY, "-m", args.launcher, "--standalone", "--nproc_per_node", str(n)]
 
 
 def timed(cmd: list[str], environ: dict[str, str], check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
@@ -91,10 +90,10 @@ def stage_floor(args: argparse.Namespace, environ: dict[str, str]) -> str:
     script = args.work / "noop.py"
     script.write_text("import torch\nif torch.cuda.is_available():\n    torch.zeros(1, device='cuda')\n")
     one, _ = timed([PY, str(script)], environ)
-    many, _ = timed([*launcher(args.n), str(script)], environ)
+    many, _ = timed([*launcher(args, args.n), str(script)], environ)
     return ("| fixed cost | seconds |\n|---|---|\n"
             f"| python + torch + CUDA context, 1 process | {one:.1f} |\n"
-            f"| {LAUNCHER[0]}, {args.n} such ranks | {many:.1f} |")
+            f"| {args.launcher}, {args.n} such ranks | {many:.1f} |")
 
 
 def scene(data: Path) -> list[str]:
@@ -116,7 +115,7 @@ def stage_partition(args: argparse.Namespace, preset: str, data: Path, environ: 
     for _ in range(args.repeats):
         for n in times:
             out = fresh(args.work / f"{preset}-partition-n{n}")
-            seconds, _ = timed([*launcher(n), "scripts/create_cluster_masks.py",
+            seconds, _ = timed([*launcher(args, n), "scripts/create_cluster_masks.py",
                                 *partition_options(data, out, args.ray_samples)], environ)
             times[n].append(seconds)
     one, many = (args.work / f"{preset}-partition-n{n}" for n in times)
@@ -169,7 +168,7 @@ def stage_train(args: argparse.Namespace, preset: str, data: Path, environ: dict
                 f"{final_steps(par / 'exp-')} |")
     for n in (1, args.n):
         out = fresh(root / f"cells-n{n}")
-        seconds, _ = timed([*launcher(n), "scripts/train_cells.py", *scene(data), "--mask_path", str(masks),
+        seconds, _ = timed([*launcher(args, n), "scripts/train_cells.py", *scene(data), "--mask_path", str(masks),
                             "--exp_prefix", f"{out}/exp-", "--chunk_prefix", f"{out}/chunks-", *train_options(args)],
                            environ)
         add(f"| train_cells.py, {n} rank(s) | {n} | {seconds:.1f} | {seconds / total:.2f} | "
@@ -183,7 +182,7 @@ def merged_of(args: argparse.Namespace, preset: str, data: Path, environ: dict[s
     merged, cells = args.work / f"{preset}-merged.pt", args.work / f"{preset}-train" / f"cells-n{args.n}"
     if not merged.exists():
         if not (cells / "exp-3").exists():
-            timed([*launcher(args.n), "scripts/train_cells.py", *scene(data), "--mask_path",
+            timed([*launcher(args, args.n), "scripts/train_cells.py", *scene(data), "--mask_path",
                    str(masks_of(args, preset)), "--exp_prefix", f"{cells}/exp-", "--chunk_prefix",
                    f"{cells}/chunks-", *train_options(args)], environ)
         timed([PY, "scripts/merge_submodules.py", "--config_file", str(data / "config.yaml"), "--ckpt_prefix",
@@ -204,7 +203,8 @@ def stage_eval(args: argparse.Namespace, preset: str, data: Path, environ: dict[
     for _ in range(args.repeats):
         for n in times:
             out = fresh(args.work / f"{preset}-eval-n{n}")
-            seconds, result = timed([*launcher(n), "mega_nerf/eval.py", *eval_options(data, merged, out)], environ)
+            seconds, result = timed([*launcher(args, n), "mega_nerf/eval.py", *eval_options(data, merged, out)],
+                                    environ)
             times[n].append(seconds)
             rank0[n] = next((line for line in result.stdout.splitlines() if line.startswith("rank 0:")), "")
     one, many = (args.work / f"{preset}-eval-n{n}" for n in times)
@@ -229,7 +229,8 @@ def stage_fail(args: argparse.Namespace, preset: str, data: Path, environ: dict[
     }
     rows = ["| stage (rank 1 fails) | exit code | seconds to end | error lines |", "|---|---|---|---|"]
     for stage, (kind, trigger, options) in cases.items():
-        command = [*launcher(args.n), "tests/stage_worker.py", stage, "1", kind, trigger, "--timeout_minutes", "10"]
+        command = [*launcher(args, args.n), "tests/stage_worker.py", stage, "1", kind, trigger,
+                   "--timeout_minutes", "10"]
         seconds, result = timed([*command, *options], environ, check=False)
         errors = sorted({line for line in result.stderr.splitlines() if line.startswith(("error:", "RuntimeError:"))})
         rows.append(f"| {stage}, {preset} | {result.returncode} | {seconds:.1f} | {'<br>'.join(errors)} |")
@@ -249,7 +250,6 @@ def main() -> None:
     p.add_argument("--launcher", default=LAUNCHERS[0], choices=LAUNCHERS, help="what starts the N ranks")
     p.add_argument("--results", type=Path, default=None)
     args = p.parse_args()
-    LAUNCHER[0] = args.launcher
     args.work = args.work.resolve()
     environ = env(args.work)
     blocks = [stage_floor(args, environ)] if "floor" in args.stages else []

@@ -83,6 +83,17 @@ def _pick_device(local_rank: int) -> torch.device:
     return device
 
 
+def attempt_prefix(restart: str) -> str:
+    """The store prefix of the jobs' keys in one torchrun attempt (TORCHELASTIC_RESTART_COUNT)."""
+    return f"mega_nerf/{restart}/"
+
+
+def posted_failure(store: dist.Store, restart: str = "0") -> str | None:
+    """The first failure a rank posted in the launcher's `store` in that attempt ('rank r failed: ...'), or None."""
+    keys = dist.PrefixStore(attempt_prefix(restart), store)
+    return keys.get(FAILED).decode() if keys.check([FAILED]) else None
+
+
 def init_distributed(timeout_minutes: float = 10) -> DistInfo:
     """Join the job torchrun launched (its store, under a prefix of this attempt), or run alone when unlaunched."""
     if timeout_minutes <= 0:
@@ -98,7 +109,7 @@ def init_distributed(timeout_minutes: float = 10) -> DistInfo:
     timeout = datetime.timedelta(minutes=timeout_minutes)
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     # torchrun keeps its store across restarts (--max_restarts): keys of an earlier attempt must not be seen
-    prefix = f"mega_nerf/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    prefix = attempt_prefix(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return DistInfo(rank, world_size, local_rank, _pick_device(local_rank), dist.PrefixStore(prefix, store),
                     timeout_minutes * 60, prefix)
 

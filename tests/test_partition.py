@@ -383,14 +383,17 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tiny_city: Path, tmp_path
     assert not (tmp_path / "masks" / "partition.json").exists()
 
 
-def test_a_rank_killed_without_a_word_ends_the_launch(tiny_city: Path, tmp_path: Path, launch: Callable) -> None:
-    """Under mega-nerf-launch, rank 1 dies after its first image as kill -9 would, posting nothing: the launcher
-    stops rank 0 (which would otherwise wait out its 10-minute timeout) after its grace period, and ends with
-    one line naming rank 1 and its exit code."""
+@pytest.mark.parametrize(("kind", "code"), [("exit", 3), ("user", 2)])
+def test_a_failing_rank_ends_the_launch_named(kind: str, code: int, tiny_city: Path, tmp_path: Path,
+                                               launch: Callable) -> None:
+    """Under mega-nerf-launch, rank 1 fails after its first image: dying as kill -9 would (posting nothing; the
+    launcher stops rank 0, which would otherwise wait out its 10-minute timeout, after its grace period), or with
+    a one-line error (posted; rank 0 ends on it, maybe before rank 1 has exited). The launch ends with one line
+    naming rank 1 and its exit code."""
     options = base_args(tiny_city, tmp_path / "masks", "--no_progress", "--timeout_minutes", 10)
-    result = launch("partition", options, hook=(1, "exit", "1"), launcher="mega_nerf.cli.launch")
+    result = launch("partition", options, hook=(1, kind, "1"), launcher="mega_nerf.cli.launch")
     assert result.codes == [1]
-    assert re.fullmatch(r"error: .*stage_worker\.py failed: rank 1 failed first, with exit code 3 .*",
+    assert re.fullmatch(rf"error: .*stage_worker\.py failed: rank 1 failed first, with exit code {code} .*",
                         result.stderr[0].strip().splitlines()[-1])
     assert result.seconds < GRACE_S + KILL_S + 30
     assert not (tmp_path / "masks" / "partition.json").exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -108,11 +109,13 @@ class Ranks:
                 except ProcessLookupError:  # ended meanwhile
                     pass
 
-    def first_failure(self) -> Failure | None:
+    def first_failure(self, posted: int | None = None) -> Failure | None:
+        """The rank that failed first: `posted` (the rank whose error the store holds, when it failed) or the
+        first to end with an error."""
         failed = [(t, r) for r, t in self.ended.items() if self.processes[r].returncode != 0]
         if not failed:
             return None
-        rank = min(failed)[1]
+        rank = posted if posted in {r for _, r in failed} else min(failed)[1]
         return rank, self.processes[rank].returncode
 
     def stop(self, term_at: float | None, kill_at: float) -> None:
@@ -160,7 +163,7 @@ def launch_here(n: int, command: list[str]) -> Failure | None:
         from torch.distributed import TCPStore  # while the ranks import torch themselves
 
         # Held until every rank has ended; the ranks bound their own waits (--timeout_minutes).
-        store = TCPStore("127.0.0.1", sock.getsockname()[1], is_master=True, wait_for_workers=False,  # noqa: F841
+        store = TCPStore("127.0.0.1", sock.getsockname()[1], is_master=True, wait_for_workers=False,
                          master_listen_fd=sock.fileno(), timeout=datetime.timedelta(hours=1))
         while ranks.running() and not received and ranks.first_failure() is None:
             time.sleep(POLL_S)
@@ -176,7 +179,16 @@ def launch_here(n: int, command: list[str]) -> Failure | None:
     if received:
         signal.signal(received[0], signal.SIG_DFL)
         os.kill(os.getpid(), received[0])
-    return ranks.first_failure()
+    return ranks.first_failure(posted_rank(store))
+
+
+def posted_rank(store: object) -> int | None:
+    """The rank whose error our commands posted in the store first (mega_nerf.distributed: the failing rank
+    posts, its peers then end on that error, possibly before it has exited), or None."""
+    from mega_nerf.distributed import posted_failure
+
+    match = re.match(r"rank (\d+) failed", posted_failure(store) or "")
+    return int(match.group(1)) if match else None
 
 
 def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None]:
