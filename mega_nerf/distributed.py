@@ -33,7 +33,8 @@ import torch.distributed as dist
 from mega_nerf.errors import UserError
 
 T = TypeVar("T")
-FAILED = "failed"  # the store key holding the first failing rank's error
+FAILED = "failed"  # the store key holding the first failing rank's error, as FAILURE
+FAILURE = "rank {rank} failed: {what}"
 POLL_SECONDS = 0.02  # a wait looks at the store this often (a look is one round trip, ~0.1 ms)
 PATIENT_POLL_SECONDS = 1.0  # a patient wait (possibly hours, every rank) looks less often
 HEARTBEAT_SECONDS = 5.0  # a rank's heartbeat thread bumps its counter this often
@@ -88,10 +89,12 @@ def attempt_prefix(restart: str) -> str:
     return f"mega_nerf/{restart}/"
 
 
-def posted_failure(store: dist.Store, restart: str = "0") -> str | None:
-    """The first failure a rank posted in the launcher's `store` in that attempt ('rank r failed: ...'), or None."""
+def failed_rank(store: dist.Store, restart: str = "0") -> int | None:
+    """The rank whose failure was posted first (post_failure) in the launcher's `store` in that attempt, or None."""
     keys = dist.PrefixStore(attempt_prefix(restart), store)
-    return keys.get(FAILED).decode() if keys.check([FAILED]) else None
+    if not keys.check([FAILED]):
+        return None
+    return int(keys.get(FAILED).decode().split(" ", 2)[1])  # FAILURE: "rank {rank} failed: ..."
 
 
 def init_distributed(timeout_minutes: float = 10) -> DistInfo:
@@ -139,7 +142,7 @@ def post_failure(info: DistInfo, error: BaseException) -> None:
     if not isinstance(error, UserError):
         what = f"{type(error).__name__}: {what}"
     try:
-        info.store.compare_set(FAILED, "", f"rank {info.rank} failed: {what}")
+        info.store.compare_set(FAILED, "", FAILURE.format(rank=info.rank, what=what))
     except dist.DistError:
         pass  # the store is gone (its node with it): the others will time out instead
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -179,16 +178,10 @@ def launch_here(n: int, command: list[str]) -> Failure | None:
     if received:
         signal.signal(received[0], signal.SIG_DFL)
         os.kill(os.getpid(), received[0])
-    return ranks.first_failure(posted_rank(store))
+    # Our commands post the failing rank's error in the store; its peers end on it, maybe before it has exited.
+    from mega_nerf.distributed import failed_rank
 
-
-def posted_rank(store: object) -> int | None:
-    """The rank whose error our commands posted in the store first (mega_nerf.distributed: the failing rank
-    posts, its peers then end on that error, possibly before it has exited), or None."""
-    from mega_nerf.distributed import posted_failure
-
-    match = re.match(r"rank (\d+) failed", posted_failure(store) or "")
-    return int(match.group(1)) if match else None
+    return ranks.first_failure(failed_rank(store))
 
 
 def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None]:
