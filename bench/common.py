@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# The packages a stage's process imports from source files: what a normal install ships compiled.
+IMPORTED = ("torch", "numpy", "triton", "tqdm", "configargparse", "mega_nerf")
 
 
 def ensure_city(preset: str, work: Path) -> Path:
@@ -48,3 +52,22 @@ def append_results(path: Path, title: str, command: str, table: str) -> None:
     with open(path, "a") as f:
         f.write(block)
     print(block)
+
+
+def bytecode_env(cache: Path | None) -> dict[str, str]:
+    """The environment for timed child processes. With `cache`, bytecode is written and read under it
+    (PYTHONPYCACHEPREFIX, PYTHONDONTWRITEBYTECODE dropped) and compiled there first for IMPORTED, so start-up is
+    timed as on a normal install: pip writes bytecode, but the device machines set PYTHONDONTWRITEBYTECODE and
+    ship torch without it, so each of their processes compiles torch from source. None: the inherited
+    environment."""
+    environ = dict(os.environ)
+    if cache is None:
+        return environ
+    environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    environ["PYTHONPYCACHEPREFIX"] = str(cache.resolve())
+    roots = [str(Path(spec.origin).parent) for name in IMPORTED
+             if (spec := importlib.util.find_spec(name)) is not None and spec.origin is not None]
+    # A few files of a package may not compile (other Python versions' syntax in vendored tests): not checked.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *roots], env=environ,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    return environ

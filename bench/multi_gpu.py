@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_results, ensure_city  # noqa: E402
+from common import ROOT, append_results, bytecode_env, ensure_city  # noqa: E402
 
 PY = sys.executable
 GRID = ("2", "2")
@@ -41,16 +41,17 @@ QUIET = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSH
          "TQDM_DISABLE": "1"}
 
 
-def env(work: Path, **extra: str) -> dict[str, str]:
+def env(work: Path, bytecode_cache: Path | None, **extra: str) -> dict[str, str]:
     """The children's environment: the repository importable, `python` meaning this interpreter (parscript's
-    workers call `python`), multicast off."""
+    workers call `python`), multicast off, and bytecode as common.bytecode_env makes it."""
     shim = work / "bin"
     shim.mkdir(parents=True, exist_ok=True)
     if not (shim / "python").exists():  # a script, not a link: a link would lose a virtual environment
         (shim / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(PY)} "$@"\n')
         (shim / "python").chmod(0o755)
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return {**os.environ, **QUIET, "PYTHONPATH": path, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", **extra}
+    return {**bytecode_env(bytecode_cache), **QUIET, "PYTHONPATH": path,
+            "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", **extra}
 
 
 LAUNCHERS = ("torch.distributed.run", "mega_nerf.cli.launch")
@@ -248,10 +249,12 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=1000, help="training steps per cell")
     p.add_argument("--train_args", type=str, default="", help="further train.py options, e.g. for a CPU")
     p.add_argument("--launcher", default=LAUNCHERS[0], choices=LAUNCHERS, help="what starts the N ranks")
+    p.add_argument("--bytecode_cache", type=Path, default=None,
+                   help="time every command with bytecode compiled under this folder first (a normal install's)")
     p.add_argument("--results", type=Path, default=None)
     args = p.parse_args()
     args.work = args.work.resolve()
-    environ = env(args.work)
+    environ = env(args.work, args.bytecode_cache)
     blocks = [stage_floor(args, environ)] if "floor" in args.stages else []
     for preset in args.presets:
         data = ensure_city(preset, args.work)

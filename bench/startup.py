@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_results, cell_args, ensure_city, ensure_partition  # noqa: E402
+from common import ROOT, append_results, bytecode_env, cell_args, ensure_city, ensure_partition  # noqa: E402
 
 from mega_nerf.data.chunks import ChunkReader, _read_manifest, default_store_dir  # noqa: E402
 from mega_nerf.data.dataset import load_dataset  # noqa: E402
@@ -26,11 +26,12 @@ from mega_nerf.data.stream import RayStream  # noqa: E402
 from mega_nerf.partition.cells import load_params  # noqa: E402
 
 
-def train(argv: list[str], exp: Path) -> tuple[float, list[dict]]:
+def train(argv: list[str], exp: Path, environ: dict[str, str]) -> tuple[float, list[dict]]:
     """Run mega_nerf/train.py fresh; its wall time and log.jsonl lines."""
     shutil.rmtree(exp, ignore_errors=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "mega_nerf/train.py"), *argv], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "mega_nerf/train.py"), *argv], check=True, capture_output=True,
+                   env=environ)
     seconds = time.perf_counter() - start
     return seconds, [json.loads(line) for line in (exp / "log.jsonl").read_text().splitlines()]
 
@@ -65,8 +66,11 @@ def main() -> None:
     p.add_argument("--val_interval", type=int, default=250)
     p.add_argument("--batch_size", type=int, default=32768)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further training options")
+    p.add_argument("--bytecode_cache", type=Path, default=None,
+                   help="time start-up with bytecode compiled under this folder first (a normal install's)")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
+    environ = bytecode_env(args.bytecode_cache)
     data = ensure_city(args.preset, args.work)
     masks = ensure_partition(data, args.work, (2, 2))
     chunks = args.work / f"chunks-{args.cell}"
@@ -78,7 +82,7 @@ def main() -> None:
     for label in ("chunks written", "chunks present"):
         exp = args.work / f"startup-{label.split()[1]}"
         argv = cell_args(data, masks, args.work, args.cell, exp.name) + common
-        runs[label] = train(argv, exp)
+        runs[label] = train(argv, exp, environ)
     dataset = load_dataset(data)
     manifest = _read_manifest(chunks)
     store = default_store_dir([chunks]) / manifest.store
