@@ -371,6 +371,25 @@ def test_a_failed_launch_reads_as_lines_of_its_own(tmp_path: Path) -> None:
                         lines[-1])
 
 
+def test_a_failed_launch_under_torchrun_says_where_the_errors_went(tmp_path: Path) -> None:
+    """With torchrun's --redirects, the ranks' errors go to files: the launcher's line says where, not "above";
+    torchrun's banner about OMP_NUM_THREADS is our one-line note."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("OMP_NUM_THREADS", None)
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "mega_nerf.cli.launch", "--standalone", "--nproc_per_node", "2",
+               "--redirects", "3", "--log_dir", str(logs), str(SCRIPT), "--dataset_path", str(tmp_path / "absent"),
+               "--output", str(tmp_path / "masks"), "--grid_dim", "2", "2", "--ray_altitude_range", "-1", "1"]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    note, error = result.stderr.strip().splitlines()
+    assert note.startswith("note: OMP_NUM_THREADS=1 in every rank")
+    assert re.fullmatch(rf"error: .*create_cluster_masks\.py failed: rank [01] failed first, with exit code 2 "
+                        rf"\(its own error, if any, is in its stderr\.log under {re.escape(str(logs))}\)", error)
+    written = [p.read_text().strip().splitlines()[-1] for p in logs.rglob("stderr.log")]
+    assert written == [f"error: {tmp_path / 'absent'}: dataset directory not found"] * 2
+
+
 def test_a_failing_rank_ends_every_rank_with_its_error(tiny_city: Path, tmp_path: Path, launch: Callable) -> None:
     """Rank 1 fails after its first image; rank 0, with no launcher to stop it (as on another node), stops with
     rank 1's error, one line, long before the 10-minute timeout."""

@@ -32,6 +32,7 @@ KILL_S = 5.0  # then after SIGTERM, before SIGKILL
 SHUTDOWN_S = 30.0  # after a signal to the launcher is forwarded, before SIGKILL (torchrun's default)
 POLL_S = 0.05
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+ABOVE = "above"  # where a failing rank's own error is, when the ranks write to this console
 Failure = tuple[int, int]  # (rank, exit code; negative: the signal that ended it)
 
 
@@ -70,15 +71,13 @@ def one_machine(argv: list[str]) -> tuple[int, list[str]] | None:
 
 
 def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
-    """The environment torchrun gives a rank of a one-machine job whose store the launcher hosts."""
-    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+    """The environment torchrun gives a rank of a one-machine job whose store the launcher hosts (OMP_NUM_THREADS:
+    one_thread_per_rank)."""
+    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
            "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default",
            "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0",
            "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": f"mega-nerf-{port}"}
-    if world_size > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks must not each take every core
-    return env
 
 
 class Ranks:
@@ -184,9 +183,17 @@ def launch_here(n: int, command: list[str]) -> Failure | None:
     return ranks.first_failure(failed_rank(store))
 
 
-def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None]:
+def one_thread_per_rank(n: int) -> None:
+    """OMP_NUM_THREADS=1 for n > 1 ranks unless it is set, as torchrun does, with one line instead of its banner."""
+    if "OMP_NUM_THREADS" not in os.environ and n > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        print("note: OMP_NUM_THREADS=1 in every rank, as torchrun sets it; set it to give a rank more CPU threads",
+              file=sys.stderr)
+
+
+def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None, str]:
     """torchrun with `argv`, its agent's logging quietened: (its script, the first failing rank and exit code or
-    None)."""
+    None, where the ranks' errors went)."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -201,12 +208,16 @@ def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None]:
     for name in list(logging.Logger.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    if args.nproc_per_node.isdigit():  # "gpu", "auto": torchrun counts them, and prints its own banner
+        one_thread_per_rank(int(args.nproc_per_node))
+    # --redirects sends the ranks' output to files only (--tee: to the console too).
+    where = ABOVE if args.redirects == "0" else f"in its stderr.log under {args.log_dir or 'a temporary folder'}"
     try:
         run(args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        return args.training_script, (rank, failure.exitcode)
-    return args.training_script, None
+        return args.training_script, (rank, failure.exitcode), where
+    return args.training_script, None, where
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,16 +226,14 @@ def main(argv: list[str] | None = None) -> None:
     here = one_machine(argv)
     if here is not None:
         n, command = here
-        if "OMP_NUM_THREADS" not in os.environ and n > 1:
-            print("note: OMP_NUM_THREADS=1 in every rank, as torchrun sets it; set it to give a rank more CPU "
-                  "threads", file=sys.stderr)
-        script, failure = command[0], launch_here(n, command)
+        one_thread_per_rank(n)
+        script, failure, where = command[0], launch_here(n, command), ABOVE
     else:
-        script, failure = launch_torchrun(argv)
+        script, failure, where = launch_torchrun(argv)
     if failure is not None:
         rank, code = failure
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        print(f"error: {script} failed: rank {rank} failed first, with {how} (its own error, if any, is above)",
+        print(f"error: {script} failed: rank {rank} failed first, with {how} (its own error, if any, is {where})",
               file=sys.stderr)
         sys.exit(1)
 
