@@ -207,7 +207,7 @@ def stage_eval(args: argparse.Namespace, preset: str, data: Path, environ: dict[
             seconds, result = timed([*launcher(args, n), "mega_nerf/eval.py", *eval_options(data, merged, out)],
                                     environ)
             times[n].append(seconds)
-            rank0[n] = next((line for line in result.stdout.splitlines() if line.startswith("rank 0:")), "")
+            rank0[n] = "; ".join(line for line in result.stdout.splitlines() if line.startswith(("rank 0:", "eval:")))
     one, many = (args.work / f"{preset}-eval-n{n}" for n in times)
     same_metrics = json.loads((one / "metrics.json").read_text()) == json.loads((many / "metrics.json").read_text())
     same_png = digests(one, "*.png") == digests(many, "*.png")

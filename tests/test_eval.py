@@ -97,6 +97,7 @@ def pipeline(tiny_city: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(config, root / "single-0", 4 * STEPS)
     result = run_eval(config, root / "eval", root / "merged.pt")
     assert result.returncode == 0, result.stderr
+    check_time_line(result.stdout, 1)
     return root
 
 
@@ -153,8 +154,20 @@ def test_two_process_eval_gives_the_same_metrics(pipeline: Path, tiny_city: Path
     # its half, and where its time went
     assert re.search(r"rank 0: 4 images, 12,288 rays in [\d.]+ s \([\d,]+ rays/s; render [\d.]+ s; on 2 threads "
                      r"beside it: score [\d.]+ s, write [\d.]+ s", result.stdout)
+    check_time_line(result.stdout, 2)
     for png in (pipeline / "eval" / "rgb").iterdir():
         assert png.read_bytes() == (pipeline / "eval2" / "rgb" / png.name).read_bytes()
+
+
+def check_time_line(stdout: str, ranks: int) -> None:
+    """Rank 0's line of where the time went: its parts, in order, add up to its total."""
+    line = next(x for x in stdout.splitlines() if x.startswith("eval: "))
+    on = " on rank 0" if ranks > 1 else ""
+    total, parts = re.fullmatch(rf"eval: ([\d.]+) s{on}: (.*)", line).groups()
+    seconds = dict(re.findall(r"([a-z -]+) ([\d.]+) s(?: \([^)]*\))?(?:, |$)", parts))
+    assert list(seconds) == ["start-up", "ranks", "container and dataset", "images", "gather and report"]
+    assert sum(map(float, seconds.values())) == pytest.approx(float(total), abs=0.03)
+    assert f"images {seconds['images']} s ({4 if ranks > 1 else 8} on this rank)" in line
 
 
 def copy_dataset(tiny_city: Path, dst: Path) -> Path:

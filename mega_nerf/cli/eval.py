@@ -9,6 +9,7 @@ from pathlib import Path
 import configargparse
 
 from mega_nerf.cli.options import base_parser, config_from_args, record_options
+from mega_nerf.clock import PartsClock, process_start
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.evaluation.evaluate import EvalConfig, evaluate
@@ -52,9 +53,13 @@ def config_from_argv(argv: list[str]) -> EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Evaluate as the options say; rank 0 prints where the time went since its process started (from the call
+    when /proc is missing)."""
+    clock = PartsClock(process_start())
+    clock.mark("start-up")  # the interpreter and the imports
     config = eval_config(eval_parser().parse_args(argv))
     with locked({"--exp_name": [config.exp_name]}):
-        evaluate(config, on_ready=lambda: record_options(config, Path(config.exp_name)))
+        evaluate(config, on_ready=lambda: record_options(config, Path(config.exp_name)), clock=clock)
 
 
 def console() -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mega_nerf.clock import PartsClock
 from mega_nerf.data.dataset import MEGA_NERF, STRICT, Dataset, ImageMetadata, dataset_fingerprint, load_dataset
 from mega_nerf.distributed import DistInfo, check_failures, distributed_job, gather_objects, shard, single_host
 from mega_nerf.errors import UserError
@@ -57,7 +58,7 @@ TABLE_ROWS = 20  # beyond this many images the table lists the worst ones (metri
 ImageHook = Callable[[int], None]
 # Seconds of a rank's loop: render (the loop's own), score and write (on the worker threads), wait (the loop's, for
 # the workers). Renders and scores share the GPU's stream, so each may include waiting for the other's kernels.
-Clock = dict[str, float]
+LoopClock = dict[str, float]
 PICTURES = ("rgb", "depth", "compare")  # the folders of an image's PNGs (score_and_write)
 WORKERS = 2  # threads scoring and writing rendered images while the next ones render
 PENDING_PIXELS = 1 << 25  # rendered pixels waiting for the workers at most: about 0.7 GB of float32 on the device
@@ -211,7 +212,7 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.device, clock: Clock) -> str:
+def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.device, clock: LoopClock) -> str:
     """Rank 0's own share: images, rays per second (rendering, scoring and writing included), where the time
     went, peak GPU memory."""
     rays = sum(meta.H * meta.W for meta in images)
@@ -223,45 +224,52 @@ def throughput_line(images: list[ImageMetadata], seconds: float, device: torch.d
     return line
 
 
-def evaluate(config: EvalConfig, on_image: ImageHook | None = None,
-             on_ready: Callable[[], None] | None = None) -> dict[str, Any] | None:
+def evaluate(config: EvalConfig, on_image: ImageHook | None = None, on_ready: Callable[[], None] | None = None,
+             clock: PartsClock | None = None) -> dict[str, Any] | None:
     """Run the evaluation on this rank's share of the val images. Returns the report on rank 0, else None.
     `on_image` is called with the number of images this rank has rendered after each one (tests stop a rank
     with it); `on_ready`, on rank 0, once the container, dataset and protocol have passed their checks (the
-    command saves its options then, so a refused run leaves the saved ones alone)."""
+    command saves its options then, so a refused run leaves the saved ones alone). Rank 0 prints where the run's
+    time went (`clock`: its parts so far, e.g. the command's start-up)."""
+    clock = PartsClock() if clock is None else clock
     with distributed_job(config.timeout_minutes) as info:
+        clock.mark("ranks")
         job = prepare(config, info.device)
         if on_ready is not None and info.is_main:
             on_ready()
         if single_host(info):  # temp names carry a PID, not a host: another machine's live rank could look dead
             for folder in PICTURES:
                 remove_temp_files(job.output / folder)  # what killed runs left mid-write
+        clock.mark("container and dataset")
         mine = shard(job.images, info)
         bar = tqdm(mine, desc="eval", unit="image", disable=not info.is_main or not config.progress)
-        clock: Clock = {"render": 0.0, "score": 0.0, "write": 0.0, "wait": 0.0}
+        loop: LoopClock = {"render": 0.0, "score": 0.0, "write": 0.0, "wait": 0.0}
         start = time.perf_counter()
         workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="eval-worker", initializer=_use_device,
                                      initargs=(job.device,))
         try:
             with torch.no_grad():
-                results = _evaluate_share(job, bar, info, clock, workers, on_image)
+                results = _evaluate_share(job, bar, info, loop, workers, on_image)
         except BaseException:
             workers.shutdown(wait=False, cancel_futures=True)  # the failure is posted now, not after queued work
             raise
         workers.shutdown()
         seconds = time.perf_counter() - start
+        clock.mark("images", f"{len(mine)} on this rank")
         gathered = gather_objects(results, info)
         if gathered is None:
             return None
         report = summarise([r for rank in gathered for r in rank], config, job.info.val_embeddings_only)
         write_json(job.output / "metrics.json", report)
+        clock.mark("gather and report")
         print(format_table(report))
-        print(throughput_line(mine, seconds, info.device, clock))
+        print(throughput_line(mine, seconds, info.device, loop))
+        print(clock.summary("eval: {total} on rank 0" if info.world_size > 1 else "eval: {total}"))
         print(f"wrote {job.output / 'metrics.json'}")
         return report
 
 
-def _evaluate_share(job: EvalJob, images: Iterable[ImageMetadata], info: DistInfo, clock: Clock,
+def _evaluate_share(job: EvalJob, images: Iterable[ImageMetadata], info: DistInfo, clock: LoopClock,
                     workers: ThreadPoolExecutor, on_image: ImageHook | None) -> list[dict[str, Any]]:
     """Render `images` in turn while `workers` score and write the ones before. Rendered images wait for them up
     to PENDING_PIXELS (mega_nerf.ordered), so the renders are held back only then: by a slow disk, or by the
@@ -290,7 +298,7 @@ def _use_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def _finish(work: Future, clock: Clock) -> dict[str, Any]:
+def _finish(work: Future, clock: LoopClock) -> dict[str, Any]:
     """An image's result once scored and written (its error raised here); the wait and the work counted."""
     start = time.perf_counter()
     result, scoring, writing = work.result()
