@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# The packages a stage's process imports from source files: what a normal install ships compiled.
-IMPORTED = ("torch", "numpy", "triton", "tqdm", "configargparse", "mega_nerf")
 
 
 def ensure_city(preset: str, work: Path) -> Path:
@@ -56,18 +54,23 @@ def append_results(path: Path, title: str, command: str, table: str) -> None:
 
 def bytecode_env(cache: Path | None) -> dict[str, str]:
     """The environment for timed child processes. With `cache`, bytecode is written and read under it
-    (PYTHONPYCACHEPREFIX, PYTHONDONTWRITEBYTECODE dropped) and compiled there first for IMPORTED, so start-up is
-    timed as on a normal install: pip writes bytecode, but the device machines set PYTHONDONTWRITEBYTECODE and
-    ship torch without it, so each of their processes compiles torch from source. None: the inherited
-    environment."""
+    (PYTHONPYCACHEPREFIX, PYTHONDONTWRITEBYTECODE dropped), compiled there first for the standard library, the
+    installed packages and the repository, so start-up is timed as on a normal install: pip writes bytecode, but
+    the device machines set PYTHONDONTWRITEBYTECODE and ship torch without it, so each of their processes compiles
+    torch from source. None: the inherited environment."""
     environ = dict(os.environ)
     if cache is None:
         return environ
     environ.pop("PYTHONDONTWRITEBYTECODE", None)
     environ["PYTHONPYCACHEPREFIX"] = str(cache.resolve())
-    roots = [str(Path(spec.origin).parent) for name in IMPORTED
-             if (spec := importlib.util.find_spec(name)) is not None and spec.origin is not None]
-    # A few files of a package may not compile (other Python versions' syntax in vendored tests): not checked.
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *roots], env=environ,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    paths = sysconfig.get_paths()
+    roots = {paths["stdlib"], paths["purelib"], paths["platlib"], str(ROOT),
+             *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))}
+    # Some files never compile (other Python versions' syntax in vendored tests): compileall's status is not used;
+    # torch's own bytecode is checked instead. Timestamps, not hashes: SOURCE_DATE_EPOCH would choose hashes.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "timestamp",
+                    *sorted(roots)], env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    package = Path(torch.__file__).resolve().parent  # under a prefix: <prefix>/<source folder>/<name>.<tag>.pyc
+    if not any((cache.resolve() / package.relative_to(package.anchor)).glob("__init__.*.pyc")):
+        raise SystemExit(f"--bytecode_cache {cache}: torch's bytecode was not written there")
     return environ

@@ -371,23 +371,35 @@ def test_a_failed_launch_reads_as_lines_of_its_own(tmp_path: Path) -> None:
                         lines[-1])
 
 
-def test_a_failed_launch_under_torchrun_says_where_the_errors_went(tmp_path: Path) -> None:
-    """With torchrun's --redirects, the ranks' errors go to files: the launcher's line says where, not "above";
-    torchrun's banner about OMP_NUM_THREADS is our one-line note."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+@pytest.mark.parametrize("output", ["redirected", "redirected, no --log_dir", "stdout only redirected", "teed"])
+def test_a_failed_launch_under_torchrun_says_where_the_errors_went(output: str, tmp_path: Path) -> None:
+    """Under torchrun, the launcher's last line says where the failing rank's error is: "above" where it reached
+    this console, else its stderr.log (a file that holds it). torchrun's OMP_NUM_THREADS banner is our one-line
+    note."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
     env.pop("OMP_NUM_THREADS", None)
     logs = tmp_path / "logs"
-    command = [sys.executable, "-m", "mega_nerf.cli.launch", "--standalone", "--nproc_per_node", "2",
-               "--redirects", "3", "--log_dir", str(logs), str(SCRIPT), "--dataset_path", str(tmp_path / "absent"),
-               "--output", str(tmp_path / "masks"), "--grid_dim", "2", "2", "--ray_altitude_range", "-1", "1"]
+    options = {"redirected": ["--redirects", "3", "--log_dir", str(logs)], "redirected, no --log_dir": ["-r", "3"],
+               "stdout only redirected": ["--redirects", "1"], "teed": ["--redirects", "3", "--tee", "2"]}[output]
+    command = [sys.executable, "-m", "mega_nerf.cli.launch", "--standalone", "--nproc_per_node", "2", *options,
+               str(SCRIPT), "--dataset_path", str(tmp_path / "absent"), "--output", str(tmp_path / "masks"),
+               "--grid_dim", "2", "2", "--ray_altitude_range", "-1", "1"]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    note, error = result.stderr.strip().splitlines()
-    assert note.startswith("note: OMP_NUM_THREADS=1 in every rank")
-    assert re.fullmatch(rf"error: .*create_cluster_masks\.py failed: rank [01] failed first, with exit code 2 "
-                        rf"\(its own error, if any, is in its stderr\.log under {re.escape(str(logs))}\)", error)
-    written = [p.read_text().strip().splitlines()[-1] for p in logs.rglob("stderr.log")]
-    assert written == [f"error: {tmp_path / 'absent'}: dataset directory not found"] * 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("note: OMP_NUM_THREADS=1 in every rank") and not any("*****" in x for x in lines)
+    where = re.fullmatch(r"error: .*create_cluster_masks\.py failed: rank ([01]) failed first, with exit code 2 "
+                         r"\(its own error, if any, is (.*)\)", lines[-1])
+    assert where is not None, result.stderr
+    rank_error = f"error: {tmp_path / 'absent'}: dataset directory not found"
+    if output in ("redirected", "redirected, no --log_dir"):
+        log = Path(where[2].removeprefix("in "))
+        assert log.parent.name == where[1] and log.name == "stderr.log"
+        assert log.is_relative_to(logs if output == "redirected" else tmp_path)
+        assert log.read_text().strip().splitlines()[-1] == rank_error
+        assert not any(x.endswith(rank_error) for x in lines)
+    else:  # teed lines carry torchrun's prefix, "[default0]:"
+        assert where[2] == "above" and any(x.endswith(rank_error) for x in lines)
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error(tiny_city: Path, tmp_path: Path, launch: Callable) -> None:

@@ -7,8 +7,8 @@ end a failure in one line.
 
 One machine (`--standalone --nproc_per_node N`, no other option, no torchrun PET_* variable): the ranks start at
 once, each in a session of its own, and this process imports torch and hosts their key-value store while they
-start, instead of first importing torch and running torchrun's rendezvous (torchrun's 2 ranks started 5.3 s later
-than one plain process on an H200 machine; what this saves there is not measured yet). Anything else: torchrun
+start, instead of first importing torch and running torchrun's rendezvous (on 2 H200s, 2 no-op ranks took 4.4 s
+against torchrun's 8.5 s, bench/RESULTS.md, eleventh session). Anything else: torchrun
 itself runs the launch. Either way, when a rank fails our commands print its error in one line (`error: ...`) and
 end every rank; this ends with one more line naming the rank that failed first and its exit code, and exit code 1,
 where torchrun prints its launcher's traceback and a block per rank.
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from mega_nerf.errors import run_cli
 
@@ -193,11 +194,12 @@ def one_thread_per_rank(n: int) -> None:
 
 def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None, str]:
     """torchrun with `argv`, its agent's logging quietened: (its script, the first failing rank and exit code or
-    None, where the ranks' errors went)."""
+    None, where that rank's error went: stderr_destination)."""
     import logging
+    import tempfile
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.run import determine_local_world_size, get_args_parser, run
 
     from mega_nerf.cli.options import HelpFormatter
 
@@ -208,16 +210,34 @@ def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None, str]:
     for name in list(logging.Logger.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    if args.nproc_per_node.isdigit():  # "gpu", "auto": torchrun counts them, and prints its own banner
-        one_thread_per_rank(int(args.nproc_per_node))
-    # --redirects sends the ranks' output to files only (--tee: to the console too).
-    where = ABOVE if args.redirects == "0" else f"in its stderr.log under {args.log_dir or 'a temporary folder'}"
+    nprocs = determine_local_world_size(args.nproc_per_node)
+    one_thread_per_rank(nprocs)
+    if args.log_dir is None:  # what torchrun would make, named here so that the last line can say where it is
+        args.log_dir = tempfile.mkdtemp(prefix="torchelastic_")
     try:
         run(args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        return args.training_script, (rank, failure.exitcode), where
-    return args.training_script, None, where
+        return args.training_script, (rank, failure.exitcode), stderr_destination(args, failure.local_rank, nprocs)
+    return args.training_script, None, ABOVE
+
+
+def stderr_destination(args: argparse.Namespace, local_rank: int, nprocs: int) -> str:
+    """Where torchrun sent a local rank's stderr under its --redirects, --tee, --local_ranks_filter and --log_dir:
+    ABOVE (this console), its stderr.log, or nowhere."""
+    from torch.distributed.elastic.multiprocessing.api import Std, to_map
+
+    if args.log_dir == os.devnull:  # torchrun then leaves every rank's output on the console
+        return ABOVE
+    tee = to_map(Std.from_str(args.tee), nprocs)[local_rank] & Std.ERR
+    to_file = (to_map(Std.from_str(args.redirects), nprocs)[local_rank] & Std.ERR) or tee
+    shown = not args.local_ranks_filter or local_rank in {int(r) for r in args.local_ranks_filter.split(",")}
+    if shown and (tee or not to_file):
+        return ABOVE
+    if to_file:
+        logs = sorted(Path(args.log_dir).glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda f: f.stat().st_mtime)
+        return f"in {logs[-1] if logs else Path(args.log_dir, '*', 'attempt_*', str(local_rank), 'stderr.log')}"
+    return "not kept (--local_ranks_filter)"
 
 
 def main(argv: list[str] | None = None) -> None:
