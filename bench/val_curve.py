@@ -54,6 +54,17 @@ def nearest_train_appearance(trainer: Trainer) -> torch.Tensor:
     return index
 
 
+def embedding_move(trainer: Trainer, before: torch.Tensor) -> tuple[float, float]:
+    """How far the val and the train images' appearance embeddings moved since `before` (a copy of the table): the
+    root mean square change per dimension of each. An embedding fitted to half an image that keeps moving while
+    the field has settled is the drift that lowers its right half's PSNR (bench/RESULTS.md, ninth and eleventh
+    sessions)."""
+    change = (trainer.field.appearance.weight.detach() - before).square().mean(1)
+    is_val = torch.zeros(len(change), dtype=torch.bool, device=change.device)
+    is_val[[m.index for m in trainer.dataset.val]] = True
+    return float(change[is_val].mean().sqrt()), float(change[~is_val].mean().sqrt())
+
+
 def region_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> dict[str, tuple[float, float]]:
     """Where the error of a pixel sample lies, by where the trained field puts each pixel's surface: inside the
     foreground box, beyond it (the contracted far world), or nowhere (opacity under 1/2: the sky). Per region:
@@ -70,24 +81,26 @@ def region_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> dict[str,
 
 
 def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, resume: bool = False,
-        on_point: Callable[[list], None] | None = None) -> dict:
-    """Train to each of `steps` and score there, handing the curve so far to `on_point` after each point. With
-    `resume`, a variant continues from the checkpoint and curve it saved at its last point (a curve longer than one
-    device call takes: rerun the same command)."""
+        on_point: Callable[[dict], None] | None = None) -> dict:
+    """Train to each of `steps` and score there, handing the curve so far (and the embeddings' moves,
+    embedding_move) to `on_point` after each point. With `resume`, a variant continues from the checkpoint and
+    curve it saved at its last point (a curve longer than one device call takes: rerun the same command)."""
     trainer = Trainer(config_from_argv(base))
     stream = trainer.prepare_data()
     sample = val_pixels(trainer, sample_count)
     fitted = val_pixels(trainer, sample_count, trained=True)
     neighbour = nearest_train_appearance(trainer)
     progress = trainer.exp_dir / "curve.json"
-    curve, trained, done, shaded = [], 0.0, 0, 0
+    curve, moves, trained, done, shaded = [], [], 0.0, 0, 0
     if resume and progress.is_file() and trainer.resume(stream) is not None:
         saved = json.loads(progress.read_text())
         curve, trained, shaded = [tuple(point) for point in saved["curve"]], saved["trained"], saved["shaded"]
+        moves = [tuple(move) for move in saved.get("embedding_moves", [])]
         done = trainer.step
         print(f"resumed at step {done} ({trained:.1f} s)", flush=True)
         if on_point is not None:  # --json_out holds the curve so far even if nothing more is trained
-            on_point(curve)
+            on_point({"curve": curve, "embedding_moves": moves})
+    table = trainer.field.appearance.weight.detach().clone()
     for target in (s for s in steps if s > done):
         sync()
         start = time.perf_counter()
@@ -99,20 +112,23 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
         trained += time.perf_counter() - start
         curve.append((done, round(trained, 1), round(val_psnr(trainer, sample), 3),
                       round(val_psnr(trainer, sample, neighbour), 3), round(val_psnr(trainer, fitted), 3)))
+        moves.append((done, *(round(m, 5) for m in embedding_move(trainer, table))))
+        table = trainer.field.appearance.weight.detach().clone()
         print(f"step {done} ({trained:.1f} s): val PSNR {curve[-1][2]:.2f} dB, with the nearest train image's "
-              f"appearance {curve[-1][3]:.2f} dB; trained pixels {curve[-1][4]:.2f} dB", flush=True)
+              f"appearance {curve[-1][3]:.2f} dB; trained pixels {curve[-1][4]:.2f} dB; embeddings moved "
+              f"{moves[-1][1]:.4f} (val), {moves[-1][2]:.4f} (train) since the last point", flush=True)
         if on_point is not None:
-            on_point(curve)
+            on_point({"curve": curve, "embedding_moves": moves})
         if resume:
             trainer.save(stream)
-            write_json(progress, {"curve": curve, "trained": trained, "shaded": shaded})
+            write_json(progress, {"curve": curve, "embedding_moves": moves, "trained": trained, "shaded": shaded})
     regions = {"held-out": region_psnr(trainer, sample), "fitted": region_psnr(trainer, fitted)}
     for name, split in regions.items():
         print(f"{name} pixels at step {done}: " + ", ".join(f"{r} {share:.0%} {psnr:.2f} dB"
                                                            for r, (share, psnr) in split.items() if share),
               flush=True)
     batch = trainer.config.batch_size
-    return {"curve": curve, "regions": regions, "rays_per_s": done * batch / trained,
+    return {"curve": curve, "embedding_moves": moves, "regions": regions, "rays_per_s": done * batch / trained,
             "samples_per_ray": shaded / (len(range(0, done, 50)) * batch),
             "bounds_ratio": bounds_ratio(trainer, dataset),
             "box": [trainer.field.box_min.tolist(), trainer.field.box_max.tolist()]}
@@ -198,7 +214,7 @@ def main() -> None:
         base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *shlex.split(options)]
         print(f"== {name}: {options}", flush=True)
         results[name] = run(base, args.steps, args.val_rays, dataset, args.resume,
-                            lambda curve, name=name: save({**results, name: {"curve": curve}}))
+                            lambda point, name=name: save({**results, name: point}))
         save(results)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     text = table(results)
