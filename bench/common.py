@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE = ("mega_nerf", "scripts", "bench", "tests")  # the repository's Python folders
 
 
 def ensure_city(preset: str, work: Path) -> Path:
@@ -64,7 +65,7 @@ def bytecode_env(cache: Path | None) -> dict[str, str]:
     environ.pop("PYTHONDONTWRITEBYTECODE", None)
     environ["PYTHONPYCACHEPREFIX"] = str(cache.resolve())
     paths = sysconfig.get_paths()
-    roots = {paths["stdlib"], paths["purelib"], paths["platlib"], str(ROOT),
+    roots = {paths["stdlib"], paths["purelib"], paths["platlib"], *(str(ROOT / d) for d in CODE),
              *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))}
     # Some files never compile (other Python versions' syntax in vendored tests): compileall's status is not used;
     # torch's own bytecode is checked instead. Timestamps, not hashes: SOURCE_DATE_EPOCH would choose hashes.

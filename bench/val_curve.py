@@ -54,15 +54,20 @@ def nearest_train_appearance(trainer: Trainer) -> torch.Tensor:
     return index
 
 
-def embedding_move(trainer: Trainer, before: torch.Tensor) -> tuple[float, float]:
+def embedding_move(trainer: Trainer, before: torch.Tensor) -> tuple[float | None, float | None]:
     """How far the val and the train images' appearance embeddings moved since `before` (a copy of the table): the
-    root mean square change per dimension of each. An embedding fitted to half an image that keeps moving while
-    the field has settled is the drift that lowers its right half's PSNR (bench/RESULTS.md, ninth and eleventh
+    root mean square change per dimension of each group's rows that moved (the rows of images with no ray in the
+    cell never do); None for a group with none. An embedding fitted to half an image that keeps moving while the
+    field has settled is the drift that lowers its right half's PSNR (bench/RESULTS.md, ninth and eleventh
     sessions)."""
-    change = (trainer.field.appearance.weight.detach() - before).square().mean(1)
+    change = (trainer.field.appearance.weight.detach() - before).square().sum(1)  # (I,) per row
     is_val = torch.zeros(len(change), dtype=torch.bool, device=change.device)
     is_val[[m.index for m in trainer.dataset.val]] = True
-    return float(change[is_val].mean().sqrt()), float(change[~is_val].mean().sqrt())
+
+    def rms(rows: torch.Tensor) -> float | None:
+        rows = rows & (change > 0)
+        return float((change[rows].mean() / before.shape[1]).sqrt()) if rows.any() else None
+    return rms(is_val), rms(~is_val)
 
 
 def region_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> dict[str, tuple[float, float]]:
@@ -112,11 +117,12 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
         trained += time.perf_counter() - start
         curve.append((done, round(trained, 1), round(val_psnr(trainer, sample), 3),
                       round(val_psnr(trainer, sample, neighbour), 3), round(val_psnr(trainer, fitted), 3)))
-        moves.append((done, *(round(m, 5) for m in embedding_move(trainer, table))))
+        moves.append((done, *(None if m is None else round(m, 5) for m in embedding_move(trainer, table))))
         table = trainer.field.appearance.weight.detach().clone()
+        val_move, train_move = ("n/a" if m is None else f"{m:.4f}" for m in moves[-1][1:])
         print(f"step {done} ({trained:.1f} s): val PSNR {curve[-1][2]:.2f} dB, with the nearest train image's "
               f"appearance {curve[-1][3]:.2f} dB; trained pixels {curve[-1][4]:.2f} dB; embeddings moved "
-              f"{moves[-1][1]:.4f} (val), {moves[-1][2]:.4f} (train) since the last point", flush=True)
+              f"{val_move} (val), {train_move} (train) since the last point", flush=True)
         if on_point is not None:
             on_point({"curve": curve, "embedding_moves": moves})
         if resume:

@@ -379,6 +379,11 @@ def test_a_failed_launch_under_torchrun_says_where_the_errors_went(output: str, 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
     env.pop("OMP_NUM_THREADS", None)
     logs = tmp_path / "logs"
+    for rank in "01":  # another run's log folder, written later than this one's: not the one to name
+        decoy = logs / "other-run_1a2b3c4d" / "attempt_0" / rank / "stderr.log"
+        decoy.parent.mkdir(parents=True)
+        decoy.write_text("another run\n")
+        os.utime(decoy, (time.time() + 1000,) * 2)
     options = {"redirected": ["--redirects", "3", "--log_dir", str(logs)], "redirected, no --log_dir": ["-r", "3"],
                "stdout only redirected": ["--redirects", "1"], "teed": ["--redirects", "3", "--tee", "2"]}[output]
     command = [sys.executable, "-m", "mega_nerf.cli.launch", "--standalone", "--nproc_per_node", "2", *options,
@@ -400,6 +405,19 @@ def test_a_failed_launch_under_torchrun_says_where_the_errors_went(output: str, 
         assert not any(x.endswith(rank_error) for x in lines)
     else:  # teed lines carry torchrun's prefix, "[default0]:"
         assert where[2] == "above" and any(x.endswith(rank_error) for x in lines)
+
+
+@pytest.mark.parametrize(("option", "value"), [("--redirects", "5"), ("--tee", "0:9"),
+                                               ("--local_ranks_filter", "a"), ("--nproc_per_node", "many")])
+def test_a_bad_torchrun_option_is_one_line(option: str, value: str, tmp_path: Path) -> None:
+    """torchrun's options that it would refuse with a traceback: one line naming the option, exit code 2, and no
+    log folder left behind."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-m", "mega_nerf.cli.launch", "--nproc_per_node", "2", option, value, str(SCRIPT)]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {option} {value}: "), result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error(tiny_city: Path, tmp_path: Path, launch: Callable) -> None:

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from mega_nerf.errors import run_cli
+from mega_nerf.errors import UserError, run_cli
 
 GRACE_S = 10.0  # after a rank fails, how long the others may take to stop on their own (they see its error)
 KILL_S = 5.0  # then after SIGTERM, before SIGKILL
@@ -199,7 +199,7 @@ def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None, str]:
     import tempfile
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import determine_local_world_size, get_args_parser, run
+    from torch.distributed.run import get_args_parser, run
 
     from mega_nerf.cli.options import HelpFormatter
 
@@ -210,21 +210,46 @@ def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None, str]:
     for name in list(logging.Logger.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    nprocs = determine_local_world_size(args.nproc_per_node)
+    nprocs = checked_local_ranks(args)
     one_thread_per_rank(nprocs)
-    if args.log_dir is None:  # what torchrun would make, named here so that the last line can say where it is
+    if not args.log_dir:  # what torchrun would make, named here so that the last line can say where it is
         args.log_dir = tempfile.mkdtemp(prefix="torchelastic_")
+    earlier = set(Path(args.log_dir).glob("*"))  # a --log_dir may hold other runs' folders
     try:
-        run(args)
+        run(args)  # names this run's folder under --log_dir <args.rdzv_id>_<random>
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        return args.training_script, (rank, failure.exitcode), stderr_destination(args, failure.local_rank, nprocs)
+        ours = [d for d in Path(args.log_dir).glob(f"{args.rdzv_id}_*") if d not in earlier]
+        return args.training_script, (rank, failure.exitcode), stderr_destination(args, failure.local_rank, nprocs,
+                                                                                   ours)
     return args.training_script, None, ABOVE
 
 
-def stderr_destination(args: argparse.Namespace, local_rank: int, nprocs: int) -> str:
-    """Where torchrun sent a local rank's stderr under its --redirects, --tee, --local_ranks_filter and --log_dir:
-    ABOVE (this console), its stderr.log, or nowhere."""
+def checked_local_ranks(args: argparse.Namespace) -> int:
+    """The ranks torchrun starts on this machine, once the options it would refuse with a traceback are checked
+    (UserError naming the option)."""
+    from torch.distributed.elastic.multiprocessing.api import Std
+    from torch.distributed.run import determine_local_world_size
+
+    try:
+        nprocs = determine_local_world_size(args.nproc_per_node)
+    except ValueError as e:
+        raise UserError(f"--nproc_per_node {args.nproc_per_node}: {e}") from None
+    for option, value in (("--redirects", args.redirects), ("--tee", args.tee)):
+        try:
+            Std.from_str(value)
+        except ValueError:
+            raise UserError(f"{option} {value}: expected 0, 1, 2 or 3 (none, stdout, stderr, both), or one per "
+                            "local rank as in 0:3,1:0") from None
+    if args.local_ranks_filter and not all(r.strip().isdigit() for r in args.local_ranks_filter.split(",")):
+        raise UserError(f"--local_ranks_filter {args.local_ranks_filter}: expected local ranks, as in 0,1")
+    return nprocs
+
+
+def stderr_destination(args: argparse.Namespace, local_rank: int, nprocs: int, run_dirs: list[Path]) -> str:
+    """Where torchrun (its default log layout) sent a local rank's stderr under its --redirects, --tee,
+    --local_ranks_filter and --log_dir: ABOVE (this console), its stderr.log in this run's folders `run_dirs`
+    (the last attempt's), or nowhere."""
     from torch.distributed.elastic.multiprocessing.api import Std, to_map
 
     if args.log_dir == os.devnull:  # torchrun then leaves every rank's output on the console
@@ -235,8 +260,9 @@ def stderr_destination(args: argparse.Namespace, local_rank: int, nprocs: int) -
     if shown and (tee or not to_file):
         return ABOVE
     if to_file:
-        logs = sorted(Path(args.log_dir).glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda f: f.stat().st_mtime)
-        return f"in {logs[-1] if logs else Path(args.log_dir, '*', 'attempt_*', str(local_rank), 'stderr.log')}"
+        logs = [f for d in run_dirs for f in d.glob(f"attempt_*/{local_rank}/stderr.log")]
+        last = max(logs, key=lambda f: int(f.parent.parent.name.removeprefix("attempt_")), default=None)
+        return f"in {last or Path(args.log_dir, '*', 'attempt_*', str(local_rank), 'stderr.log')}"
     return "not kept (--local_ranks_filter)"
 
 

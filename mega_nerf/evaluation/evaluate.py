@@ -257,11 +257,13 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None, on_ready: Ca
         seconds = time.perf_counter() - start
         clock.mark("images", f"{len(mine)} on this rank")
         gathered = gather_objects(results, info)
+        if info.world_size > 1:
+            clock.mark("waiting for the other ranks")  # the results are small: gathering them is waiting
         if gathered is None:
             return None
         report = summarise([r for rank in gathered for r in rank], config, job.info.val_embeddings_only)
         write_json(job.output / "metrics.json", report)
-        clock.mark("gather and report")
+        clock.mark("report")
         print(format_table(report))
         print(throughput_line(mine, seconds, info.device, loop))
         print(clock.summary("eval: {total} on rank 0" if info.world_size > 1 else "eval: {total}"))
