@@ -407,6 +407,25 @@ def test_a_failed_launch_under_torchrun_says_where_the_errors_went(output: str, 
         assert where[2] == "above" and any(x.endswith(rank_error) for x in lines)
 
 
+@pytest.mark.parametrize("path", ["one machine", "torchrun"])
+@pytest.mark.parametrize("given", [None, "3"])
+def test_ranks_get_one_thread_unless_told(path: str, given: str | None, tmp_path: Path) -> None:
+    """Every rank runs with OMP_NUM_THREADS=1 (torchrun's rule for several ranks), or with the user's value."""
+    script = tmp_path / "threads.py"
+    script.write_text("import os\nprint(os.environ.get('OMP_NUM_THREADS'))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
+    env.pop("OMP_NUM_THREADS", None)
+    if given is not None:
+        env["OMP_NUM_THREADS"] = given
+    torchrun = ["--max_restarts", "0"] if path == "torchrun" else []  # any other option goes to torchrun
+    command = [sys.executable, "-m", "mega_nerf.cli.launch", "--standalone", "--nproc_per_node", "2", *torchrun,
+               str(script)]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [given or "1"] * 2
+    assert ("note: OMP_NUM_THREADS=1 in every rank" in result.stderr) == (given is None)
+
+
 @pytest.mark.parametrize(("option", "value"), [("--redirects", "5"), ("--tee", "0:9"),
                                                ("--local_ranks_filter", "a"), ("--nproc_per_node", "many")])
 def test_a_bad_torchrun_option_is_one_line(option: str, value: str, tmp_path: Path) -> None:
