@@ -113,17 +113,20 @@ def masks_of(args: argparse.Namespace, preset: str) -> Path:
 
 def stage_partition(args: argparse.Namespace, preset: str, data: Path, environ: dict[str, str]) -> str:
     times: dict[int, list[float]] = {1: [], args.n: []}
+    lines: dict[int, str] = {}  # the last run's line of where rank 0's time went
     for _ in range(args.repeats):
         for n in times:
             out = fresh(args.work / f"{preset}-partition-n{n}")
-            seconds, _ = timed([*launcher(args, n), "scripts/create_cluster_masks.py",
-                                *partition_options(data, out, args.ray_samples)], environ)
+            seconds, result = timed([*launcher(args, n), "scripts/create_cluster_masks.py",
+                                     *partition_options(data, out, args.ray_samples)], environ)
             times[n].append(seconds)
+            lines[n] = next((x for x in result.stdout.splitlines() if x.startswith("partition: ")), "")
     one, many = (args.work / f"{preset}-partition-n{n}" for n in times)
     same = digests(one) == digests(many)
     if not (masks_of(args, preset) / "params.pt").exists():
         shutil.copytree(one, fresh(masks_of(args, preset)))
-    return speedup_row(f"partition, {preset}", min(times[1]), min(times[args.n]), same)
+    row = speedup_row(f"partition, {preset}", min(times[1]), min(times[args.n]), same)
+    return row + "\n" + "\n".join(f"|   {n} rank(s): {line} | | | | |" for n, line in lines.items())
 
 
 def train_options(args: argparse.Namespace) -> list[str]:
