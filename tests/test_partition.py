@@ -411,8 +411,9 @@ def test_a_failed_launch_under_torchrun_says_where_the_errors_went(output: str, 
 @pytest.mark.parametrize("given", [None, "3"])
 def test_ranks_get_one_thread_unless_told(path: str, given: str | None, tmp_path: Path) -> None:
     """Every rank runs with OMP_NUM_THREADS=1 (torchrun's rule for several ranks), or with the user's value."""
-    script = tmp_path / "threads.py"
-    script.write_text("import os\nprint(os.environ.get('OMP_NUM_THREADS'))\n")
+    script = tmp_path / "threads.py"  # a file per rank: two ranks' prints to one console can interleave
+    script.write_text("import os, pathlib\npathlib.Path(__file__).with_name(os.environ['RANK']).write_text("
+                      "str(os.environ.get('OMP_NUM_THREADS')))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
     env.pop("OMP_NUM_THREADS", None)
     if given is not None:
@@ -422,7 +423,7 @@ def test_ranks_get_one_thread_unless_told(path: str, given: str | None, tmp_path
                str(script)]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [given or "1"] * 2
+    assert [(tmp_path / rank).read_text() for rank in "01"] == [given or "1"] * 2
     assert ("note: OMP_NUM_THREADS=1 in every rank" in result.stderr) == (given is None)
 
 
