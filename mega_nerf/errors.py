@@ -17,5 +17,7 @@ def run_cli(main: Callable[[], T]) -> T:
     try:
         return main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One write: under `python -u` (every rank under mega-nerf-launch) print() writes the newline apart, and
+        # two ranks' lines could interleave on a shared console.
+        sys.stderr.write(f"error: {e}\n")
         sys.exit(2)

@@ -261,3 +261,25 @@ def test_a_grid_far_too_fine_for_the_scene_is_warned_about(tiny_city: Path) -> N
     # the exact rule (no --ray_samples): 2K + 2 points per ray, 122,880 pixels
     assert partition_cli.work_warning(dataset, (2, 2), None) is None
     assert "2.5e+13 point-centroid distances" in partition_cli.work_warning(dataset, (100, 100), None)
+
+
+def test_a_user_error_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_cli writes the error line with its newline in one write, so that ranks sharing an unbuffered console
+    (python -u) cannot interleave their lines."""
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    def bad() -> None:
+        raise UserError("--grid_dim: expected two numbers")
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(bad)
+    assert exit_info.value.code == 2
+    assert writes == ["error: --grid_dim: expected two numbers\n"]
