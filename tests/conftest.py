@@ -8,6 +8,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,6 +70,18 @@ class Ranks:
 
     def last_error_lines(self) -> list[str]:
         return [err.strip().splitlines()[-1] if err.strip() else "" for err in self.stderr]
+
+
+def time_line(stdout: str, command: str, ranks: int) -> tuple[str, float, dict[str, float]]:
+    """A command's line of where its time went (mega_nerf.clock.PartsClock.summary; rank 0's under several ranks):
+    the line, its total and its parts in order, checked to add up to the total."""
+    line = next(x for x in stdout.splitlines() if x.startswith(f"{command}: "))
+    on = " on rank 0" if ranks > 1 else ""
+    total, parts = re.fullmatch(rf"{command}: ([\d.]+) s{on}: (.*)", line).groups()
+    seconds = {name: float(value) for name, value in re.findall(r"([a-z -]+) ([\d.]+) s(?: \([^)]*\))?(?:, |$)",
+                                                                 parts)}
+    assert sum(seconds.values()) == pytest.approx(float(total), abs=0.03)
+    return line, float(total), seconds
 
 
 def _worker_env() -> dict[str, str]:
