@@ -55,12 +55,14 @@ def ray_samples(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: t
         return uniform_samples(near, far, config.samples, perturb, generator)
     split = torch.minimum(split, far).clamp_min(near)
     _, fg_starts, fg_ends = uniform_samples(near, split, config.samples, False)
-    s = torch.linspace(0.0, 1.0, config.bg_samples + 1, device=near.device)
+    s = torch.arange(config.bg_samples + 1, device=near.device) / config.bg_samples
     inv_split, inv_far = 1 / split.clamp_min(1e-6)[:, None], 1 / far.clamp_min(1e-6)[:, None]
-    edges = 1 / (inv_split * (1 - s) + inv_far * s)  # (R, bg + 1) from split to far
-    # Exactly split and far at the ends, and never decreasing, despite rounding (split = far gives empty ones).
+    # (R, bg + 1) from split to far. Never decreasing despite rounding, with no scan to enforce it: s rises, the
+    # span inv_split - inv_far is one number >= 0 per ray, and correctly rounded products, differences and
+    # reciprocals are monotone in each argument. (A scan over these short rows took 6 % of a frame.)
+    edges = 1 / (inv_split - (inv_split - inv_far).clamp_min(0) * s)
+    # Exactly split and far at the ends (split = far gives empty intervals); clamping keeps the order.
     edges = torch.cat([split[:, None], edges[:, 1:-1], far[:, None]], -1).clamp(split[:, None], far[:, None])
-    edges = edges.cummax(-1).values
     starts = torch.cat([fg_starts, edges[:, :-1]], -1)
     ends = torch.cat([fg_ends, edges[:, 1:]], -1)
     return _place(starts, ends, perturb, generator), starts, ends

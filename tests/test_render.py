@@ -129,6 +129,31 @@ def test_uniform_samples_stay_in_their_intervals():
     assert torch.allclose(starts[:, 0], near) and torch.allclose(ends[:, -1], far)
 
 
+def test_background_intervals_never_reverse_and_follow_disparity():
+    """Beyond the foreground, intervals are evenly spaced in 1 / t and never of negative length, with no scan to
+    enforce the order: on splits within an ulp or a few of far, equal to it, or far away, every end is at least its
+    start, exactly, and every edge is within float32 rounding of its float64 value."""
+    class Exit(Slab):
+        def foreground_exit(self, origins, directions):
+            return split
+
+    generator = torch.Generator().manual_seed(0)
+    far = torch.exp(torch.rand(30000, generator=generator) * 8)  # 1 to 3000
+    ulps = torch.randint(0, 4, (30000,), generator=generator).float()
+    split = torch.where(torch.arange(30000) % 2 == 0, far - ulps * torch.finfo(torch.float32).eps * far,
+                        far * torch.rand(30000, generator=generator))
+    origins, dirs = torch.zeros(30000, 3), torch.tensor([[1.0, 0.0, 0.0]]).expand(30000, 3)
+    near = torch.zeros(30000)
+    config = RenderConfig(samples=4, bg_samples=64, perturb=False)
+    _, starts, ends = render.ray_samples(Exit(1.0, 0.0, 1.0), origins, dirs, near, far, config, perturb=False)
+    assert (ends >= starts).all() and torch.equal(starts[:, 1:], ends[:, :-1])
+    assert torch.equal(starts[:, 4], split.clamp_min(0)) and torch.equal(ends[:, -1], far)
+    s = torch.arange(65, dtype=torch.float64) / 64
+    inv_split, inv_far = 1 / split.double()[:, None], 1 / far.double()[:, None]
+    exact = 1 / (inv_split * (1 - s) + inv_far * s)
+    torch.testing.assert_close(torch.cat([starts[:, 4:], ends[:, -1:]], 1).double(), exact, rtol=1e-5, atol=0)
+
+
 def test_early_termination_equals_full_rendering_and_skips_occluded_samples():
     config = RenderConfig(samples=256, perturb=False)
     rays = rays_along_x(6)
