@@ -220,3 +220,26 @@ def test_affine_appearance_transforms_the_colour_before_its_sigmoid(kind: str) -
         _, rgb = field(x, d, image)
     expected = torch.sigmoid(torch.logit(identity.double()) @ A.double().T + b.double())
     torch.testing.assert_close(rgb.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> None:
+    """prepare_in_background hashes Triton's installation (its cache key) on a daemon thread, and does nothing
+    where the kernels are switched off or Triton is absent (a stand-in module plays Triton here)."""
+    import sys
+    import threading
+    from types import ModuleType
+
+    calls: list[str] = []
+    cache = ModuleType("triton.runtime.cache")
+    cache.triton_key = lambda: calls.append(threading.current_thread().name) or "key"
+    for name in ("triton", "triton.runtime"):
+        monkeypatch.setitem(sys.modules, name, ModuleType(name))
+    monkeypatch.setitem(sys.modules, "triton.runtime.cache", cache)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert kernels.prepare_in_background() is None and calls == []
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    thread = kernels.prepare_in_background()
+    thread.join(5)
+    assert thread.daemon and calls == ["triton-prepare"]
+    monkeypatch.setitem(sys.modules, "triton.runtime.cache", None)  # no such module: an import error
+    assert kernels.prepare_in_background() is None

@@ -23,7 +23,7 @@ from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerpri
 from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
-from mega_nerf.fields import build_field, config_differences
+from mega_nerf.fields import build_field, config_differences, kernels
 from mega_nerf.fields.encoding import SH_DEGREE
 from mega_nerf.io import save_torch_atomic
 from mega_nerf.partition.cells import check_cell_masks
@@ -86,6 +86,7 @@ class Trainer:
         self.config, self.on_step, self.on_ready = config, on_step, on_ready
         self.device = torch.device(config.device)  # resolved by TrainConfig
         if self.device.type == "cuda":
+            kernels.prepare_in_background()  # overlaps the set-up below
             torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it
             torch.cuda.synchronize(self.device)
         self.clock.mark("device init")

@@ -4,6 +4,33 @@
 False and the references run, to rule the kernels out when an image looks wrong or a run crashes on the GPU. The
 variable is read once, when this package is imported (`ENABLED`).
 """
+import contextlib
 import os
+import threading
+from collections.abc import Callable
 
 ENABLED = os.environ.get("MEGA_NERF_NO_TRITON", "") != "1"
+
+
+def prepare_in_background() -> threading.Thread | None:
+    """Start, on a daemon thread, the one-time work that Triton does at a process's first kernel launch whatever
+    the kernel: hashing its own installation into its cache key (memoised per process) and importing the compiler
+    modules that specialisation asks for. With warm caches these were 0.36 s and 0.11 s of a 1.5 s first training
+    step on an H200 machine (bench/RESULTS.md, twelfth session); begun before the dataset and the model are set
+    up, they overlap that work (hashing and reading release the GIL). None where the kernels are off or Triton is
+    absent or lacks that key."""
+    if not ENABLED:
+        return None
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        return None
+    thread = threading.Thread(target=_prepare, args=(triton_key,), name="triton-prepare", daemon=True)
+    thread.start()
+    return thread
+
+
+def _prepare(triton_key: Callable[[], str]) -> None:
+    triton_key()
+    with contextlib.suppress(ImportError):
+        import triton.experimental.gluon  # noqa: F401
