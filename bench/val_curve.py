@@ -70,6 +70,19 @@ def embedding_move(trainer: Trainer, before: torch.Tensor) -> tuple[float | None
     return rms(is_val), rms(~is_val)
 
 
+def ema_psnr(trainer: Trainer, ema: torch.Tensor, sample: tuple[torch.Tensor, ...]) -> float:
+    """val_psnr with the appearance table swapped for `ema` (a running average of it), then restored bit for bit:
+    whether averaging the embeddings over recent steps removes the val embeddings' drift."""
+    weight = trainer.field.appearance.weight
+    with torch.no_grad():
+        kept = weight.detach().clone()
+        weight.copy_(ema)
+        try:
+            return val_psnr(trainer, sample)
+        finally:
+            weight.copy_(kept)
+
+
 def region_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> dict[str, tuple[float, float]]:
     """Where the error of a pixel sample lies, by where the trained field puts each pixel's surface: inside the
     foreground box, beyond it (the contracted far world), or nowhere (opacity under 1/2: the sky). Per region:
@@ -86,10 +99,12 @@ def region_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> dict[str,
 
 
 def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, resume: bool = False,
-        on_point: Callable[[dict], None] | None = None) -> dict:
+        on_point: Callable[[dict], None] | None = None, ema_decay: float | None = None) -> dict:
     """Train to each of `steps` and score there, handing the curve so far (and the embeddings' moves,
     embedding_move) to `on_point` after each point. With `resume`, a variant continues from the checkpoint and
-    curve it saved at its last point (a curve longer than one device call takes: rerun the same command)."""
+    curve it saved at its last point (a curve longer than one device call takes: rerun the same command). With
+    `ema_decay`, a running average of the appearance table (updated after every step, started at the first) is
+    scored too (`ema_psnr`); it is not saved for --resume, so a resumed run restarts the average."""
     trainer = Trainer(config_from_argv(base))
     stream = trainer.prepare_data()
     sample = val_pixels(trainer, sample_count)
@@ -106,11 +121,14 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
         if on_point is not None:  # --json_out holds the curve so far even if nothing more is trained
             on_point({"curve": curve, "embedding_moves": moves})
     table = trainer.field.appearance.weight.detach().clone()
+    ema, averaged = table.clone(), []
     for target in (s for s in steps if s > done):
         sync()
         start = time.perf_counter()
         while done < target:
             trainer.train_step(stream)
+            if ema_decay is not None:
+                ema.lerp_(trainer.field.appearance.weight.detach(), 1 - ema_decay)
             shaded += int(trainer.last_samples) if done % 50 == 0 else 0
             done += 1
         sync()
@@ -119,12 +137,14 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
                       round(val_psnr(trainer, sample, neighbour), 3), round(val_psnr(trainer, fitted), 3)))
         moves.append((done, *(None if m is None else round(m, 5) for m in embedding_move(trainer, table))))
         table = trainer.field.appearance.weight.detach().clone()
+        averaged += [] if ema_decay is None else [(done, round(ema_psnr(trainer, ema, sample), 3))]
         val_move, train_move = ("n/a" if m is None else f"{m:.4f}" for m in moves[-1][1:])
         print(f"step {done} ({trained:.1f} s): val PSNR {curve[-1][2]:.2f} dB, with the nearest train image's "
               f"appearance {curve[-1][3]:.2f} dB; trained pixels {curve[-1][4]:.2f} dB; embeddings moved "
-              f"{val_move} (val), {train_move} (train) since the last point", flush=True)
+              f"{val_move} (val), {train_move} (train) since the last point"
+              + (f"; with the averaged embeddings {averaged[-1][1]:.2f} dB" if averaged else ""), flush=True)
         if on_point is not None:
-            on_point({"curve": curve, "embedding_moves": moves})
+            on_point({"curve": curve, "embedding_moves": moves, "ema_psnr": averaged})
         if resume:
             trainer.save(stream)
             write_json(progress, {"curve": curve, "embedding_moves": moves, "trained": trained, "shaded": shaded})
@@ -134,7 +154,8 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
                                                            for r, (share, psnr) in split.items() if share),
               flush=True)
     batch = trainer.config.batch_size
-    return {"curve": curve, "embedding_moves": moves, "regions": regions, "rays_per_s": done * batch / trained,
+    return {"curve": curve, "embedding_moves": moves, "ema_psnr": averaged, "regions": regions,
+            "rays_per_s": done * batch / trained,
             "samples_per_ray": shaded / (len(range(0, done, 50)) * batch),
             "bounds_ratio": bounds_ratio(trainer, dataset),
             "box": [trainer.field.box_min.tolist(), trainer.field.box_max.tolist()]}
@@ -196,6 +217,8 @@ def main() -> None:
                    help="steps of an untimed run first, so that no variant's times include kernel compilation")
     p.add_argument("--resume", action="store_true",
                    help="save a checkpoint at each point and continue from it when rerun (curves longer than a call)")
+    p.add_argument("--embedding_ema", type=float, default=None, metavar="DECAY",
+                   help="also score val PSNR with a running average of the appearance embeddings (e.g. 0.999)")
     p.add_argument("--json_out", type=Path, default=None)
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
@@ -220,7 +243,7 @@ def main() -> None:
         base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *shlex.split(options)]
         print(f"== {name}: {options}", flush=True)
         results[name] = run(base, args.steps, args.val_rays, dataset, args.resume,
-                            lambda point, name=name: save({**results, name: point}))
+                            lambda point, name=name: save({**results, name: point}), args.embedding_ema)
         save(results)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     text = table(results)

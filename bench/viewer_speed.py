@@ -86,6 +86,33 @@ def preview_psnr(scene: Scene, view: View) -> float:
     return psnr(preview.clamp(0, 1), full.clamp(0, 1))
 
 
+def profile_rest(scene: Scene, view: View) -> None:
+    """Print where one full frame of `view` goes: render (one band), compose and encode timed apart, then the
+    render again under torch.profiler, its top operations by GPU time."""
+    rows = render_rows(scene, view, view.width, view.height, (0, view.height))  # warm-up
+    sync()
+    start = time.perf_counter()
+    rows = render_rows(scene, view, view.width, view.height, (0, view.height))
+    rendered = time.perf_counter()
+    image = compose(rows, "rgb")
+    composed = time.perf_counter()
+    encode(image, True)
+    encoded = time.perf_counter()
+    print(f"one full frame at rest: render {rendered - start:.3f} s, compose {composed - rendered:.3f} s, encode "
+          f"{encoded - composed:.3f} s", flush=True)
+    if not torch.cuda.is_available():
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        render_rows(scene, view, view.width, view.height, (0, view.height))
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    print(events.table(sort_by="self_device_time_total", row_limit=25))
+    print(f"profiled full frame: GPU busy {busy:.3f} s of {wall:.3f} s wall (profiler overhead included)", flush=True)
+
+
 def moving_loop(scene: Scene, path: list[View], seconds: float) -> tuple[float, float]:
     """(frames shown per second, mean preview pixels) of a RenderLoop whose camera moves at 60 Hz along `path`
     for `seconds` (the loop sizes its previews; a frame counts once encoded)."""
@@ -110,15 +137,22 @@ def moving_loop(scene: Scene, path: list[View], seconds: float) -> tuple[float, 
 
 
 def at_rest(scene: Scene, moves: list[View], rests: list[View]) -> list[float]:
-    """Seconds to each rest view's encoded full frame after a few moves (the loop's own speed estimate)."""
+    """Seconds to each rest view's encoded full frame after a few moves (the loop's own speed estimate); prints
+    where each one's seconds went: its preview shown, its full frame rendered (bands) and composed, encoded."""
     done = threading.Event()
     seconds: list[float] = []
+    preview = 0.0
 
     def show(image: np.ndarray, shown: Shown) -> None:
+        nonlocal preview
         start = time.perf_counter()
         encode(image, shown.final)
-        if shown.final and shown.width == rests[0].width:
+        if not shown.final:
+            preview = shown.seconds + time.perf_counter() - start
+        elif shown.width == rests[0].width:
             seconds.append(shown.seconds + time.perf_counter() - start)
+            print(f"at rest: preview shown at {preview:.3f} s, full frame rendered and composed at "
+                  f"{shown.seconds:.3f} s, encoded at {seconds[-1]:.3f} s", flush=True)
             done.set()
 
     loop = RenderLoop(scene, show)
@@ -188,6 +222,7 @@ def main() -> None:
     p.add_argument("--loop_seconds", type=float, default=10, help="the render loop timed on a moving camera")
     p.add_argument("--train_seconds", type=float, default=120, help="training timed, half with renders")
     p.add_argument("--block_seconds", type=float, default=10)
+    p.add_argument("--profile_rest", action="store_true", help="where a full frame at rest goes (first pose)")
     p.add_argument("--extra", default="", help="further training options (e.g. smoke tests on a CPU)")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
@@ -201,6 +236,8 @@ def main() -> None:
     rests = views(dataset, info.altitude_range, max(args.frames, 3), *args.rest_size)
     loop_fps, preview_pixels = moving_loop(scene, rests, args.loop_seconds)
     rest = at_rest(scene, path[:5], rests[:3])
+    if args.profile_rest:
+        profile_rest(scene, rests[0])
     print(f"moving {fps:.1f} fps with previews' settings ({full_fps:.1f} with full frames', preview {fit:.1f} dB "
           f"against full); the loop on a moving {args.rest_size} canvas {loop_fps:.1f} fps, previews of "
           f"{preview_pixels:,.0f} pixels; at rest {', '.join(f'{s:.2f}' for s in rest)} s", flush=True)
