@@ -132,7 +132,7 @@ def test_uniform_samples_stay_in_their_intervals():
 def test_background_intervals_never_reverse_and_follow_disparity():
     """Beyond the foreground, intervals are evenly spaced in 1 / t and never of negative length, with no scan to
     enforce the order: on splits within an ulp or a few of far, equal to it, or far away, every end is at least its
-    start, exactly, and every edge is within float32 rounding of its float64 value."""
+    start, exactly, and every edge is within a few float32 roundings of its float64 value, at 64 and 256 samples."""
     class Exit(Slab):
         def foreground_exit(self, origins, directions):
             return split
@@ -144,14 +144,16 @@ def test_background_intervals_never_reverse_and_follow_disparity():
                         far * torch.rand(30000, generator=generator))
     origins, dirs = torch.zeros(30000, 3), torch.tensor([[1.0, 0.0, 0.0]]).expand(30000, 3)
     near = torch.zeros(30000)
-    config = RenderConfig(samples=4, bg_samples=64, perturb=False)
-    _, starts, ends = render.ray_samples(Exit(1.0, 0.0, 1.0), origins, dirs, near, far, config, perturb=False)
-    assert (ends >= starts).all() and torch.equal(starts[:, 1:], ends[:, :-1])
-    assert torch.equal(starts[:, 4], split.clamp_min(0)) and torch.equal(ends[:, -1], far)
-    s = torch.arange(65, dtype=torch.float64) / 64
-    inv_split, inv_far = 1 / split.double()[:, None], 1 / far.double()[:, None]
-    exact = 1 / (inv_split * (1 - s) + inv_far * s)
-    torch.testing.assert_close(torch.cat([starts[:, 4:], ends[:, -1:]], 1).double(), exact, rtol=1e-5, atol=0)
+    for n in (64, 256):
+        config = RenderConfig(samples=4, bg_samples=n, perturb=False)
+        _, starts, ends = render.ray_samples(Exit(1.0, 0.0, 1.0), origins, dirs, near, far, config, perturb=False)
+        assert (ends >= starts).all() and torch.equal(starts[:, 1:], ends[:, :-1])
+        assert torch.equal(starts[:, 4], split.clamp_min(0)) and torch.equal(ends[:, -1], far)
+        s = torch.arange(n + 1, dtype=torch.float64) / n
+        inv_split, inv_far = 1 / split.double()[:, None], 1 / far.double()[:, None]
+        exact = 1 / (inv_split * (1 - s) + inv_far * s)
+        edges = torch.cat([starts[:, 4:], ends[:, -1:]], 1).double()
+        torch.testing.assert_close(edges, exact, rtol=1e-6, atol=0)  # measured 2e-7 (a difference: 1.5e-5 at 256)
 
 
 def test_early_termination_equals_full_rendering_and_skips_occluded_samples():
