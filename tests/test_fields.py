@@ -223,8 +223,9 @@ def test_affine_appearance_transforms_the_colour_before_its_sigmoid(kind: str) -
 
 
 def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> None:
-    """prepare_in_background hashes Triton's installation (its cache key) on a daemon thread, and does nothing
-    where the kernels are switched off or Triton is absent (a stand-in module plays Triton here)."""
+    """prepare_in_background hashes Triton's installation (its cache key) on a daemon thread, quietly whatever
+    that raises, and does nothing where the kernels are switched off or Triton is absent (a stand-in module plays
+    Triton here)."""
     import sys
     import threading
     from types import ModuleType
@@ -235,11 +236,18 @@ def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> 
     for name in ("triton", "triton.runtime"):
         monkeypatch.setitem(sys.modules, name, ModuleType(name))
     monkeypatch.setitem(sys.modules, "triton.runtime.cache", cache)
+    monkeypatch.setitem(sys.modules, "triton.experimental.gluon", None)  # never the real one, where installed
     monkeypatch.setattr(kernels, "ENABLED", False)
     assert kernels.prepare_in_background() is None and calls == []
     monkeypatch.setattr(kernels, "ENABLED", True)
     thread = kernels.prepare_in_background()
     thread.join(5)
     assert thread.daemon and calls == ["triton-prepare"]
-    monkeypatch.setitem(sys.modules, "triton.runtime.cache", None)  # no such module: an import error
+    failures: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    cache.triton_key = lambda: 1 / 0
+    kernels.prepare_in_background().join(5)
+    assert failures == []  # no traceback on the trainer's console
+    for name in ("triton.runtime.cache", "triton.compiler.compiler"):  # neither place has it: an import error
+        monkeypatch.setitem(sys.modules, name, None)
     assert kernels.prepare_in_background() is None

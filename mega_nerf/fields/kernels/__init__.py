@@ -17,20 +17,24 @@ def prepare_in_background() -> threading.Thread | None:
     the kernel: hashing its own installation into its cache key (memoised per process) and importing the compiler
     modules that specialisation asks for. With warm caches these were 0.36 s and 0.11 s of a 1.5 s first training
     step on an H200 machine (bench/RESULTS.md, twelfth session); begun before the dataset and the model are set
-    up, they overlap that work (hashing and reading release the GIL). None where the kernels are off or Triton is
-    absent or lacks that key."""
+    up, they overlap that work (the hashing and its file reads release the GIL; the imports hold it). None where
+    the kernels are off or Triton is absent or lacks that key."""
     if not ENABLED:
         return None
     try:
         from triton.runtime.cache import triton_key
     except ImportError:
-        return None
+        try:  # where Triton 3.2 and older keep it
+            from triton.compiler.compiler import triton_key
+        except ImportError:
+            return None
     thread = threading.Thread(target=_prepare, args=(triton_key,), name="triton-prepare", daemon=True)
     thread.start()
     return thread
 
 
 def _prepare(triton_key: Callable[[], str]) -> None:
-    triton_key()
-    with contextlib.suppress(ImportError):
+    """Only a head start: any failure here is left for the first kernel launch to meet and report."""
+    with contextlib.suppress(Exception):
+        triton_key()
         import triton.experimental.gluon  # noqa: F401
