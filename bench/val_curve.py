@@ -104,24 +104,26 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
     embedding_move) to `on_point` after each point. With `resume`, a variant continues from the checkpoint and
     curve it saved at its last point (a curve longer than one device call takes: rerun the same command). With
     `ema_decay`, a running average of the appearance table (updated after every step, started at the first) is
-    scored too (`ema_psnr`); it is not saved for --resume, so a resumed run restarts the average."""
+    scored too (`ema_psnr`); its scores are kept for --resume, the table itself is not: a resumed run restarts the
+    average from the checkpoint's table."""
     trainer = Trainer(config_from_argv(base))
     stream = trainer.prepare_data()
     sample = val_pixels(trainer, sample_count)
     fitted = val_pixels(trainer, sample_count, trained=True)
     neighbour = nearest_train_appearance(trainer)
     progress = trainer.exp_dir / "curve.json"
-    curve, moves, trained, done, shaded = [], [], 0.0, 0, 0
+    curve, moves, averaged, trained, done, shaded = [], [], [], 0.0, 0, 0
     if resume and progress.is_file() and trainer.resume(stream) is not None:
         saved = json.loads(progress.read_text())
         curve, trained, shaded = [tuple(point) for point in saved["curve"]], saved["trained"], saved["shaded"]
         moves = [tuple(move) for move in saved.get("embedding_moves", [])]
+        averaged = [tuple(point) for point in saved.get("ema_psnr", [])]
         done = trainer.step
         print(f"resumed at step {done} ({trained:.1f} s)", flush=True)
         if on_point is not None:  # --json_out holds the curve so far even if nothing more is trained
-            on_point({"curve": curve, "embedding_moves": moves})
+            on_point({"curve": curve, "embedding_moves": moves, "ema_psnr": averaged})
     table = trainer.field.appearance.weight.detach().clone()
-    ema, averaged = table.clone(), []
+    ema = table.clone()
     for target in (s for s in steps if s > done):
         sync()
         start = time.perf_counter()
@@ -142,12 +144,14 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
         print(f"step {done} ({trained:.1f} s): val PSNR {curve[-1][2]:.2f} dB, with the nearest train image's "
               f"appearance {curve[-1][3]:.2f} dB; trained pixels {curve[-1][4]:.2f} dB; embeddings moved "
               f"{val_move} (val), {train_move} (train) since the last point"
-              + (f"; with the averaged embeddings {averaged[-1][1]:.2f} dB" if averaged else ""), flush=True)
+              + (f"; with the averaged embeddings {averaged[-1][1]:.2f} dB" if ema_decay is not None else ""),
+              flush=True)
         if on_point is not None:
             on_point({"curve": curve, "embedding_moves": moves, "ema_psnr": averaged})
         if resume:
             trainer.save(stream)
-            write_json(progress, {"curve": curve, "embedding_moves": moves, "trained": trained, "shaded": shaded})
+            write_json(progress, {"curve": curve, "embedding_moves": moves, "ema_psnr": averaged, "trained": trained,
+                                  "shaded": shaded})
     regions = {"held-out": region_psnr(trainer, sample), "fitted": region_psnr(trainer, fitted)}
     for name, split in regions.items():
         print(f"{name} pixels at step {done}: " + ", ".join(f"{r} {share:.0%} {psnr:.2f} dB"
@@ -200,6 +204,14 @@ def variant(text: str) -> tuple[str, str]:
     return name, options
 
 
+def decay(text: str) -> float:
+    """--embedding_ema's DECAY: a number in [0, 1) (the average keeps that share of itself at every step)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1), got {text}")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="oblique")
@@ -217,7 +229,7 @@ def main() -> None:
                    help="steps of an untimed run first, so that no variant's times include kernel compilation")
     p.add_argument("--resume", action="store_true",
                    help="save a checkpoint at each point and continue from it when rerun (curves longer than a call)")
-    p.add_argument("--embedding_ema", type=float, default=None, metavar="DECAY",
+    p.add_argument("--embedding_ema", type=decay, default=None, metavar="DECAY",
                    help="also score val PSNR with a running average of the appearance embeddings (e.g. 0.999)")
     p.add_argument("--json_out", type=Path, default=None)
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))

@@ -141,18 +141,19 @@ def at_rest(scene: Scene, moves: list[View], rests: list[View]) -> list[float]:
     where each one's seconds went: its preview shown, its full frame rendered (bands) and composed, encoded."""
     done = threading.Event()
     seconds: list[float] = []
-    preview = 0.0
+    preview: float | None = None  # the rest view's preview, once shown
 
     def show(image: np.ndarray, shown: Shown) -> None:
         nonlocal preview
         start = time.perf_counter()
         encode(image, shown.final)
-        if not shown.final:
+        if not shown.final and shown.view is rest:
             preview = shown.seconds + time.perf_counter() - start
-        elif shown.width == rests[0].width:
+        elif shown.final and shown.view is rest:
             seconds.append(shown.seconds + time.perf_counter() - start)
-            print(f"at rest: preview shown at {preview:.3f} s, full frame rendered and composed at "
-                  f"{shown.seconds:.3f} s, encoded at {seconds[-1]:.3f} s", flush=True)
+            when = "none" if preview is None else f"shown at {preview:.3f} s"
+            print(f"at rest: preview {when}, full frame rendered and composed at {shown.seconds:.3f} s, encoded at "
+                  f"{seconds[-1]:.3f} s", flush=True)
             done.set()
 
     loop = RenderLoop(scene, show)
@@ -162,6 +163,7 @@ def at_rest(scene: Scene, moves: list[View], rests: list[View]) -> list[float]:
                 loop.submit(view)
                 time.sleep(0.1)
             done.clear()
+            preview = None
             loop.submit(rest)
             done.wait()
     finally:
