@@ -34,6 +34,7 @@ from mega_nerf.distributed import DistInfo, check_failures, distributed_job, gat
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.lpips import LPIPS, LPIPS_IMPLEMENTATION, load_lpips_nets
 from mega_nerf.evaluation.metrics import SSIM_IMPLEMENTATION, SSIM_WINDOW, image_metrics
+from mega_nerf.fields import kernels
 from mega_nerf.imaging import colorize_depth, render_image, to_uint8
 from mega_nerf.io import remove_temp_files, write_json, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
@@ -234,6 +235,8 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None, on_ready: Ca
     clock = PartsClock() if clock is None else clock
     with distributed_job(config.timeout_minutes) as info:
         clock.mark("ranks")
+        if info.device.type == "cuda":
+            kernels.prepare_in_background()  # overlaps loading the container and the dataset, as in training
         job = prepare(config, info.device)
         if on_ready is not None and info.is_main:
             on_ready()
