@@ -2,7 +2,8 @@
 rule at Mega-NeRF's 1,000 samples against the exact rule, on the same scene and device; and what the exact rule
 adds (it holds every sampled ray: checked here on every mask).
 
-    python bench/partition_speed.py --preset survey256 [--grid 2 2] [--samples 1000] [--nproc 1]
+    python bench/partition_speed.py --preset survey256 [--grid 2 2] [--samples 1000] [--nproc 1] \
+        [--bytecode_cache DIR]
 """
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_results, ensure_city  # noqa: E402
+from common import ROOT, append_results, bytecode_env, ensure_city  # noqa: E402
 
 from mega_nerf.partition.maskfile import read_mask  # noqa: E402
 
 
-def run_partition(data: Path, output: Path, grid: list[int], samples: int | None, nproc: int
-                  ) -> tuple[float, str]:
-    """Seconds for the whole process, launched fresh, and its line of where the time went (rank 0's)."""
+def run_partition(data: Path, output: Path, grid: list[int], samples: int | None, nproc: int,
+                  environ: dict[str, str]) -> tuple[float, str]:
+    """Seconds for the whole process, launched fresh in `environ`, and its line of where the time went (rank
+    0's)."""
     shutil.rmtree(output, ignore_errors=True)
     script = [str(ROOT / "scripts/create_cluster_masks.py"), "--config_file", str(data / "config.yaml"),
               "--dataset_path", str(data), "--output", str(output), "--grid_dim", *map(str, grid), "--no_progress"]
@@ -30,7 +32,7 @@ def run_partition(data: Path, output: Path, grid: list[int], samples: int | None
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc_per_node", str(nproc)]
     start = time.perf_counter()
-    result = subprocess.run(launcher + script, check=True, capture_output=True, text=True)
+    result = subprocess.run(launcher + script, check=True, capture_output=True, text=True, env=environ)
     seconds = time.perf_counter() - start
     return seconds, next(line for line in result.stdout.splitlines() if line.startswith("partition: "))
 
@@ -52,12 +54,15 @@ def main() -> None:
     p.add_argument("--grid", type=int, nargs=2, default=[2, 2])
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--nproc", type=int, default=1, help="processes (torch.distributed.run), one GPU each")
+    p.add_argument("--bytecode_cache", type=Path, default=None,
+                   help="time both processes with bytecode compiled under this folder first (a normal install's)")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
+    environ = bytecode_env(args.bytecode_cache)
     data = ensure_city(args.preset, args.work)
     out = {rule: args.work / f"partition-speed-{rule}" for rule in ("sampled", "exact")}
-    runs = {"sampled": run_partition(data, out["sampled"], args.grid, args.samples, args.nproc),
-            "exact": run_partition(data, out["exact"], args.grid, None, args.nproc)}
+    runs = {"sampled": run_partition(data, out["sampled"], args.grid, args.samples, args.nproc, environ),
+            "exact": run_partition(data, out["exact"], args.grid, None, args.nproc, environ)}
     seconds = {rule: run[0] for rule, run in runs.items()}
     reports = {rule: json.loads((path / "partition.json").read_text()) for rule, path in out.items()}
     missing, added = extra_assignments(out["sampled"], out["exact"])
@@ -69,7 +74,8 @@ def main() -> None:
              f"sampled rule's assignments (must be 0) and add {added:,} "
              f"({added / max(1, sum(reports['sampled']['rays_per_cell'])):.3%}).")
     append_results(args.results, f"Partition speed, {args.preset} preset, {args.grid[0]}x{args.grid[1]}, "
-                   f"{args.nproc} process(es), sampled at {args.samples}", "python " + " ".join(sys.argv), table)
+                   f"{args.nproc} process(es), sampled at {args.samples}"
+                   + (", bytecode cached" if args.bytecode_cache else ""), "python " + " ".join(sys.argv), table)
 
 
 if __name__ == "__main__":
