@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import sysconfig
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,3 +77,17 @@ def bytecode_env(cache: Path | None) -> dict[str, str]:
     if not any((cache.resolve() / package.relative_to(package.anchor)).glob("__init__.*.pyc")):
         raise SystemExit(f"--bytecode_cache {cache}: torch's bytecode was not written there")
     return environ
+
+
+def profiled(run: Callable[[], object], record_shapes: bool = False
+             ) -> tuple[torch.profiler.profile, float, float]:
+    """`run` once under torch.profiler (CPU and CUDA activities): the profile, its wall seconds (up to the GPU's
+    last kernel; the profiler's overhead included) and the seconds the GPU was busy (the kernels' self time)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, record_shapes=record_shapes) as prof:
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return prof, wall, sum(e.self_device_time_total for e in kernels) / 1e6

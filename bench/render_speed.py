@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results  # noqa: E402
+from common import append_results, profiled  # noqa: E402
 
 from mega_nerf.data.dataset import load_dataset  # noqa: E402
 from mega_nerf.imaging import render_image  # noqa: E402
@@ -65,16 +65,8 @@ def main() -> None:
              f"{out['opacity'].mean().item():.3f} |")
     append_results(args.results, "Render speed, merged container", "python " + " ".join(sys.argv), table)
     if args.profile and device.type == "cuda":
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
-            start = time.perf_counter()
-            frame()
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - start
-        events = prof.key_averages()
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.self_device_time_total for e in kernels) / 1e6
-        print(events.table(sort_by="self_device_time_total", row_limit=30))
+        prof, wall, busy = profiled(frame, record_shapes=True)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=20))
         print(f"profiled frame: GPU busy {busy * 1e3:.0f} ms of {wall * 1e3:.0f} ms wall (profiler overhead included)")
         origins, dirs = image_rays(meta.c2w.to(device), intrinsics.to(device), W, H)

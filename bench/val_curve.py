@@ -139,7 +139,8 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
                       round(val_psnr(trainer, sample, neighbour), 3), round(val_psnr(trainer, fitted), 3)))
         moves.append((done, *(None if m is None else round(m, 5) for m in embedding_move(trainer, table))))
         table = trainer.field.appearance.weight.detach().clone()
-        averaged += [] if ema_decay is None else [(done, round(ema_psnr(trainer, ema, sample), 3))]
+        if ema_decay is not None:
+            averaged.append((done, round(ema_psnr(trainer, ema, sample), 3)))
         val_move, train_move = ("n/a" if m is None else f"{m:.4f}" for m in moves[-1][1:])
         print(f"step {done} ({trained:.1f} s): val PSNR {curve[-1][2]:.2f} dB, with the nearest train image's "
               f"appearance {curve[-1][3]:.2f} dB; trained pixels {curve[-1][4]:.2f} dB; embeddings moved "

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, cell_args, ensure_city, ensure_partition  # noqa: E402
+from common import append_results, cell_args, ensure_city, ensure_partition, profiled  # noqa: E402
 
 from mega_nerf.camera_path import orbit  # noqa: E402
 from mega_nerf.cli.train import config_from_argv  # noqa: E402
@@ -89,7 +89,7 @@ def preview_psnr(scene: Scene, view: View) -> float:
 def profile_rest(scene: Scene, view: View) -> None:
     """Print where one full frame of `view` goes: render (one band), compose and encode timed apart, then the
     render again under torch.profiler, its top operations by GPU time."""
-    rows = render_rows(scene, view, view.width, view.height, (0, view.height))  # warm-up
+    render_rows(scene, view, view.width, view.height, (0, view.height))  # warm-up
     sync()
     start = time.perf_counter()
     rows = render_rows(scene, view, view.width, view.height, (0, view.height))
@@ -102,14 +102,8 @@ def profile_rest(scene: Scene, view: View) -> None:
           f"{encoded - composed:.3f} s", flush=True)
     if not torch.cuda.is_available():
         return
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        start = time.perf_counter()
-        render_rows(scene, view, view.width, view.height, (0, view.height))
-        wall = time.perf_counter() - start
-    events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-    print(events.table(sort_by="self_device_time_total", row_limit=25))
+    prof, wall, busy = profiled(lambda: render_rows(scene, view, view.width, view.height, (0, view.height)))
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
     print(f"profiled full frame: GPU busy {busy:.3f} s of {wall:.3f} s wall (profiler overhead included)", flush=True)
 
 
