@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from mega_nerf.fields.base import Field
+from mega_nerf.fields.kernels import occupancy_lookup
 
 
 @dataclass
@@ -190,18 +191,14 @@ def occupied_first(occupied: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order[:, :n], seen[:, -1]
 
 
-def occupancy_along(field: Field, origins: torch.Tensor, dirs: torch.Tensor, t: torch.Tensor,
-                    points_at_once: int = 1 << 23) -> torch.Tensor:
-    """(R, n) bool: whether the field may be occupied at origins + t * dirs; origins, dirs (R, 3), t (R, n).
-    Looked up a block of rays at a time, so memory follows `points_at_once`, not the chunk."""
-    R, n = t.shape
-    out = torch.empty(R, n, dtype=torch.bool, device=t.device)
-    rays = max(1, points_at_once // n)
-    for s in range(0, R, rays):
-        sl = slice(s, s + rays)
-        points = origins[sl, None, :] + dirs[sl, None, :] * t[sl, :, None]
-        out[sl] = field.occupied(points.reshape(-1, 3)).view(-1, n)
-    return out
+def occupancy_along(field: Field, origins: torch.Tensor, dirs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(R, n) bool: whether the field may be occupied at origins + t * dirs; origins, dirs (R, 3), t (R, n). One
+    fused kernel over all samples where the field's occupancy is a grid lookup and the kernel runs; else the
+    field's `occupied`, a block of rays at a time (its reference)."""
+    lookup = field.grid_lookup()
+    if lookup is not None and occupancy_lookup.available(t):
+        return occupancy_lookup.occupied_along(lookup, origins, dirs, t)
+    return occupancy_lookup.occupied_along_reference(field.occupied, origins, dirs, t)
 
 
 def render_terminating(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor,

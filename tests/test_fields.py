@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import read_lookup
 
 from mega_nerf.fields import build_field, kernels
 from mega_nerf.fields.encoding import HASH_PRIMES, HashGrid, level_resolutions, positional_encoding, spherical_harmonics
@@ -259,3 +260,19 @@ def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> 
     assert not thread.is_alive() and calls == ["triton-prepare", "older"]
     monkeypatch.setitem(sys.modules, "triton.compiler.compiler", None)  # neither place has it
     assert kernels.prepare_in_background() is None
+
+
+@pytest.mark.parametrize("contracted", [(False, False, False), (False, True, True)])
+def test_hash_field_grid_lookup_is_what_occupied_reads(contracted):
+    """What the fused lookup along rays is given (grid_lookup) answers exactly as the field's `occupied`, inside
+    the box, in the contracted world beyond it, and outside the domain; the MLP field has no grid to give."""
+    torch.manual_seed(3)
+    field = build_field({"kind": "hash", "box_min": [-1.0, -2.0, -0.5], "box_max": [1.0, 2.0, 0.5], "n_images": 2,
+                         "log2_table_size": 10, "max_resolution": 32, "occupancy_resolution": 16,
+                         "contracted": list(contracted)})
+    field.occupancy.mask.copy_(torch.rand(16 ** 3) > 0.5)
+    points = torch.randn(20_000, 3) * torch.tensor([1.0, 6.0, 3.0])  # many far beyond the box
+    lookup = field.grid_lookup()
+    assert torch.equal(read_lookup(lookup, points), field.occupied(points))
+    assert field.occupied(points).any() and not field.occupied(points).all()
+    assert build_field({"kind": "mlp", "box_min": [-1] * 3, "box_max": [1] * 3, "n_images": 2}).grid_lookup() is None

@@ -13,6 +13,7 @@ from torch import nn
 from mega_nerf.bounds import box_exit, box_to_world, contract, contracted_position
 from mega_nerf.errors import UserError
 from mega_nerf.fields.background import Background
+from mega_nerf.fields.occupancy import GridLookup
 
 
 class Field(nn.Module):
@@ -53,6 +54,11 @@ class Field(nn.Module):
     def background(self, directions: torch.Tensor, appearance: torch.Tensor) -> torch.Tensor:
         """Colour seen along (N, 3) directions once a ray leaves the foreground. Returns (N, 3)."""
         raise NotImplementedError
+
+    def grid_lookup(self) -> GridLookup | None:
+        """The box and grid that `occupied` reads, where it is exactly a grid lookup in field coordinates (the
+        renderer then looks up whole rays in one kernel); None (the default): ask `occupied` point by point."""
+        return None
 
 
 class BoxField(Field):

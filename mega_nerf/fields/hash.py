@@ -8,7 +8,7 @@ from torch import nn
 from mega_nerf.fields.base import BoxField
 from mega_nerf.fields.encoding import SH_DEGREE, HashGrid, spherical_harmonics
 from mega_nerf.fields.kernels import mlp_heads as mlp_triton
-from mega_nerf.fields.occupancy import OccupancyGrid
+from mega_nerf.fields.occupancy import GridLookup, OccupancyGrid
 
 
 class _TruncExp(torch.autograd.Function):
@@ -112,6 +112,10 @@ class HashField(BoxField):
     def occupied(self, positions: torch.Tensor) -> torch.Tensor:
         u, inside = self.to_box(positions)
         return self.occupancy(u) & inside
+
+    def grid_lookup(self) -> GridLookup:
+        return GridLookup(self.box_min, self.box_max, self.contracted, self.occupancy.mask,
+                          self.occupancy.resolution)
 
     def update_occupancy(self, threshold: float, generator: torch.Generator | None = None) -> None:
         self.occupancy.update(lambda u: self.density_features(u)[0], threshold, generator)

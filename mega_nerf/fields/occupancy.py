@@ -7,6 +7,7 @@ a threshold. Until the first update every cell counts as occupied.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,6 +18,19 @@ def cell_index(u: torch.Tensor, resolution: int) -> torch.Tensor:
     `resolution`^3 cells, x slowest (points outside are clamped to the nearest cell)."""
     c = (u * resolution).long().clamp(0, resolution - 1)
     return (c[:, 0] * resolution + c[:, 1]) * resolution + c[:, 2]
+
+
+@dataclass(frozen=True)
+class GridLookup:
+    """All that a box field's `occupied` reads, for a fused lookup along rays (fields/kernels/occupancy_lookup.py):
+    the box (3,), (3,), its contracted axes (3,) bool (BoxField.to_box) and a grid's mask (resolution^3,) bool
+    over field coordinates (cell_index)."""
+
+    box_min: torch.Tensor
+    box_max: torch.Tensor
+    contracted: torch.Tensor
+    mask: torch.Tensor
+    resolution: int
 
 
 class OccupancyGrid(nn.Module):

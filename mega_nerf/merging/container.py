@@ -37,7 +37,7 @@ from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
 from mega_nerf.fields.base import BoxField, Field
 from mega_nerf.fields.hash import HashField
-from mega_nerf.fields.occupancy import cell_index
+from mega_nerf.fields.occupancy import GridLookup, cell_index
 from mega_nerf.io import load_torch, save_torch_atomic
 from mega_nerf.partition.cells import squared_distances
 from mega_nerf.rays import SceneBounds
@@ -186,6 +186,14 @@ class Container(Field):
         for field, index, _ in self.routes(positions):
             occupied[index] |= field.occupied(positions[index])
         return occupied
+
+    def grid_lookup(self) -> GridLookup | None:
+        """The union grid over the shared box, where there is one (what `occupied` then reads)."""
+        if self.occupancy_mask is None:
+            return None
+        first = self.submodules[0]
+        return GridLookup(first.box_min, first.box_max, first.contracted, self.occupancy_mask,
+                          first.occupancy.resolution)
 
     def foreground_exit(self, origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor | None:
         """The submodules share one foreground box (merge checks): the first one's answer."""
