@@ -26,6 +26,7 @@ from mega_nerf.cli.partition import mask_job, partition_parser
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.partition.cells import (
+    EXACT,
     PartitionParams,
     cell_membership,
     centroid_distances,
@@ -191,6 +192,24 @@ def test_rays_follow_the_rule_at_their_samples(partitioned: Path, tiny_city: Pat
                     assert bool(mask[r, k]) == (ratio <= params.boundary_margin), (image.name, r, k)
 
 
+@pytest.mark.parametrize("ray_samples", [SAMPLES, EXACT])
+def test_images_grouped_into_chunks_give_the_same_bits(tiny_city: Path, tiny_city_summary: dict,
+                                                        ray_samples: int) -> None:
+    """Several images in one call, cut into chunks that split images and join their ends (1,000 rays), give each
+    image's masks bit for bit as that image alone in one chunk."""
+    dataset = load_dataset(tiny_city)
+    altitude = normalize_altitude_range(tiny_city_summary["ray_altitude_range"], dataset.coordinates)
+    params = make_params(dataset, (2, 2), 1 / dataset.coordinates.pose_scale_factor, 2.0, altitude, 1.15, False,
+                         ray_samples)
+    images = dataset.images[:4]
+    assert all(image.H * image.W % 1000 for image in images)  # chunk ends fall inside images
+    grouped = image_membership(images, params, torch.device("cpu"), ray_chunk=1000)
+    for image, member in zip(images, grouped, strict=True):
+        alone = image_membership([image], params, torch.device("cpu"), ray_chunk=image.H * image.W)[0]
+        assert member.shape == (image.H, image.W, 4) and torch.equal(member, alone), image.name
+        assert member.any() and not member.all()
+
+
 def test_margin_only_adds_rays(tiny_city: Path, tiny_city_summary: dict) -> None:
     """Raising the margin never takes a ray out of a cell. A margin of 1 keeps points disjoint (one cell each),
     so a ray is then in several cells only where it crosses a boundary inside the altitude slab."""
@@ -201,8 +220,8 @@ def test_margin_only_adds_rays(tiny_city: Path, tiny_city_summary: dict) -> None
     overlaps, previous = [], None
     for margin in (1.0, 1.15, 1.5):
         params.boundary_margin = margin
-        member = torch.cat([image_membership(m, params, torch.device("cpu")).reshape(-1, 4)
-                            for m in dataset.images[::3]])
+        member = torch.cat([m.reshape(-1, 4) for m in image_membership(dataset.images[::3], params,
+                                                                           torch.device("cpu"))])
         if previous is not None:
             assert not (previous & ~member).any(), f"margin {margin} removed a ray from a cell"
         assert member.any(1).all(), "a ray in no cell"

@@ -105,7 +105,7 @@ def test_exact_masks_contain_the_sampled_rule(oblique_city: Path, oblique_summar
     exact = dataclasses.replace(sampled, ray_samples=EXACT)
     torch.manual_seed(0)
     for image in dataset.images[::8]:
-        want = image_membership(image, sampled, torch.device("cpu"))
-        got = image_membership(image, exact, torch.device("cpu"))
+        want = image_membership([image], sampled, torch.device("cpu"))[0]
+        got = image_membership([image], exact, torch.device("cpu"))[0]
         assert not (want & ~got).any(), image.name
         assert (got & ~want).sum() <= 0.01 * want.sum(), image.name  # measured: 0.1-0.4 %

@@ -162,31 +162,30 @@ def default_chunks(device: torch.device) -> tuple[int, int]:
     return GPU_RAY_CHUNK, max(CPU_DIST_CHUNK, min(GPU_DIST_CHUNK, free // BYTES_PER_DISTANCE))
 
 
-def image_membership(image: ImageMetadata, params: PartitionParams, device: torch.device,
-                     ray_chunk: int = CPU_RAY_CHUNK, dist_chunk: int = CPU_DIST_CHUNK) -> torch.Tensor:
-    """(H, W, K) bool on the CPU: the cells each pixel's ray belongs to.
+def image_membership(images: list[ImageMetadata], params: PartitionParams, device: torch.device,
+                     ray_chunk: int = CPU_RAY_CHUNK, dist_chunk: int = CPU_DIST_CHUNK) -> list[torch.Tensor]:
+    """(H, W, K) bool on the CPU per image: the cells each pixel's ray belongs to.
 
-    Rays are made `ray_chunk` pixels at a time (row-major, as `image_rays`), bounded to [near, far] and the
-    altitude slab. With a foreground box (params.foreground()), the ray's part inside it is taken as it is and
-    the part beyond routed where the container routes it (pulled in by the contraction:
-    bounds.contracted_position). `params.ray_samples` EXACT (0) answers without sampling (partition.exact);
-    a positive count samples as Mega-NeRF does: that many evenly spaced points over the part inside the box and
-    a quarter as many, evenly spaced in 1 / t, beyond. A pixel's result never depends on the chunk it came in,
-    so any sharding gives the same bits.
+    Rays are made `ray_chunk` pixels at a time (row-major, as `image_rays`), and several small images go into one
+    chunk: on a GPU each chunk is a few hundred small launches and a copy back, whatever its size. Each ray is
+    bounded to [near, far] and the altitude slab. With a foreground box (params.foreground()), the ray's part
+    inside it is taken as it is and the part beyond routed where the container routes it (pulled in by the
+    contraction: bounds.contracted_position). `params.ray_samples` EXACT (0) answers without sampling
+    (partition.exact); a positive count samples as Mega-NeRF does: that many evenly spaced points over the part
+    inside the box and a quarter as many, evenly spaced in 1 / t, beyond. A pixel's result never depends on the
+    chunk it came in, so any sharding and any grouping of images give the same bits.
     """
     assert params.boundary_margin is not None and params.ray_samples is not None
-    c2w, intrinsics = image.c2w.to(device), image.intrinsics.to(device)
     centroids = params.centroids.to(device)
     box = params.foreground()
     axes = torch.tensor(contracted_axes(params.ray_altitude_range), device=device)
     place = None if box is None else partial(contracted_position, box_min=box[0].to(device),
                                              box_max=box[1].to(device), contracted=axes)
     rule = (params.boundary_margin, params.cluster_2d, dist_chunk)
-    out = torch.empty(image.H * image.W, params.num_cells, dtype=torch.bool)
-    for start in range(0, image.H * image.W, ray_chunk):
-        pix = torch.arange(start, min(start + ray_chunk, image.H * image.W), device=device)
-        origins, dirs = rays_from_pixels(c2w, intrinsics.to(c2w), pix % image.W,
-                                         torch.div(pix, image.W, rounding_mode="floor"))
+    out = [torch.empty(image.H * image.W, params.num_cells, dtype=torch.bool) for image in images]
+    for pieces in _chunks(images, ray_chunk):
+        rays = [_pixel_rays(images[i], first, last, device) for i, first, last in pieces]
+        origins, dirs = torch.cat([o for o, _ in rays]), torch.cat([d for _, d in rays])
         near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
         split = far if box is None else torch.minimum(far, box_exit(origins, dirs, *box)).clamp_min(near)
         if params.ray_samples == EXACT:
@@ -196,8 +195,37 @@ def image_membership(image: ImageMetadata, params: PartitionParams, device: torc
             if place is not None:
                 member |= ray_membership(origins, dirs, split, far, centroids, max(2, params.ray_samples // 4),
                                          *rule, place, disparity=True)
-        out[start:start + pix.shape[0]] = member.cpu()
-    return out.view(image.H, image.W, -1)
+        member, at = member.cpu(), 0
+        for i, first, last in pieces:
+            out[i][first:last] = member[at:at + last - first]
+            at += last - first
+    return [o.view(image.H, image.W, -1) for o, image in zip(out, images, strict=True)]
+
+
+def _chunks(images: list[ImageMetadata], ray_chunk: int) -> list[list[tuple[int, int, int]]]:
+    """The images' pixels in order, cut into chunks of at most `ray_chunk`: each a list of pieces (image index,
+    first pixel, end pixel), a piece ending where its image or its chunk does."""
+    chunks, current, room = [], [], ray_chunk
+    for i, image in enumerate(images):
+        first = 0
+        while first < image.H * image.W:
+            last = min(image.H * image.W, first + room)
+            current.append((i, first, last))
+            room -= last - first
+            first = last
+            if room == 0:
+                chunks.append(current)
+                current, room = [], ray_chunk
+    return chunks + [current] if current else chunks
+
+
+def _pixel_rays(image: ImageMetadata, first: int, last: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Origins and directions (N, 3) of the image's pixels first .. last - 1, row-major."""
+    c2w = image.c2w.to(device)
+    pix = torch.arange(first, last, device=device)
+    return rays_from_pixels(c2w, image.intrinsics.to(c2w), pix % image.W,
+                            torch.div(pix, image.W, rounding_mode="floor"))
 
 
 @dataclass

@@ -166,24 +166,40 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
         written += 1
         if on_image is not None:
             on_image(written)
-    bar = tqdm(images, desc="cluster masks", unit="image", disable=not (info.is_main and job.progress))
-    with ThreadPoolExecutor(WRITERS) as pool, OrderedQueue(WRITE_QUEUE) as queue:
-        for image in bar:
+    bar = tqdm(total=len(images), desc="cluster masks", unit="image", disable=not (info.is_main and job.progress))
+    with bar, ThreadPoolExecutor(WRITERS) as pool, OrderedQueue(WRITE_QUEUE) as queue:
+        for group in _groups(images, ray_chunk):
             check_failures(info)  # another rank's error ends this one too
             start = time.perf_counter()
             try:
-                member = image_membership(image, job.params, info.device, ray_chunk, dist_chunk)
+                members = image_membership(group, job.params, info.device, ray_chunk, dist_chunk)
             except torch.OutOfMemoryError:
-                raise UserError(f"{image.name}: out of GPU memory at --ray_chunk {ray_chunk} --dist_chunk "
+                raise UserError(f"{group[0].name}: out of GPU memory at --ray_chunk {ray_chunk} --dist_chunk "
                                 f"{dist_chunk}; give smaller ones") from None
-            membership += time.perf_counter() - start  # the result is on the CPU: the device's work is done
-            queue.add(pool.submit(_write_image_masks, job, image, member))
-            rays += image.H * image.W
-            for future in queue.due():
-                finish(future)
+            membership += time.perf_counter() - start  # the results are on the CPU: the device's work is done
+            for image, member in zip(group, members, strict=True):
+                queue.add(pool.submit(_write_image_masks, job, image, member))
+                rays += image.H * image.W
+                for future in queue.due():
+                    finish(future)
+            bar.update(len(group))
         for future in queue.drain():
             finish(future)
     return counts, rays, membership, waited
+
+
+def _groups(images: list[ImageMetadata], ray_chunk: int) -> list[list[ImageMetadata]]:
+    """Consecutive images whose pixels fit in one ray chunk together (an image larger than that alone), so that
+    small images share the GPU's launches (image_membership)."""
+    groups: list[list[ImageMetadata]] = []
+    pixels = ray_chunk
+    for image in images:
+        if pixels + image.H * image.W > ray_chunk:
+            groups.append([])
+            pixels = 0
+        groups[-1].append(image)
+        pixels += image.H * image.W
+    return groups
 
 
 def write_report(job: MaskJob, counts: list[int], rays: int) -> dict:
