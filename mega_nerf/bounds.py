@@ -67,10 +67,21 @@ def uncontract(c: torch.Tensor) -> torch.Tensor:
     return torch.where(a > 1, c.sign() / (2 - a).clamp_min(0), c)
 
 
+def world_to_box(positions: torch.Tensor, box_min: torch.Tensor, box_max: torch.Tensor, contracted: torch.Tensor,
+                 any_contracted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Field coordinates u (N, 3) of world positions (N, 3) in a box (3,), (3,) with `contracted` (3,) bool axes
+    (the box fills [0, 1] on a plain axis, [1/4, 3/4] on a contracted one), and whether each point lies in the
+    domain [0, 1]^3 (N,). `any_contracted`: whether any axis is, known without reading the device's tensor."""
+    u = (positions - box_min) / (box_max - box_min)
+    if any_contracted:
+        u = torch.where(contracted, (contract(2 * u - 1) + 2) / 4, u)
+    return u, ((u >= 0) & (u <= 1)).all(-1)
+
+
 def box_to_world(u: torch.Tensor, box_min: torch.Tensor, box_max: torch.Tensor, contracted: torch.Tensor
                  ) -> torch.Tensor:
     """World positions (N, 3) of field coordinates u (N, 3) of a box (3,), (3,) with `contracted` (3,) bool axes
-    (infinite at a contracted axis' ends): the inverse of BoxField.to_box."""
+    (infinite at a contracted axis' ends): the inverse of world_to_box."""
     x = torch.where(contracted, uncontract(4 * u - 2), 2 * u - 1)
     return box_min + (box_max - box_min) * (x + 1) / 2
 

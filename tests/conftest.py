@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import mega_nerf.io
-from mega_nerf.fields.occupancy import GridLookup
 from mega_nerf.synthetic import generate_city
 
 
@@ -172,17 +170,3 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
     def fill(capacity: int) -> None:
         monkeypatch.setattr(mega_nerf.io, "open", FullDisk(capacity).open, raising=False)
     return fill
-
-
-def read_lookup(lookup: GridLookup, points: torch.Tensor) -> torch.Tensor:
-    """(N,) bool: a GridLookup read as its docstring says, written out here independently of BoxField.to_box: box
-    units, the per-axis contraction |x| > 1 -> sign(x) (2 - 1 / |x|) mapped to [1/4, 3/4], the cell's bit."""
-    u = (points - lookup.box_min) / (lookup.box_max - lookup.box_min)
-    x = 2 * u - 1
-    squeezed = torch.where(x.abs() > 1, x.sign() * (2 - 1 / x.abs().clamp_min(1)), x)
-    u = torch.where(lookup.contracted, (squeezed + 2) / 4, u)
-    r = lookup.resolution
-    cell = (u * r).long().clamp(0, r - 1)
-    bits = lookup.mask.view(r, r, r)[cell[:, 0], cell[:, 1], cell[:, 2]]
-    return bits & ((u >= 0) & (u <= 1)).all(-1)
-

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_lookup
 
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
@@ -211,7 +210,7 @@ def test_occupied_is_any_routed_submodule_and_gates_density() -> None:
     gated = gated_fields()
     points, dirs, app = random_inputs(2000, seed=6)
     exact = Container(CENTROIDS, [CountingField(f) for f in gated], MARGIN, cluster_2d=False)
-    assert exact.occupancy_mask is None
+    assert exact.occupancy_mask is None and exact.grid_lookup() is None  # no single grid to look up
     assert torch.equal(exact.occupied(points), routed_occupancy(gated, points, False))
     weights = blend_weights(points, CENTROIDS, MARGIN, False)
     own = torch.stack([f.occupied(points) for f in gated], 1)
@@ -238,16 +237,6 @@ def test_union_grid_covers_the_routed_occupancy_and_little_more(cluster_2d: bool
     per_cell_routed = routed.view(-1, 40).any(1)
     extra = (container.occupancy_mask & ~per_cell_routed).sum() / per_cell_routed.sum()
     assert extra < 0.1, float(extra)
-
-
-def test_container_grid_lookup_is_what_occupied_reads() -> None:
-    """With a union grid, what the fused lookup along rays is given (grid_lookup) answers exactly as the
-    container's `occupied`; without one (routed per submodule) there is no single grid to give."""
-    gated = gated_fields(resolution=16)
-    container = Container(CENTROIDS, gated, MARGIN, cluster_2d=False)
-    points = torch.randn(20_000, 3, generator=torch.Generator().manual_seed(4)) * 0.8
-    assert torch.equal(read_lookup(container.grid_lookup(), points), container.occupied(points))
-    assert Container(CENTROIDS, [CountingField(f) for f in gated], MARGIN, cluster_2d=False).grid_lookup() is None
 
 
 def test_union_grid_renders_the_same_image() -> None:

@@ -6,12 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import read_lookup
 
 from mega_nerf.fields import build_field, kernels
 from mega_nerf.fields.encoding import HASH_PRIMES, HashGrid, level_resolutions, positional_encoding, spherical_harmonics
 from mega_nerf.fields.kernels import hash_encode, mlp_heads
-from mega_nerf.fields.occupancy import OccupancyGrid
+from mega_nerf.fields.occupancy import OccupancyGrid, cell_index
 
 
 def slow_hash_grid(grid: HashGrid, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +175,11 @@ def test_unknown_field_is_a_user_error():
 
 def test_occupancy_grid_marks_where_density_is():
     grid = OccupancyGrid(resolution=8)
-    assert grid(torch.rand(10, 3)).all()  # before any update, everything may be occupied
+
+    def bits(u: torch.Tensor) -> torch.Tensor:
+        return grid.mask[cell_index(u, 8)]
+
+    assert bits(torch.rand(10, 3)).all()  # before any update, everything may be occupied
 
     def density(u):  # dense only in the octant u < 0.5
         return (u < 0.5).all(-1).float() * 100.0
@@ -184,7 +187,7 @@ def test_occupancy_grid_marks_where_density_is():
     grid.update(density, threshold=1.0, generator=torch.Generator().manual_seed(0))
     inside = torch.rand(200, 3) * 0.49
     outside = torch.rand(200, 3) * 0.49 + 0.51
-    assert grid(inside).all() and not grid(outside).any()
+    assert bits(inside).all() and not bits(outside).any()
     assert grid.occupied_fraction == pytest.approx(1 / 8)
 
 
@@ -263,16 +266,24 @@ def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> 
 
 
 @pytest.mark.parametrize("contracted", [(False, False, False), (False, True, True)])
-def test_hash_field_grid_lookup_is_what_occupied_reads(contracted):
-    """What the fused lookup along rays is given (grid_lookup) answers exactly as the field's `occupied`, inside
-    the box, in the contracted world beyond it, and outside the domain; the MLP field has no grid to give."""
+def test_occupied_reads_the_grid_cell_a_point_lies_in(contracted):
+    """A point placed inside grid cell c through the inverse map (box_to_world) is occupied exactly when c's bit is
+    set, in the box and in the contracted world beyond it; beyond the box along a plain axis nothing is. The MLP
+    field has no grid to look up."""
+    from mega_nerf.bounds import box_to_world
+
     torch.manual_seed(3)
+    r = 16
     field = build_field({"kind": "hash", "box_min": [-1.0, -2.0, -0.5], "box_max": [1.0, 2.0, 0.5], "n_images": 2,
-                         "log2_table_size": 10, "max_resolution": 32, "occupancy_resolution": 16,
+                         "log2_table_size": 10, "max_resolution": 32, "occupancy_resolution": r,
                          "contracted": list(contracted)})
-    field.occupancy.mask.copy_(torch.rand(16 ** 3) > 0.5)
-    points = torch.randn(20_000, 3) * torch.tensor([1.0, 6.0, 3.0])  # many far beyond the box
-    lookup = field.grid_lookup()
-    assert torch.equal(read_lookup(lookup, points), field.occupied(points))
-    assert field.occupied(points).any() and not field.occupied(points).all()
+    field.occupancy.mask.copy_(torch.rand(r ** 3) > 0.5)
+    cells = torch.randint(0, r, (5000, 3))
+    u = (cells + 0.05 + 0.9 * torch.rand(5000, 3)) / r  # clear of the cells' faces
+    world = box_to_world(u.double(), field.box_min.double(), field.box_max.double(), field.contracted).float()
+    assert torch.equal(field.occupied(world), field.occupancy.mask[(cells[:, 0] * r + cells[:, 1]) * r + cells[:, 2]])
+    assert field.occupied(world).any() and not field.occupied(world).all()
+    beyond = world.clone()
+    beyond[:, 0] = 1.5  # past the box along x, never contracted here
+    assert not field.occupied(beyond).any()
     assert build_field({"kind": "mlp", "box_min": [-1] * 3, "box_max": [1] * 3, "n_images": 2}).grid_lookup() is None

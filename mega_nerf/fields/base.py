@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mega_nerf.bounds import box_exit, box_to_world, contract, contracted_position
+from mega_nerf.bounds import box_exit, box_to_world, contracted_position, world_to_box
 from mega_nerf.errors import UserError
 from mega_nerf.fields.background import Background
 from mega_nerf.fields.occupancy import GridLookup
@@ -112,10 +112,7 @@ class BoxField(Field):
 
     def to_box(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Field coordinates u (N, 3) and whether each point is in the field's domain (N,)."""
-        u = (positions - self.box_min) / (self.box_max - self.box_min)
-        if self.any_contracted:
-            u = torch.where(self.contracted, (contract(2 * u - 1) + 2) / 4, u)
-        return u, ((u >= 0) & (u <= 1)).all(-1)
+        return world_to_box(positions, self.box_min, self.box_max, self.contracted, self.any_contracted)
 
     def from_box(self, u: torch.Tensor) -> torch.Tensor:
         """World positions (N, 3) of field coordinates u (N, 3) (infinite at a contracted axis' ends)."""

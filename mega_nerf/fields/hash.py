@@ -110,11 +110,10 @@ class HashField(BoxField):
         return density * inside, rgb
 
     def occupied(self, positions: torch.Tensor) -> torch.Tensor:
-        u, inside = self.to_box(positions)
-        return self.occupancy(u) & inside
+        return self.grid_lookup()(positions)
 
     def grid_lookup(self) -> GridLookup:
-        return GridLookup(self.box_min, self.box_max, self.contracted, self.occupancy.mask,
+        return GridLookup(self.box_min, self.box_max, self.contracted, self.any_contracted, self.occupancy.mask,
                           self.occupancy.resolution)
 
     def update_occupancy(self, threshold: float, generator: torch.Generator | None = None) -> None:

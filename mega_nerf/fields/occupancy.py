@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mega_nerf.bounds import world_to_box
+
 
 def cell_index(u: torch.Tensor, resolution: int) -> torch.Tensor:
     """Points in box coordinates u in [0, 1]^3, (N, 3) -> flat index (N,) of their cell in a grid of
@@ -22,15 +24,21 @@ def cell_index(u: torch.Tensor, resolution: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GridLookup:
-    """All that a box field's `occupied` reads, for a fused lookup along rays (fields/kernels/occupancy_lookup.py):
-    the box (3,), (3,), its contracted axes (3,) bool (BoxField.to_box) and a grid's mask (resolution^3,) bool
-    over field coordinates (cell_index)."""
+    """A box field's `occupied`: the box (3,), (3,), its contracted axes (3,) bool, and a grid's mask
+    (resolution^3,) bool over field coordinates (bounds.world_to_box, cell_index). Called on points it is the
+    reference of the fused lookup along rays (fields/kernels/occupancy_lookup.py), which it hands its tensors."""
 
     box_min: torch.Tensor
     box_max: torch.Tensor
     contracted: torch.Tensor
+    any_contracted: bool
     mask: torch.Tensor
     resolution: int
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        """(N, 3) world positions -> (N,) bool: in the domain and in an occupied cell."""
+        u, inside = world_to_box(positions, self.box_min, self.box_max, self.contracted, self.any_contracted)
+        return self.mask[cell_index(u, self.resolution)] & inside
 
 
 class OccupancyGrid(nn.Module):
@@ -39,10 +47,6 @@ class OccupancyGrid(nn.Module):
         self.resolution, self.decay = resolution, decay
         self.register_buffer("density", torch.zeros(resolution ** 3))
         self.register_buffer("mask", torch.ones(resolution ** 3, dtype=torch.bool))
-
-    def __call__(self, u: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """(N, 3) box coordinates -> (N,) bool occupancy."""
-        return self.mask[cell_index(u, self.resolution)]
 
     @torch.no_grad()
     def update(self, density_fn: Callable[[torch.Tensor], torch.Tensor], threshold: float,

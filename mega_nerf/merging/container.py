@@ -37,7 +37,7 @@ from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field
 from mega_nerf.fields.base import BoxField, Field
 from mega_nerf.fields.hash import HashField
-from mega_nerf.fields.occupancy import GridLookup, cell_index
+from mega_nerf.fields.occupancy import GridLookup
 from mega_nerf.io import load_torch, save_torch_atomic
 from mega_nerf.partition.cells import squared_distances
 from mega_nerf.rays import SceneBounds
@@ -178,10 +178,8 @@ class Container(Field):
         """(N, 3) -> (N,) bool: True wherever a submodule the point is routed to is occupied. With a union grid
         this may also be True at some points where none is (a superset, one lookup per point): forward gives
         those zero density, so rendering is unchanged."""
-        if self.occupancy_mask is not None:
-            first = self.submodules[0]
-            u, inside = first.to_box(positions)
-            return self.occupancy_mask[cell_index(u, first.occupancy.resolution)] & inside
+        if (lookup := self.grid_lookup()) is not None:
+            return lookup(positions)
         occupied = torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
         for field, index, _ in self.routes(positions):
             occupied[index] |= field.occupied(positions[index])
@@ -192,7 +190,7 @@ class Container(Field):
         if self.occupancy_mask is None:
             return None
         first = self.submodules[0]
-        return GridLookup(first.box_min, first.box_max, first.contracted, self.occupancy_mask,
+        return GridLookup(first.box_min, first.box_max, first.contracted, first.any_contracted, self.occupancy_mask,
                           first.occupancy.resolution)
 
     def foreground_exit(self, origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor | None:

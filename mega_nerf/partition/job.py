@@ -174,8 +174,9 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
             try:
                 members = image_membership(group, job.params, info.device, ray_chunk, dist_chunk)
             except torch.OutOfMemoryError:
-                raise UserError(f"{group[0].name}: out of GPU memory at --ray_chunk {ray_chunk} --dist_chunk "
-                                f"{dist_chunk}; give smaller ones") from None
+                names = group[0].name if len(group) == 1 else f"{group[0].name} .. {group[-1].name}"
+                raise UserError(f"{names}: out of GPU memory at --ray_chunk {ray_chunk} --dist_chunk {dist_chunk}; "
+                                "give smaller ones") from None
             membership += time.perf_counter() - start  # the results are on the CPU: the device's work is done
             for image, member in zip(group, members, strict=True):
                 queue.add(pool.submit(_write_image_masks, job, image, member))
@@ -192,9 +193,9 @@ def _groups(images: list[ImageMetadata], ray_chunk: int) -> list[list[ImageMetad
     """Consecutive images whose pixels fit in one ray chunk together (an image larger than that alone), so that
     small images share the GPU's launches (image_membership)."""
     groups: list[list[ImageMetadata]] = []
-    pixels = ray_chunk
+    pixels = 0
     for image in images:
-        if pixels + image.H * image.W > ray_chunk:
+        if not groups or pixels + image.H * image.W > ray_chunk:
             groups.append([])
             pixels = 0
         groups[-1].append(image)

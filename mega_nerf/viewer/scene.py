@@ -109,12 +109,13 @@ def render_rows(scene: Scene, view: View, W: int, H: int, rows: tuple[int, int],
 def to_host(band: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The band's tensors copied to the CPU, from a GPU through page-locked memory (PyTorch caches those buffers):
     a 1080p frame's planes spent 17 ms in copies to pageable memory (bench/RESULTS.md, twelfth session), several
-    times what the bus needs. Waits for the copies on the current stream (the render thread's)."""
-    if not any(value.is_cuda for value in band.values()):
+    times what the bus needs. Waits for the copies on the band's device's current stream (the render thread's)."""
+    device = next(iter(band.values())).device
+    if device.type != "cuda":
         return {key: value.cpu() for key, value in band.items()}
     host = {key: torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
             for key, value in band.items()}
-    torch.cuda.current_stream().synchronize()
+    torch.cuda.current_stream(device).synchronize()
     return host
 
 

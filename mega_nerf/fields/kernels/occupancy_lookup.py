@@ -4,9 +4,11 @@ its grid cell and that cell's bit, without writing any of the intermediates to m
 PyTorch kernels over every uniform sample of a frame took 47 ms of a 1080p frame's 327 (bench/RESULTS.md, third
 session) and is most of the elementwise work left in a frame's profile.
 
-Reference: `occupied_along_reference`, the field's own `occupied` at the points, a block of rays at a time. The
-kernel repeats its arithmetic operation by operation (no fused multiply-adds, correctly rounded divisions), so the
-two agree bit for bit (tests/test_gpu.py).
+Reference: `occupied_along_reference` given the same GridLookup (what a hash field's or a container's `occupied`
+calls), a block of rays at a time. The kernel repeats the lookup's arithmetic operation by operation (no fused
+multiply-adds, correctly rounded divisions), so the two agree bit for bit (tests/test_gpu.py). The samples per ray
+are a compile-time constant (the ray of a sample is then a division by a constant): one compilation per count a
+process renders with (full frames, previews), cached on disk by Triton.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ def available(x: torch.Tensor) -> bool:
 
 def occupied_along_reference(occupied: Callable[[torch.Tensor], torch.Tensor], origins: torch.Tensor,
                              dirs: torch.Tensor, t: torch.Tensor, points_at_once: int = 1 << 23) -> torch.Tensor:
-    """(R, n) bool: `occupied` (a field's, (N, 3) -> (N,) bool) at origins + t * dirs; origins, dirs (R, 3),
-    t (R, n). A block of rays at a time, so memory follows `points_at_once`, not R."""
+    """(R, n) bool: `occupied` ((N, 3) -> (N,) bool: a GridLookup, or any field's `occupied`) at
+    origins + t * dirs; origins, dirs (R, 3), t (R, n). A block of rays at a time, so memory follows
+    `points_at_once`, not R."""
     R, n = t.shape
     out = torch.empty(R, n, dtype=torch.bool, device=t.device)
     rays = max(1, points_at_once // max(n, 1))
@@ -50,7 +53,7 @@ if triton is not None:
 
     @triton.jit
     def _axis(o_ptr, d_ptr, lo_ptr, hi_ptr, flag_ptr, ray, t, axis: tl.constexpr, mask):
-        """One axis of the field coordinate u of origin + t * direction, as BoxField.to_box computes it."""
+        """One axis of the field coordinate u of origin + t * direction, as bounds.world_to_box computes it."""
         o = tl.load(o_ptr + ray * 3 + axis, mask=mask, other=0.0)
         d = tl.load(d_ptr + ray * 3 + axis, mask=mask, other=0.0)
         lo, hi = tl.load(lo_ptr + axis), tl.load(hi_ptr + axis)
