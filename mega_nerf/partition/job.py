@@ -40,7 +40,11 @@ from mega_nerf.partition.maskfile import (
 )
 
 ImageHook = Callable[[int], None]
-WRITERS = 8  # threads compressing and writing masks (zlib and fsync release the GIL)
+# Threads compressing and writing masks. zlib and fsync release the GIL, but each thread takes it back between
+# them, and every such handover stalls the main thread that launches the GPU's work: on survey256 the masks took
+# 1.67 s with 8 threads, 1.30-1.35 s with 3, 1.37-1.41 s with 2 (writes then lag), against 1.04 s of membership
+# alone (bench/RESULTS.md, thirteenth session; a local disk).
+WRITERS = 3
 WRITE_QUEUE = 16  # images computed but not yet written, at most
 
 
