@@ -154,8 +154,9 @@ def at_rest(scene: Scene, moves: list[View], rests: list[View]) -> list[float]:
     try:
         for rest in rests:
             for view in moves:
-                loop.submit(view)
-                time.sleep(0.1)
+                if not view.same(rest):  # the loop drops a view equal to the one it has: rest must come anew
+                    loop.submit(view)
+                    time.sleep(0.1)
             done.clear()
             preview = None
             loop.submit(rest)

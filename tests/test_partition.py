@@ -2,6 +2,7 @@
 ground-truth hit points, and the one-line errors of scripts/create_cluster_masks.py."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -35,7 +36,7 @@ from mega_nerf.partition.cells import (
     load_params,
     make_params,
 )
-from mega_nerf.partition.job import create_cluster_masks
+from mega_nerf.partition.job import _groups, create_cluster_masks
 from mega_nerf.partition.maskfile import decode_mask, encode_mask, load_mask, write_mask
 from mega_nerf.rays import image_rays, near_far, normalize_altitude_range
 
@@ -190,6 +191,21 @@ def test_rays_follow_the_rule_at_their_samples(partitioned: Path, tiny_city: Pat
             for k, ratio in enumerate(best):
                 if abs(ratio - params.boundary_margin) > 1e-4:
                     assert bool(mask[r, k]) == (ratio <= params.boundary_margin), (image.name, r, k)
+
+
+def test_images_are_grouped_in_order_within_a_chunk(tiny_city: Path) -> None:
+    """Groups hold every image once, in order; a group's pixels fit one chunk unless it is one larger image."""
+    images = load_dataset(tiny_city).images
+    pixels = images[0].H * images[0].W
+    for chunk in (1, pixels - 1, pixels, 3 * pixels + 1, 10 ** 9):
+        groups = _groups(images, chunk)
+        assert [image.name for group in groups for image in group] == [image.name for image in images]
+        assert all(len(g) == 1 or sum(i.H * i.W for i in g) <= chunk for g in groups), chunk
+        if chunk >= pixels:  # every group but the last is full: adding the next image would overflow it
+            assert all(sum(i.H * i.W for i in g) + nxt[0].H * nxt[0].W > chunk for g, nxt in zip(groups, groups[1:]))
+    empty = dataclasses.replace(images[0], W=0)
+    assert _groups([empty, *images[:2]], pixels) == [[empty, images[0]], [images[1]]]
+    assert _groups([], pixels) == []
 
 
 @pytest.mark.parametrize("ray_samples", [SAMPLES, EXACT])
