@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mega_nerf.fields import kernels
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.kernels import occupancy_lookup
 
@@ -196,7 +197,7 @@ def occupancy_along(field: Field, origins: torch.Tensor, dirs: torch.Tensor, t: 
     fused kernel over all samples where the field's occupancy is a grid lookup and the kernel runs; else the
     field's `occupied`, a block of rays at a time (its reference)."""
     lookup = field.grid_lookup()
-    if lookup is not None and occupancy_lookup.available(t):
+    if lookup is not None and kernels.available(t):
         return occupancy_lookup.occupied_along(lookup, origins, dirs, t)
     return occupancy_lookup.occupied_along_reference(field.occupied, origins, dirs, t)
 

@@ -9,7 +9,6 @@ import torch
 
 from mega_nerf.fields import build_field, kernels
 from mega_nerf.fields.encoding import HASH_PRIMES, HashGrid, level_resolutions, positional_encoding, spherical_harmonics
-from mega_nerf.fields.kernels import hash_encode, mlp_heads
 from mega_nerf.fields.occupancy import OccupancyGrid, cell_index
 
 
@@ -192,17 +191,18 @@ def test_occupancy_grid_marks_where_density_is():
 
 
 def test_no_triton_switch_turns_every_kernel_off(monkeypatch):
-    """MEGA_NERF_NO_TRITON=1, read when fields.kernels is imported, makes every kernel's available() False, even
-    for a tensor on a GPU (a stand-in: these tests run on the CPU)."""
-    on_gpu = SimpleNamespace(is_cuda=True)
+    """MEGA_NERF_NO_TRITON=1, read when fields.kernels is imported, makes available() False even for a tensor on
+    a GPU with Triton installed (stand-ins for both: these tests run on the CPU); without it they run there."""
+    on_gpu, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
     try:
         monkeypatch.setenv("MEGA_NERF_NO_TRITON", "1")
         importlib.reload(kernels)
-        assert not kernels.ENABLED
-        assert not hash_encode.available(on_gpu) and not mlp_heads.available(on_gpu)
+        monkeypatch.setattr(kernels, "triton", SimpleNamespace())
+        assert not kernels.ENABLED and not kernels.available(on_gpu)
         monkeypatch.delenv("MEGA_NERF_NO_TRITON")
         importlib.reload(kernels)
-        assert kernels.ENABLED
+        monkeypatch.setattr(kernels, "triton", SimpleNamespace())
+        assert kernels.ENABLED and kernels.available(on_gpu) and not kernels.available(on_cpu)
     finally:
         monkeypatch.undo()
         importlib.reload(kernels)

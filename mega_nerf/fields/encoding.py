@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from mega_nerf.fields import kernels
 from mega_nerf.fields.kernels import hash_encode as hash_triton
 
 # Spatial-hash primes from Instant-NGP (Mueller et al. 2022, eq. 4); the first is 1 for cache coherence.
@@ -119,7 +120,7 @@ class HashGrid(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3) in [0, 1]^3 (clamped). Returns (N, n_levels * n_features), level-major. On the GPU this
         runs the fused Triton kernel, which computes the same function as `reference`."""
-        if hash_triton.available(x) and self.n_features == 2:
+        if kernels.available(x) and self.n_features == 2:
             return hash_triton.hash_encode(x, self.table, self.resolutions, self.offsets, self.table_size)
         return self.reference(x)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mega_nerf.fields import kernels
 from mega_nerf.fields.base import BoxField
 from mega_nerf.fields.encoding import SH_DEGREE, HashGrid, spherical_harmonics
 from mega_nerf.fields.kernels import mlp_heads as mlp_triton
@@ -88,7 +89,7 @@ class HashField(BoxField):
     def fused(self, positions: torch.Tensor) -> bool:
         """Whether forward runs the fused inference kernel: on the GPU, without gradients, under a half
         autocast (what the kernel reproduces), for widths it takes, without an affine appearance."""
-        return (self.affine is None and mlp_triton.available(positions) and not torch.is_grad_enabled()
+        return (self.affine is None and kernels.available(positions) and not torch.is_grad_enabled()
                 and torch.is_autocast_enabled("cuda")
                 and mlp_triton.supported(self.grid.output_dim, self.color_geo.out_features,
                                          self.density_net[2].out_features))

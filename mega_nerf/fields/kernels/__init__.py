@@ -1,7 +1,7 @@
 """Triton kernels, each beside the plain PyTorch reference that defines what it computes (docs/DESIGN.md, Kernels).
 
-`MEGA_NERF_NO_TRITON=1` in the environment turns every kernel off: each module's `available()` then answers
-False and the references run, to rule the kernels out when an image looks wrong or a run crashes on the GPU. The
+`MEGA_NERF_NO_TRITON=1` in the environment turns every kernel off: `available()` then answers False and the
+references run, to rule the kernels out when an image looks wrong or a run crashes on the GPU. The
 variable is read once, when this package is imported (`ENABLED`).
 """
 import contextlib
@@ -9,7 +9,19 @@ import os
 import threading
 from collections.abc import Callable
 
+import torch
+
+try:
+    import triton
+except ImportError:  # CPU-only installs: the references run
+    triton = None
+
 ENABLED = os.environ.get("MEGA_NERF_NO_TRITON", "") != "1"
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on `x`: Triton installed, `x` on a GPU, kernels not switched off."""
+    return ENABLED and triton is not None and x.is_cuda
 
 
 def prepare_in_background() -> threading.Thread | None:

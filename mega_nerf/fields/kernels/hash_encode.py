@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from mega_nerf.fields import kernels
-
 try:
     import triton
     import triton.language as tl
@@ -25,12 +23,6 @@ except ImportError:  # CPU-only installs: the reference path is used
     triton = None
 
 BLOCK = 256
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernel can run on `x`: Triton installed, `x` on a GPU, kernels not switched off
-    (MEGA_NERF_NO_TRITON, fields.kernels)."""
-    return kernels.ENABLED and triton is not None and x.is_cuda
 
 
 if triton is not None:

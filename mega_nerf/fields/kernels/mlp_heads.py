@@ -14,8 +14,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mega_nerf.fields import kernels
-
 try:
     import triton
     import triton.language as tl
@@ -24,12 +22,6 @@ except ImportError:  # CPU-only installs: the PyTorch path is used
 
 BLOCK = 64
 OUT = 16  # the colour head's 3 outputs, padded to tl.dot's smallest width
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernel can run on `x`: Triton installed, `x` on a GPU, kernels not switched off
-    (MEGA_NERF_NO_TRITON, fields.kernels)."""
-    return kernels.ENABLED and triton is not None and x.is_cuda
 
 
 if triton is not None:

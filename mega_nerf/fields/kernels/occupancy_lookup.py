@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import torch
 
-from mega_nerf.fields import kernels
 from mega_nerf.fields.occupancy import GridLookup
 
 try:
@@ -26,12 +25,6 @@ except ImportError:  # CPU-only installs: the PyTorch path is used
     triton = None
 
 BLOCK = 1024
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernel can run on `x`: Triton installed, `x` on a GPU, kernels not switched off
-    (MEGA_NERF_NO_TRITON, fields.kernels)."""
-    return kernels.ENABLED and triton is not None and x.is_cuda
 
 
 def occupied_along_reference(occupied: Callable[[torch.Tensor], torch.Tensor], origins: torch.Tensor,
