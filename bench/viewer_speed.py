@@ -160,7 +160,8 @@ def at_rest(scene: Scene, moves: list[View], rests: list[View]) -> list[float]:
             done.clear()
             preview = None
             loop.submit(rest)
-            done.wait()
+            if not done.wait(60):  # the render thread died, or dropped the view
+                raise RuntimeError("no full frame of a rest view within 60 s")
     finally:
         loop.close()
     return seconds

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mega_nerf.bounds import box_to_world
 from mega_nerf.fields import build_field, kernels
 from mega_nerf.fields.encoding import HASH_PRIMES, HashGrid, level_resolutions, positional_encoding, spherical_harmonics
 from mega_nerf.fields.occupancy import OccupancyGrid, cell_index
@@ -270,8 +271,6 @@ def test_occupied_reads_the_grid_cell_a_point_lies_in(contracted):
     """A point placed inside grid cell c through the inverse map (box_to_world) is occupied exactly when c's bit is
     set, in the box and in the contracted world beyond it; beyond the box along a plain axis nothing is. The MLP
     field has no grid to look up."""
-    from mega_nerf.bounds import box_to_world
-
     torch.manual_seed(3)
     r = 16
     field = build_field({"kind": "hash", "box_min": [-1.0, -2.0, -0.5], "box_max": [1.0, 2.0, 0.5], "n_images": 2,
