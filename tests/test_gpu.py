@@ -148,3 +148,22 @@ def test_viewer_band_reaches_the_host_whole_from_a_side_stream():
         host = to_host(band)
         equal = all(value.is_pinned() and torch.equal(value, expected[key]) for key, value in host.items())
     assert equal
+
+
+@pytest.mark.parametrize("ray_samples", [64, 0])  # sampled, exact (partition.cells.EXACT)
+def test_partition_bits_do_not_depend_on_how_images_share_chunks(tiny_city, tiny_city_summary, ray_samples):
+    """On the GPU too, a pixel's cells never depend on its chunk: the tiny city's first images, grouped into
+    chunks of 1,000 rays that split and join them, give each image's masks as that image alone."""
+    from mega_nerf.data.dataset import load_dataset
+    from mega_nerf.partition.cells import image_membership, make_params
+    from mega_nerf.rays import normalize_altitude_range
+
+    dataset = load_dataset(tiny_city)
+    altitude = normalize_altitude_range(tiny_city_summary["ray_altitude_range"], dataset.coordinates)
+    params = make_params(dataset, (2, 2), 1 / dataset.coordinates.pose_scale_factor, 2.0, altitude, 1.15, False,
+                         ray_samples)
+    images, cuda = dataset.images[:4], torch.device("cuda")
+    grouped = image_membership(images, params, cuda, ray_chunk=1000)
+    for image, member in zip(images, grouped, strict=True):
+        alone = image_membership([image], params, cuda, ray_chunk=image.H * image.W)[0]
+        assert torch.equal(member, alone), image.name
