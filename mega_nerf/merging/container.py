@@ -24,7 +24,7 @@ density (only the mask is needed to skip empty space).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,12 +186,11 @@ class Container(Field):
         return occupied
 
     def grid_lookup(self) -> GridLookup | None:
-        """The union grid over the shared box, where there is one (what `occupied` then reads)."""
+        """The union grid over the shared box, where there is one (what `occupied` then reads): the first
+        submodule's lookup with the union's mask."""
         if self.occupancy_mask is None:
             return None
-        first = self.submodules[0]
-        return GridLookup(first.box_min, first.box_max, first.contracted, first.any_contracted, self.occupancy_mask,
-                          first.occupancy.resolution)
+        return replace(self.submodules[0].grid_lookup(), mask=self.occupancy_mask)
 
     def foreground_exit(self, origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor | None:
         """The submodules share one foreground box (merge checks): the first one's answer."""
