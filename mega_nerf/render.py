@@ -137,24 +137,47 @@ def distortion_reference(weights: torch.Tensor) -> torch.Tensor:
     return pairs + (weights ** 2).sum(-1) / (3 * n)
 
 
+def compact(occupied: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The indices of a flat bool tensor's True entries in order, padded to `capacity` with occupied.numel() (one
+    past the last entry): what nonzero gives, in a shape fixed ahead, so no sync waits for the count (a CUDA graph
+    can hold it). The caller knows the count is at most `capacity`."""
+    total = occupied.numel()
+    slot = torch.where(occupied, occupied.cumsum(0) - 1, capacity)  # a True entry's place; others to a spare one
+    kept = torch.full((capacity + 1,), total, dtype=torch.long, device=occupied.device)
+    kept.scatter_(0, slot, torch.arange(total, device=occupied.device))
+    return kept[:capacity]
+
+
 def shade(field: Field, origins: torch.Tensor, dirs: torch.Tensor, appearance: torch.Tensor, t: torch.Tensor,
-          starts: torch.Tensor, ends: torch.Tensor, occupied: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+          starts: torch.Tensor, ends: torch.Tensor, occupied: torch.Tensor | None = None,
+          capacity: int | None = None) -> dict[str, torch.Tensor]:
     """Evaluate the field at origins + t * dirs, only where it may be occupied, and composite.
 
     origins, dirs: (R, 3); appearance: (R,) long; t, starts, ends: (R, n); occupied: (R, n) bool, the samples
-    worth shading when the caller knows them (else the field's occupancy is asked).
+    worth shading when the caller knows them (else the field's occupancy is asked). capacity: shade exactly this
+    many samples, the occupied ones (at most `capacity`) and then copies of others whose results are dropped, so
+    that every shape is known before the count (`compact`); 'samples' is then a 0-d tensor.
     """
     R, n = t.shape
     points = (origins[:, None, :] + dirs[:, None, :] * t[..., None]).reshape(-1, 3)
     if occupied is None:
         occupied = field.occupied(points).view(R, n) & (ends > starts)  # empty intervals hold nothing
-    kept = occupied.reshape(-1).nonzero()[:, 0]  # flat sample indices worth shading
-    ray_of = torch.div(kept, n, rounding_mode="floor")
-    sigma, color = field(points[kept], dirs, appearance, ray_of)
-    density = torch.zeros(R * n, device=t.device).index_put((kept,), sigma.float())
-    rgb = torch.zeros(R * n, 3, device=t.device).index_put((kept,), color.float())
+    if capacity is None:
+        kept = occupied.reshape(-1).nonzero()[:, 0]  # flat sample indices worth shading
+        shaded, samples = kept, kept.numel()
+    else:  # the padding is written to a spare slot, R * n, then cut off
+        kept = compact(occupied.reshape(-1), capacity)
+        # Its points are spread over the samples, not all at one: the backward of a gather adds up the gradients
+        # of equal indices one after another (copies of one sample made a step 2.7x slower on an H200).
+        spread = torch.arange(capacity, device=t.device) % (R * n)
+        shaded, samples = torch.where(kept < R * n, kept, spread), occupied.sum()
+    ray_of = torch.div(shaded, n, rounding_mode="floor")
+    sigma, color = field(points[shaded], dirs, appearance, ray_of)
+    slots = R * n + (capacity is not None)
+    density = torch.zeros(slots, device=t.device).index_put((kept,), sigma.float())[:R * n]
+    rgb = torch.zeros(slots, 3, device=t.device).index_put((kept,), color.float())[:R * n]
     out = composite(density.view(R, n), rgb.view(R, n, 3), starts, ends, t)
-    out["samples"] = kept.numel()
+    out["samples"] = samples
     return out
 
 
@@ -164,7 +187,17 @@ def render_rays(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: t
     """Render rays (R,) through a field. Returns rgb (R, 3), depth (R,), opacity (R,), the number of samples
     shaded, and with hierarchical sampling the coarse pass's rgb as 'rgb_coarse'."""
     t, starts, ends = ray_samples(field, origins, dirs, near, far, config, config.perturb, generator)
-    out = shade(field, origins, dirs, appearance, t, starts, ends)
+    return render_samples(field, origins, dirs, near, far, appearance, config, t, starts, ends, generator=generator)
+
+
+def render_samples(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
+                   appearance: torch.Tensor, config: RenderConfig, t: torch.Tensor, starts: torch.Tensor,
+                   ends: torch.Tensor, occupied: torch.Tensor | None = None, capacity: int | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """`render_rays` from its samples (`ray_samples`' t, starts, ends), their occupancy when known and a fixed
+    capacity of the first shading pass (`shade`): the trainer draws the samples and counts the occupied ones
+    before the rest of its step, which then has fixed shapes (training.graphs)."""
+    out = shade(field, origins, dirs, appearance, t, starts, ends, occupied, capacity)
     if config.fine_samples > 0:
         fine = sample_pdf(starts, ends, out["weights"], config.fine_samples, config.perturb, generator)
         t_all = torch.sort(torch.cat([t, fine], -1), -1).values

@@ -167,3 +167,66 @@ def test_partition_bits_do_not_depend_on_how_images_share_chunks(tiny_city, tiny
     for image, member in zip(images, grouped, strict=True):
         alone = image_membership([image], params, cuda, ray_chunk=image.H * image.W)[0]
         assert torch.equal(member, alone), image.name
+
+
+def _snapshot(trainer) -> tuple[dict, dict]:
+    """Copies of a trainer's field and optimiser state (to replay a step from the same point)."""
+    opt = {i: {k: v.clone() for k, v in s.items()} for i, s in trainer.optimizer.state.items()}
+    return {k: v.clone() for k, v in trainer.field.state_dict().items()}, opt
+
+
+def _restore(trainer, snapshot: tuple[dict, dict]) -> None:
+    field, opt = snapshot
+    trainer.field.load_state_dict(field)
+    for i, state in opt.items():
+        for k, v in state.items():
+            trainer.optimizer.state[i][k].copy_(v)
+
+
+def test_graphed_step_updates_as_the_eager_step(tiny_city, tmp_path):
+    """From one state and one batch's samples, the step that CUDA graphs replay (shading at a capacity, Adam at a
+    tensor lr) moves the parameters as the eager step does, both when it is captured and when it is replayed;
+    and a run with graphs learns as one without."""
+    from mega_nerf.cli.train import config_from_argv
+    from mega_nerf.training.graphs import GraphedSteps, capacity_for
+    from mega_nerf.training.trainer import Trainer
+
+    def trainer(name: str, *extra: str) -> Trainer:
+        return Trainer(config_from_argv(["--config_file", str(tiny_city / "config.yaml"), "--dataset_path",
+                                         str(tiny_city), "--exp_name", str(tmp_path / name), "--data_mode", "memory",
+                                         "--batch_size", "4096", "--no_progress", *extra]))
+
+    t = trainer("one", "--no_cuda_graphs")
+    stream = t.prepare_data()
+    for _ in range(40):  # past the occupancy warm-up, so that samples are skipped
+        t.train_step(stream)
+    image, pixel, rgb = stream.next_batch()
+    s = {**t._samples(image, pixel), "rgb": rgb}
+    count = int(s["occupied"].sum())
+    assert 0 < count < s["occupied"].numel()
+    before = _snapshot(t)
+    t.optimizer.zero_grad()
+    eager_loss, _, _ = t._shade(s, rgb, len(image))
+    t._update(eager_loss)
+    floats = [k for k, v in before[0].items() if v.is_floating_point()]
+    eager = {k: t.field.state_dict()[k] - before[0][k] for k in floats}
+    graphs = GraphedSteps(t._graphed_body, s)
+    for phase in ("captured", "replayed"):
+        _restore(t, before)
+        loss, _ = graphs.step(s, capacity_for(count, s["occupied"].numel()), t.optimizer.lr)
+        moved = {k: t.field.state_dict()[k] - before[0][k] for k in floats}
+        assert abs(float(loss) - float(eager_loss)) < 1e-4 * float(eager_loss), phase
+        for key, delta in eager.items():
+            if delta.abs().sum() > 0:
+                error = float((moved[key] - delta).norm() / delta.norm())
+                assert error < 2e-2, (phase, key, error)
+    assert len(graphs.graphs) == 1
+
+    steps = ("--train_iterations", "300", "--val_interval", "300", "--ckpt_interval", "300", "--val_images", "4")
+    scores = {}
+    for name, extra in (("graphs", ()), ("eager", ("--no_cuda_graphs",))):
+        run = trainer(name, *steps, *extra)
+        run.run()
+        scores[name] = run.validate()["val_psnr"]
+        assert (run.graphs is not None) == (name == "graphs")
+    assert scores["graphs"] > scores["eager"] - 0.5, scores

@@ -173,7 +173,7 @@ def test_a_step_split_into_passes_equals_the_unsplit_step(tiny_city, tmp_path, o
         trainer = Trainer(args(tiny_city, tmp_path / str(micro), "--data_mode", "memory", "--batch_size", "96",
                                "--micro_batch", str(micro), *regularisers))
         assert trainer.micro_batch == micro
-        trainer.optimizer.step = lambda: None  # keep the gradients of the step, unapplied
+        trainer.optimizer.step = lambda lr=None: None  # keep the gradients of the step, unapplied
         stream = trainer.prepare_data()
         loss, _ = trainer.train_step(stream)
         return float(loss), {n: p.grad.clone() for n, p in trainer.field.named_parameters() if p.grad is not None}
@@ -342,15 +342,15 @@ def test_val_embeddings_only_trains_the_field_on_training_rays_alone(tiny_city, 
     order = torch.argsort(val.int(), stable=True)  # the training rays first
     image, pixel, rgb, val = image[order], pixel[order], rgb[order], val[order]
     trained = int((~val).sum())
-    ref._pass(image[:trained], pixel[:trained], rgb[:trained], len(image))
+    ref._shade(ref._samples(image[:trained], pixel[:trained]), rgb[:trained], len(image))
     expected = {name: p.grad.clone() for name, p in ref.field.named_parameters() if p.grad is not None}
     ref.optimizer.zero_grad()
-    ref._pass(image[trained:], pixel[trained:], rgb[trained:], len(image))
+    ref._shade(ref._samples(image[trained:], pixel[trained:]), rgb[trained:], len(image))
     val_grad = ref.field.appearance.weight.grad
     expected["appearance.weight"] += val_grad
 
     on = Trainer(args(tiny_city, tmp_path / "on", *common, "--val_embeddings_only"))
-    on._pass(image, pixel, rgb, len(image))
+    on._shade(on._samples(image, pixel), rgb, len(image))
     grads = {name: p.grad for name, p in on.field.named_parameters() if p.grad is not None}
     assert grads.keys() == expected.keys() and len(grads) > 5
     for name, grad in grads.items():

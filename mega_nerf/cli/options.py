@@ -275,7 +275,8 @@ def ignored_options(parser: configargparse.ArgParser, args: configargparse.Names
 
 # ---- the resolved options of a run (issue 22) ------------------------------------------------------------------
 
-INVERTED = {"progress": "no_progress", "amp": "no_amp"}  # config fields whose option is their negation
+# config fields whose option is their negation
+INVERTED = {"progress": "no_progress", "amp": "no_amp", "cuda_graphs": "no_cuda_graphs"}
 
 
 def record_options(config: Any, folder: Path) -> Path:

@@ -95,6 +95,9 @@ def add_training_options(p: configargparse.ArgParser) -> None:
     p.add_argument("--seed", type=int, default=42, help="seeds the field, the shuffle and the samples")
     p.add_argument("--no_amp", dest="amp", action="store_false",
                    help="train in float32 on a GPU (default: bfloat16 autocast)")
+    p.add_argument("--no_cuda_graphs", dest="cuda_graphs", action="store_false",
+                   help="issue every kernel of a GPU step from Python (default: replay the shading, backward and "
+                        "update as CUDA graphs, about twice as fast where the host is the bottleneck)")
     p.add_argument("--ckpt_path", type=str, default=None,
                    help="start from this checkpoint (same dataset and field) when --exp_name holds none")
     p.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")

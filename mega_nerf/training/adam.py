@@ -27,7 +27,7 @@ EPS = 1e-15
 
 
 def adam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: float,
+                exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: float | torch.Tensor,
                 betas: tuple[float, float], eps: float) -> None:
     """One Adam update of `params` in place, in one fused kernel per call; the moments are updated in place too.
     All tensors on one device, with one dtype, and contiguous (the kernel walks each tensor's memory in order,
@@ -69,8 +69,9 @@ class Adam:
             param.grad = None
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Update every parameter that has a gradient, in one fused kernel."""
+    def step(self, lr: torch.Tensor | None = None) -> None:
+        """Update every parameter that has a gradient, in one fused kernel, at `lr` if given (a 0-d tensor on the
+        parameters' device, read when the kernel runs, as a CUDA graph replaying the step needs), else self.lr."""
         indices = [i for i, param in enumerate(self.params) if param.grad is not None]
         if not indices:  # the fused kernels refuse empty lists
             return
@@ -83,8 +84,8 @@ class Adam:
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
         adam_update([self.params[i] for i in indices], [self.params[i].grad.contiguous() for i in indices],
-                    [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps, self.lr, self.betas,
-                    self.eps)
+                    [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps,
+                    self.lr if lr is None else lr, self.betas, self.eps)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's format (module docstring); the tensors are the live ones, as torch.optim's are."""

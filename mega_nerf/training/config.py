@@ -59,13 +59,14 @@ class TrainConfig:
     fine_samples: int | None = None
     bg_samples: int = 32  # samples beyond the foreground box, in contracted space
     amp: bool = True  # training steps on a GPU under a bfloat16 autocast
-    # regularisers against fitting few views (0: off); see Trainer._pass
+    cuda_graphs: bool = True  # a GPU step's shading, backward and update replayed as CUDA graphs (training.graphs)
+    # regularisers against fitting few views (0: off); see Trainer._shade
     distortion_loss: float = 0.0  # weight of mip-NeRF 360's distortion loss (render.distortion)
     hash_decay: float = 0.0  # weight of the hash grid's normalised weight decay (HashGrid.decay_loss)
     ckpt_path: str | None = None  # a checkpoint to start from when exp_name holds none
     # which val pixels train: Mega-NeRF's protocol (left halves) or strict (none); data/dataset.PROTOCOLS
     eval_protocol: str = MEGA_NERF
-    # Under it, whether the val left halves train only their own appearance embeddings (Trainer._pass), not
+    # Under it, whether the val left halves train only their own appearance embeddings (Trainer._shade), not
     # the field as well, so that the field cannot fit itself to an embedding fitted to half an image
     val_embeddings_only: bool = False
     # bookkeeping

@@ -28,10 +28,11 @@ from mega_nerf.fields.encoding import SH_DEGREE
 from mega_nerf.io import save_torch_atomic
 from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
-from mega_nerf.render import RenderConfig, distortion, render_rays
+from mega_nerf.render import RenderConfig, distortion, occupancy_along, ray_samples, render_samples
 from mega_nerf.training import checkpoint as ckpt
 from mega_nerf.training.adam import Adam
 from mega_nerf.training.config import TrainConfig
+from mega_nerf.training.graphs import GraphedSteps, capacity_for
 from mega_nerf.training.log import Logger
 from mega_nerf.training.validation import validate
 
@@ -127,10 +128,11 @@ class Trainer:
         self.micro_batch = min(config.batch_size, config.micro_batch or budget_rays)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
-        self.val_image = None  # (I,) bool on the device: which appearance indices are val images (_pass)
+        self.val_image = None  # (I,) bool on the device: which appearance indices are val images (_shade)
         if config.val_embeddings_only:
             self.val_image = torch.zeros(len(self.dataset.images), dtype=torch.bool, device=self.device)
             self.val_image[[m.index for m in self.dataset.val]] = True
+        self.graphs: GraphedSteps | None = None  # made at the first graphed step (train_step)
         self.step = 0
         self.clock.mark("model")
 
@@ -258,18 +260,30 @@ class Trainer:
                   "nothing to train (its checkpoint stays the result)", file=sys.stderr)
         return path
 
-    def _pass(self, image: torch.Tensor, pixel: torch.Tensor, rgb: torch.Tensor, batch: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward and backward of one pass over rays (R,) with colours (R, 3). Its losses are sums over its rays
-        divided by the step's `batch` rays, so the passes' gradients add up to the step's mean. With
-        --val_embeddings_only the val images' rays train only the appearance embeddings: their share of the loss
-        is back-propagated to the embedding table alone (autograd then stops short of the field), the rest to
-        everything, from one forward pass. Returns the loss, the fine-pass MSE and the samples shaded (device
-        tensors, no sync)."""
+    def _samples(self, image: torch.Tensor, pixel: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rays of (image, pixel) (R,), their jittered samples and which of those are worth shading:
+        everything a pass draws or counts before its field is evaluated (render_samples' inputs)."""
         origins, dirs = self.cameras.rays(image, pixel)
         near, far = self.bounds.clip(origins, dirs)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.amp):
-            out = render_rays(self.field, origins, dirs, near, far, image, self.render_config, self.generator)
+        t, starts, ends = ray_samples(self.field, origins, dirs, near, far, self.render_config,
+                                       self.render_config.perturb, self.generator)
+        occupied = occupancy_along(self.field, origins, dirs, t) & (ends > starts)
+        return {"origins": origins, "dirs": dirs, "near": near, "far": far, "t": t, "starts": starts, "ends": ends,
+                "occupied": occupied, "image": image}
+
+    def _shade(self, s: dict[str, torch.Tensor], rgb: torch.Tensor, batch: int, capacity: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward of one pass over the rays of `_samples` (R,) with colours (R, 3), shading at most
+        `capacity` samples if given (render.shade). Its losses are sums over its rays divided by the step's
+        `batch` rays, so the passes' gradients add up to the step's mean. With --val_embeddings_only the val
+        images' rays train only the appearance embeddings: their share of the loss is back-propagated to the
+        embedding table alone (autograd then stops short of the field), the rest to everything, from one forward
+        pass. Returns the loss, the fine-pass MSE and the samples shaded (device tensors, no sync)."""
+        amp = self.device.type == "cuda" and self.config.amp
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+            out = render_samples(self.field, s["origins"], s["dirs"], s["near"], s["far"], s["image"],
+                                 self.render_config, s["t"], s["starts"], s["ends"], s["occupied"], capacity,
+                                 self.generator)
         scale = 1.0 / (3 * batch)  # 3 channels per ray
         mse = ((out["rgb"] - rgb) ** 2).sum(-1) * scale  # per ray (R,)
         loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum(-1) * scale if "rgb_coarse" in out else mse
@@ -279,29 +293,61 @@ class Trainer:
         if self.val_image is None:
             total.backward()
         else:
-            val = self.val_image[image].to(loss.dtype)  # (R,) 1 for a val image's ray
+            val = self.val_image[s["image"]].to(loss.dtype)  # (R,) 1 for a val image's ray
             (loss * val).sum().backward(inputs=[self.field.appearance.weight], retain_graph=True)
             (loss * (1 - val)).sum().backward()
         return total.detach(), mse.detach().sum(), out["samples"]
 
-    def train_step(self, stream: RayStream) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimisation step over `batch_size` rays, in passes of at most `micro_batch` rays whose gradients
-        add up (`_pass`). On the CPU the jitter of consecutive passes is drawn in the order of the unsplit step,
-        so without hierarchical sampling a split step equals the unsplit one up to float rounding. Returns the
-        loss and the fine-pass MSE (device tensors, no sync)."""
-        image, pixel, rgb = stream.next_batch()
-        self.optimizer.lr = self.lr_at(self.step)
-        self.optimizer.zero_grad()
-        batch, loss, mse, self.last_samples = len(image), 0.0, 0.0, 0  # samples: logged per ray
-        for start in range(0, batch, self.micro_batch):
-            part = slice(start, start + self.micro_batch)
-            pass_loss, pass_mse, samples = self._pass(image[part], pixel[part], rgb[part], batch)
-            loss, mse, self.last_samples = loss + pass_loss, mse + pass_mse, self.last_samples + samples
+    def _update(self, loss: torch.Tensor, lr: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's end, once its passes' gradients are in: the hash decay term, then Adam (at `lr` if given, a
+        0-d device tensor, else the optimiser's own). Returns the step's loss."""
         if self.config.hash_decay:  # a term of the step, not of its rays: once, whatever the passes
             decay = self.config.hash_decay * self.field.grid.decay_loss()
             decay.backward()
             loss = loss + decay.detach()
-        self.optimizer.step()
+        self.optimizer.step(lr)
+        return loss
+
+    def _graphed_body(self, s: dict[str, torch.Tensor], capacity: int, lr: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What GraphedSteps captures: one pass at `capacity` and the update (s["rgb"]: the colours)."""
+        self.optimizer.zero_grad()
+        loss, mse, _ = self._shade(s, s["rgb"], s["rgb"].shape[0], capacity)
+        return self._update(loss, lr), mse
+
+    def _use_graphs(self, rays: int) -> bool:
+        """Whether this step runs through CUDA graphs: on a GPU, asked for, with uniform samples only (a fine
+        pass would count its samples again), in one pass of a full batch, and past the occupancy grid's
+        warm-up (before it every sample in the box is shaded, and the counts fall fast)."""
+        c = self.config
+        return (self.device.type == "cuda" and c.cuda_graphs and c.fine_samples == 0 and rays == c.batch_size
+                and self.micro_batch == c.batch_size and self.step > c.occupancy_warmup)
+
+    def train_step(self, stream: RayStream) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step over `batch_size` rays, in passes of at most `micro_batch` rays whose gradients
+        add up (`_shade`), or through CUDA graphs (`_use_graphs`, training.graphs). On the CPU the jitter of
+        consecutive passes is drawn in the order of the unsplit step, so without hierarchical sampling a split
+        step equals the unsplit one up to float rounding. Returns the loss and the fine-pass MSE (device
+        tensors, no sync)."""
+        image, pixel, rgb = stream.next_batch()
+        self.optimizer.lr = self.lr_at(self.step)
+        batch = len(image)
+        if self._use_graphs(batch):
+            s = {**self._samples(image, pixel), "rgb": rgb}
+            count = int(s["occupied"].sum())  # the step's one sync, as nonzero's in an eager step
+            if self.graphs is None:
+                self.graphs = GraphedSteps(self._graphed_body, s)
+            loss, mse = self.graphs.step(s, capacity_for(count, s["occupied"].numel()), self.optimizer.lr)
+            self.last_samples = count
+        else:
+            self.optimizer.zero_grad()
+            loss, mse, self.last_samples = 0.0, 0.0, 0  # samples: logged per ray
+            for start in range(0, batch, self.micro_batch):
+                part = slice(start, start + self.micro_batch)
+                pass_loss, pass_mse, samples = self._shade(self._samples(image[part], pixel[part]), rgb[part],
+                                                           batch)
+                loss, mse, self.last_samples = loss + pass_loss, mse + pass_mse, self.last_samples + samples
+            loss = self._update(loss)
         self.step += 1
         self.field.after_step(self.step, self.generator)
         return loss.detach(), mse.detach()
@@ -373,6 +419,8 @@ class Trainer:
                 metrics = self.validate()
                 log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
         bar.close()
+        if self.graphs is not None:
+            print(f"CUDA graphs: {len(self.graphs.graphs)} captured, one per sample capacity the steps needed")
         if self.step - first == 1:  # a one-step run: no second step to tell compilation apart
             self._log_startup(log)
         log.close()
