@@ -140,7 +140,8 @@ def distortion_reference(weights: torch.Tensor) -> torch.Tensor:
 def compact(occupied: torch.Tensor, capacity: int) -> torch.Tensor:
     """The indices of a flat bool tensor's True entries in order, padded to `capacity` with occupied.numel() (one
     past the last entry): what nonzero gives, in a shape fixed ahead, so no sync waits for the count (a CUDA graph
-    can hold it). The caller knows the count is at most `capacity`."""
+    can hold it). The caller must know the count is at most `capacity` (more would scatter out of bounds: checking
+    it here would be the sync this avoids)."""
     total = occupied.numel()
     slot = torch.where(occupied, occupied.cumsum(0) - 1, capacity)  # a True entry's place; others to a spare one
     kept = torch.full((capacity + 1,), total, dtype=torch.long, device=occupied.device)

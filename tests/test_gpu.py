@@ -185,8 +185,8 @@ def _restore(trainer, snapshot: tuple[dict, dict]) -> None:
 
 def test_graphed_step_updates_as_the_eager_step(tiny_city, tmp_path):
     """From one state and one batch's samples, the step that CUDA graphs replay (shading at a capacity, Adam at a
-    tensor lr) moves the parameters as the eager step does, both when it is captured and when it is replayed;
-    and a run with graphs learns as one without."""
+    tensor lr) moves the parameters as the eager step does, when it is first run and when it is replayed, also after
+    a graph of another capacity was captured into the same pool; and a run with graphs learns as one without."""
     from mega_nerf.cli.train import config_from_argv
     from mega_nerf.training.graphs import GraphedSteps, capacity_for
     from mega_nerf.training.trainer import Trainer
@@ -211,16 +211,27 @@ def test_graphed_step_updates_as_the_eager_step(tiny_city, tmp_path):
     floats = [k for k, v in before[0].items() if v.is_floating_point()]
     eager = {k: t.field.state_dict()[k] - before[0][k] for k in floats}
     graphs = GraphedSteps(t._graphed_body, s)
-    for phase in ("captured", "replayed"):
+
+    def step_moves_as_eager(capacity: int, phase: str) -> None:
         _restore(t, before)
-        loss, _ = graphs.step(s, capacity_for(count, s["occupied"].numel()), t.optimizer.lr)
+        loss, _ = graphs.step(s, capacity, t.optimizer.lr)
         moved = {k: t.field.state_dict()[k] - before[0][k] for k in floats}
         assert abs(float(loss) - float(eager_loss)) < 1e-4 * float(eager_loss), phase
         for key, delta in eager.items():
             if delta.abs().sum() > 0:
                 error = float((moved[key] - delta).norm() / delta.norm())
                 assert error < 2e-2, (phase, key, error)
-    assert len(graphs.graphs) == 1
+
+    total = s["occupied"].numel()
+    first = capacity_for(count, total)
+    second = count + (512 if first != count + 512 else 256)  # any capacity that holds the count will do
+    assert second <= total
+    step_moves_as_eager(first, "first capacity: its eager step on a side stream, then its capture")
+    step_moves_as_eager(first, "first capacity replayed")
+    step_moves_as_eager(second, "second capacity: eager, then captured into the same pool")
+    step_moves_as_eager(first, "first capacity replayed after the second's capture")
+    step_moves_as_eager(second, "second capacity replayed")
+    assert len(graphs.graphs) == 2
 
     steps = ("--train_iterations", "300", "--val_interval", "300", "--ckpt_interval", "300", "--val_images", "4")
     scores = {}
@@ -228,5 +239,5 @@ def test_graphed_step_updates_as_the_eager_step(tiny_city, tmp_path):
         run = trainer(name, *steps, *extra)
         run.run()
         scores[name] = run.validate()["val_psnr"]
-        assert (run.graphs is not None) == (name == "graphs")
+        assert (run.graphs_captured > 0) == (name == "graphs") and run.graphs is None
     assert scores["graphs"] > scores["eager"] - 0.5, scores

@@ -5,13 +5,18 @@ Why: a step of the hash field is about a thousand small kernels, and on an H200 
 issues them all in one call. A graph fixes every shape, and the one shape a step does not know ahead is how many
 of its samples are occupied: so the trainer draws the samples and counts the occupied ones eagerly (one sync, as
 the eager step's nonzero has), and the rest runs as the graph captured for the smallest `capacity` on a ladder of
-sizes 2^(1/8) apart that holds the count (render.shade pads the rest; at most 9 % more samples shaded). Each
+sizes about 2^(1/8) apart that holds the count (render.shade pads the rest: at most 9 % more samples shaded once a
+step shades over 11,000, the rungs being multiples of 1024). Each
 capacity is captured the first time it is needed, after running that step eagerly on a side stream (the update it
 makes is that step's); later steps with the same capacity replay it.
 
 All graphs share one memory pool. That is safe because nothing a graph leaves in the pool is read after another
 graph runs: its loss and MSE are copied into tensors allocated outside the pool, its gradients are read by the
-Adam update inside the same graph, and its inputs are copied into buffers allocated outside the pool.
+Adam update inside the same graph, and its inputs are copied into buffers allocated outside the pool. The argument
+needs every tensor the body keeps between steps made before the first capture (one eager step makes the parameters'
+optimiser state; the eager run before each capture, the kernels' and the encodings' lazily built constants): one
+first made during a capture would live in the pool and be overwritten by the next graph. The trainer drops the
+gradients after each replay (they point into the pool) and the graphs when a run ends or resumes.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class GraphedSteps:
         self.body = body
         self.inputs = {k: torch.empty_like(v) for k, v in example.items()}
         device = next(iter(example.values())).device
+        self.device = device  # streams and captures act on the current device: step() makes it this one
         self.lr = torch.zeros((), device=device)
         self.loss, self.mse = torch.zeros((), device=device), torch.zeros((), device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -59,6 +65,10 @@ class GraphedSteps:
     def step(self, inputs: Inputs, capacity: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One step over `inputs` (copied into the graphs' buffers) at `capacity`, capturing its graph the first
         time. Returns copies of the step's loss and MSE (device tensors, no sync)."""
+        with torch.cuda.device(self.device):
+            return self._step(inputs, capacity, lr)
+
+    def _step(self, inputs: Inputs, capacity: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for key, value in inputs.items():
             self.inputs[key].copy_(value)
         self.lr.fill_(lr)

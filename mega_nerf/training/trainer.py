@@ -132,7 +132,8 @@ class Trainer:
         if config.val_embeddings_only:
             self.val_image = torch.zeros(len(self.dataset.images), dtype=torch.bool, device=self.device)
             self.val_image[[m.index for m in self.dataset.val]] = True
-        self.graphs: GraphedSteps | None = None  # made at the first graphed step (train_step)
+        self.graphs: GraphedSteps | None = None  # made at the first graphed step (train_step), dropped by run
+        self.graphs_captured = 0  # how many graphs the last run captured
         self.step = 0
         self.clock.mark("model")
 
@@ -222,6 +223,7 @@ class Trainer:
 
     def resume(self, stream: RayStream) -> Path | None:
         """Continue from the latest checkpoint in exp_name or, when it holds none, from --ckpt_path."""
+        self.graphs = None  # they would update the optimiser state that loading replaces
         path = ckpt.latest_checkpoint(self.exp_dir)
         if path is None and self.config.ckpt_path:
             path = Path(self.config.ckpt_path)
@@ -280,7 +282,8 @@ class Trainer:
         embedding table alone (autograd then stops short of the field), the rest to everything, from one forward
         pass. Returns the loss, the fine-pass MSE and the samples shaded (device tensors, no sync)."""
         amp = self.device.type == "cuda" and self.config.amp
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+        # A graph must cast the weights inside itself, not read casts cached outside it
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=capacity is None):
             out = render_samples(self.field, s["origins"], s["dirs"], s["near"], s["far"], s["image"],
                                  self.render_config, s["t"], s["starts"], s["ends"], s["occupied"], capacity,
                                  self.generator)
@@ -318,10 +321,12 @@ class Trainer:
     def _use_graphs(self, rays: int) -> bool:
         """Whether this step runs through CUDA graphs: on a GPU, asked for, with uniform samples only (a fine
         pass would count its samples again), in one pass of a full batch, and past the occupancy grid's
-        warm-up (before it every sample in the box is shaded, and the counts fall fast)."""
+        warm-up, once the grid has been estimated (before, every sample in the box is shaded: a graph at that
+        capacity would hold its memory all run)."""
         c = self.config
+        first_update = -(-c.occupancy_warmup // c.occupancy_interval) * c.occupancy_interval  # HashField.after_step
         return (self.device.type == "cuda" and c.cuda_graphs and c.fine_samples == 0 and rays == c.batch_size
-                and self.micro_batch == c.batch_size and self.step > c.occupancy_warmup)
+                and self.micro_batch == c.batch_size and self.step >= first_update)
 
     def train_step(self, stream: RayStream) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step over `batch_size` rays, in passes of at most `micro_batch` rays whose gradients
@@ -338,6 +343,7 @@ class Trainer:
             if self.graphs is None:
                 self.graphs = GraphedSteps(self._graphed_body, s)
             loss, mse = self.graphs.step(s, capacity_for(count, s["occupied"].numel()), self.optimizer.lr)
+            self.optimizer.zero_grad()  # the gradients lie in the graphs' pool, which the next graph reuses
             self.last_samples = count
         else:
             self.optimizer.zero_grad()
@@ -419,8 +425,10 @@ class Trainer:
                 metrics = self.validate()
                 log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
         bar.close()
-        if self.graphs is not None:
-            print(f"CUDA graphs: {len(self.graphs.graphs)} captured, one per sample capacity the steps needed")
+        if self.graphs is not None:  # their pool is freed with them (they and the trainer refer to each other)
+            self.graphs_captured = len(self.graphs.graphs)
+            self.graphs = None
+            print(f"CUDA graphs: {self.graphs_captured} captured, one per sample capacity the steps needed")
         if self.step - first == 1:  # a one-step run: no second step to tell compilation apart
             self._log_startup(log)
         log.close()
