@@ -11,7 +11,7 @@ import torch
 
 from mega_nerf.bounds import contracted_position
 from mega_nerf.data.dataset import load_dataset
-from mega_nerf.partition.cells import EXACT, exact_ray_membership, image_membership, make_params
+from mega_nerf.partition.cells import EXACT, exact_ray_membership, image_membership, make_params, routed
 from mega_nerf.partition.exact import arc_membership, segment_membership
 from mega_nerf.rays import normalize_altitude_range
 
@@ -79,8 +79,8 @@ def test_rays_without_a_remainder_skip_only_a_repeated_end(margin: float) -> Non
     random rays to the segment and the remainder tested on every ray, where a remainder of one point is the
     segment's end (the two could differ only for an end within an ulp of a boundary, far inside exact.SLACK)."""
     box_min, box_max = torch.tensor([-0.5, -1.0, -1.0]).double(), torch.tensor([0.5, 1.0, 1.0]).double()
-    place = partial(contracted_position, box_min=box_min, box_max=box_max,
-                    contracted=torch.tensor([False, True, True]))
+    box = (box_min, box_max, torch.tensor([False, True, True]))
+    place = routed(box)
     g = torch.Generator().manual_seed(11)
     n = 2000
     origins = (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5) * (box_max - box_min) * 1.5
@@ -91,7 +91,7 @@ def test_rays_without_a_remainder_skip_only_a_repeated_end(margin: float) -> Non
     centroids = torch.tensor([[0.0, y, z] for y in (-0.6, 0.0, 0.6) for z in (-0.5, 0.5)], dtype=torch.float64)
     every_ray = (segment_membership(origins, dirs, near, split, centroids, margin, False, place)
                  | arc_membership(origins, dirs, split, far, centroids, margin, False, place))
-    member = exact_ray_membership(origins, dirs, near, split, far, centroids, margin, False, 1 << 12, place)
+    member = exact_ray_membership(origins, dirs, near, split, far, centroids, margin, False, 1 << 12, box)
     assert torch.equal(member, every_ray)
     assert 1.2 < member[::2].sum() / (n / 2) < 5  # the one-point rays: in several cells and in few
 

@@ -26,8 +26,10 @@ import torch
 from mega_nerf.bounds import FOREGROUND_SCALE, box_exit, contracted_axes, contracted_position, foreground_box
 from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.errors import UserError
+from mega_nerf.fields import kernels
 from mega_nerf.io import load_torch, save_torch_atomic
-from mega_nerf.partition.exact import DEFAULT_ARCS, arc_membership, segment_membership
+from mega_nerf.partition.exact import DEFAULT_ARCS
+from mega_nerf.partition.exact_kernel import Box, exact_membership, exact_membership_reference
 from mega_nerf.rays import near_far, rays_from_pixels
 
 EXACT = 0  # `ray_samples` of the exact rule (partition.exact); a positive count is Mega-NeRF's sampled rule
@@ -123,26 +125,27 @@ def ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor
 
 def exact_ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor, split: torch.Tensor,
                          far: torch.Tensor, centroids: torch.Tensor, boundary_margin: float, cluster_2d: bool,
-                         dist_chunk: int, place: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+                         dist_chunk: int, box: Box | None) -> torch.Tensor:
     """(N, K) bool without sampling (partition.exact): exact over the straight part [near, split], conservative
-    over the routed remainder [split, far] (only with `place`), tested only where there is one: rays whose far
-    bound lies beyond the box exit (on the synthetic city about a quarter of them; its arcs are most of the
-    work). Rays go in blocks of about `dist_chunk` point-centroid distances."""
-    K = centroids.shape[0]
+    over the remainder [split, far] routed by `box`'s contraction (only with a box), tested only where there is
+    one: rays whose far bound lies beyond the box exit (on the synthetic city about a quarter of them; its arcs
+    are most of the work). On a GPU in one kernel (partition.exact_kernel); else rays go in blocks of about
+    `dist_chunk` point-centroid distances."""
+    if kernels.available(origins):
+        return exact_membership(origins, dirs, near, split, far, centroids, boundary_margin, cluster_2d, box)
+    K, place = centroids.shape[0], routed(box)
     rows = max(1, dist_chunk // (K * max(K, 2 * DEFAULT_ARCS)))
     member = torch.empty(origins.shape[0], K, dtype=torch.bool, device=origins.device)
     for r in range(0, origins.shape[0], rows):
-        o, d, n, s, f = (x[r:r + rows] for x in (origins, dirs, near, split, far))
-        block = segment_membership(o, d, n, s, centroids, boundary_margin, cluster_2d, place)
-        if place is not None:
-            # A remainder of one point (split = far) is the segment's end, tested above; the arcs would place
-            # it again up to the rounding of their t (an ulp, far inside exact.SLACK).
-            rest = (s != f).nonzero().squeeze(1)
-            if len(rest):
-                block[rest] |= arc_membership(o[rest], d[rest], s[rest], f[rest], centroids, boundary_margin,
-                                              cluster_2d, place)
-        member[r:r + rows] = block
+        part = slice(r, r + rows)
+        member[part] = exact_membership_reference(origins[part], dirs[part], near[part], split[part], far[part],
+                                                  centroids, boundary_margin, cluster_2d, place)
     return member
+
+
+def routed(box: Box | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Where the container routes points, as a function of them: the contraction beyond `box`; None without."""
+    return None if box is None else partial(contracted_position, box_min=box[0], box_max=box[1], contracted=box[2])
 
 
 # Work per launch. A CPU keeps each (points, cells) tensor near its cache (about 1 MiB); a GPU wants few, large
@@ -177,19 +180,19 @@ def image_membership(images: list[ImageMetadata], params: PartitionParams, devic
     """
     assert params.boundary_margin is not None and params.ray_samples is not None
     centroids = params.centroids.to(device)
-    box = params.foreground()
-    axes = torch.tensor(contracted_axes(params.ray_altitude_range), device=device)
-    place = None if box is None else partial(contracted_position, box_min=box[0].to(device),
-                                             box_max=box[1].to(device), contracted=axes)
+    foreground = params.foreground()
+    box = None if foreground is None else (foreground[0].to(device), foreground[1].to(device),
+                                           torch.tensor(contracted_axes(params.ray_altitude_range), device=device))
+    place = routed(box)
     rule = (params.boundary_margin, params.cluster_2d, dist_chunk)
     out = [torch.empty(image.H * image.W, params.num_cells, dtype=torch.bool) for image in images]
     for pieces in _chunks(images, ray_chunk):
         rays = [_pixel_rays(images[i], first, last, device) for i, first, last in pieces]
         origins, dirs = torch.cat([o for o, _ in rays]), torch.cat([d for _, d in rays])
         near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
-        split = far if box is None else torch.minimum(far, box_exit(origins, dirs, *box)).clamp_min(near)
+        split = far if box is None else torch.minimum(far, box_exit(origins, dirs, *box[:2])).clamp_min(near)
         if params.ray_samples == EXACT:
-            member = exact_ray_membership(origins, dirs, near, split, far, centroids, *rule, place)
+            member = exact_ray_membership(origins, dirs, near, split, far, centroids, *rule, box)
         else:
             member = ray_membership(origins, dirs, near, split, centroids, params.ray_samples, *rule, place)
             if place is not None:

@@ -19,9 +19,11 @@ from mega_nerf.clock import PartsClock
 from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.distributed import DistInfo, barrier, check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
+from mega_nerf.fields import kernels
 from mega_nerf.io import write_bgr, write_json
 from mega_nerf.ordered import OrderedQueue
 from mega_nerf.partition.cells import (
+    EXACT,
     PartitionParams,
     cell_membership,
     centroid_distances,
@@ -71,6 +73,8 @@ def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None, clock:
     barrier for longer than about one image takes."""
     clock = PartsClock() if clock is None else clock
     with distributed_job(job.timeout_minutes) as info:
+        if info.device.type == "cuda" and job.params.ray_samples == EXACT:
+            kernels.prepare_in_background()  # the exact rule's kernel: Triton's one-time work overlaps the output's
         _prepare_output(job, info)
         clock.mark("ranks and output")
         done = [m for m in job.dataset.images if job.resume and _complete(job, m)]

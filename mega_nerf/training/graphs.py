@@ -1,14 +1,14 @@
 """The training step's shading, loss, backward and Adam update replayed as CUDA graphs.
 
-Why: a step of the hash field is about a thousand small kernels, and on an H200 the host took longer to issue them
-(15 ms on the `oblique` preset) than the GPU to run them (7.9 ms; bench/RESULTS.md, fourteenth session). A graph
-issues them all in one call. A graph fixes every shape, and the one shape a step does not know ahead is how many
-of its samples are occupied: so the trainer draws the samples and counts the occupied ones eagerly (one sync, as
-the eager step's nonzero has), and the rest runs as the graph captured for the smallest `capacity` on a ladder of
+Why: a step of the hash field is about 470 small kernels, and on an H200 the host took longer to issue them (15 ms
+on the `oblique` preset) than the GPU to run them (7.9 ms; bench/RESULTS.md, fourteenth and fifteenth sessions). A
+graph issues them all in one call. A graph fixes every shape, and the one shape a step does not know ahead is how
+many of its samples are occupied: so the trainer draws the samples and counts the occupied ones eagerly (one sync,
+as the eager step's nonzero has), and the rest runs as the graph captured for the smallest `capacity` on a ladder of
 sizes about 2^(1/8) apart that holds the count (render.shade pads the rest: at most 9 % more samples shaded once a
-step shades over 11,000, the rungs being multiples of 1024). Each
-capacity is captured the first time it is needed, after running that step eagerly on a side stream (the update it
-makes is that step's); later steps with the same capacity replay it.
+step shades over 11,000, the rungs being multiples of 1024). Each capacity is captured the first time it is needed,
+after running that step eagerly on a side stream (the update it makes is that step's); later steps with the same
+capacity replay it.
 
 All graphs share one memory pool. That is safe because nothing a graph leaves in the pool is read after another
 graph runs: its loss and MSE are copied into tensors allocated outside the pool, its gradients are read by the
