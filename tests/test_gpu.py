@@ -133,19 +133,21 @@ def test_fused_occupancy_lookup_equals_its_reference_bit_for_bit(contracted, res
     assert torch.equal(reference, occupancy_lookup.occupied_along_reference(field.occupied, origins, dirs, t))
 
 
-@pytest.mark.parametrize("K,cluster_2d,routed_beyond", [(4, False, True), (6, True, True), (9, False, False),
-                                                      (1, False, True)])
-def test_exact_membership_kernel_equals_its_reference_bit_for_bit(K, cluster_2d, routed_beyond):
+@pytest.mark.parametrize("K,cluster_2d,flags", [(4, False, (False, True, True)), (6, True, (False, True, True)),
+                                               (9, False, None), (1, False, (False, True, True)),
+                                               (33, False, (True, True, True))])
+def test_exact_membership_kernel_equals_its_reference_bit_for_bit(K, cluster_2d, flags):
     """The exact rule's kernel repeats the reference's float64 arithmetic: every ray's cells are the reference's
     on the GPU, for rays inside and outside the box, with and without a routed remainder, one-point segments and
-    remainders, cell counts that are not powers of two, and 3D or horizontal distances."""
+    remainders, cell counts that are not powers of two (and 33, blocks of 64 cells), every axis contracted (no
+    altitude slab), and 3D or horizontal distances."""
     from mega_nerf.partition.cells import routed
     from mega_nerf.partition.exact_kernel import exact_membership, exact_membership_reference
 
     g = torch.Generator(device="cuda").manual_seed(3)
     n = 200_000
-    box = (torch.tensor([-0.3, -1.0, -1.0], device="cuda"), torch.tensor([0.3, 1.0, 1.0], device="cuda"),
-           torch.tensor([False, True, True], device="cuda"))
+    box = None if flags is None else (torch.tensor([-0.3, -1.0, -1.0], device="cuda"),
+                                      torch.tensor([0.3, 1.0, 1.0], device="cuda"), torch.tensor(flags, device="cuda"))
     origins = (torch.rand(n, 3, generator=g, device="cuda") - 0.5) * torch.tensor([2.0, 3.0, 3.0], device="cuda")
     dirs = torch.nn.functional.normalize(torch.randn(n, 3, generator=g, device="cuda"), dim=-1)
     near = torch.rand(n, generator=g, device="cuda")
@@ -153,7 +155,6 @@ def test_exact_membership_kernel_equals_its_reference_bit_for_bit(K, cluster_2d,
     far = torch.where(torch.arange(n, device="cuda") % 3 == 0, split, split + 100 * torch.rand(n, generator=g,
                                                                                               device="cuda"))
     centroids = torch.randn(K, 3, generator=g, device="cuda") * torch.tensor([0.1, 0.8, 0.8], device="cuda")
-    box = box if routed_beyond else None
     fused = exact_membership(origins, dirs, near, split, far, centroids, 1.15, cluster_2d, box)
     reference = exact_membership_reference(origins, dirs, near, split, far, centroids, 1.15, cluster_2d,
                                            routed(box))

@@ -11,7 +11,7 @@ import torch
 
 from mega_nerf.bounds import contracted_position
 from mega_nerf.data.dataset import load_dataset
-from mega_nerf.partition.cells import EXACT, exact_ray_membership, image_membership, make_params, routed
+from mega_nerf.partition.cells import EXACT, exact_ray_membership, image_membership, make_params
 from mega_nerf.partition.exact import arc_membership, segment_membership
 from mega_nerf.rays import normalize_altitude_range
 
@@ -80,7 +80,7 @@ def test_rays_without_a_remainder_skip_only_a_repeated_end(margin: float) -> Non
     segment's end (the two could differ only for an end within an ulp of a boundary, far inside exact.SLACK)."""
     box_min, box_max = torch.tensor([-0.5, -1.0, -1.0]).double(), torch.tensor([0.5, 1.0, 1.0]).double()
     box = (box_min, box_max, torch.tensor([False, True, True]))
-    place = routed(box)
+    place = partial(contracted_position, box_min=box_min, box_max=box_max, contracted=box[2])
     g = torch.Generator().manual_seed(11)
     n = 2000
     origins = (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5) * (box_max - box_min) * 1.5

@@ -129,9 +129,9 @@ def exact_ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.
     """(N, K) bool without sampling (partition.exact): exact over the straight part [near, split], conservative
     over the remainder [split, far] routed by `box`'s contraction (only with a box), tested only where there is
     one: rays whose far bound lies beyond the box exit (on the synthetic city about a quarter of them; its arcs
-    are most of the work). On a GPU in one kernel (partition.exact_kernel); else rays go in blocks of about
-    `dist_chunk` point-centroid distances."""
-    if kernels.available(origins):
+    are most of the work). On a GPU in one kernel for float32 rays (partition.exact_kernel, which takes no
+    `dist_chunk`); else rays go in blocks of about `dist_chunk` point-centroid distances."""
+    if kernels.available(origins) and all(x.dtype == torch.float32 for x in (origins, dirs, near, split, far)):
         return exact_membership(origins, dirs, near, split, far, centroids, boundary_margin, cluster_2d, box)
     K, place = centroids.shape[0], routed(box)
     rows = max(1, dist_chunk // (K * max(K, 2 * DEFAULT_ARCS)))
@@ -170,7 +170,8 @@ def image_membership(images: list[ImageMetadata], params: PartitionParams, devic
     """(H, W, K) bool on the CPU per image: the cells each pixel's ray belongs to.
 
     Rays are made `ray_chunk` pixels at a time (row-major, as `image_rays`), and several small images go into one
-    chunk: on a GPU each chunk is a few hundred small launches and a copy back, whatever its size. Each ray is
+    chunk: on a GPU each chunk is a few dozen launches (the exact rule's one kernel among them) and a copy back,
+    whatever its size. Each ray is
     bounded to [near, far] and the altitude slab. With a foreground box (params.foreground()), the ray's part
     inside it is taken as it is and the part beyond routed where the container routes it (pulled in by the
     contraction: bounds.contracted_position). `params.ray_samples` EXACT (0) answers without sampling

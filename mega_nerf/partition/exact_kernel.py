@@ -1,14 +1,17 @@
 """The exact ray-to-cell rule (partition.exact) in one GPU kernel (Triton): per ray, the ends of every centroid's
 nearest interval along the straight part, the point rule at each, and beyond the foreground box the arcs' ends and
 boxes, with nothing in between written to memory. The PyTorch version runs dozens of float64 kernels over
-(rays, cells, cells) temporaries: 27 ms of GPU time per million rays on survey256's 4 cells, most of its
-partition's one-second membership (bench/RESULTS.md, thirteenth session).
+(rays, cells, cells) temporaries, 27 ms of GPU time per million rays on survey256's 4 cells (bench/RESULTS.md,
+thirteenth session); with the kernel a fresh survey256 partition's membership took 1.12-1.21 s against 1.58 s, and
+city's 1.93 against 2.59 s (fifteenth).
 
 Reference: `exact_membership_reference`, partition.exact's segment and arc rules combined as
 cells.exact_ray_membership combines them. The kernel repeats their float64 arithmetic operation by operation (no
 fused multiply-adds, correctly rounded divisions, sums over axes in the same order, the box extent subtracted in
 float32 as contracted_position does), so the two agree bit for bit (tests/test_gpu.py), and a pixel's bits still
-never depend on its batch or on the process count.
+never depend on its batch or on the process count. One difference is left: Triton's minima and maxima pass over a
+NaN where torch's propagate it; partition rays have finite bounds (rays.near_far clamps them to the partition's
+near and far), so no NaN arises.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ def exact_membership_reference(origins: torch.Tensor, dirs: torch.Tensor, near: 
     the rays that have one, conservatively (partition.exact)."""
     member = segment_membership(origins, dirs, near, split, centroids, margin, cluster_2d, place)
     if place is not None:
-        # A remainder of one point (split = far) is the segment's end, tested above
+        # A remainder of one point (split = far) is the segment's end, tested above; the arcs would place it again
+        # up to the rounding of their t (an ulp, far inside exact.SLACK)
         rest = (split != far).nonzero().squeeze(1)
         if len(rest):
             member[rest] |= arc_membership(origins[rest], dirs[rest], split[rest], far[rest], centroids, margin,
