@@ -77,14 +77,15 @@ def run_eval(config: Path, out: Path, container: Path, nproc: int = 1, dataset: 
     return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
-def partition_train_merge(city: Path, root: Path, steps: int) -> Path:
-    """Under root: masks/ (2 x 2), exp-<k>/ (4 submodules trained `steps` steps each), merged.pt (returned)."""
+def partition_train_merge(city: Path, root: Path, steps: int, *extra: str) -> Path:
+    """Under root: masks/ (2 x 2), exp-<k>/ (4 submodules trained `steps` steps each, with `extra` training
+    options), merged.pt (returned)."""
     config = city / "config.yaml"
     subprocess.run([sys.executable, str(REPO / "scripts" / "create_cluster_masks.py"), "--config_file",
                     str(config), "--output", str(root / "masks"), "--grid_dim", "2", "2", "--ray_samples", "32"],
                    env=ENV, check=True, capture_output=True, cwd=REPO)
     for k in range(4):
-        train(config, root / f"exp-{k}", steps, "--cluster_mask_path", str(root / "masks" / str(k)))
+        train(config, root / f"exp-{k}", steps, "--cluster_mask_path", str(root / "masks" / str(k)), *extra)
     merge_submodules(f"{root}/exp-", root / "masks" / "params.pt", root / "merged.pt", False, 1.15)
     return root / "merged.pt"
 
