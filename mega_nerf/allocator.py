@@ -1,11 +1,12 @@
-"""glibc's allocator asked to keep large freed blocks, for work on the CPU.
+"""glibc's allocator asked to keep large freed blocks, for training and evaluation on the CPU.
 
 A CPU training pass allocates and frees about a gigabyte of temporaries (trainer.pass_budget). glibc serves every
 block over 32 MiB with its own mmap and unmaps it when it is freed, so the operating system faults in and zeroes
 every page again in the next pass. On the development machine a two-step run of the defaults (the tiny city,
 tests/test_training.py's 4 GB test) spent 72 s of its 115 s in the kernel, with 9.3 M page faults; served from
 the heap and kept (glibc's M_MMAP_MAX 0 and a high M_TRIM_THRESHOLD), the same run took 47 s, 15 s in the kernel,
-at a 2.13 GB peak instead of 1.74 GB (0.5 M page faults).
+at a 2.13 GB peak instead of 1.74 GB (0.5 M page faults). Evaluating the demo's merged container on the CPU took
+15.2-16.5 s instead of 27.7 s (system time 1.7-2.2 s against 20.4 s), with the same metrics.
 """
 from __future__ import annotations
 

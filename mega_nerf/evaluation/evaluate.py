@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mega_nerf.allocator import keep_freed_blocks
 from mega_nerf.clock import PartsClock
 from mega_nerf.data.dataset import MEGA_NERF, STRICT, Dataset, ImageMetadata, dataset_fingerprint, load_dataset
 from mega_nerf.distributed import DistInfo, check_failures, distributed_job, gather_objects, shard, single_host
@@ -235,6 +236,8 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None, on_ready: Ca
     clock = PartsClock() if clock is None else clock
     with distributed_job(config.timeout_minutes) as info:
         clock.mark("ranks")
+        if info.device.type == "cpu":
+            keep_freed_blocks()  # each chunk's temporaries, reused instead of faulted in again, as in training
         if info.device.type == "cuda":
             kernels.prepare_in_background()  # overlaps loading the container and the dataset, as in training
         job = prepare(config, info.device)
