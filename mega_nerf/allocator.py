@@ -1,4 +1,4 @@
-"""glibc's allocator asked to keep large freed blocks, for training and evaluation on the CPU.
+"""glibc's allocator asked to keep large freed blocks, for training, evaluation, path renders and export on the CPU.
 
 A CPU training pass allocates and frees about a gigabyte of temporaries (trainer.pass_budget). glibc serves every
 block over 32 MiB with its own mmap and unmaps it when it is freed, so the operating system faults in and zeroes
@@ -6,7 +6,8 @@ every page again in the next pass. On the development machine a two-step run of 
 tests/test_training.py's 4 GB test) spent 72 s of its 115 s in the kernel, with 9.3 M page faults; served from
 the heap and kept (glibc's M_MMAP_MAX 0 and a high M_TRIM_THRESHOLD), the same run took 47 s, 15 s in the kernel,
 at a 2.13 GB peak instead of 1.74 GB (0.5 M page faults). Evaluating the demo's merged container on the CPU took
-15.2-16.5 s instead of 27.7 s (system time 1.7-2.2 s against 20.4 s), with the same metrics.
+15.2-16.5 s instead of 27.7 s (system time 1.7-2.2 s against 20.4 s), with the same metrics; four path frames 7.2
+s instead of 11.2 s; exporting its point cloud 82 s instead of 201 s (185 s of which had been system time).
 """
 from __future__ import annotations
 
