@@ -64,3 +64,18 @@ def test_a_pass_shaded_at_a_capacity_equals_the_exact_pass_with_its_gradients():
     assert exact_grads.keys() == padded_grads.keys() and len(exact_grads) >= 6
     for key, grad in exact_grads.items():
         assert torch.allclose(padded_grads[key], grad, rtol=1e-5, atol=1e-7), key
+
+
+@pytest.mark.parametrize("warmup,interval", [(32, 8), (30, 8), (0, 5), (7, 1), (1, 16)])
+def test_graphs_wait_for_the_hash_fields_first_occupancy_update(warmup, interval, monkeypatch):
+    """The trainer captures graphs once the field says its grid is estimated (an earlier capacity would shade every
+    sample in the box): that is from the step of after_step's first update on, whatever the warm-up and interval."""
+    field = HashField(torch.zeros(3), torch.ones(3), n_images=1, log2_table_size=8, max_resolution=32,
+                      occupancy_resolution=4, occupancy_warmup=warmup, occupancy_interval=interval)
+    updates = []
+    monkeypatch.setattr(field, "update_occupancy", lambda *a: updates.append(step))
+    assert not field.occupancy_estimated(0)
+    for step in range(1, 60):
+        field.after_step(step)
+        assert field.occupancy_estimated(step) == bool(updates), step
+    assert updates

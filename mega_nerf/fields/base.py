@@ -35,6 +35,11 @@ class Field(nn.Module):
     def after_step(self, step: int, generator: torch.Generator | None = None) -> None:
         """Called by the trainer after optimiser step `step` (counted from 1). Default: nothing."""
 
+    def occupancy_estimated(self, step: int) -> bool:
+        """Whether `after_step` has estimated what `occupied` answers by the end of step `step`. Default: True (no
+        estimate to wait for)."""
+        return True
+
     def foreground_exit(self, origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor | None:
         """Where each ray (N, 3), (N, 3) leaves the foreground (N,), beyond which the renderer places its
         background samples; None when the field has nothing beyond its box (the default)."""

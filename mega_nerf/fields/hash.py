@@ -124,3 +124,8 @@ class HashField(BoxField):
         """Re-estimate the occupancy grid every `occupancy_interval` steps once past the warm-up."""
         if step >= self.occupancy_warmup and step % self.occupancy_interval == 0:
             self.update_occupancy(self.occupancy_threshold, generator)
+
+    def occupancy_estimated(self, step: int) -> bool:
+        """True from after_step's first update on: the first multiple of the interval at or past the warm-up (steps
+        count from 1, so never step 0)."""
+        return step >= max(1, -(-self.occupancy_warmup // self.occupancy_interval)) * self.occupancy_interval

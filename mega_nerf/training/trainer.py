@@ -327,9 +327,8 @@ class Trainer:
         warm-up, once the grid has been estimated (before, every sample in the box is shaded: a graph at that
         capacity would hold its memory all run)."""
         c = self.config
-        first_update = -(-c.occupancy_warmup // c.occupancy_interval) * c.occupancy_interval  # HashField.after_step
         return (self.device.type == "cuda" and c.cuda_graphs and c.fine_samples == 0 and rays == c.batch_size
-                and self.micro_batch == c.batch_size and self.step >= first_update)
+                and self.micro_batch == c.batch_size and self.field.occupancy_estimated(self.step))
 
     def train_step(self, stream: RayStream) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step over `batch_size` rays, in passes of at most `micro_batch` rays whose gradients
