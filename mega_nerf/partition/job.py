@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mega_nerf.allocator import keep_freed_blocks
 from mega_nerf.clock import PartsClock
 from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.distributed import DistInfo, barrier, check_failures, distributed_job, gather_objects, shard
@@ -73,6 +74,8 @@ def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None, clock:
     barrier for longer than about one image takes."""
     clock = PartsClock() if clock is None else clock
     with distributed_job(job.timeout_minutes) as info:
+        if info.device.type == "cpu":
+            keep_freed_blocks()  # each chunk's temporaries, reused (allocator.py)
         if info.device.type == "cuda" and job.params.ray_samples == EXACT:
             kernels.prepare_in_background()  # the exact rule's kernel: Triton's one-time work overlaps the output's
         _prepare_output(job, info)
