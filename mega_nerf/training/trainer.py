@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mega_nerf.allocator import keep_freed_blocks
+from mega_nerf.allocator import give_back_freed, keep_freed_blocks
 from mega_nerf.bounds import contracted_axes, foreground_box, mean_segment
 from mega_nerf.clock import PartsClock
 from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
@@ -421,6 +421,8 @@ class Trainer:
                             data_waits=stream.waits, data_wait_s=stream.wait_seconds)
                 bar.set_postfix(psnr=f"{psnr:.2f}", rays_s=f"{rate:,.0f}", epoch=f"{self.epochs(self.step):.1f}")
                 t0, rays0 = time.perf_counter(), 0
+                if self.device.type == "cpu":
+                    give_back_freed()  # what the heap kept since the last line (allocator.py)
             if at_ckpt:
                 last_good = self.save(stream)
             if self.step % a.val_interval == 0 or self.step == self.iterations:
