@@ -270,3 +270,31 @@ def test_graphed_step_updates_as_the_eager_step(tiny_city, tmp_path):
         scores[name] = run.validate()["val_psnr"]
         assert (run.graphs_captured > 0) == (name == "graphs") and run.graphs is None
     assert scores["graphs"] > scores["eager"] - 0.5, scores
+
+
+def test_the_warm_up_thread_leaves_the_run_as_without_it(tiny_city, tmp_path, monkeypatch):
+    """A GPU trainer starts its warm-up pass on Triton's preparation thread (training.step.warm_up, on a stand-in
+    field), which runs without error; once joined, the run's field, its generator and the global generators hold
+    what a trainer without the warm-up holds, bit for bit."""
+    from mega_nerf.cli.train import config_from_argv
+    from mega_nerf.fields import kernels
+    from mega_nerf.training.step import warm_up
+    from mega_nerf.training.trainer import Trainer
+
+    def state(name: str) -> tuple[Trainer, list[torch.Tensor]]:
+        t = Trainer(config_from_argv(["--config_file", str(tiny_city / "config.yaml"), "--dataset_path",
+                                      str(tiny_city), "--exp_name", str(tmp_path / name), "--data_mode", "memory",
+                                      "--no_progress"]))
+        if t.warming is not None:
+            t.warming.join(120)
+            assert not t.warming.is_alive()
+        return t, [*t.field.state_dict().values(), t.generator.get_state(), torch.get_rng_state(),
+                   torch.cuda.get_rng_state()]
+
+    warm, warm_state = state("warm")
+    assert warm.warming is not None
+    warm_up(warm._stand_in(), warm.pass_options)  # raises here what the thread would have kept quiet
+    monkeypatch.setattr(kernels, "prepare_in_background", lambda then=None: None)
+    cold, cold_state = state("cold")
+    assert cold.warming is None
+    assert all(torch.equal(a, b) for a, b in zip(warm_state, cold_state, strict=True))

@@ -360,3 +360,21 @@ def test_val_embeddings_only_trains_the_field_on_training_rays_alone(tiny_city, 
         args(tiny_city, tmp_path / "strict", "--val_embeddings_only", "--eval_protocol", "strict")
     with pytest.raises(UserError, match="--val_embeddings_only: --appearance_dim 0 leaves the val pixels nothing"):
         args(tiny_city, tmp_path / "none", "--val_embeddings_only", "--appearance_dim", "0")
+
+
+def test_the_warm_up_pass_trains_a_stand_in_and_draws_no_global_random_numbers(tiny_city, tmp_path):
+    """The GPU start-up's warm-up (training.step.warm_up, on the trainer's stand-in field) runs a whole pass and
+    Adam update, moving the stand-in's parameters, without drawing from torch's global generator: started on a
+    thread beside the set-up, it must leave the run's own numbers as they are without it."""
+    from mega_nerf.training.step import warm_up
+
+    trainer = Trainer(args(tiny_city, tmp_path / "exp", "--data_mode", "memory"))
+    stand_in = trainer._stand_in()
+    assert type(stand_in) is type(trainer.field) and torch.equal(stand_in.box_min, -torch.ones(3))
+    assert [p.shape for p in stand_in.grid.parameters()] == [p.shape for p in trainer.field.grid.parameters()]
+    before = [p.detach().clone() for p in stand_in.parameters()]
+    state = torch.get_rng_state()
+    warm_up(stand_in, trainer.pass_options)
+    assert torch.equal(torch.get_rng_state(), state)
+    moved = [not torch.equal(a, b) for a, b in zip(before, stand_in.parameters(), strict=True)]
+    assert all(moved), moved

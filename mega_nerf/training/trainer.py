@@ -7,8 +7,10 @@ the latest one and ends bit-equal (on the CPU) to an uninterrupted run.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,16 +27,18 @@ from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, config_differences, kernels
+from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
 from mega_nerf.io import save_torch_atomic
 from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
-from mega_nerf.render import RenderConfig, distortion, occupancy_along, ray_samples, render_samples
+from mega_nerf.render import RenderConfig
 from mega_nerf.training import checkpoint as ckpt
 from mega_nerf.training.adam import Adam
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.graphs import GraphedSteps, capacity_for
 from mega_nerf.training.log import Logger
+from mega_nerf.training.step import PassOptions, draw_samples, shade_pass, warm_up
 from mega_nerf.training.validation import validate
 
 StepHook = Callable[[int], None]
@@ -89,9 +93,15 @@ class Trainer:
         self.device = torch.device(config.device)  # resolved by TrainConfig
         if self.device.type == "cpu":
             keep_freed_blocks()  # a pass's gigabyte of temporaries, reused instead of faulted in again
+        self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
+                                          bg_samples=config.bg_samples)
+        self.pass_options = PassOptions(self.render_config, self.device.type == "cuda" and config.amp,
+                                        config.distortion_loss)
+        self.warming: threading.Thread | None = None  # joined before the first step
         if self.device.type == "cuda":
-            kernels.prepare_in_background()  # overlaps the set-up below
             torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it
+            self.warming = kernels.prepare_in_background(functools.partial(warm_up, self._stand_in(),
+                                                                           self.pass_options))
             torch.cuda.synchronize(self.device)
         self.clock.mark("device init")
         self.exp_dir = Path(config.exp_name)
@@ -114,8 +124,6 @@ class Trainer:
         self.clock.mark("masks")
         box = foreground_box(self.cameras.c2w[:, :, 3], self.bounds.altitude, config.foreground_scale)
         segment = mean_segment(self.cameras, self.bounds, box)
-        self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
-                                          bg_samples=config.bg_samples)
         # A cell is empty space once a sample there would be under 1% opaque (alpha = 1 - exp(-sigma * dt)).
         self.occupancy_threshold = 0.01 / (segment / config.samples)
         torch.manual_seed(config.seed)
@@ -139,6 +147,14 @@ class Trainer:
         self.graphs_captured = 0  # how many graphs the last run captured
         self.step = 0
         self.clock.mark("model")
+
+    def _stand_in(self) -> Field:
+        """A field of this run's kind and sizes over the unit box, on the device, for the warm-up pass (built
+        before the run's seed is set and its field made, so the run draws the same numbers as without it)."""
+        box = (torch.full((3,), -1.0), torch.ones(3))
+        altitude = self.config.ray_altitude_range
+        with torch.device(self.device):
+            return build_field(field_config(self.config, box, contracted_axes(altitude), 1, 1.0))
 
     def validate(self) -> dict[str, float]:
         """Validation at the current step on the first `val_images` val images (training.validation), scored
@@ -270,39 +286,12 @@ class Trainer:
         everything a pass draws or counts before its field is evaluated (render_samples' inputs)."""
         origins, dirs = self.cameras.rays(image, pixel)
         near, far = self.bounds.clip(origins, dirs)
-        t, starts, ends = ray_samples(self.field, origins, dirs, near, far, self.render_config,
-                                       self.render_config.perturb, self.generator)
-        occupied = occupancy_along(self.field, origins, dirs, t) & (ends > starts)
-        return {"origins": origins, "dirs": dirs, "near": near, "far": far, "t": t, "starts": starts, "ends": ends,
-                "occupied": occupied, "image": image}
+        return draw_samples(self.field, origins, dirs, near, far, image, self.render_config, self.generator)
 
     def _shade(self, s: dict[str, torch.Tensor], rgb: torch.Tensor, batch: int, capacity: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward and backward of one pass over the rays of `_samples` (R,) with colours (R, 3), shading at most
-        `capacity` samples if given (render.shade). Its losses are sums over its rays divided by the step's
-        `batch` rays, so the passes' gradients add up to the step's mean. With --val_embeddings_only the val
-        images' rays train only the appearance embeddings: their share of the loss is back-propagated to the
-        embedding table alone (autograd then stops short of the field), the rest to everything, from one forward
-        pass. Returns the loss, the fine-pass MSE and the samples shaded (device tensors, no sync)."""
-        amp = self.device.type == "cuda" and self.config.amp
-        # A graph must cast the weights inside itself, not read casts cached outside it
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=capacity is None):
-            out = render_samples(self.field, s["origins"], s["dirs"], s["near"], s["far"], s["image"],
-                                 self.render_config, s["t"], s["starts"], s["ends"], s["occupied"], capacity,
-                                 self.generator)
-        scale = 1.0 / (3 * batch)  # 3 channels per ray
-        mse = ((out["rgb"] - rgb) ** 2).sum(-1) * scale  # per ray (R,)
-        loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum(-1) * scale if "rgb_coarse" in out else mse
-        if self.config.distortion_loss:  # per ray, as the MSE: each pass adds its rays' share
-            loss = loss + self.config.distortion_loss * distortion(out["weights"]) / batch
-        total = loss.sum()
-        if self.val_image is None:
-            total.backward()
-        else:
-            val = self.val_image[s["image"]].to(loss.dtype)  # (R,) 1 for a val image's ray
-            (loss * val).sum().backward(inputs=[self.field.appearance.weight], retain_graph=True)
-            (loss * (1 - val)).sum().backward()
-        return total.detach(), mse.detach().sum(), out["samples"]
+        """Forward and backward of one pass over the rays of `_samples` (training.step.shade_pass)."""
+        return shade_pass(self.field, s, rgb, batch, self.pass_options, self.generator, self.val_image, capacity)
 
     def _update(self, loss: torch.Tensor, lr: torch.Tensor | None = None) -> torch.Tensor:
         """The step's end, once its passes' gradients are in: the hash decay term, then Adam (at `lr` if given, a
@@ -400,6 +389,9 @@ class Trainer:
         first_bad = torch.tensor(-1, device=self.device)
         t0, rays0 = time.perf_counter(), 0
         first = self.step
+        if self.warming is not None:
+            self.warming.join()
+            self.clock.mark("warm-up")
         while self.step < self.iterations:
             loss, mse = self.train_step(stream)
             if self.step - first <= 2:

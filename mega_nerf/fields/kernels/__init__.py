@@ -24,13 +24,14 @@ def available(x: torch.Tensor) -> bool:
     return ENABLED and triton is not None and x.is_cuda
 
 
-def prepare_in_background() -> threading.Thread | None:
+def prepare_in_background(then: Callable[[], object] | None = None) -> threading.Thread | None:
     """Start, on a daemon thread, the one-time work that Triton does at a process's first kernel launch whatever
     the kernel: hashing its own installation into its cache key (memoised per process) and importing the compiler
     modules that specialisation asks for. With warm caches these were 0.36 s and 0.11 s of a 1.5 s first training
     step on an H200 machine (bench/RESULTS.md, twelfth session); begun before the dataset and the model are set
-    up, they overlap that work (the hashing and its file reads release the GIL; the imports hold it). None where
-    the kernels are off or Triton is absent or lacks that key."""
+    up, they overlap that work (the hashing and its file reads release the GIL; the imports hold it). `then`, if
+    given, runs on the thread afterwards (the trainer's warm-up pass). None where the kernels are off or Triton is
+    absent or lacks that key."""
     if not ENABLED:
         return None
     try:
@@ -40,13 +41,16 @@ def prepare_in_background() -> threading.Thread | None:
             from triton.compiler.compiler import triton_key
         except ImportError:
             return None
-    thread = threading.Thread(target=_prepare, args=(triton_key,), name="triton-prepare", daemon=True)
+    thread = threading.Thread(target=_prepare, args=(triton_key, then), name="triton-prepare", daemon=True)
     thread.start()
     return thread
 
 
-def _prepare(triton_key: Callable[[], str]) -> None:
+def _prepare(triton_key: Callable[[], str], then: Callable[[], object] | None) -> None:
     """Only a head start: any failure here is left for the first kernel launch to meet and report."""
     with contextlib.suppress(Exception):
         triton_key()
         import triton.experimental.gluon  # noqa: F401
+    if then is not None:
+        with contextlib.suppress(Exception):
+            then()
