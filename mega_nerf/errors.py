@@ -1,23 +1,50 @@
-"""User-facing errors: one clear line naming the bad file or option, never a traceback."""
+"""User-facing errors: one clear line naming the bad file or option, never a traceback; and how a command's
+process ends."""
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
+import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn
 
-T = TypeVar("T")
+# Whether a command's end skips Python's teardown (end_process). A process that runs commands in-process, as the
+# test suite does (tests/conftest.py), turns it off: there a command's end must be a SystemExit, not the process's.
+QUICK_EXIT = True
 
 
 class UserError(Exception):
     """Bad input from the user (a file, an option); printed as one line by `run_cli`."""
 
 
-def run_cli(main: Callable[[], T]) -> T:
-    """Run an entry point, turning a `UserError` into `error: <message>` on stderr and exit code 2."""
+def run_cli(main: Callable[[], object]) -> NoReturn:
+    """Run a command's entry point and end its process (`end_process`): exit code 0, or 2 with `error: <message>`
+    on stderr for a `UserError`. Anything else (a traceback, argparse's exit) leaves as Python has it."""
     try:
-        return main()
+        main()
     except UserError as e:
         # One write: under `python -u` (every rank under mega-nerf-launch) print() writes the newline apart, and
         # two ranks' lines could interleave on a shared console.
         sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+        end_process(2)
+    end_process(0)
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit as Python would, less the teardown of every object and C++'s static destructors, which take about
+    0.5 s in any process that imported torch (measured on 2 CPU cores and on an H200 machine: bench/RESULTS.md,
+    sixteenth session). First what Python's exit does before that teardown: wait for the other non-daemon threads
+    and stop idle thread pools (threading's shutdown), then run the exit handlers (TensorBoard's, logging's), then
+    flush the standard streams. Where this Python lacks threading's shutdown hook, or QUICK_EXIT is off, a plain
+    sys.exit."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None or not QUICK_EXIT:
+        sys.exit(code)
+    shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more to say there
+            stream.flush()
+    os._exit(code)

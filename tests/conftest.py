@@ -20,8 +20,13 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
+import mega_nerf.errors
 import mega_nerf.io
 from mega_nerf.synthetic import generate_city
+
+# Commands run in this process end with a SystemExit the tests can catch, never by ending pytest (errors.end_process);
+# those the tests start as subprocesses keep the quick exit.
+mega_nerf.errors.QUICK_EXIT = False
 
 
 def _generate(tmp_path_factory: pytest.TempPathFactory, preset: str) -> Path:

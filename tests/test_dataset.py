@@ -5,6 +5,9 @@ Every bad-input case must raise `UserError` with a message naming the offending 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import cv2
@@ -12,8 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+import mega_nerf.errors
 from mega_nerf.data.dataset import load_dataset, write_coordinates, write_image
-from mega_nerf.errors import UserError, run_cli
+from mega_nerf.errors import UserError, end_process
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_c2w(rng: np.random.Generator) -> torch.Tensor:
@@ -291,15 +297,44 @@ def test_metadata_missing_a_key(tmp_path):
         load_dataset(tmp_path)
 
 
-def test_run_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+# A command whose main leaves work behind: output not flushed, a thread pool's task still running, an exit handler.
+LEAVES_WORK = """
+import atexit, concurrent.futures, sys, time
+from mega_nerf.errors import run_cli
+pool = concurrent.futures.ThreadPoolExecutor(1)
+def main():
+    sys.stdout.write("buffered")
+    pool.submit(lambda: time.sleep(0.5) or open(sys.argv[1], "w").write("written"))
+    atexit.register(lambda: open(sys.argv[2], "w").write("ran"))
+run_cli(main)
+"""
+
+
+def test_run_cli_prints_one_line_and_exits_2(tmp_path):
     missing = tmp_path / "no_such_dataset"
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: load_dataset(missing))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and str(missing) in err and err.count("\n") == 1
-    assert run_cli(lambda: 7) == 7  # a clean run returns main's value and prints nothing
-    assert capsys.readouterr().err == ""
+    code = f"from mega_nerf.data.dataset import load_dataset; from mega_nerf.errors import run_cli; " \
+           f"run_cli(lambda: load_dataset({str(missing)!r}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and str(missing) in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_command_ends_once_its_work_is_done(tmp_path, monkeypatch):
+    """run_cli ends the process without Python's teardown (errors.end_process), but only after what a normal exit
+    waits for: a thread pool's pending task, the exit handlers, the buffered output. In this process (QUICK_EXIT
+    off: tests/conftest.py) and where threading lacks its shutdown hook, a plain SystemExit with the code."""
+    done, handler = tmp_path / "task", tmp_path / "handler"
+    result = subprocess.run([sys.executable, "-c", LEAVES_WORK, str(done), str(handler)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and result.stdout == "buffered" and result.stderr == ""
+    assert done.read_text() == "written" and handler.read_text() == "ran"
+    for quick in (False, True):  # True: the hook is missing
+        monkeypatch.setattr(mega_nerf.errors, "QUICK_EXIT", quick)
+        if quick:
+            monkeypatch.delattr(threading, "_shutdown")
+        with pytest.raises(SystemExit) as exit_info:
+            end_process(3)
+        assert exit_info.value.code == 3
 
 
 @pytest.mark.parametrize("scale", ["abc", [1.0, 2.0], None])

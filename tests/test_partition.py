@@ -49,8 +49,10 @@ def run_script(*args: object) -> None:
     """scripts/create_cluster_masks.py in this process (as `python scripts/...` would run it), on the CPU
     even where CUDA exists, so that its bits compare with the CPU-only multi-process runs."""
     with mock.patch.object(sys, "argv", [str(SCRIPT), *map(str, args)]), \
-            mock.patch.object(torch.cuda, "is_available", return_value=False):
+            mock.patch.object(torch.cuda, "is_available", return_value=False), pytest.raises(SystemExit) as end:
         runpy.run_path(str(SCRIPT), run_name="__main__")
+    if end.value.code != 0:  # a command ends its process (errors.run_cli), here as a SystemExit: errors go on
+        raise end.value
 
 
 def run_stopped(stop_after: int, *args: object) -> None:
