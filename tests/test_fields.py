@@ -228,9 +228,9 @@ def test_affine_appearance_transforms_the_colour_before_its_sigmoid(kind: str) -
 
 
 def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> None:
-    """prepare_in_background hashes Triton's installation (its cache key) on a daemon thread, then runs what it
-    is given to run after (a warm-up pass), quietly whatever either raises, and does nothing where the kernels are
-    switched off or Triton is absent (a stand-in module plays Triton here)."""
+    """prepare_in_background hashes Triton's installation (its cache key) on a daemon thread, quietly whatever
+    that raises, and does nothing where the kernels are switched off or Triton is absent (a stand-in module plays
+    Triton here)."""
     import sys
     import threading
     from types import ModuleType
@@ -245,17 +245,15 @@ def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> 
     monkeypatch.setattr(kernels, "ENABLED", False)
     assert kernels.prepare_in_background() is None and calls == []
     monkeypatch.setattr(kernels, "ENABLED", True)
-    thread = kernels.prepare_in_background(lambda: calls.append("then"))
+    thread = kernels.prepare_in_background()
     thread.join(5)
-    assert thread.daemon and not thread.is_alive() and calls == ["triton-prepare", "then"]
-    calls.clear()
+    assert thread.daemon and not thread.is_alive() and calls == ["triton-prepare"]
     failures: list[threading.ExceptHookArgs] = []
     monkeypatch.setattr(threading, "excepthook", failures.append)
     cache.triton_key = lambda: 1 / 0
-    thread = kernels.prepare_in_background(lambda: calls.append("then") or 1 / 0)
+    thread = kernels.prepare_in_background()
     thread.join(5)
     assert not thread.is_alive() and failures == []  # no traceback on the trainer's console
-    assert calls == ["then"]  # what follows runs whatever the preparation met
     older = ModuleType("triton.compiler.compiler")  # Triton 3.2 and older keep the key there
     older.triton_key = lambda: calls.append("older") or "key"
     monkeypatch.setitem(sys.modules, "triton.runtime.cache", None)  # no such module: an import error
@@ -263,7 +261,7 @@ def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> 
     monkeypatch.setitem(sys.modules, "triton.compiler.compiler", older)
     thread = kernels.prepare_in_background()
     thread.join(5)
-    assert not thread.is_alive() and calls == ["then", "older"]
+    assert not thread.is_alive() and calls == ["triton-prepare", "older"]
     monkeypatch.setitem(sys.modules, "triton.compiler.compiler", None)  # neither place has it
     assert kernels.prepare_in_background() is None
 
@@ -288,3 +286,30 @@ def test_occupied_reads_the_grid_cell_a_point_lies_in(contracted):
     beyond[:, 0] = 1.5  # past the box along x, never contracted here
     assert not field.occupied(beyond).any()
     assert build_field({"kind": "mlp", "box_min": [-1] * 3, "box_max": [1] * 3, "n_images": 2}).grid_lookup() is None
+
+
+def test_references_only_switches_the_kernels_off_in_its_thread_alone(monkeypatch) -> None:
+    """Inside kernels.references_only() `available` answers False on that thread only (the warm-up's first pass
+    runs the references while other threads keep the kernels); a stand-in plays a CUDA tensor and Triton."""
+    import threading
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(kernels, "triton", SimpleNamespace())
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    cuda = SimpleNamespace(is_cuda=True)
+    seen: list[bool] = []
+    inside, answered = threading.Event(), threading.Event()
+
+    def other() -> None:
+        inside.wait(5)
+        seen.append(kernels.available(cuda))
+        answered.set()
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert kernels.available(cuda)
+    with kernels.references_only():
+        inside.set()
+        answered.wait(5)
+        seen.append(kernels.available(cuda))
+    thread.join(5)
+    assert seen == [True, False] and kernels.available(cuda)

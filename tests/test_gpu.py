@@ -273,11 +273,12 @@ def test_graphed_step_updates_as_the_eager_step(tiny_city, tmp_path):
 
 
 def test_the_warm_up_thread_leaves_the_run_as_without_it(tiny_city, tmp_path, monkeypatch):
-    """A GPU trainer starts its warm-up pass on Triton's preparation thread (training.step.warm_up, on a stand-in
-    field), which runs without error; once joined, the run's field, its generator and the global generators hold
-    what a trainer without the warm-up holds, bit for bit."""
+    """A GPU trainer starts its warm-up on a thread (training.step.warm_up_in_background, on a stand-in field),
+    whose passes run without error with the references and with the kernels; once joined, the run's field, its
+    generator and the global generators hold what a trainer without the warm-up holds, bit for bit."""
     from mega_nerf.cli.train import config_from_argv
     from mega_nerf.fields import kernels
+    from mega_nerf.training import trainer as trainer_module
     from mega_nerf.training.step import warm_up
     from mega_nerf.training.trainer import Trainer
 
@@ -293,8 +294,10 @@ def test_the_warm_up_thread_leaves_the_run_as_without_it(tiny_city, tmp_path, mo
 
     warm, warm_state = state("warm")
     assert warm.warming is not None
-    warm_up(warm._stand_in(), warm.pass_options)  # raises here what the thread would have kept quiet
-    monkeypatch.setattr(kernels, "prepare_in_background", lambda then=None: None)
+    with kernels.references_only():  # raise here what the thread would have kept quiet
+        warm_up(warm._stand_in(), warm.pass_options)
+    warm_up(warm._stand_in(), warm.pass_options)
+    monkeypatch.setattr(trainer_module, "warm_up_in_background", lambda *args: None)
     cold, cold_state = state("cold")
     assert cold.warming is None
     assert all(torch.equal(a, b) for a, b in zip(warm_state, cold_state, strict=True))

@@ -1,16 +1,19 @@
 """One pass of a training step as functions of the field: the samples it draws and its forward and backward.
 
-The trainer runs them on its field. `warm_up` runs them once on a throwaway field of the same kind, on a thread at
-a GPU run's start (after Triton's one-time work: fields.kernels.prepare_in_background), so that the first real
-step finds every kernel loaded and the autograd engine started: most of a second of first-call costs, overlapped
-with the dataset, model and first data set-up (docs/DESIGN.md, Start-up).
+The trainer runs them on its field. `warm_up_in_background` runs them on a throwaway field of the same kind, on a
+thread at a GPU run's start, so that the first real step finds every kernel loaded and the autograd engine
+started: about a second of first-call costs, overlapped with the dataset, model and first data set-up
+(docs/DESIGN.md, Start-up).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
 
+from mega_nerf.fields import kernels
 from mega_nerf.fields.base import Field
 from mega_nerf.render import RenderConfig, distortion, occupancy_along, ray_samples, render_samples
 from mega_nerf.training.adam import Adam
@@ -83,3 +86,24 @@ def warm_up(field: Field, options: PassOptions) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
+
+
+def warm_up_in_background(field: Field, options: PassOptions) -> threading.Thread:
+    """Start the warm-up of a GPU run on a daemon thread: `warm_up` with the kernels' PyTorch references first
+    (kernels.references_only: it loads PyTorch's kernels and starts the autograd engine), beside Triton's one-time
+    work on a thread of its own (kernels.prepare_in_background; its hashing releases the interpreter lock), then,
+    that done, `warm_up` again, which loads Triton's kernels. Only a head start: a failure is left for the first
+    real step to meet and report. Join the thread before the first step: kernels load once, not in two threads at
+    a time."""
+    prepared = kernels.prepare_in_background()
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            with kernels.references_only():
+                warm_up(field, options)
+            if prepared is not None:
+                prepared.join()
+            warm_up(field, options)
+    thread = threading.Thread(target=run, name="warm-up", daemon=True)
+    thread.start()
+    return thread

@@ -7,7 +7,6 @@ the latest one and ends bit-equal (on the CPU) to an uninterrupted run.
 """
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import threading
@@ -26,7 +25,7 @@ from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerpri
 from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
-from mega_nerf.fields import build_field, config_differences, kernels
+from mega_nerf.fields import build_field, config_differences
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
 from mega_nerf.io import save_torch_atomic
@@ -38,7 +37,7 @@ from mega_nerf.training.adam import Adam
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.graphs import GraphedSteps, capacity_for
 from mega_nerf.training.log import Logger
-from mega_nerf.training.step import PassOptions, draw_samples, shade_pass, warm_up
+from mega_nerf.training.step import PassOptions, draw_samples, shade_pass, warm_up_in_background
 from mega_nerf.training.validation import validate
 
 StepHook = Callable[[int], None]
@@ -100,8 +99,7 @@ class Trainer:
         self.warming: threading.Thread | None = None  # joined before the first step
         if self.device.type == "cuda":
             torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it
-            self.warming = kernels.prepare_in_background(functools.partial(warm_up, self._stand_in(),
-                                                                           self.pass_options))
+            self.warming = warm_up_in_background(self._stand_in(), self.pass_options)
             torch.cuda.synchronize(self.device)
         self.clock.mark("device init")
         self.exp_dir = Path(config.exp_name)

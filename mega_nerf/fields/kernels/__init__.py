@@ -7,7 +7,7 @@ variable is read once, when this package is imported (`ENABLED`).
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -19,19 +19,33 @@ except ImportError:  # CPU-only installs: the references run
 ENABLED = os.environ.get("MEGA_NERF_NO_TRITON", "") != "1"
 
 
+_thread = threading.local()  # .references: this thread runs the references (references_only)
+
+
 def available(x: torch.Tensor) -> bool:
-    """Whether the kernels can run on `x`: Triton installed, `x` on a GPU, kernels not switched off."""
-    return ENABLED and triton is not None and x.is_cuda
+    """Whether the kernels can run on `x`: Triton installed, `x` on a GPU, kernels not switched off (for the
+    process, or for this thread by references_only)."""
+    return ENABLED and triton is not None and x.is_cuda and not getattr(_thread, "references", False)
 
 
-def prepare_in_background(then: Callable[[], object] | None = None) -> threading.Thread | None:
+@contextlib.contextmanager
+def references_only() -> Iterator[None]:
+    """Within this block, on this thread alone, the references run instead of the kernels (the trainer's warm-up
+    runs a first pass so while Triton's one-time work goes on: training.step.warm_up_in_background)."""
+    _thread.references = True
+    try:
+        yield
+    finally:
+        _thread.references = False
+
+
+def prepare_in_background() -> threading.Thread | None:
     """Start, on a daemon thread, the one-time work that Triton does at a process's first kernel launch whatever
     the kernel: hashing its own installation into its cache key (memoised per process) and importing the compiler
     modules that specialisation asks for. With warm caches these were 0.36 s and 0.11 s of a 1.5 s first training
     step on an H200 machine (bench/RESULTS.md, twelfth session); begun before the dataset and the model are set
-    up, they overlap that work (the hashing and its file reads release the GIL; the imports hold it). `then`, if
-    given, runs on the thread afterwards (the trainer's warm-up pass). None where the kernels are off or Triton is
-    absent or lacks that key."""
+    up, they overlap that work (the hashing and its file reads release the GIL; the imports hold it). None where
+    the kernels are off or Triton is absent or lacks that key."""
     if not ENABLED:
         return None
     try:
@@ -41,16 +55,13 @@ def prepare_in_background(then: Callable[[], object] | None = None) -> threading
             from triton.compiler.compiler import triton_key
         except ImportError:
             return None
-    thread = threading.Thread(target=_prepare, args=(triton_key, then), name="triton-prepare", daemon=True)
+    thread = threading.Thread(target=_prepare, args=(triton_key,), name="triton-prepare", daemon=True)
     thread.start()
     return thread
 
 
-def _prepare(triton_key: Callable[[], str], then: Callable[[], object] | None) -> None:
+def _prepare(triton_key: Callable[[], str]) -> None:
     """Only a head start: any failure here is left for the first kernel launch to meet and report."""
     with contextlib.suppress(Exception):
         triton_key()
         import triton.experimental.gluon  # noqa: F401
-    if then is not None:
-        with contextlib.suppress(Exception):
-            then()
