@@ -25,7 +25,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
 TRIM_THRESHOLD = 2 ** 31 - 1  # bytes free at the heap's top before it is given back: the largest mallopt takes
 
 
-def _libc() -> ctypes.CDLL | None:
+def c_library() -> ctypes.CDLL | None:
     """The process's C library where it can be glibc (Linux), else None."""
     if not sys.platform.startswith("linux"):
         return None
@@ -38,7 +38,7 @@ def _libc() -> ctypes.CDLL | None:
 def keep_freed_blocks() -> bool:
     """Ask glibc to serve large blocks from its heap and keep freed memory for reuse (module docstring). True when
     the C library took both settings; False, changing nothing, where it has no mallopt (not glibc)."""
-    libc = _libc()
+    libc = c_library()
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
@@ -49,7 +49,7 @@ def keep_freed_blocks() -> bool:
 def give_back_freed() -> None:
     """Return the heap's free memory to the operating system (glibc's malloc_trim), where there is such a call:
     what keep_freed_blocks kept is then faulted in again once, not every pass."""
-    trim = getattr(_libc(), "malloc_trim", None)
+    trim = getattr(c_library(), "malloc_trim", None)
     if trim is not None:
         trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
         trim(0)

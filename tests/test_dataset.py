@@ -302,6 +302,12 @@ LEAVES_WORK = """
 import atexit, concurrent.futures, sys, time
 from mega_nerf.errors import run_cli
 pool = concurrent.futures.ThreadPoolExecutor(1)
+class TornDown:  # Python's teardown finalises it (what it needs is kept with it); the quick exit does not
+    def __init__(self, path):
+        self.path, self.open = path, open
+    def __del__(self):
+        self.open(self.path, "w").write("torn down")
+kept = TornDown(sys.argv[3])
 def main():
     sys.stdout.write("buffered")
     pool.submit(lambda: time.sleep(0.5) or open(sys.argv[1], "w").write("written"))
@@ -323,11 +329,15 @@ def test_a_command_ends_once_its_work_is_done(tmp_path, monkeypatch):
     """run_cli ends the process without Python's teardown (errors.end_process), but only after what a normal exit
     waits for: a thread pool's pending task, the exit handlers, the buffered output. In this process (QUICK_EXIT
     off: tests/conftest.py) and where threading lacks its shutdown hook, a plain SystemExit with the code."""
-    done, handler = tmp_path / "task", tmp_path / "handler"
-    result = subprocess.run([sys.executable, "-c", LEAVES_WORK, str(done), str(handler)], capture_output=True,
-                            text=True, cwd=ROOT, timeout=120)
+    done, handler, teardown = tmp_path / "task", tmp_path / "handler", tmp_path / "teardown"
+    result = subprocess.run([sys.executable, "-c", LEAVES_WORK, str(done), str(handler), str(teardown)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0 and result.stdout == "buffered" and result.stderr == ""
     assert done.read_text() == "written" and handler.read_text() == "ran"
+    assert not teardown.exists()  # the teardown was skipped
+    plain = subprocess.run([sys.executable, "-c", LEAVES_WORK.replace("run_cli(main)", "main()"), str(done),
+                            str(handler), str(teardown)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert plain.returncode == 0 and teardown.read_text() == "torn down"  # as Python's own exit does
     for quick in (False, True):  # True: the hook is missing
         monkeypatch.setattr(mega_nerf.errors, "QUICK_EXIT", quick)
         if quick:

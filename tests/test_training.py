@@ -1,5 +1,6 @@
 """Training one submodule: PSNR rises on the tiny city, a killed run resumes bit-equal, bad input is one line,
 and the parscript job list trains two cells end to end."""
+import dataclasses
 import json
 import os
 import shutil
@@ -365,8 +366,9 @@ def test_val_embeddings_only_trains_the_field_on_training_rays_alone(tiny_city, 
 def test_the_warm_up_pass_trains_a_stand_in_and_draws_no_global_random_numbers(tiny_city, tmp_path):
     """The GPU start-up's warm-up (training.step.warm_up, on the trainer's stand-in field) runs a whole pass and
     Adam update, moving the stand-in's parameters, without drawing from torch's global generator: started on a
-    thread beside the set-up, it must leave the run's own numbers as they are without it."""
-    from mega_nerf.training.step import warm_up
+    thread beside the set-up, it must leave the run's own numbers as they are without it. On its thread, a
+    failure goes to on_error alone."""
+    from mega_nerf.training.step import warm_up, warm_up_in_background
 
     trainer = Trainer(args(tiny_city, tmp_path / "exp", "--data_mode", "memory"))
     stand_in = trainer._stand_in()
@@ -378,3 +380,7 @@ def test_the_warm_up_pass_trains_a_stand_in_and_draws_no_global_random_numbers(t
     assert torch.equal(torch.get_rng_state(), state)
     moved = [not torch.equal(a, b) for a, b in zip(before, stand_in.parameters(), strict=True)]
     assert all(moved), moved
+    failures: list[Exception] = []  # on its thread a failure is kept quiet, but told to on_error
+    broken = dataclasses.replace(trainer.pass_options, render=None)
+    warm_up_in_background(stand_in, broken, on_error=failures.append).join(60)
+    assert len(failures) == 1 and isinstance(failures[0], AttributeError)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from mega_nerf.fields.base import Field
 from mega_nerf.render import RenderConfig, distortion, occupancy_along, ray_samples, render_samples
 from mega_nerf.training.adam import Adam
 
-WARM_UP_RAYS = 512
+WARM_UP_RAYS = 128  # few: the first pass's references take memory beside the run's own set-up
 
 
 @dataclass(frozen=True)
@@ -71,39 +72,44 @@ def shade_pass(field: Field, s: dict[str, torch.Tensor], rgb: torch.Tensor, batc
 
 def warm_up(field: Field, options: PassOptions) -> None:
     """One eager pass and Adam update of `field` (a throwaway: its parameters change) over a few rays from the
-    centre of its box in every direction, with a generator of its own: the global random state is not touched."""
+    centre of its box in every direction, with a generator of its own: the global random state is not touched.
+    On the field's GPU (a new thread's current GPU is the first, and Triton launches on the current one)."""
     device = field.box_min.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(0)
-    dirs = torch.nn.functional.normalize(torch.randn(WARM_UP_RAYS, 3, generator=generator, device=device), dim=-1)
-    origins = ((field.box_min + field.box_max) / 2).repeat(WARM_UP_RAYS, 1)
-    near = torch.zeros(WARM_UP_RAYS, device=device)
-    far = (field.box_max - field.box_min).norm().repeat(WARM_UP_RAYS)
-    image = torch.zeros(WARM_UP_RAYS, dtype=torch.long, device=device)
-    s = draw_samples(field, origins, dirs, near, far, image, options.render, generator)
-    shade_pass(field, s, torch.full((WARM_UP_RAYS, 3), 0.5, device=device), WARM_UP_RAYS, options, generator)
-    Adam(field.parameters(), lr=1e-3).step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0)
+        dirs = torch.nn.functional.normalize(torch.randn(WARM_UP_RAYS, 3, generator=generator, device=device), dim=-1)
+        origins = ((field.box_min + field.box_max) / 2).repeat(WARM_UP_RAYS, 1)
+        near = torch.zeros(WARM_UP_RAYS, device=device)
+        far = (field.box_max - field.box_min).norm().repeat(WARM_UP_RAYS)
+        image = torch.zeros(WARM_UP_RAYS, dtype=torch.long, device=device)
+        s = draw_samples(field, origins, dirs, near, far, image, options.render, generator)
+        shade_pass(field, s, torch.full((WARM_UP_RAYS, 3), 0.5, device=device), WARM_UP_RAYS, options, generator)
+        Adam(field.parameters(), lr=1e-3).step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
-
-def warm_up_in_background(field: Field, options: PassOptions) -> threading.Thread:
+def warm_up_in_background(field: Field, options: PassOptions,
+                          on_error: Callable[[Exception], object] | None = None) -> threading.Thread:
     """Start the warm-up of a GPU run on a daemon thread: `warm_up` with the kernels' PyTorch references first
     (kernels.references_only: it loads PyTorch's kernels and starts the autograd engine), beside Triton's one-time
     work on a thread of its own (kernels.prepare_in_background; its hashing releases the interpreter lock), then,
-    that done, `warm_up` again, which loads Triton's kernels. Only a head start: a failure is left for the first
-    real step to meet and report. Join the thread before the first step: kernels load once, not in two threads at
-    a time."""
+    that done, `warm_up` again, which loads Triton's kernels (where there are none, once is enough). Only a head
+    start: a failure is left for the first real step to meet and report (`on_error`, if given, is told: tests).
+    Join the thread before the first step: kernels load once, not in two threads at a time."""
     prepared = kernels.prepare_in_background()
 
     def run() -> None:
-        with contextlib.suppress(Exception):
+        try:
             with kernels.references_only():
                 warm_up(field, options)
             if prepared is not None:
                 prepared.join()
-            warm_up(field, options)
+                warm_up(field, options)
+        except Exception as error:
+            if on_error is not None:
+                on_error(error)
     thread = threading.Thread(target=run, name="warm-up", daemon=True)
     thread.start()
     return thread

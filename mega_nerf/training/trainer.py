@@ -7,6 +7,7 @@ the latest one and ends bit-equal (on the CPU) to an uninterrupted run.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import threading
@@ -43,6 +44,7 @@ from mega_nerf.training.validation import validate
 StepHook = Callable[[int], None]
 CPU_PASS_BYTES = 1 << 30  # what one forward/backward pass may take on a CPU by default: room on a small machine
 GPU_PASS_FRACTION = 0.75  # of the GPU's memory, by default
+STAND_IN_LOG2_TABLE = 19  # the warm-up's stand-in field's hash table, at most (Trainer._stand_in)
 
 
 def pass_budget(device: torch.device) -> int:
@@ -147,12 +149,15 @@ class Trainer:
         self.clock.mark("model")
 
     def _stand_in(self) -> Field:
-        """A field of this run's kind and sizes over the unit box, on the device, for the warm-up pass (built
-        before the run's seed is set and its field made, so the run draws the same numbers as without it)."""
+        """A field of this run's kind for the warm-up (training.step), on the device: its options, but over the
+        unit box, for one image, and with a hash table of at most the default's 2^19 entries per level (its
+        parameters, gradients and Adam moments are four copies of it, beside the run's own). Built before the
+        run's seed is set and its field made, so the run draws the same numbers as without it."""
         box = (torch.full((3,), -1.0), torch.ones(3))
-        altitude = self.config.ray_altitude_range
+        config = dataclasses.replace(self.config, log2_hashmap_size=min(self.config.log2_hashmap_size,
+                                                                        STAND_IN_LOG2_TABLE))
         with torch.device(self.device):
-            return build_field(field_config(self.config, box, contracted_axes(altitude), 1, 1.0))
+            return build_field(field_config(config, box, contracted_axes(config.ray_altitude_range), 1, 1.0))
 
     def validate(self) -> dict[str, float]:
         """Validation at the current step on the first `val_images` val images (training.validation), scored
@@ -366,7 +371,22 @@ class Trainer:
         log.record(startup={**self.clock.parts, "total": self.clock.total}, startup_notes=self.clock.notes)
 
     def run(self) -> Path:
-        """Train `iterations` steps, resuming if checkpoints exist. Returns the final checkpoint."""
+        """Train `iterations` steps, resuming if checkpoints exist. Returns the final checkpoint. However the run
+        ends, the warm-up thread has ended too (the next cell of train_cells.py starts its own)."""
+        try:
+            return self._train()
+        finally:
+            self._join_warm_up()
+
+    def _join_warm_up(self) -> bool:
+        """Wait for the warm-up thread, if one is running; whether one was."""
+        if self.warming is None:
+            return False
+        self.warming.join()
+        self.warming = None
+        return True
+
+    def _train(self) -> Path:
         a = self.config
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         stream = self.prepare_data()
@@ -387,8 +407,7 @@ class Trainer:
         first_bad = torch.tensor(-1, device=self.device)
         t0, rays0 = time.perf_counter(), 0
         first = self.step
-        if self.warming is not None:
-            self.warming.join()
+        if self._join_warm_up():
             self.clock.mark("warm-up")
         while self.step < self.iterations:
             loss, mse = self.train_step(stream)

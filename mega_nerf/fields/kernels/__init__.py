@@ -2,7 +2,8 @@
 
 `MEGA_NERF_NO_TRITON=1` in the environment turns every kernel off: `available()` then answers False and the
 references run, to rule the kernels out when an image looks wrong or a run crashes on the GPU. The
-variable is read once, when this package is imported (`ENABLED`).
+variable is read once, when this package is imported (`ENABLED`). `references_only()` does the same for one block
+of one thread (the trainer's warm-up).
 """
 import contextlib
 import os
@@ -19,24 +20,25 @@ except ImportError:  # CPU-only installs: the references run
 ENABLED = os.environ.get("MEGA_NERF_NO_TRITON", "") != "1"
 
 
-_thread = threading.local()  # .references: this thread runs the references (references_only)
+_this_thread = threading.local()  # .references: this thread runs the references (references_only)
 
 
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on `x`: Triton installed, `x` on a GPU, kernels not switched off (for the
     process, or for this thread by references_only)."""
-    return ENABLED and triton is not None and x.is_cuda and not getattr(_thread, "references", False)
+    return ENABLED and triton is not None and x.is_cuda and not getattr(_this_thread, "references", False)
 
 
 @contextlib.contextmanager
 def references_only() -> Iterator[None]:
     """Within this block, on this thread alone, the references run instead of the kernels (the trainer's warm-up
-    runs a first pass so while Triton's one-time work goes on: training.step.warm_up_in_background)."""
-    _thread.references = True
+    runs its first pass so while Triton's one-time work goes on: training.step.warm_up_in_background)."""
+    before = getattr(_this_thread, "references", False)
+    _this_thread.references = True
     try:
         yield
     finally:
-        _thread.references = False
+        _this_thread.references = before
 
 
 def prepare_in_background() -> threading.Thread | None:
