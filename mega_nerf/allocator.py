@@ -35,9 +35,12 @@ def c_library() -> ctypes.CDLL | None:
         return None
 
 
-def keep_freed_blocks() -> bool:
-    """Ask glibc to serve large blocks from its heap and keep freed memory for reuse (module docstring). True when
-    the C library took both settings; False, changing nothing, where it has no mallopt (not glibc)."""
+def keep_freed_blocks(device: object = "cpu") -> bool:
+    """Ask glibc to serve large blocks from its heap and keep freed memory for reuse (module docstring), when the
+    stage's `device` (a torch.device or its name) is the CPU: on a GPU the host's temporaries are small. True when
+    the C library took both settings; False, changing nothing, on a GPU or where it has no mallopt (not glibc)."""
+    if str(device).split(":")[0] != "cpu":
+        return False
     libc = c_library()
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:

@@ -245,8 +245,7 @@ def render_images(config: PathConfig, on_ready: Callable[[], None] | None = None
     """Render the path to `<output>/frames/` and `<output>/video.mp4`. Returns the video's path. `on_ready` is
     called once the container, dataset and path have passed their checks (the command saves its options then)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        keep_freed_blocks()  # each chunk's temporaries, reused (allocator.py)
+    keep_freed_blocks(device)  # each chunk's temporaries, reused (allocator.py)
     chunk = default_chunk(device) if config.ray_chunk is None else config.ray_chunk
     if config.frames < 1 or (config.height is not None and config.height < 1) or chunk < 1:
         raise UserError("--frames, --height and --ray_chunk must be positive")

@@ -236,8 +236,7 @@ def evaluate(config: EvalConfig, on_image: ImageHook | None = None, on_ready: Ca
     clock = PartsClock() if clock is None else clock
     with distributed_job(config.timeout_minutes) as info:
         clock.mark("ranks")
-        if info.device.type == "cpu":
-            keep_freed_blocks()  # each chunk's temporaries, reused instead of faulted in again, as in training
+        keep_freed_blocks(info.device)  # each chunk's temporaries, reused instead of faulted in again, as in training
         if info.device.type == "cuda":
             kernels.prepare_in_background()  # overlaps loading the container and the dataset, as in training
         job = prepare(config, info.device)

@@ -74,8 +74,7 @@ def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None, clock:
     barrier for longer than about one image takes."""
     clock = PartsClock() if clock is None else clock
     with distributed_job(job.timeout_minutes) as info:
-        if info.device.type == "cpu":
-            keep_freed_blocks()  # each chunk's temporaries, reused (allocator.py)
+        keep_freed_blocks(info.device)  # each chunk's temporaries, reused (allocator.py)
         if info.device.type == "cuda" and job.params.ray_samples == EXACT:
             kernels.prepare_in_background()  # the exact rule's kernel: Triton's one-time work overlaps the output's
         _prepare_output(job, info)

@@ -92,8 +92,7 @@ class Trainer:
             raise UserError("missing option --chunk_paths")
         self.config, self.on_step, self.on_ready = config, on_step, on_ready
         self.device = torch.device(config.device)  # resolved by TrainConfig
-        if self.device.type == "cpu":
-            keep_freed_blocks()  # a pass's gigabyte of temporaries, reused instead of faulted in again
+        keep_freed_blocks(self.device)  # a CPU pass's gigabyte of temporaries, reused instead of faulted in again
         self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
                                           bg_samples=config.bg_samples)
         self.pass_options = PassOptions(self.render_config, self.device.type == "cuda" and config.amp,
