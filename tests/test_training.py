@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -133,6 +134,10 @@ def test_empty_cell_writes_an_empty_checkpoint(tiny_city, masks, tmp_path):
 
 
 def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path):
+    """The run stops with a one-line error at the first log line after the loss went non-finite, its last
+    checkpoint the last good one; its log is closed, TensorBoard's writer thread with it (train_cells.py goes on
+    to the next cell in the same process)."""
+    writers = {t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread"}
     trainer = Trainer(args(tiny_city, tmp_path / "n", "--data_mode", "memory", "--batch_size", "128",
                            "--train_iterations", "20", "--ckpt_interval", "4", "--log_interval", "2"))
     original = trainer.field.forward
@@ -145,6 +150,7 @@ def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path):
     with pytest.raises(UserError, match=r"non-finite loss at step 6; .*00000004\.pt"):
         trainer.run()
     assert sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir()) == ["00000004.pt"]
+    assert not [t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread" and t not in writers]
 
 
 def test_parscript_trains_two_cells(tiny_city, masks, tmp_path):

@@ -64,7 +64,15 @@ class Logger:
         """One line of plain values that are not per-step scalars (e.g. the start-up breakdown)."""
         self._write(values)
 
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Close log.jsonl and TensorBoard's writer, its file and its thread (a cell of train_cells.py that stops
+        on an error would otherwise leave both open in a process that goes on to the next cell)."""
         self.file.close()
         if self.__dict__.get("tb") is not None:  # made (cached_property stores it in __dict__) and installed
             self.tb.close()

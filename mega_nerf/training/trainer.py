@@ -386,7 +386,6 @@ class Trainer:
         return True
 
     def _train(self) -> Path:
-        a = self.config
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         stream = self.prepare_data()
         last_good = None if stream is None else self.resume(stream)
@@ -398,10 +397,16 @@ class Trainer:
         if stream is None:
             print(f"warning: cell {self.mask_dir} has no rays; writing an empty checkpoint", file=sys.stderr)
             return self.save(None, empty=True)
-        log = Logger(self.exp_dir, self.step)
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
         print(self.memory_report())
+        with Logger(self.exp_dir, self.step) as log:  # closed however the run ends
+            return self._loop(stream, log, last_good)
+
+    def _loop(self, stream: RayStream, log: Logger, last_good: Path | None) -> Path:
+        """Train from self.step to self.iterations, logging, checkpointing and validating as configured; the last
+        checkpoint saved."""
+        a = self.config
         bar = tqdm(total=self.iterations, initial=self.step, disable=not a.progress, desc="train")
         first_bad = torch.tensor(-1, device=self.device)
         t0, rays0 = time.perf_counter(), 0
@@ -443,5 +448,4 @@ class Trainer:
             print(f"CUDA graphs: {self.graphs_captured} captured, one per sample capacity the steps needed")
         if self.step - first == 1:  # a one-step run: no second step to tell compilation apart
             self._log_startup(log)
-        log.close()
         return last_good
