@@ -12,16 +12,21 @@ from pathlib import Path
 
 import torch
 
+from mega_nerf.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("mega_nerf", "scripts", "bench", "tests")  # the repository's Python folders
 
 
-def ensure_city(preset: str, work: Path) -> Path:
-    """Generate the synthetic preset under `work` once; return the dataset path."""
+def ensure_city(preset: str, work: Path, depth: bool = False) -> Path:
+    """Generate the synthetic preset under `work` once (with its depth maps if `depth`: a missing one is then a
+    one-line error naming what to delete); return the dataset path."""
     from mega_nerf.synthetic import generate_city
     path = work / f"{preset}-data"
     if not (path / "coordinates.pt").exists():
-        generate_city(path, preset=preset, write_depth=False, progress=False)
+        generate_city(path, preset=preset, write_depth=depth, progress=False)
+    elif depth and not (path / "depth").is_dir():
+        raise UserError(f"{path} was generated without depth maps: delete it to generate it with them")
     return path
 
 

@@ -7,9 +7,11 @@ falls after, and what each variant costs in speed. Also the scene bounds each ru
 Val PSNR is taken on a fixed sample of the cell's val pixels, right halves only (never trained on), as
 bench/train_speed.py does, beside a sample of the pixels training fits; rays/s and samples/ray over the training
 steps only (evaluation excluded). At the last step both samples' PSNR is split by where the field puts each pixel's
-surface (foreground box, beyond it, sky). `--warmup_steps` keeps kernel compilation out of every variant's seconds;
-`--resume` lets a curve outlast one device call (rerun the same command); `--json_out`, rewritten after every point,
-feeds bench/plot_curves.py; `--seeds` runs every variant at each seed and tabulates their spread.
+surface (foreground box, beyond it, none: transparent), and with `--truth` the held-out one by the preset's true
+depth (sky or surface; the surfaces' rendered opacity; floaters in front of them). `--warmup_steps` keeps kernel
+compilation out of every variant's seconds; `--resume` lets a curve outlast one device call (rerun the same
+command); `--json_out`, rewritten after every point, feeds bench/plot_curves.py; `--seeds` runs every variant at
+each seed and tabulates their spread.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from mega_nerf.cli.train import config_from_argv  # noqa: E402
 from mega_nerf.data.dataset import STRICT  # noqa: E402
 from mega_nerf.errors import run_cli  # noqa: E402
 from mega_nerf.io import write_json  # noqa: E402
+from mega_nerf.synthetic.surface import depth_map  # noqa: E402
 from mega_nerf.training.trainer import Trainer  # noqa: E402
 
 
@@ -83,34 +86,71 @@ def ema_psnr(trainer: Trainer, ema: torch.Tensor, sample: tuple[torch.Tensor, ..
             weight.copy_(kept)
 
 
-def region_psnr(trainer: Trainer, sample: tuple[torch.Tensor, ...]) -> dict[str, tuple[float, float]]:
-    """Where the error of a pixel sample lies, by where the trained field puts each pixel's surface: inside the
-    foreground box, beyond it (the contracted far world), or nowhere (opacity under 1/2: the sky). Per region:
-    (share of the pixels, PSNR)."""
-    out, rgb, origins, dirs = render_sample(trainer, sample)
+def psnr_where(error: torch.Tensor, mask: torch.Tensor) -> float:
+    """PSNR of the per-pixel squared errors (N,) where `mask` (N,) holds; nan where it holds nowhere."""
+    return -10 * math.log10(float(error[mask].mean())) if mask.any() else float("nan")
+
+
+def region_psnr(trainer: Trainer, rendered: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
+                ) -> dict[str, tuple[float, float]]:
+    """Where the error of a rendered pixel sample (render_sample's output) lies, by where the trained field puts
+    each pixel's surface: inside the foreground box, beyond it (the contracted far world), or nowhere (opacity
+    under 1/2: the background shows, which is the sky or ground the field left transparent; --truth tells them
+    apart). Per region: (share of the pixels, PSNR)."""
+    out, rgb, origins, dirs = rendered
     exit_t = trainer.field.foreground_exit(origins, dirs)
     depth = out["depth"] / out["opacity"].clamp_min(1e-6)
-    sky = out["opacity"] < 0.5
-    beyond = ~sky & (depth > exit_t) if exit_t is not None else torch.zeros_like(sky)
+    clear = out["opacity"] < 0.5
+    beyond = ~clear & (depth > exit_t) if exit_t is not None else torch.zeros_like(clear)
     error = ((out["rgb"] - rgb) ** 2).mean(-1)
-    regions = {"foreground": ~sky & ~beyond, "beyond": beyond, "sky": sky}
-    return {name: (float(m.float().mean()), -10 * math.log10(float(error[m].mean())) if m.any() else float("nan"))
-            for name, m in regions.items()}
+    regions = {"foreground": ~clear & ~beyond, "beyond": beyond, "transparent": clear}
+    return {name: (float(m.float().mean()), psnr_where(error, m)) for name, m in regions.items()}
+
+
+def true_depth(trainer: Trainer, sample: tuple[torch.Tensor, ...], dataset: Path) -> torch.Tensor:
+    """(N,) the generator's depth of each sampled pixel (inf: sky), from the preset's depth maps."""
+    image, pixel = sample[0], sample[1]
+    depth = torch.empty(len(image))
+    for meta in trainer.dataset.images:
+        rows = image == meta.index
+        if rows.any():
+            depth[rows] = depth_map(dataset, meta).float()[pixel[rows]]
+    return depth
+
+
+def truth_split(rendered: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor],
+                depth: torch.Tensor) -> dict[str, float]:
+    """A rendered sample's error (render_sample's output) split by its true depth (true_depth): the true sky's
+    share and PSNR; on true surfaces the PSNR, the mean rendered opacity (under 1: the background shows through the
+    ground) and the share rendered in front of the surface (depth under 0.7x the true one: floaters)."""
+    out, rgb, _, _ = rendered
+    error = ((out["rgb"] - rgb) ** 2).mean(-1)
+    depth = depth.to(error.device)
+    sky = ~torch.isfinite(depth)
+    surface = ~sky
+    rendered = out["depth"] / out["opacity"].clamp_min(1e-6)
+    return {"sky_share": float(sky.float().mean()), "sky_psnr": psnr_where(error, sky),
+            "surface_psnr": psnr_where(error, surface),
+            "surface_opacity": float(out["opacity"][surface].mean()) if surface.any() else float("nan"),
+            "in_front": float((surface & (rendered < 0.7 * depth)).float().sum() / surface.sum().clamp_min(1))}
 
 
 def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, resume: bool = False,
-        on_point: Callable[[dict], None] | None = None, ema_decay: float | None = None) -> dict:
+        on_point: Callable[[dict], None] | None = None, ema_decay: float | None = None, truth: bool = False
+        ) -> dict:
     """Train to each of `steps` and score there, handing the curve so far (and the embeddings' moves,
     embedding_move) to `on_point` after each point. With `resume`, a variant continues from the checkpoint and
     curve it saved at its last point (a curve longer than one device call takes: rerun the same command). With
     `ema_decay`, a running average of the appearance table (updated after every step, started at the first) is
     scored too (`ema_psnr`); its scores are kept for --resume, the table itself is not: a resumed run restarts the
-    average from the checkpoint's table."""
+    average from the checkpoint's table. With `truth`, the last point is also split by the preset's true depth
+    (truth_split)."""
     trainer = Trainer(config_from_argv(base))
     stream = trainer.prepare_data()
     sample = val_pixels(trainer, sample_count)
     fitted = val_pixels(trainer, sample_count, trained=True)
     neighbour = nearest_train_appearance(trainer)
+    depth = true_depth(trainer, sample, dataset) if truth else None
     progress = trainer.exp_dir / "curve.json"
     curve, moves, averaged, trained, done, shaded = [], [], [], 0.0, 0, 0
     if resume and progress.is_file() and trainer.resume(stream) is not None:
@@ -153,13 +193,20 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
             trainer.save(stream)
             write_json(progress, {"curve": curve, "embedding_moves": moves, "ema_psnr": averaged, "trained": trained,
                                   "shaded": shaded})
-    regions = {"held-out": region_psnr(trainer, sample), "fitted": region_psnr(trainer, fitted)}
+    held_out = render_sample(trainer, sample)
+    regions = {"held-out": region_psnr(trainer, held_out),
+               "fitted": region_psnr(trainer, render_sample(trainer, fitted))}
     for name, split in regions.items():
         print(f"{name} pixels at step {done}: " + ", ".join(f"{r} {share:.0%} {psnr:.2f} dB"
                                                            for r, (share, psnr) in split.items() if share),
               flush=True)
+    split = truth_split(held_out, depth) if depth is not None else None
+    if split is not None:
+        print(f"held-out pixels at step {done} by true depth: sky {split['sky_share']:.1%} {split['sky_psnr']:.2f} dB; "
+              f"surfaces {split['surface_psnr']:.2f} dB, mean opacity {split['surface_opacity']:.3f}, "
+              f"{split['in_front']:.1%} rendered in front", flush=True)
     batch = trainer.config.batch_size
-    return {"curve": curve, "embedding_moves": moves, "ema_psnr": averaged, "regions": regions,
+    return {"curve": curve, "embedding_moves": moves, "ema_psnr": averaged, "regions": regions, "truth": split,
             "rays_per_s": done * batch / trained,
             "samples_per_ray": shaded / (len(range(0, done, 50)) * batch),
             "bounds_ratio": bounds_ratio(trainer, dataset),
@@ -232,10 +279,13 @@ def main() -> None:
                    help="save a checkpoint at each point and continue from it when rerun (curves longer than a call)")
     p.add_argument("--embedding_ema", type=decay, default=None, metavar="DECAY",
                    help="also score val PSNR with a running average of the appearance embeddings (e.g. 0.999)")
+    p.add_argument("--truth", action="store_true",
+                   help="also split the last point's held-out pixels by the preset's true depth: sky, surfaces, "
+                        "their rendered opacity and what lies in front of them")
     p.add_argument("--json_out", type=Path, default=None)
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
-    dataset = ensure_city(args.preset, args.work)
+    dataset = ensure_city(args.preset, args.work, depth=args.truth)
     masks = ensure_partition(dataset, args.work, tuple(args.grid_dim))
     results = {}
 
@@ -256,7 +306,7 @@ def main() -> None:
         base = [*cell_args(dataset, masks, args.work, args.cell, f"curve-{name}"), *shlex.split(options)]
         print(f"== {name}: {options}", flush=True)
         results[name] = run(base, args.steps, args.val_rays, dataset, args.resume,
-                            lambda point, name=name: save({**results, name: point}), args.embedding_ema)
+                            lambda point, name=name: save({**results, name: point}), args.embedding_ema, args.truth)
         save(results)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     text = table(results)

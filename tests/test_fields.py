@@ -227,6 +227,34 @@ def test_affine_appearance_transforms_the_colour_before_its_sigmoid(kind: str) -
     torch.testing.assert_close(rgb.double(), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["hash", "mlp"])
+def test_horizon_background_shows_a_downward_ray_the_horizon_of_its_heading(kind: str) -> None:
+    """--horizon_background over an altitude slab (the down axis not contracted): a direction heading down sees the
+    background of the level direction with its heading, one heading up what it saw without the option (same
+    weights); without a slab the option changes nothing."""
+    sizes = {"hash": {"n_levels": 4, "log2_table_size": 10, "max_resolution": 32}, "mlp": {"layers": 2, "width": 16}}
+
+    def field(slab: bool, horizon: bool):
+        torch.manual_seed(0)
+        return build_field({"kind": kind, "box_min": [-1.0] * 3, "box_max": [1.0] * 3, "n_images": 3,
+                            "contracted": [not slab, True, True], "horizon_background": horizon, **sizes[kind]})
+
+    torch.manual_seed(1)
+    heading = torch.nn.functional.normalize(torch.cat([torch.zeros(20, 1), torch.randn(20, 2)], -1), dim=-1)
+    drop = torch.rand(20, 1) * 0.9 + 0.05  # how far down, as the sine of the angle below the horizon
+    down = torch.cat([drop, heading[:, 1:] * (1 - drop ** 2).sqrt()], -1)
+    up = down * torch.tensor([-1.0, 1.0, 1.0])
+    image = torch.randint(0, 3, (20,))
+    with torch.no_grad():
+        raised, plain = field(slab=True, horizon=True), field(slab=True, horizon=False)
+        torch.testing.assert_close(raised.background(down, image), plain.background(heading, image))
+        torch.testing.assert_close(raised.background(up, image), plain.background(up, image), rtol=0, atol=0)
+        assert (plain.background(down, image) != plain.background(heading, image)).any()
+        unbounded, unbounded_plain = field(slab=False, horizon=True), field(slab=False, horizon=False)
+        torch.testing.assert_close(unbounded.background(down, image), unbounded_plain.background(down, image),
+                                   rtol=0, atol=0)
+
+
 def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> None:
     """prepare_in_background hashes Triton's installation (its cache key) on a daemon thread, quietly whatever
     that raises, and does nothing where the kernels are switched off or Triton is absent (a stand-in module plays

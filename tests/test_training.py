@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mega_nerf.cli.train import config_from_argv
+from mega_nerf.cli.train import config_from_argv, train_config, train_parser
 from mega_nerf.cli.train import main as train_main
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
+from mega_nerf.fields import build_field, config_differences
 from mega_nerf.partition.maskfile import write_mask
 from mega_nerf.training.checkpoint import load_checkpoint
-from mega_nerf.training.trainer import Trainer
+from mega_nerf.training.trainer import Trainer, field_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small hash grid, few samples: what a CPU trains in seconds.
@@ -390,3 +391,19 @@ def test_the_warm_up_pass_trains_a_stand_in_and_draws_no_global_random_numbers(t
     broken = dataclasses.replace(trainer.pass_options, render=None)
     warm_up_in_background(stand_in, broken, on_error=failures.append).join(60)
     assert len(failures) == 1 and isinstance(failures[0], AttributeError)
+
+
+def test_horizon_background_is_kept_in_the_field_config_where_there_is_a_slab(tiny_city, tmp_path, capsys):
+    """--horizon_background is stored in the field's config (checkpoints rebuild the field from it, so a merged or
+    evaluated model sees the background it trained with; a run saved without it is told apart), and left out when
+    not given, as in configs saved before the option, or where no altitude slab bounds the down axis, where it
+    would do nothing (the command says it ignores it)."""
+    box = (torch.full((3,), -1.0), torch.ones(3))
+    plain = field_config(args(tiny_city, tmp_path / "h"), box, [False, True, True], 4, 0.0)
+    config = args(tiny_city, tmp_path / "h", "--horizon_background")
+    raised = field_config(config, box, [False, True, True], 4, 0.0)
+    assert "horizon_background" not in plain and build_field(raised).horizon_background
+    assert config_differences(plain, raised) == ["horizon_background (unset, True)"]
+    assert field_config(config, box, [True, True, True], 4, 0.0) == {**plain, "contracted": [True, True, True]}
+    train_config(train_parser().parse_args(["--dataset_path", "d", "--exp_name", "e", "--horizon_background"]))
+    assert "ignoring --horizon_background: it needs --ray_altitude_range" in capsys.readouterr().err

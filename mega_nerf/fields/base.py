@@ -73,14 +73,15 @@ class BoxField(Field):
 
     Appearance: each image's embedding enters the colour MLP (NeRF-W style) or, with `affine_appearance`
     (Mega-NeRF's option of that name), maps through one linear layer to a 3x4 affine transform of the colour MLP's
-    output before its sigmoid, the MLP then seeing no embedding. The background always sees the embedding.
+    output before its sigmoid, the MLP then seeing no embedding. The background always sees the embedding, and
+    with `horizon_background` over an altitude slab only directions at or above the horizon.
     """
 
     unsaved_appearance_dim: int  # the width a saved config without appearance_dim means (fields.complete_config)
 
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int, appearance_dim: int,
                  contracted: tuple[bool, bool, bool] | list[bool] = (False, False, False),
-                 affine_appearance: bool = False) -> None:
+                 affine_appearance: bool = False, horizon_background: bool = False) -> None:
         super().__init__()
         if affine_appearance and appearance_dim < 1:
             raise UserError("--affine_appearance needs an appearance embedding (--appearance_dim of 1 or more)")
@@ -94,6 +95,10 @@ class BoxField(Field):
         self.register_buffer("box_max", torch.as_tensor(box_max, dtype=torch.float32).clone())
         self.register_buffer("contracted", torch.tensor(list(contracted), dtype=torch.bool), persistent=False)
         self.any_contracted = any(contracted)
+        # With an altitude slab (the down axis not contracted) a ray heading down ends on the ground plane, and the
+        # background is the sky. horizon_background shows such a ray the sky at the horizon of its heading, so that
+        # the background cannot paint the ground's colours through a field left transparent there.
+        self.horizon_background = bool(horizon_background) and not contracted[0]
         self.appearance = nn.Embedding(n_images, appearance_dim)
         self.bg = Background(appearance_dim)
 
@@ -136,4 +141,9 @@ class BoxField(Field):
         return box_exit(origins, dirs, self.box_min, self.box_max) if self.any_contracted else None
 
     def background(self, directions: torch.Tensor, appearance: torch.Tensor) -> torch.Tensor:
+        # x points down. Straight down has no heading: its level direction is the zero vector, one fixed colour.
+        if self.horizon_background:
+            level = torch.cat([torch.zeros_like(directions[:, :1]), directions[:, 1:]], -1)
+            level = torch.nn.functional.normalize(level, dim=-1)  # device ops only: a CUDA graph replays them
+            directions = torch.where(directions[:, :1] > 0, level, directions)
         return self.bg(directions, self.appearance(appearance))

@@ -57,12 +57,15 @@ class HashField(BoxField):
                  n_features: int = 2, log2_table_size: int = 19, base_resolution: int = 16, max_resolution: int = 2048,
                  occupancy_resolution: int = 128, occupancy_threshold: float = 0.0, occupancy_interval: int = 8,
                  occupancy_warmup: int = 32, contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3,
-                 affine_appearance: bool = False, sh_degree: int = SH_DEGREE) -> None:
+                 affine_appearance: bool = False, sh_degree: int = SH_DEGREE,
+                 horizon_background: bool = False) -> None:
         """occupancy_threshold: the density below which a cell counts as empty; occupancy_interval and
-        occupancy_warmup: steps between updates and before the first one; contracted, affine_appearance:
-        BoxField's; sh_degree: the degree of the view direction's spherical harmonics in the colour MLP (0: the
-        colour does not depend on the direction; the background's stays at 3, since the sky is all direction)."""
-        super().__init__(box_min, box_max, n_images, appearance_dim, contracted, affine_appearance)
+        occupancy_warmup: steps between updates and before the first one; contracted, affine_appearance,
+        horizon_background: BoxField's; sh_degree: the degree of the view direction's spherical harmonics in the
+        colour MLP (0: the colour does not depend on the direction; the background's stays at 3, since the sky is
+        all direction)."""
+        super().__init__(box_min, box_max, n_images, appearance_dim, contracted, affine_appearance,
+                         horizon_background)
         self.occupancy_threshold = occupancy_threshold
         self.occupancy_interval, self.occupancy_warmup = occupancy_interval, occupancy_warmup
         self.grid = HashGrid(n_levels, n_features, log2_table_size, base_resolution, max_resolution)

@@ -22,11 +22,12 @@ class MLPField(BoxField):
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int,
                  appearance_dim: int = APPEARANCE_DIM, layers: int = 8, width: int = 256, skip: int = 4,
                  position_frequencies: int = 12, direction_frequencies: int = 4,
-                 contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3, affine_appearance: bool = False
-                 ) -> None:
+                 contracted: tuple[bool, bool, bool] | list[bool] = (False,) * 3, affine_appearance: bool = False,
+                 horizon_background: bool = False) -> None:
         """layers, width, position_frequencies, direction_frequencies: Mega-NeRF's --layers, --layer_dim,
-        --pos_xyz_dim, --pos_dir_dim; contracted, affine_appearance: BoxField's."""
-        super().__init__(box_min, box_max, n_images, appearance_dim, contracted, affine_appearance)
+        --pos_xyz_dim, --pos_dir_dim; contracted, affine_appearance, horizon_background: BoxField's."""
+        super().__init__(box_min, box_max, n_images, appearance_dim, contracted, affine_appearance,
+                         horizon_background)
         self.position_frequencies, self.direction_frequencies, self.skip = (
             position_frequencies, direction_frequencies, skip)
         pos_dim, dir_dim = 3 * (1 + 2 * position_frequencies), 3 * (1 + 2 * direction_frequencies)

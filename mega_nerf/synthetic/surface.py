@@ -8,9 +8,21 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from mega_nerf.data.dataset import load_dataset
+from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.rays import image_rays
+
+
+def depth_map(dataset_path: Path, meta: ImageMetadata) -> torch.Tensor:
+    """(H * W,) the generator's depth of each pixel of an image (inf where its ray sees the sky), in the units of
+    the loader's ray directions; a one-line UserError where the map is missing or of another size."""
+    path = Path(dataset_path) / "depth" / meta.split / f"{meta.name}.npy"
+    if not path.is_file():
+        raise UserError(f"{path}: missing (generate the city with write_depth=True)")
+    depth = torch.from_numpy(np.load(path)).reshape(-1)
+    if depth.numel() != meta.W * meta.H:
+        raise UserError(f"{path}: {depth.numel()} depths for a {meta.W}x{meta.H} image (another scale factor?)")
+    return depth
 
 
 def surface_points(dataset_path: Path, stride: int = 4) -> np.ndarray:
@@ -19,13 +31,10 @@ def surface_points(dataset_path: Path, stride: int = 4) -> np.ndarray:
     dataset_path = Path(dataset_path)
     points = []
     for meta in load_dataset(dataset_path).images:
-        path = dataset_path / "depth" / meta.split / f"{meta.name}.npy"
-        if not path.is_file():
-            raise UserError(f"{path}: missing (generate the city with write_depth=True)")
+        depth = depth_map(dataset_path, meta)
         origins, dirs = image_rays(meta.c2w, meta.intrinsics, meta.W, meta.H)
         keep = torch.zeros(meta.H, meta.W, dtype=torch.bool)
         keep[::stride, ::stride] = True
-        depth = torch.from_numpy(np.load(path)).reshape(-1)
         hit = torch.isfinite(depth) & keep.reshape(-1)
         points.append((origins[hit] + depth[hit, None] * dirs[hit]).double().numpy())
     return np.concatenate(points)

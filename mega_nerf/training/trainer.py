@@ -63,6 +63,9 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
         cfg["appearance_dim"] = config.appearance_dim
     if config.affine_appearance:
         cfg["affine_appearance"] = True
+    # Only over an altitude slab, where it acts; stored only when set, as fields saved before the option compare equal
+    if config.horizon_background and not contracted[0]:
+        cfg["horizon_background"] = True
     if config.field == "hash":
         cfg.update(n_levels=config.hash_levels, log2_table_size=config.log2_hashmap_size,
                    max_resolution=config.max_resolution, occupancy_resolution=config.occupancy_resolution,
@@ -375,6 +378,7 @@ class Trainer:
         try:
             return self._train()
         finally:
+            self.graphs = None  # their memory pool, however the run ends (train_cells.py goes on to the next cell)
             self._join_warm_up()
 
     def _join_warm_up(self) -> bool:
