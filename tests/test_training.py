@@ -134,13 +134,14 @@ def test_empty_cell_writes_an_empty_checkpoint(tiny_city, masks, tmp_path):
     assert state["empty"] is True and state["step"] == 0
 
 
-def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path):
+def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path, capsys):
     """The run stops with a one-line error at the first log line after the loss went non-finite, its last
     checkpoint the last good one; its log is closed, TensorBoard's writer thread with it (train_cells.py goes on
-    to the next cell in the same process)."""
+    to the next cell in the same process), and so is its progress bar, so the error starts a line of its own."""
     writers = {t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread"}
-    trainer = Trainer(args(tiny_city, tmp_path / "n", "--data_mode", "memory", "--batch_size", "128",
-                           "--train_iterations", "20", "--ckpt_interval", "4", "--log_interval", "2"))
+    config = args(tiny_city, tmp_path / "n", "--data_mode", "memory", "--batch_size", "128",
+                  "--train_iterations", "20", "--ckpt_interval", "4", "--log_interval", "2")
+    trainer = Trainer(dataclasses.replace(config, progress=True))
     original = trainer.field.forward
 
     def poisoned(positions, directions, appearance, ray_of=None):
@@ -149,9 +150,15 @@ def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path):
 
     trainer.field.forward = poisoned
     with pytest.raises(UserError, match=r"non-finite loss at step 6; .*00000004\.pt"):
-        trainer.run()
+        try:
+            trainer.run()
+        finally:  # while the error is on its way out, as when run_cli prints it: the run's frames are still alive
+            bar = capsys.readouterr().err
+            open_writers = [t for t in threading.enumerate()
+                            if type(t).__name__ == "_AsyncWriterThread" and t not in writers]
     assert sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir()) == ["00000004.pt"]
-    assert not [t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread" and t not in writers]
+    assert not open_writers
+    assert "train:" in bar and bar.endswith("\n")
 
 
 def test_parscript_trains_two_cells(tiny_city, masks, tmp_path):

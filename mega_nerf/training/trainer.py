@@ -404,14 +404,16 @@ class Trainer:
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
         print(self.memory_report())
-        with Logger(self.exp_dir, self.step) as log:  # closed however the run ends
-            return self._loop(stream, log, last_good)
+        # Both closed however the run ends: the log's files and threads, and the bar's line (an error's one line
+        # then starts a line of its own)
+        with (Logger(self.exp_dir, self.step) as log,
+              tqdm(total=self.iterations, initial=self.step, disable=not self.config.progress, desc="train") as bar):
+            return self._loop(stream, log, bar, last_good)
 
-    def _loop(self, stream: RayStream, log: Logger, last_good: Path | None) -> Path:
+    def _loop(self, stream: RayStream, log: Logger, bar: tqdm, last_good: Path | None) -> Path:
         """Train from self.step to self.iterations, logging, checkpointing and validating as configured; the last
         checkpoint saved."""
         a = self.config
-        bar = tqdm(total=self.iterations, initial=self.step, disable=not a.progress, desc="train")
         first_bad = torch.tensor(-1, device=self.device)
         t0, rays0 = time.perf_counter(), 0
         first = self.step
@@ -445,7 +447,7 @@ class Trainer:
             if self.step % a.val_interval == 0 or self.step == self.iterations:
                 metrics = self.validate()
                 log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
-        bar.close()
+        bar.close()  # before the lines below (closing it again is nothing)
         if self.graphs is not None:  # their pool is freed with them (they and the trainer refer to each other)
             self.graphs_captured = len(self.graphs.graphs)
             self.graphs = None
