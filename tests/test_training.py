@@ -209,7 +209,7 @@ def test_the_defaults_train_the_tiny_city_on_a_cpu_within_4_gb(tiny_city, tmp_pa
     cmd = [sys.executable, "mega_nerf/train.py", "--config_file", str(tiny_city / "config.yaml"), "--exp_name",
            str(tmp_path / "exp"), "--chunk_paths", str(tmp_path / "chunks"), "--train_iterations", "2",
            "--no_progress"]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
     result = subprocess.run([sys.executable, "-c", run, *cmd], cwd=ROOT, env=env, capture_output=True, text=True,
                             check=True)
     status, out = result.stdout.split("\n", 1)
