@@ -214,15 +214,21 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
 
 
 def table(results: dict[str, dict]) -> str:
+    truth = any(r.get("truth") for r in results.values())  # --truth: one more column
     rows = ["| variant | rays/s | samples/ray | box / town | val PSNR by step (training seconds; in brackets: with "
-            "the nearest train image's appearance; then the trained pixels' PSNR) | best | last - best |",
-            "|---|---|---|---|---|---|---|"]
+            "the nearest train image's appearance; then the trained pixels' PSNR) | best | last - best |"
+            + (" last point by true depth: sky share, PSNR; surfaces PSNR, mean opacity, in front |" if truth else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if truth else "")]
     for name, r in results.items():
         curve = ", ".join(f"{s}: {p:.2f} [{q:.2f}; {f:.2f}] ({t:.0f} s)" for s, t, p, q, f in r["curve"])
         best = max(p for _, _, p, _, _ in r["curve"])
         ratio = "n/a" if r["bounds_ratio"] is None else f"{r['bounds_ratio']:.2f}"
+        split = r.get("truth")
+        depth = "" if not truth else " n/a |" if not split else (
+            f" {split['sky_share']:.1%}, {split['sky_psnr']:.2f} dB; {split['surface_psnr']:.2f} dB, "
+            f"{split['surface_opacity']:.3f}, {split['in_front']:.1%} |")
         rows.append(f"| {name} | {r['rays_per_s']:,.0f} | {r['samples_per_ray']:.1f} | {ratio} | {curve} | "
-                    f"{best:.2f} | {r['curve'][-1][2] - best:+.2f} |")
+                    f"{best:.2f} | {r['curve'][-1][2] - best:+.2f} |{depth}")
     return "\n".join(rows)
 
 
