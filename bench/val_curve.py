@@ -91,18 +91,26 @@ def psnr_where(error: torch.Tensor, mask: torch.Tensor) -> float:
     return -10 * math.log10(float(error[mask].mean())) if mask.any() else float("nan")
 
 
-def region_psnr(trainer: Trainer, rendered: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
-                ) -> dict[str, tuple[float, float]]:
+Rendered = tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]  # render_sample's output
+
+
+def depth_and_error(rendered: Rendered) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel of a rendered sample (N,): the depth of its rendered surface (the expected depth over the
+    opacity) and its squared colour error (mean over the channels)."""
+    out, rgb, _, _ = rendered
+    return out["depth"] / out["opacity"].clamp_min(1e-6), ((out["rgb"] - rgb) ** 2).mean(-1)
+
+
+def region_psnr(trainer: Trainer, rendered: Rendered) -> dict[str, tuple[float, float]]:
     """Where the error of a rendered pixel sample (render_sample's output) lies, by where the trained field puts
     each pixel's surface: inside the foreground box, beyond it (the contracted far world), or nowhere (opacity
     under 1/2: the background shows, which is the sky or ground the field left transparent; --truth tells them
     apart). Per region: (share of the pixels, PSNR)."""
-    out, rgb, origins, dirs = rendered
+    out, _, origins, dirs = rendered
     exit_t = trainer.field.foreground_exit(origins, dirs)
-    depth = out["depth"] / out["opacity"].clamp_min(1e-6)
+    depth, error = depth_and_error(rendered)
     clear = out["opacity"] < 0.5
     beyond = ~clear & (depth > exit_t) if exit_t is not None else torch.zeros_like(clear)
-    error = ((out["rgb"] - rgb) ** 2).mean(-1)
     regions = {"foreground": ~clear & ~beyond, "beyond": beyond, "transparent": clear}
     return {name: (float(m.float().mean()), psnr_where(error, m)) for name, m in regions.items()}
 
@@ -118,21 +126,19 @@ def true_depth(trainer: Trainer, sample: tuple[torch.Tensor, ...], dataset: Path
     return depth
 
 
-def truth_split(rendered: tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor],
-                depth: torch.Tensor) -> dict[str, float]:
+def truth_split(rendered: Rendered, depth: torch.Tensor) -> dict[str, float]:
     """A rendered sample's error (render_sample's output) split by its true depth (true_depth): the true sky's
     share and PSNR; on true surfaces the PSNR, the mean rendered opacity (under 1: the background shows through the
     ground) and the share rendered in front of the surface (depth under 0.7x the true one: floaters)."""
-    out, rgb, _, _ = rendered
-    error = ((out["rgb"] - rgb) ** 2).mean(-1)
+    opacity = rendered[0]["opacity"]
+    surface_depth, error = depth_and_error(rendered)
     depth = depth.to(error.device)
     sky = ~torch.isfinite(depth)
     surface = ~sky
-    rendered = out["depth"] / out["opacity"].clamp_min(1e-6)
     return {"sky_share": float(sky.float().mean()), "sky_psnr": psnr_where(error, sky),
             "surface_psnr": psnr_where(error, surface),
-            "surface_opacity": float(out["opacity"][surface].mean()) if surface.any() else float("nan"),
-            "in_front": float((surface & (rendered < 0.7 * depth)).float().sum() / surface.sum().clamp_min(1))}
+            "surface_opacity": float(opacity[surface].mean()) if surface.any() else float("nan"),
+            "in_front": float((surface & (surface_depth < 0.7 * depth)).float().sum() / surface.sum().clamp_min(1))}
 
 
 def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, resume: bool = False,
