@@ -378,7 +378,9 @@ class Trainer:
         try:
             return self._train()
         finally:
-            self.graphs = None  # their memory pool, however the run ends (train_cells.py goes on to the next cell)
+            # The graphs and their memory pool (they and the trainer refer to each other), however the run ends:
+            # train_cells.py goes on to the next cell
+            self.graphs = None
             self._join_warm_up()
 
     def _join_warm_up(self) -> bool:
@@ -448,9 +450,8 @@ class Trainer:
                 metrics = self.validate()
                 log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
         bar.close()  # before the lines below (closing it again is nothing)
-        if self.graphs is not None:  # their pool is freed with them (they and the trainer refer to each other)
+        if self.graphs is not None:  # dropped, with their pool, as run() ends
             self.graphs_captured = len(self.graphs.graphs)
-            self.graphs = None
             print(f"CUDA graphs: {self.graphs_captured} captured, one per sample capacity the steps needed")
         if self.step - first == 1:  # a one-step run: no second step to tell compilation apart
             self._log_startup(log)
