@@ -19,7 +19,7 @@ from mega_nerf.synthetic import PRESETS, generate_city
 from mega_nerf.synthetic.raycast import GROUND, HILL, first_hit
 from mega_nerf.synthetic.scene import City, build_city
 from mega_nerf.synthetic.shading import AMBIENT, COUNTRY_ROAD_WIDTH, FIELD_CROPS, SUN_LIGHT, albedo, render
-from mega_nerf.synthetic.surface import near_surface_fractions, surface_points
+from mega_nerf.synthetic.surface import depth_map, near_surface_fractions, surface_points
 from mega_nerf.synthetic.survey import normalisation, plan_survey
 
 TOL = 2e-5  # normalised units (about 2 mm in the tiny city): float32 rendering against float64 here
@@ -464,6 +464,23 @@ def test_surface_points_of_an_oblique_scene_reach_the_far_terrain(oblique_city: 
     assert _on_a_surface(points, _shapes(oblique_summary), TOL).all()
     assert (np.abs(points[:, 1:]).max(1) > 2).mean() > 0.1
     assert near_surface_fractions(points[::50], oblique_city, [1e-9]) == [1.0]
+
+
+def test_a_depth_map_is_read_whole_or_refused_in_one_line(tiny_city: Path, tmp_path: Path) -> None:
+    """depth_map gives an image's H * W depths as written (inf where the sky is seen); a missing map or one of
+    another size is a UserError naming its file."""
+    meta = load_dataset(tiny_city).images[0]
+    written = np.load(tiny_city / "depth" / meta.split / f"{meta.name}.npy")
+    depth = depth_map(tiny_city, meta)
+    assert depth.shape == (meta.W * meta.H,) and np.array_equal(depth.numpy(), written.reshape(-1))
+    other = tmp_path / "other"
+    missing = other / "depth" / meta.split / f"{meta.name}.npy"
+    with pytest.raises(UserError, match=f"{missing}: missing"):
+        depth_map(other, meta)
+    missing.parent.mkdir(parents=True)
+    np.save(missing, written.reshape(-1)[:-1])
+    with pytest.raises(UserError, match=rf"{missing}: {meta.W * meta.H - 1} depths for a {meta.W}x{meta.H} image"):
+        depth_map(other, meta)
 
 
 def test_hills_are_caps_at_their_analytic_height() -> None:
