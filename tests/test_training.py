@@ -401,16 +401,16 @@ def test_the_warm_up_pass_trains_a_stand_in_and_draws_no_global_random_numbers(t
 
 
 def test_horizon_background_is_kept_in_the_field_config_where_there_is_a_slab(tiny_city, tmp_path, capsys):
-    """--horizon_background is stored in the field's config (checkpoints rebuild the field from it, so a merged or
-    evaluated model sees the background it trained with; a run saved without it is told apart), and left out when
-    not given, as in configs saved before the option, or where no altitude slab bounds the down axis, where it
-    would do nothing (the command says it ignores it)."""
+    """The horizon background (the default) is stored in the field's config (checkpoints rebuild the field from
+    it, so a merged or evaluated model sees the background it trained with; a run saved without it is told apart),
+    and left out under --no_horizon_background, as in configs saved before the option, or where no altitude slab
+    bounds the down axis, where it would do nothing (the command says it ignores the option)."""
     box = (torch.full((3,), -1.0), torch.ones(3))
-    plain = field_config(args(tiny_city, tmp_path / "h"), box, [False, True, True], 4, 0.0)
-    config = args(tiny_city, tmp_path / "h", "--horizon_background")
+    config = args(tiny_city, tmp_path / "h")
     raised = field_config(config, box, [False, True, True], 4, 0.0)
+    plain = field_config(args(tiny_city, tmp_path / "h", "--no_horizon_background"), box, [False, True, True], 4, 0.0)
     assert "horizon_background" not in plain and build_field(raised).horizon_background
     assert config_differences(plain, raised) == ["horizon_background (unset, True)"]
     assert field_config(config, box, [True, True, True], 4, 0.0) == {**plain, "contracted": [True, True, True]}
-    train_config(train_parser().parse_args(["--dataset_path", "d", "--exp_name", "e", "--horizon_background"]))
-    assert "ignoring --horizon_background: it needs --ray_altitude_range" in capsys.readouterr().err
+    train_config(train_parser().parse_args(["--dataset_path", "d", "--exp_name", "e", "--no_horizon_background"]))
+    assert "ignoring --no_horizon_background: only with --ray_altitude_range" in capsys.readouterr().err

@@ -276,7 +276,8 @@ def ignored_options(parser: configargparse.ArgParser, args: configargparse.Names
 # ---- the resolved options of a run (issue 22) ------------------------------------------------------------------
 
 # config fields whose option is their negation
-INVERTED = {"progress": "no_progress", "amp": "no_amp", "cuda_graphs": "no_cuda_graphs"}
+INVERTED = {"progress": "no_progress", "amp": "no_amp", "cuda_graphs": "no_cuda_graphs",
+            "horizon_background": "no_horizon_background"}
 
 
 def record_options(config: Any, folder: Path) -> Path:

@@ -41,7 +41,7 @@ class TrainConfig:
     occupancy_warmup: int = 32
     sh_degree: int = SH_DEGREE  # hash field: spherical-harmonic degree of the view direction in the colour MLP
     affine_appearance: bool = False  # appearance as a per-image affine colour transform (fields/base.py)
-    horizon_background: bool = False  # rays heading down see the sky at the horizon (fields/base.py)
+    horizon_background: bool = True  # over a slab, rays heading down see the sky at the horizon (fields/base.py)
     # Mega-NeRF's network sizes, for the mlp field (None: its 8 layers of 256, 12 position, 4 direction frequencies)
     layers: int | None = None
     layer_dim: int | None = None

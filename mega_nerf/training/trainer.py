@@ -63,7 +63,7 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
         cfg["appearance_dim"] = config.appearance_dim
     if config.affine_appearance:
         cfg["affine_appearance"] = True
-    # Only over an altitude slab, where it acts; stored only when set, as fields saved before the option compare equal
+    # Only over an altitude slab, where it acts; absent in fields saved before the option (read as off) or without it
     if config.horizon_background and not contracted[0]:
         cfg["horizon_background"] = True
     if config.field == "hash":
