@@ -342,3 +342,29 @@ def test_the_warm_up_thread_leaves_the_run_as_without_it(tiny_city, tmp_path, mo
     cold, cold_state = state("cold")
     assert cold.warming is None
     assert all(torch.equal(a, b) for a, b in zip(warm_state, cold_state, strict=True))
+
+
+def test_a_run_stopped_by_an_error_drops_its_graphs(tiny_city, tmp_path):
+    """A run replaying CUDA graphs that stops on an error (here its second checkpoint cannot be written, as on a
+    full disk) drops its graphs and their memory pool, as a finished run does: train_cells.py goes on to the next
+    cell in the same process."""
+    from mega_nerf.cli.train import config_from_argv
+    from mega_nerf.errors import UserError
+    from mega_nerf.training.trainer import Trainer
+
+    t = Trainer(config_from_argv(["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(tiny_city),
+                                  "--exp_name", str(tmp_path / "e"), "--data_mode", "memory", "--batch_size", "4096",
+                                  "--train_iterations", "80", "--ckpt_interval", "40", "--val_interval", "80",
+                                  "--no_progress"]))
+    original, held = t.save, []
+
+    def save(*args, **kwargs):
+        if t.step >= 80:
+            held.append(t.graphs is not None and len(t.graphs.graphs) > 0)  # what the run holds as it fails
+            raise UserError("no space left on device")
+        return original(*args, **kwargs)
+
+    t.save = save
+    with pytest.raises(UserError, match="no space left"):
+        t.run()
+    assert held == [True] and t.graphs is None
