@@ -46,7 +46,9 @@ def main() -> None:
     p.add_argument("--grid_dim", type=int, nargs=2, default=[2, 2])
     p.add_argument("--work", type=Path, default=Path("bench-work"))
     p.add_argument("--pictures", type=Path, default=None, help="folder for the seam picture")
-    p.add_argument("--extra", default="", help="further training options (e.g. a CPU smoke test's)")
+    p.add_argument("--extra", default="",
+                   help="further training options as one argument with '=' (--extra=\"--batch_size 16384\"): "
+                        "after a space argparse takes an option for one of this script's")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
     dataset = ensure_city(args.preset, args.work)

@@ -11,7 +11,7 @@ surface (foreground box, beyond it, none: transparent), and with `--truth` the h
 depth (sky or surface; the surfaces' rendered opacity; floaters in front of them). `--warmup_steps` keeps kernel
 compilation out of every variant's seconds; `--resume` lets a curve outlast one device call (rerun the same
 command); `--json_out`, rewritten after every point, feeds bench/plot_curves.py; `--seeds` runs every variant at
-each seed and tabulates their spread.
+each seed and tabulates their spread; `--target_psnr` adds when each curve first reaches a val PSNR.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -219,12 +220,25 @@ def run(base: list[str], steps: list[int], sample_count: int, dataset: Path, res
             "box": [trainer.field.box_min.tolist(), trainer.field.box_max.tolist()]}
 
 
-def table(results: dict[str, dict]) -> str:
+def time_to(curve: list[tuple], target: float) -> tuple[float, float] | None:
+    """(training seconds, steps) where a curve's val PSNR first reaches `target`, interpolated linearly between
+    its points (the first point's, an upper bound, if that already reaches it); None if it never does."""
+    if curve and curve[0][2] >= target:
+        return curve[0][1], curve[0][0]
+    for (s0, t0, p0, *_), (s1, t1, p1, *_) in pairwise(curve):
+        if p0 < target <= p1:
+            f = (target - p0) / (p1 - p0)
+            return t0 + f * (t1 - t0), s0 + f * (s1 - s0)
+    return None
+
+
+def table(results: dict[str, dict], target: float | None = None) -> str:
     truth = any(r.get("truth") for r in results.values())  # --truth: one more column
     rows = ["| variant | rays/s | samples/ray | box / town | val PSNR by step (training seconds; in brackets: with "
             "the nearest train image's appearance; then the trained pixels' PSNR) | best | last - best |"
+            + (f" to {target:.2f} dB |" if target is not None else "")
             + (" last point by true depth: sky share, PSNR; surfaces PSNR, mean opacity, in front |" if truth else ""),
-            "|---|---|---|---|---|---|---|" + ("---|" if truth else "")]
+            "|---|---|---|---|---|---|---|" + ("---|" if target is not None else "") + ("---|" if truth else "")]
     for name, r in results.items():
         curve = ", ".join(f"{s}: {p:.2f} [{q:.2f}; {f:.2f}] ({t:.0f} s)" for s, t, p, q, f in r["curve"])
         best = max(p for _, _, p, _, _ in r["curve"])
@@ -233,8 +247,11 @@ def table(results: dict[str, dict]) -> str:
         depth = "" if not truth else " n/a |" if not split else (
             f" {split['sky_share']:.1%}, {split['sky_psnr']:.2f} dB; {split['surface_psnr']:.2f} dB, "
             f"{split['surface_opacity']:.3f}, {split['in_front']:.1%} |")
+        reached = None if target is None else time_to(r["curve"], target)
+        to = "" if target is None else " not reached |" if reached is None else \
+            f" {reached[0]:.1f} s ({reached[1]:,.0f} steps) |"
         rows.append(f"| {name} | {r['rays_per_s']:,.0f} | {r['samples_per_ray']:.1f} | {ratio} | {curve} | "
-                    f"{best:.2f} | {r['curve'][-1][2] - best:+.2f} |{depth}")
+                    f"{best:.2f} | {r['curve'][-1][2] - best:+.2f} |{to}{depth}")
     return "\n".join(rows)
 
 
@@ -294,6 +311,9 @@ def main() -> None:
     p.add_argument("--truth", action="store_true",
                    help="also split the last point's held-out pixels by the preset's true depth: sky, surfaces, "
                         "their rendered opacity and what lies in front of them")
+    p.add_argument("--target_psnr", type=float, default=None, metavar="DB",
+                   help="also tabulate the training seconds and steps at which each curve first reaches this val "
+                        "PSNR, interpolated between points (e.g. 24.28: mlp's 8-minute value on oblique)")
     p.add_argument("--json_out", type=Path, default=None)
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
@@ -321,7 +341,7 @@ def main() -> None:
                             lambda point, name=name: save({**results, name: point}), args.embedding_ema, args.truth)
         save(results)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    text = table(results)
+    text = table(results, args.target_psnr)
     if args.seeds is not None:
         seeds = spread(results, [name for name, _ in variants], args.seeds)
         print(seeds)
