@@ -367,4 +367,4 @@ def test_a_run_stopped_by_an_error_drops_its_graphs(tiny_city, tmp_path):
     t.save = save
     with pytest.raises(UserError, match="no space left"):
         t.run()
-    assert held == [True] and t.graphs is None
+    assert held == [True] and t.graphs is None and t.warming is None

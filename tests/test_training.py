@@ -324,23 +324,32 @@ def test_a_resumed_log_keeps_each_step_once_in_both_records(tmp_path: Path) -> N
                                                                      (400, -1.0)]
 
 
-def test_a_checkpoint_from_the_32_wide_default_resumes_with_that_width_only(tiny_city, tmp_path):
-    """A checkpoint saved when the hash field's embedding was 32 wide by default (its config has no appearance_dim,
-    and it has no eval_protocol or val_embeddings_only either) is refused at today's default in one line naming
-    appearance_dim and both values, and resumes when --appearance_dim 32 is given; loading fills the keys it lacks
-    with what their absence meant."""
+def test_a_checkpoint_from_older_defaults_resumes_with_those_options_only(tiny_city, tmp_path):
+    """A checkpoint saved when the hash field's embedding was 32 wide by default and before the horizon background
+    was (its config has neither appearance_dim nor horizon_background, and it has no eval_protocol or
+    val_embeddings_only either) is refused at today's defaults in one line naming both keys and their values, and
+    the option that resumes it; it resumes with --appearance_dim 32 --no_horizon_background, and a config.yaml of
+    that time (horizon_background: false) gives the latter; loading fills the keys it lacks with what their absence
+    meant."""
     common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
     first = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2", "--appearance_dim", "32"))
     path = first.run()
     state = torch.load(path, weights_only=True)
-    del state["field_config"]["appearance_dim"], state["eval_protocol"], state["val_embeddings_only"]  # older code
+    del state["field_config"]["appearance_dim"], state["field_config"]["horizon_background"]  # older code
+    del state["eval_protocol"], state["val_embeddings_only"]
     torch.save(state, path)
     loaded = load_checkpoint(path)
     assert loaded["eval_protocol"] == "mega-nerf" and loaded["val_embeddings_only"] is False
-    with pytest.raises(UserError, match=r"checkpoint of another field \(appearance_dim \(32, 8\): its value, then"):
+    with pytest.raises(UserError, match=r"checkpoint of another field \(appearance_dim \(32, 8\), horizon_background "
+                                        r"\(unset, True\): its value, then .*add --no_horizon_background\)"):
         Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4")).run()
+    saved = tmp_path / "older.yaml"  # what record_options wrote then
+    saved.write_text("horizon_background: false\nappearance_dim: 32\n")
+    older = train_config(train_parser().parse_args(["--config_file", str(saved), "--dataset_path", "d",
+                                                    "--exp_name", "e"]))
+    assert older.horizon_background is False and older.appearance_dim == 32
     final = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4",
-                         "--appearance_dim", "32")).run()
+                         "--appearance_dim", "32", "--no_horizon_background")).run()
     assert final.name == "00000004.pt"
 
 

@@ -178,6 +178,16 @@ def _type_of(parser: configargparse.ArgParser, dest: str) -> Any:
     return next(action.type for action in parser._actions if action.dest == dest)
 
 
+def true_or_false(text: str) -> bool:
+    """A boolean option's value as a config file or a command line writes it (true / false, yes / no, 1 / 0)."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _option_names(parser: configargparse.ArgParser) -> set[str]:
     return {s.lstrip("-") for action in parser._actions for s in action.option_strings}
 

@@ -2,13 +2,14 @@
 whole scene. Builds a TrainConfig from the options and hands it to the Trainer."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 import configargparse
 
-from mega_nerf.cli.options import base_parser, config_from_args, record_options
+from mega_nerf.cli.options import base_parser, config_from_args, record_options, true_or_false
 from mega_nerf.clock import process_start
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
@@ -72,11 +73,15 @@ def add_training_options(p: configargparse.ArgParser) -> None:
                    help="appearance as a per-image affine transform of the colour (Mega-NeRF's option), not an "
                         "input of the colour MLP")
     p.add_argument("--no_horizon_background", dest="horizon_background", action="store_false",
-                   help="with --ray_altitude_range a ray heading down (it ends on the ground plane) sees the "
-                        "background at the horizon of its heading, one colour per heading that the sky there shares, "
-                        "so the background paints less of the ground through a transparent field; this option "
-                        "shows it the background of its own direction instead (oblique preset, 3000 steps: -0.48 dB "
-                        "over three seeds; city: level; README)")
+                   help="show a ray heading down the background of its own direction (default, with "
+                        "--ray_altitude_range: the background at the horizon of its heading, since such a ray ends "
+                        "on the ground; one colour per heading that the sky there shares, it paints less of the "
+                        "ground through a transparent field: oblique preset, 3000 steps, +0.48 dB over three seeds, "
+                        "city level; README)")
+    # Before it became the default: `--horizon_background` on command lines, `horizon_background: BOOL` in saved
+    # config.yaml files
+    p.add_argument("--horizon_background", dest="horizon_background", nargs="?", const=True, type=true_or_false,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, default=None, help="mlp field: layers of the density MLP (8)")
     p.add_argument("--layer_dim", type=int, default=None, help="mlp field: their width (256)")
     p.add_argument("--pos_xyz_dim", type=int, default=None, help="mlp field: position encoding frequencies (12)")

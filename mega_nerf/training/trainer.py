@@ -260,8 +260,10 @@ class Trainer:
             raise UserError(f"{path}: checkpoint of another dataset; use another --exp_name")
         differences = config_differences(state["field_config"], self.field_config)
         if differences:
+            before = " (trained before the horizon background became the default: add --no_horizon_background)" \
+                if "horizon_background (unset, True)" in differences else ""
             raise UserError(f"{path}: checkpoint of another field ({', '.join(differences)}: its value, then this "
-                            "run's); give the options it was trained with or use another --exp_name")
+                            f"run's); give the options it was trained with{before} or use another --exp_name")
         cell = self.mask_dir.name if self.mask_dir else None
         if state["cell"] != cell or state.get("masks", self.masks) != self.masks:
             given = f"cell {cell}" if cell else "no masks"
