@@ -1,9 +1,10 @@
 """The pipeline end to end on the tiny synthetic city: partition 2 x 2, train four submodules, merge, evaluate
 (one process and two under torch.distributed.run), render a camera path; and the camera-path helpers.
 
-Measured (tiny city seed 0, CPU, the settings below; 2026-11): mean val PSNR (right halves) of the merged
-4 x 50-step submodules 18.74 dB (18.65 in a separate run), of one unpartitioned model trained 200 steps 19.35 dB
-(19.53), of the mean training colour 14.33 dB. The floor and the tolerance leave about 1 dB for drift.
+Measured (tiny city seed 0, CPU, the settings below; 2026-12, with the horizon background): mean val PSNR (right
+halves) of the merged 4 x 50-step submodules 18.38 dB, of one unpartitioned model trained 200 steps 19.06 dB, of the
+mean training colour 14.33 dB (2026-11, older defaults: 18.74 and 18.65, 19.35 and 19.53). The floor and the
+tolerance leave about 1 dB for drift.
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ from mega_nerf.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 50  # per submodule; the unpartitioned model gets 4 x STEPS
-MERGED_PSNR_FLOOR = 17.5  # dB; measured 18.74 and 18.65 (mean colour: 14.33)
-SINGLE_MODEL_TOLERANCE = 1.5  # dB the merged model may trail the single model by; measured gaps 0.61, 0.88
+MERGED_PSNR_FLOOR = 17.5  # dB; measured 18.38 (older defaults: 18.74, 18.65; mean colour: 14.33)
+SINGLE_MODEL_TOLERANCE = 1.5  # dB the merged model may trail the single model by; measured gaps 0.68, 0.61, 0.88
 # Mega-NeRF's lr schedule (decay over the run): these runs are a few epochs long, and their floors were measured so.
 TRAIN = ["--data_mode", "memory", "--lr_decay_epochs", "0", "--batch_size", "256", "--lr", "3e-2", "--samples", "16",
          "--log2_hashmap_size", "12", "--max_resolution", "64", "--occupancy_resolution", "16", "--no_progress",
@@ -108,7 +109,7 @@ def read_metrics(out: Path) -> dict:
 
 
 def test_merged_psnr_above_floor_and_near_single_model(pipeline: Path, tiny_city: Path) -> None:
-    """Merged 18.74 dB against the single model's 19.35 dB (same total steps) when measured. The single model
+    """Merged 18.38 dB against the single model's 19.06 dB (same total steps) when measured. The single model
     is merged as a one-cell container (its centroid: the mean of the four), so that both are rendered and
     scored by the same code."""
     params = load_params(pipeline / "masks" / "params.pt")
