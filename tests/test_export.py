@@ -128,24 +128,28 @@ def test_exported_points_lie_on_the_city(tiny_city: Path, tmp_path: Path) -> Non
         "--config_file", str(tiny_city / "config.yaml"), "--exp_name", str(tmp_path / "single"), "--data_mode",
         "memory", "--train_iterations", "300", "--batch_size", "512", "--samples", "32", "--hash_levels", "8",
         "--log2_hashmap_size", "14", "--max_resolution", "128", "--occupancy_resolution", "16",
-        "--occupancy_warmup", "50", "--val_interval", "100000", "--ckpt_interval", "300", "--no_progress"]))
+        "--occupancy_warmup", "50", "--val_interval", "100000", "--ckpt_interval", "300", "--bg_samples", "8",
+        "--no_progress"]))
     trainer.run()
     box_min, box_max = field_box(trainer.field)
     box_min[0], box_max[0] = trainer.bounds.altitude
     xyz = export_points(trainer.field.eval(), box_min, box_max, 96)[0].astype(np.float64)
     over_city = xyz[(np.abs(xyz[:, 1]) < 0.95) & (np.abs(xyz[:, 2]) < 0.95)]  # the ground ends at |y|, |z| = 1
-    assert len(over_city) > 150  # measured 425 (240 when the box grew with the corner rays)
+    # Measured with 8 samples beyond the box (26 s on 2 CPU cores): 1142 points, 0.88 and 1.0 near the surface; with
+    # the default 32 (36 s) 729, 0.92, 1.0; before the horizon background 425, 0.91, 1.0; when the box grew with the
+    # corner rays 240, 0.52, 0.83
+    assert len(over_city) > 150
     one_cell, two_cells = near_surface_fractions(over_city, tiny_city, [CELL, 2 * CELL])
-    assert one_cell > 0.45  # measured 0.91 (0.52 when the box grew with the corner rays)
-    assert two_cells > 0.7  # measured 1.0 (0.83)
+    assert one_cell > 0.45
+    assert two_cells > 0.7
     # --min_views: points inside few training views are guesses (fog at the city's poorly seen edges; since export
-    # covers the foreground box, where every camera looks, all 425 are seen by at least 8)
+    # covers the foreground box, where every camera looks, all of them are seen by at least 8)
     views = count_views(torch.from_numpy(over_city).float(), Cameras.from_dataset(load_dataset(tiny_city)),
                         trainer.bounds.far).numpy()
     seen = over_city[views >= 8]
-    assert len(seen) > 60  # measured 425
+    assert len(seen) > 60  # measured 1142
     one_cell, two_cells = near_surface_fractions(seen, tiny_city, [CELL, 2 * CELL])
-    assert one_cell > 0.75  # measured 0.91: most within one cell
+    assert one_cell > 0.75  # measured 0.88: most within one cell
     assert two_cells > 0.95  # measured 1.0
 
 
