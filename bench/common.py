@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,14 +31,34 @@ def ensure_city(preset: str, work: Path, depth: bool = False) -> Path:
     return path
 
 
+PARTITION = ROOT / "scripts/create_cluster_masks.py"
+
+
+def partition_args(dataset: Path, output: Path, grid: Sequence[int | str], ray_samples: int | None = None
+                   ) -> list[str]:
+    """PARTITION's options: the exact rule, or Mega-NeRF's sampled one with `ray_samples` points per ray."""
+    sampled = ["--ray_samples", str(ray_samples)] if ray_samples else []
+    return ["--config_file", str(dataset / "config.yaml"), "--dataset_path", str(dataset), "--output", str(output),
+            "--grid_dim", *map(str, grid), *sampled, "--no_progress"]
+
+
 def ensure_partition(dataset: Path, work: Path, grid: tuple[int, int]) -> Path:
     """Run create_cluster_masks once (the exact rule); return the mask directory."""
     masks = work / f"masks-{grid[0]}x{grid[1]}"
     if not (masks / "params.pt").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts/create_cluster_masks.py"), "--config_file",
-                        str(dataset / "config.yaml"), "--dataset_path", str(dataset), "--output", str(masks),
-                        "--grid_dim", str(grid[0]), str(grid[1]), "--no_progress"], check=True)
+        subprocess.run([sys.executable, str(PARTITION), *partition_args(dataset, masks, grid)], check=True)
     return masks
+
+
+def timed(cmd: list[str], environ: dict[str, str], check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall seconds of a whole command run from the repository root (process start and exit included), and its
+    result; with `check`, a failure ends the benchmark with the command and its stderr's end."""
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if check and result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}): {shlex.join(cmd)}\n{result.stderr[-4000:]}")
+    return seconds, result
 
 
 def cell_args(dataset: Path, masks: Path, work: Path, cell: int, exp_name: str) -> list[str]:
@@ -58,6 +79,11 @@ def append_results(path: Path, title: str, command: str, table: str) -> None:
     with open(path, "a") as f:
         f.write(block)
     print(block)
+
+
+# NVLink multicast stays off in every child process (the device machines' rule), and so do progress bars.
+QUIET = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+         "TQDM_DISABLE": "1"}
 
 
 def bytecode_env(cache: Path | None) -> dict[str, str]:

@@ -26,19 +26,14 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_results, bytecode_env, ensure_city  # noqa: E402
+from common import PARTITION, QUIET, ROOT, append_results, bytecode_env, ensure_city, partition_args, timed  # noqa: E402
 
 PY = sys.executable
 GRID = ("2", "2")
-# NVLink multicast stays off in every child (the device's rule), though these jobs start no NCCL communicator.
-QUIET = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-         "TQDM_DISABLE": "1"}
 
 
 def env(work: Path, bytecode_cache: Path | None, **extra: str) -> dict[str, str]:
@@ -60,16 +55,6 @@ LAUNCHERS = ("torch.distributed.run", "mega_nerf.cli.launch")
 def launcher(args: argparse.Namespace, n: int) -> list[str]:
     """One plain process, or n ranks under the --launcher module."""
     return [PY] if n == 1 else [PY, "-m", args.launcher, "--standalone", "--nproc_per_node", str(n)]
-
-
-def timed(cmd: list[str], environ: dict[str, str], check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
-    """Wall seconds of a whole command (process start and exit included)."""
-    start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if check and result.returncode != 0:
-        raise SystemExit(f"failed ({result.returncode}): {shlex.join(cmd)}\n{result.stderr[-4000:]}")
-    return seconds, result
 
 
 def digests(root: Path, pattern: str = "*") -> dict[str, str]:
@@ -101,12 +86,6 @@ def scene(data: Path) -> list[str]:
     return ["--config_file", str(data / "config.yaml"), "--dataset_path", str(data)]
 
 
-def partition_options(data: Path, output: Path, ray_samples: int) -> list[str]:
-    """create_cluster_masks' options: the exact rule, or Mega-NeRF's sampled one when `ray_samples` > 0."""
-    sampled = ["--ray_samples", str(ray_samples)] if ray_samples > 0 else []
-    return [*scene(data), "--output", str(output), "--grid_dim", *GRID, *sampled, "--no_progress"]
-
-
 def masks_of(args: argparse.Namespace, preset: str) -> Path:
     return args.work / f"{preset}-masks"
 
@@ -117,8 +96,8 @@ def stage_partition(args: argparse.Namespace, preset: str, data: Path, environ: 
     for _ in range(args.repeats):
         for n in times:
             out = fresh(args.work / f"{preset}-partition-n{n}")
-            seconds, result = timed([*launcher(args, n), "scripts/create_cluster_masks.py",
-                                     *partition_options(data, out, args.ray_samples)], environ)
+            seconds, result = timed([*launcher(args, n), str(PARTITION),
+                                     *partition_args(data, out, GRID, args.ray_samples)], environ)
             times[n].append(seconds)
             lines[n] = next((x for x in result.stdout.splitlines() if x.startswith("partition: ")), "")
     one, many = (args.work / f"{preset}-partition-n{n}" for n in times)
@@ -225,8 +204,8 @@ def stage_fail(args: argparse.Namespace, preset: str, data: Path, environ: dict[
     merged = merged_of(args, preset, data, environ)
     cells = fresh(args.work / f"{preset}-fail-cells")
     cases = {
-        "partition": ("user", "2", partition_options(data, fresh(args.work / f"{preset}-fail-masks"),
-                                                     args.ray_samples)),
+        "partition": ("user", "2", partition_args(data, fresh(args.work / f"{preset}-fail-masks"), GRID,
+                                                  args.ray_samples)),
         "eval": ("user", "2", eval_options(data, merged, fresh(args.work / f"{preset}-fail-eval"))),
         "cells": ("crash", "20", [*scene(data), "--mask_path", str(masks_of(args, preset)), "--exp_prefix",
                                   f"{cells}/exp-", "--chunk_prefix", f"{cells}/chunks-", *train_options(args)]),

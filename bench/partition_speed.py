@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_results, bytecode_env, ensure_city  # noqa: E402
+from common import PARTITION, QUIET, append_results, bytecode_env, ensure_city, partition_args, timed  # noqa: E402
 
 from mega_nerf.partition.maskfile import read_mask  # noqa: E402
 
@@ -26,14 +24,9 @@ def run_partition(data: Path, output: Path, grid: list[int], samples: int | None
     """Seconds for the whole process, launched fresh in `environ`, and its line of where the time went (rank
     0's)."""
     shutil.rmtree(output, ignore_errors=True)
-    script = [str(ROOT / "scripts/create_cluster_masks.py"), "--config_file", str(data / "config.yaml"),
-              "--dataset_path", str(data), "--output", str(output), "--grid_dim", *map(str, grid), "--no_progress"]
-    script += ["--ray_samples", str(samples)] if samples else []
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc_per_node", str(nproc)]
-    start = time.perf_counter()
-    result = subprocess.run(launcher + script, check=True, capture_output=True, text=True, env=environ)
-    seconds = time.perf_counter() - start
+    seconds, result = timed([*launcher, str(PARTITION), *partition_args(data, output, grid, samples)], environ)
     return seconds, next(line for line in result.stdout.splitlines() if line.startswith("partition: "))
 
 
@@ -58,7 +51,7 @@ def main() -> None:
                    help="time both processes with bytecode compiled under this folder first (a normal install's)")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args()
-    environ = bytecode_env(args.bytecode_cache)
+    environ = {**bytecode_env(args.bytecode_cache), **QUIET}
     data = ensure_city(args.preset, args.work)
     out = {rule: args.work / f"partition-speed-{rule}" for rule in ("sampled", "exact")}
     runs = {"sampled": run_partition(data, out["sampled"], args.grid, args.samples, args.nproc, environ),
