@@ -40,7 +40,7 @@ from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.chunks import gather_in_memory
 from mega_nerf.data.dataset import MEGA_NERF, STRICT, load_dataset
 from mega_nerf.errors import UserError
-from mega_nerf.evaluation.evaluate import evaluate
+from mega_nerf.evaluation.evaluate import evaluate, format_table, transparent_ground
 from mega_nerf.evaluation.metrics import SSIM_IMPLEMENTATION
 from mega_nerf.fields import build_field
 from mega_nerf.merging.container import Container, load_container
@@ -129,6 +129,21 @@ def test_merged_psnr_above_floor_and_near_single_model(pipeline: Path, tiny_city
         assert len(list((pipeline / "eval" / sub).glob("*.png"))) == 8
     compare = cv2.imread(str(pipeline / "eval" / "compare" / "000004.png"))
     assert compare.shape == (48, 3 * 64, 3)
+    # The tiny city has an altitude slab and cameras that look down: every image reports its transparent ground
+    shares = [m["transparent_ground"] for m in merged["images"].values()]
+    assert all(0 <= share <= 1 for share in shares)
+    assert merged["mean"]["transparent_ground"] == pytest.approx(sum(shares) / len(shares))
+    assert f"transparent ground: {merged['mean']['transparent_ground']:.1%} of the scored pixels" in \
+        format_table(merged)
+
+
+def test_transparent_ground_counts_downward_pixels_left_clear() -> None:
+    """Of the pixels whose ray heads down, the share under opacity 1/2 (the others do not count); None when no
+    ray heads down."""
+    down = torch.tensor([[True, True, True], [True, False, False]])
+    opacity = torch.tensor([[0.2, 0.9, 0.5], [0.49, 0.0, 0.1]])
+    assert transparent_ground(down, opacity) == 0.5  # 0.2 and 0.49 of the four heading down
+    assert transparent_ground(torch.zeros_like(down), opacity) is None
 
 
 def test_float16_container_renders_like_float32_submodules(pipeline: Path, tiny_city: Path) -> None:

@@ -40,6 +40,7 @@ from mega_nerf.imaging import colorize_depth, render_image, to_uint8
 from mega_nerf.io import remove_temp_files, write_json, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.ordered import OrderedQueue
+from mega_nerf.rays import image_rays
 from mega_nerf.render import default_chunk
 
 EMBEDDINGS_ONLY = "mega-nerf, val embeddings only"  # Mega-NeRF's protocol under training's --val_embeddings_only
@@ -153,6 +154,14 @@ def render_val_image(job: EvalJob, meta: ImageMetadata) -> Rendered:
     return Rendered(meta, out["rgb"].clamp(0, 1), out["depth"], out["opacity"])
 
 
+def transparent_ground(down: torch.Tensor, opacity: torch.Tensor) -> float | None:
+    """Of the pixels whose ray heads down (`down`, bool), the share rendered with opacity under 1/2. With an
+    altitude slab such a ray must end on the ground, so these are ground the model left transparent, which the
+    background paints: seen wrong from other views (docs/DESIGN.md, Background). None without such pixels."""
+    count = int(down.sum())
+    return None if count == 0 else int((down & (opacity < 0.5)).sum()) / count
+
+
 def score_and_write(job: EvalJob, rendered: Rendered) -> tuple[dict[str, Any], float, float]:
     """Score the protocol's part of a rendered image against its ground truth, then write rgb, depth
     (colour-mapped) and compare (ground truth | render | depth) PNGs. Runs on a worker thread beside the next
@@ -162,6 +171,10 @@ def score_and_write(job: EvalJob, rendered: Rendered) -> tuple[dict[str, Any], f
     gt = meta.load_rgb().to(job.device).float() / 255
     scored = meta.scored_columns_for(job.protocol)
     metrics = image_metrics(rendered.rgb[:, scored], gt[:, scored], job.lpips)
+    if job.info.altitude_range is not None:  # only a slab says where the ground must be
+        dirs = image_rays(meta.c2w.to(job.device), meta.intrinsics, meta.W, meta.H)[1]
+        down = (dirs[:, 0] > 0).view(meta.H, meta.W)  # x points down
+        metrics["transparent_ground"] = transparent_ground(down[:, scored], rendered.opacity[:, scored])
     scoring = time.perf_counter() - start
     depth = colorize_depth(rendered.depth, rendered.opacity)
     rgb = to_uint8(rendered.rgb)
@@ -180,6 +193,9 @@ def summarise(results: list[dict[str, Any]], config: EvalConfig, val_embeddings_
     for key in METRICS:
         values = [r["metrics"][key] for r in results]
         mean[key] = None if any(v is None for v in values) else float(np.mean(values))
+    shares = [r["metrics"]["transparent_ground"] for r in results if r["metrics"].get("transparent_ground") is not None]
+    if any("transparent_ground" in r["metrics"] for r in results):  # over the images that have such pixels
+        mean["transparent_ground"] = float(np.mean(shares)) if shares else None
     protocol = config.eval_protocol
     text = EMBEDDINGS_ONLY if val_embeddings_only else protocol
     return {"protocol": PROTOCOL_TEXT[text], "eval_protocol": protocol, "val_embeddings_only": val_embeddings_only,
@@ -211,6 +227,10 @@ def format_table(report: dict[str, Any]) -> str:
              f"{'image':<{width}}{'PSNR':>8}{'SSIM':>8}{'LPIPS-alex':>12}{'LPIPS-vgg':>12}{note}"]
     lines += [f"{name:<{width}}{_cells(m)}" for name, m in rows]
     lines.append(f"{'mean':<{width}}{_cells(report['mean'])}")
+    ground = report["mean"].get("transparent_ground")
+    if ground is not None:
+        lines.append(f"transparent ground: {ground:.1%} of the scored pixels whose ray heads down (it must end on the "
+                     "ground) are rendered with opacity under 1/2, where the background shows")
     return "\n".join(lines)
 
 
