@@ -40,13 +40,13 @@ from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.chunks import gather_in_memory
 from mega_nerf.data.dataset import MEGA_NERF, STRICT, load_dataset
 from mega_nerf.errors import UserError
-from mega_nerf.evaluation.evaluate import evaluate, format_table, transparent_ground
+from mega_nerf.evaluation.evaluate import ends_on_ground, evaluate, format_table, transparent_ground
 from mega_nerf.evaluation.metrics import SSIM_IMPLEMENTATION
 from mega_nerf.fields import build_field
 from mega_nerf.merging.container import Container, load_container
 from mega_nerf.merging.merge import merge_submodules
 from mega_nerf.partition.cells import load_params
-from mega_nerf.rays import image_rays, near_far
+from mega_nerf.rays import SceneBounds, image_rays, near_far
 from mega_nerf.render import render_in_chunks
 from mega_nerf.training.checkpoint import latest_checkpoint, load_checkpoint
 from mega_nerf.training.trainer import Trainer
@@ -137,13 +137,28 @@ def test_merged_psnr_above_floor_and_near_single_model(pipeline: Path, tiny_city
         format_table(merged)
 
 
-def test_transparent_ground_counts_downward_pixels_left_clear() -> None:
-    """Of the pixels whose ray heads down, the share under opacity 1/2 (the others do not count); None when no
-    ray heads down."""
-    down = torch.tensor([[True, True, True], [True, False, False]])
+def test_transparent_ground_counts_pixels_that_must_end_on_the_ground_left_clear(tiny_city: Path) -> None:
+    """A camera 0.5 units above the ground plane looking straight down: every ray ends on the ground within far
+    (1000), none within far 0.4, and the ones in the right half when only those are asked for; looking straight up,
+    none does. The share counts those rays under opacity 1/2; None when there are none."""
+    meta = load_dataset(tiny_city).val[0]
+    top, ground = -1.0, 0.2
+    position = torch.tensor([[ground - 0.5], [0.1], [0.0]])
+    looks_down = torch.tensor([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # camera -z to world +x (down)
+    looks_up = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
+    camera = {name: dataclasses.replace(meta, c2w=torch.cat([rot, position], 1))
+              for name, rot in (("down", looks_down), ("up", looks_up))}
+    cpu = torch.device("cpu")
+    every = slice(0, meta.W)
+    assert ends_on_ground(camera["down"], SceneBounds(0.0, 1e3, (top, ground)), every, cpu).all()
+    assert not ends_on_ground(camera["down"], SceneBounds(0.0, 0.4, (top, ground)), every, cpu).any()
+    assert not ends_on_ground(camera["up"], SceneBounds(0.0, 1e3, (top, ground)), every, cpu).any()
+    right = ends_on_ground(camera["down"], SceneBounds(0.0, 1e3, (top, ground)), slice(meta.W // 2, meta.W), cpu)
+    assert right.shape == (meta.H, meta.W - meta.W // 2) and right.all()
+    must = torch.tensor([[True, True, True], [True, False, False]])
     opacity = torch.tensor([[0.2, 0.9, 0.5], [0.49, 0.0, 0.1]])
-    assert transparent_ground(down, opacity) == 0.5  # 0.2 and 0.49 of the four heading down
-    assert transparent_ground(torch.zeros_like(down), opacity) is None
+    assert transparent_ground(must, opacity) == 0.5  # 0.2 and 0.49 of the four that must end on the ground
+    assert transparent_ground(torch.zeros_like(must), opacity) is None
 
 
 def test_float16_container_renders_like_float32_submodules(pipeline: Path, tiny_city: Path) -> None:

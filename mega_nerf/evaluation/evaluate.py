@@ -40,7 +40,7 @@ from mega_nerf.imaging import colorize_depth, render_image, to_uint8
 from mega_nerf.io import remove_temp_files, write_json, write_png
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.ordered import OrderedQueue
-from mega_nerf.rays import image_rays
+from mega_nerf.rays import SceneBounds, camera_directions
 from mega_nerf.render import default_chunk
 
 EMBEDDINGS_ONLY = "mega-nerf, val embeddings only"  # Mega-NeRF's protocol under training's --val_embeddings_only
@@ -154,12 +154,26 @@ def render_val_image(job: EvalJob, meta: ImageMetadata) -> Rendered:
     return Rendered(meta, out["rgb"].clamp(0, 1), out["depth"], out["opacity"])
 
 
-def transparent_ground(down: torch.Tensor, opacity: torch.Tensor) -> float | None:
-    """Of the pixels whose ray heads down (`down`, bool), the share rendered with opacity under 1/2. With an
-    altitude slab such a ray must end on the ground, so these are ground the model left transparent, which the
-    background paints: seen wrong from other views (docs/DESIGN.md, Background). None without such pixels."""
-    count = int(down.sum())
-    return None if count == 0 else int((down & (opacity < 0.5)).sum()) / count
+def ends_on_ground(meta: ImageMetadata, bounds: SceneBounds, columns: slice, device: torch.device) -> torch.Tensor:
+    """(H, columns) bool: the pixels whose ray meets the ground plane of the altitude slab within its sampled
+    interval (heading down from above it, between `near` and `far`), as rays.near_far bounds it: such a ray must
+    end on a surface. Only each ray's down component is formed (camera direction times the pose's first row,
+    over its length), not whole rays."""
+    rows, cols = torch.meshgrid(torch.arange(meta.H, device=device), torch.arange(meta.W, device=device)[columns],
+                                indexing="ij")
+    c2w = meta.c2w.to(device)
+    d = camera_directions(meta.intrinsics.to(device), cols.flatten().to(c2w.dtype), rows.flatten().to(c2w.dtype))
+    down = (d @ c2w[0, :3]) / d.norm(dim=-1)  # x points down
+    height = bounds.altitude[1] - c2w[0, 3]  # from the camera down to the ground plane
+    return ((down > 0) & (height >= bounds.near * down) & (height <= bounds.far * down)).view(meta.H, -1)
+
+
+def transparent_ground(ground: torch.Tensor, opacity: torch.Tensor) -> float | None:
+    """Of the pixels whose ray must end on the ground (`ground`, bool: ends_on_ground), the share rendered with
+    opacity under 1/2: ground the model left transparent, which the background paints and other views see wrong
+    (docs/DESIGN.md, Background). None without such pixels."""
+    count = int(ground.sum())
+    return None if count == 0 else int((ground & (opacity < 0.5)).sum()) / count
 
 
 def score_and_write(job: EvalJob, rendered: Rendered) -> tuple[dict[str, Any], float, float]:
@@ -171,10 +185,9 @@ def score_and_write(job: EvalJob, rendered: Rendered) -> tuple[dict[str, Any], f
     gt = meta.load_rgb().to(job.device).float() / 255
     scored = meta.scored_columns_for(job.protocol)
     metrics = image_metrics(rendered.rgb[:, scored], gt[:, scored], job.lpips)
-    if job.info.altitude_range is not None:  # only a slab says where the ground must be
-        dirs = image_rays(meta.c2w.to(job.device), meta.intrinsics, meta.W, meta.H)[1]
-        down = (dirs[:, 0] > 0).view(meta.H, meta.W)  # x points down
-        metrics["transparent_ground"] = transparent_ground(down[:, scored], rendered.opacity[:, scored])
+    if job.info.bounds.altitude is not None:  # only a slab says where the ground must be
+        ground = ends_on_ground(meta, job.info.bounds, scored, job.device)
+        metrics["transparent_ground"] = transparent_ground(ground, rendered.opacity[:, scored])
     scoring = time.perf_counter() - start
     depth = colorize_depth(rendered.depth, rendered.opacity)
     rgb = to_uint8(rendered.rgb)
@@ -229,8 +242,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"{'mean':<{width}}{_cells(report['mean'])}")
     ground = report["mean"].get("transparent_ground")
     if ground is not None:
-        lines.append(f"transparent ground: {ground:.1%} of the scored pixels whose ray heads down (it must end on the "
-                     "ground) are rendered with opacity under 1/2, where the background shows")
+        lines.append(f"transparent ground: {ground:.1%} of the scored pixels whose ray must end on the ground (mean "
+                     "over images) are rendered with opacity under 1/2, where the background shows")
     return "\n".join(lines)
 
 
