@@ -78,8 +78,11 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
         config = st["field_config"]
         differences = config_differences(config, ref.state["field_config"])
         if differences:
+            before = "; cells trained before the horizon background became the default lack it: train every cell " \
+                "with or every cell without it (--no_horizon_background)" \
+                if any(d.startswith("horizon_background (") for d in differences) else ""
             raise UserError(f"{name}: field differs from submodule {ref.cell}'s ({', '.join(differences)}: its "
-                            "value, then the other's)")
+                            f"value, then the other's){before}")
         if n_images is not None and config["n_images"] != n_images:
             raise UserError(f"{name}: trained on {config['n_images']} images, but {params_path} was made "
                             f"from {n_images}")
