@@ -206,8 +206,9 @@ def summarise(results: list[dict[str, Any]], config: EvalConfig, val_embeddings_
     for key in METRICS:
         values = [r["metrics"][key] for r in results]
         mean[key] = None if any(v is None for v in values) else float(np.mean(values))
-    shares = [r["metrics"]["transparent_ground"] for r in results if r["metrics"].get("transparent_ground") is not None]
-    if any("transparent_ground" in r["metrics"] for r in results):  # over the images that have such pixels
+    grounds = [r["metrics"]["transparent_ground"] for r in results if "transparent_ground" in r["metrics"]]
+    if grounds:  # with a slab: the mean over the images with pixels that must end on the ground
+        shares = [share for share in grounds if share is not None]
         mean["transparent_ground"] = float(np.mean(shares)) if shares else None
     protocol = config.eval_protocol
     text = EMBEDDINGS_ONLY if val_embeddings_only else protocol
