@@ -3,6 +3,7 @@ float64 ray caster written here (rays from the metadata, shapes from scene.json)
 in farmland and hills, on its 'oblique_tiny' preset."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import runpy
@@ -15,7 +16,8 @@ import torch
 from mega_nerf.cli.options import base_parser, scene_bounds
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
-from mega_nerf.synthetic import PRESETS, generate_city
+from mega_nerf.synthetic import PRESETS, generate_city, shading
+from mega_nerf.synthetic.generate import plan_scene, subpixel_grid
 from mega_nerf.synthetic.raycast import GROUND, HILL, first_hit
 from mega_nerf.synthetic.scene import City, build_city
 from mega_nerf.synthetic.shading import AMBIENT, COUNTRY_ROAD_WIDTH, FIELD_CROPS, SUN_LIGHT, albedo, render
@@ -131,11 +133,12 @@ def _inside_a_shape(p: np.ndarray, s: dict) -> np.ndarray:
     return under | box | canopy | trunk | hill
 
 
-def _camera_rays(m: ImageMetadata) -> tuple[np.ndarray, np.ndarray]:
-    """Row-major rays of an image from its metadata, by docs/DESIGN.md's convention, in float64."""
+def _camera_rays(m: ImageMetadata, dx: float = 0.5, dy: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major rays of an image from its metadata, by docs/DESIGN.md's convention, in float64; through the
+    point (dx, dy) of each pixel's square (the centre by default)."""
     fx, fy, cx, cy = m.intrinsics.double().numpy()
     j, i = np.mgrid[0:m.H, 0:m.W]
-    d = np.stack([(i + 0.5 - cx) / fx, -(j + 0.5 - cy) / fy, -np.ones(i.shape)], -1).reshape(-1, 3)
+    d = np.stack([(i + dx - cx) / fx, -(j + dy - cy) / fy, -np.ones(i.shape)], -1).reshape(-1, 3)
     c2w = m.c2w.double().numpy()
     d = (d / np.linalg.norm(d, axis=-1, keepdims=True)) @ c2w[:, :3].T
     return np.broadcast_to(c2w[:, 3], d.shape), d
@@ -543,6 +546,37 @@ def test_farmland_is_a_patchwork_of_crops_and_roads() -> None:
     fields = ground & (road_distance > COUNTRY_ROAD_WIDTH)
     assert match[fields].any(1).mean() > 0.9  # the rest: hedges
     assert (match[fields].mean(0) > 0.05).sum() >= 5
+
+
+def test_an_anti_aliased_pixel_is_the_mean_of_its_square(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """pixel_samples 3: each pixel is the camera response of the mean linear colour of 9 float64 rays on a 3x3
+    grid over its square; the depth map is still the centre ray's, equal to the same scene's with one ray."""
+    one = dataclasses.replace(PRESETS["oblique_tiny"], views=10)
+    monkeypatch.setitem(PRESETS, "one", one)
+    monkeypatch.setitem(PRESETS, "nine", dataclasses.replace(one, pixel_samples=3))
+    generate_city(tmp_path / "one", "one", device="cpu", progress=False)
+    generate_city(tmp_path / "nine", "nine", device="cpu", progress=False)
+    city, survey, origin, scale = plan_scene(one, seed=0)  # generate_city's default seed
+    gains = survey.exposure[:, None] * survey.white_balance
+    for m, point in zip(load_dataset(tmp_path / "nine").images[:3], load_dataset(tmp_path / "one").images,
+                        strict=False):
+        assert np.array_equal(_depth(tmp_path / "nine", m), _depth(tmp_path / "one", point))
+        linear = np.zeros((m.H * m.W, 3))
+        for dx in (1 / 6, 1 / 2, 5 / 6):
+            for dy in (1 / 6, 1 / 2, 5 / 6):
+                o, d = _camera_rays(m, dx, dy)
+                rgb, _ = render(city, torch.from_numpy(o * scale + origin).float(), torch.from_numpy(d).float(),
+                                budget=1 << 20)
+                linear += rgb.double().numpy() / 9
+        gain = torch.as_tensor(gains[survey.names.index(m.name)])
+        expected = shading.camera_response(torch.from_numpy(linear), gain).numpy() * 255
+        error = np.abs(_pixels(m) - expected).max(1)
+        assert (error <= 0.51).mean() > 0.99  # the rest: a ray of the grid on a shape's edge, float32 against 64
+        assert np.abs(_pixels(m) - _pixels(point)).mean() > 1  # a pixel-centre render differs
+    assert subpixel_grid(1) == [(0.5, 0.5)] and subpixel_grid(3)[0] == (0.5, 0.5) and len(subpixel_grid(3)) == 9
+    with pytest.raises(ValueError, match="odd"):
+        subpixel_grid(2)
 
 
 def test_script_makes_an_oblique_survey(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

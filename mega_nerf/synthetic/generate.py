@@ -1,8 +1,8 @@
 """Write a synthetic city as a Mega-NeRF dataset, with ground-truth depth, a config, a summary and an overview.
 
 Output layout (besides the dataset itself, see mega_nerf.data.dataset):
-    depth/<split>/<stem>.npy   float32 (H, W): distance along the unit ray to the first hit, normalised units;
-                               inf for sky
+    depth/<split>/<stem>.npy   float32 (H, W): distance along the unit ray through the pixel's centre to the
+                               first hit, normalised units; inf for sky
     scene.json                 the summary generate_city returns
     config.yaml                dataset_path and ray_altitude_range for our entry points
     overview.png               top-down render with the camera positions and headings
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mega_nerf.data.dataset import write_coordinates, write_image
 from mega_nerf.errors import UserError
 from mega_nerf.io import atomic_open, atomic_write, write_bgr
-from mega_nerf.rays import image_rays
+from mega_nerf.rays import rays_from_pixels
 from mega_nerf.synthetic.scene import PRESETS, City, Preset, build_city
 from mega_nerf.synthetic.shading import camera_response, render
 from mega_nerf.synthetic.survey import Survey, normalisation, plan_survey
@@ -136,26 +136,55 @@ def _write_view(output: Path, name: str, split: str, image: np.ndarray, depth: n
             np.save(f, depth)
 
 
+def subpixel_grid(samples: int) -> list[tuple[float, float]]:
+    """Where in a pixel (column, row offsets in [0, 1)) the rays of a `samples` x `samples` grid pass, the centre
+    first: its ray gives the depth map. `samples` is odd, so that the centre is one of them."""
+    if samples < 1 or samples % 2 == 0:
+        raise ValueError(f"pixel_samples must be odd and positive, not {samples}")
+    grid = [((a + 0.5) / samples, (b + 0.5) / samples) for b in range(samples) for a in range(samples)]
+    return sorted(grid, key=lambda o: o != (0.5, 0.5))
+
+
+def _poses(preset: Preset, survey: Survey, origin: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every view's c2w (V, 3, 4) in normalised units and the intrinsics (4,), float32 as write_image stores them:
+    rays made from them are exactly the loader's rays."""
+    centres = torch.as_tensor((survey.positions - origin) / scale)
+    c2ws = torch.cat([torch.as_tensor(survey.rotations), centres.unsqueeze(-1)], 2).float()
+    return c2ws, torch.tensor([survey.focal, survey.focal, preset.W / 2, preset.H / 2])
+
+
+def shoot(city: City, preset: Preset, survey: Survey, origin: np.ndarray, scale: float, views: Sequence[int],
+          offset: tuple[float, float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear colour (N, 3) and hit distance (N,) in metres of the rays through the point `offset` (column, row
+    in [0, 1)) of every pixel of `views`, row-major, view after view. `city` is on `device`."""
+    c2ws, intrinsics = _poses(preset, survey, origin, scale)
+    pixels = torch.arange(preset.W * preset.H, device=device)
+    cols = (pixels % preset.W).float() + offset[0]
+    rows = torch.div(pixels, preset.W, rounding_mode="floor").float() + offset[1]
+    rays = [rays_from_pixels(c2ws[i].to(device), intrinsics.to(device), cols, rows, 0.0) for i in views]
+    o = torch.cat([r[0] for r in rays]).double() * scale + torch.as_tensor(origin, device=device)  # metres
+    return _render(city, o.float(), torch.cat([r[1] for r in rays]), device)
+
+
 def _render_views(output: Path, preset: Preset, city: City, survey: Survey, origin: np.ndarray, scale: float,
                   write_depth: bool, device: torch.device, progress: bool) -> None:
-    """Render every view from the rays our loader will generate; write image, metadata and depth on worker
-    threads (PNG encoding costs more than rendering), one batch of views behind the renderer."""
+    """Render every view (with `preset.pixel_samples` > 1, a pixel is the mean of a grid of rays over its square
+    in linear light, as a sensor integrates); write image, metadata and depth on worker threads (PNG encoding
+    costs more than rendering), one batch of views behind the renderer."""
     W, H = preset.W, preset.H
-    intrinsics = torch.tensor([survey.focal, survey.focal, W / 2, H / 2])
-    centres = torch.as_tensor((survey.positions - origin) / scale)
-    # float32, as write_image stores them: the rays below are then exactly the loader's rays.
-    c2ws = torch.cat([torch.as_tensor(survey.rotations), centres.unsqueeze(-1)], 2).float()
+    c2ws, intrinsics = _poses(preset, survey, origin, scale)
     gains = torch.as_tensor(survey.exposure[:, None] * survey.white_balance, dtype=torch.float32, device=device)
-    origin_t = torch.as_tensor(origin, device=device)
+    offsets = subpixel_grid(preset.pixel_samples)
     per_batch = max(1, _budgets(device)[0] // (W * H))
     bar = tqdm(total=len(survey.names), desc="rendering", unit="view", disable=not progress)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         writing: list[Future] = []
         for start in range(0, len(survey.names), per_batch):
             views = range(start, min(len(survey.names), start + per_batch))
-            rays = [image_rays(c2ws[i].to(device), intrinsics.to(device), W, H) for i in views]
-            o = torch.cat([r[0] for r in rays]).double() * scale + origin_t  # metres
-            rgb, t = _render(city, o.float(), torch.cat([r[1] for r in rays]), device)
+            rgb, t = shoot(city, preset, survey, origin, scale, views, offsets[0], device)  # the centre: depth
+            for offset in offsets[1:]:
+                rgb = rgb + shoot(city, preset, survey, origin, scale, views, offset, device)[0]
+            rgb = rgb / len(offsets)
             gain = gains[start:start + len(views), None, None]  # (V, 1, 1, 3)
             images = camera_response(rgb.view(len(views), H, W, 3), gain).mul(255).round().byte().cpu().numpy()
             depths = (t / scale).view(len(views), H, W).cpu().numpy()
@@ -198,6 +227,14 @@ def _overview(output: Path, preset: Preset, city: City, survey: Survey, device: 
     write_bgr(output / "overview.png", image)
 
 
+def plan_scene(preset: Preset, seed: int) -> tuple[City, Survey, np.ndarray, float]:
+    """The city, its survey and the normalisation (origin in metres, metres per unit) that `seed` draws."""
+    rng = np.random.default_rng(seed)
+    city = build_city(preset, rng)
+    survey = plan_survey(city, preset, rng)
+    return city, survey, *normalisation(city, survey, preset)
+
+
 def generate_city(output: Path | str, preset: str = "tiny", seed: int = 0, device: str | None = None,
                   write_depth: bool = True, progress: bool = True) -> dict:
     """Generate the synthetic city `preset` with `seed` into `output` and return its summary (also written to
@@ -209,10 +246,7 @@ def generate_city(output: Path | str, preset: str = "tiny", seed: int = 0, devic
     output = Path(output).absolute()
     _prepare(output)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rng = np.random.default_rng(seed)
-    city = build_city(PRESETS[preset], rng)
-    survey = plan_survey(city, PRESETS[preset], rng)
-    origin, scale = normalisation(city, survey, PRESETS[preset])
+    city, survey, origin, scale = plan_scene(PRESETS[preset], seed)
     summary = _summary(preset, seed, city, survey, origin, scale)
     atomic_write(output / "scene.json", (json.dumps(summary, indent=1) + "\n").encode())  # first: marks the folder ours
     with _one_cpu_thread(dev):
