@@ -1,6 +1,7 @@
-"""A picture of val PSNR against training seconds from `bench/val_curve.py --json_out` files: one panel per file
-(a preset), one colour per variant; the solid line is the held-out val pixels, the dotted one the pixels training
-fits, so the gap between them (over-fitting) shows at a glance.
+"""A picture of val PSNR against training seconds from `bench/val_curve.py --json_out` files (or `bench/
+train_speed.py --history_out` ones, fields for variants): one panel per file (a preset), one colour per variant;
+the solid line is the held-out val pixels, the dotted one the pixels training fits (val_curve.py's files), so the
+gap between them (over-fitting) shows at a glance.
 
     python bench/plot_curves.py --curves oblique.json city.json --titles oblique city --output docs/val_curves.png
 
@@ -40,14 +41,24 @@ def dotted(image: np.ndarray, points: np.ndarray, colour: tuple[int, int, int]) 
             cv2.circle(image, (int(round(x)), int(round(y))), 1, colour, -1, cv2.LINE_AA)
 
 
+def series(result: dict) -> np.ndarray:
+    """One variant's rows (seconds, val PSNR, fitted pixels' PSNR or nan), from val_curve's "curve" rows (step,
+    seconds, val, nearest, fitted) or train_speed's "history" rows (seconds, val)."""
+    if "curve" in result:
+        return np.array(result["curve"], dtype=np.float64)[:, [1, 2, 4]]
+    history = np.array(result["history"], dtype=np.float64)
+    return np.concatenate([history, np.full((len(history), 1), np.nan)], 1)
+
+
 def panel(results: dict[str, dict], title: str) -> np.ndarray:
-    """One preset's curves (val_curve's json: variant -> {"curve": [(step, seconds, val, nearest, fitted)]})."""
+    """One preset's curves (variant -> val_curve's or train_speed's result)."""
     W, H = PANEL
     left, top, right, bottom = MARGIN
     image = np.full((H, W, 3), 255, np.uint8)
-    curves = {name: np.array(r["curve"], dtype=np.float64) for name, r in results.items()}
-    seconds = np.concatenate([c[:, 1] for c in curves.values()])
-    psnr = np.concatenate([c[:, [2, 4]].ravel() for c in curves.values()])
+    curves = {name: series(r) for name, r in results.items()}
+    seconds = np.concatenate([c[:, 0] for c in curves.values()])
+    psnr = np.concatenate([c[:, 1:].ravel() for c in curves.values()])
+    psnr = psnr[np.isfinite(psnr)]
     x_hi, y_lo, y_hi = float(seconds.max()) * 1.05, math.floor(psnr.min()) - 0.5, math.ceil(psnr.max()) + 0.5
 
     def to_pixel(s: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -69,16 +80,18 @@ def panel(results: dict[str, dict], title: str) -> np.ndarray:
                 (30, 30, 30), 1, cv2.LINE_AA)
     for i, (name, curve) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
-        held_out = to_pixel(curve[:, 1], curve[:, 2])
+        held_out = to_pixel(curve[:, 0], curve[:, 1])
         cv2.polylines(image, [held_out.round().astype(np.int32)], False, colour, 2, cv2.LINE_AA)
-        dotted(image, to_pixel(curve[:, 1], curve[:, 4]), colour)
+        if np.isfinite(curve[:, 2]).all():
+            dotted(image, to_pixel(curve[:, 0], curve[:, 2]), colour)
         cv2.putText(image, name, (W - right - 130, H - bottom - 12 - 18 * i), FONT, 0.45, colour, 1, cv2.LINE_AA)
     return image
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--curves", type=Path, nargs="+", required=True, help="val_curve.py --json_out files")
+    p.add_argument("--curves", type=Path, nargs="+", required=True,
+                   help="val_curve.py --json_out or train_speed.py --history_out files")
     p.add_argument("--titles", nargs="+", default=None, help="one per file (default: the file names)")
     p.add_argument("--output", type=Path, required=True, help="PNG to write")
     args = p.parse_args()
