@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
     out = out.absolute()
     print(f"synthetic city '{s['preset']}' (seed {s['seed']}) in {seconds:.1f} s -> {out}")
+    pixel = "one ray through its centre" if s["rays_per_pixel"] == 1 else f"the mean of {s['rays_per_pixel']} rays"
     print(f"  images        {s['train_images']} train + {s['val_images']} val, {s['W']}x{s['H']} px, "
-          f"focal {s['focal']:.1f} px")
+          f"focal {s['focal']:.1f} px, a pixel {pixel}")
     low, high = s["flight_altitudes"]
     flown = f"{low:.1f} m" if low == high else f"{low:.1f}-{high:.1f} m"
     print(f"  city          {s['blocks'][0]}x{s['blocks'][1]} blocks, {s['num_buildings']} buildings, "

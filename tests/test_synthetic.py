@@ -555,8 +555,8 @@ def test_an_anti_aliased_pixel_is_the_mean_of_its_square(tmp_path: Path, monkeyp
     one = dataclasses.replace(PRESETS["oblique_tiny"], views=10)
     monkeypatch.setitem(PRESETS, "one", one)
     monkeypatch.setitem(PRESETS, "nine", dataclasses.replace(one, pixel_samples=3))
-    generate_city(tmp_path / "one", "one", device="cpu", progress=False)
-    generate_city(tmp_path / "nine", "nine", device="cpu", progress=False)
+    assert generate_city(tmp_path / "one", "one", device="cpu", progress=False)["rays_per_pixel"] == 1
+    assert generate_city(tmp_path / "nine", "nine", device="cpu", progress=False)["rays_per_pixel"] == 9
     city, survey, origin, scale = plan_scene(one, seed=0)  # generate_city's default seed
     gains = survey.exposure[:, None] * survey.white_balance
     for m, point in zip(load_dataset(tmp_path / "nine").images[:3], load_dataset(tmp_path / "one").images,
@@ -584,4 +584,5 @@ def test_script_makes_an_oblique_survey(tmp_path: Path, capsys: pytest.CaptureFi
     assert script["parse_args"](["--preset", "oblique", "--output", "x"]).preset == "oblique"
     s = script["main"](["--preset", "oblique_tiny", "--output", str(tmp_path / "o"), "--no_depth", "--device", "cpu"])
     low, high = s["flight_altitudes"]
-    assert f"flown at {low:.1f}-{high:.1f} m" in capsys.readouterr().out and high - low > 10
+    out = capsys.readouterr().out
+    assert f"flown at {low:.1f}-{high:.1f} m" in out and high - low > 10 and "a pixel one ray through its centre" in out

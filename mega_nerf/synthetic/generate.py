@@ -90,7 +90,7 @@ def _summary(preset_name: str, seed: int, city: City, survey: Survey, origin: np
     return {
         "preset": preset_name, "seed": seed,
         "train_images": survey.splits.count("train"), "val_images": survey.splits.count("val"),
-        "W": preset.W, "H": preset.H, "focal": survey.focal,
+        "W": preset.W, "H": preset.H, "focal": survey.focal, "rays_per_pixel": preset.pixel_samples ** 2,
         "blocks": [city.blocks, city.blocks], "num_buildings": len(buildings), "num_trees": len(trees),
         "max_height": city.max_height, "altitude": float(np.median(survey.altitudes)),  # metres
         "flight_altitudes": [float(survey.altitudes.min()), float(survey.altitudes.max())],  # metres
