@@ -1,8 +1,8 @@
 """How far a synthetic preset's pixels are from the same pixels box-filtered: each val view rendered as the preset
 renders it against a `--samples` x `--samples` grid of rays per pixel averaged in linear light (as a sensor
 integrates), both through the camera response and 8-bit rounding, PSNR over the right halves that validation
-scores. A pixel-centre preset (`pixel_samples` 1) puts this aliasing into its ground truth; no view predicts
-another's, so a held-out PSNR near the number is at what the preset lets any model score.
+scores. A pixel-centre preset (`pixel_samples` 1) puts this aliasing into its ground truth: the number estimates
+what a model that resolves only pixel-scale detail can score on it (not a bound: many views could resolve finer).
 
     python bench/aliasing.py --preset oblique --samples 5
 """
@@ -30,11 +30,24 @@ def pixels(linear: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     return camera_response(linear, gain).mul(255).round() / 255
 
 
+def psnr(mse: float) -> float:
+    """PSNR in dB of a mean squared error of values in [0, 1]; inf when they agree."""
+    return math.inf if mse == 0 else -10 * math.log10(mse)
+
+
+def odd(value: str) -> int:
+    """--samples: an odd count, so that the grid holds the pixel's centre."""
+    samples = int(value)
+    if samples < 1 or samples % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be odd and positive, not {value}")
+    return samples
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="oblique", choices=list(PRESETS))
-    p.add_argument("--samples", type=int, default=5, help="rays per pixel along each axis of the box filter (odd)")
-    p.add_argument("--views", type=int, default=None, help="only the first this many val views")
+    p.add_argument("--samples", type=odd, default=5, help="rays per pixel along each axis of the box filter (odd)")
+    p.add_argument("--views", type=int, default=None, help="only the first this many val views (at least 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
@@ -43,6 +56,8 @@ def main() -> None:
     city, survey, origin, scale = plan_scene(preset, args.seed)
     city = city.to(device)
     views = [i for i, split in enumerate(survey.splits) if split == "val"][:args.views]
+    if not views:
+        p.error("no val views to measure (--views)")
     gains = torch.as_tensor(survey.exposure[:, None] * survey.white_balance, dtype=torch.float32, device=device)
     grid = subpixel_grid(args.samples)
     errors = []
@@ -52,9 +67,9 @@ def main() -> None:
         box = sum(shoot(city, preset, survey, origin, scale, [i], o, device)[0] for o in grid) / len(grid)
         diff = (pixels(as_rendered, gains[i]) - pixels(box, gains[i])).view(preset.H, preset.W, 3)
         errors.append(diff[:, preset.W // 2:].square().mean().item())
-    worst, best = (-10 * math.log10(e) for e in (max(errors), min(errors)))
+    worst, best = psnr(max(errors)), psnr(min(errors))
     line = (f"{args.preset} (pixel_samples {preset.pixel_samples}) against a {args.samples}x{args.samples} box filter, "
-            f"{len(views)} val views' right halves: {-10 * math.log10(np.mean(errors)):.2f} dB "
+            f"{len(views)} val views' right halves: {psnr(float(np.mean(errors))):.2f} dB "
             f"(views {worst:.2f} to {best:.2f})")
     append_results(args.results, f"Aliasing of the {args.preset} preset", "python " + " ".join(sys.argv), line)
 

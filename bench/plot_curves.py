@@ -1,7 +1,7 @@
-"""A picture of val PSNR against training seconds from `bench/val_curve.py --json_out` files (or `bench/
-train_speed.py --history_out` ones, fields for variants): one panel per file (a preset), one colour per variant;
-the solid line is the held-out val pixels, the dotted one the pixels training fits (val_curve.py's files), so the
-gap between them (over-fitting) shows at a glance.
+"""A picture of val PSNR against training seconds from `bench/val_curve.py --json_out` files (or
+`bench/train_speed.py --history_out` ones, fields for variants): one panel per file (a preset), one colour per
+variant; the solid line is the held-out val pixels, the dotted one the pixels training fits (val_curve.py's
+files), so the gap between them shows at a glance.
 
     python bench/plot_curves.py --curves oblique.json city.json --titles oblique city --output docs/val_curves.png
 
@@ -76,8 +76,9 @@ def panel(results: dict[str, dict], title: str) -> np.ndarray:
         cv2.putText(image, f"{value:g}", (int(x) - 8, H - bottom + 18), FONT, 0.4, (60, 60, 60), 1, cv2.LINE_AA)
     cv2.rectangle(image, (left, top), (W - right, H - bottom), (60, 60, 60), 1)
     cv2.putText(image, "training seconds", (W // 2 - 60, H - 10), FONT, 0.45, (30, 30, 30), 1, cv2.LINE_AA)
-    cv2.putText(image, f"{title}: val PSNR dB (solid), trained pixels (dotted)", (left, 25), FONT, 0.5,
-                (30, 30, 30), 1, cv2.LINE_AA)
+    fitted = all(np.isfinite(c[:, 2]).all() for c in curves.values())
+    legend = "val PSNR dB (solid), trained pixels (dotted)" if fitted else "val PSNR dB"
+    cv2.putText(image, f"{title}: {legend}", (left, 25), FONT, 0.5, (30, 30, 30), 1, cv2.LINE_AA)
     for i, (name, curve) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
         held_out = to_pixel(curve[:, 0], curve[:, 1])

@@ -572,11 +572,11 @@ def test_an_anti_aliased_pixel_is_the_mean_of_its_square(tmp_path: Path, monkeyp
         gain = torch.as_tensor(gains[survey.names.index(m.name)])
         expected = shading.camera_response(torch.from_numpy(linear), gain).numpy() * 255
         error = np.abs(_pixels(m) - expected).max(1)
-        assert (error <= 0.51).mean() > 0.99  # the rest: a ray of the grid on a shape's edge, float32 against 64
+        assert (error <= 0.51).mean() > 0.999  # the rest: a ray on a shape's edge, float32 against float64
         assert np.abs(_pixels(m) - _pixels(point)).mean() > 1  # a pixel-centre render differs
     assert subpixel_grid(1) == [(0.5, 0.5)] and subpixel_grid(3)[0] == (0.5, 0.5) and len(subpixel_grid(3)) == 9
     with pytest.raises(ValueError, match="odd"):
-        subpixel_grid(2)
+        dataclasses.replace(one, pixel_samples=2)
 
 
 def test_script_makes_an_oblique_survey(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -138,9 +138,7 @@ def _write_view(output: Path, name: str, split: str, image: np.ndarray, depth: n
 
 def subpixel_grid(samples: int) -> list[tuple[float, float]]:
     """Where in a pixel (column, row offsets in [0, 1)) the rays of a `samples` x `samples` grid pass, the centre
-    first: its ray gives the depth map. `samples` is odd, so that the centre is one of them."""
-    if samples < 1 or samples % 2 == 0:
-        raise ValueError(f"pixel_samples must be odd and positive, not {samples}")
+    first: its ray gives the depth map. `samples` is odd (Preset checks it), so that the centre is one of them."""
     grid = [((a + 0.5) / samples, (b + 0.5) / samples) for b in range(samples) for a in range(samples)]
     return sorted(grid, key=lambda o: o != (0.5, 0.5))
 
