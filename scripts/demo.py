@@ -19,6 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (2, 2)
+CPU_BATCH = 512  # rays a step on a CPU
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -30,9 +31,9 @@ def train_args(iterations: int, cuda: bool) -> str:
     """Short training for a demo: small hash grid and batches on a CPU, the defaults' shape on a GPU."""
     if cuda:
         return f"--train_iterations {iterations * 5} --val_interval {iterations * 5}"
-    return (f"--train_iterations {iterations} --batch_size 512 --samples 32 --hash_levels 8 --log2_hashmap_size 15 "
-            f"--max_resolution 256 --occupancy_resolution 32 --occupancy_warmup 100 --val_interval {iterations} "
-            f"--ckpt_interval 100 --log_interval 50 --data_mode memory --no_progress")
+    return (f"--train_iterations {iterations} --batch_size {CPU_BATCH} --samples 32 --hash_levels 8 "
+            f"--log2_hashmap_size 15 --max_resolution 256 --occupancy_resolution 32 --occupancy_warmup 100 "
+            f"--val_interval {iterations} --ckpt_interval 100 --log_interval 50 --data_mode memory --no_progress")
 
 
 def main() -> None:
@@ -68,6 +69,10 @@ def main() -> None:
          str(merged), "--exp_name", str(out / "eval")])
     print(f"\ndemo done in {time.perf_counter() - start:.0f} s: renders in {out / 'eval'}, "
           f"training logs and validation renders in {out}/exp-<cell>/")
+    if not cuda:
+        print(f"on a CPU each cell trained {args.iterations} steps of {CPU_BATCH} rays through a small hash grid: the "
+              "demo shows the pipeline, not the quality (blurry renders, ground left transparent); see "
+              "bench/RESULTS.md for GPU runs")
 
 
 if __name__ == "__main__":
