@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results  # noqa: E402
 
 from mega_nerf.synthetic import PRESETS  # noqa: E402
-from mega_nerf.synthetic.generate import plan_scene, shoot, subpixel_grid  # noqa: E402
+from mega_nerf.synthetic.generate import plan_scene, render_pixels  # noqa: E402
 from mega_nerf.synthetic.shading import camera_response  # noqa: E402
 
 
@@ -59,12 +59,10 @@ def main() -> None:
     if not views:
         p.error("no val views to measure (--views)")
     gains = torch.as_tensor(survey.exposure[:, None] * survey.white_balance, dtype=torch.float32, device=device)
-    grid = subpixel_grid(args.samples)
     errors = []
     for i in tqdm(views, desc="views", unit="view"):
-        as_rendered = sum(shoot(city, preset, survey, origin, scale, [i], o, device)[0]
-                          for o in subpixel_grid(preset.pixel_samples)) / preset.pixel_samples ** 2
-        box = sum(shoot(city, preset, survey, origin, scale, [i], o, device)[0] for o in grid) / len(grid)
+        as_rendered = render_pixels(city, preset, survey, origin, scale, [i], preset.pixel_samples, device)[0]
+        box = render_pixels(city, preset, survey, origin, scale, [i], args.samples, device)[0]
         diff = (pixels(as_rendered, gains[i]) - pixels(box, gains[i])).view(preset.H, preset.W, 3)
         errors.append(diff[:, preset.W // 2:].square().mean().item())
     worst, best = psnr(max(errors)), psnr(min(errors))

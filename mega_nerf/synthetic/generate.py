@@ -151,8 +151,8 @@ def _poses(preset: Preset, survey: Survey, origin: np.ndarray, scale: float) -> 
     return c2ws, torch.tensor([survey.focal, survey.focal, preset.W / 2, preset.H / 2])
 
 
-def shoot(city: City, preset: Preset, survey: Survey, origin: np.ndarray, scale: float, views: Sequence[int],
-          offset: tuple[float, float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _shoot(city: City, preset: Preset, survey: Survey, origin: np.ndarray, scale: float, views: Sequence[int],
+           offset: tuple[float, float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear colour (N, 3) and hit distance (N,) in metres of the rays through the point `offset` (column, row
     in [0, 1)) of every pixel of `views`, row-major, view after view. `city` is on `device`."""
     c2ws, intrinsics = _poses(preset, survey, origin, scale)
@@ -164,6 +164,18 @@ def shoot(city: City, preset: Preset, survey: Survey, origin: np.ndarray, scale:
     return _render(city, o.float(), torch.cat([r[1] for r in rays]), device)
 
 
+def render_pixels(city: City, preset: Preset, survey: Survey, origin: np.ndarray, scale: float,
+                  views: Sequence[int], samples: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear colour (N, 3) of every pixel of `views`, the mean of a `samples` x `samples` grid of rays over its
+    square (odd `samples`; 1: the ray through its centre), and the hit distance (N,) in metres of the centre's
+    ray. `city` is on `device`."""
+    offsets = subpixel_grid(samples)
+    rgb, t = _shoot(city, preset, survey, origin, scale, views, offsets[0], device)
+    for offset in offsets[1:]:
+        rgb = rgb + _shoot(city, preset, survey, origin, scale, views, offset, device)[0]
+    return rgb / len(offsets), t
+
+
 def _render_views(output: Path, preset: Preset, city: City, survey: Survey, origin: np.ndarray, scale: float,
                   write_depth: bool, device: torch.device, progress: bool) -> None:
     """Render every view (with `preset.pixel_samples` > 1, a pixel is the mean of a grid of rays over its square
@@ -172,17 +184,13 @@ def _render_views(output: Path, preset: Preset, city: City, survey: Survey, orig
     W, H = preset.W, preset.H
     c2ws, intrinsics = _poses(preset, survey, origin, scale)
     gains = torch.as_tensor(survey.exposure[:, None] * survey.white_balance, dtype=torch.float32, device=device)
-    offsets = subpixel_grid(preset.pixel_samples)
     per_batch = max(1, _budgets(device)[0] // (W * H))
     bar = tqdm(total=len(survey.names), desc="rendering", unit="view", disable=not progress)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         writing: list[Future] = []
         for start in range(0, len(survey.names), per_batch):
             views = range(start, min(len(survey.names), start + per_batch))
-            rgb, t = shoot(city, preset, survey, origin, scale, views, offsets[0], device)  # the centre: depth
-            for offset in offsets[1:]:
-                rgb = rgb + shoot(city, preset, survey, origin, scale, views, offset, device)[0]
-            rgb = rgb / len(offsets)
+            rgb, t = render_pixels(city, preset, survey, origin, scale, views, preset.pixel_samples, device)
             gain = gains[start:start + len(views), None, None]  # (V, 1, 1, 3)
             images = camera_response(rgb.view(len(views), H, W, 3), gain).mul(255).round().byte().cpu().numpy()
             depths = (t / scale).view(len(views), H, W).cpu().numpy()
