@@ -31,7 +31,7 @@ def train_args(iterations: int, cuda: bool) -> str:
     """Short training for a demo: small hash grid and batches on a CPU, the defaults' shape on a GPU."""
     if cuda:
         return f"--train_iterations {iterations * 5} --val_interval {iterations * 5}"
-    return (f"--train_iterations {iterations} --batch_size {CPU_BATCH} --samples 32 --hash_levels 8 "
+    return (f"--train_iterations {iterations} --batch_size {CPU_BATCH} --samples 32 --bg_samples 32 --hash_levels 8 "
             f"--log2_hashmap_size 15 --max_resolution 256 --occupancy_resolution 32 --occupancy_warmup 100 "
             f"--val_interval {iterations} --ckpt_interval 100 --log_interval 50 --data_mode memory --no_progress")
 

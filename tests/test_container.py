@@ -333,9 +333,12 @@ def test_merge_missing_cell(tmp_path: Path, fields: list[Field]) -> None:
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"field_config": {**CONFIG, "log2_table_size": 9}}, r"submodule 1 .*field differs .*\(log2_table_size \(9, "),
+    ({"field_config": {**CONFIG, "log2_table_size": 9}},
+     r"submodule 1 .*field differs .*\(log2_table_size \(9, 8\): its value, then the other's\)$"),
+    ({"field_config": {**CONFIG, "log2_table_size": 19}},  # the old default: the hint names its option
+     r"submodule 1 .*\(log2_table_size \(19, 8\).*before a default changed.*without --log2_hashmap_size 19$"),
     ({"field_config": {**CONFIG, "horizon_background": True}},
-     r"submodule 1 .*field differs .*\(horizon_background \(True, unset\).*every cell without it \(--no_horizon_"),
+     r"submodule 1 .*field differs .*\(horizon_background \(True, unset\).*every cell without --no_horizon_"),
     ({"dataset": "other"}, r"submodule 1 .*another dataset than submodule 0"),
     ({"cell": "3"}, r"submodule 1 .*trained on cell 3, not cell 1"),
     ({"render": {"samples": 64, "fine_samples": 0}}, r"submodule 1 .*render settings"),

@@ -57,8 +57,8 @@ MERGED_PSNR_FLOOR = 17.5  # dB; measured 18.38 (older defaults: 18.74, 18.65; me
 SINGLE_MODEL_TOLERANCE = 1.5  # dB the merged model may trail the single model by; measured gaps 0.68, 0.61, 0.88
 # Mega-NeRF's lr schedule (decay over the run): these runs are a few epochs long, and their floors were measured so.
 TRAIN = ["--data_mode", "memory", "--lr_decay_epochs", "0", "--batch_size", "256", "--lr", "3e-2", "--samples", "16",
-         "--log2_hashmap_size", "12", "--max_resolution", "64", "--occupancy_resolution", "16", "--no_progress",
-         "--val_interval", "100000", "--log_interval", "100000", "--val_images", "0"]
+         "--bg_samples", "32", "--log2_hashmap_size", "12", "--max_resolution", "64", "--occupancy_resolution", "16",
+         "--no_progress", "--val_interval", "100000", "--log_interval", "100000", "--val_images", "0"]
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 

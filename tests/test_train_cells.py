@@ -30,10 +30,10 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = "00000012.pt"
 # A small hash grid on a few hundred rays a step, a checkpoint every 5 steps: what a CPU trains in a second.
-TRAIN = ["--samples", "32", "--hash_levels", "8", "--log2_hashmap_size", "14", "--max_resolution", "128",
-         "--occupancy_resolution", "16", "--occupancy_warmup", "4", "--occupancy_interval", "2", "--batch_size", "256",
-         "--train_iterations", "12", "--ckpt_interval", "5", "--val_interval", "1000", "--chunk_rays", "3000",
-         "--no_progress"]
+TRAIN = ["--samples", "32", "--bg_samples", "32", "--hash_levels", "8", "--log2_hashmap_size", "14",
+         "--max_resolution", "128", "--occupancy_resolution", "16", "--occupancy_warmup", "4", "--occupancy_interval",
+         "2", "--batch_size", "256", "--train_iterations", "12", "--ckpt_interval", "5", "--val_interval", "1000",
+         "--chunk_rays", "3000", "--no_progress"]
 
 
 @pytest.fixture(scope="module")

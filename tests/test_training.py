@@ -24,8 +24,8 @@ from mega_nerf.training.trainer import Trainer, field_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small hash grid, few samples: what a CPU trains in seconds.
-SMALL = ["--samples", "32", "--hash_levels", "8", "--log2_hashmap_size", "14", "--max_resolution", "128",
-         "--occupancy_resolution", "16", "--occupancy_warmup", "50", "--no_progress"]
+SMALL = ["--samples", "32", "--bg_samples", "32", "--hash_levels", "8", "--log2_hashmap_size", "14",
+         "--max_resolution", "128", "--occupancy_resolution", "16", "--occupancy_warmup", "50", "--no_progress"]
 
 
 # Trains like mega_nerf/train.py, but dies abruptly (as kill -9 would) after the step given first.
@@ -216,7 +216,7 @@ def test_the_defaults_train_the_tiny_city_on_a_cpu_within_4_gb(tiny_city, tmp_pa
     status, out = result.stdout.split("\n", 1)
     code, max_kib = map(int, status.split())
     assert code == 0, out
-    assert "step: 4,096 rays in 5 pass(es) of at most 845, about 1.00 GiB each on cpu" in out
+    assert "step: 4,096 rays in 6 pass(es) of at most 704, about 1.00 GiB each on cpu" in out
     assert max_kib * 1024 < 4e9, max_kib
     assert (tmp_path / "exp" / "checkpoints" / "00000002.pt").exists()
 
@@ -424,3 +424,19 @@ def test_horizon_background_is_kept_in_the_field_config_where_there_is_a_slab(ti
     assert field_config(config, box, [True, True, True], 4, 0.0) == {**plain, "contracted": [True, True, True]}
     train_config(train_parser().parse_args(["--dataset_path", "d", "--exp_name", "e", "--no_horizon_background"]))
     assert "ignoring --no_horizon_background: only with --ray_altitude_range" in capsys.readouterr().err
+
+
+def test_only_the_latest_checkpoints_are_kept(tiny_city, tmp_path):
+    """--keep_checkpoints N leaves the N latest checkpoints after every save (one is about 0.5 GB at the hash
+    defaults), also across a resume; 0 keeps every one."""
+    common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
+
+    def kept(exp: str) -> list[str]:
+        return sorted(p.name for p in (tmp_path / exp / "checkpoints").iterdir())
+
+    Trainer(args(tiny_city, tmp_path / "two", *common, "--train_iterations", "7", "--keep_checkpoints", "2")).run()
+    assert kept("two") == ["00000006.pt", "00000007.pt"]
+    Trainer(args(tiny_city, tmp_path / "two", *common, "--train_iterations", "9", "--keep_checkpoints", "2")).run()
+    assert kept("two") == ["00000008.pt", "00000009.pt"]
+    Trainer(args(tiny_city, tmp_path / "all", *common, "--train_iterations", "5", "--keep_checkpoints", "0")).run()
+    assert kept("all") == ["00000002.pt", "00000004.pt", "00000005.pt"]

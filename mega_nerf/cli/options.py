@@ -208,7 +208,7 @@ POSITIVE = ("batch_size", "micro_batch", "train_iterations", "chunk_rays", "samp
             "occupancy_resolution", "occupancy_interval", "ray_chunk", "dist_chunk", "ray_samples", "frames", "fps",
             "lr", "lr_decay_factor", "foreground_scale", "timeout_minutes", "train_scale_factor", "val_scale_factor")
 NON_NEGATIVE = ("near", "far", "fine_samples", "bg_samples", "appearance_dim", "val_images", "occupancy_warmup",
-                "lr_decay_epochs", "seed", "distortion_loss", "hash_decay")
+                "lr_decay_epochs", "seed", "distortion_loss", "hash_decay", "keep_checkpoints")
 AT_LEAST_ONE = ("boundary_margin",)
 
 

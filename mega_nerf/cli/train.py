@@ -58,8 +58,9 @@ def add_training_options(p: configargparse.ArgParser) -> None:
                    help="steps (hash: two lr decays, 60 epochs of the cell's rays; mlp 30000)")
     p.add_argument("--samples", type=int, default=None, help="samples per ray (mlp: coarse samples)")
     p.add_argument("--fine_samples", type=int, default=None, help="hierarchical fine samples (mlp: 512)")
-    p.add_argument("--bg_samples", type=int, default=32,
-                   help="samples per ray beyond the foreground box (the contracted far world; 0: none)")
+    p.add_argument("--bg_samples", type=int, default=64,
+                   help="samples per ray beyond the foreground box (the contracted far world; 0: none; 64 against "
+                        "32 at 3000 steps: oblique_aa +0.44 dB, city +0.12, 5-8 %% fewer rays/s)")
     p.add_argument("--distortion_loss", type=float, default=0.0,
                    help="weight of mip-NeRF 360's distortion loss, which gathers each ray's weight in one span "
                         "(0: off)")
@@ -87,7 +88,9 @@ def add_training_options(p: configargparse.ArgParser) -> None:
     p.add_argument("--pos_xyz_dim", type=int, default=None, help="mlp field: position encoding frequencies (12)")
     p.add_argument("--pos_dir_dim", type=int, default=None, help="mlp field: direction encoding frequencies (4)")
     p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
-    p.add_argument("--log2_hashmap_size", type=int, default=19, help="hash-table entries per level, as a power of two")
+    p.add_argument("--log2_hashmap_size", type=int, default=21,
+                   help="hash-table entries per level, as a power of two (21 against 19 at 3000 steps: city +0.51 dB, "
+                        "7 %% fewer rays/s, 3.5x the parameters: 42 M, 161 MiB a submodule; README)")
     p.add_argument("--max_resolution", type=int, default=2048, help="finest hash-grid resolution")
     p.add_argument("--sh_degree", type=int, default=SH_DEGREE, choices=range(SH_DEGREE + 1),
                    help="hash field: degree of the view direction's spherical harmonics in the colour (0: a colour "
@@ -97,6 +100,9 @@ def add_training_options(p: configargparse.ArgParser) -> None:
                    help="steps between occupancy updates (every 262,144 rays at the hash default batch)")
     p.add_argument("--occupancy_warmup", type=int, default=32, help="steps before the first update")
     p.add_argument("--ckpt_interval", type=int, default=2000, help="steps between checkpoints")
+    p.add_argument("--keep_checkpoints", type=int, default=3,
+                   help="checkpoints kept, the latest; each save deletes older ones (0: keep all). One is about 0.5 "
+                        "GB at the hash field's defaults")
     p.add_argument("--val_interval", type=int, default=5000, help="steps between validation renders")
     p.add_argument("--val_images", type=int, default=2, help="validation images rendered at each interval")
     p.add_argument("--log_interval", type=int, default=100, help="steps between logged scalars")

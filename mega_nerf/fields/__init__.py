@@ -33,6 +33,19 @@ def config_differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[str
             for key in sorted(set(saved) | set(asked)) if saved.get(key) != asked.get(key)]
 
 
+# Field options whose default has changed: config key -> (what a field saved before the change holds, the option
+# that asks for it). Resuming or merging such a field under today's defaults differs there; the error says how.
+CHANGED_DEFAULTS = {"horizon_background": (None, "--no_horizon_background"),
+                    "log2_table_size": (19, "--log2_hashmap_size 19")}
+
+
+def old_default_options(saved: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """The options that give back an old default (CHANGED_DEFAULTS) where the two configs differ and one of them
+    holds it."""
+    return [option for key, (old, option) in CHANGED_DEFAULTS.items()
+            if saved.get(key) != asked.get(key) and old in (saved.get(key), asked.get(key))]
+
+
 def build_field(config: dict[str, Any]) -> Field:
     """config: {'kind': 'hash' | 'mlp', 'box_min': [3], 'box_max': [3], 'n_images': int, **sizes}; one saved
     by older code is read as it was meant (complete_config)."""
@@ -44,4 +57,5 @@ def build_field(config: dict[str, Any]) -> Field:
     return FIELDS[kind](**kwargs)
 
 
-__all__ = ["FIELDS", "Field", "HashField", "MLPField", "build_field", "complete_config", "config_differences"]
+__all__ = ["FIELDS", "Field", "HashField", "MLPField", "build_field", "complete_config", "config_differences",
+           "old_default_options"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mega_nerf.errors import UserError
-from mega_nerf.fields import config_differences
+from mega_nerf.fields import config_differences, old_default_options
 from mega_nerf.merging.container import inference_state, save_container
 from mega_nerf.partition.cells import PartitionParams, load_params
 from mega_nerf.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -78,9 +78,9 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
         config = st["field_config"]
         differences = config_differences(config, ref.state["field_config"])
         if differences:
-            before = "; cells trained before the horizon background became the default lack it: train every cell " \
-                "with or every cell without it (--no_horizon_background)" \
-                if any(d.startswith("horizon_background (") for d in differences) else ""
+            old = old_default_options(config, ref.state["field_config"])
+            before = f"; some cells were trained before a default changed: train every cell with or every cell " \
+                f"without {' '.join(old)}" if old else ""
             raise UserError(f"{name}: field differs from submodule {ref.cell}'s ({', '.join(differences)}: its "
                             f"value, then the other's){before}")
         if n_images is not None and config["n_images"] != n_images:

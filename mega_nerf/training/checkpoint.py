@@ -27,6 +27,14 @@ def latest_checkpoint(exp_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def prune_checkpoints(exp_dir: Path, keep: int) -> None:
+    """Delete all but the `keep` latest checkpoints (0: keep every one). Called after a save has completed, so the
+    latest is whole; a run resumed from any of the kept ones is unchanged."""
+    if keep > 0:
+        for path in sorted((exp_dir / "checkpoints").glob("[0-9]*.pt"))[:-keep]:
+            path.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Load a checkpoint of ours, with a one-line error for a truncated file or another version; keys added
     since version 1 are filled in where an older one left them out (ADDED_KEYS)."""

@@ -34,7 +34,7 @@ class TrainConfig:
     field: str = "hash"
     appearance_dim: int | None = None
     hash_levels: int = 16
-    log2_hashmap_size: int = 19
+    log2_hashmap_size: int = 21
     max_resolution: int = 2048
     occupancy_resolution: int = 128
     occupancy_interval: int = 8
@@ -58,7 +58,7 @@ class TrainConfig:
     train_iterations: int | None = None  # None: the field's default (hash: 2 lr decays, in epochs of the cell)
     samples: int | None = None
     fine_samples: int | None = None
-    bg_samples: int = 32  # samples beyond the foreground box, in contracted space
+    bg_samples: int = 64  # samples beyond the foreground box, in contracted space
     amp: bool = True  # training steps on a GPU under a bfloat16 autocast
     cuda_graphs: bool = True  # a GPU step's shading, backward and update replayed as CUDA graphs (training.graphs)
     # regularisers against fitting few views (0: off); see Trainer._shade
@@ -72,6 +72,7 @@ class TrainConfig:
     val_embeddings_only: bool = False
     # bookkeeping
     ckpt_interval: int = 2000
+    keep_checkpoints: int = 3  # the latest checkpoints kept, older ones deleted (0: all)
     val_interval: int = 5000
     val_images: int = 2
     log_interval: int = 100

@@ -26,7 +26,7 @@ from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerpri
 from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
-from mega_nerf.fields import build_field, config_differences
+from mega_nerf.fields import build_field, config_differences, old_default_options
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
 from mega_nerf.io import save_torch_atomic
@@ -152,7 +152,7 @@ class Trainer:
 
     def _stand_in(self) -> Field:
         """A field of this run's kind for the warm-up (training.step), on the device: its options, but over the
-        unit box, for one image, and with a hash table of at most the default's 2^19 entries per level (its
+        unit box, for one image, and with a hash table of at most 2^19 entries per level (its
         parameters, gradients and Adam moments are four copies of it, beside the run's own). Built before the
         run's seed is set and its field made, so the run draws the same numbers as without it."""
         box = (torch.full((3,), -1.0), torch.ones(3))
@@ -243,6 +243,7 @@ class Trainer:
     def save(self, stream: RayStream | None, empty: bool = False) -> Path:
         path = ckpt.checkpoint_path(self.exp_dir, self.step)
         save_torch_atomic(self.state(stream, empty), path)  # a reader never sees a half-written one
+        ckpt.prune_checkpoints(self.exp_dir, self.config.keep_checkpoints)
         return path
 
     def resume(self, stream: RayStream) -> Path | None:
@@ -260,8 +261,8 @@ class Trainer:
             raise UserError(f"{path}: checkpoint of another dataset; use another --exp_name")
         differences = config_differences(state["field_config"], self.field_config)
         if differences:
-            before = " (trained before the horizon background became the default: add --no_horizon_background)" \
-                if "horizon_background (unset, True)" in differences else ""
+            old = old_default_options(state["field_config"], self.field_config)
+            before = f" (trained before a default changed: add {' '.join(old)})" if old else ""
             raise UserError(f"{path}: checkpoint of another field ({', '.join(differences)}: its value, then this "
                             f"run's); give the options it was trained with{before} or use another --exp_name")
         cell = self.mask_dir.name if self.mask_dir else None
