@@ -58,7 +58,7 @@ def main() -> None:
     views = [i for i, split in enumerate(survey.splits) if split == "val"][:args.views]
     if not views:
         p.error("no val views to measure (--views)")
-    gains = torch.as_tensor(survey.exposure[:, None] * survey.white_balance, dtype=torch.float32, device=device)
+    gains = survey.gains(device)
     errors = []
     for i in tqdm(views, desc="views", unit="view"):
         as_rendered = render_pixels(city, preset, survey, origin, scale, [i], preset.pixel_samples, device)[0]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mega_nerf.errors import UserError
-from mega_nerf.fields import build_field
+from mega_nerf.fields import build_field, old_default_options
 from mega_nerf.fields.base import Field
 from mega_nerf.merging.container import Container, blend_weights, load_container
 from mega_nerf.merging.merge import merge_submodules
@@ -272,7 +272,7 @@ def write_partition(root: Path, fields: list[Field | None], n_images: int = 3, *
             continue
         state = {"version": CKPT_VERSION, "step": 100 + k, "field_config": dict(CONFIG),
                  "model": field.state_dict(), "optimizer": {}, "stream": {}, "rng": {}, "dataset": "abc",
-                 "empty": False, "cell": str(k), "render": {"samples": 16, "fine_samples": 0},
+                 "empty": False, "cell": str(k), "render": {"samples": 16, "fine_samples": 0, "bg_samples": 32},
                  "scene": {"near": 0.01, "far": 2.0, "altitude_range": [-0.5, 0.6]}}
         if k == 1:
             state.update(changes)
@@ -303,7 +303,7 @@ def test_merge_round_trip_and_float16_tables(tmp_path: Path, fields: list[Field]
     write_partition(tmp_path, fields)
     container, info = load_container(merge(tmp_path))
     assert info.cells == [0, 1, 2, 3] and info.steps == [100, 101, 102, 103] and info.dataset == "abc"
-    assert info.render == RenderConfig(16, 0, perturb=False) and info.altitude_range == (-0.5, 0.6)
+    assert info.render == RenderConfig(16, 0, bg_samples=32, perturb=False) and info.altitude_range == (-0.5, 0.6)
     reference = Container(CENTROIDS, fields, MARGIN, cluster_2d=False)
     assert float((render_rays(container) - render_rays(reference)).abs().max()) < 2e-3
     stored = torch.load(tmp_path / "merged.pt", weights_only=True)["submodules"]
@@ -335,10 +335,14 @@ def test_merge_missing_cell(tmp_path: Path, fields: list[Field]) -> None:
 @pytest.mark.parametrize("changes, message", [
     ({"field_config": {**CONFIG, "log2_table_size": 9}},
      r"submodule 1 .*field differs .*\(log2_table_size \(9, 8\): its value, then the other's\)$"),
-    ({"field_config": {**CONFIG, "log2_table_size": 19}},  # the old default: the hint names its option
-     r"submodule 1 .*\(log2_table_size \(19, 8\).*before a default changed.*without --log2_hashmap_size 19$"),
-    ({"field_config": {**CONFIG, "horizon_background": True}},
-     r"submodule 1 .*field differs .*\(horizon_background \(True, unset\).*every cell without --no_horizon_"),
+    ({"field_config": {**CONFIG, "log2_table_size": 19}},  # the old default, but the other is not today's: no hint
+     r"submodule 1 .*\(log2_table_size \(19, 8\): its value, then the other's\)$"),
+    ({"field_config": {**CONFIG, "horizon_background": True}},  # the others lack it, as before it was the default
+     r"submodule 1 .*\(horizon_background \(True, unset\).*; submodule 0 was trained at older defaults: train every "
+     r"cell with --no_horizon_background, or retrain it at today's$"),
+    ({"render": {"samples": 16, "fine_samples": 0, "bg_samples": 64}},
+     r"submodule 1 .*: render settings .*; submodule 0 was trained at older defaults: train every cell with "
+     r"--bg_samples 32, or retrain it at today's$"),
     ({"dataset": "other"}, r"submodule 1 .*another dataset than submodule 0"),
     ({"cell": "3"}, r"submodule 1 .*trained on cell 3, not cell 1"),
     ({"render": {"samples": 64, "fine_samples": 0}}, r"submodule 1 .*render settings"),
@@ -348,6 +352,19 @@ def test_merge_mismatched_submodule(tmp_path: Path, fields: list[Field], changes
     write_partition(tmp_path, fields, **changes)
     with pytest.raises(UserError, match=message):
         merge(tmp_path)
+
+
+def test_old_defaults_are_named_only_where_a_checkpoint_holds_them_and_the_run_todays() -> None:
+    """old_default_options: the options that give back changed defaults, where the saved config holds the old
+    value and the asked one today's; not the other way round, nor against a value that is neither."""
+    today = {**CONFIG, "log2_table_size": 21, "horizon_background": True}
+    assert old_default_options({**CONFIG, "log2_table_size": 19}, today) == ["--no_horizon_background",
+                                                                             "--log2_hashmap_size 19"]
+    assert old_default_options(today, {**CONFIG, "log2_table_size": 19}) == []
+    assert old_default_options({**CONFIG, "log2_table_size": 19}, {**CONFIG, "log2_table_size": 14}) == []
+    unsaved_width = {k: v for k, v in CONFIG.items() if k != "appearance_dim"}  # a hash field's 32, completed
+    assert old_default_options(unsaved_width, {**CONFIG, "appearance_dim": 8}) == ["--appearance_dim 32"]
+    assert old_default_options({"bg_samples": 32}, {"bg_samples": 64}) == ["--bg_samples 32"]
 
 
 def test_merge_disagrees_with_params(tmp_path: Path, fields: list[Field]) -> None:

@@ -3,6 +3,7 @@ and the parscript job list trains two cells end to end."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
     whole = Trainer(args(tiny_city, tmp_path / "whole", "--chunk_paths", str(tmp_path / "c1"), *common))
     whole.run()
     argv = ["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(tiny_city), "--exp_name",
-            str(tmp_path / "killed"), "--chunk_paths", str(tmp_path / "c2"), *SMALL, *common]
+            str(tmp_path / "killed"), "--chunk_paths", str(tmp_path / "c2"), *SMALL, *common,
+            "--keep_checkpoints", "0"]  # step 5's checkpoint starts a run below
     cmd = [sys.executable, "mega_nerf/train.py", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, "8", *argv], cwd=ROOT, env=env, capture_output=True)
@@ -325,13 +327,14 @@ def test_a_resumed_log_keeps_each_step_once_in_both_records(tmp_path: Path) -> N
                                                                      (400, -1.0)]
 
 
-def test_a_checkpoint_from_older_defaults_resumes_with_those_options_only(tiny_city, tmp_path):
+def test_a_checkpoint_from_older_defaults_resumes_with_those_options_only(tiny_city, tmp_path, capsys):
     """A checkpoint saved when the hash field's embedding was 32 wide by default and before the horizon background
     was (its config has neither appearance_dim nor horizon_background, and it has no eval_protocol or
     val_embeddings_only either) is refused at today's defaults in one line naming both keys and their values, and
-    the option that resumes it; it resumes with --appearance_dim 32 --no_horizon_background, and a config.yaml of
+    the options that resume it; it resumes with --appearance_dim 32 --no_horizon_background, and a config.yaml of
     that time (horizon_background: false) gives the latter; loading fills the keys it lacks with what their absence
-    meant."""
+    meant. Resumed with other samples (today's 64 beyond the box, trained with 32) it goes on, with a warning that
+    names the option keeping the old ones."""
     common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
     first = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2", "--appearance_dim", "32"))
     path = first.run()
@@ -342,7 +345,8 @@ def test_a_checkpoint_from_older_defaults_resumes_with_those_options_only(tiny_c
     loaded = load_checkpoint(path)
     assert loaded["eval_protocol"] == "mega-nerf" and loaded["val_embeddings_only"] is False
     with pytest.raises(UserError, match=r"checkpoint of another field \(appearance_dim \(32, 8\), horizon_background "
-                                        r"\(unset, True\): its value, then .*add --no_horizon_background\)"):
+                                        r"\(unset, True\): its value, then .*add --appearance_dim 32 "
+                                        r"--no_horizon_background\)"):
         Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4")).run()
     saved = tmp_path / "older.yaml"  # what record_options wrote then
     saved.write_text("horizon_background: false\nappearance_dim: 32\n")
@@ -350,8 +354,11 @@ def test_a_checkpoint_from_older_defaults_resumes_with_those_options_only(tiny_c
                                                     "--exp_name", "e"]))
     assert older.horizon_background is False and older.appearance_dim == 32
     final = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4",
-                         "--appearance_dim", "32", "--no_horizon_background")).run()
+                         "--appearance_dim", "32", "--no_horizon_background", "--bg_samples", "64")).run()
     assert final.name == "00000004.pt"
+    assert re.search(r"warning: .*00000002\.pt was trained with render settings .*'bg_samples': 32\}, this run goes "
+                     r"on with .*'bg_samples': 64\} \(--bg_samples 32 keeps the old default\); the merge needs every "
+                     r"cell's equal", capsys.readouterr().err)
 
 
 def test_val_embeddings_only_trains_the_field_on_training_rays_alone(tiny_city, tmp_path, one_thread):
@@ -428,15 +435,19 @@ def test_horizon_background_is_kept_in_the_field_config_where_there_is_a_slab(ti
 
 def test_only_the_latest_checkpoints_are_kept(tiny_city, tmp_path):
     """--keep_checkpoints N leaves the N latest checkpoints after every save (one is about 0.5 GB at the hash
-    defaults), also across a resume; 0 keeps every one."""
+    defaults), also across a resume, and never a file of another name; 0 keeps every one."""
     common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
 
     def kept(exp: str) -> list[str]:
         return sorted(p.name for p in (tmp_path / exp / "checkpoints").iterdir())
 
-    Trainer(args(tiny_city, tmp_path / "two", *common, "--train_iterations", "7", "--keep_checkpoints", "2")).run()
+    seen = {}  # before step s is saved, the folder as the saves of the steps before it left it
+    Trainer(args(tiny_city, tmp_path / "two", *common, "--train_iterations", "7", "--keep_checkpoints", "2"),
+            on_step=lambda step: seen.update({step: kept("two")} if step in (5, 7) else {})).run()
+    assert seen == {5: ["00000002.pt", "00000004.pt"], 7: ["00000004.pt", "00000006.pt"]}
     assert kept("two") == ["00000006.pt", "00000007.pt"]
+    (tmp_path / "two" / "checkpoints" / "00000006_mine.pt").write_bytes(b"a copy the user keeps")
     Trainer(args(tiny_city, tmp_path / "two", *common, "--train_iterations", "9", "--keep_checkpoints", "2")).run()
-    assert kept("two") == ["00000008.pt", "00000009.pt"]
+    assert kept("two") == ["00000006_mine.pt", "00000008.pt", "00000009.pt"]
     Trainer(args(tiny_city, tmp_path / "all", *common, "--train_iterations", "5", "--keep_checkpoints", "0")).run()
     assert kept("all") == ["00000002.pt", "00000004.pt", "00000005.pt"]

@@ -33,17 +33,23 @@ def config_differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[str
             for key in sorted(set(saved) | set(asked)) if saved.get(key) != asked.get(key)]
 
 
-# Field options whose default has changed: config key -> (what a field saved before the change holds, the option
-# that asks for it). Resuming or merging such a field under today's defaults differs there; the error says how.
-CHANGED_DEFAULTS = {"horizon_background": (None, "--no_horizon_background"),
-                    "log2_table_size": (19, "--log2_hashmap_size 19")}
+# Options whose default has changed, by their key in a checkpoint's field config or render settings: (the value
+# saved before the change, None where the key was absent; the value now; the option that gives the old one back).
+# A checkpoint saved before the change differs from a run of today's defaults there, and the errors say how.
+CHANGED_DEFAULTS: dict[str, tuple[Any, Any, str]] = {
+    "appearance_dim": (32, 8, "--appearance_dim 32"),  # a hash field's; complete_config writes the old one in
+    "horizon_background": (None, True, "--no_horizon_background"),
+    "log2_table_size": (19, 21, "--log2_hashmap_size 19"),
+    "bg_samples": (32, 64, "--bg_samples 32"),
+}
 
 
 def old_default_options(saved: dict[str, Any], asked: dict[str, Any]) -> list[str]:
-    """The options that give back an old default (CHANGED_DEFAULTS) where the two configs differ and one of them
-    holds it."""
-    return [option for key, (old, option) in CHANGED_DEFAULTS.items()
-            if saved.get(key) != asked.get(key) and old in (saved.get(key), asked.get(key))]
+    """The options that give back the old defaults where `saved` holds one and `asked` today's (CHANGED_DEFAULTS);
+    field configs are compared completed, as config_differences does."""
+    saved, asked = complete_config(saved), complete_config(asked)
+    return [option for key, (old, new, option) in CHANGED_DEFAULTS.items()
+            if saved.get(key) == old and asked.get(key) == new]
 
 
 def build_field(config: dict[str, Any]) -> Field:

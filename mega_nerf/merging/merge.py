@@ -78,11 +78,8 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
         config = st["field_config"]
         differences = config_differences(config, ref.state["field_config"])
         if differences:
-            old = old_default_options(config, ref.state["field_config"])
-            before = f"; some cells were trained before a default changed: train every cell with or every cell " \
-                f"without {' '.join(old)}" if old else ""
             raise UserError(f"{name}: field differs from submodule {ref.cell}'s ({', '.join(differences)}: its "
-                            f"value, then the other's){before}")
+                            f"value, then the other's){_old_defaults_hint(s, ref)}")
         if n_images is not None and config["n_images"] != n_images:
             raise UserError(f"{name}: trained on {config['n_images']} images, but {params_path} was made "
                             f"from {n_images}")
@@ -95,10 +92,22 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
                             "it")
         if st["render"] != ref.state["render"]:
             raise UserError(f"{name}: render settings {st['render']} differ from submodule {ref.cell}'s "
-                            f"{ref.state['render']}")
+                            f"{ref.state['render']}{_old_defaults_hint(s, ref)}")
         if not _same_scene(st["scene"], partition_scene):
             raise UserError(f"{name}: near/far/altitude range {st['scene']} differ from {params_path}'s "
                             f"{partition_scene}")
+
+
+def _old_defaults_hint(a: Submodule, b: Submodule) -> str:
+    """Where one of two submodules was trained at defaults since changed (fields.CHANGED_DEFAULTS) and the other
+    at today's: which one, and the options that train the others like it."""
+    for old, new in ((a, b), (b, a)):
+        options = old_default_options(old.state["field_config"], new.state["field_config"]) + \
+            old_default_options(old.state["render"], new.state["render"])
+        if options:
+            return (f"; submodule {old.cell} was trained at older defaults: train every cell with "
+                    f"{' '.join(options)}, or retrain it at today's")
+    return ""
 
 
 def container_state(subs: list[Submodule | None], params: PartitionParams, boundary_margin: float

@@ -183,7 +183,7 @@ def _render_views(output: Path, preset: Preset, city: City, survey: Survey, orig
     costs more than rendering), one batch of views behind the renderer."""
     W, H = preset.W, preset.H
     c2ws, intrinsics = _poses(preset, survey, origin, scale)
-    gains = torch.as_tensor(survey.exposure[:, None] * survey.white_balance, dtype=torch.float32, device=device)
+    gains = survey.gains(device)
     per_batch = max(1, _budgets(device)[0] // (W * H))
     bar = tqdm(total=len(survey.names), desc="rendering", unit="view", disable=not progress)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

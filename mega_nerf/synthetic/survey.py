@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from mega_nerf.synthetic.scene import City, Preset
 
@@ -32,6 +33,11 @@ class Survey:
     def names(self) -> list[str]:
         """File stems; sorting them keeps flight order, so appearance indices follow the path."""
         return [f"{i:06d}" for i in range(len(self.splits))]
+
+    def gains(self, device: torch.device) -> torch.Tensor:
+        """(V, 3) float32: each view's per-channel gains, exposure times white balance, as camera_response takes
+        them."""
+        return torch.as_tensor(self.exposure[:, None] * self.white_balance, dtype=torch.float32, device=device)
 
     @property
     def altitudes(self) -> np.ndarray:

@@ -4,6 +4,7 @@ Everything is stored as tensors and plain types, so every file loads with torch.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,15 @@ def checkpoint_path(exp_dir: Path, step: int) -> Path:
     return exp_dir / "checkpoints" / f"{step:08d}.pt"
 
 
+def checkpoint_files(exp_dir: Path) -> list[Path]:
+    """The run's checkpoints in step order: exactly the names checkpoint_path writes, so a copy the user made
+    beside them (00002000_keep.pt) is neither resumed from nor deleted."""
+    folder = exp_dir / "checkpoints"
+    return sorted(p for p in folder.glob("*.pt") if re.fullmatch(r"\d{8}\.pt", p.name)) if folder.is_dir() else []
+
+
 def latest_checkpoint(exp_dir: Path) -> Path | None:
-    found = sorted((exp_dir / "checkpoints").glob("[0-9]*.pt"))
+    found = checkpoint_files(exp_dir)
     return found[-1] if found else None
 
 
@@ -31,7 +39,7 @@ def prune_checkpoints(exp_dir: Path, keep: int) -> None:
     """Delete all but the `keep` latest checkpoints (0: keep every one). Called after a save has completed, so the
     latest is whole; a run resumed from any of the kept ones is unchanged."""
     if keep > 0:
-        for path in sorted((exp_dir / "checkpoints").glob("[0-9]*.pt"))[:-keep]:
+        for path in checkpoint_files(exp_dir)[:-keep]:
             path.unlink(missing_ok=True)
 
 

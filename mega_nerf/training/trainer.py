@@ -235,12 +235,17 @@ class Trainer:
                 "dataset": dataset_fingerprint(self.dataset), "empty": empty,
                 "cell": self.mask_dir.name if self.mask_dir else None, "masks": self.masks,
                 "eval_protocol": self.config.eval_protocol, "val_embeddings_only": self.config.val_embeddings_only,
-                "render": {"samples": self.config.samples, "fine_samples": self.config.fine_samples,
-                           "bg_samples": self.config.bg_samples},
+                "render": self._render_settings(),
                 "scene": {"near": self.bounds.near, "far": self.bounds.far,
                           "altitude_range": list(self.bounds.altitude) if self.bounds.altitude else None}}
 
+    def _render_settings(self) -> dict[str, int]:
+        """The sample counts a checkpoint records, which the merge requires equal in every cell."""
+        return {"samples": self.config.samples, "fine_samples": self.config.fine_samples,
+                "bg_samples": self.config.bg_samples}
+
     def save(self, stream: RayStream | None, empty: bool = False) -> Path:
+        """Write this step's checkpoint atomically, then delete all but the --keep_checkpoints latest."""
         path = ckpt.checkpoint_path(self.exp_dir, self.step)
         save_torch_atomic(self.state(stream, empty), path)  # a reader never sees a half-written one
         ckpt.prune_checkpoints(self.exp_dir, self.config.keep_checkpoints)
@@ -279,6 +284,12 @@ class Trainer:
             given = "with" if state["val_embeddings_only"] else "without"
             raise UserError(f"{path}: checkpoint trained {given} --val_embeddings_only; use another --exp_name or "
                             "the setting it was trained with")
+        render = self._render_settings()
+        if state["render"] != render:  # allowed; the merge then needs the other cells to match
+            old = old_default_options(state["render"], render)
+            keep = f" ({' '.join(old)} keeps the old default)" if old else ""
+            print(f"warning: {path} was trained with render settings {state['render']}, this run goes on with "
+                  f"{render}{keep}; the merge needs every cell's equal", file=sys.stderr)
         self.field.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
