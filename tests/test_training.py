@@ -206,7 +206,8 @@ def test_a_step_split_into_passes_equals_the_unsplit_step(tiny_city, tmp_path, o
 
 def test_the_defaults_train_the_tiny_city_on_a_cpu_within_4_gb(tiny_city, tmp_path):
     """mega_nerf/train.py with its defaults (the CPU's batch, passes bounded by the CPU's budget): peak resident
-    memory of the run (ru_maxrss of a child that only runs it) stays under 4 GB; the plan is printed."""
+    memory of the run (ru_maxrss of a child that only runs it) stays under 4 GB; the plan is printed, and so is
+    what a checkpoint takes, within 5 % of the one written."""
     run = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(r.stdout + r.stderr)")
     cmd = [sys.executable, "mega_nerf/train.py", "--config_file", str(tiny_city / "config.yaml"), "--exp_name",
@@ -219,6 +220,11 @@ def test_the_defaults_train_the_tiny_city_on_a_cpu_within_4_gb(tiny_city, tmp_pa
     code, max_kib = map(int, status.split())
     assert code == 0, out
     assert "step: 4,096 rays in 6 pass(es) of at most 704, about 1.00 GiB each on cpu" in out
+    estimate = re.search(r"checkpoints: about ([\d.]+) GiB each, every 2,000 steps to .*; the latest 3 kept, about "
+                         r"([\d.]+) GiB \(--keep_checkpoints\)", out)
+    written = (tmp_path / "exp" / "checkpoints" / "00000002.pt").stat().st_size / 2 ** 30
+    each, kept = float(estimate[1]), float(estimate[2])
+    assert abs(each - written) <= 0.05 * written and abs(kept - 3 * each) <= 0.02, (estimate[0], written)
     assert max_kib * 1024 < 4e9, max_kib
     assert (tmp_path / "exp" / "checkpoints" / "00000002.pt").exists()
 

@@ -183,6 +183,15 @@ class Trainer:
         return (f"step: {self.config.batch_size:,} rays in {passes} pass(es) of at most {self.micro_batch:,}, "
                 f"about {gib:.2f} GiB each on {self.device.type} (estimate; --micro_batch bounds it)")
 
+    def checkpoint_report(self) -> str:
+        """One line on what checkpoints take on disk (each the parameters and Adam's two moments, in float32), so
+        that the cost of a large table is seen before the first one is written."""
+        each = 3 * sum(p.numel() * p.element_size() for p in self.field.parameters()) / 2 ** 30
+        kept = self.config.keep_checkpoints
+        held = f"the latest {kept} kept, about {kept * each:.2f} GiB" if kept else "every one kept"
+        return (f"checkpoints: about {each:.2f} GiB each, every {self.config.ckpt_interval:,} steps to "
+                f"{self.exp_dir / 'checkpoints'}; {held} (--keep_checkpoints)")
+
     def foreground_report(self) -> str:
         """One line on the foreground box: its horizontal extent, over the cameras' (docs/DESIGN.md, Scene bounds)."""
         lo, hi = self.field_config["box_min"], self.field_config["box_max"]
@@ -420,6 +429,7 @@ class Trainer:
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
         print(self.memory_report())
+        print(self.checkpoint_report())
         # Both closed however the run ends: the log's files and threads, and the bar's line (an error's one line
         # then starts a line of its own)
         with (Logger(self.exp_dir, self.step) as log,
