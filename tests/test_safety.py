@@ -196,6 +196,7 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_host_is_named(tiny_city: Path,
     (["--batch_size", "0"], "--batch_size must be positive, got 0"),
     (["--train_iterations", "0"], "--train_iterations must be positive, got 0"),
     (["--near", "-1"], "--near must not be negative, got -1.0"),
+    (["--keep_checkpoints", "-1"], "--keep_checkpoints must not be negative, got -1"),
     (["--boundary_margin", "0.5"], "--boundary_margin must be at least 1, got 0.5"),
 ])
 def test_options_that_cannot_be_right_are_one_line(words: list[str], message: str) -> None:
