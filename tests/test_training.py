@@ -457,3 +457,18 @@ def test_only_the_latest_checkpoints_are_kept(tiny_city, tmp_path):
     assert kept("two") == ["00000006_mine.pt", "00000008.pt", "00000009.pt"]
     Trainer(args(tiny_city, tmp_path / "all", *common, "--train_iterations", "5", "--keep_checkpoints", "0")).run()
     assert kept("all") == ["00000002.pt", "00000004.pt", "00000005.pt"]
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_refused_before_the_first_step(tiny_city, tmp_path, monkeypatch):
+    """The first checkpoint would fail only after --ckpt_interval steps of training: a disk that cannot hold one
+    stops the run before its first step, in one line naming the folder and the bytes."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    steps = []
+    trainer = Trainer(args(tiny_city, tmp_path / "exp", "--data_mode", "memory", "--batch_size", "64",
+                           "--train_iterations", "3", "--ckpt_interval", "3"), on_step=steps.append)
+    needed = 3 * sum(p.numel() * 4 for p in trainer.field.parameters())
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'exp' / 'checkpoints'))}: not enough disk space "
+                                        rf"for a checkpoint \({needed:,} bytes each, 1,000 free\)"):
+        trainer.run()
+    assert steps == [] and not list((tmp_path / "exp").glob("checkpoints/*.pt"))

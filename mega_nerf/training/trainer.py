@@ -29,7 +29,7 @@ from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, config_differences, old_default_options
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
-from mega_nerf.io import save_torch_atomic
+from mega_nerf.io import free_bytes, save_torch_atomic
 from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
 from mega_nerf.render import RenderConfig
@@ -183,10 +183,15 @@ class Trainer:
         return (f"step: {self.config.batch_size:,} rays in {passes} pass(es) of at most {self.micro_batch:,}, "
                 f"about {gib:.2f} GiB each on {self.device.type} (estimate; --micro_batch bounds it)")
 
+    def checkpoint_bytes(self) -> int:
+        """What one checkpoint takes on disk: the parameters and Adam's two moments, in float32 (the rest is
+        small)."""
+        return 3 * sum(p.numel() * p.element_size() for p in self.field.parameters())
+
     def checkpoint_report(self) -> str:
-        """One line on what checkpoints take on disk (each the parameters and Adam's two moments, in float32), so
-        that the cost of a large table is seen before the first one is written."""
-        each = 3 * sum(p.numel() * p.element_size() for p in self.field.parameters()) / 2 ** 30
+        """One line on what checkpoints take on disk, so that the cost of a large table is seen before the first
+        one is written."""
+        each = self.checkpoint_bytes() / 2 ** 30
         kept = self.config.keep_checkpoints
         held = f"the latest {kept} kept, about {kept * each:.2f} GiB" if kept else "every one kept"
         return (f"checkpoints: about {each:.2f} GiB each, every {self.config.ckpt_interval:,} steps to "
@@ -430,6 +435,10 @@ class Trainer:
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
         print(self.memory_report())
         print(self.checkpoint_report())
+        folder, needed = self.exp_dir / "checkpoints", self.checkpoint_bytes()
+        if (free := free_bytes(folder)) < needed:  # found now, not when the first checkpoint is due
+            raise UserError(f"{folder}: not enough disk space for a checkpoint ({needed:,} bytes each, {free:,} "
+                            "free); free some, or give an --exp_name on a larger disk")
         # Both closed however the run ends: the log's files and threads, and the bar's line (an error's one line
         # then starts a line of its own)
         with (Logger(self.exp_dir, self.step) as log,
