@@ -272,7 +272,7 @@ def write_partition(root: Path, fields: list[Field | None], n_images: int = 3, *
             continue
         state = {"version": CKPT_VERSION, "step": 100 + k, "field_config": dict(CONFIG),
                  "model": field.state_dict(), "optimizer": {}, "stream": {}, "rng": {}, "dataset": "abc",
-                 "empty": False, "cell": str(k), "render": {"samples": 16, "fine_samples": 0, "bg_samples": 32},
+                 "empty": False, "cell": str(k), "render": {"samples": 16, "fine_samples": 0, "bg_samples": 64},
                  "scene": {"near": 0.01, "far": 2.0, "altitude_range": [-0.5, 0.6]}}
         if k == 1:
             state.update(changes)
@@ -303,7 +303,7 @@ def test_merge_round_trip_and_float16_tables(tmp_path: Path, fields: list[Field]
     write_partition(tmp_path, fields)
     container, info = load_container(merge(tmp_path))
     assert info.cells == [0, 1, 2, 3] and info.steps == [100, 101, 102, 103] and info.dataset == "abc"
-    assert info.render == RenderConfig(16, 0, bg_samples=32, perturb=False) and info.altitude_range == (-0.5, 0.6)
+    assert info.render == RenderConfig(16, 0, bg_samples=64, perturb=False) and info.altitude_range == (-0.5, 0.6)
     reference = Container(CENTROIDS, fields, MARGIN, cluster_2d=False)
     assert float((render_rays(container) - render_rays(reference)).abs().max()) < 2e-3
     stored = torch.load(tmp_path / "merged.pt", weights_only=True)["submodules"]
@@ -340,8 +340,8 @@ def test_merge_missing_cell(tmp_path: Path, fields: list[Field]) -> None:
     ({"field_config": {**CONFIG, "horizon_background": True}},  # the others lack it, as before it was the default
      r"submodule 1 .*\(horizon_background \(True, unset\).*; submodule 0 was trained at older defaults: train every "
      r"cell with --no_horizon_background, or retrain it at today's$"),
-    ({"render": {"samples": 16, "fine_samples": 0, "bg_samples": 64}},
-     r"submodule 1 .*: render settings .*; submodule 0 was trained at older defaults: train every cell with "
+    ({"render": {"samples": 16, "fine_samples": 0, "bg_samples": 32}},  # the other order: submodule 1 is older
+     r"submodule 1 .*: render settings .*; submodule 1 was trained at older defaults: train every cell with "
      r"--bg_samples 32, or retrain it at today's$"),
     ({"dataset": "other"}, r"submodule 1 .*another dataset than submodule 0"),
     ({"cell": "3"}, r"submodule 1 .*trained on cell 3, not cell 1"),
@@ -356,7 +356,9 @@ def test_merge_mismatched_submodule(tmp_path: Path, fields: list[Field], changes
 
 def test_old_defaults_are_named_only_where_a_checkpoint_holds_them_and_the_run_todays() -> None:
     """old_default_options: the options that give back changed defaults, where the saved config holds the old
-    value and the asked one today's; not the other way round, nor against a value that is neither."""
+    value and the asked one today's, and they are all that differs; not the other way round, nor against a value
+    that is neither, nor beside other differences (another kind of field; no altitude slab, so no horizon
+    background, and another box)."""
     today = {**CONFIG, "log2_table_size": 21, "horizon_background": True}
     assert old_default_options({**CONFIG, "log2_table_size": 19}, today) == ["--no_horizon_background",
                                                                              "--log2_hashmap_size 19"]
@@ -365,6 +367,9 @@ def test_old_defaults_are_named_only_where_a_checkpoint_holds_them_and_the_run_t
     unsaved_width = {k: v for k, v in CONFIG.items() if k != "appearance_dim"}  # a hash field's 32, completed
     assert old_default_options(unsaved_width, {**CONFIG, "appearance_dim": 8}) == ["--appearance_dim 32"]
     assert old_default_options({"bg_samples": 32}, {"bg_samples": 64}) == ["--bg_samples 32"]
+    assert old_default_options({"bg_samples": 32, "samples": 64}, {"bg_samples": 64, "samples": 128}) == []
+    assert old_default_options({**CONFIG, "kind": "mlp"}, today) == []
+    assert old_default_options({**CONFIG, "log2_table_size": 19, "box_max": [2.0, 1.0, 1.0]}, today) == []
 
 
 def test_merge_disagrees_with_params(tmp_path: Path, fields: list[Field]) -> None:

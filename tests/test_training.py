@@ -20,7 +20,7 @@ from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, config_differences
 from mega_nerf.partition.maskfile import write_mask
-from mega_nerf.training.checkpoint import load_checkpoint
+from mega_nerf.training.checkpoint import load_checkpoint, prune_checkpoints
 from mega_nerf.training.trainer import Trainer, field_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,10 +223,10 @@ def test_the_defaults_train_the_tiny_city_on_a_cpu_within_4_gb(tiny_city, tmp_pa
     estimate = re.search(r"checkpoints: about ([\d.]+) GiB each, every 2,000 steps to .*; the latest 3 kept, about "
                          r"([\d.]+) GiB \(--keep_checkpoints\)", out)
     written = (tmp_path / "exp" / "checkpoints" / "00000002.pt").stat().st_size / 2 ** 30
+    assert estimate, out
     each, kept = float(estimate[1]), float(estimate[2])
-    assert abs(each - written) <= 0.05 * written and abs(kept - 3 * each) <= 0.02, (estimate[0], written)
+    assert abs(each - written) <= 0.05 * written and abs(kept - 3 * each) <= 0.025, (estimate[0], written)
     assert max_kib * 1024 < 4e9, max_kib
-    assert (tmp_path / "exp" / "checkpoints" / "00000002.pt").exists()
 
 
 def test_a_run_without_an_altitude_slab_is_warned(tiny_city, tmp_path, capsys):
@@ -457,18 +457,31 @@ def test_only_the_latest_checkpoints_are_kept(tiny_city, tmp_path):
     assert kept("two") == ["00000006_mine.pt", "00000008.pt", "00000009.pt"]
     Trainer(args(tiny_city, tmp_path / "all", *common, "--train_iterations", "5", "--keep_checkpoints", "0")).run()
     assert kept("all") == ["00000002.pt", "00000004.pt", "00000005.pt"]
+    # the file just written stays even where it is not the latest (an empty cell's step 0 beside older steps)
+    for name in ("00000000.pt", "00000004.pt", "00000006.pt", "00000008.pt"):
+        (tmp_path / "all" / "checkpoints" / name).write_bytes(b"")
+    for keep, left in ((9, ["00000000.pt", "00000002.pt", "00000004.pt", "00000005.pt", "00000006.pt",
+                            "00000008.pt"]), (3, ["00000000.pt", "00000006.pt", "00000008.pt"]), (1, ["00000000.pt"])):
+        prune_checkpoints(tmp_path / "all", keep, tmp_path / "all" / "checkpoints" / "00000000.pt")
+        assert kept("all") == left, keep
 
 
-def test_a_disk_without_room_for_a_checkpoint_is_refused_before_the_first_step(tiny_city, tmp_path, monkeypatch):
-    """The first checkpoint would fail only after --ckpt_interval steps of training: a disk that cannot hold one
-    stops the run before its first step, in one line naming the folder and the bytes."""
+def test_a_disk_without_room_for_the_checkpoints_is_refused_before_the_first_step(tiny_city, tmp_path, monkeypatch):
+    """A checkpoint that does not fit would fail only when it is due, after --ckpt_interval steps of training: a
+    disk that cannot hold the run's checkpoints at their peak (--keep_checkpoints + 1 at once, counting those
+    already there) stops the run before its first step, in one line naming the folder and the bytes. A finished
+    run, which writes nothing, goes through."""
+    common = ("--data_mode", "memory", "--batch_size", "64", "--ckpt_interval", "2", "--keep_checkpoints", "2")
+    Trainer(args(tiny_city, tmp_path / "done", *common, "--train_iterations", "2")).run()
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
-    steps = []
-    trainer = Trainer(args(tiny_city, tmp_path / "exp", "--data_mode", "memory", "--batch_size", "64",
-                           "--train_iterations", "3", "--ckpt_interval", "3"), on_step=steps.append)
-    needed = 3 * sum(p.numel() * 4 for p in trainer.field.parameters())
-    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'exp' / 'checkpoints'))}: not enough disk space "
-                                        rf"for a checkpoint \({needed:,} bytes each, 1,000 free\)"):
-        trainer.run()
-    assert steps == [] and not list((tmp_path / "exp").glob("checkpoints/*.pt"))
+    assert Trainer(args(tiny_city, tmp_path / "done", *common, "--train_iterations", "2")).run().name == "00000002.pt"
+    for exp, more in (("exp", 3), ("done", 2)):  # steps 2, 4, 6, 7 to save; resumed at 2 with one there: 4, 6, 7
+        steps = []
+        trainer = Trainer(args(tiny_city, tmp_path / exp, *common, "--train_iterations", "7"), on_step=steps.append)
+        folder = re.escape(str(tmp_path / exp / "checkpoints"))
+        with pytest.raises(UserError, match=rf"^{folder}: not enough disk space for this run's checkpoints \({more} "
+                                            rf"more of {trainer.checkpoint_bytes():,} bytes at once, 1,000 free\)"):
+            trainer.run()
+        assert steps == []
+    assert not list((tmp_path / "exp").glob("checkpoints/*.pt"))

@@ -45,11 +45,15 @@ CHANGED_DEFAULTS: dict[str, tuple[Any, Any, str]] = {
 
 
 def old_default_options(saved: dict[str, Any], asked: dict[str, Any]) -> list[str]:
-    """The options that give back the old defaults where `saved` holds one and `asked` today's (CHANGED_DEFAULTS);
-    field configs are compared completed, as config_differences does."""
+    """The options that give back the old defaults where `saved` holds one and `asked` today's (CHANGED_DEFAULTS),
+    and only where those are all that the two differ in: a field of another kind, or one trained without an
+    altitude slab (no horizon background either), differs in more, and the hint would mislead. Field configs are
+    compared completed, as config_differences does."""
     saved, asked = complete_config(saved), complete_config(asked)
-    return [option for key, (old, new, option) in CHANGED_DEFAULTS.items()
-            if saved.get(key) == old and asked.get(key) == new]
+    differing = {key for key in set(saved) | set(asked) if saved.get(key) != asked.get(key)}
+    covered = {key: option for key, (old, new, option) in CHANGED_DEFAULTS.items()
+               if saved.get(key) == old and asked.get(key) == new}
+    return list(covered.values()) if differing <= covered.keys() else []
 
 
 def build_field(config: dict[str, Any]) -> Field:

@@ -24,10 +24,12 @@ def checkpoint_path(exp_dir: Path, step: int) -> Path:
 
 
 def checkpoint_files(exp_dir: Path) -> list[Path]:
-    """The run's checkpoints in step order: exactly the names checkpoint_path writes, so a copy the user made
-    beside them (00002000_keep.pt) is neither resumed from nor deleted."""
+    """The run's checkpoints in step order: only names checkpoint_path writes (8 digits or more), so a copy the
+    user made beside them (00002000_keep.pt) is neither resumed from nor deleted."""
     folder = exp_dir / "checkpoints"
-    return sorted(p for p in folder.glob("*.pt") if re.fullmatch(r"\d{8}\.pt", p.name)) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.glob("*.pt") if re.fullmatch(r"[0-9]{8,}\.pt", p.name)), key=lambda p: int(p.stem))
 
 
 def latest_checkpoint(exp_dir: Path) -> Path | None:
@@ -35,11 +37,12 @@ def latest_checkpoint(exp_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prune_checkpoints(exp_dir: Path, keep: int) -> None:
-    """Delete all but the `keep` latest checkpoints (0: keep every one). Called after a save has completed, so the
-    latest is whole; a run resumed from any of the kept ones is unchanged."""
+def prune_checkpoints(exp_dir: Path, keep: int, written: Path) -> None:
+    """Delete all but `keep` checkpoints (0: keep every one): the one just `written`, whole, and the latest others
+    (an empty cell's step 0 sorts first, and a run resumed from any kept one is unchanged)."""
     if keep > 0:
-        for path in checkpoint_files(exp_dir)[:-keep]:
+        others = [p for p in checkpoint_files(exp_dir) if p != written]
+        for path in others[:max(len(others) - (keep - 1), 0)]:
             path.unlink(missing_ok=True)
 
 

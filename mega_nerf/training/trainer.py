@@ -29,7 +29,7 @@ from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, config_differences, old_default_options
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
-from mega_nerf.io import free_bytes, save_torch_atomic
+from mega_nerf.io import free_bytes, save_torch_atomic, tensor_bytes
 from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
 from mega_nerf.render import RenderConfig
@@ -184,9 +184,10 @@ class Trainer:
                 f"about {gib:.2f} GiB each on {self.device.type} (estimate; --micro_batch bounds it)")
 
     def checkpoint_bytes(self) -> int:
-        """What one checkpoint takes on disk: the parameters and Adam's two moments, in float32 (the rest is
-        small)."""
-        return 3 * sum(p.numel() * p.element_size() for p in self.field.parameters())
+        """What one checkpoint takes on disk: the model's tensors and Adam's two moments of its parameters (the
+        rest is small)."""
+        return tensor_bytes(self.field.state_dict()) + 2 * sum(p.numel() * p.element_size()
+                                                               for p in self.field.parameters())
 
     def checkpoint_report(self) -> str:
         """One line on what checkpoints take on disk, so that the cost of a large table is seen before the first
@@ -196,6 +197,19 @@ class Trainer:
         held = f"the latest {kept} kept, about {kept * each:.2f} GiB" if kept else "every one kept"
         return (f"checkpoints: about {each:.2f} GiB each, every {self.config.ckpt_interval:,} steps to "
                 f"{self.exp_dir / 'checkpoints'}; {held} (--keep_checkpoints)")
+
+    def check_checkpoint_room(self) -> None:
+        """UserError now, not when a checkpoint is due, if the disk cannot hold the rest of the run's checkpoints
+        at their peak: with --keep_checkpoints K, K + 1 at once (the next is written before the oldest goes)."""
+        k, keep = self.config.ckpt_interval, self.config.keep_checkpoints
+        saves = self.iterations // k - self.step // k + (self.iterations % k != 0)
+        existing = len(ckpt.checkpoint_files(self.exp_dir))
+        more = saves if keep == 0 else max(min(keep + 1, existing + saves) - existing, 0)
+        folder, each = self.exp_dir / "checkpoints", self.checkpoint_bytes()
+        if (free := free_bytes(folder)) < more * each:
+            raise UserError(f"{folder}: not enough disk space for this run's checkpoints ({more} more of {each:,} "
+                            f"bytes at once, {free:,} free); free some, lower --keep_checkpoints or give an "
+                            "--exp_name on a larger disk")
 
     def foreground_report(self) -> str:
         """One line on the foreground box: its horizontal extent, over the cameras' (docs/DESIGN.md, Scene bounds)."""
@@ -262,7 +276,7 @@ class Trainer:
         """Write this step's checkpoint atomically, then delete all but the --keep_checkpoints latest."""
         path = ckpt.checkpoint_path(self.exp_dir, self.step)
         save_torch_atomic(self.state(stream, empty), path)  # a reader never sees a half-written one
-        ckpt.prune_checkpoints(self.exp_dir, self.config.keep_checkpoints)
+        ckpt.prune_checkpoints(self.exp_dir, self.config.keep_checkpoints, path)
         return path
 
     def resume(self, stream: RayStream) -> Path | None:
@@ -435,10 +449,8 @@ class Trainer:
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
         print(self.memory_report())
         print(self.checkpoint_report())
-        folder, needed = self.exp_dir / "checkpoints", self.checkpoint_bytes()
-        if (free := free_bytes(folder)) < needed:  # found now, not when the first checkpoint is due
-            raise UserError(f"{folder}: not enough disk space for a checkpoint ({needed:,} bytes each, {free:,} "
-                            "free); free some, or give an --exp_name on a larger disk")
+        if self.step < self.iterations:  # a finished run writes nothing
+            self.check_checkpoint_room()
         # Both closed however the run ends: the log's files and threads, and the bar's line (an error's one line
         # then starts a line of its own)
         with (Logger(self.exp_dir, self.step) as log,
