@@ -128,13 +128,22 @@ def test_bad_input_is_one_line(tiny_city, masks, tmp_path):
 
 
 def test_empty_cell_writes_an_empty_checkpoint(tiny_city, masks, tmp_path):
+    """A cell without rays writes an empty step-0 checkpoint, again on a rerun; an experiment that holds a trained
+    checkpoint (of other masks) is refused, since that one would stay the latest and be merged."""
     empty = tmp_path / "empty"
     empty.mkdir()
     for m in load_dataset(tiny_city).images:
         write_mask(empty / f"{m.name}.mask", torch.zeros(m.H, m.W, dtype=torch.bool))
-    path = Trainer(args(tiny_city, tmp_path / "e", "--data_mode", "memory", "--cluster_mask_path", str(empty))).run()
-    state = torch.load(path, weights_only=True)
-    assert state["empty"] is True and state["step"] == 0
+    for _ in range(2):
+        path = Trainer(args(tiny_city, tmp_path / "e", "--data_mode", "memory", "--cluster_mask_path",
+                            str(empty))).run()
+        state = torch.load(path, weights_only=True)
+        assert state["empty"] is True and state["step"] == 0
+    common = ["--data_mode", "memory", "--batch_size", "64", "--train_iterations", "2", "--ckpt_interval", "2"]
+    Trainer(args(tiny_city, tmp_path / "t", *common, "--cluster_mask_path", str(masks / "0"))).run()
+    with pytest.raises(UserError, match=r"t/checkpoints/00000002\.pt: a checkpoint of a run with rays, but "
+                                        r"--cluster_mask_path .*empty gives this cell none"):
+        Trainer(args(tiny_city, tmp_path / "t", *common, "--cluster_mask_path", str(empty))).run()
 
 
 def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path, capsys):

@@ -443,6 +443,10 @@ class Trainer:
         if self.on_ready is not None:
             self.on_ready()
         if stream is None:
+            latest = ckpt.latest_checkpoint(self.exp_dir)
+            if latest is not None and latest != ckpt.checkpoint_path(self.exp_dir, 0):  # it would stay the latest
+                raise UserError(f"{latest}: a checkpoint of a run with rays, but --cluster_mask_path "
+                                f"{self.mask_dir} gives this cell none (other masks?); use another --exp_name")
             print(f"warning: cell {self.mask_dir} has no rays; writing an empty checkpoint", file=sys.stderr)
             return self.save(None, empty=True)
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
