@@ -192,10 +192,10 @@ class Trainer:
     def checkpoint_report(self) -> str:
         """One line on what checkpoints take on disk, so that the cost of a large table is seen before the first
         one is written."""
-        each = self.checkpoint_bytes() / 2 ** 30
+        each = self.checkpoint_bytes() / 2 ** 20
         kept = self.config.keep_checkpoints
-        held = f"the latest {kept} kept, about {kept * each:.2f} GiB" if kept else "every one kept"
-        return (f"checkpoints: about {each:.2f} GiB each, every {self.config.ckpt_interval:,} steps to "
+        held = f"the latest {kept} kept, about {kept * each:,.0f} MiB" if kept else "every one kept"
+        return (f"checkpoints: about {each:,.0f} MiB each, every {self.config.ckpt_interval:,} steps to "
                 f"{self.exp_dir / 'checkpoints'}; {held} (--keep_checkpoints)")
 
     def check_checkpoint_room(self) -> None:
