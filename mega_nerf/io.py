@@ -260,10 +260,12 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
     write_bgr(path, rgb[:, :, ::-1])
 
 
-def load_torch(path: str | os.PathLike, what: str, device: torch.device | str = "cpu") -> Any:
-    """torch.load(weights_only=True) of `path` onto `device`; UserError '<path>: unreadable or truncated <what>'
-    when it is not a readable torch file (TORCH_LOAD_ERRORS). The caller checks what the file holds."""
+def load_torch(path: str | os.PathLike, what: str, device: torch.device | str = "cpu",
+               file: BinaryIO | None = None) -> Any:
+    """torch.load(weights_only=True) of `path` (read from `file` where the caller has it open) onto `device`;
+    UserError '<path>: unreadable or truncated <what>' when it is not a readable torch file (TORCH_LOAD_ERRORS).
+    The caller checks what the file holds."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path if file is None else file, map_location=device, weights_only=True)
     except TORCH_LOAD_ERRORS as e:
         raise UserError(f"{path}: unreadable or truncated {what} ({type(e).__name__})") from None

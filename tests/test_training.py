@@ -20,6 +20,7 @@ from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, config_differences
 from mega_nerf.partition.maskfile import write_mask
+from mega_nerf.training import checkpoint as ckpt
 from mega_nerf.training.checkpoint import load_checkpoint, prune_checkpoints
 from mega_nerf.training.trainer import Trainer, field_config
 
@@ -473,6 +474,33 @@ def test_only_the_latest_checkpoints_are_kept(tiny_city, tmp_path):
                             "00000008.pt"]), (3, ["00000000.pt", "00000006.pt", "00000008.pt"]), (1, ["00000000.pt"])):
         prune_checkpoints(tmp_path / "all", keep, tmp_path / "all" / "checkpoints" / "00000000.pt")
         assert kept("all") == left, keep
+
+
+def test_the_latest_checkpoint_is_read_though_a_running_trainer_prunes_it(tmp_path, monkeypatch):
+    """A merge lists a cell's latest checkpoint while its run goes on with --keep_checkpoints 1, which may save a
+    newer one and delete the listed one before the merge opens it: the newer one is read (before, the merge
+    stopped on '<path>: unreadable or truncated checkpoint')."""
+    exp = tmp_path / "exp"
+
+    def save(step: int) -> Path:
+        path = ckpt.checkpoint_path(exp, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"version": ckpt.VERSION, "step": step}, path)
+        return path
+
+    old, listed = save(2), ckpt.latest_checkpoint
+
+    def listed_then_pruned(exp_dir: Path) -> Path | None:
+        path = listed(exp_dir)
+        if path == old:  # the run saves step 4 and prunes step 2 just after the listing
+            save(4)
+            old.unlink()
+        return path
+
+    monkeypatch.setattr(ckpt, "latest_checkpoint", listed_then_pruned)
+    path, state = ckpt.load_latest_checkpoint(exp)
+    assert (path.name, state["step"]) == ("00000004.pt", 4)
+    assert ckpt.load_latest_checkpoint(tmp_path / "none") is None
 
 
 def test_a_disk_without_room_for_the_checkpoints_is_refused_before_the_first_step(tiny_city, tmp_path, monkeypatch):

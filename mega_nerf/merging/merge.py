@@ -17,7 +17,7 @@ from mega_nerf.errors import UserError
 from mega_nerf.fields import config_differences, old_default_options
 from mega_nerf.merging.container import inference_state, save_container
 from mega_nerf.partition.cells import PartitionParams, load_params
-from mega_nerf.training.checkpoint import latest_checkpoint, load_checkpoint
+from mega_nerf.training.checkpoint import load_latest_checkpoint
 
 
 @dataclass
@@ -50,14 +50,14 @@ def find_submodules(prefix: str, num_cells: int, allow_missing: bool) -> list[Su
     found: list[Submodule | None] = []
     for k in range(num_cells):
         exp_dir = Path(f"{prefix}{k}")
-        path = latest_checkpoint(exp_dir)
-        if path is None:
+        latest = load_latest_checkpoint(exp_dir)
+        if latest is None:
             if not allow_missing:
                 raise UserError(f"submodule {k}: no checkpoint in {exp_dir / 'checkpoints'} "
                                 "(train it, or pass --allow_empty_cells to merge without it)")
             found.append(None)
             continue
-        found.append(Submodule(k, path, load_checkpoint(path)))
+        found.append(Submodule(k, *latest))
     return found
 
 

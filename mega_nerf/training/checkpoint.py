@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -37,6 +37,20 @@ def latest_checkpoint(exp_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def load_latest_checkpoint(exp_dir: Path, device: torch.device | str = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The latest checkpoint's path and contents, None where there is none. A run still training may write a
+    newer one and prune this one (--keep_checkpoints) between the listing and the opening: the file is opened
+    before it is read (an open file outlives its deletion), and one that has gone is looked for again."""
+    while (path := latest_checkpoint(exp_dir)) is not None:
+        try:
+            file = path.open("rb")
+        except FileNotFoundError:
+            continue
+        with file:
+            return path, load_checkpoint(path, device, file)
+    return None
+
+
 def prune_checkpoints(exp_dir: Path, keep: int, written: Path) -> None:
     """Delete all but `keep` checkpoints (0: keep every one): the one just `written`, whole, and the latest others
     (an empty cell's step 0 sorts first, and a run resumed from any kept one is unchanged)."""
@@ -46,10 +60,11 @@ def prune_checkpoints(exp_dir: Path, keep: int, written: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint of ours, with a one-line error for a truncated file or another version; keys added
-    since version 1 are filled in where an older one left them out (ADDED_KEYS)."""
-    state = load_torch(path, "checkpoint", device)
+def load_checkpoint(path: Path, device: torch.device | str = "cpu", file: BinaryIO | None = None) -> dict[str, Any]:
+    """Load a checkpoint of ours (from `file` where it is open already), with a one-line error for a truncated
+    file or another version; keys added since version 1 are filled in where an older one left them out
+    (ADDED_KEYS)."""
+    state = load_torch(path, "checkpoint", device, file)
     if not isinstance(state, dict) or state.get("version") != VERSION:
         raise UserError(f"{path}: not a checkpoint of this version (expected version {VERSION})")
     return {**ADDED_KEYS, **state}
