@@ -219,11 +219,21 @@ def test_a_bad_command_line_is_one_line_not_the_usage(words: list[str], capsys: 
     ("batch_size: abc\n", "batch_size must be an integer, got 'abc'"),
     ("lr: [1, 2]\n", "lr takes one value, got 2"),
     ("- a list\n", "a config file holds 'key: value' lines"),
+    ("keep_checkpoints: -1\n", "keep_checkpoints must not be negative, got -1"),
+    ("lr: .nan\n", "lr must be finite, got nan"),
+    ("coarse_samples: 0\n", "coarse_samples must be positive, got 0"),  # Mega-NeRF's name, as the file spells it
 ])
 def test_config_file_mistakes_name_the_key_and_the_file(tmp_path: Path, config: str, message: str) -> None:
     (tmp_path / "c.yaml").write_text(config)
     with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'c.yaml'))}: {re.escape(message)}$"):
         train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml")])
+
+
+def test_a_value_the_command_line_gives_over_a_config_file_is_named_as_an_option(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("batch_size: 0\nkeep_checkpoints: 2\n")
+    with pytest.raises(UserError, match="^--keep_checkpoints must not be negative, got -1$"):
+        train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml"), "--batch_size", "8",
+                                             "--keep_checkpoints", "-1"])
 
 
 def test_keys_of_other_commands_and_of_mega_nerf_are_accepted(tmp_path: Path,

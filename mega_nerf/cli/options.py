@@ -152,8 +152,15 @@ class MegaNerfParser(configargparse.ArgParser):
             elif word.startswith(("--config_file=", "--config=")):
                 validate_config_file(self, word.split("=", 1)[1])
         parsed, rest = super().parse_known_args(args, namespace, **kwargs)
-        validate_values(parsed)
+        validate_values(parsed, self.config_file_sources())
         return parsed, rest
+
+    def config_file_sources(self) -> dict[str, str]:
+        """'<file>: <key>' for each option the last parse took from a config file (the command line wins over it),
+        so that an error names the line to mend."""
+        return {action.dest: f"{source.split('|', 1)[1]}: {key}"
+                for source, settings in self.get_source_to_settings_dict().items() if source.startswith("config_file|")
+                for key, (action, _) in settings.items() if action is not None}
 
 
 def add_mega_nerf_names(parser: configargparse.ArgParser) -> None:
@@ -250,20 +257,23 @@ def validate_config_file(parser: configargparse.ArgParser, file: str) -> None:
                     raise UserError(f"{file}: {key} must be {kind}, got {v!r}") from None
 
 
-def validate_values(args: configargparse.Namespace) -> None:
-    """One line naming the option for a non-finite number or a value out of its range (POSITIVE, ...)."""
+def validate_values(args: configargparse.Namespace, sources: dict[str, str] | None = None) -> None:
+    """One line naming the option for a non-finite number or a value out of its range (POSITIVE, ...): as
+    `sources` gives it for a value from a config file ('<file>: <key>'), else as --name."""
+    sources = sources or {}
     for name, value in vars(args).items():
+        option = sources.get(name, f"--{name}")
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            raise UserError(f"--{name} must be finite, got {' '.join(map(str, values))}")
+            raise UserError(f"{option} must be finite, got {' '.join(map(str, values))}")
         if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         if name in POSITIVE and value <= 0:
-            raise UserError(f"--{name} must be positive, got {value}")
+            raise UserError(f"{option} must be positive, got {value}")
         if name in NON_NEGATIVE and value < 0:
-            raise UserError(f"--{name} must not be negative, got {value}")
+            raise UserError(f"{option} must not be negative, got {value}")
         if name in AT_LEAST_ONE and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
+            raise UserError(f"{option} must be at least 1, got {value}")
 
 
 def ignored_options(parser: configargparse.ArgParser, args: configargparse.Namespace) -> list[str]:
