@@ -26,7 +26,7 @@ MARGIN = 1.15
 CENTROIDS = torch.tensor([[0.0, -0.5, -0.5], [0.0, -0.5, 0.5], [0.0, 0.5, -0.5], [0.0, 0.5, 0.5]])
 CONFIG = {"kind": "hash", "box_min": [-1.0, -1.0, -1.0], "box_max": [1.0, 1.0, 1.0], "n_images": 3,
           "appearance_dim": 4, "hidden": 16, "n_levels": 4, "log2_table_size": 8, "max_resolution": 32,
-          "occupancy_resolution": 8}
+          "occupancy_resolution": 8, "occupancy_threshold": 0.25}
 
 
 def random_field(seed: int, config: dict | None = None) -> Field:
@@ -343,6 +343,11 @@ def test_merge_missing_cell(tmp_path: Path, fields: list[Field]) -> None:
     ({"render": {"samples": 16, "fine_samples": 0, "bg_samples": 32}},  # the other order: submodule 1 is older
      r"submodule 1 .*: render settings .*; submodule 1 was trained at older defaults: train every cell with "
      r"--bg_samples 32, or retrain it at today's$"),
+    ({"field_config": {**CONFIG, "occupancy_threshold": 0.5}, "render": {"samples": 32, "fine_samples": 0,
+                                                                        "bg_samples": 64}},
+     r"submodule 1 .*: render settings \{'samples': 32, .*\} differ from submodule 0's \{'samples': 16, .*\}$"),
+    ({"field_config": {**CONFIG, "occupancy_threshold": 0.5}},  # not as its samples: another field
+     r"submodule 1 .*field differs .*\(occupancy_threshold \(0.5, 0.25\): its value, then the other's\)$"),
     ({"dataset": "other"}, r"submodule 1 .*another dataset than submodule 0"),
     ({"cell": "3"}, r"submodule 1 .*trained on cell 3, not cell 1"),
     ({"render": {"samples": 64, "fine_samples": 0}}, r"submodule 1 .*render settings"),

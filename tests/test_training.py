@@ -350,7 +350,7 @@ def test_a_checkpoint_from_older_defaults_resumes_with_those_options_only(tiny_c
     the options that resume it; it resumes with --appearance_dim 32 --no_horizon_background, and a config.yaml of
     that time (horizon_background: false) gives the latter; loading fills the keys it lacks with what their absence
     meant. Resumed with other samples (today's 64 beyond the box, trained with 32) it goes on, with a warning that
-    names the option keeping the old ones."""
+    names the option keeping the old ones; so with other --samples, which move the occupancy threshold."""
     common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
     first = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2", "--appearance_dim", "32"))
     path = first.run()
@@ -375,6 +375,17 @@ def test_a_checkpoint_from_older_defaults_resumes_with_those_options_only(tiny_c
     assert re.search(r"warning: .*00000002\.pt was trained with render settings .*'bg_samples': 32\}, this run goes "
                      r"on with .*'bg_samples': 64\} \(--bg_samples 32 keeps the old default\); the merge needs every "
                      r"cell's equal", capsys.readouterr().err)
+    # other --samples move the occupancy threshold with them (before, refused as another field, by that key alone)
+    older = ["--appearance_dim", "32", "--no_horizon_background", "--bg_samples", "64"]
+    assert Trainer(args(tiny_city, tmp_path / "exp", *common, *older, "--train_iterations", "6",
+                        "--samples", "48")).run().name == "00000006.pt"
+    threshold = [torch.load(tmp_path / "exp" / "checkpoints" / name, weights_only=True)["field_config"]
+                 ["occupancy_threshold"] for name in ("00000004.pt", "00000006.pt")]
+    assert threshold[1] == pytest.approx(threshold[0] * 48 / 32, rel=1e-9)
+    assert "'samples': 32" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"another field \(box_max .*occupancy_threshold"):  # moved by the box too
+        Trainer(args(tiny_city, tmp_path / "exp", *common, *older, "--train_iterations", "8", "--samples", "48",
+                     "--foreground_scale", "1.5")).run()
 
 
 def test_val_embeddings_only_trains_the_field_on_training_rays_alone(tiny_city, tmp_path, one_thread):

@@ -17,7 +17,7 @@ from mega_nerf.errors import UserError
 from mega_nerf.fields import config_differences, old_default_options
 from mega_nerf.merging.container import inference_state, save_container
 from mega_nerf.partition.cells import PartitionParams, load_params
-from mega_nerf.training.checkpoint import load_latest_checkpoint
+from mega_nerf.training.checkpoint import load_latest_checkpoint, samples_alone_move_the_threshold
 
 
 @dataclass
@@ -76,6 +76,8 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
         if st["dataset"] != ref.state["dataset"]:
             raise UserError(f"{name}: trained on another dataset than submodule {ref.cell}")
         config = st["field_config"]
+        if samples_alone_move_the_threshold(st, ref.state["field_config"], ref.state["render"]["samples"]):
+            config = {**config, "occupancy_threshold": ref.state["field_config"]["occupancy_threshold"]}  # said below
         differences = config_differences(config, ref.state["field_config"])
         if differences:
             raise UserError(f"{name}: field differs from submodule {ref.cell}'s ({', '.join(differences)}: its "

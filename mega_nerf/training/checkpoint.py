@@ -4,6 +4,7 @@ Everything is stored as tensors and plain types, so every file loads with torch.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -58,6 +59,15 @@ def prune_checkpoints(exp_dir: Path, keep: int, written: Path) -> None:
         others = [p for p in checkpoint_files(exp_dir) if p != written]
         for path in others[:max(len(others) - (keep - 1), 0)]:
             path.unlink(missing_ok=True)
+
+
+def samples_alone_move_the_threshold(state: dict[str, Any], asked: dict[str, Any], samples: int) -> bool:
+    """Whether a checkpoint's occupancy threshold differs from the `asked` field's (trained at `samples`) only as
+    --samples does: the threshold is 0.01 * samples / segment, so a checkpoint resumed, or merged, at other
+    samples holds the same field, and the render settings report the difference."""
+    saved, now = state["field_config"].get("occupancy_threshold"), asked.get("occupancy_threshold")
+    return saved is not None and now is not None and math.isclose(saved / state["render"]["samples"], now / samples,
+                                                                   rel_tol=1e-9)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu", file: BinaryIO | None = None) -> dict[str, Any]:

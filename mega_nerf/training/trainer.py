@@ -292,9 +292,12 @@ class Trainer:
         state = ckpt.load_checkpoint(path, self.device)
         if state["dataset"] != dataset_fingerprint(self.dataset):
             raise UserError(f"{path}: checkpoint of another dataset; use another --exp_name")
-        differences = config_differences(state["field_config"], self.field_config)
+        saved = state["field_config"]
+        if ckpt.samples_alone_move_the_threshold(state, self.field_config, self.config.samples):
+            saved = {**saved, "occupancy_threshold": self.field_config["occupancy_threshold"]}
+        differences = config_differences(saved, self.field_config)
         if differences:
-            old = old_default_options(state["field_config"], self.field_config)
+            old = old_default_options(saved, self.field_config)
             before = f" (trained before a default changed: add {' '.join(old)})" if old else ""
             raise UserError(f"{path}: checkpoint of another field ({', '.join(differences)}: its value, then this "
                             f"run's); give the options it was trained with{before} or use another --exp_name")
