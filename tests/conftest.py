@@ -55,6 +55,12 @@ def oblique_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def street_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 'street_tiny' preset: eye-level views along the streets of a 2x2-block town in farmland and hills."""
+    return _generate(tmp_path_factory, "street_tiny")
+
+
+@pytest.fixture(scope="session")
 def oblique_summary(oblique_city: Path) -> dict:
     """generate_city's summary of `oblique_city`, as saved in its scene.json."""
     return json.loads((oblique_city / "scene.json").read_text())

@@ -85,12 +85,15 @@ def test_contraction_matches_its_definition(oblique_city: Path) -> None:
         assert coords[0] == pytest.approx((point[0] - float(lo[0])) / float(hi[0] - lo[0]), abs=1e-6)
 
 
-def test_every_ray_gets_finite_ordered_intervals(oblique_city: Path) -> None:
+@pytest.mark.parametrize(("city", "horizon_rays"), [("oblique_city", 500), ("street_city", 20000)])
+def test_every_ray_gets_finite_ordered_intervals(city: str, horizon_rays: int, request: pytest.FixtureRequest
+                                                 ) -> None:
     """Every ray's intervals are finite, ordered and contiguous from near to far (empty only for a ray that never
     enters the slab: tests/test_rays.py): the foreground part inside the box, the rest beyond it out to the ground
     (the horizon's fields, 10 to 600 normalised units away), spaced evenly in 1 / t. A ray that reaches the slab
-    beyond the box's side has empty foreground intervals."""
-    dataset, bounds, (lo, hi), field = scene(oblique_city)
+    beyond the box's side has empty foreground intervals. Street views start inside the slab and the box, and
+    look up and out to the horizon."""
+    dataset, bounds, (lo, hi), field = scene(request.getfixturevalue(city))
     config = RenderConfig(samples=16, bg_samples=8, perturb=False)
     horizon = 0
     for meta in dataset.images[::3]:
@@ -109,7 +112,7 @@ def test_every_ray_gets_finite_ordered_intervals(oblique_city: Path) -> None:
         disparity = 1 / ends[:, 16:].double() - 1 / starts[:, 16:].double()  # equal steps in 1 / t
         wide = (ends[:, -1] - starts[:, 16]) > 1e-3
         torch.testing.assert_close(disparity[wide], disparity[wide, :1].expand(-1, 8), rtol=1e-3, atol=1e-6)
-    assert horizon > 500  # measured 910 of 43,008 rays: the upper corners of oblique views
+    assert horizon > horizon_rays  # oblique: 910 of 43,008 rays (its views' upper corners); street 24,978
 
 
 def test_oblique_training_rises_and_settles(oblique_city: Path, tmp_path: Path) -> None:

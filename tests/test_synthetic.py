@@ -401,6 +401,39 @@ def test_oblique_presets_scale_by_cameras_and_town(preset: str) -> None:
     assert city.max_height == -float(city.box_lo[:, 0].min())  # the tallest shape is a building
 
 
+@pytest.mark.parametrize("preset", ["street", "street_tiny"])
+def test_street_views_walk_every_street_at_eye_level(preset: str) -> None:
+    """Without rendering: views walk each street end to end, those along y first, each standing on its roadway
+    (within a quarter of its width of the centre line) 1.6-2.4 m above the ground,
+    heading within 70 degrees of the street's direction, both ways, and looking 20 degrees up to 5 down; the
+    cameras and the town fill [-1, 1]."""
+    preset_ = PRESETS[preset]
+    rng = np.random.default_rng(0)
+    city = build_city(preset_, rng)
+    survey = plan_survey(city, preset_, rng)
+    streets = city.blocks + 1
+    centres = -city.extent + city.road_width / 2 + city.pitch * np.arange(streets)
+    counts = [len(part) for part in np.array_split(np.arange(preset_.views), 2 * streets)]
+    street = np.repeat(np.arange(2 * streets), counts)
+    along_y = street < streets
+    across = np.where(along_y, survey.positions[:, 2], survey.positions[:, 1])
+    along = np.where(along_y, survey.positions[:, 1], survey.positions[:, 2])
+    assert np.abs(across - centres[street % streets]).max() <= city.road_width / 4 + 1e-9
+    for k in range(2 * streets):
+        assert along[street == k].min() == -city.extent and along[street == k].max() == city.extent
+    assert survey.altitudes.min() >= 1.6 and survey.altitudes.max() <= 2.4
+    forward = -survey.rotations[:, :, 2]
+    pitch = np.degrees(np.arcsin(forward[:, 0]))  # below the horizon
+    assert pitch.min() >= -20 - 1e-6 and pitch.max() <= 5 + 1e-6 and pitch.std() > 4
+    heading = forward[:, 1:] / np.linalg.norm(forward[:, 1:], axis=1, keepdims=True)
+    turn = np.degrees(np.arccos(np.abs(np.where(along_y, heading[:, 0], heading[:, 1]))))
+    assert turn.max() <= 70 + 1e-6
+    assert (np.where(along_y, heading[:, 0], heading[:, 1]) > 0).mean() == pytest.approx(0.5, abs=0.2)
+    origin, scale = normalisation(city, survey, preset_)
+    town = (np.stack(city.town_box()) - origin) / scale
+    assert max(np.abs((survey.positions - origin) / scale).max(), np.abs(town).max()) == pytest.approx(1.0)
+
+
 def test_oblique_normalisation_holds_cameras_and_town_not_terrain(oblique_city: Path, oblique_summary: dict
                                                                   ) -> None:
     """What the files say: every camera and building corner in [-1, 1] and in the town box (buildings), which

@@ -58,6 +58,9 @@ class Preset:
     # camera's sensor integrates light. 1, one ray through the centre, aliases every texture finer than a pixel
     # (crop rows, grass, windows), as no photograph does.
     pixel_samples: int = 1
+    # "drone": lawn-mower rows over the city (survey.plan_survey); "street": eye-level views walked along the
+    # town's streets, looking along them and at the facades, up to the rooftops and out to the horizon.
+    survey: Literal["drone", "street"] = "drone"
 
     def __post_init__(self) -> None:
         if self.pixel_samples < 1 or self.pixel_samples % 2 == 0:
@@ -70,6 +73,10 @@ class Preset:
 _OBLIQUE = Preset(blocks=4, views=200, val_every=8, W=400, H=300, fov_deg=80.0, margin=400.0,
                   height_range=(8.0, 40.0), overview_size=1024, altitude_multiples=(1.5, 3.0), farmland=True, hills=2,
                   normalise="survey")
+
+# A street-level capture (a walked or car-mounted camera, as Block-NeRF's): eye-level views along every street of
+# a town in farmland and hills, the cameras inside the altitude slab, half of every image above the horizon.
+_STREET = dataclasses.replace(_OBLIQUE, views=240, fov_deg=70.0, overview_size=1024, survey="street")
 
 _CITY = Preset(blocks=8, views=360, val_every=8, W=640, H=480, margin=50.0, height_range=(8.0, 60.0), clearance=30.0,
                overview_size=1024)
@@ -89,6 +96,9 @@ PRESETS: dict[str, Preset] = {
     # 26.6 dB from the same view's box-filtered render (val right halves), and held-out PSNR stops below that.
     "oblique_aa": dataclasses.replace(_OBLIQUE, pixel_samples=3),
     "city_aa": dataclasses.replace(_CITY, pixel_samples=3),  # `city` is 28.0 dB from its box-filtered self
+    "street": _STREET,
+    "street_tiny": dataclasses.replace(_STREET, blocks=2, views=40, val_every=5, W=64, H=48, block_size=36.0,
+                                       margin=180.0, height_range=(6.0, 24.0), overview_size=256),
 }
 
 

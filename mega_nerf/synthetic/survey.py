@@ -15,6 +15,9 @@ from mega_nerf.synthetic.scene import City, Preset
 
 PITCH_DEG = (30.0, 60.0)  # how far below the horizon cameras look
 YAW_SPREAD_DEG = 80.0  # how far a camera's heading may turn away from the city's centre
+EYE_HEIGHT_M = (1.6, 2.4)  # a street camera's height above the ground
+STREET_PITCH_DEG = (-20.0, 5.0)  # a street camera's angle below the horizon: mostly up, towards the rooftops
+STREET_YAW_SPREAD_DEG = 70.0  # how far a street camera turns from the street's direction towards the facades
 WORLD_UP = np.array([-1.0, 0.0, 0.0])
 
 
@@ -85,17 +88,48 @@ def _altitudes(city: City, preset: Preset, count: int, rng: np.random.Generator)
     return city.max_height * rng.uniform(*preset.altitude_multiples, count)
 
 
-def plan_survey(city: City, preset: Preset, rng: np.random.Generator) -> Survey:
-    """Fly rows over the city at the preset's altitudes (see _altitudes). Each view looks PITCH_DEG below the
-    horizon (drawn at random), heading within YAW_SPREAD_DEG of the city's centre, so that views near the edge
-    look over the city rather than away from it."""
+def _street_poses(city: City, preset: Preset, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (V, 3) and rotations (V, 3, 3) of eye-level views walked along the town's streets, those along
+    y first, each street from end to end (a lane off its centre line drawn per view): each view heads up or down
+    the street, turned towards the facades by up to STREET_YAW_SPREAD_DEG, and looks STREET_PITCH_DEG below the
+    horizon."""
+    V, n = preset.views, 2 * (city.blocks + 1)
+    centres = -city.extent + city.road_width / 2 + city.pitch * np.arange(city.blocks + 1)
+    counts = np.full(n, V // n) + (np.arange(n) < V % n)
+    positions, yaws = [], []
+    for street, count in enumerate(counts):
+        along = np.linspace(-city.extent, city.extent, count)
+        across = centres[street % (city.blocks + 1)] + rng.uniform(-0.25, 0.25, count) * city.road_width
+        height = -rng.uniform(*EYE_HEIGHT_M, count)
+        along_y = street < city.blocks + 1
+        positions.append(np.stack([height, along, across] if along_y else [height, across, along], 1))
+        direction = (0.0 if along_y else np.pi / 2) + np.pi * rng.integers(0, 2, count)
+        yaws.append(direction + np.radians(rng.uniform(-STREET_YAW_SPREAD_DEG, STREET_YAW_SPREAD_DEG, count)))
+    pitch = np.radians(rng.uniform(*STREET_PITCH_DEG, V))
+    yaw = np.concatenate(yaws)
+    rotations = np.stack([look_rotation(a, b) for a, b in zip(yaw, pitch, strict=True)])
+    return np.concatenate(positions), rotations
+
+
+def _drone_poses(city: City, preset: Preset, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (V, 3) and rotations (V, 3, 3) of rows flown over the city at the preset's altitudes (see
+    _altitudes). Each view looks PITCH_DEG below the horizon (drawn at random), heading within YAW_SPREAD_DEG of the
+    city's centre, so that views near the edge look over the city rather than away from it."""
     V = preset.views
     yz = _lawn_mower(V, 0.85 * city.extent)
     positions = np.concatenate([-_altitudes(city, preset, V, rng)[:, None], yz], 1)
     spread = np.radians(YAW_SPREAD_DEG)
     yaw = np.arctan2(-yz[:, 1], -yz[:, 0]) + rng.uniform(-spread, spread, V)
     pitch = np.radians(rng.uniform(*PITCH_DEG, V))
-    rotations = np.stack([look_rotation(a, b) for a, b in zip(yaw, pitch, strict=True)])
+    return positions, np.stack([look_rotation(a, b) for a, b in zip(yaw, pitch, strict=True)])
+
+
+def plan_survey(city: City, preset: Preset, rng: np.random.Generator) -> Survey:
+    """The preset's views (_drone_poses, or _street_poses for a street preset) in capture order, every
+    `val_every`-th a val view, with the camera's appearance drift along the path."""
+    poses = _street_poses if preset.survey == "street" else _drone_poses
+    positions, rotations = poses(city, preset, rng)
+    V = preset.views
     splits = ["val" if i % preset.val_every == preset.val_every - 1 else "train" for i in range(V)]
     exposure, white_balance = _drift(V, rng)
     focal = preset.W / 2 / np.tan(np.radians(preset.fov_deg) / 2)
