@@ -229,11 +229,19 @@ def test_config_file_mistakes_name_the_key_and_the_file(tmp_path: Path, config: 
         train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml")])
 
 
-def test_a_value_the_command_line_gives_over_a_config_file_is_named_as_an_option(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text("batch_size: 0\nkeep_checkpoints: 2\n")
-    with pytest.raises(UserError, match="^--keep_checkpoints must not be negative, got -1$"):
-        train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml"), "--batch_size", "8",
-                                             "--keep_checkpoints", "-1"])
+@pytest.mark.parametrize(("file", "words", "message"), [
+    ("batch_size: 0\nkeep_checkpoints: 2\n", ["--batch_size", "8", "--keep_checkpoints", "-1"],
+     "--keep_checkpoints must not be negative, got -1"),
+    ("samples: 32\n", ["--coarse_samples", "0"], "--samples must be positive, got 0"),  # Mega-NeRF's name
+    ("coarse_samples: 32\n", ["--samples=0"], "--samples must be positive, got 0"),
+    ("keep_checkpoints: 2\n", ["--keep_check", "-1"], "--keep_checkpoints must not be negative, got -1"),  # prefix
+])
+def test_a_value_the_command_line_gives_over_a_config_file_is_named_as_an_option(
+        tmp_path: Path, file: str, words: list[str], message: str) -> None:
+    """Under any spelling of the option: the file's value, which it overrides, is not the one to mend."""
+    (tmp_path / "c.yaml").write_text(file)
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml"), *words])
 
 
 def test_keys_of_other_commands_and_of_mega_nerf_are_accepted(tmp_path: Path,

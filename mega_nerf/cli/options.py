@@ -156,11 +156,17 @@ class MegaNerfParser(configargparse.ArgParser):
         return parsed, rest
 
     def config_file_sources(self) -> dict[str, str]:
-        """'<file>: <key>' for each option the last parse took from a config file (the command line wins over it),
-        so that an error names the line to mend."""
+        """'<file>: <key>' for each option the last parse took from a config file, so that an error names the line
+        to mend. The command line wins over the file under any spelling of the option (a Mega-NeRF name writes the
+        same value as ours, and argparse takes an unambiguous prefix), so such an option is left out."""
+        sources = self.get_source_to_settings_dict()
+        words = [w.split("=", 1)[0] for w in sources.get("command_line", {}).get("", (None, []))[1]
+                 if w.startswith("--") and w != "--"]
+        given = {action.dest for action in self._actions for name in action.option_strings
+                 if any(name.startswith(w) for w in words)}
         return {action.dest: f"{source.split('|', 1)[1]}: {key}"
-                for source, settings in self.get_source_to_settings_dict().items() if source.startswith("config_file|")
-                for key, (action, _) in settings.items() if action is not None}
+                for source, settings in sources.items() if source.startswith("config_file|")
+                for key, (action, _) in settings.items() if action is not None and action.dest not in given}
 
 
 def add_mega_nerf_names(parser: configargparse.ArgParser) -> None:
