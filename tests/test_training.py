@@ -19,6 +19,7 @@ from mega_nerf.cli.train import main as train_main
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, config_differences
+from mega_nerf.merging.merge import find_submodules
 from mega_nerf.partition.maskfile import write_mask
 from mega_nerf.training import checkpoint as ckpt
 from mega_nerf.training.checkpoint import load_checkpoint, prune_checkpoints
@@ -487,11 +488,12 @@ def test_only_the_latest_checkpoints_are_kept(tiny_city, tmp_path):
         assert kept("all") == left, keep
 
 
-def test_the_latest_checkpoint_is_read_though_a_running_trainer_prunes_it(tmp_path, monkeypatch):
+def test_the_latest_checkpoint_is_merged_though_a_running_trainer_prunes_it(tmp_path, monkeypatch):
     """A merge lists a cell's latest checkpoint while its run goes on with --keep_checkpoints 1, which may save a
     newer one and delete the listed one before the merge opens it: the newer one is read (before, the merge
-    stopped on '<path>: unreadable or truncated checkpoint')."""
-    exp = tmp_path / "exp"
+    stopped on '<path>: unreadable or truncated checkpoint'). A name that stays listed but cannot be opened (a
+    broken link) is a one-line error, not an endless retry."""
+    exp = tmp_path / "exp-0"
 
     def save(step: int) -> Path:
         path = ckpt.checkpoint_path(exp, step)
@@ -509,9 +511,16 @@ def test_the_latest_checkpoint_is_read_though_a_running_trainer_prunes_it(tmp_pa
         return path
 
     monkeypatch.setattr(ckpt, "latest_checkpoint", listed_then_pruned)
-    path, state = ckpt.load_latest_checkpoint(exp)
-    assert (path.name, state["step"]) == ("00000004.pt", 4)
+    [sub] = find_submodules(str(tmp_path / "exp-"), 1, allow_missing=False)
+    assert (sub.path.name, sub.state["step"]) == ("00000004.pt", 4)
     assert ckpt.load_latest_checkpoint(tmp_path / "none") is None
+    ckpt.checkpoint_path(exp, 6).symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"00000006\.pt: unreadable checkpoint \(No such file or directory\)$"):
+        ckpt.load_latest_checkpoint(exp)
+    ckpt.checkpoint_path(exp, 6).unlink()
+    ckpt.checkpoint_path(exp, 6).mkdir()
+    with pytest.raises(UserError, match=r"00000006\.pt: unreadable checkpoint \(Is a directory\)$"):
+        ckpt.load_latest_checkpoint(exp)
 
 
 def test_a_disk_without_room_for_the_checkpoints_is_refused_before_the_first_step(tiny_city, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from mega_nerf.errors import UserError
 from mega_nerf.fields import config_differences, old_default_options
 from mega_nerf.merging.container import inference_state, save_container
 from mega_nerf.partition.cells import PartitionParams, load_params
-from mega_nerf.training.checkpoint import load_latest_checkpoint, samples_alone_move_the_threshold
+from mega_nerf.training.checkpoint import comparable_field_config, load_latest_checkpoint
 
 
 @dataclass
@@ -75,9 +75,7 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
             raise UserError(f"{name}: trained on cell {st['cell']}, not cell {s.cell}")
         if st["dataset"] != ref.state["dataset"]:
             raise UserError(f"{name}: trained on another dataset than submodule {ref.cell}")
-        config = st["field_config"]
-        if samples_alone_move_the_threshold(st, ref.state["field_config"], ref.state["render"]["samples"]):
-            config = {**config, "occupancy_threshold": ref.state["field_config"]["occupancy_threshold"]}  # said below
+        config = comparable_field_config(st, ref.state["field_config"], ref.state["render"]["samples"])
         differences = config_differences(config, ref.state["field_config"])
         if differences:
             raise UserError(f"{name}: field differs from submodule {ref.cell}'s ({', '.join(differences)}: its "

@@ -41,12 +41,17 @@ def latest_checkpoint(exp_dir: Path) -> Path | None:
 def load_latest_checkpoint(exp_dir: Path, device: torch.device | str = "cpu") -> tuple[Path, dict[str, Any]] | None:
     """The latest checkpoint's path and contents, None where there is none. A run still training may write a
     newer one and prune this one (--keep_checkpoints) between the listing and the opening: the file is opened
-    before it is read (an open file outlives its deletion), and one that has gone is looked for again."""
+    before it is read (an open file outlives its deletion), and one that has gone is looked for again. A name
+    listed again that still cannot be opened (a broken link), or any other failure to open, is a one-line error."""
+    gone = None
     while (path := latest_checkpoint(exp_dir)) is not None:
         try:
             file = path.open("rb")
-        except FileNotFoundError:
-            continue
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) and path != gone:
+                gone = path
+                continue
+            raise UserError(f"{path}: unreadable checkpoint ({e.strerror or type(e).__name__})") from None
         with file:
             return path, load_checkpoint(path, device, file)
     return None
@@ -61,13 +66,15 @@ def prune_checkpoints(exp_dir: Path, keep: int, written: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def samples_alone_move_the_threshold(state: dict[str, Any], asked: dict[str, Any], samples: int) -> bool:
-    """Whether a checkpoint's occupancy threshold differs from the `asked` field's (trained at `samples`) only as
-    --samples does: the threshold is 0.01 * samples / segment, so a checkpoint resumed, or merged, at other
-    samples holds the same field, and the render settings report the difference."""
+def comparable_field_config(state: dict[str, Any], asked: dict[str, Any], samples: int) -> dict[str, Any]:
+    """The checkpoint's field config as it is compared with `asked` (a run's at `samples`, or another
+    checkpoint's): the occupancy threshold is 0.01 * samples / segment, so where it differs only as --samples
+    does, asked's is put in (the same field; the render settings report the samples)."""
     saved, now = state["field_config"].get("occupancy_threshold"), asked.get("occupancy_threshold")
-    return saved is not None and now is not None and math.isclose(saved / state["render"]["samples"], now / samples,
-                                                                   rel_tol=1e-9)
+    if saved is not None and now is not None and math.isclose(saved / state["render"]["samples"], now / samples,
+                                                              rel_tol=1e-9):
+        return {**state["field_config"], "occupancy_threshold": now}
+    return state["field_config"]
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu", file: BinaryIO | None = None) -> dict[str, Any]:

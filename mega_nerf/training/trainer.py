@@ -292,9 +292,7 @@ class Trainer:
         state = ckpt.load_checkpoint(path, self.device)
         if state["dataset"] != dataset_fingerprint(self.dataset):
             raise UserError(f"{path}: checkpoint of another dataset; use another --exp_name")
-        saved = state["field_config"]
-        if ckpt.samples_alone_move_the_threshold(state, self.field_config, self.config.samples):
-            saved = {**saved, "occupancy_threshold": self.field_config["occupancy_threshold"]}
+        saved = ckpt.comparable_field_config(state, self.field_config, self.config.samples)
         differences = config_differences(saved, self.field_config)
         if differences:
             old = old_default_options(saved, self.field_config)
