@@ -404,7 +404,7 @@ def test_oblique_presets_scale_by_cameras_and_town(preset: str) -> None:
 @pytest.mark.parametrize("preset", ["street", "street_tiny"])
 def test_street_views_walk_every_street_at_eye_level(preset: str) -> None:
     """Without rendering: views walk each street end to end, those along y first, each standing on its roadway
-    (within a quarter of its width of the centre line) 1.6-2.4 m above the ground,
+    (within a quarter of its width of the centre line, clear of every building and tree) 1.6-2.4 m above the ground,
     heading within 70 degrees of the street's direction, both ways, and looking 20 degrees up to 5 down; the
     cameras and the town fill [-1, 1]."""
     preset_ = PRESETS[preset]
@@ -419,6 +419,9 @@ def test_street_views_walk_every_street_at_eye_level(preset: str) -> None:
     across = np.where(along_y, survey.positions[:, 2], survey.positions[:, 1])
     along = np.where(along_y, survey.positions[:, 1], survey.positions[:, 2])
     assert np.abs(across - centres[street % streets]).max() <= city.road_width / 4 + 1e-9
+    lo, hi = (x[:, 1:].numpy() for x in city.footprints())  # every building and tree, horizontally
+    yz = survey.positions[:, None, 1:]
+    assert not ((yz > lo) & (yz < hi)).all(-1).any()
     for k in range(2 * streets):
         assert along[street == k].min() == -city.extent and along[street == k].max() == city.extent
     assert survey.altitudes.min() >= 1.6 and survey.altitudes.max() <= 2.4
@@ -432,6 +435,10 @@ def test_street_views_walk_every_street_at_eye_level(preset: str) -> None:
     origin, scale = normalisation(city, survey, preset_)
     town = (np.stack(city.town_box()) - origin) / scale
     assert max(np.abs((survey.positions - origin) / scale).max(), np.abs(town).max()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=f"needs {4 * streets} views or more"):
+        dataclasses.replace(preset_, views=4 * streets - 1)
+    with pytest.raises(ValueError, match="survey must be 'drone' or 'street'"):
+        dataclasses.replace(preset_, survey="walk")
 
 
 def test_oblique_normalisation_holds_cameras_and_town_not_terrain(oblique_city: Path, oblique_summary: dict

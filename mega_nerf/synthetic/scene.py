@@ -58,13 +58,19 @@ class Preset:
     # camera's sensor integrates light. 1, one ray through the centre, aliases every texture finer than a pixel
     # (crop rows, grass, windows), as no photograph does.
     pixel_samples: int = 1
-    # "drone": lawn-mower rows over the city (survey.plan_survey); "street": eye-level views walked along the
+    # "drone": lawn-mower rows over the city (survey._drone_poses); "street": eye-level views walked along the
     # town's streets, looking along them and at the facades, up to the rooftops and out to the horizon.
     survey: Literal["drone", "street"] = "drone"
 
     def __post_init__(self) -> None:
         if self.pixel_samples < 1 or self.pixel_samples % 2 == 0:
             raise ValueError(f"pixel_samples must be odd and positive, not {self.pixel_samples}")
+        if self.survey not in ("drone", "street"):
+            raise ValueError(f"survey must be 'drone' or 'street', not {self.survey!r}")
+        streets = 2 * (self.blocks + 1)
+        if self.survey == "street" and self.views < 2 * streets:  # each street walked from one end to the other
+            raise ValueError(f"a street survey of {self.blocks} x {self.blocks} blocks needs {2 * streets} views "
+                             f"or more, not {self.views}")
 
 
 # An oblique survey as in Mill 19 and UrbanScene3D: a wide lens pitched 30-60 degrees down from varying altitudes,
