@@ -36,7 +36,7 @@ from mega_nerf.partition.cells import (
     load_params,
     make_params,
 )
-from mega_nerf.partition.job import _groups, create_cluster_masks
+from mega_nerf.partition.job import _groups, create_cluster_masks, overlap_note
 from mega_nerf.partition.maskfile import decode_mask, encode_mask, load_mask, write_mask
 from mega_nerf.rays import image_rays, near_far, normalize_altitude_range
 
@@ -276,6 +276,18 @@ def test_tiny_city_report(partitioned: Path) -> None:
     assert 1 < report["overlap_factor"] < 2
     assert sum(report["rays_per_cell"]) == pytest.approx(report["overlap_factor"] * report["rays"])
     assert (partitioned / "partition.png").stat().st_size > 1000
+
+
+def test_a_partition_whose_rays_lie_in_most_cells_says_so(street_city: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """Street-level views (street_tiny, the exact rule): a ray lies in 3.0 of the 4 cells (bench/RESULTS.md,
+    twenty-first session), which the report says means; the aerial presets' 1.5-1.7 of 4 and 2.4 of 16 do not."""
+    run_script(*base_args(street_city, tmp_path / "masks", samples=None))
+    report = json.loads((tmp_path / "masks" / "partition.json").read_text())
+    assert report["overlap_factor"] == pytest.approx(3.024, abs=0.005)
+    assert "note: a ray lies in 3.0 of the 4 cells on average, so each cell trains on most" in capsys.readouterr().out
+    assert overlap_note(1.65, 4) is None and overlap_note(2.4, 16) is None and overlap_note(1.0, 1) is None
+    assert overlap_note(10.8, 16).startswith("note: a ray lies in 10.8 of the 16 cells")
 
 
 # ---- files ---------------------------------------------------------------------------------------------
