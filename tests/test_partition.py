@@ -286,11 +286,12 @@ def test_a_partition_whose_rays_lie_in_most_cells_says_so(street_city: Path, tmp
     run_script(*base_args(street_city, tmp_path / "masks", samples=None))
     report = json.loads((tmp_path / "masks" / "partition.json").read_text())
     assert report["overlap_factor"] == pytest.approx(3.024, abs=0.005)
-    assert "note: a ray lies in 3.0 of the 4 cells on average, so a cell trains on 76% of" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: a ray lies in 3.0 of the 4 cells on average, so the mean cell trains on 76% of" in out
     assert overlap_note(1.65, 4) is None and overlap_note(2.4, 16) is None and overlap_note(1.0, 1) is None
     assert overlap_note(1.34, 2) is None  # the tiny city's 2 x 1
-    assert overlap_note(1.72, 2).startswith("note: a ray lies in 1.7 of the 2 cells on average, so a cell trains "
-                                            "on 86%")
+    assert overlap_note(1.72, 2).startswith("note: a ray lies in 1.7 of the 2 cells on average, so the mean cell "
+                                            "trains on 86%")
     assert overlap_note(10.8, 16).startswith("note: a ray lies in 10.8 of the 16 cells")
 
 

@@ -242,7 +242,7 @@ def overlap_note(overlap: float, cells: int) -> str | None:
     trains on most of the scene's rays."""
     if cells < 2 or overlap - 1 <= (cells - 1) / 2:
         return None
-    return (f"note: a ray lies in {overlap:.1f} of the {cells} cells on average, so a cell trains on "
+    return (f"note: a ray lies in {overlap:.1f} of the {cells} cells on average, so the mean cell trains on "
             f"{overlap / cells:.0%} of the scene's rays (views that see across the scene do this, street-level ones "
             "most: see the README's 'Street-level captures')")
 
