@@ -253,11 +253,15 @@ def _sun(rng: np.random.Generator) -> np.ndarray:
     return np.array([-np.sin(elevation), np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth)])
 
 
+def street_centres(blocks: int, extent: float, road_width: float, block_size: float) -> np.ndarray:
+    """Where the town's blocks + 1 streets run (their centre lines), metres along y, and the same along z."""
+    return -extent + road_width / 2 + (block_size + road_width) * np.arange(blocks + 1)
+
+
 def _country_roads(preset: Preset, extent: float, rng: np.random.Generator) -> np.ndarray:
     """Centre lines (3, 3) as rows (n_y, n_z, c): a street of the town continued along y, one along z, and a
     bypass crossing the farmland at a slant, clear of the town (farther than its corners from the centre)."""
-    pitch = preset.block_size + preset.road_width
-    streets = -extent + preset.road_width / 2 + pitch * np.arange(preset.blocks + 1)  # the town's road centres
+    streets = street_centres(preset.blocks, extent, preset.road_width, preset.block_size)
     slant = rng.uniform(0.0, np.pi)
     offset = rng.choice([-1.0, 1.0]) * rng.uniform(1.8, 2.5) * extent
     return np.array([[0.0, 1.0, rng.choice(streets)], [1.0, 0.0, rng.choice(streets)],

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mega_nerf.synthetic.scene import City, Preset
+from mega_nerf.synthetic.scene import City, Preset, street_centres
 
 PITCH_DEG = (30.0, 60.0)  # how far below the horizon cameras look
 YAW_SPREAD_DEG = 80.0  # how far a camera's heading may turn away from the city's centre
@@ -94,7 +94,7 @@ def _street_poses(city: City, preset: Preset, rng: np.random.Generator) -> tuple
     the street, turned towards the facades by up to STREET_YAW_SPREAD_DEG, and looks STREET_PITCH_DEG below the
     horizon."""
     V, n = preset.views, 2 * (city.blocks + 1)
-    centres = -city.extent + city.road_width / 2 + city.pitch * np.arange(city.blocks + 1)
+    centres = street_centres(city.blocks, city.extent, city.road_width, city.block_size)
     counts = np.full(n, V // n) + (np.arange(n) < V % n)
     positions, yaws = [], []
     for street, count in enumerate(counts):
