@@ -327,19 +327,23 @@ def settled_frame(viewer, client_id: int) -> Shown:
     raise AssertionError("no full frame of the browser's view")
 
 
-def browser_frame(viewer, client_id: int, shown: Shown) -> np.ndarray:
+def browser_frame(viewer, client_id: int, shown: Shown, expected: np.ndarray | None = None) -> np.ndarray:
     """What the browser draws on its canvas (its WebGL render, at the frame's size), (H, W, 3) uint8, once the
-    canvas has stopped changing for a second: on a loaded machine the full frame can reach the canvas well after
-    the preview it replaces (a full-suite run beside other work once read a canvas fitting 28.9 dB, not 33.6)."""
+    canvas has stopped changing for a second and, given `expected`, once it fits that picture above the floor or
+    FRAME_SECONDS have passed (the caller's assertion then fails). On a loaded machine the full frame can reach the
+    canvas well after the preview it replaces (a full-suite run beside other work once read a canvas fitting 28.9
+    dB, not 33.6), and a canvas can rest for a second before the first image arrives (a CI run once read 14.3 dB)."""
     client = viewer.server.get_clients()[client_id]
     deadline = time.time() + FRAME_SECONDS
     image = client.get_render(shown.height, shown.width, transport_format="png", timeout=20)[:, :, :3]
     while time.time() < deadline:
         time.sleep(1.0)
         again = client.get_render(shown.height, shown.width, transport_format="png", timeout=20)[:, :, :3]
-        if np.array_equal(again, image):
+        if np.array_equal(again, image) and (expected is None or psnr(image, expected) > BROWSER_PSNR_FLOOR):
             return image
         image = again
+    if expected is not None:
+        return image
     raise AssertionError("the browser's canvas never settled")
 
 
@@ -403,8 +407,9 @@ def test_viewer_in_headless_chromium(container_path: Path, tiny_city: Path, scen
         with page_of(viewer) as (page, client_id):
             viewer.show_cameras.value = viewer.show_points.value = False  # the render alone on the canvas
             first = settled_frame(viewer, client_id)
-            before = browser_frame(viewer, client_id, first)
-            assert psnr(before, direct_frame(scene, first.view, first.width, first.height)) > BROWSER_PSNR_FLOOR
+            expected = direct_frame(scene, first.view, first.width, first.height)
+            before = browser_frame(viewer, client_id, first, expected)
+            assert psnr(before, expected) > BROWSER_PSNR_FLOOR
             page.get_by_role("button", name="Add key pose").click()
 
             page.mouse.move(200, 250)  # orbit: drag across the canvas
@@ -412,10 +417,11 @@ def test_viewer_in_headless_chromium(container_path: Path, tiny_city: Path, scen
             page.mouse.move(120, 220, steps=8)
             page.mouse.up()
             second = settled_frame(viewer, client_id)
-            after = browser_frame(viewer, client_id, second)
+            expected = direct_frame(scene, second.view, second.width, second.height)
+            after = browser_frame(viewer, client_id, second, expected)
             assert not np.allclose(first.view.c2w, second.view.c2w, atol=1e-3)
             assert np.abs(after.astype(int) - before.astype(int)).mean() > 10  # the picture moved (measured 55)
-            fit = psnr(after, direct_frame(scene, second.view, second.width, second.height))
+            fit = psnr(after, expected)
             assert fit > BROWSER_PSNR_FLOOR
             # and it is that pose's: a view turned by one pixel fits worse (measured 33.7 against 27.1 dB; in a CI
             # run on 2 loaded cores the canvas fitted 29.9 against 27.4, so the margin is 1 dB, not 3)
