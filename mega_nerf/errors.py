@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import os
+import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 from mega_nerf.allocator import c_library
@@ -21,9 +23,16 @@ class UserError(Exception):
     """Bad input from the user (a file, an option); printed as one line by `run_cli`."""
 
 
+# What the machine, not the program, is at fault for: a full disk or quota, a read-only or missing place to write
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                  errno.ENOENT}
+
+
 def run_cli(main: Callable[[], object]) -> NoReturn:
-    """Run a command's entry point and end its process (`end_process`): exit code 0, or 2 with `error: <message>`
-    on stderr for a `UserError`. Anything else (a traceback, argparse's exit) leaves as Python has it."""
+    """Run a command's entry point and end its process (`end_process`): exit code 0; 2 with `error: <message>`
+    on stderr for a `UserError`, or for an OSError of the machine's (MACHINE_ERRNOS: a full disk, a read-only
+    folder, a file where a folder should be), named with its file; 130 with one line for Ctrl-C. Anything else
+    (a traceback, argparse's exit) leaves as Python has it."""
     try:
         main()
     except UserError as e:
@@ -31,7 +40,55 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
         # two ranks' lines could interleave on a shared console.
         sys.stderr.write(f"error: {e}\n")
         end_process(2)
+    except OSError as e:
+        if e.errno not in MACHINE_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename is not None else ""
+        sys.stderr.write(f"error: {where}{e.strerror or e}\n")
+        end_process(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        end_process(130)
     end_process(0)
+
+
+def check_device(name: str) -> None:
+    """One-line UserError for a --device that torch does not know, or a GPU this machine lacks (torch's own
+    errors for these come deep in the first allocation, as tracebacks)."""
+    import torch  # here: the process-ending helpers above are imported before anything heavy
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device '{name}' (e.g. cuda, cuda:1, cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine's torch sees no CUDA GPU (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+@contextlib.contextmanager
+def stop_on_interrupt() -> Iterator[threading.Event]:
+    """Within it, the first Ctrl-C (SIGINT) only sets the event it yields, so that a loop can stop at the end of
+    a whole step and save it; a second one interrupts at once, as usual. Only on the main thread, where Python runs
+    signal handlers (elsewhere the event is never set)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.default_int_handler if previous is None else previous  # None: set outside Python
+
+    def request(signum: int, frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+        sys.stderr.write("\ninterrupted: stopping after this step to save it (Ctrl-C again stops at once)\n")
+
+    signal.signal(signal.SIGINT, request)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def end_process(code: int) -> NoReturn:

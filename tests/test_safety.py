@@ -5,8 +5,10 @@ The container is a 1 x 1 partition of the tiny city trained for two steps: enoug
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,17 +18,20 @@ from pathlib import Path
 
 import cv2
 import pytest
+import torch
 from test_video import decode
 
 from mega_nerf.cli import eval as eval_cli
 from mega_nerf.cli import partition as partition_cli
 from mega_nerf.cli import render as render_cli
 from mega_nerf.cli import train as train_cli
+from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.evaluation.evaluate import evaluate
 from mega_nerf.lock import lock_path
 from mega_nerf.merging.merge import merge_submodules
+from mega_nerf.training.log import Logger
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -302,3 +307,109 @@ def test_a_user_error_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
         run_cli(bad)
     assert exit_info.value.code == 2
     assert writes == ["error: --grid_dim: expected two numbers\n"]
+
+
+# ---- bad input found by a new user's sweep (twenty-second session) ----------------------------------------------
+
+def test_a_merged_container_given_as_a_checkpoint_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(tmp_path / "exp"), "--train_iterations", "4", "--ckpt_path",
+                                              str(merged), *SMALL], capsys)
+    assert line == f"error: {merged}: a merged container, not a training checkpoint (a run's checkpoints are its " \
+                   "checkpoints/NNNNNNNN.pt)"
+
+
+def test_a_checkpoint_whose_tensors_do_not_fit_its_field_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    state = torch.load(merged.parent / "exp-0" / "checkpoints" / "00000002.pt", weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.numel() > 1)
+    state["model"][name] = state["model"][name].flatten()[:1]
+    (tmp_path / "exp" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "exp" / "checkpoints" / "00000002.pt")
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(tmp_path / "exp"), "--train_iterations", "4", "--cluster_mask_path",
+                                              str(merged.parent / "masks" / "0"), *SMALL], capsys)
+    assert line.startswith(f"error: {tmp_path / 'exp' / 'checkpoints' / '00000002.pt'}: its model does not fit its "
+                           f"field config (size mismatch for {name}")
+
+
+def test_a_partition_folder_given_for_one_cell_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    masks = merged.parent / "masks"
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(tmp_path / "exp"), "--train_iterations", "4", "--cluster_mask_path",
+                                              str(masks), *SMALL], capsys)
+    assert line == f"error: --cluster_mask_path: {masks} is a whole partition's folder; give one cell's, " \
+                   f"e.g. {masks / '0'}"
+
+
+def test_a_cell_folder_fingerprint_counts_its_files_only(tmp_path: Path) -> None:
+    """Another tool's folder or a pipe beside the masks is no mask (reading a pipe would wait forever)."""
+    (tmp_path / "000000.mask").write_bytes(b"mask")
+    before = masks_fingerprint(tmp_path)
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    assert masks_fingerprint(tmp_path) == before
+    (tmp_path / "000001.mask").write_bytes(b"mask")
+    assert masks_fingerprint(tmp_path) != before
+
+
+def test_a_device_this_machine_lacks_is_one_line(tiny_city: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(tmp_path / "exp"), "--device", "cuda:99", *SMALL], capsys)
+    assert line.startswith("error: --device cuda:99: this machine")
+    assert not (tmp_path / "exp").exists()
+
+
+def test_outputs_never_replace_a_dataset_or_another_commands_options(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """eval given a training run's folder, or a dataset's, would overwrite the config.yaml kept there."""
+    run = merged.parent / "exp-0" / "config.yaml"
+    kept = run.read_bytes()
+    line = fails_in_one_line(eval_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--container_path",
+                                             str(merged), "--exp_name", str(run.parent)], capsys)
+    assert line.startswith(f"error: {run}: holds another command's options (") and run.read_bytes() == kept
+    data = tmp_path / "data"
+    shutil.copytree(tiny_city, data)
+    kept = (data / "config.yaml").read_bytes()
+    line = fails_in_one_line(eval_cli.main, ["--config_file", str(data / "config.yaml"), "--container_path",
+                                             str(merged), "--exp_name", str(data)], capsys)
+    assert line == f"error: {data}: a dataset's folder; give this run's output a folder of its own"
+    assert (data / "config.yaml").read_bytes() == kept
+    eval_cli.main(["--config_file", str(tiny_city / "config.yaml"), "--container_path", str(merged), "--exp_name",
+                   str(tmp_path / "eval")])
+    eval_cli.main(["--config_file", str(tiny_city / "config.yaml"), "--container_path", str(merged), "--exp_name",
+                   str(tmp_path / "eval")])  # its own options, replaced
+
+
+def test_the_machines_errors_and_ctrl_c_are_one_line(capsys: pytest.CaptureFixture) -> None:
+    def full() -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/exp/log.jsonl")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(full)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: /runs/exp/log.jsonl: {os.strerror(errno.ENOSPC)}\n"
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(interrupted)
+    assert exit_.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
+
+    def bug() -> None:  # not the machine's: left as Python has it
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+    with pytest.raises(ConnectionRefusedError):
+        run_cli(bug)
+
+
+def test_a_log_that_cannot_close_leaves_the_error_that_stopped_the_run(tmp_path: Path) -> None:
+    class Full:
+        def close(self) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    log = Logger(tmp_path, 0)
+    log.file.close()
+    log.file = Full()
+    with pytest.raises(UserError, match="log.jsonl: could not write"), log:
+        raise UserError(f"{tmp_path / 'log.jsonl'}: could not write")

@@ -36,6 +36,12 @@ KILLED_RUN = ("import os, sys; from mega_nerf.cli.train import config_from_argv;
               "from mega_nerf.training.trainer import Trainer; kill_at = int(sys.argv[1]); "
               "Trainer(config_from_argv(sys.argv[2:]), on_step=lambda s: s == kill_at and os._exit(3)).run()")
 
+# The same, through the console script's wrapper, but Ctrl-C (SIGINT) comes during the step given first.
+INTERRUPTED_RUN = ("import os, signal, sys; from mega_nerf.cli.train import config_from_argv; "
+                   "from mega_nerf.errors import run_cli; from mega_nerf.training.trainer import Trainer; "
+                   "at = int(sys.argv[1]); run_cli(lambda: Trainer(config_from_argv(sys.argv[2:]), "
+                   "on_step=lambda s: s == at and os.kill(os.getpid(), signal.SIGINT)).run())")
+
 
 def args(city: Path, exp: Path, *extra: str):
     return config_from_argv(["--config_file", str(city / "config.yaml"), "--dataset_path", str(city),
@@ -96,9 +102,22 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
     started = Trainer(args(tiny_city, tmp_path / "started", "--chunk_paths", str(tmp_path / "c2"), *common,
                            "--ckpt_path", str(tmp_path / "killed" / "checkpoints" / "00000005.pt")))
     assert started.run().name == "00000012.pt"
+    # Ctrl-C: the step under way ends and is saved, in one line; the same command then ends as the others
+    interrupted = [*argv[:argv.index("--exp_name") + 1], str(tmp_path / "interrupted"),
+                   *argv[argv.index("--exp_name") + 2:]]
+    run = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN, "7", *interrupted], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    saved = tmp_path / "interrupted" / "checkpoints" / "00000007.pt"
+    assert run.returncode == 2 and run.stderr.splitlines()[-1] == \
+        f"error: interrupted at step 7: saved {saved}; the same command resumes from it", run.stderr
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["00000005.pt", "00000007.pt"]
+    subprocess.run([sys.executable, "mega_nerf/train.py", *interrupted], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    after_interrupt = torch.load(saved.parent / "00000012.pt", weights_only=True)
     for name, value in whole.field.state_dict().items():
         assert torch.equal(value, resumed["model"][name]), name
         assert torch.equal(value, started.field.state_dict()[name]), name
+        assert torch.equal(value, after_interrupt["model"][name]), name
     # the log holds each step once: what the killed run logged after its checkpoint (steps 6-8) was dropped; the
     # start-up records (no step) of both of its runs stay
     def lines(exp: Path) -> list[dict]:

@@ -306,6 +306,24 @@ INVERTED = {"progress": "no_progress", "amp": "no_amp", "cuda_graphs": "no_cuda_
             "horizon_background": "no_horizon_background"}
 
 
+def check_own_config(path: Path, keys: set[str]) -> None:
+    """Refuse to replace a config.yaml that another command or a dataset wrote (one-line UserError): a run's
+    output folder given as a dataset's, or a training run's given to eval, would lose the options kept there.
+    Ours is one whose keys are all options of this command (a dataset folder holds coordinates.pt)."""
+    if (path.parent / "coordinates.pt").exists():
+        raise UserError(f"{path.parent}: a dataset's folder; give this run's output a folder of its own")
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    foreign = sorted(set(saved) - keys) if isinstance(saved, dict) else ["?"]
+    if foreign:
+        raise UserError(f"{path}: holds another command's options ({', '.join(map(str, foreign[:3]))}"
+                        f"{', ...' if len(foreign) > 3 else ''}); give this run's output a folder of its own")
+
+
 def record_options(config: Any, folder: Path) -> Path:
     """Save a run's resolved options as `folder/config.yaml`, which the same command reads back through
     --config_file (nerfstudio's config.yml habit), and print them in one line. Unset (None or empty) options are
@@ -320,6 +338,7 @@ def record_options(config: Any, folder: Path) -> Path:
         if value is not None and value != ():  # an empty list would read back as an option without values
             values[key] = list(value) if isinstance(value, tuple) else value
     path = folder / "config.yaml"
+    check_own_config(path, set(values) | {f.name for f in dataclasses.fields(config)} | set(INVERTED.values()))
     atomic_write(path, yaml.safe_dump(values, sort_keys=False).encode())
     print("options: " + ", ".join(f"{k}={v}" for k, v in values.items()) + f" (saved to {path})")
     return path

@@ -64,11 +64,12 @@ class Manifest:
 
 
 def masks_fingerprint(mask_dir: Path | None) -> str:
-    """SHA-1 over the names and bytes of a cell's mask files ('' without masks)."""
+    """SHA-1 over the names and bytes of a cell's mask files ('' without masks). Only regular files count: a
+    folder left there by another tool (.ipynb_checkpoints) is no mask, and reading a pipe would wait forever."""
     if mask_dir is None:
         return ""
     h = hashlib.sha1()
-    for p in sorted(mask_dir.iterdir()):
+    for p in sorted(p for p in mask_dir.iterdir() if p.is_file()):
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()

@@ -339,6 +339,9 @@ def check_cell_masks(mask_dir: Path, dataset: Dataset) -> int | None:
     """The cell index of a training run's mask folder `<masks>/<k>`, after checking that the partition in
     `<masks>/params.pt` was made from `dataset` and has cell k (one-line UserErrors). None when the folder has no
     params.pt beside it (loose masks: their sizes are still checked as they are read)."""
+    if (mask_dir / "params.pt").is_file():
+        raise UserError(f"--cluster_mask_path: {mask_dir} is a whole partition's folder; give one cell's, "
+                        f"e.g. {mask_dir / '0'}")
     file = mask_dir.parent / "params.pt"
     if not file.is_file():
         return None

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.data.dataset import write_coordinates, write_image
-from mega_nerf.errors import UserError
+from mega_nerf.errors import UserError, check_device
 from mega_nerf.io import atomic_open, atomic_write, write_bgr
 from mega_nerf.rays import rays_from_pixels
 from mega_nerf.synthetic.scene import PRESETS, City, Preset, build_city
@@ -249,6 +249,8 @@ def generate_city(output: Path | str, preset: str = "tiny", seed: int = 0, devic
     refused with a UserError."""
     if preset not in PRESETS:
         raise UserError(f"unknown synthetic preset '{preset}' (choose from {', '.join(PRESETS)})")
+    if device is not None:
+        check_device(device)
     output = Path(output).absolute()
     _prepare(output)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

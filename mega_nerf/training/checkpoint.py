@@ -18,6 +18,7 @@ from mega_nerf.io import load_torch
 VERSION = 1
 # What a checkpoint saved before each of these keys existed means by leaving it out: load_checkpoint fills them in
 ADDED_KEYS = {"eval_protocol": MEGA_NERF, "val_embeddings_only": False}
+REQUIRED_KEYS = ("step", "field_config", "model")  # what every checkpoint has held since version 1
 
 
 def checkpoint_path(exp_dir: Path, step: int) -> Path:
@@ -82,7 +83,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", file: Binary
     file or another version; keys added since version 1 are filled in where an older one left them out
     (ADDED_KEYS)."""
     state = load_torch(path, "checkpoint", device, file)
-    if not isinstance(state, dict) or state.get("version") != VERSION:
+    if isinstance(state, dict) and state.get("kind") == "container":
+        raise UserError(f"{path}: a merged container, not a training checkpoint (a run's checkpoints are its "
+                        "checkpoints/NNNNNNNN.pt)")
+    if not isinstance(state, dict) or state.get("version") != VERSION or any(k not in state for k in REQUIRED_KEYS):
         raise UserError(f"{path}: not a checkpoint of this version (expected version {VERSION})")
     return {**ADDED_KEYS, **state}
 

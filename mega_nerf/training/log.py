@@ -1,6 +1,7 @@
 """Training scalars: `log.jsonl` always (the plain-text record), TensorBoard when it is installed."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -67,12 +68,18 @@ class Logger:
     def __enter__(self) -> Logger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        with contextlib.suppress(OSError):  # the error in flight says what went wrong (e.g. log.jsonl's full disk)
+            self.close()
 
     def close(self) -> None:
         """Close log.jsonl and TensorBoard's writer, its file and its thread (a cell of train_cells.py that stops
         on an error would otherwise leave both open in a process that goes on to the next cell)."""
-        self.file.close()
-        if self.__dict__.get("tb") is not None:  # made (cached_property stores it in __dict__) and installed
-            self.tb.close()
+        try:
+            self.file.close()
+        finally:
+            if self.__dict__.get("tb") is not None:  # made (cached_property stores it in __dict__) and installed
+                self.tb.close()

@@ -25,7 +25,7 @@ from mega_nerf.clock import PartsClock
 from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
 from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
-from mega_nerf.errors import UserError
+from mega_nerf.errors import UserError, stop_on_interrupt
 from mega_nerf.fields import build_field, config_differences, old_default_options
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
@@ -319,7 +319,11 @@ class Trainer:
             keep = f" ({' '.join(old)} keeps the old default)" if old else ""
             print(f"warning: {path} was trained with render settings {state['render']}, this run goes on with "
                   f"{render}{keep}; the merge needs every cell's equal", file=sys.stderr)
-        self.field.load_state_dict(state["model"])
+        try:
+            self.field.load_state_dict(state["model"])
+        except RuntimeError as e:  # tensors that its own field config does not make: a damaged or edited file
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+            raise UserError(f"{path}: its model does not fit its field config ({detail})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
         ckpt.restore_rng(state["rng"], self.generator)
@@ -471,34 +475,40 @@ class Trainer:
         first = self.step
         if self._join_warm_up():
             self.clock.mark("warm-up")
-        while self.step < self.iterations:
-            loss, mse = self.train_step(stream)
-            if self.step - first <= 2:
-                self._time_first_steps(self.step - first, loss, stream, log)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.step, first_bad)
-            rays0 += a.batch_size
-            bar.update(1)
-            if self.on_step is not None:
-                self.on_step(self.step)
-            at_ckpt = self.step % a.ckpt_interval == 0 or self.step == self.iterations
-            if self.step % a.log_interval == 0 or at_ckpt:
-                if int(first_bad) >= 0:
-                    raise UserError(f"non-finite loss at step {int(first_bad)}; stopped, last good checkpoint: "
-                                    f"{last_good or 'none'} (likely cause: --lr too high for this scene)")
-                rate = rays0 / (time.perf_counter() - t0)
-                psnr = -10 * math.log10(max(float(mse), 1e-10))
-                log.scalars(self.step, loss=float(loss), psnr=psnr, lr=self.lr_at(self.step), rays_per_s=rate,
-                            epoch=self.epochs(self.step), samples_per_ray=int(self.last_samples) / a.batch_size,
-                            data_waits=stream.waits, data_wait_s=stream.wait_seconds)
-                bar.set_postfix(psnr=f"{psnr:.2f}", rays_s=f"{rate:,.0f}", epoch=f"{self.epochs(self.step):.1f}")
-                t0, rays0 = time.perf_counter(), 0
-                if self.device.type == "cpu":
-                    give_back_freed()  # what the heap kept since the last line (allocator.py)
-            if at_ckpt:
-                last_good = self.save(stream)
-            if self.step % a.val_interval == 0 or self.step == self.iterations:
-                metrics = self.validate()
-                log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
+        with stop_on_interrupt() as stop:  # a first Ctrl-C stops after a whole step, saved
+            while self.step < self.iterations:
+                loss, mse = self.train_step(stream)
+                if self.step - first <= 2:
+                    self._time_first_steps(self.step - first, loss, stream, log)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.step, first_bad)
+                rays0 += a.batch_size
+                bar.update(1)
+                if self.on_step is not None:
+                    self.on_step(self.step)
+                at_ckpt = self.step % a.ckpt_interval == 0 or self.step == self.iterations
+                if self.step % a.log_interval == 0 or at_ckpt:
+                    if int(first_bad) >= 0:
+                        raise UserError(f"non-finite loss at step {int(first_bad)}; stopped, last good checkpoint: "
+                                        f"{last_good or 'none'} (likely cause: --lr too high for this scene)")
+                    rate = rays0 / (time.perf_counter() - t0)
+                    psnr = -10 * math.log10(max(float(mse), 1e-10))
+                    log.scalars(self.step, loss=float(loss), psnr=psnr, lr=self.lr_at(self.step), rays_per_s=rate,
+                                epoch=self.epochs(self.step), samples_per_ray=int(self.last_samples) / a.batch_size,
+                                data_waits=stream.waits, data_wait_s=stream.wait_seconds)
+                    bar.set_postfix(psnr=f"{psnr:.2f}", rays_s=f"{rate:,.0f}", epoch=f"{self.epochs(self.step):.1f}")
+                    t0, rays0 = time.perf_counter(), 0
+                    if self.device.type == "cpu":
+                        give_back_freed()  # what the heap kept since the last line (allocator.py)
+                if at_ckpt:
+                    last_good = self.save(stream)
+                if self.step % a.val_interval == 0 or self.step == self.iterations:
+                    metrics = self.validate()
+                    log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
+                if stop.is_set():
+                    if last_good != ckpt.checkpoint_path(self.exp_dir, self.step):
+                        last_good = self.save(stream)
+                    raise UserError(f"interrupted at step {self.step}: saved {last_good}; the same command "
+                                    "resumes from it")
         bar.close()  # before the lines below (closing it again is nothing)
         if self.graphs is not None:  # dropped, with their pool, as run() ends
             self.graphs_captured = len(self.graphs.graphs)
