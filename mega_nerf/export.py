@@ -38,6 +38,7 @@ from mega_nerf.merging.container import Container, load_container
 from mega_nerf.rays import Cameras
 
 DOWN = (1.0, 0.0, 0.0)  # +x is down in DRB
+PLY_MAGIC = b"ply\n"  # the first line of every PLY file
 
 
 def field_box(field: Field) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +148,15 @@ def write_ply(path: str | os.PathLike, xyz: np.ndarray, rgb: np.ndarray) -> None
     vertex["red"], vertex["green"], vertex["blue"] = rgb.T
     with atomic_open(path) as f:
         PlyData([PlyElement.describe(vertex, "vertex")]).write(f)
+
+
+def is_ply(path: Path) -> bool:
+    """Whether `path` is a readable file that begins with the PLY magic line (what `write_ply` writes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PLY_MAGIC)) == PLY_MAGIC
+    except OSError:  # unreadable: not known to be one
+        return False
 
 
 def to_real_units(xyz: np.ndarray, coordinates: Coordinates) -> np.ndarray:

@@ -23,7 +23,7 @@ import pickle
 import re
 import shutil
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -269,3 +269,26 @@ def load_torch(path: str | os.PathLike, what: str, device: torch.device | str = 
         return torch.load(path if file is None else file, map_location=device, weights_only=True)
     except TORCH_LOAD_ERRORS as e:
         raise UserError(f"{path}: unreadable or truncated {what} ({type(e).__name__})") from None
+
+
+def check_output(output: str | os.PathLike, option: str, inputs: Mapping[str, Sequence[str | os.PathLike | None]],
+                 kind: str, is_kind: Callable[[Path], bool]) -> None:
+    """Refuse, in one UserError line and before anything is written, an `output` (given as `option`) whose write
+    would destroy something (atomic writes replace whatever has the name): one of the command's `inputs` (option
+    -> the files and folders it names, None where not given), a folder, or an existing file that `is_kind`
+    rejects (`kind` says what the command writes, e.g. 'a PLY file'). Such a file inside an input folder (the
+    dataset) is named as an input rather than offered for removal. A new file, or an earlier output of the same
+    kind (a rerun), passes."""
+    target = Path(output).resolve()
+    named = [(name, Path(path)) for name, paths in inputs.items() for path in paths if path is not None]
+    for name, path in named:
+        if target == path.resolve():
+            raise UserError(f"{option} {output} is one of this command's inputs ({name}); choose another path")
+    if target.is_dir():
+        raise UserError(f"{option} {output} is a folder; choose a file path")
+    if target.exists() and not is_kind(target):
+        for name, path in named:
+            if path.is_dir() and target.is_relative_to(path.resolve()):
+                raise UserError(f"{option} {output} lies inside {path}, one of this command's inputs ({name}); "
+                                "choose another path")
+        raise UserError(f"{option} {output}: exists and is not {kind}; remove it or choose another path")

@@ -2,6 +2,9 @@
 
     mega-nerf-export --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D]
     mega-nerf-export --config_file CFG --container_path merged.pt --output scene.ply --source_frame
+
+An --output that is one of the command's inputs, or an existing file that is not a PLY, is refused before anything
+is written.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import configargparse
 from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import run_cli
 from mega_nerf.export import __doc__ as EXPORT_DOC
-from mega_nerf.export import export_ply
+from mega_nerf.export import export_ply, is_ply
+from mega_nerf.io import check_output
 from mega_nerf.lock import locked
 
 
@@ -43,6 +47,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = export_parser().parse_args(argv)
     require(args.container_path, "container_path")
     require(args.output, "output")
+    inputs = {"--config_file": [args.config_file], "--container_path": [args.container_path],
+              "--dataset_path": [args.dataset_path]}
+    check_output(args.output, "--output", inputs, "a PLY file", is_ply)
     with locked({"--output": [args.output]}, folders=False):
         return export_ply(args)
 

@@ -1,4 +1,6 @@
-"""`mega-nerf-merge` (and `scripts/merge_submodules.py`): merge a partition's submodules into one container."""
+"""`mega-nerf-merge` (and `scripts/merge_submodules.py`): merge a partition's submodules into one container.
+An --output that is one of the command's inputs, or an existing file that is not a container, is refused before
+anything is written."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +9,10 @@ import configargparse
 
 from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import run_cli
+from mega_nerf.io import check_output
 from mega_nerf.lock import locked
-from mega_nerf.merging.merge import merge_submodules
+from mega_nerf.merging.merge import is_container, merge_submodules, submodule_folders
+from mega_nerf.partition.cells import params_file
 
 
 def merge_parser() -> configargparse.ArgParser:
@@ -25,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     args = merge_parser().parse_args(argv)
     for option in ("ckpt_prefix", "centroid_path", "output"):
         require(getattr(args, option), option)
+    inputs = {"--config_file": [args.config_file], "--centroid_path": [params_file(args.centroid_path)],
+              "--ckpt_prefix": submodule_folders(args.ckpt_prefix), "--dataset_path": [args.dataset_path]}
+    check_output(args.output, "--output", inputs, "a merged container", is_container)
     with locked({"--output": [args.output]}, folders=False):
         merge_submodules(args.ckpt_prefix, Path(args.centroid_path), Path(args.output), args.allow_empty_cells,
                          args.boundary_margin)

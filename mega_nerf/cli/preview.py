@@ -14,6 +14,8 @@ from mega_nerf.cli.options import HelpFormatter, base_parser, require
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import run_cli
+from mega_nerf.export import is_ply
+from mega_nerf.io import check_output
 from mega_nerf.preview import write_cameras_ply, write_preview
 
 CAMERAS_DOC = """Export a dataset's training cameras as a PLY (normalised DRB units, or with --source_frame
@@ -49,6 +51,7 @@ def cameras_main(argv: list[str] | None = None) -> None:
                         help="write the COLMAP / transforms.json world the dataset was converted from (its "
                              "dataparser_transforms.json) instead of normalised DRB")
     args = parser.parse_args(argv)
+    check_output(args.output, "--output", {"--dataset_path": [args.dataset_path]}, "a PLY file", is_ply)
     to_frame = to_source_map(args.dataset_path, "--source_frame") if args.source_frame else None
     count = write_cameras_ply(load_dataset(args.dataset_path), args.output, args.frusta, args.frustum_depth,
                               to_frame)

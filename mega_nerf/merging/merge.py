@@ -3,19 +3,26 @@
 Submodule k is the latest checkpoint in `<ckpt_prefix><k>/checkpoints/`. Before anything is written, the
 checkpoints are checked against each other (field kind and sizes, dataset fingerprint, render settings, scene
 bounds) and against `params.pt` (number of cells, number of images, near/far/altitude range), so that a
-container never mixes submodules of different runs. Every problem is one line naming the submodule.
+container never mixes submodules of different runs. Every problem is one line naming the submodule. The command
+(cli/merge.py) first refuses an --output that is one of these inputs or an existing file that is not a container
+(`is_container`, `submodule_folders`).
 """
 from __future__ import annotations
 
 import math
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mega_nerf.errors import UserError
 from mega_nerf.fields import config_differences, old_default_options
-from mega_nerf.merging.container import inference_state, save_container
+from mega_nerf.io import TORCH_LOAD_ERRORS
+from mega_nerf.merging.container import KIND, inference_state, save_container
 from mega_nerf.partition.cells import PartitionParams, load_params
 from mega_nerf.training.checkpoint import comparable_field_config, load_latest_checkpoint
 
@@ -59,6 +66,25 @@ def find_submodules(prefix: str, num_cells: int, allow_missing: bool) -> list[Su
             continue
         found.append(Submodule(k, *latest))
     return found
+
+
+def submodule_folders(prefix: str) -> list[Path]:
+    """The experiment folders `<prefix><k>` that exist, any k: where the submodules' checkpoints are read."""
+    head, tail = os.path.split(prefix)  # "X/exp-" -> X, exp-; "X/" -> X, ""
+    parent = Path(head or ".")
+    if not parent.is_dir():
+        return []
+    return sorted(p for p in parent.iterdir() if p.is_dir() and re.fullmatch(f"{re.escape(tail)}[0-9]+", p.name))
+
+
+def is_container(path: Path) -> bool:
+    """Whether `path` is a container file, of any version (a rerun may replace it). Its tensors are mapped, not
+    read, so a large file costs only its pickle."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except TORCH_LOAD_ERRORS:  # a foreign or damaged file, or a torch file of the legacy format
+        return False
+    return isinstance(state, dict) and state.get("kind") == KIND
 
 
 def check_submodules(subs: list[Submodule | None], params: PartitionParams, params_path: Path) -> None:
