@@ -413,3 +413,13 @@ def test_a_log_that_cannot_close_leaves_the_error_that_stopped_the_run(tmp_path:
     log.file = Full()
     with pytest.raises(UserError, match="log.jsonl: could not write"), log:
         raise UserError(f"{tmp_path / 'log.jsonl'}: could not write")
+
+
+def test_a_field_too_large_for_memory_is_one_line(tiny_city: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Petabytes of hash table: refused by any machine's allocator at once."""
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(tmp_path / "exp"), *SMALL, "--log2_hashmap_size", "44",
+                                              "--max_resolution", "65536"], capsys)
+    assert re.fullmatch(r"error: the hash field does not fit in \w+ memory \(asked for .+\): lower "
+                        r"--log2_hashmap_size \(44\), --max_resolution or --occupancy_resolution", line), line

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import threading
 import time
@@ -131,7 +132,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.field_config = field_config(config, box, contracted_axes(self.bounds.altitude),
                                          len(self.dataset.images), self.occupancy_threshold)
-        self.field = build_field(self.field_config).to(self.device)
+        self.field = self._build_field(config)
         self.optimizer = Adam(self.field.parameters(), lr=config.lr)  # one fused kernel, CPU and GPU alike
         self.cameras = self.cameras.to(self.device)
         # Memory grows with the samples a pass shades: a step's rays go in passes of at most micro_batch rays.
@@ -175,6 +176,20 @@ class Trainer:
         if c.lr_decay_epochs:
             return c.lr * c.lr_decay_factor ** (self.epochs(step) / c.lr_decay_epochs)
         return c.lr * c.lr_decay_factor ** (step / self.iterations)
+
+    def _build_field(self, config: TrainConfig) -> Field:
+        """The field on its device, or a one-line UserError naming the options that size it where it does not fit
+        (torch's own error is a traceback from deep inside the allocator)."""
+        try:
+            return build_field(self.field_config).to(self.device)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
+            asked = re.search(r"allocate ([0-9.]+ ?[GMK]iB|[0-9]+ bytes)", str(e))
+            size = f" (asked for {asked.group(1)})" if asked else ""
+            raise UserError(f"the {config.field} field does not fit in {self.device.type} memory{size}: lower "
+                            f"--log2_hashmap_size ({config.log2_hashmap_size}), --max_resolution or "
+                            "--occupancy_resolution") from None
 
     def memory_report(self) -> str:
         """One line on a step's passes and the memory each takes (Field.train_bytes_per_sample's estimate)."""
