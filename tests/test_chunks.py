@@ -218,3 +218,12 @@ def test_batches_are_the_definitions_sequence_sliced() -> None:
 def test_memory_mode_holds_the_same_rays(scene):
     data, masks = scene
     assert sorted(as_tuples(gather_in_memory(load_dataset(data), masks))) == sorted(expected_rays(data, masks))
+
+
+def test_chunks_written_to_two_folders_read_with_one_are_one_line(scene, tmp_path):
+    data, masks = scene
+    dataset = load_dataset(data)
+    prepare_chunks(dataset, masks, [tmp_path / "a", tmp_path / "b"], chunk_rays=300)
+    with pytest.raises(UserError, match=r"a/manifest.json: chunk \S+ lies in chunk folder 1, but --chunk_paths "
+                                        r"gives 1; give the folders the chunks were written to, in the same order"):
+        prepare_chunks(dataset, masks, [tmp_path / "a"], chunk_rays=300)

@@ -423,3 +423,25 @@ def test_a_field_too_large_for_memory_is_one_line(tiny_city: Path, tmp_path: Pat
                                               "--max_resolution", "65536"], capsys)
     assert re.fullmatch(r"error: the hash field does not fit in \w+ memory \(asked for .+\): lower "
                         r"--log2_hashmap_size \(44\), --max_resolution or --occupancy_resolution", line), line
+
+
+def test_an_output_under_a_file_is_named_so(tiny_city: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "runs").write_text("a file where the runs' folder should be")
+    exp = tmp_path / "runs" / "exp"
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(exp), *SMALL], capsys)
+    assert line.startswith("error: ") and line.endswith(f"cannot create the lock of --exp_name {exp} (a folder "
+                                                        "above it is a file)"), line
+
+
+def test_a_damaged_latest_checkpoint_names_the_older_ones(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    checkpoints = tmp_path / "exp" / "checkpoints"
+    shutil.copytree(merged.parent / "exp-0" / "checkpoints", checkpoints)
+    (checkpoints / "00000004.pt").write_bytes((checkpoints / "00000002.pt").read_bytes()[:1000])
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(tmp_path / "exp"), "--train_iterations", "6", "--cluster_mask_path",
+                                              str(merged.parent / "masks" / "0"), *SMALL], capsys)
+    assert re.fullmatch(rf"error: {re.escape(str(checkpoints / '00000004.pt'))}: unreadable or truncated checkpoint "
+                        r"\(\w+\); older checkpoints beside it: 00000002.pt \(move 00000004.pt away to resume from "
+                        r"00000002.pt\)", line), line

@@ -185,6 +185,10 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     if existing is not None:
         _check_manifest(existing, expected, chunk_paths[0])
         for d, name, _ in existing.chunks:
+            if not isinstance(d, int) or not 0 <= d < len(chunk_paths):
+                raise UserError(f"{chunk_paths[0] / MANIFEST}: chunk {name} lies in chunk folder {d}, but "
+                                f"--chunk_paths gives {len(chunk_paths)}; give the folders the chunks were written "
+                                "to, in the same order")
             if not (chunk_paths[d] / name).is_file():
                 raise UserError(f"{chunk_paths[d] / name}: chunk listed in the manifest is missing")
         if not store_complete(store, dataset):

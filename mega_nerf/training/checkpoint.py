@@ -54,8 +54,22 @@ def load_latest_checkpoint(exp_dir: Path, device: torch.device | str = "cpu") ->
                 continue
             raise UserError(f"{path}: unreadable checkpoint ({e.strerror or type(e).__name__})") from None
         with file:
-            return path, load_checkpoint(path, device, file)
+            return path, load_run_checkpoint(path, device, file)
     return None
+
+
+def load_run_checkpoint(path: Path, device: torch.device | str = "cpu", file: BinaryIO | None = None
+                        ) -> dict[str, Any]:
+    """`load_checkpoint` of a run's own `checkpoints/NNNNNNNN.pt`: where it is damaged (a copy cut short, a bad
+    disk; our writes are atomic), the one-line error names the older checkpoints beside it, which may be whole."""
+    try:
+        return load_checkpoint(path, device, file)
+    except UserError as e:
+        older = [p.name for p in checkpoint_files(path.parent.parent) if p != path]
+        if not older:
+            raise
+        raise UserError(f"{e}; older checkpoints beside it: {', '.join(older[-3:])} (move {path.name} away to "
+                        f"resume from {older[-1]})") from None
 
 
 def prune_checkpoints(exp_dir: Path, keep: int, written: Path) -> None:

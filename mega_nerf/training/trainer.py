@@ -298,13 +298,15 @@ class Trainer:
         """Continue from the latest checkpoint in exp_name or, when it holds none, from --ckpt_path."""
         self.graphs = None  # they would update the optimiser state that loading replaces
         path = ckpt.latest_checkpoint(self.exp_dir)
-        if path is None and self.config.ckpt_path:
+        if path is not None:
+            state = ckpt.load_run_checkpoint(path, self.device)
+        elif self.config.ckpt_path:
             path = Path(self.config.ckpt_path)
             if not path.is_file():
                 raise UserError(f"--ckpt_path: {path} is not a file")
-        if path is None:
+            state = ckpt.load_checkpoint(path, self.device)
+        else:
             return None
-        state = ckpt.load_checkpoint(path, self.device)
         if state["dataset"] != dataset_fingerprint(self.dataset):
             raise UserError(f"{path}: checkpoint of another dataset; use another --exp_name")
         saved = ckpt.comparable_field_config(state, self.field_config, self.config.samples)
