@@ -517,7 +517,7 @@ def test_the_latest_checkpoint_is_merged_though_a_running_trainer_prunes_it(tmp_
     def save(step: int) -> Path:
         path = ckpt.checkpoint_path(exp, step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"version": ckpt.VERSION, "step": step}, path)
+        torch.save({"version": ckpt.VERSION, "step": step, "field_config": {}, "model": {}}, path)
         return path
 
     old, listed = save(2), ckpt.latest_checkpoint

@@ -26,7 +26,7 @@ from mega_nerf.clock import PartsClock
 from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
 from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
-from mega_nerf.errors import UserError, stop_on_interrupt
+from mega_nerf.errors import UserError, check_device, stop_on_interrupt
 from mega_nerf.fields import build_field, config_differences, old_default_options
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
@@ -95,6 +95,7 @@ class Trainer:
         if config.data_mode == "disk" and not config.chunk_paths:
             raise UserError("missing option --chunk_paths")
         self.config, self.on_step, self.on_ready = config, on_step, on_ready
+        check_device(config.device)
         self.device = torch.device(config.device)  # resolved by TrainConfig
         keep_freed_blocks(self.device)  # a CPU pass's gigabyte of temporaries, reused instead of faulted in again
         self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
