@@ -8,12 +8,13 @@ val), sparse points, the altitude slab and, optionally, the cells of a partition
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from mega_nerf.cli.options import HelpFormatter, base_parser, require
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.data.frames import to_source_map
-from mega_nerf.errors import run_cli
+from mega_nerf.errors import UserError, run_cli
 from mega_nerf.export import is_ply
 from mega_nerf.io import check_output
 from mega_nerf.preview import write_cameras_ply, write_preview
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="PNG to write (default: <dataset>/preview.png)")
     parser.add_argument("--size", type=int, default=800, help="height of the image; its width is twice that")
     args = parser.parse_args(argv)
+    if args.size <= 0:  # named as validate_values names an option: by its config file's line when from there
+        raise UserError(f"{parser.config_file_sources().get('size', '--size')} must be positive, got {args.size}")
     dataset = args.dataset or args.dataset_path
     require(dataset, "dataset_path")
     output = Path(args.output or Path(dataset) / "preview.png")
@@ -51,6 +54,8 @@ def cameras_main(argv: list[str] | None = None) -> None:
                         help="write the COLMAP / transforms.json world the dataset was converted from (its "
                              "dataparser_transforms.json) instead of normalised DRB")
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.frustum_depth) and args.frustum_depth > 0):
+        raise UserError(f"--frustum_depth must be a positive finite number, got {args.frustum_depth:g}")
     check_output(args.output, "--output", {"--dataset_path": [args.dataset_path]}, "a PLY file", is_ply)
     to_frame = to_source_map(args.dataset_path, "--source_frame") if args.source_frame else None
     count = write_cameras_ply(load_dataset(args.dataset_path), args.output, args.frusta, args.frustum_depth,

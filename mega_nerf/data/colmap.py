@@ -6,6 +6,7 @@ in the OpenCV camera (x right, y down, z forward); qvec is (w, x, y, z).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from dataclasses import dataclass
@@ -168,25 +169,35 @@ class _Reader:
         self.at += struct.calcsize("<" + fmt)
         return values
 
+    def count(self, record_size: int) -> int:
+        """A uint64 count of records of at least `record_size` bytes each, checked to fit in the bytes left: a
+        damaged or foreign file claims up to 2^64, which numpy would try to allocate before any read fell short."""
+        count = self.read("Q")[0]
+        if count * record_size > len(self.data) - self.at:
+            raise UserError(f"{self.file}: not a COLMAP binary model ({count} records claimed, "
+                            f"{len(self.data)} bytes)")
+        return count
+
     def array(self, dtype: np.dtype | str, count: int) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        if self.at + count * dtype.itemsize > len(self.data):
-            raise UserError(f"{self.file}: truncated or not a COLMAP binary file")
+        """(count,) `dtype` values from the next bytes, not copied; `count()` has checked that they are there."""
         out = np.frombuffer(self.data, dtype, count, self.at)
-        self.at += count * dtype.itemsize
+        self.at += out.nbytes
         return out
 
     def name(self) -> str:
+        """The next NUL-terminated UTF-8 string."""
         end = self.data.find(b"\x00", self.at)
-        if end < 0:
-            raise UserError(f"{self.file}: truncated or not a COLMAP binary file")
-        name, self.at = self.data[self.at:end].decode(), end + 1
-        return name
+        with contextlib.suppress(UnicodeDecodeError):  # not text: as damaged as a missing NUL
+            if end >= 0:
+                name, self.at = self.data[self.at:end].decode(), end + 1
+                return name
+        raise UserError(f"{self.file}: truncated or not a COLMAP binary file")
 
 
 def _read_cameras_bin(file: Path) -> dict[int, Camera]:
     r, cameras = _Reader(file), {}
-    for _ in range(r.read("Q")[0]):
+    min_params = min(n for _, n in CAMERA_MODELS.values())
+    for _ in range(r.count(struct.calcsize(f"<iiQQ{min_params}d"))):
         cid, mid, w, h = r.read("iiQQ")
         if mid not in MODEL_NAMES:
             raise UserError(f"{file}: camera {cid} has unknown camera model id {mid}")
@@ -197,10 +208,10 @@ def _read_cameras_bin(file: Path) -> dict[int, Camera]:
 
 def _read_images_bin(file: Path) -> dict[int, Image]:
     r, images = _Reader(file), {}
-    for _ in range(r.read("Q")[0]):
+    for _ in range(r.count(struct.calcsize("<i7di") + 1 + 8)):  # pose, an empty name's NUL, keypoint count
         iid, *pose, cid = r.read("i7di")
         name = r.name()
-        kp = r.array(KEYPOINT, r.read("Q")[0])
+        kp = r.array(KEYPOINT, r.count(KEYPOINT.itemsize))
         images[iid] = Image(iid, np.array(pose[:4]), np.array(pose[4:]), cid, name,
                             np.stack([kp["x"], kp["y"]], 1), kp["point3D_id"].astype(np.int64))
     return images
@@ -208,12 +219,12 @@ def _read_images_bin(file: Path) -> dict[int, Image]:
 
 def _read_points_bin(file: Path) -> Points3D:
     r = _Reader(file)
-    count = r.read("Q")[0]
+    count = r.count(struct.calcsize("<q3d3BdQ"))
     ids, a, rgb, tracks = np.zeros(count, np.int64), np.zeros((count, 4)), np.zeros((count, 3), np.uint8), []
     for k in range(count):
-        ids[k], x, y, z, cr, cg, cb, err, length = r.read("Q3d3BdQ")
+        ids[k], x, y, z, cr, cg, cb, err = r.read("q3d3Bd")  # signed, as images.bin's keypoints hold ids
         a[k], rgb[k] = (x, y, z, err), (cr, cg, cb)
-        tracks.append(r.array("<i4", 2 * length).reshape(-1, 2))
+        tracks.append(r.array("<i4", 2 * r.count(8)).reshape(-1, 2))  # (image id, keypoint index) pairs
     return Points3D(ids, a[:, :3], rgb, a[:, 3], tracks)
 
 
@@ -233,7 +244,7 @@ def _write_binary(model: Model, folder: Path) -> None:
     p = model.points
     out = [struct.pack("<Q", len(p.ids))]
     for i in range(len(p.ids)):
-        out += [struct.pack("<Q3d3BdQ", p.ids[i], *p.xyz[i], *p.rgb[i], p.error[i], len(p.tracks[i])),
+        out += [struct.pack("<q3d3BdQ", p.ids[i], *p.xyz[i], *p.rgb[i], p.error[i], len(p.tracks[i])),
                 np.ascontiguousarray(p.tracks[i], "<i4").tobytes()]
     atomic_write(folder / "points3D.bin", b"".join(out))
 

@@ -79,7 +79,7 @@ def _c2w(frame: dict, where: str) -> np.ndarray:
     nearest orthonormal one."""
     try:
         m = np.array(frame["transform_matrix"], float)[:3, :4]
-    except (KeyError, ValueError, IndexError):
+    except (KeyError, ValueError, IndexError, TypeError):  # absent, text, a scalar, objects inside
         raise UserError(f"{where}: needs a 4x4 'transform_matrix'") from None
     if m.shape != (3, 4) or not np.isfinite(m).all():
         raise UserError(f"{where}: 'transform_matrix' must be 4x4 finite numbers")
@@ -103,16 +103,25 @@ def read_points_ply(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return xyz, rgb.astype(np.uint8)
 
 
+def _frames(data: object, file: Path) -> list[dict]:
+    """The json's 'frames': a non-empty list of objects, each with a 'file_path' string (its
+    'transform_matrix' is checked with the frame's pose, by `_c2w`); UserError naming the file otherwise."""
+    frames = data.get("frames") if isinstance(data, dict) else None
+    if not frames:
+        raise UserError(f"{file}: has no 'frames'")
+    if not isinstance(frames, list) or not all(isinstance(f, dict) for f in frames):
+        raise UserError(f"{file}: 'frames' must be a list of objects, each with 'file_path' and 'transform_matrix'")
+    if not all(isinstance(f.get("file_path"), str) for f in frames):
+        raise UserError(f"{file}: every frame needs a 'file_path' string")
+    return frames
+
+
 def transforms_scene(path: str | os.PathLike, points_path: str | os.PathLike | None = None,
                      allow_missing: bool = False) -> SceneInput:
     """A SceneInput (frames found on disk, in file order) from a transforms.json."""
     file = Path(path)
     data = read_json(file)
-    frames = data.get("frames") if isinstance(data, dict) else None
-    if not frames:
-        raise UserError(f"{file}: has no 'frames'")
-    if any("file_path" not in f for f in frames):
-        raise UserError(f"{file}: every frame needs a 'file_path'")
+    frames = _frames(data, file)
     paths = [_image_path(file.parent, f["file_path"]) for f in frames]
     keep = keep_existing_images(paths, str(file), allow_missing)
     frames = [f for f, k in zip(frames, keep, strict=True) if k]
@@ -120,6 +129,8 @@ def transforms_scene(path: str | os.PathLike, points_path: str | os.PathLike | N
     shared = {k: v for k, v in data.items() if k != "frames"}
     cams = [_intrinsics({**shared, **f}, p, f"{file}: frame {f['file_path']}")
             for f, p in zip(frames, paths, strict=True)]
+    if not isinstance(data.get("ply_file_path", ""), str):
+        raise UserError(f"{file}: 'ply_file_path' must be a path, got {data['ply_file_path']!r}")
     ply = points_path or (file.parent / data["ply_file_path"] if "ply_file_path" in data else None)
     xyz, rgb = read_points_ply(Path(ply)) if ply else (np.zeros((0, 3)), np.zeros((0, 3), np.uint8))
     relative = [PurePosixPath(os.path.relpath(p, file.parent)).as_posix() for p in paths]
