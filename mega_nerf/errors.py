@@ -10,9 +10,12 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from mega_nerf.allocator import c_library
+
+if TYPE_CHECKING:
+    import torch
 
 # Whether a command's end skips Python's teardown (end_process). A process that runs commands in-process, as the
 # test suite does (tests/conftest.py), turns it off: there a command's end must be a SystemExit, not the process's.
@@ -23,16 +26,26 @@ class UserError(Exception):
     """Bad input from the user (a file, an option); printed as one line by `run_cli`."""
 
 
-# What the machine, not the program, is at fault for: a full disk or quota, a read-only or missing place to write
-MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-                  errno.ENOENT}
+class UnreadableFile(UserError):
+    """A file that cannot be read as what it should be (truncated, damaged, of another format)."""
+
+
+class Interrupted(Exception):
+    """The user stopped a command (Ctrl-C) and it stopped cleanly: one line from `run_cli`, exit code 130. Not a
+    UserError, so that train_cells.py ends the job rather than going on to the next cell."""
+
+
+# What the machine, not the program, is at fault for: a full disk or quota, a read-only file system; and, where the
+# OS names the file, one that is missing, forbidden, or in the way of a folder
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+FILE_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
 
 
 def run_cli(main: Callable[[], object]) -> NoReturn:
     """Run a command's entry point and end its process (`end_process`): exit code 0; 2 with `error: <message>`
     on stderr for a `UserError`, or for an OSError of the machine's (MACHINE_ERRNOS: a full disk, a read-only
-    folder, a file where a folder should be), named with its file; 130 with one line for Ctrl-C. Anything else
-    (a traceback, argparse's exit) leaves as Python has it."""
+    file system; FILE_ERRNOS where the OS names the file), with its file where the OS names it; 130 with one line
+    for Ctrl-C. Anything else (a traceback, argparse's exit) leaves as Python has it."""
     try:
         main()
     except UserError as e:
@@ -41,26 +54,36 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
         sys.stderr.write(f"error: {e}\n")
         end_process(2)
     except OSError as e:
-        if e.errno not in MACHINE_ERRNOS:
+        if not (e.errno in MACHINE_ERRNOS or (e.errno in FILE_ERRNOS and e.filename is not None)):
             raise
         where = f"{e.filename}: " if e.filename is not None else ""
         sys.stderr.write(f"error: {where}{e.strerror or e}\n")
         end_process(2)
+    except Interrupted as e:
+        sys.stderr.write(f"error: {e}\n")
+        end_process(130)
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         end_process(130)
     end_process(0)
 
 
+def parse_device(name: str) -> torch.device:
+    """--device as a torch device; a one-line UserError for a name torch does not know."""
+    import torch  # here: mega-nerf-launch imports this module and must start without torch
+
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device '{name}' (e.g. cuda, cuda:1, cpu)") from None
+
+
 def check_device(name: str) -> None:
     """One-line UserError for a --device that torch does not know, or a GPU this machine lacks (torch's own
     errors for these come deep in the first allocation, as tracebacks)."""
-    import torch  # here: the process-ending helpers above are imported before anything heavy
+    import torch
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device '{name}' (e.g. cuda, cuda:1, cpu)") from None
+    device = parse_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: this machine's torch sees no CUDA GPU (use --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -71,12 +94,12 @@ def check_device(name: str) -> None:
 def stop_on_interrupt() -> Iterator[threading.Event]:
     """Within it, the first Ctrl-C (SIGINT) only sets the event it yields, so that a loop can stop at the end of
     a whole step and save it; a second one interrupts at once, as usual. Only on the main thread, where Python runs
-    signal handlers (elsewhere the event is never set)."""
+    signal handlers (elsewhere, or where Ctrl-C is ignored, the event is never set)."""
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
     previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield stop  # a job started in the background (`cmd &` in a script) ignores Ctrl-C, and goes on doing so
+        return
     previous = signal.default_int_handler if previous is None else previous  # None: set outside Python
 
     def request(signum: int, frame: object) -> None:

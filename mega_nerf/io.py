@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import torch
 
-from mega_nerf.errors import UserError
+from mega_nerf.errors import UnreadableFile, UserError
 
 TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"\.(\d+)\.tmp(\.\w+)?$")  # <name>.<pid>.tmp, or <name>.<pid>.tmp<suffix>
@@ -268,7 +268,7 @@ def load_torch(path: str | os.PathLike, what: str, device: torch.device | str = 
     try:
         return torch.load(path if file is None else file, map_location=device, weights_only=True)
     except TORCH_LOAD_ERRORS as e:
-        raise UserError(f"{path}: unreadable or truncated {what} ({type(e).__name__})") from None
+        raise UnreadableFile(f"{path}: unreadable or truncated {what} ({type(e).__name__})") from None
 
 
 def check_output(output: str | os.PathLike, option: str, inputs: Mapping[str, Sequence[str | os.PathLike | None]],

@@ -27,7 +27,7 @@ from mega_nerf.cli import render as render_cli
 from mega_nerf.cli import train as train_cli
 from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.data.dataset import load_dataset
-from mega_nerf.errors import UserError, run_cli
+from mega_nerf.errors import UserError, run_cli, stop_on_interrupt
 from mega_nerf.evaluation.evaluate import evaluate
 from mega_nerf.lock import lock_path
 from mega_nerf.merging.merge import merge_submodules
@@ -382,6 +382,10 @@ def test_outputs_never_replace_a_dataset_or_another_commands_options(merged: Pat
                    str(tmp_path / "eval")])
     eval_cli.main(["--config_file", str(tiny_city / "config.yaml"), "--container_path", str(merged), "--exp_name",
                    str(tmp_path / "eval")])  # its own options, replaced
+    with open(tmp_path / "eval" / "config.yaml", "a") as f:  # an option no command has any more
+        f.write("appearance_decay: 0.1\n")
+    eval_cli.main(["--config_file", str(tiny_city / "config.yaml"), "--container_path", str(merged), "--exp_name",
+                   str(tmp_path / "eval")])
 
 
 def test_the_machines_errors_and_ctrl_c_are_one_line(capsys: pytest.CaptureFixture) -> None:
@@ -391,6 +395,17 @@ def test_the_machines_errors_and_ctrl_c_are_one_line(capsys: pytest.CaptureFixtu
         run_cli(full)
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"error: /runs/exp/log.jsonl: {os.strerror(errno.ENOSPC)}\n"
+
+    def written() -> None:  # a write's ENOSPC names no file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(written)
+    assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {os.strerror(errno.ENOSPC)}\n"
+
+    def unnamed() -> None:  # a missing file the OS does not name: a program's, left as Python has it
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+    with pytest.raises(FileNotFoundError):
+        run_cli(unnamed)
 
     def interrupted() -> None:
         raise KeyboardInterrupt
@@ -413,6 +428,24 @@ def test_a_log_that_cannot_close_leaves_the_error_that_stopped_the_run(tmp_path:
     log.file = Full()
     with pytest.raises(UserError, match="log.jsonl: could not write"), log:
         raise UserError(f"{tmp_path / 'log.jsonl'}: could not write")
+    with pytest.raises(OSError, match="No space left"), log:  # with nothing in flight, the close's own error
+        pass
+
+
+def test_ctrl_c_asks_a_loop_to_stop_unless_it_is_ignored() -> None:
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with stop_on_interrupt() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert stop.is_set() and signal.getsignal(signal.SIGINT) is previous  # a second one stops at once
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background by a script
+        with stop_on_interrupt() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert not stop.is_set() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_field_too_large_for_memory_is_one_line(tiny_city: Path, tmp_path: Path,
@@ -421,7 +454,7 @@ def test_a_field_too_large_for_memory_is_one_line(tiny_city: Path, tmp_path: Pat
     line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
                                               str(tmp_path / "exp"), *SMALL, "--log2_hashmap_size", "44",
                                               "--max_resolution", "65536"], capsys)
-    assert re.fullmatch(r"error: the hash field does not fit in \w+ memory \(asked for .+\): lower "
+    assert re.fullmatch(r"error: the hash field does not fit in host memory \(asked for .+\): lower "
                         r"--log2_hashmap_size \(44\), --max_resolution or --occupancy_resolution", line), line
 
 

@@ -309,7 +309,8 @@ INVERTED = {"progress": "no_progress", "amp": "no_amp", "cuda_graphs": "no_cuda_
 def check_own_config(path: Path, keys: set[str]) -> None:
     """Refuse to replace a config.yaml that another command or a dataset wrote (one-line UserError): a run's
     output folder given as a dataset's, or a training run's given to eval, would lose the options kept there.
-    Ours is one whose keys are all options of this command (a dataset folder holds coordinates.pt)."""
+    Another command's is one holding options that another of our commands has and this one (`keys`) lacks; an
+    option since removed, or an unreadable file, does not make it so (a dataset folder holds coordinates.pt)."""
     if (path.parent / "coordinates.pt").exists():
         raise UserError(f"{path.parent}: a dataset's folder; give this run's output a folder of its own")
     if not path.is_file():
@@ -317,8 +318,8 @@ def check_own_config(path: Path, keys: set[str]) -> None:
     try:
         saved = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        saved = None
-    foreign = sorted(set(saved) - keys) if isinstance(saved, dict) else ["?"]
+        return
+    foreign = sorted((set(saved) - keys) & options_of_every_command()) if isinstance(saved, dict) else []
     if foreign:
         raise UserError(f"{path}: holds another command's options ({', '.join(map(str, foreign[:3]))}"
                         f"{', ...' if len(foreign) > 3 else ''}); give this run's output a folder of its own")

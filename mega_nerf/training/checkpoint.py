@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 import torch
 
 from mega_nerf.data.dataset import MEGA_NERF
-from mega_nerf.errors import UserError
+from mega_nerf.errors import UnreadableFile, UserError
 from mega_nerf.io import load_torch
 
 VERSION = 1
@@ -54,7 +54,7 @@ def load_latest_checkpoint(exp_dir: Path, device: torch.device | str = "cpu") ->
                 continue
             raise UserError(f"{path}: unreadable checkpoint ({e.strerror or type(e).__name__})") from None
         with file:
-            return path, load_run_checkpoint(path, device, file)
+            return path, load_checkpoint(path, device, file)
     return None
 
 
@@ -64,7 +64,7 @@ def load_run_checkpoint(path: Path, device: torch.device | str = "cpu", file: Bi
     disk; our writes are atomic), the one-line error names the older checkpoints beside it, which may be whole."""
     try:
         return load_checkpoint(path, device, file)
-    except UserError as e:
+    except UnreadableFile as e:
         older = [p.name for p in checkpoint_files(path.parent.parent) if p != path]
         if not older:
             raise

@@ -7,7 +7,7 @@ import torch
 
 from mega_nerf.bounds import FOREGROUND_SCALE
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
-from mega_nerf.errors import UserError
+from mega_nerf.errors import UserError, parse_device
 from mega_nerf.fields import FIELDS
 from mega_nerf.fields.encoding import SH_DEGREE
 
@@ -96,10 +96,8 @@ class TrainConfig:
         object.__setattr__(self, "machine_filled", tuple(sorted(filled)))
         if self.device is None:
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
-        try:  # whether this machine has it is checked where it is used (Trainer): a config may be a plan for a rank
-            on_cpu = torch.device(self.device).type == "cpu"
-        except RuntimeError:
-            raise UserError(f"--device: unknown device '{self.device}' (e.g. cuda, cuda:1, cpu)") from None
+        # whether this machine has it is checked where it is used (Trainer): a config may be a plan for a rank
+        on_cpu = parse_device(self.device).type == "cpu"
         field = FIELDS[self.field]
         for key, default in {**field.train_defaults, **(field.cpu_train_defaults if on_cpu else {})}.items():
             if getattr(self, key) is None:

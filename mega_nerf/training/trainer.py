@@ -26,7 +26,7 @@ from mega_nerf.clock import PartsClock
 from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
 from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
-from mega_nerf.errors import UserError, check_device, stop_on_interrupt
+from mega_nerf.errors import Interrupted, UserError, check_device, stop_on_interrupt
 from mega_nerf.fields import build_field, config_differences, old_default_options
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
@@ -188,7 +188,8 @@ class Trainer:
                 raise
             asked = re.search(r"allocate ([0-9.]+ ?[GMK]iB|[0-9]+ bytes)", str(e))
             size = f" (asked for {asked.group(1)})" if asked else ""
-            raise UserError(f"the {config.field} field does not fit in {self.device.type} memory{size}: lower "
+            memory = "GPU" if isinstance(e, torch.OutOfMemoryError) else "host"  # it is built on the host first
+            raise UserError(f"the {config.field} field does not fit in {memory} memory{size}: lower "
                             f"--log2_hashmap_size ({config.log2_hashmap_size}), --max_resolution or "
                             "--occupancy_resolution") from None
 
@@ -522,11 +523,14 @@ class Trainer:
                 if self.step % a.val_interval == 0 or self.step == self.iterations:
                     metrics = self.validate()
                     log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
-                if stop.is_set():
+                if stop.is_set() and self.step < self.iterations:  # on the last step the run has ended anyway
+                    if int(first_bad) >= 0:
+                        raise UserError(f"interrupted, and the loss went non-finite at step {int(first_bad)}; last "
+                                        f"good checkpoint: {last_good or 'none'}")
                     if last_good != ckpt.checkpoint_path(self.exp_dir, self.step):
                         last_good = self.save(stream)
-                    raise UserError(f"interrupted at step {self.step}: saved {last_good}; the same command "
-                                    "resumes from it")
+                    raise Interrupted(f"interrupted at step {self.step}: saved {last_good}; the same command "
+                                      "resumes from it")
         bar.close()  # before the lines below (closing it again is nothing)
         if self.graphs is not None:  # dropped, with their pool, as run() ends
             self.graphs_captured = len(self.graphs.graphs)
