@@ -334,6 +334,19 @@ def test_a_checkpoint_whose_tensors_do_not_fit_its_field_is_one_line(merged: Pat
                            f"field config (size mismatch for {name}")
 
 
+def test_a_checkpoint_without_what_a_resume_reads_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    state = torch.load(merged.parent / "exp-0" / "checkpoints" / "00000002.pt", weights_only=True)
+    del state["optimizer"]
+    (tmp_path / "exp" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "exp" / "checkpoints" / "00000002.pt")
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(tmp_path / "exp"), "--train_iterations", "4", "--cluster_mask_path",
+                                              str(merged.parent / "masks" / "0"), *SMALL], capsys)
+    assert line == f"error: {tmp_path / 'exp' / 'checkpoints' / '00000002.pt'}: a checkpoint without optimizer: it " \
+                   "cannot be resumed"
+
+
 def test_a_partition_folder_given_for_one_cell_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
     masks = merged.parent / "masks"

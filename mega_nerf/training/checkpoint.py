@@ -19,6 +19,7 @@ VERSION = 1
 # What a checkpoint saved before each of these keys existed means by leaving it out: load_checkpoint fills them in
 ADDED_KEYS = {"eval_protocol": MEGA_NERF, "val_embeddings_only": False}
 REQUIRED_KEYS = ("step", "field_config", "model")  # what every checkpoint has held since version 1
+RESUME_KEYS = ("dataset", "cell", "render", "optimizer", "stream", "rng")  # what a resume reads besides
 
 
 def checkpoint_path(exp_dir: Path, step: int) -> Path:

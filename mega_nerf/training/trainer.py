@@ -309,6 +309,9 @@ class Trainer:
             state = ckpt.load_checkpoint(path, self.device)
         else:
             return None
+        missing = [key for key in ckpt.RESUME_KEYS if key not in state]
+        if missing:  # a merge needs less of a checkpoint than a resume does: an edited or stripped file
+            raise UserError(f"{path}: a checkpoint without {', '.join(missing)}: it cannot be resumed")
         if state["dataset"] != dataset_fingerprint(self.dataset):
             raise UserError(f"{path}: checkpoint of another dataset; use another --exp_name")
         saved = ckpt.comparable_field_config(state, self.field_config, self.config.samples)
