@@ -234,6 +234,19 @@ def test_config_file_mistakes_name_the_key_and_the_file(tmp_path: Path, config: 
         train_cli.train_parser().parse_args(["--config_file", str(tmp_path / "c.yaml")])
 
 
+def test_a_config_value_of_the_wrong_type_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """argparse's own type check, on a value from a file: the file and key, not an option the user never typed;
+    given on the command line, the option."""
+    (tmp_path / "c.yaml").write_text("samples: 3.5\n")
+    for words, line in ((["--config_file", str(tmp_path / "c.yaml")],
+                         f"error: {tmp_path / 'c.yaml'}: samples: invalid int value: '3.5'"),
+                        (["--samples", "3.5"], "error: argument --samples: invalid int value: '3.5' (see "
+                                                   f"{train_cli.train_parser().prog} --help)")):
+        with pytest.raises(SystemExit):
+            train_cli.train_parser().parse_args(words)
+        assert capsys.readouterr().err.splitlines() == [line]
+
+
 @pytest.mark.parametrize(("file", "words", "message"), [
     ("batch_size: 0\nkeep_checkpoints: 2\n", ["--batch_size", "8", "--keep_checkpoints", "-1"],
      "--keep_checkpoints must not be negative, got -1"),

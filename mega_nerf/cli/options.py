@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -141,7 +142,14 @@ class MegaNerfParser(configargparse.ArgParser):
         return parsed
 
     def error(self, message: str) -> NoReturn:
-        """A bad command line in one line (argparse would print the whole usage first: dozens of lines)."""
+        """A bad command line in one line (argparse would print the whole usage first: dozens of lines); a value
+        of the wrong type that came from a config file is named by the file and its key instead."""
+        bad = re.match(r"argument (--\w+)[^:]*: (invalid .*)", message)
+        if bad:
+            dest = next((a.dest for a in self._actions if bad.group(1) in a.option_strings), None)
+            source = self.config_file_sources().get(dest)
+            if source is not None:
+                self.exit(2, f"error: {source}: {bad.group(2)}\n")
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
     def parse_known_args(self, args: Any = None, namespace: Any = None, **kwargs: Any) -> Any:
