@@ -504,3 +504,14 @@ def test_a_damaged_latest_checkpoint_names_the_older_ones(merged: Path, tiny_cit
     assert re.fullmatch(rf"error: {re.escape(str(checkpoints / '00000004.pt'))}: unreadable or truncated checkpoint "
                         r"\(\w+\); older checkpoints beside it: 00000002.pt \(move 00000004.pt away to resume from "
                         r"00000002.pt\)", line), line
+
+
+def test_a_ckpt_path_of_another_cell_asks_for_another_checkpoint(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """Not for another --exp_name, which is what a run's own checkpoint of another cell asks for."""
+    source = merged.parent / "exp-0" / "checkpoints" / "00000002.pt"
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(tmp_path / "exp"), "--train_iterations", "4", "--ckpt_path",
+                                              str(source), *SMALL], capsys)
+    assert line == f"error: {source}: checkpoint trained on cell 0's masks, but --cluster_mask_path gives no " \
+                   "masks; give --ckpt_path another checkpoint or the masks it was trained with"

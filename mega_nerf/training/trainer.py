@@ -300,9 +300,11 @@ class Trainer:
         """Continue from the latest checkpoint in exp_name or, when it holds none, from --ckpt_path."""
         self.graphs = None  # they would update the optimiser state that loading replaces
         path = ckpt.latest_checkpoint(self.exp_dir)
+        other = "use another --exp_name"  # what a mismatch asks: for --ckpt_path, another checkpoint
         if path is not None:
             state = ckpt.load_run_checkpoint(path, self.device)
         elif self.config.ckpt_path:
+            other = "give --ckpt_path another checkpoint"
             path = Path(self.config.ckpt_path)
             if not path.is_file():
                 raise UserError(f"--ckpt_path: {path} is not a file")
@@ -313,28 +315,28 @@ class Trainer:
         if missing:  # a merge needs less of a checkpoint than a resume does: an edited or stripped file
             raise UserError(f"{path}: a checkpoint without {', '.join(missing)}: it cannot be resumed")
         if state["dataset"] != dataset_fingerprint(self.dataset):
-            raise UserError(f"{path}: checkpoint of another dataset; use another --exp_name")
+            raise UserError(f"{path}: checkpoint of another dataset; {other}")
         saved = ckpt.comparable_field_config(state, self.field_config, self.config.samples)
         differences = config_differences(saved, self.field_config)
         if differences:
             old = old_default_options(saved, self.field_config)
             before = f" (trained before a default changed: add {' '.join(old)})" if old else ""
             raise UserError(f"{path}: checkpoint of another field ({', '.join(differences)}: its value, then this "
-                            f"run's); give the options it was trained with{before} or use another --exp_name")
+                            f"run's); give the options it was trained with{before} or {other}")
         cell = self.mask_dir.name if self.mask_dir else None
         if state["cell"] != cell or state.get("masks", self.masks) != self.masks:
             given = f"cell {cell}" if cell else "no masks"
             raise UserError(f"{path}: checkpoint trained on cell {state['cell']}'s masks, but --cluster_mask_path "
-                            f"gives {given}{' with other masks' if state['cell'] == cell else ''}; use another "
-                            "--exp_name or the masks it was trained with")
+                            f"gives {given}{' with other masks' if state['cell'] == cell else ''}; {other} or "
+                            "the masks it was trained with")
         trained = state["eval_protocol"]
         if trained != self.config.eval_protocol:
             raise UserError(f"{path}: checkpoint trained under --eval_protocol {trained}, but this run gives "
-                            f"{self.config.eval_protocol}; use another --exp_name or the protocol it was trained with")
+                            f"{self.config.eval_protocol}; {other} or the protocol it was trained with")
         if state["val_embeddings_only"] != self.config.val_embeddings_only:
             given = "with" if state["val_embeddings_only"] else "without"
-            raise UserError(f"{path}: checkpoint trained {given} --val_embeddings_only; use another --exp_name or "
-                            "the setting it was trained with")
+            raise UserError(f"{path}: checkpoint trained {given} --val_embeddings_only; {other} or the setting "
+                            "it was trained with")
         render = self._render_settings()
         if state["render"] != render:  # allowed; the merge then needs the other cells to match
             old = old_default_options(state["render"], render)
