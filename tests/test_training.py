@@ -127,6 +127,17 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
     assert sum("startup" in line for line in lines(tmp_path / "killed")) == 2
 
 
+def test_ctrl_c_on_the_last_step_lets_the_run_end(tiny_city, tmp_path):
+    """The run's own end saves that step: it ends as finished (exit 0), not as interrupted."""
+    argv = ["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(tiny_city), "--exp_name",
+            str(tmp_path / "exp"), *SMALL, "--data_mode", "memory", "--batch_size", "64", "--train_iterations", "3",
+            "--val_interval", "1000"]
+    run = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN, "3", *argv], cwd=ROOT, capture_output=True,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0 and "error" not in run.stderr, run.stderr
+    assert sorted(p.name for p in (tmp_path / "exp" / "checkpoints").iterdir()) == ["00000003.pt"]
+
+
 def test_bad_input_is_one_line(tiny_city, masks, tmp_path):
     with pytest.raises(UserError, match="unknown field 'nerf'"):
         Trainer(args(tiny_city, tmp_path / "a", "--field", "nerf", "--data_mode", "memory"))
