@@ -78,9 +78,9 @@ def parse_device(name: str) -> torch.device:
         raise UserError(f"--device: unknown device '{name}' (e.g. cuda, cuda:1, cpu)") from None
 
 
-def check_device(name: str) -> None:
-    """One-line UserError for a --device that torch does not know, or a GPU this machine lacks (torch's own
-    errors for these come deep in the first allocation, as tracebacks)."""
+def check_device(name: str) -> torch.device:
+    """--device as a torch device this machine has; a one-line UserError for a name torch does not know or a GPU
+    this machine lacks (torch's own errors for these come deep in the first allocation, as tracebacks)."""
     import torch
 
     device = parse_device(name)
@@ -88,6 +88,7 @@ def check_device(name: str) -> None:
         raise UserError(f"--device {name}: this machine's torch sees no CUDA GPU (use --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 @contextlib.contextmanager

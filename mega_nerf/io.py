@@ -44,7 +44,7 @@ TORCH_LOAD_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, Va
 _REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
             errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
             errno.EISDIR: "it is a directory", errno.ENOTDIR: "a folder above it is a file",
-            errno.EEXIST: "a folder above it is a file",  # from mkdir, the only call here that raises it
+            errno.EEXIST: "a folder above it is a file",  # from mkdir, the only call that raises it here and in lock.py
             errno.ENAMETOOLONG: "name too long"}
 Check = Callable[[Path], "str | None"]  # a written temp file -> what is wrong with it, or None
 
@@ -84,10 +84,15 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def os_reason(error: OSError) -> str:
+    """An operating-system error's reason in words (a file where a folder should be is said so)."""
+    return _REASONS.get(error.errno or 0, error.strerror or str(error))
+
+
 def write_error(path: str | os.PathLike, error: OSError, needed: int = 0) -> UserError:
     """The one line for an operating-system error writing `path`: the reason in words and, for a full disk,
     the bytes needed and free."""
-    reason = _REASONS.get(error.errno or 0, error.strerror or str(error))
+    reason = os_reason(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         reason += f"; {needed:,} bytes needed" if needed else ""
         reason += f", {free_bytes(Path(path).parent):,} free"

@@ -9,14 +9,13 @@ another host cannot be checked from here, so the message says to delete it by ha
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from mega_nerf.errors import UserError
-from mega_nerf.io import process_alive
+from mega_nerf.io import os_reason, process_alive
 
 
 def lock_path(output: Path) -> Path:
@@ -65,9 +64,8 @@ def acquire(output: str | os.PathLike, what: str) -> Path:
             extra = "" if other_host == host else f" (if that run is gone, delete {lock})"
             raise UserError(f"{what} {output}: in use by another run (pid {other_pid} on {other_host}); wait for "
                             f"it to finish or use another {what}{extra}")
-    except OSError as e:  # mkdir meets a file where a folder should be as EEXIST, os.link as ENOTDIR
-        reason = "a folder above it is a file" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror or e
-        raise UserError(f"{lock}: cannot create the lock of {what} {output} ({reason})") from None
+    except OSError as e:
+        raise UserError(f"{lock}: cannot create the lock of {what} {output} ({os_reason(e)})") from None
     raise UserError(f"{lock}: could not take the lock of {what} {output}; retry")
 
 

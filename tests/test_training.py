@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -203,6 +204,23 @@ def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path, 
     assert sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir()) == ["00000004.pt"]
     assert not open_writers
     assert "train:" in bar and bar.endswith("\n")
+
+
+def test_ctrl_c_after_a_non_finite_loss_saves_nothing(tiny_city, tmp_path):
+    """The interrupt's save would make the bad state the latest checkpoint: the run stops on the loss instead."""
+    config = args(tiny_city, tmp_path / "n", "--data_mode", "memory", "--batch_size", "128",
+                  "--train_iterations", "20", "--ckpt_interval", "4", "--log_interval", "100")
+    trainer = Trainer(config, on_step=lambda step: step == 7 and os.kill(os.getpid(), signal.SIGINT))
+    original = trainer.field.forward
+
+    def poisoned(positions, directions, appearance, ray_of=None):
+        density, rgb = original(positions, directions, appearance, ray_of)
+        return density * (float("nan") if trainer.step >= 5 else 1.0), rgb
+
+    trainer.field.forward = poisoned
+    with pytest.raises(UserError, match=r"non-finite loss at step 6; .*00000004\.pt"):
+        trainer.run()
+    assert sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir()) == ["00000004.pt"]
 
 
 def test_parscript_trains_two_cells(tiny_city, masks, tmp_path):

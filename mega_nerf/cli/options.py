@@ -327,7 +327,8 @@ def check_own_config(path: Path, keys: set[str]) -> None:
         saved = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return
-    foreign = sorted((set(saved) - keys) & options_of_every_command()) if isinstance(saved, dict) else []
+    extra = set(saved) - keys if isinstance(saved, dict) else set()  # none on a resume: no other command imported
+    foreign = sorted(extra & options_of_every_command()) if extra else []
     if foreign:
         raise UserError(f"{path}: holds another command's options ({', '.join(map(str, foreign[:3]))}"
                         f"{', ...' if len(foreign) > 3 else ''}); give this run's output a folder of its own")

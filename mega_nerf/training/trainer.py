@@ -95,8 +95,7 @@ class Trainer:
         if config.data_mode == "disk" and not config.chunk_paths:
             raise UserError("missing option --chunk_paths")
         self.config, self.on_step, self.on_ready = config, on_step, on_ready
-        check_device(config.device)
-        self.device = torch.device(config.device)  # resolved by TrainConfig
+        self.device = check_device(config.device)  # resolved by TrainConfig, checked against this machine here
         keep_freed_blocks(self.device)  # a CPU pass's gigabyte of temporaries, reused instead of faulted in again
         self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
                                           bg_samples=config.bg_samples)
@@ -509,11 +508,13 @@ class Trainer:
                 bar.update(1)
                 if self.on_step is not None:
                     self.on_step(self.step)
+                # read once: a Ctrl-C later in this step stops after the next; on the last step the run ends anyway
+                stopping = stop.is_set() and self.step < self.iterations
                 at_ckpt = self.step % a.ckpt_interval == 0 or self.step == self.iterations
+                if (self.step % a.log_interval == 0 or at_ckpt or stopping) and int(first_bad) >= 0:
+                    raise UserError(f"non-finite loss at step {int(first_bad)}; stopped, last good checkpoint: "
+                                    f"{last_good or 'none'} (likely cause: --lr too high for this scene)")
                 if self.step % a.log_interval == 0 or at_ckpt:
-                    if int(first_bad) >= 0:
-                        raise UserError(f"non-finite loss at step {int(first_bad)}; stopped, last good checkpoint: "
-                                        f"{last_good or 'none'} (likely cause: --lr too high for this scene)")
                     rate = rays0 / (time.perf_counter() - t0)
                     psnr = -10 * math.log10(max(float(mse), 1e-10))
                     log.scalars(self.step, loss=float(loss), psnr=psnr, lr=self.lr_at(self.step), rays_per_s=rate,
@@ -528,10 +529,7 @@ class Trainer:
                 if self.step % a.val_interval == 0 or self.step == self.iterations:
                     metrics = self.validate()
                     log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
-                if stop.is_set() and self.step < self.iterations:  # on the last step the run has ended anyway
-                    if int(first_bad) >= 0:
-                        raise UserError(f"interrupted, and the loss went non-finite at step {int(first_bad)}; last "
-                                        f"good checkpoint: {last_good or 'none'}")
+                if stopping:
                     if last_good != ckpt.checkpoint_path(self.exp_dir, self.step):
                         last_good = self.save(stream)
                     raise Interrupted(f"interrupted at step {self.step}: saved {last_good}; the same command "
