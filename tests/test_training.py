@@ -179,14 +179,8 @@ def test_empty_cell_writes_an_empty_checkpoint(tiny_city, masks, tmp_path):
         Trainer(args(tiny_city, tmp_path / "t", *common, "--cluster_mask_path", str(empty))).run()
 
 
-def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path, capsys):
-    """The run stops with a one-line error at the first log line after the loss went non-finite, its last
-    checkpoint the last good one; its log is closed, TensorBoard's writer thread with it (train_cells.py goes on
-    to the next cell in the same process), and so is its progress bar, so the error starts a line of its own."""
-    writers = {t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread"}
-    config = args(tiny_city, tmp_path / "n", "--data_mode", "memory", "--batch_size", "128",
-                  "--train_iterations", "20", "--ckpt_interval", "4", "--log_interval", "2")
-    trainer = Trainer(dataclasses.replace(config, progress=True))
+def poisoned_from_step_6(trainer: Trainer) -> Trainer:
+    """The trainer, its field's density NaN from step 6 on (the step counter is 5 while step 6 runs)."""
     original = trainer.field.forward
 
     def poisoned(positions, directions, appearance, ray_of=None):
@@ -194,6 +188,17 @@ def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path, 
         return density * (float("nan") if trainer.step >= 5 else 1.0), rgb
 
     trainer.field.forward = poisoned
+    return trainer
+
+
+def test_non_finite_loss_stops_at_the_last_good_checkpoint(tiny_city, tmp_path, capsys):
+    """The run stops with a one-line error at the first log line after the loss went non-finite, its last
+    checkpoint the last good one; its log is closed, TensorBoard's writer thread with it (train_cells.py goes on
+    to the next cell in the same process), and so is its progress bar, so the error starts a line of its own."""
+    writers = {t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread"}
+    config = args(tiny_city, tmp_path / "n", "--data_mode", "memory", "--batch_size", "128",
+                  "--train_iterations", "20", "--ckpt_interval", "4", "--log_interval", "2")
+    trainer = poisoned_from_step_6(Trainer(dataclasses.replace(config, progress=True)))
     with pytest.raises(UserError, match=r"non-finite loss at step 6; .*00000004\.pt"):
         try:
             trainer.run()
@@ -210,14 +215,8 @@ def test_ctrl_c_after_a_non_finite_loss_saves_nothing(tiny_city, tmp_path):
     """The interrupt's save would make the bad state the latest checkpoint: the run stops on the loss instead."""
     config = args(tiny_city, tmp_path / "n", "--data_mode", "memory", "--batch_size", "128",
                   "--train_iterations", "20", "--ckpt_interval", "4", "--log_interval", "100")
-    trainer = Trainer(config, on_step=lambda step: step == 7 and os.kill(os.getpid(), signal.SIGINT))
-    original = trainer.field.forward
-
-    def poisoned(positions, directions, appearance, ray_of=None):
-        density, rgb = original(positions, directions, appearance, ray_of)
-        return density * (float("nan") if trainer.step >= 5 else 1.0), rgb
-
-    trainer.field.forward = poisoned
+    trainer = poisoned_from_step_6(Trainer(config, on_step=lambda step: step == 7 and
+                                           os.kill(os.getpid(), signal.SIGINT)))
     with pytest.raises(UserError, match=r"non-finite loss at step 6; .*00000004\.pt"):
         trainer.run()
     assert sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir()) == ["00000004.pt"]
