@@ -9,7 +9,8 @@ drops the insides of buildings and the ground beneath them. With `density_thresh
 its own density reaches the threshold (first `layers` such cells per column). Colours are the field's, looking
 straight down (+x) with one appearance index. With `--min_views K` (and the training dataset) a point is kept only
 if at least K training images have it inside their view: regions few cameras see are guesses, and that is where
-a briefly trained model leaves its fog (tests/test_export.py, bench/RESULTS.md).
+a briefly trained model leaves its fog (tests/test_export.py, bench/RESULTS.md). That dataset must be the one the
+container was trained on (its fingerprint, taken at `--train_scale_factor`), checked before the export begins.
 
     python scripts/export_ply.py --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D]
 
@@ -29,9 +30,10 @@ from plyfile import PlyData, PlyElement
 from tqdm import tqdm
 
 from mega_nerf.allocator import keep_freed_blocks
-from mega_nerf.data.dataset import Coordinates, load_coordinates, load_dataset
+from mega_nerf.data.dataset import Coordinates, load_coordinates
 from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import UserError
+from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.fields.base import Field
 from mega_nerf.io import atomic_open
 from mega_nerf.merging.container import Container, load_container
@@ -192,16 +194,16 @@ def export_ply(args: argparse.Namespace) -> Path:
     check_args(args, info.n_images)
     coordinates = load_coordinates(Path(args.dataset_path)) if args.real_units else None
     to_source = to_source_map(args.dataset_path, "--source_frame") if args.source_frame else None
+    cameras = None
+    if args.min_views > 0:  # the cameras that count views: the container's own dataset, checked before the export
+        scale = args.train_scale_factor
+        cameras = Cameras.from_dataset(load_checked_dataset(info, args.dataset_path, scale, scale))
     box_min, box_max = export_box(container, info.altitude_range)
     xyz, rgb = export_points(container, box_min, box_max, args.resolution, args.density_threshold, args.layers,
                              args.appearance, args.chunk, not args.no_progress)
     found = len(xyz)
-    if args.min_views > 0:
-        dataset = load_dataset(Path(args.dataset_path))
-        if len(dataset.images) != info.n_images:
-            raise UserError(f"{args.dataset_path}: {len(dataset.images)} images, but the container was trained "
-                            f"on {info.n_images}")
-        views = count_views(torch.from_numpy(xyz).to(device), Cameras.from_dataset(dataset), info.far).cpu()
+    if cameras is not None:
+        views = count_views(torch.from_numpy(xyz).to(device), cameras, info.far).cpu()
         keep = (views >= args.min_views).numpy()
         print(f"kept {int(keep.sum())} of {found} points seen by at least {args.min_views} training views")
         xyz, rgb = xyz[keep], rgb[keep]

@@ -29,6 +29,10 @@ TOP, GROUND, CELLS = (200, 160, 0), (30, 130, 30), (40, 40, 170)
 TITLE_ROWS, PAD = 34, 16
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 MAX_DRAWN_POINTS = 200_000
+# The largest --size: the image is then 16384 pixels wide, the widest texture many GPUs (and so image viewers)
+# draw. Dots, lines and text have fixed pixel sizes, so a larger image only spreads them further apart, while
+# drawing it takes about 9 bytes a pixel with cells (labels, masks; measured at --size 3000): 1.1 GiB here.
+MAX_PREVIEW_SIZE = 8192
 
 
 @dataclass

@@ -4,6 +4,8 @@ Submodules here are small hash fields with random weights: routing and blending 
 """
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, old_default_options
 from mega_nerf.fields.base import Field
@@ -351,7 +354,8 @@ def test_merge_missing_cell(tmp_path: Path, fields: list[Field]) -> None:
     ({"dataset": "other"}, r"submodule 1 .*another dataset than submodule 0"),
     ({"cell": "3"}, r"submodule 1 .*trained on cell 3, not cell 1"),
     ({"render": {"samples": 64, "fine_samples": 0}}, r"submodule 1 .*render settings"),
-    ({"scene": {"near": 0.01, "far": 3.0, "altitude_range": [-0.5, 0.6]}}, r"submodule 1 .*near/far"),
+    ({"scene": {"near": 0.01, "far": 3.0, "altitude_range": [-0.5, 0.6]}},
+     r"params.pt: near/far/altitude range .* differ from submodule 1 .*'s .* \(the params.pt of another partition, "),
 ])
 def test_merge_mismatched_submodule(tmp_path: Path, fields: list[Field], changes: dict, message: str) -> None:
     write_partition(tmp_path, fields, **changes)
@@ -384,6 +388,40 @@ def test_merge_disagrees_with_params(tmp_path: Path, fields: list[Field]) -> Non
     (tmp_path / "exp-4" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match=r"exp-4: a submodule beyond the partition's 4 cells"):
         merge(tmp_path)
+
+
+def test_merge_refuses_the_params_of_another_partition(tmp_path: Path, fields: list[Field]) -> None:
+    """Cell 1's checkpoint records the fingerprint of the masks it was trained with (A/1): params.pt with other
+    masks in its folder 1/ is another partition's, and the error names the masks the run's config.yaml gives. The
+    same masks there merge, as does a cell whose run names that very folder (its masks are not read: a city's take
+    long); so do no mask folders beside params.pt (a copied params.pt) and checkpoints that record no masks (older
+    ones: cells 0, 2, 3 here, whose folder 0/ holds other masks)."""
+    trained = tmp_path / "A" / "1"
+    trained.mkdir(parents=True)
+    (trained / "000.mask").write_bytes(b"the masks cell 1 trained with")
+    params = write_partition(tmp_path / "B", fields, masks=masks_fingerprint(trained))
+    for cell in ("0", "1"):
+        (tmp_path / "B" / cell).mkdir()
+        (tmp_path / "B" / cell / "000.mask").write_bytes(b"another partition's masks")
+    refused = (rf"^{re.escape(str(params))}: not the partition the submodules were trained on \(submodule 1, "
+               rf"{re.escape(str(tmp_path / 'B' / 'exp-1' / 'checkpoints' / '00000101.pt'))}, was trained with "
+               rf"other masks than {re.escape(str(tmp_path / 'B' / '1'))}\); ")
+    with pytest.raises(UserError, match=refused + "give --centroid_path the params.pt of the masks it was trained "
+                                                  "with$"):
+        merge(tmp_path / "B")
+    config = tmp_path / "B" / "exp-1" / "config.yaml"
+    config.write_text(f"cluster_mask_path: {trained}\n")
+    with pytest.raises(UserError, match=refused + rf"it was trained with --cluster_mask_path "
+                                                  rf"{re.escape(str(trained))}: give --centroid_path "
+                                                  rf"{re.escape(str(trained.parent))}$"):
+        merge(tmp_path / "B")
+    config.write_text(f"cluster_mask_path: {tmp_path / 'B' / '1'}\n")  # trained on that very folder: trusted
+    merge(tmp_path / "B")
+    config.write_text(f"cluster_mask_path: {trained}\n")
+    shutil.copy(trained / "000.mask", tmp_path / "B" / "1" / "000.mask")
+    merge(tmp_path / "B")
+    shutil.rmtree(tmp_path / "B" / "1")
+    merge(tmp_path / "B")
 
 
 def test_bad_container_files(tmp_path: Path, fields: list[Field]) -> None:

@@ -13,8 +13,9 @@ import torch
 import yaml
 from plyfile import PlyData
 
+from mega_nerf.cli.preview import main as preview_main
 from mega_nerf.data.dataset import load_dataset, write_coordinates, write_image
-from mega_nerf.errors import UserError
+from mega_nerf.errors import UserError, run_cli
 from mega_nerf.partition.cells import PartitionParams
 from mega_nerf.preview import CELLS, TRAIN, VAL, load_preview_scene, render_preview, scene_report, write_cameras_ply
 from mega_nerf.rays import rays_from_pixels
@@ -115,6 +116,18 @@ def test_preview_script(dataset: Path, partition: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "altitude slab" in result.stdout
     assert cv2.imread(str(out)).shape == (200, 400, 3)
+
+
+def test_huge_size_is_one_line(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A --size whose image would not fit in memory is refused by name before numpy asks for it (its MemoryError
+    would end the command in a traceback)."""
+    out = tmp_path / "p.png"
+    with pytest.raises(SystemExit) as ended:
+        run_cli(lambda: preview_main([str(dataset), "--output", str(out), "--size", "1000000"]))
+    assert ended.value.code == 2
+    assert capsys.readouterr().err == ("error: --size must be at most 8192, got 1000000: its 2000000x1000000 image "
+                                       "would take 5587.9 GiB (3 bytes a pixel)\n")
+    assert not out.exists()
 
 
 def test_cameras_ply(dataset: Path, tmp_path: Path) -> None:

@@ -371,12 +371,23 @@ def test_a_partition_folder_given_for_one_cell_is_one_line(merged: Path, tiny_ci
 
 
 def test_a_cell_folder_fingerprint_counts_its_files_only(tmp_path: Path) -> None:
-    """Another tool's folder or a pipe beside the masks is no mask (reading a pipe would wait forever)."""
+    """Another tool's folder or a pipe beside the masks is no mask (reading a pipe would wait forever: an alarm
+    interrupts that wait, so that such a fingerprint fails the test instead of hanging it)."""
     (tmp_path / "000000.mask").write_bytes(b"mask")
     before = masks_fingerprint(tmp_path)
     (tmp_path / ".ipynb_checkpoints").mkdir()
     os.mkfifo(tmp_path / "pipe")
-    assert masks_fingerprint(tmp_path) == before
+
+    def waited(signum: int, frame: object) -> None:  # raised out of the open() that waits for the pipe's writer
+        pytest.fail("masks_fingerprint waited 5 s: it opened the pipe beside the masks")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(5)
+    try:
+        assert masks_fingerprint(tmp_path) == before
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     (tmp_path / "000001.mask").write_bytes(b"mask")
     assert masks_fingerprint(tmp_path) != before
 
@@ -515,3 +526,46 @@ def test_a_ckpt_path_of_another_cell_asks_for_another_checkpoint(merged: Path, t
                                               str(source), *SMALL], capsys)
     assert line == f"error: {source}: checkpoint trained on cell 0's masks, but --cluster_mask_path gives no " \
                    "masks; give --ckpt_path another checkpoint or the masks it was trained with"
+
+
+def test_a_merge_given_another_partitions_params_names_it(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """The cell of the 1 x 1 partition merged with a 1 x 2 partition's params.pt: refused by its masks (not by the
+    near/far range the two share, nor as a missing cell 1), naming the masks the cell was trained with."""
+    from mega_nerf.cli import merge as merge_cli
+
+    other = tmp_path / "other"
+    partition_cli.main(["--config_file", str(tiny_city / "config.yaml"), "--output", str(other), "--grid_dim", "1",
+                        "2", "--ray_samples", "8", "--no_progress"])
+    root, output = merged.parent, tmp_path / "merged.pt"
+    line = fails_in_one_line(merge_cli.main, ["--ckpt_prefix", f"{root}/exp-", "--centroid_path", str(other),
+                                              "--output", str(output)], capsys)
+    assert line == f"error: {other / 'params.pt'}: not the partition the submodules were trained on (submodule 0, " \
+                   f"{root / 'exp-0' / 'checkpoints' / '00000002.pt'}, was trained with other masks than " \
+                   f"{other / '0'}); it was trained with --cluster_mask_path {root / 'masks' / '0'}: give " \
+                   f"--centroid_path {root / 'masks'}"
+    assert not output.exists()
+
+
+def test_min_views_with_another_dataset_of_as_many_images_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """--min_views counts views with the dataset's cameras: a copy of the city with every training camera moved (as
+    many images, the same names and sizes) is refused by the container's dataset fingerprint; the city itself
+    is not."""
+    from mega_nerf.cli import export as export_cli
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_city, moved)
+    for meta in (moved / "train" / "metadata").iterdir():
+        data = torch.load(meta, weights_only=True)
+        data["c2w"][:, 3] += 0.1
+        torch.save(data, meta)
+    ply = tmp_path / "scene.ply"
+    argv = ["--container_path", str(merged), "--output", str(ply), "--resolution", "8", "--min_views", "1",
+            "--no_progress"]
+    line = fails_in_one_line(export_cli.main, [*argv, "--dataset_path", str(moved)], capsys)
+    assert line == f"error: {merged}: trained on another dataset than {moved} (names, sizes or poses differ), or at " \
+                   "another scale than --train_scale_factor 1"
+    assert not ply.exists()
+    export_cli.main([*argv, "--dataset_path", str(tiny_city)])
+    assert "points seen by at least 1 training views" in capsys.readouterr().out and ply.is_file()

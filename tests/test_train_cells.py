@@ -1,11 +1,12 @@
 """Training every cell (mega-nerf-train-cells): under torch.distributed.run with 2 ranks it trains the tiny city's
 4 cells exactly as 4 separate train.py runs do (bit-equal checkpoints, one thread), a rerun after a kill resumes
 the unfinished cells only, a failing cell is listed with its reason, and a crashing rank ends every rank with its
-error; a cell whose directories another run holds fails alone; each rank's device; the order (largest first) and
-the options' one-line errors."""
+error; a cell whose directories another run holds fails alone; Ctrl-C ends the job, not just its cell; each
+rank's device; the order (largest first) and the options' one-line errors."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from mega_nerf.cli.parscript import main as parscript_main
 from mega_nerf.cli.train import main as train_main
 from mega_nerf.cli.train_cells import cells_config, train_cells_parser
 from mega_nerf.cli.train_cells import main as train_cells_main
-from mega_nerf.errors import UserError
+from mega_nerf.errors import UserError, run_cli
 from mega_nerf.training.all_cells import cell_config, cell_sizes, largest_first
 
 if TYPE_CHECKING:
@@ -193,6 +194,30 @@ def test_a_cell_another_run_holds_fails_alone(tiny_city: Path, masks: Path, tmp_
                                 f"{socket.gethostname()}); wait for it to finish or use another --exp_prefix")
     assert [k for k in range(4) if (tmp_path / f"exp-{k}" / "checkpoints" / FINAL).exists()] == [1, 2, 3]
     assert [p.name for p in tmp_path.glob(".*.lock")] == [".exp-0.lock"]
+
+
+def test_ctrl_c_ends_the_job_not_the_cell(tiny_city: Path, masks: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C during step 3 of the first cell stops the whole command in one line, exit code 130, with that step
+    saved: the user wants the job to stop, so the cell is not marked failed and no later cell starts."""
+    first = largest_first(cell_sizes(masks))[0]
+    started: set[int] = set()
+
+    def ctrl_c_at_step_3(cell: int, step: int) -> None:
+        started.add(cell)
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)
+    argv = [str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")]
+    with pytest.raises(SystemExit) as ended:
+        run_cli(lambda: train_cells_main(argv, on_step=ctrl_c_at_step_3))
+    out, err = capsys.readouterr()
+    saved = tmp_path / f"exp-{first}" / "checkpoints" / "00000003.pt"
+    assert ended.value.code == 130
+    assert [line for line in err.splitlines() if line.startswith("error")] == [
+        f"error: interrupted at step 3: saved {saved}; the same command resumes from it"]
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
+    assert started == {first} and [p.name for p in tmp_path.glob("exp-*")] == [f"exp-{first}"]
+    assert "FAILED" not in out and out.count("rank 0: cell") == 1
 
 
 def test_each_rank_trains_on_its_own_device_unless_one_is_given(tiny_city: Path, masks: Path, tmp_path: Path) -> None:

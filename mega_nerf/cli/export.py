@@ -37,6 +37,9 @@ def export_parser() -> configargparse.ArgParser:
                         "--dataset_path with its dataparser_transforms.json)")
     p.add_argument("--min_views", type=int, default=0,
                    help="keep points inside at least this many images' views (needs --dataset_path; 0: all)")
+    p.add_argument("--train_scale_factor", type=int, default=1,
+                   help="the scale the submodules were trained at (to check --min_views' dataset against the "
+                        "container's)")
     p.add_argument("--chunk", type=int, default=1 << 18, help="points per field call (bounds memory)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")
     return p

@@ -3,7 +3,11 @@
 Submodule k is the latest checkpoint in `<ckpt_prefix><k>/checkpoints/`. Before anything is written, the
 checkpoints are checked against each other (field kind and sizes, dataset fingerprint, render settings, scene
 bounds) and against `params.pt` (number of cells, number of images, near/far/altitude range), so that a
-container never mixes submodules of different runs. Every problem is one line naming the submodule. The command
+container never mixes submodules of different runs. Every problem is one line naming the submodule. Whether
+`params.pt` is the partition the submodules were trained on is checked first: a cell's run saved the masks folder
+it trained with (its config.yaml); where that is not the folder `<k>/` beside `params.pt`, the two must hold the
+same masks, by the fingerprint its checkpoint records (data.chunks.masks_fingerprint; reading every mask of a
+city's partition would take long, so a cell trained on that very folder is trusted without it). The command
 (cli/merge.py) first refuses an --output that is one of these inputs or an existing file that is not a container
 (`is_container`, `submodule_folders`).
 """
@@ -18,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.errors import UserError
 from mega_nerf.fields import config_differences, old_default_options
 from mega_nerf.io import TORCH_LOAD_ERRORS
 from mega_nerf.merging.container import KIND, inference_state, save_container
-from mega_nerf.partition.cells import PartitionParams, load_params
+from mega_nerf.partition.cells import PartitionParams, load_params, params_file
 from mega_nerf.training.checkpoint import comparable_field_config, load_latest_checkpoint
 
 
@@ -56,16 +62,50 @@ def find_submodules(prefix: str, num_cells: int, allow_missing: bool) -> list[Su
                         "(checkpoints of another partition? check --ckpt_prefix and --centroid_path)")
     found: list[Submodule | None] = []
     for k in range(num_cells):
-        exp_dir = Path(f"{prefix}{k}")
-        latest = load_latest_checkpoint(exp_dir)
-        if latest is None:
-            if not allow_missing:
-                raise UserError(f"submodule {k}: no checkpoint in {exp_dir / 'checkpoints'} "
-                                "(train it, or pass --allow_empty_cells to merge without it)")
-            found.append(None)
-            continue
-        found.append(Submodule(k, *latest))
+        latest = load_latest_checkpoint(Path(f"{prefix}{k}"))
+        found.append(None if latest is None else Submodule(k, *latest))
+    if not allow_missing:
+        require_all(found, prefix)
     return found
+
+
+def require_all(subs: list[Submodule | None], prefix: str) -> None:
+    """One-line UserError naming the first cell without a checkpoint."""
+    for k, s in enumerate(subs):
+        if s is None:
+            raise UserError(f"submodule {k}: no checkpoint in {Path(f'{prefix}{k}') / 'checkpoints'} "
+                            "(train it, or pass --allow_empty_cells to merge without it)")
+
+
+def check_partition(subs: list[Submodule | None], params_path: Path) -> None:
+    """One-line UserError when `params_path` (a params.pt) is not the partition the submodules were trained on: a
+    submodule trained on masks elsewhere whose fingerprint differs from that of its cell's folder beside params.pt.
+    Skipped for a checkpoint that records no masks (trained without them, or before they were recorded) or names
+    another cell (check_submodules reports that), and where params.pt has no mask folders beside it (copied alone,
+    or Mega-NeRF's)."""
+    for s in subs:
+        if s is None or not s.state.get("masks") or s.state["cell"] != str(s.cell):
+            continue
+        cell_dir = params_path.parent / str(s.cell)
+        trained = _trained_masks(s)
+        if not cell_dir.is_dir() or (trained is not None and trained.resolve() == cell_dir.resolve()):
+            continue
+        if masks_fingerprint(cell_dir) != s.state["masks"]:
+            hint = (f"; it was trained with --cluster_mask_path {trained}: give --centroid_path {trained.parent}"
+                    if trained is not None else "; give --centroid_path the params.pt of the masks it was trained with")
+            raise UserError(f"{params_path}: not the partition the submodules were trained on (submodule {s.cell}, "
+                            f"{s.path}, was trained with other masks than {cell_dir}){hint}")
+
+
+def _trained_masks(s: Submodule) -> Path | None:
+    """The --cluster_mask_path that the submodule's run saved in its config.yaml (cli.options.record_options), or
+    None where that file or option is missing."""
+    try:
+        saved = yaml.safe_load((s.path.parent.parent / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    trained = saved.get("cluster_mask_path") if isinstance(saved, dict) else None
+    return Path(trained) if isinstance(trained, str) else None
 
 
 def submodule_folders(prefix: str) -> list[Path]:
@@ -120,8 +160,9 @@ def check_submodules(subs: list[Submodule | None], params: PartitionParams, para
             raise UserError(f"{name}: render settings {st['render']} differ from submodule {ref.cell}'s "
                             f"{ref.state['render']}{_old_defaults_hint(s, ref)}")
         if not _same_scene(st["scene"], partition_scene):
-            raise UserError(f"{name}: near/far/altitude range {st['scene']} differ from {params_path}'s "
-                            f"{partition_scene}")
+            raise UserError(f"{params_path}: near/far/altitude range {partition_scene} differ from {name}'s "
+                            f"{st['scene']} (the params.pt of another partition, or cells trained with other "
+                            "--near/--far/--ray_altitude_range?)")
 
 
 def _old_defaults_hint(a: Submodule, b: Submodule) -> str:
@@ -157,12 +198,17 @@ def container_state(subs: list[Submodule | None], params: PartitionParams, bound
 def merge_submodules(prefix: str, params_path: Path, output: Path, allow_empty_cells: bool,
                      default_margin: float) -> dict[str, Any]:
     """Check and merge; write `output` atomically. Returns the container state written. The boundary margin
-    is params.pt's (the one the masks were made with), or `default_margin` for a Mega-NeRF params.pt."""
+    is params.pt's (the one the masks were made with), or `default_margin` for a Mega-NeRF params.pt.
+    `params_path`: params.pt or its mask folder."""
+    params_path = params_file(params_path)
     params = load_params(params_path)
     margin = params.boundary_margin if params.boundary_margin is not None else default_margin
     if margin < 1:
         raise UserError(f"--boundary_margin must be at least 1, got {margin}")
-    subs = find_submodules(prefix, params.num_cells, allow_empty_cells)
+    subs = find_submodules(prefix, params.num_cells, allow_missing=True)
+    check_partition(subs, params_path)  # first: another partition's cells may be missing here too
+    if not allow_empty_cells:
+        require_all(subs, prefix)
     check_submodules(subs, params, params_path)
     state = container_state(subs, params, margin)
     if all(entry is None for entry in state["submodules"]):
