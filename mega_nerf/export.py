@@ -41,6 +41,12 @@ from mega_nerf.rays import Cameras
 
 DOWN = (1.0, 0.0, 0.0)  # +x is down in DRB
 PLY_MAGIC = b"ply\n"  # the first line of every PLY file
+# What export_points holds at once, counted from its code (the field's own temporaries, bounded by `chunk`, and the
+# allocator's slack come on top): per cell of a slab, on the export's device, its centre twice (stacked, then
+# reordered), density, colour, the column's optical depth, its running sum and the masks, 59 bytes; per point kept,
+# on the host, its centre and colour as found and while they are joined, 48 bytes (a column keeps `layers`).
+SLAB_CELL_BYTES, POINT_BYTES = 59, 48
+DEFAULT_LAYERS, DEFAULT_CHUNK = 2, 1 << 18  # dense cells kept per column; points per field call
 
 
 def field_box(field: Field) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +86,64 @@ def _evaluate(field: Field, points: torch.Tensor, appearance: int, chunk: int
     return density, rgb
 
 
+def grid_shape(box_min: torch.Tensor, box_max: torch.Tensor, resolution: int) -> tuple[float, list[int]]:
+    """(cell side, [cells along x, y, z]) of export_points' grid over the box (3,): cubes, `resolution` of them
+    along its longest side."""
+    extent = box_max.double().cpu() - box_min.double().cpu()
+    spacing = float(extent.max()) / resolution
+    return spacing, [max(1, math.ceil(float(e) / spacing - 1e-9)) for e in extent]
+
+
+def slab_rows(counts: list[int], chunk: int) -> int:
+    """y values per slab of export_points, so that a slab is about one chunk (at least one whole x-z plane)."""
+    return max(1, chunk // (counts[0] * counts[2]))
+
+
+def export_memory(box_min: torch.Tensor, box_max: torch.Tensor, resolution: int, layers: int, chunk: int
+                  ) -> tuple[int, int]:
+    """(bytes on the export's device, bytes on the host) that export_points holds at once for this grid, as
+    SLAB_CELL_BYTES and POINT_BYTES count them, with every column keeping `layers` points (over a city almost
+    every column has a surface)."""
+    _, (x, y, z) = grid_shape(box_min, box_max, resolution)
+    return SLAB_CELL_BYTES * slab_rows([x, y, z], chunk) * x * z, POINT_BYTES * y * z * min(layers, x)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give a process now (Linux's MemAvailable, else its free pages), or None
+    where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # in kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no such call or name here
+        return None
+
+
+def check_export_memory(option: str, box_min: torch.Tensor, box_max: torch.Tensor, resolution: int, layers: int,
+                        chunk: int, device: torch.device) -> None:
+    """One-line UserError naming `option` (the resolution's) before an export whose grid would not fit in the
+    memory available now (export_memory: the slab on `device`, the points on the host); torch's own error comes
+    mid-export, as a traceback."""
+    slab, points = export_memory(box_min, box_max, resolution, layers, chunk)
+    needs = [("memory", points + (slab if device.type == "cpu" else 0), available_memory())]
+    if device.type == "cuda":
+        needs.append(("GPU memory", slab, torch.cuda.mem_get_info(device)[0]))
+    counts = grid_shape(box_min, box_max, resolution)[1]
+    for what, needed, free in needs:
+        if free is not None and needed > free:
+            raise UserError(f"{option} {resolution}: its grid of {' x '.join(map(str, counts))} cells needs about "
+                            f"{needed / 2 ** 30:,.1f} GiB of {what}, {free / 2 ** 30:,.1f} GiB available; choose a "
+                            "lower resolution")
+
+
 def export_points(field: Field, box_min: torch.Tensor, box_max: torch.Tensor, resolution: int,
-                  density_threshold: float | None = None, layers: int = 2, appearance: int = 0,
-                  chunk: int = 1 << 18, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  density_threshold: float | None = None, layers: int = DEFAULT_LAYERS, appearance: int = 0,
+                  chunk: int = DEFAULT_CHUNK, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The top-visible dense cells of `field` in the box [box_min, box_max] (3,) (normalised DRB).
 
     Returns cell centres xyz (P, 3) float32 and colours (P, 3) uint8, in order of (y, z, x) cell index.
@@ -91,12 +152,11 @@ def export_points(field: Field, box_min: torch.Tensor, box_max: torch.Tensor, re
     `progress`: a progress bar over the slabs.
     """
     device = next(field.buffers()).device
-    lo, hi = box_min.double().cpu(), box_max.double().cpu()
-    spacing = float((hi - lo).max()) / resolution
-    counts = [max(1, math.ceil(float(e) / spacing - 1e-9)) for e in hi - lo]
+    lo = box_min.double().cpu()
+    spacing, counts = grid_shape(box_min, box_max, resolution)
     axes = [(lo[i] + (torch.arange(counts[i], dtype=torch.float64) + 0.5) * spacing).float().to(device)
             for i in range(3)]
-    slab = max(1, chunk // (counts[0] * counts[2]))  # y values per slab, so a slab is about one chunk
+    slab = slab_rows(counts, chunk)
     xyz, rgb = [], []
     for y0 in tqdm(range(0, counts[1], slab), desc="export", unit="slab", disable=not progress):
         ys = axes[1][y0:y0 + slab]
@@ -192,13 +252,15 @@ def export_ply(args: argparse.Namespace) -> Path:
     keep_freed_blocks(device)  # each slab's temporaries, reused (allocator.py: 82 s against 201 s on the demo)
     container, info = load_container(args.container_path, device)
     check_args(args, info.n_images)
+    box_min, box_max = export_box(container, info.altitude_range)
+    check_export_memory("--resolution", box_min, box_max, args.resolution, args.layers, args.chunk,
+                        torch.device(device))
     coordinates = load_coordinates(Path(args.dataset_path)) if args.real_units else None
     to_source = to_source_map(args.dataset_path, "--source_frame") if args.source_frame else None
     cameras = None
     if args.min_views > 0:  # the cameras that count views: the container's own dataset, checked before the export
         scale = args.train_scale_factor
         cameras = Cameras.from_dataset(load_checked_dataset(info, args.dataset_path, scale, scale))
-    box_min, box_max = export_box(container, info.altitude_range)
     xyz, rgb = export_points(container, box_min, box_max, args.resolution, args.density_threshold, args.layers,
                              args.appearance, args.chunk, not args.no_progress)
     found = len(xyz)

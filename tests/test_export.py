@@ -30,7 +30,14 @@ from mega_nerf.cli.export import main
 from mega_nerf.data.dataset import load_coordinates, load_dataset
 from mega_nerf.data.frames import Similarity, write_source_frame
 from mega_nerf.errors import UserError
-from mega_nerf.export import count_views, export_points
+from mega_nerf.export import (
+    POINT_BYTES,
+    SLAB_CELL_BYTES,
+    check_export_memory,
+    count_views,
+    export_memory,
+    export_points,
+)
 from mega_nerf.fields.base import Field
 from mega_nerf.rays import Cameras
 from mega_nerf.synthetic.surface import near_surface_fractions
@@ -82,6 +89,19 @@ def test_box_field_exports_its_top_face_in_its_colour() -> None:
     assert len(export_points(SlabField(13.0), lo, hi, 40, density_threshold=14.0)[0]) == 0
     assert np.allclose(export_points(SlabField(13.0), lo, hi, 40, density_threshold=10.0, layers=1)[0][:, 0],
                        -0.175, atol=1e-6)
+
+
+def test_export_memory_counts_the_grid_export_points_walks() -> None:
+    """Over SlabField's own box every column is dense, so export_points keeps `layers` cells in each: export_memory
+    counts those points, and a slab of the y values that fill one chunk (chunk 1000 over 12 x 18 columns' planes:
+    4). A grid no machine holds is one line naming the option."""
+    lo, hi = SlabField.LO, SlabField.HI  # 0.6 x 0.75 x 0.9: 12 x 15 x 18 cells of 0.05 at resolution 18
+    xyz = export_points(SlabField(100.0), lo, hi, 18, layers=2, chunk=1000)[0]
+    assert len(xyz) == 15 * 18 * 2
+    assert export_memory(lo, hi, 18, 2, 1000) == (SLAB_CELL_BYTES * 4 * 12 * 18, POINT_BYTES * len(xyz))
+    with pytest.raises(UserError, match=r"^--resolution 1000000: its grid of 666667 x 833334 x 1000000 cells needs "
+                                        r"about [\d,.]+ GiB of memory, [\d,.]+ GiB available; choose a lower"):
+        check_export_memory("--resolution", lo, hi, 10 ** 6, 2, 1000, torch.device("cpu"))
 
 
 def test_count_views_sees_pixel_rays_and_nothing_else() -> None:
@@ -207,6 +227,8 @@ def test_export_errors(merged: Path, tmp_path: Path) -> None:
         main(["--container_path", str(merged), "--output", out, "--min_views", "3"])
     with pytest.raises(UserError, match="--appearance 99 is not an image index"):
         main(["--container_path", str(merged), "--output", out, "--appearance", "99"])
+    with pytest.raises(UserError, match=r"^--resolution 1000000: its grid of .* cells needs about .* GiB of memory"):
+        main(["--container_path", str(merged), "--output", out, "--resolution", "1000000"])
     result = subprocess.run([sys.executable, "scripts/export_ply.py", "--container_path", str(tmp_path / "no.pt"),
                              "--output", out], env=ENV, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0

@@ -1,6 +1,7 @@
 """The browser viewer (mega_nerf/viewer): viser's cameras against a pinhole projection written out here, frames
 rendered in bands against one whole render, the cells overlay against the nearest centroid, the render loop's
-previews, full frames and time share, the training hook's copy, pose files, and the viewer itself in headless
+previews, full frames and time share, the training hook's copy, pose files, the options checked at start-up (the
+path file Save path replaces, the host, the point cloud's memory) and its progress, and the viewer itself in headless
 Chromium (Debian's package, driven by Playwright), its frames against direct renders of the browser's pose.
 
 The container is the tiny city's: one small field trained briefly, placed in the four cells of a 2 x 2 grid (a
@@ -13,6 +14,8 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +26,13 @@ import pytest
 import torch
 
 from mega_nerf.camera_path import Pose, read_pose_file, write_pose_file
+from mega_nerf.cli.options import config_from_args
 from mega_nerf.cli.train import config_from_argv
 from mega_nerf.cli.view import main as view_main
+from mega_nerf.cli.view import view_parser
 from mega_nerf.errors import UserError
 from mega_nerf.imaging import render_image, to_uint8
+from mega_nerf.io import write_png
 from mega_nerf.merging.container import inference_state, load_container, save_container
 from mega_nerf.rays import image_rays
 from mega_nerf.render import RenderConfig
@@ -35,6 +41,7 @@ from mega_nerf.viewer.app import ViewerConfig, open_viewer
 from mega_nerf.viewer.camera import View, c2w_from_viser, lens, viser_from_c2w
 from mega_nerf.viewer.loop import FIRST_PREVIEW, RENDER_BUDGET, RenderLoop, Shown
 from mega_nerf.viewer.scene import PREVIEW_SAMPLES, Scene, compose, render_rows
+from mega_nerf.viewer.server import check_address, check_path_file
 from mega_nerf.viewer.watch import FieldCopy, watch
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -64,23 +71,38 @@ def trained(tiny_city: Path, tmp_path_factory: pytest.TempPathFactory) -> Traine
     return trainer
 
 
-@pytest.fixture(scope="module")
-def container_path(trained: Trainer) -> Path:
-    """merged.pt: the trained field in each cell of a 2 x 2 grid over the cameras' extent, at the slab's middle."""
-    state = trained.state(None)
-    centres = trained.cameras.c2w[:, :, 3].cpu()
+def grid_container(trainer: Trainer, path: Path, step: int) -> Path:
+    """`path`, a container of the trainer's field in each cell of a 2 x 2 grid over the cameras' extent, at the
+    slab's middle."""
+    state = trainer.state(None)
+    centres = trainer.cameras.c2w[:, :, 3].cpu()
     lo, hi = centres.min(0).values, centres.max(0).values
     middle = (lo + hi) / 2
     quarter = (hi - lo) / 4
-    altitude = sum(trained.bounds.altitude) / 2
+    altitude = sum(trainer.bounds.altitude) / 2
     centroids = torch.tensor([[altitude, middle[1] + sy * quarter[1], middle[2] + sz * quarter[2]]
                               for sy in (-1, 1) for sz in (-1, 1)])
-    entry = {"field_config": state["field_config"], "model": inference_state(state["model"]), "step": STEPS}
-    path = trained.exp_dir.parent / "merged.pt"
+    entry = {"field_config": state["field_config"], "model": inference_state(state["model"]), "step": step}
     save_container(path, {"centroids": centroids, "boundary_margin": 1.15, "cluster_2d": False,
                           "render": state["render"], "scene": state["scene"], "dataset": state["dataset"],
-                          "n_images": len(trained.dataset.images), "submodules": [entry] * 4})
+                          "n_images": len(trainer.dataset.images), "submodules": [entry] * 4})
     return path
+
+
+@pytest.fixture(scope="module")
+def container_path(trained: Trainer) -> Path:
+    """merged.pt of the trained field (grid_container)."""
+    return grid_container(trained, trained.exp_dir.parent / "merged.pt", STEPS)
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny_city: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A container of a field not trained at all (grid_container), for what needs one but no picture: the options
+    checked at start-up, the point cloud's progress, Save path (about a second, against a minute to train)."""
+    root = tmp_path_factory.mktemp("untrained")
+    trainer = Trainer(config_from_argv(["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                        str(root / "exp"), "--train_iterations", "1", *TRAIN]))
+    return grid_container(trainer, root / "merged.pt", 0)
 
 
 @pytest.fixture(scope="module")
@@ -476,3 +498,103 @@ def test_view_errors_are_one_line(tmp_path: Path) -> None:
         view_main(["--container_path", "merged.pt", "--preview_samples", "1.5"])
     with pytest.raises(UserError, match="missing.pt: container file not found"):
         view_main(["--container_path", str(tmp_path / "missing.pt")])
+
+
+# ---- options checked at start-up, before anything slow (no browser) ------------------------------------------
+
+def viewer_config(*argv: str) -> ViewerConfig:
+    """The config `mega-nerf-view` builds from this command line."""
+    return config_from_args(ViewerConfig, view_parser().parse_args(list(argv)), ("container_path",))
+
+
+def test_a_path_file_save_path_would_destroy_is_refused(untrained: Path, tiny_city: Path, tmp_path: Path) -> None:
+    """Save path replaces --path_file: the container, a file of the dataset, a folder, a path under a file and an
+    existing file that is not a pose file (a copy of the container, a config, a PNG, other text) are refused before
+    anything loads (the container named is missing and never reached), each left as it was. An earlier pose file
+    and a new path pass."""
+    missing = str(tmp_path / "missing.pt")
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(untrained.read_bytes())
+    config = tmp_path / "config.yaml"
+    config.write_text((tiny_city / "config.yaml").read_text())
+    png = tmp_path / "frame.png"
+    write_png(png, np.zeros((4, 4, 3), np.uint8))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("1 2 3\n")
+    before = {f: f.read_bytes() for f in (copy, config, png, notes, tiny_city / "config.yaml")}
+    cases = [([], "is one of this command's inputs \\(--container_path\\)"),
+             (["--dataset_path", str(tiny_city), "--path_file", str(tiny_city / "config.yaml")],
+              "lies inside .*, one of this command's inputs \\(--dataset_path\\)"),
+             (["--path_file", str(tmp_path)], "is a folder"),
+             (["--path_file", str(copy / "path.txt")], "copy.pt is a file, not a folder")]
+    cases += [(["--path_file", str(f)], f"{f.name}: exists and is not a pose file") for f in (copy, config, png, notes)]
+    for args, message in cases:
+        with pytest.raises(UserError, match=f"^--path_file .*{message}"):
+            view_main(["--container_path", missing, "--path_file", missing, *args])
+    assert all(f.read_bytes() == data for f, data in before.items())
+    earlier = tmp_path / "earlier.txt"
+    write_pose_file(earlier, [Pose(np.eye(3, 4), lens(0.8, 64, 48), (64, 48), 0)])
+    for fine in (earlier, tmp_path / "new" / "path.txt"):
+        check_path_file(fine, {"--container_path": [untrained]})
+
+
+def test_save_path_replaces_only_a_pose_file(untrained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A path file replaced after start-up by something else (here the container) is left as it is, said in one
+    line; a pose file there is replaced, atomically (no temp file left)."""
+    path_file = tmp_path / "path.txt"
+    viewer = open_viewer(viewer_config("--container_path", str(untrained), "--host", "127.0.0.1", "--port", "0",
+                                       "--point_resolution", "0", "--path_file", str(path_file)))
+    try:
+        viewer.keys = [View(np.eye(3, 4), 0.8, 64, 48, 1, "rgb")]
+        viewer._save_path(None)
+        assert [p.appearance for p in read_pose_file(path_file, 2)] == [1]
+        path_file.write_bytes(untrained.read_bytes())
+        viewer._save_path(None)
+        assert path_file.read_bytes() == untrained.read_bytes()
+        assert "path.txt: exists and is not a pose file" in capsys.readouterr().out
+        write_pose_file(path_file, [Pose(np.eye(3, 4), lens(0.8, 64, 48), (64, 48), 0)])
+        viewer._save_path(None)
+        assert [p.appearance for p in read_pose_file(path_file, 2)] == [1]
+        assert sorted(f.name for f in tmp_path.iterdir()) == ["path.txt"]
+    finally:
+        viewer.close()
+
+
+def test_a_host_this_machine_cannot_serve_on_is_refused(tmp_path: Path) -> None:
+    """A host that does not resolve, or the address of another machine (192.0.2.1: TEST-NET-1, reserved for
+    documentation), is one line before anything loads (viser would never start on it, silently); a port in use
+    passes (the server takes the next free one)."""
+    start = ["--container_path", str(tmp_path / "missing.pt"), "--path_file", str(tmp_path / "path.txt")]
+    with pytest.raises(UserError, match="^--host nosuchhost.invalid: not a host name or address this machine can "
+                                        "resolve"):
+        view_main([*start, "--host", "nosuchhost.invalid"])
+    with pytest.raises(UserError, match="^--host 192.0.2.1: cannot serve on 192.0.2.1, not an address of this "
+                                        "machine"):
+        view_main([*start, "--host", "192.0.2.1"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        check_address("127.0.0.1", taken.getsockname()[1])
+    check_address("localhost", 0)
+
+
+def test_a_point_cloud_past_memory_is_refused(untrained: Path, tmp_path: Path) -> None:
+    """A --point_resolution whose grid no machine holds (10^6 cells a side: petabytes) is one line naming it,
+    before the export asks torch for it (a traceback)."""
+    with pytest.raises(UserError, match=r"^--point_resolution 1000000: its grid of \d+ x \d+ x \d+ cells needs "
+                                        r"about [\d,.]+ GiB of memory, [\d,.]+ GiB available"):
+        view_main(["--container_path", str(untrained), "--point_resolution", "1000000", "--host", "127.0.0.1",
+                   "--port", "0", "--path_file", str(tmp_path / "path.txt")])
+
+
+def test_start_up_says_it_builds_the_point_cloud(untrained: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """A line before the point cloud, the slow part of start-up, then a progress bar (none under --no_progress)."""
+    start = ["--container_path", str(untrained), "--host", "127.0.0.1", "--port", "0", "--point_resolution", "16",
+             "--path_file", str(tmp_path / "path.txt")]
+    for argv, bar in ((start, True), ([*start, "--no_progress"], False)):
+        open_viewer(viewer_config(*argv)).close()
+        out, err = capsys.readouterr()
+        assert re.search(r"point cloud: the top surfaces in a grid of \d+ x 16 x 16 cells \(--point_resolution 16",
+                         out)
+        assert ("export: 100%" in err) == bar

@@ -14,8 +14,8 @@ import configargparse
 
 from mega_nerf.cli.options import base_parser, require
 from mega_nerf.errors import run_cli
+from mega_nerf.export import DEFAULT_CHUNK, DEFAULT_LAYERS, export_ply, is_ply
 from mega_nerf.export import __doc__ as EXPORT_DOC
-from mega_nerf.export import export_ply, is_ply
 from mega_nerf.io import check_output
 from mega_nerf.lock import locked
 
@@ -28,7 +28,8 @@ def export_parser() -> configargparse.ArgParser:
     p.add_argument("--max_points", type=int, default=2_000_000, help="keep at most this many (uniform, seeded)")
     p.add_argument("--density_threshold", type=float, default=None,
                    help="density a cell needs (default: 50%% opaque over one cell, ln 2 / spacing)")
-    p.add_argument("--layers", type=int, default=2, help="dense cells kept per vertical column, from the top")
+    p.add_argument("--layers", type=int, default=DEFAULT_LAYERS,
+                   help="dense cells kept per vertical column, from the top")
     p.add_argument("--appearance", type=int, default=0, help="appearance (image) index for the colours")
     p.add_argument("--real_units", action="store_true",
                    help="write real-world DRB metres instead of normalised units (needs --dataset_path)")
@@ -40,7 +41,7 @@ def export_parser() -> configargparse.ArgParser:
     p.add_argument("--train_scale_factor", type=int, default=1,
                    help="the scale the submodules were trained at (to check --min_views' dataset against the "
                         "container's)")
-    p.add_argument("--chunk", type=int, default=1 << 18, help="points per field call (bounds memory)")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="points per field call (bounds memory)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")
     return p
 

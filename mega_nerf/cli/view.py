@@ -13,7 +13,8 @@ def view_parser() -> configargparse.ArgParser:
                     "and camera paths for mega-nerf-render. Rays use the near/far/altitude range stored in the "
                     "container.")
     p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
-    p.add_argument("--host", type=str, default="0.0.0.0", help="address to serve on")
+    p.add_argument("--host", type=str, default="0.0.0.0",
+                   help="address of this machine to serve on (0.0.0.0: every one)")
     p.add_argument("--port", type=int, default=7007,
                    help="port to serve on (the next free one if taken; 0: any free port)")
     p.add_argument("--max_resolution", type=int, default=1920,
@@ -27,11 +28,13 @@ def view_parser() -> configargparse.ArgParser:
     p.add_argument("--point_resolution", type=int, default=128,
                    help="point cloud cells along the scene box's longest side (0: no point cloud)")
     p.add_argument("--path_file", type=str, default="viewer_path.txt",
-                   help="pose file the 'Save path' button writes (for mega-nerf-render --path)")
+                   help="pose file the 'Save path' button writes (for mega-nerf-render --path); it replaces "
+                        "only an earlier pose file")
     p.add_argument("--train_scale_factor", type=int, default=1,
                    help="the scale the submodules were trained at (to check the container's dataset)")
     p.add_argument("--ray_chunk", type=int, default=None,
                    help="rays rendered at once, bounds memory (default: 524288 on a GPU, 8192 on a CPU)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar while the point cloud is built")
     return p
 
 

@@ -9,10 +9,18 @@ import torch
 from mega_nerf.camera_path import camera_centres
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
-from mega_nerf.export import export_box, export_points, field_box
+from mega_nerf.export import (
+    DEFAULT_CHUNK,
+    DEFAULT_LAYERS,
+    check_export_memory,
+    export_box,
+    export_points,
+    field_box,
+    grid_shape,
+)
 from mega_nerf.merging.container import load_container
 from mega_nerf.viewer.scene import PREVIEW_SAMPLES, Scene, view_chunk
-from mega_nerf.viewer.server import Viewer, home_pose
+from mega_nerf.viewer.server import Viewer, check_address, check_path_file, home_pose
 
 
 @dataclass(frozen=True)
@@ -30,10 +38,12 @@ class ViewerConfig:
     path_file: str = "viewer_path.txt"  # where "Save path" writes the key poses
     train_scale_factor: int = 1  # the scale the submodules were trained at (checks the dataset)
     ray_chunk: int | None = None  # rays rendered at once; None: scene.view_chunk for the device
+    progress: bool = True  # a progress bar while the point cloud is built
 
 
 def check(config: ViewerConfig) -> None:
-    """One-line UserError for an option out of range."""
+    """One-line UserError, before anything slow, for an option out of range, a --path_file that "Save path"
+    would destroy, or a --host this machine cannot serve on."""
     for option in ("max_resolution", "train_scale_factor"):
         if getattr(config, option) < 1:
             raise UserError(f"--{option} must be at least 1, got {getattr(config, option)}")
@@ -45,6 +55,9 @@ def check(config: ViewerConfig) -> None:
         raise UserError(f"--preview_samples must be in (0, 1], got {config.preview_samples}")
     if config.point_resolution < 0 or (config.ray_chunk is not None and config.ray_chunk < 1):
         raise UserError("--point_resolution must be at least 0 and --ray_chunk at least 1")
+    check_path_file(config.path_file, {"--container_path": [config.container_path],
+                                       "--dataset_path": [config.dataset_path]})
+    check_address(config.host, config.port)
 
 
 def open_viewer(config: ViewerConfig) -> Viewer:
@@ -52,6 +65,10 @@ def open_viewer(config: ViewerConfig) -> Viewer:
     check(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     container, info = load_container(config.container_path, device)
+    box_min, box_max = export_box(container, info.altitude_range)
+    if config.point_resolution:
+        check_export_memory("--point_resolution", box_min, box_max, config.point_resolution, DEFAULT_LAYERS,
+                            DEFAULT_CHUNK, device)
     dataset = None
     if config.dataset_path is not None:
         dataset = load_checked_dataset(info, config.dataset_path, config.train_scale_factor,
@@ -60,9 +77,11 @@ def open_viewer(config: ViewerConfig) -> Viewer:
     scene = Scene(container, info.bounds, info.render, chunk, info.n_images, preview_samples=config.preview_samples)
     points = None
     if config.point_resolution:
-        box_min, box_max = export_box(container, info.altitude_range)
-        xyz, rgb = export_points(container, box_min, box_max, config.point_resolution)
-        points = xyz, rgb, float((box_max - box_min).max()) / config.point_resolution  # the export's cell size
+        spacing, counts = grid_shape(box_min, box_max, config.point_resolution)
+        print(f"point cloud: the top surfaces in a grid of {' x '.join(map(str, counts))} cells (--point_resolution "
+              f"{config.point_resolution}; 0: none)")
+        xyz, rgb = export_points(container, box_min, box_max, config.point_resolution, progress=config.progress)
+        points = xyz, rgb, spacing
     centres = None if dataset is None else camera_centres(dataset)
     box = tuple(t.double().numpy() for t in field_box(container))
     ground = None if info.altitude_range is None else info.altitude_range[1]

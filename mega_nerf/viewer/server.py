@@ -4,22 +4,28 @@ and a point cloud, with shared controls.
 Controls: what to show (rgb, depth, or the cells overlay of a container), the appearance embedding (the nearest
 camera's, as render_images chooses it, or one picked on a slider), whether to draw cameras and points, and a camera
 path: "Add key pose" keeps the browser's current view, "Save path" writes the key poses as a pose file
-(camera_path.POSE_FILE_FORMAT, 19 numbers a line at the first key's size) for `mega-nerf-render --path`.
+(camera_path.POSE_FILE_FORMAT, 19 numbers a line at the first key's size) for `mega-nerf-render --path`, atomically
+and only over a pose file (check_path_file, at start-up and again at each save).
 
 The scene is our normalised DRB world as it is; viser's up direction is -x (altitude grows with -x).
 """
 from __future__ import annotations
 
+import errno
+import socket
+import sys
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import viser
 
-from mega_nerf.camera_path import Pose, look_at, nearest_image, write_pose_file
+from mega_nerf.camera_path import Pose, look_at, nearest_image, read_pose_file, write_pose_file
 from mega_nerf.data.dataset import ImageMetadata
 from mega_nerf.errors import UserError
+from mega_nerf.io import check_output
 from mega_nerf.preview import TRAIN, frustum_corners
 from mega_nerf.viewer.camera import OVERLAYS, View, c2w_from_viser, full_size, lens
 from mega_nerf.viewer.loop import RenderLoop, Shown
@@ -27,6 +33,7 @@ from mega_nerf.viewer.scene import JPEG_QUALITY, Scene, cell_colour
 
 UP = (-1.0, 0.0, 0.0)  # normalised DRB: x points down
 FRUSTUM_SIZE = 0.03  # frustum depth, as a share of the cameras' horizontal extent
+BINARY_PROBE = 4096  # bytes read for a NUL before a file is read whole as a pose file (a container is no text)
 
 
 class Viewer:
@@ -138,6 +145,7 @@ class Viewer:
             return
         W, H = keys[0].width, keys[0].height
         try:
+            check_path_file(self.path_file)  # again: what was checked at start-up may have been replaced since
             write_pose_file(self.path_file, [Pose(k.c2w, lens(k.fov, W, H), (W, H), k.appearance) for k in keys])
         except UserError as e:  # a refused write: said in the browser and the terminal, the server goes on
             title, message = "Camera path not saved", str(e)
@@ -197,6 +205,56 @@ class Viewer:
         for client_id, loop in loops.items():
             if client_id in clients:
                 loop.submit(self.view_of(clients[client_id]))
+
+
+def is_pose_file(path: Path) -> bool:
+    """Whether `path` is a pose file that camera_path.read_pose_file reads (any appearance index), the only kind
+    of file "Save path" may replace. A file with a NUL in its first BINARY_PROBE bytes (a container, checkpoint,
+    params.pt, PNG) is not one and is not read further."""
+    try:
+        with open(path, "rb") as f:
+            if b"\0" in f.read(BINARY_PROBE):
+                return False
+        read_pose_file(path, sys.maxsize)
+    except (OSError, UserError):
+        return False
+    return True
+
+
+def check_path_file(path: str | Path, inputs: Mapping[str, Sequence[str | Path | None]] | None = None) -> None:
+    """One-line UserError naming --path_file where "Save path" would destroy something or could not write: one
+    of the command's `inputs` (option -> paths), a folder, an existing file that is not a pose file
+    (is_pose_file: a config.yaml, a container), or a path under a file."""
+    check_output(path, "--path_file", inputs or {}, "a pose file", is_pose_file)
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"--path_file {path}: {folder} is a file, not a folder; choose another path")
+
+
+def check_address(host: str, port: int) -> None:
+    """One-line UserError, before the server starts, for a --host this machine cannot serve on: a name that does
+    not resolve, or an address of another machine (viser would try a thousand ports on it, printing nothing and
+    never starting); or for a --port the user may not open. Each address the name resolves to is bound and closed,
+    as the server's socket would be. A port in use passes: the server takes the next free one."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: not a host name or address this machine can resolve ({e.strerror})") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server socket
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    continue
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    raise UserError(f"--port {port}: not allowed to serve on it ({e.strerror}; ports below 1024 "
+                                    "need root)") from None
+                raise UserError(f"--host {host}: cannot serve on {address[0]}, not an address of this machine "
+                                f"({e.strerror}; 0.0.0.0 serves on all of them)") from None
 
 
 def home_pose(centres: np.ndarray | None, box: tuple[np.ndarray, np.ndarray], ground: float | None
