@@ -13,6 +13,7 @@ as `<output>/camera_path.json` too, in the same world such a file is read in (`p
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,31 +25,44 @@ from tqdm import tqdm
 from mega_nerf.allocator import keep_freed_blocks
 from mega_nerf.data.dataset import Dataset, rotation_problem
 from mega_nerf.data.frames import Similarity, load_source_frame, read_similarity, to_source_map
-from mega_nerf.errors import UserError
+from mega_nerf.errors import Interrupted, UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.imaging import render_image, to_uint8
-from mega_nerf.io import atomic_path, atomic_write, check_free_space, remove_temp_files, write_png
+from mega_nerf.io import (
+    atomic_path,
+    atomic_write,
+    available_memory,
+    check_free_space,
+    check_not_in_dataset,
+    remove_temp_files,
+    write_png,
+)
 from mega_nerf.merging.container import Container, ContainerInfo, load_container
 from mega_nerf.nerfstudio import read_camera_path, write_camera_path
 from mega_nerf.render import default_chunk
-from mega_nerf.video import mp4_writer, video_problem
+from mega_nerf.video import MAX_SIDE, fps_problem, mp4_writer, size_problem, video_problem
 
 POSE_FILE_FORMAT = """\
 pose file (--path): one key pose per line; blank lines and lines starting with # are ignored. A line holds
     r00 r01 r02 t0  r10 r11 r12 t1  r20 r21 r22 t2  [fx fy cx cy W H]  [appearance]
-that is 12, 13, 18 or 19 numbers: the 3x4 camera-to-world matrix row by row, in the dataset's normalised DRB
-frame (x down, y right, z back; columns = the camera's right, up and back axes and its centre, as in the
-dataset's metadata/*.pt), then optionally the intrinsics in pixels and the image size, then optionally an
-appearance index (a dataset image, train and val counted together sorted by name, whose appearance
-embedding to use). Give intrinsics on every line or on none; without them the dataset's first image's are
-used. Without an appearance index a frame uses that of the dataset camera nearest its centre. Frames are
-spread evenly over the key poses (first and last included): centres and intrinsics linearly, rotations by
-spherical linear interpolation. Without --path the camera orbits the scene.
+that is 12, 13, 18 or 19 finite numbers: the 3x4 camera-to-world matrix row by row, in the dataset's normalised
+DRB frame (x down, y right, z back; columns = the camera's right, up and back axes and its centre, as in the
+dataset's metadata/*.pt), then optionally the intrinsics in pixels and the image size (whole numbers, the same
+on every line: one video has one frame size), then optionally an appearance index (a dataset image, train and
+val counted together sorted by name, whose appearance embedding to use). Give intrinsics on every line or on
+none; without them the dataset's first image's are used. Without an appearance index a frame uses that of the
+dataset camera nearest its centre. Frames are spread evenly over the key poses (first and last included):
+centres and intrinsics linearly, rotations by spherical linear interpolation. Without --path the camera orbits
+the scene.
 
-A --path ending in .json is a nerfstudio camera_path.json: its frames are rendered as they are (--frames is not
-used), in the world of --dataparser_transforms (nerfstudio's, from its training run) when given, else in the
-dataset's source world (COLMAP / transforms.json, from the dataset's dataparser_transforms.json) when it has
-one, else in the normalised DRB frame. <output>/camera_path.json is written in that same world."""
+A --path ending in .json is a nerfstudio camera_path.json of perspective cameras: its frames are rendered as
+they are (--frames is not used), in the world of --dataparser_transforms (nerfstudio's, from its training run)
+when given, else in the dataset's source world (COLMAP / transforms.json, from the dataset's
+dataparser_transforms.json) when it has one, else in the normalised DRB frame. <output>/camera_path.json is
+written in that same world.
+
+A rerun into the same --output replaces the earlier rendering there: its frames (<00000>.png names only), video
+and camera_path.json are removed once every check has passed, before the first frame is rendered."""
 WORLD_UP = np.array([-1.0, 0.0, 0.0])  # altitude grows with -x (DRB)
 LINE_LENGTHS = (12, 13, 18, 19)
 
@@ -71,7 +85,7 @@ def read_pose_file(path: Path, n_images: int) -> list[Pose]:
         text_lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not a text pose file (byte {e.start} is not UTF-8)") from None
-    poses = []
+    poses, first_line = [], 0
     for number, line in enumerate(text_lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):
@@ -80,9 +94,12 @@ def read_pose_file(path: Path, n_images: int) -> list[Pose]:
             values = [float(v) for v in text.split()]
         except ValueError:
             raise UserError(f"{path}:{number}: not a list of numbers") from None
-        if len(values) not in LINE_LENGTHS or not all(math.isfinite(v) for v in values):
-            raise UserError(f"{path}:{number}: expected 12, 13, 18 or 19 finite numbers (c2w row by row, "
+        if len(values) not in LINE_LENGTHS:
+            raise UserError(f"{path}:{number}: expected 12, 13, 18 or 19 numbers (c2w row by row, "
                             f"[fx fy cx cy W H], [appearance]), got {len(values)}")
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise UserError(f"{path}:{number}: number {bad + 1} is {text.split()[bad]}, not a finite number")
         c2w = np.array(values[:12]).reshape(3, 4)
         if rotation_problem(c2w[:, :3]) is not None:
             raise UserError(f"{path}:{number}: the rotation part of c2w is not a rotation")
@@ -91,11 +108,18 @@ def read_pose_file(path: Path, n_images: int) -> list[Pose]:
             pose.intrinsics, pose.size = np.array(values[12:16]), (int(values[16]), int(values[17]))
             if min(pose.size) < 1 or min(pose.intrinsics[:2]) <= 0:
                 raise UserError(f"{path}:{number}: focal lengths and image size must be positive")
+            if pose.size != (values[16], values[17]):
+                raise UserError(f"{path}:{number}: image size W H must be whole numbers of pixels, got "
+                                f"{values[16]:g} {values[17]:g}")
+            if poses and poses[0].size is not None and pose.size != poses[0].size:
+                raise UserError(f"{path}:{number}: image size {pose.size[0]}x{pose.size[1]} differs from line "
+                                f"{first_line}'s {poses[0].size[0]}x{poses[0].size[1]}; one video has one frame size")
         if len(values) in (13, 19):
             pose.appearance = int(values[-1])
             if values[-1] != pose.appearance or not 0 <= pose.appearance < n_images:
                 raise UserError(f"{path}:{number}: appearance index {values[-1]:g} is not an image index "
                                 f"(0 to {n_images - 1})")
+        first_line = first_line or number
         poses.append(pose)
     if not poses:
         raise UserError(f"{path}: holds no pose")
@@ -241,34 +265,118 @@ class PathConfig:
     progress: bool = True
 
 
+# What a rendering writes into --output besides frames/ (config.yaml: through record_options, by the command)
+WRITTEN = ("config.yaml", "camera_path.json", "video.mp4")
+FRAME_NAME = re.compile(r"[0-9]{5,}\.png")  # frame_name's: the frames of a rendering, and nothing else
+# Bytes a frame's render holds per pixel at its peak, counted from imaging.render_image and to_uint8: pixel,
+# column and row indices (int64, 24), directions and their temporaries (36), appearance indices (int64, 8),
+# near and far (8), rgb, depth and opacity gathered from the chunks and concatenated (40), the uint8 conversion's
+# copies (27): 143, rounded up.
+RENDER_BYTES_PER_PIXEL = 160
+
+
+def frame_name(f: int) -> str:
+    """The file name of frame `f` in `<output>/frames/`."""
+    return f"{f:05d}.png"
+
+
+def check_output_folder(config: PathConfig) -> None:
+    """One UserError line, before anything is read or written, for an --output that is a dataset or lies inside
+    one, or whose files (WRITTEN) would replace an input: `--path X/camera_path.json --output X` would overwrite
+    nerfstudio's file with ours, which keeps only the frames' cameras. --config_file is left out: a rerun reads
+    the folder's own config.yaml, which it then rewrites with the same options."""
+    check_not_in_dataset(config.output)
+    inputs = {"--path": config.path, "--container_path": config.container_path,
+              "--dataparser_transforms": config.dataparser_transforms}
+    for name in WRITTEN:
+        target = (Path(config.output) / name).resolve()
+        for option, given in inputs.items():
+            if given is not None and Path(given).resolve() == target:
+                raise UserError(f"--output {config.output}: this rendering's {name} would overwrite {option} "
+                                f"{given}; choose another --output")
+
+
+def check_frame_size(config: PathConfig, size: tuple[int, int], device: torch.device) -> None:
+    """One UserError line for frames of `size` (W, H) that the video writer cannot encode (video.size_problem)
+    or whose render would not fit in the memory free now (RENDER_BYTES_PER_PIXEL): torch's and ffmpeg's own
+    errors come mid-render or after it, naming no option."""
+    source = "the dataset's first image"
+    if config.height is not None:
+        source = f"--height {config.height}"
+    elif config.path is not None:
+        source = f"--path {config.path}"
+    W, H = size
+    if (problem := size_problem(size)) is not None:
+        raise UserError(f"frames of {W}x{H} ({source}): {problem}")
+    needed = RENDER_BYTES_PER_PIXEL * W * H
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    if free is not None and needed > free:
+        where = "GPU memory" if device.type == "cuda" else "memory"
+        raise UserError(f"frames of {W}x{H} ({source}): rendering one needs about {needed / 2 ** 30:,.1f} GiB of "
+                        f"{where}, {free / 2 ** 30:,.1f} GiB available; choose a smaller size")
+
+
+def clear_previous_rendering(output: Path) -> None:
+    """Remove what an earlier rendering left in `output` (its video.mp4 and camera_path.json first, then its
+    frames, by FRAME_NAME; nothing else), said in one line: a rerun with fewer frames, or one stopped part-way,
+    then never leaves old frames beside new ones or a video and camera path that no longer match them."""
+    old = [output / name for name in WRITTEN[1:] if (output / name).is_file()]
+    frames = sorted(p for p in (output / "frames").glob("*.png") if FRAME_NAME.fullmatch(p.name))
+    for path in [*old, *frames]:
+        path.unlink()
+    if old or frames:
+        removed = ", ".join([*(p.name for p in old), f"{len(frames)} frames"])
+        print(f"{output}: removed the previous rendering ({removed})")
+
+
 def render_images(config: PathConfig, on_ready: Callable[[], None] | None = None) -> Path:
-    """Render the path to `<output>/frames/` and `<output>/video.mp4`. Returns the video's path. `on_ready` is
-    called once the container, dataset and path have passed their checks (the command saves its options then)."""
+    """Render the path to `<output>/frames/` and `<output>/video.mp4`, replacing an earlier rendering there
+    (`clear_previous_rendering`). Returns the video's path. `on_ready` is called once the container, dataset, path
+    and frame size have passed their checks (the command saves its options then)."""
+    check_output_folder(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     keep_freed_blocks(device)  # each chunk's temporaries, reused (allocator.py)
     chunk = default_chunk(device) if config.ray_chunk is None else config.ray_chunk
     if config.frames < 1 or (config.height is not None and config.height < 1) or chunk < 1:
         raise UserError("--frames, --height and --ray_chunk must be positive")
+    if (problem := fps_problem(config.fps)) is not None:
+        raise UserError(f"--fps {config.fps:g}: {problem}")
+    if config.height is not None and config.height > MAX_SIDE:  # before anything is loaded
+        raise UserError(f"--height {config.height}: {size_problem((1, config.height))}")
     container, info = load_container(config.container_path, device)
     dataset = load_checked_dataset(info, config.dataset_path, config.train_scale_factor, 1)
     to_ours = path_frame(config.dataset_path, config.dataparser_transforms)
     poses = complete(path_poses(config, dataset, info.altitude_range, to_ours), dataset, config.height)
     output = Path(config.output)
+    check_frame_size(config, poses[0].size, device)
     W, H = poses[0].size
     check_free_space(output / "frames", 3 * W * H * len(poses))  # raw pixels: more than PNGs and MP4 take
     if on_ready is not None:
         on_ready()
     remove_temp_files(output)
     remove_temp_files(output / "frames")
-    video_path = output / "video.mp4"
-    # The MP4 is written under a temp name and renamed only once it holds every frame (io.atomic_path).
-    with (atomic_path(video_path, keep_suffix=True, check=lambda tmp: video_problem(tmp, len(poses))) as tmp,
-          mp4_writer(tmp, (W, H), config.fps) as write_video, torch.no_grad()):
-        for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=not config.progress)):
-            rgb = render_frame(container, info, pose, chunk)
-            write_png(output / "frames" / f"{f:05d}.png", rgb)
-            write_video(rgb)
+    clear_previous_rendering(output)
+    video_path = write_frames(output, poses, config, container, info, chunk)
     write_camera_path(output / "camera_path.json", [(p.c2w, p.intrinsics, p.size) for p in poses], config.fps,
                       None if to_ours is None else to_ours.inverse())
     print(f"wrote {len(poses)} frames to {output / 'frames'} and {video_path}")
+    return video_path
+
+
+def write_frames(output: Path, poses: list[Pose], config: PathConfig, container: Container, info: ContainerInfo,
+                 chunk: int) -> Path:
+    """Render every pose to `<output>/frames/<00000>.png` and, once it holds them all, `<output>/video.mp4`
+    (written under a temp name, io.atomic_path). Ctrl-C stops it in one line saying how many frames are there."""
+    video_path, done = output / "video.mp4", 0
+    try:
+        with (atomic_path(video_path, keep_suffix=True, check=lambda tmp: video_problem(tmp, len(poses))) as tmp,
+              mp4_writer(tmp, poses[0].size, config.fps) as write_video, torch.no_grad()):
+            for f, pose in enumerate(tqdm(poses, desc="render", unit="frame", disable=not config.progress)):
+                rgb = render_frame(container, info, pose, chunk)
+                write_png(output / "frames" / frame_name(f), rgb)
+                write_video(rgb)
+                done = f + 1
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {output / 'frames'} holds the first {done} of {len(poses)} frames; no "
+                          "video.mp4 or camera_path.json was written") from None
     return video_path

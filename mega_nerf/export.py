@@ -35,7 +35,7 @@ from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.fields.base import Field
-from mega_nerf.io import atomic_open
+from mega_nerf.io import atomic_open, available_memory
 from mega_nerf.merging.container import Container, load_container
 from mega_nerf.rays import Cameras
 
@@ -106,22 +106,6 @@ def export_memory(box_min: torch.Tensor, box_max: torch.Tensor, resolution: int,
     every column has a surface)."""
     _, (x, y, z) = grid_shape(box_min, box_max, resolution)
     return SLAB_CELL_BYTES * slab_rows([x, y, z], chunk) * x * z, POINT_BYTES * y * z * min(layers, x)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory this machine can give a process now (Linux's MemAvailable, else its free pages), or None
-    where the system does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # in kB
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # no such call or name here
-        return None
 
 
 def check_export_memory(option: str, box_min: torch.Tensor, box_max: torch.Tensor, resolution: int, layers: int,

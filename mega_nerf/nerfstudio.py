@@ -1,7 +1,8 @@
 """nerfstudio's camera path file (`camera_path.json`, written by its viewer, read by `ns-render camera-path`),
 read into and written from cameras of our normalised DRB frame.
 
-The file holds `render_width`, `render_height`, `fps`, `seconds`, `camera_type` ("perspective") and `camera_path`,
+The file holds `render_width`, `render_height`, `fps`, `seconds`, `camera_type` ("perspective"; nerfstudio's
+fisheye and equirectangular cameras are refused, as we render pinholes only) and `camera_path`,
 one entry per frame: `camera_to_world` (16 numbers, a 4x4 matrix row by row; OpenGL camera: right, up, back, as
 ours), `fov` (vertical field of view, degrees) and `aspect` (width / height). Its cameras are pinholes centred on
 the image with square pixels, so what we write keeps fy and the size, not fx, cx or cy.
@@ -12,6 +13,7 @@ or ours).
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -32,19 +34,45 @@ def _load(path: Path) -> dict:
     return data
 
 
+def _pixels(path: Path, key: str, value: object) -> int:
+    """A size field's value as a positive whole number of pixels (12.0 is 12); a one-line error naming the file
+    and the field otherwise (JSON's true, Infinity, 12.7 or 0 would become 1, an OverflowError, 12 or a
+    frame without pixels)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 1:
+        raise UserError(f"{path}: {key} must be a positive whole number of pixels, got {json.dumps(value)}")
+    return int(value)
+
+
+def _size(path: Path, data: dict) -> tuple[int, int]:
+    """(W, H) of a camera path: render_width, or the first frame's aspect times the height where it is absent."""
+    H = _pixels(path, "render_height", data.get("render_height"))
+    if "render_width" in data:
+        return _pixels(path, "render_width", data["render_width"]), H
+    aspect = data["camera_path"][0].get("aspect")  # read_camera_path found every frame a dict
+    if isinstance(aspect, bool) or not isinstance(aspect, (int, float)) or not 0 < aspect < math.inf:
+        raise UserError(f"{path}: needs render_width, or a positive aspect in its first frame, got "
+                        f"{json.dumps(aspect)}")
+    return _pixels(path, "render_width (render_height x aspect)", round(H * aspect)), H
+
+
 def read_camera_path(path: Path, to_ours: Similarity | None) -> list[PathCamera]:
-    """Every frame of a nerfstudio camera_path.json, in our normalised frame; one-line errors naming the file."""
+    """Every frame of a nerfstudio camera_path.json, in our normalised frame; one-line errors naming the file
+    (and the field, for the size and camera_type: only perspective cameras are rendered)."""
     data = _load(path)
     try:
-        H = int(data["render_height"])
-        W = int(data.get("render_width") or round(H * float(data["camera_path"][0]["aspect"])))
         c2w = np.array([f["camera_to_world"] for f in data["camera_path"]], np.float64).reshape(-1, 4, 4)[:, :3]
         fov = np.array([float(f["fov"]) for f in data["camera_path"]])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"{path}: needs render_height and, per frame, camera_to_world (16 numbers) and fov "
                         f"({type(e).__name__}: {e})") from None
-    if min(W, H) < 1 or not np.isfinite(c2w).all() or not ((fov > 0) & (fov < 180)).all():
-        raise UserError(f"{path}: image size, camera_to_world or fov out of range")
+    if not np.isfinite(c2w).all() or not ((fov > 0) & (fov < 180)).all():
+        raise UserError(f"{path}: camera_to_world or fov out of range")
+    camera_type = data.get("camera_type", "perspective")
+    if camera_type != "perspective":
+        raise UserError(f"{path}: camera_type {json.dumps(camera_type)} is not rendered (only \"perspective\" "
+                        "cameras are)")
+    W, H = _size(path, data)
     for i, m in enumerate(c2w):
         if rotation_problem(m[:, :3]) is not None:
             raise UserError(f"{path}: frame {i}: the rotation of camera_to_world is {rotation_problem(m[:, :3])}")

@@ -16,6 +16,30 @@ import numpy as np
 
 # libx264's constant rate factor: 0 lossless, 23 its default, 18 about visually lossless (ffmpeg's H.264 guide).
 VIDEO_CRF = 18
+# What the writer accepts, found by writing with imageio-ffmpeg's ffmpeg 9.0 (out of these bounds it fails only when
+# the video is closed, or writes another rate than asked, without naming the option):
+MAX_SIDE = 16384  # libx264 refuses a wider or taller (padded) frame
+MAX_AREA = (2 ** 31 - 1) // 8  # ffmpeg refuses a frame whose (W + 128) * (H + 128) is not below this
+# (av_image_check_size, checked on its raw input: 16384 x 16128 passes, 16384 x 16130 does not)
+MIN_FPS = 1e-4  # a frame every 2.8 hours; at 2e-5 the MP4 reads back at another rate, at 1e-5 not at all
+MAX_FPS = 1_001_000  # ffmpeg keeps a frame rate as a ratio of integers up to this and clamps a higher one to it
+
+
+def size_problem(size: tuple[int, int]) -> str | None:
+    """Why the writer cannot encode frames of `size` (W, H), or None: its limits, after padding to even sides."""
+    W, H = size[0] + size[0] % 2, size[1] + size[1] % 2
+    if max(W, H) > MAX_SIDE:
+        return f"an H.264 video frame is at most {MAX_SIDE} pixels a side"
+    if (W + 128) * (H + 128) >= MAX_AREA:
+        return f"ffmpeg refuses frames this large ((W + 128) x (H + 128) must be under {MAX_AREA:,})"
+    return None
+
+
+def fps_problem(fps: float) -> str | None:
+    """Why the writer cannot make a video of `fps` frames a second, or None."""
+    if not MIN_FPS <= fps <= MAX_FPS:
+        return f"the video's frame rate must lie between {MIN_FPS:g} and {MAX_FPS:,}"
+    return None
 
 
 @contextlib.contextmanager

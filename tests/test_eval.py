@@ -45,6 +45,7 @@ from mega_nerf.evaluation.metrics import SSIM_IMPLEMENTATION
 from mega_nerf.fields import build_field
 from mega_nerf.merging.container import Container, load_container
 from mega_nerf.merging.merge import merge_submodules
+from mega_nerf.nerfstudio import read_camera_path
 from mega_nerf.partition.cells import load_params
 from mega_nerf.rays import SceneBounds, image_rays, near_far
 from mega_nerf.render import render_in_chunks
@@ -313,7 +314,9 @@ IDENTITY = "1 0 0 0 0 1 0 0 0 0 1 0"
 
 
 @pytest.mark.parametrize("line, message", [
-    ("1 2 3", r"poses.txt:2: expected 12, 13, 18 or 19 finite numbers"),
+    ("1 2 3", r"poses.txt:2: expected 12, 13, 18 or 19 numbers"),
+    ("1 0 0 nan 0 1 0 0 0 0 1 0", r"poses.txt:2: number 4 is nan, not a finite number$"),
+
     ("2 0 0 0 0 1 0 0 0 0 1 0", r"poses.txt:2: the rotation part of c2w is not a rotation"),
     (f"{IDENTITY} 7", r"poses.txt:2: appearance index 7 is not an image index \(0 to 4\)"),
     (f"{IDENTITY} 50 50 32 24 64 48", r"poses.txt: give intrinsics .* on every line or on none"),
@@ -323,6 +326,45 @@ def test_pose_file_errors(tmp_path: Path, line: str, message: str) -> None:
     path = write_poses(tmp_path / "poses.txt", IDENTITY, line)
     with pytest.raises(UserError, match=message):
         read_pose_file(path, n_images=5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"render_height": float("inf")}, "render_height must be a positive whole number of pixels, got Infinity"),
+    ({"render_height": True}, "render_height must be a positive whole number of pixels, got true"),
+    ({"render_height": 12.7}, "render_height must be a positive whole number of pixels, got 12.7"),
+    ({"render_width": 0}, "render_width must be a positive whole number of pixels, got 0"),
+    ({"render_width": "16"}, "render_width must be a positive whole number of pixels, got \"16\""),
+    ({"render_width": None}, "render_width must be a positive whole number of pixels, got null"),
+    ({"camera_type": "fisheye"}, "camera_type \"fisheye\" is not rendered (only \"perspective\" cameras are)"),
+    ({"camera_type": "equirectangular"},
+     "camera_type \"equirectangular\" is not rendered (only \"perspective\" cameras are)"),
+])
+def test_a_camera_paths_size_and_camera_type_are_checked_field_by_field(tmp_path: Path, change: dict,
+                                                                        message: str) -> None:
+    """JSON's Infinity was an OverflowError, true a height of 1, 12.7 one of 12, a width of 0 the aspect's; other
+    camera types were rendered as perspective ones."""
+    frame = {"camera_to_world": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1], "fov": 50, "aspect": 4 / 3}
+    path = tmp_path / "camera_path.json"
+    path.write_text(json.dumps({"camera_type": "perspective", "render_height": 12, "camera_path": [frame]}))
+    assert read_camera_path(path, None)[0][2] == (16, 12)  # the width from the aspect
+    path.write_text(json.dumps({"camera_type": "perspective", "render_width": 16, "render_height": 12.0,
+                                "camera_path": [frame], **change}))
+    with pytest.raises(UserError) as refused:
+        read_camera_path(path, None)
+    assert str(refused.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("size, message", [
+    ("64.9 48", "poses.txt:3: image size W H must be whole numbers of pixels, got 64.9 48"),
+    ("32 24", "poses.txt:3: image size 32x24 differs from line 2's 64x48; one video has one frame size"),
+])
+def test_every_key_pose_has_one_whole_frame_size(tmp_path: Path, size: str, message: str) -> None:
+    """A width of 64.9 was cut to 64, and keys of another size were rendered at the first key's."""
+    path = write_poses(tmp_path / "poses.txt", "# keys", f"{IDENTITY} 50 50 32 24 64 48",
+                       f"{IDENTITY} 50 50 32 24 {size}")
+    with pytest.raises(UserError) as refused:
+        read_pose_file(path, n_images=5)
+    assert str(refused.value) == f"{tmp_path}/{message}"
 
 
 def test_a_pose_file_that_is_not_text_is_one_line(tmp_path: Path) -> None:

@@ -1,13 +1,15 @@
 """The H.264 MP4 of a camera path (mega_nerf/video.py), decoded back by ffmpeg and by OpenCV."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import cv2
 import imageio_ffmpeg
 import numpy as np
+import pytest
 
-from mega_nerf.video import mp4_writer, video_problem
+from mega_nerf.video import MAX_FPS, MAX_SIDE, MIN_FPS, fps_problem, mp4_writer, size_problem, video_problem
 
 # The frames below (65 x 47) decode at 39.4 to 40.2 dB (measured, CRF 18, yuv420p: the chroma is kept at half
 # resolution); the floor leaves room for another libx264 build and still fails on swapped colour channels
@@ -64,3 +66,44 @@ def test_video_problem_names_a_missing_frame_and_an_unreadable_file(tmp_path: Pa
     assert video_problem(path, 4) == "the video holds 3 of its 4 frames (disk full?)"
     path.write_bytes(path.read_bytes()[:200])  # cut short, as on a full disk
     assert video_problem(path, 3) is not None
+
+
+def write_black(path: Path, size: tuple[int, int], fps: float = 30.0, count: int = 1) -> None:
+    """`count` black frames of `size` (W, H) as a video."""
+    with mp4_writer(path, size, fps) as write:
+        for _ in range(count):
+            write(np.zeros((size[1], size[0], 3), np.uint8))
+
+
+def test_the_stated_size_limits_are_the_writers(tmp_path: Path) -> None:
+    """size_problem passes what the writer encodes and refuses what it fails on (only when the video is closed,
+    without an error of its own): libx264's side limit, written for real, and ffmpeg's area limit, where ffmpeg
+    opens its raw input (a frame that large would take seconds to encode)."""
+    write_black(tmp_path / "wide.mp4", (MAX_SIDE - 1, 16))  # padded to MAX_SIDE
+    assert video_problem(tmp_path / "wide.mp4", 1) is None and size_problem((MAX_SIDE - 1, 16)) is None
+    write_black(tmp_path / "wider.mp4", (MAX_SIDE + 2, 16))
+    assert video_problem(tmp_path / "wider.mp4", 1) is not None
+    assert "16384 pixels a side" in size_problem((MAX_SIDE + 1, 16))
+
+    def ffmpeg_refuses(W: int, H: int) -> bool:
+        result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "rawvideo", "-s", f"{W}x{H}",
+                                 "-pix_fmt", "rgb24", "-i", "/dev/null", "-f", "null", "-"], capture_output=True,
+                                text=True, timeout=60)
+        return "Picture size" in result.stderr
+    assert not ffmpeg_refuses(MAX_SIDE, 16128) and size_problem((MAX_SIDE, 16128)) is None
+    assert ffmpeg_refuses(MAX_SIDE, 16130) and "ffmpeg refuses" in size_problem((MAX_SIDE, 16130))
+
+
+def test_the_stated_frame_rates_are_the_writers(tmp_path: Path) -> None:
+    """fps_problem refuses rates that the writer turns into a video that cannot be read back (well under MIN_FPS)
+    or that has another rate (over MAX_FPS), and passes both bounds, which it writes as asked."""
+    for fps in (MIN_FPS, MAX_FPS):
+        write_black(tmp_path / "ok.mp4", (16, 12), fps, count=3)
+        assert cv2.VideoCapture(str(tmp_path / "ok.mp4")).get(cv2.CAP_PROP_FPS) == pytest.approx(fps)
+        assert video_problem(tmp_path / "ok.mp4", 3) is None and fps_problem(fps) is None
+    write_black(tmp_path / "fast.mp4", (16, 12), 10 * MAX_FPS)
+    assert cv2.VideoCapture(str(tmp_path / "fast.mp4")).get(cv2.CAP_PROP_FPS) == MAX_FPS  # not 10 x
+    write_black(tmp_path / "slow.mp4", (16, 12), MIN_FPS / 10, count=3)
+    assert video_problem(tmp_path / "slow.mp4", 3) is not None
+    for fps in (MIN_FPS / 10, 10 * MAX_FPS, float("nan"), 1e300):
+        assert fps_problem(fps) == f"the video's frame rate must lie between {MIN_FPS:g} and {MAX_FPS:,}"

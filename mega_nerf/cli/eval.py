@@ -8,18 +8,20 @@ from pathlib import Path
 
 import configargparse
 
-from mega_nerf.cli.options import base_parser, config_from_args, record_options
+from mega_nerf.cli.options import base_parser, config_from_args, record_options, refuse_container_options
 from mega_nerf.clock import PartsClock, process_start
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.evaluation.evaluate import EvalConfig, evaluate
+from mega_nerf.io import check_not_in_dataset
 from mega_nerf.lock import locked
 
 
 def eval_parser() -> configargparse.ArgParser:
     p = base_parser("Evaluate a merged container on the val images, optionally distributed. Rays use "
-                    "the near/far/altitude range stored in the container; --near, --far, --ray_altitude_range, "
-                    "--boundary_margin and --cluster_2d are not used.")
+                    "the near/far/altitude range stored in the container: --near, --far, --ray_altitude_range, "
+                    "--boundary_margin, --cluster_2d and --foreground_scale are read from a shared config file "
+                    "but refused on the command line.")
     p.add_argument("--exp_name", type=str, help="output directory (renders and metrics.json)")
     p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
     p.add_argument("--val_scale_factor", type=int, default=4,
@@ -47,9 +49,13 @@ def eval_config(args: configargparse.Namespace) -> EvalConfig:
     return config_from_args(EvalConfig, args, ("dataset_path", "exp_name", "container_path"))
 
 
-def config_from_argv(argv: list[str]) -> EvalConfig:
-    """An EvalConfig from command-line words, as `mega-nerf-eval` would build it (tests)."""
-    return eval_config(eval_parser().parse_args(argv))
+def config_from_argv(argv: list[str] | None) -> EvalConfig:
+    """An EvalConfig from command-line words (None: sys.argv's), as `mega-nerf-eval` builds it; the scene
+    options the container carries are refused on the command line (options.refuse_container_options)."""
+    parser = eval_parser()
+    args = parser.parse_args(argv)
+    refuse_container_options(parser, "evaluation")
+    return eval_config(args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     when /proc is missing)."""
     clock = PartsClock(process_start())
     clock.mark("start-up")  # the interpreter and the imports
-    config = eval_config(eval_parser().parse_args(argv))
+    config = config_from_argv(argv)
+    check_not_in_dataset(config.exp_name)  # before the lock, whose file lies beside the folder
     with locked({"--exp_name": [config.exp_name]}):
         evaluate(config, on_ready=lambda: record_options(config, Path(config.exp_name)), clock=clock)
 

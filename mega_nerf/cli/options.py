@@ -16,7 +16,7 @@ import yaml
 from mega_nerf.bounds import FOREGROUND_SCALE
 from mega_nerf.data.dataset import Coordinates
 from mega_nerf.errors import UserError
-from mega_nerf.io import atomic_write
+from mega_nerf.io import atomic_write, check_not_in_dataset
 from mega_nerf.rays import SceneBounds
 
 Config = TypeVar("Config")
@@ -45,6 +45,22 @@ def base_parser(description: str) -> configargparse.ArgParser:
                         help="the foreground box's horizontal extent over the cameras' (full field resolution "
                              "inside, the world beyond contracted); partition and training must agree")
     return parser
+
+
+# Scene options that the container carries from training and merging (ContainerInfo), so that a command
+# rendering through it never reads them: a shared config file may hold them, a command line that gives them is
+# refused (`refuse_container_options`) rather than ignored.
+CONTAINER_OPTIONS = ("near", "far", "ray_altitude_range", "boundary_margin", "cluster_2d", "foreground_scale")
+
+
+def refuse_container_options(parser: MegaNerfParser, command: str) -> None:
+    """One UserError line when the last parse took one of CONTAINER_OPTIONS from the command line; `command`
+    names what uses the container (e.g. 'rendering')."""
+    given = parser.command_line_dests()
+    for dest in CONTAINER_OPTIONS:
+        if dest in given:
+            raise UserError(f"{given[dest]}: {command} uses the container's own near/far bounds, altitude range "
+                            "and partition (stored when it was merged); leave it out")
 
 
 def require(value: object, option: str) -> None:
@@ -163,15 +179,21 @@ class MegaNerfParser(configargparse.ArgParser):
         validate_values(parsed, self.config_file_sources())
         return parsed, rest
 
+    def command_line_dests(self) -> dict[str, str]:
+        """The options the last parse took from the command line, under any spelling (a Mega-NeRF name, an
+        unambiguous prefix): dest -> the word as typed."""
+        sources = self.get_source_to_settings_dict()
+        words = [w.split("=", 1)[0] for w in sources.get("command_line", {}).get("", (None, []))[1]
+                 if w.startswith("--") and w != "--"]
+        return {action.dest: w for action in self._actions for name in action.option_strings for w in words
+                if name.startswith(w)}
+
     def config_file_sources(self) -> dict[str, str]:
         """'<file>: <key>' for each option the last parse took from a config file, so that an error names the line
         to mend. The command line wins over the file under any spelling of the option (a Mega-NeRF name writes the
         same value as ours, and argparse takes an unambiguous prefix), so such an option is left out."""
         sources = self.get_source_to_settings_dict()
-        words = [w.split("=", 1)[0] for w in sources.get("command_line", {}).get("", (None, []))[1]
-                 if w.startswith("--") and w != "--"]
-        given = {action.dest for action in self._actions for name in action.option_strings
-                 if any(name.startswith(w) for w in words)}
+        given = self.command_line_dests()
         return {action.dest: f"{source.split('|', 1)[1]}: {key}"
                 for source, settings in sources.items() if source.startswith("config_file|")
                 for key, (action, _) in settings.items() if action is not None and action.dest not in given}
@@ -318,9 +340,9 @@ def check_own_config(path: Path, keys: set[str]) -> None:
     """Refuse to replace a config.yaml that another command or a dataset wrote (one-line UserError): a run's
     output folder given as a dataset's, or a training run's given to eval, would lose the options kept there.
     Another command's is one holding options that another of our commands has and this one (`keys`) lacks; an
-    option since removed, or an unreadable file, does not make it so (a dataset folder holds coordinates.pt)."""
-    if (path.parent / "coordinates.pt").exists():
-        raise UserError(f"{path.parent}: a dataset's folder; give this run's output a folder of its own")
+    option since removed, or an unreadable file, does not make it so. A dataset's folder, or one inside it, is
+    refused too (io.check_not_in_dataset)."""
+    check_not_in_dataset(path.parent)
     if not path.is_file():
         return
     try:

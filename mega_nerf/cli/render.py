@@ -6,15 +6,17 @@ from pathlib import Path
 
 import configargparse
 
-from mega_nerf.camera_path import POSE_FILE_FORMAT, PathConfig, render_images
-from mega_nerf.cli.options import base_parser, config_from_args, record_options
+from mega_nerf.camera_path import POSE_FILE_FORMAT, PathConfig, check_output_folder, render_images
+from mega_nerf.cli.options import base_parser, config_from_args, record_options, refuse_container_options
 from mega_nerf.errors import run_cli
 from mega_nerf.lock import locked
 
 
 def render_parser() -> configargparse.ArgParser:
     p = base_parser("Render new views through a container along a camera path, to PNG frames and an MP4. Rays use "
-                    "the near/far/altitude range stored in the container.")
+                    "the near/far/altitude range stored in the container: --near, --far, --ray_altitude_range, "
+                    "--boundary_margin, --cluster_2d and --foreground_scale are read from a shared config file "
+                    "but refused on the command line.")
     p.epilog = POSE_FILE_FORMAT
     p.add_argument("--container_path", type=str, help="container file from scripts/merge_submodules.py")
     p.add_argument("--output", type=str, help="directory for frames/<00000>.png and video.mp4")
@@ -39,13 +41,18 @@ def path_config(args: configargparse.Namespace) -> PathConfig:
     return config_from_args(PathConfig, args, ("container_path", "dataset_path", "output"))
 
 
-def config_from_argv(argv: list[str]) -> PathConfig:
-    """A PathConfig from command-line words, as `mega-nerf-render` would build it (tests)."""
-    return path_config(render_parser().parse_args(argv))
+def config_from_argv(argv: list[str] | None) -> PathConfig:
+    """A PathConfig from command-line words (None: sys.argv's), as `mega-nerf-render` builds it; the scene
+    options the container carries are refused on the command line (options.refuse_container_options)."""
+    parser = render_parser()
+    args = parser.parse_args(argv)
+    refuse_container_options(parser, "rendering")
+    return path_config(args)
 
 
 def main(argv: list[str] | None = None) -> Path:
     config = config_from_argv(argv)
+    check_output_folder(config)  # before the lock, whose file lies beside the folder (render_images checks again)
     with locked({"--output": [config.output]}):
         return render_images(config, on_ready=lambda: record_options(config, Path(config.output)))
 

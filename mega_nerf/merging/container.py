@@ -259,11 +259,19 @@ def save_container(path: Path, state: dict[str, Any]) -> None:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """A container file's content, with one line for a missing file, a folder, a partition's params.pt or a
+    training checkpoint given in its place (each said as what it is), and one of another format or version."""
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a container file (give the .pt that scripts/merge_submodules.py "
+                        "wrote)")
     if not path.is_file():
         raise UserError(f"{path}: container file not found (made by scripts/merge_submodules.py)")
     state = load_torch(path, "container file")
     if isinstance(state, dict) and "optimizer" in state:
         raise UserError(f"{path}: a training checkpoint, not a container (merge with scripts/merge_submodules.py)")
+    if isinstance(state, dict) and "centroids" in state and "grid_dim" in state and "submodules" not in state:
+        raise UserError(f"{path}: a partition's params.pt (from scripts/create_cluster_masks.py), not a container "
+                        "(merge the trained cells with scripts/merge_submodules.py)")
     if not isinstance(state, dict) or state.get("kind") != KIND or state.get("version") != VERSION:
         raise UserError(f"{path}: not a container file of this version (expected version {VERSION})")
     return state
