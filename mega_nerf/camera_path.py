@@ -316,17 +316,35 @@ def check_frame_size(config: PathConfig, size: tuple[int, int], device: torch.de
                         f"{where}, {free / 2 ** 30:,.1f} GiB available; choose a smaller size")
 
 
-def clear_previous_rendering(output: Path) -> None:
-    """Remove what an earlier rendering left in `output` (its video.mp4 and camera_path.json first, then its
-    frames, by FRAME_NAME; nothing else), said in one line: a rerun with fewer frames, or one stopped part-way,
-    then never leaves old frames beside new ones or a video and camera path that no longer match them."""
+def previous_rendering(output: Path) -> list[Path]:
+    """What an earlier rendering would have left in `output`: its video.mp4 and camera_path.json, then its frames
+    (by FRAME_NAME), in the order clear_previous_rendering removes them."""
     old = [output / name for name in WRITTEN[1:] if (output / name).is_file()]
-    frames = sorted(p for p in (output / "frames").glob("*.png") if FRAME_NAME.fullmatch(p.name))
-    for path in [*old, *frames]:
+    return old + sorted(p for p in (output / "frames").glob("*.png") if FRAME_NAME.fullmatch(p.name))
+
+
+def check_previous_rendering(output: Path) -> bool:
+    """Whether `output` holds an earlier rendering of ours to replace: files of a rendering's names (WRITTEN,
+    FRAME_NAME) beside the config.yaml the command saved (record_options refuses another command's). The same
+    names without it are another tool's (ffmpeg's numbered frames, nerfstudio's camera path): one UserError line,
+    for nothing of theirs is removed."""
+    found = previous_rendering(output)
+    if found and not (output / "config.yaml").is_file():
+        raise UserError(f"--output {output}: holds {found[0].relative_to(output)} and other files of a rendering's "
+                        "names that no rendering of ours wrote (no config.yaml); choose another --output")
+    return bool(found)
+
+
+def clear_previous_rendering(output: Path) -> None:
+    """Remove an earlier rendering of ours from `output` (previous_rendering; nothing else), said in one line: a
+    rerun with fewer frames, or one stopped part-way, then never leaves old frames beside new ones or a video
+    and camera path that no longer match them."""
+    found = previous_rendering(output)
+    for path in found:
         path.unlink()
-    if old or frames:
-        removed = ", ".join([*(p.name for p in old), f"{len(frames)} frames"])
-        print(f"{output}: removed the previous rendering ({removed})")
+    frames = sum(p.parent.name == "frames" for p in found)
+    removed = ", ".join([*(p.name for p in found if p.parent == output), f"{frames} frames"])
+    print(f"{output}: removed the previous rendering ({removed})")
 
 
 def render_images(config: PathConfig, on_ready: Callable[[], None] | None = None) -> Path:
@@ -350,12 +368,14 @@ def render_images(config: PathConfig, on_ready: Callable[[], None] | None = None
     output = Path(config.output)
     check_frame_size(config, poses[0].size, device)
     W, H = poses[0].size
+    replace = check_previous_rendering(output)  # before on_ready writes the config.yaml it looks for
     check_free_space(output / "frames", 3 * W * H * len(poses))  # raw pixels: more than PNGs and MP4 take
     if on_ready is not None:
         on_ready()
     remove_temp_files(output)
     remove_temp_files(output / "frames")
-    clear_previous_rendering(output)
+    if replace:
+        clear_previous_rendering(output)
     video_path = write_frames(output, poses, config, container, info, chunk)
     write_camera_path(output / "camera_path.json", [(p.c2w, p.intrinsics, p.size) for p in poses], config.fps,
                       None if to_ours is None else to_ours.inverse())

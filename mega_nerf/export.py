@@ -12,7 +12,8 @@ if at least K training images have it inside their view: regions few cameras see
 a briefly trained model leaves its fog (tests/test_export.py, bench/RESULTS.md). That dataset must be the one the
 container was trained on (its fingerprint, taken at `--train_scale_factor`), checked before the export begins.
 
-    python scripts/export_ply.py --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D]
+    python scripts/export_ply.py --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D \
+        --train_scale_factor 4]
 
 Points are written in normalised DRB, in real-world DRB metres (`--real_units`) or in the COLMAP / transforms.json
 world the dataset was converted from (`--source_frame`, through its dataparser_transforms.json).

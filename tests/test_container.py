@@ -417,6 +417,10 @@ def test_merge_refuses_the_params_of_another_partition(tmp_path: Path, fields: l
         merge(tmp_path / "B")
     config.write_text(f"cluster_mask_path: {tmp_path / 'B' / '1'}\n")  # trained on that very folder: trusted
     merge(tmp_path / "B")
+    config.write_text("cluster_mask_path: B/1\n")  # relative to where that run started, unknown here: not trusted
+    with pytest.raises(UserError, match=refused + r"give --centroid_path the params.pt of the masks it was trained "
+                                                  r"with \(--cluster_mask_path B/1, relative to where it ran\)$"):
+        merge(tmp_path / "B")
     config.write_text(f"cluster_mask_path: {trained}\n")
     shutil.copy(trained / "000.mask", tmp_path / "B" / "1" / "000.mask")
     merge(tmp_path / "B")

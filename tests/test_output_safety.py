@@ -189,6 +189,23 @@ def test_a_rerun_replaces_the_previous_rendering_and_nothing_else(
     assert all(path.read_bytes() == b"not ours" for path in others)
 
 
+def test_a_folder_of_another_tools_frames_and_video_is_refused_untouched(
+        tiny_city: Path, city_container: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """ffmpeg's numbered frames and a video of our names, without the config.yaml a rendering of ours saves beside
+    them, are another tool's: refused in one line before anything is written, every file as it was."""
+    out = tmp_path / "render"
+    theirs = [out / "frames" / "00001.png", out / "video.mp4"]
+    for path in theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"theirs")
+    line = refusal(render_cli.main, test_safety.render_args(tiny_city, city_container, out, frames=2), capsys)
+    assert line == (f"error: --output {out}: holds video.mp4 and other files of a rendering's names that no "
+                    "rendering of ours wrote (no config.yaml); choose another --output")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["frames", "frames/00001.png",
+                                                                               "video.mp4"]
+    assert all(path.read_bytes() == b"theirs" for path in theirs)
+
+
 def test_an_interrupted_rerun_leaves_no_old_frame_or_video_and_says_so(
         tiny_city: Path, city_container: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture) -> None:

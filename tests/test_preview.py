@@ -119,14 +119,15 @@ def test_preview_script(dataset: Path, partition: Path, tmp_path: Path) -> None:
 
 
 def test_huge_size_is_one_line(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A --size whose image would not fit in memory is refused by name before numpy asks for it (its MemoryError
-    would end the command in a traceback)."""
+    """A --size past the largest useful image is refused by name before numpy asks for it (at 1000000 its
+    MemoryError would end the command in a traceback)."""
     out = tmp_path / "p.png"
     with pytest.raises(SystemExit) as ended:
         run_cli(lambda: preview_main([str(dataset), "--output", str(out), "--size", "1000000"]))
     assert ended.value.code == 2
     assert capsys.readouterr().err == ("error: --size must be at most 8192, got 1000000: its 2000000x1000000 image "
-                                       "would take 5587.9 GiB (3 bytes a pixel)\n")
+                                       "would be wider than many viewers draw, with no more detail (its dots, lines "
+                                       "and text have fixed pixel sizes)\n")
     assert not out.exists()
 
 

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{size_name} must be positive, got {args.size}")
     if args.size > MAX_PREVIEW_SIZE:  # before numpy asks for the image (and raises MemoryError)
         raise UserError(f"{size_name} must be at most {MAX_PREVIEW_SIZE}, got {args.size}: its {2 * args.size}x"
-                        f"{args.size} image would take {6 * args.size ** 2 / 2 ** 30:.1f} GiB (3 bytes a pixel)")
+                        f"{args.size} image would be wider than many viewers draw, with no more detail (its dots, "
+                        "lines and text have fixed pixel sizes)")
     dataset = args.dataset or args.dataset_path
     require(dataset, "dataset_path")
     output = Path(args.output or Path(dataset) / "preview.png")

@@ -88,11 +88,16 @@ def check_partition(subs: list[Submodule | None], params_path: Path) -> None:
             continue
         cell_dir = params_path.parent / str(s.cell)
         trained = _trained_masks(s)
-        if not cell_dir.is_dir() or (trained is not None and trained.resolve() == cell_dir.resolve()):
+        # A relative path was relative to where the run started, not to here: only an absolute one is trusted.
+        if not cell_dir.is_dir() or (trained is not None and trained.is_absolute()
+                                       and trained.resolve() == cell_dir.resolve()):
             continue
         if masks_fingerprint(cell_dir) != s.state["masks"]:
-            hint = (f"; it was trained with --cluster_mask_path {trained}: give --centroid_path {trained.parent}"
-                    if trained is not None else "; give --centroid_path the params.pt of the masks it was trained with")
+            hint = "; give --centroid_path the params.pt of the masks it was trained with"
+            if trained is not None and trained.is_absolute():
+                hint = f"; it was trained with --cluster_mask_path {trained}: give --centroid_path {trained.parent}"
+            elif trained is not None:
+                hint += f" (--cluster_mask_path {trained}, relative to where it ran)"
             raise UserError(f"{params_path}: not the partition the submodules were trained on (submodule {s.cell}, "
                             f"{s.path}, was trained with other masks than {cell_dir}){hint}")
 
