@@ -8,7 +8,7 @@ from pathlib import Path
 
 import configargparse
 
-from mega_nerf.cli.options import base_parser, config_from_args, record_options, refuse_container_options
+from mega_nerf.cli.options import base_parser, config_from_args, parse_through_container, record_options
 from mega_nerf.clock import PartsClock, process_start
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
@@ -51,11 +51,8 @@ def eval_config(args: configargparse.Namespace) -> EvalConfig:
 
 def config_from_argv(argv: list[str] | None) -> EvalConfig:
     """An EvalConfig from command-line words (None: sys.argv's), as `mega-nerf-eval` builds it; the scene
-    options the container carries are refused on the command line (options.refuse_container_options)."""
-    parser = eval_parser()
-    args = parser.parse_args(argv)
-    refuse_container_options(parser, "evaluation")
-    return eval_config(args)
+    options the container carries are refused on the command line (options.parse_through_container)."""
+    return eval_config(parse_through_container(eval_parser(), argv, "evaluation"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,18 +49,22 @@ def base_parser(description: str) -> configargparse.ArgParser:
 
 # Scene options that the container carries from training and merging (ContainerInfo), so that a command
 # rendering through it never reads them: a shared config file may hold them, a command line that gives them is
-# refused (`refuse_container_options`) rather than ignored.
+# refused (`parse_through_container`) rather than ignored.
 CONTAINER_OPTIONS = ("near", "far", "ray_altitude_range", "boundary_margin", "cluster_2d", "foreground_scale")
 
 
-def refuse_container_options(parser: MegaNerfParser, command: str) -> None:
-    """One UserError line when the last parse took one of CONTAINER_OPTIONS from the command line; `command`
-    names what uses the container (e.g. 'rendering')."""
+def parse_through_container(parser: MegaNerfParser, argv: list[str] | None, command: str
+                            ) -> configargparse.Namespace:
+    """`parser`'s options from `argv` (None: sys.argv's) for a command that renders through a container, with
+    one UserError line when the command line gives one of CONTAINER_OPTIONS; `command` names what uses the
+    container (e.g. 'rendering')."""
+    args = parser.parse_args(argv)
     given = parser.command_line_dests()
     for dest in CONTAINER_OPTIONS:
         if dest in given:
             raise UserError(f"{given[dest]}: {command} uses the container's own near/far bounds, altitude range "
                             "and partition (stored when it was merged); leave it out")
+    return args
 
 
 def require(value: object, option: str) -> None:

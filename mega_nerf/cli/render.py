@@ -7,7 +7,7 @@ from pathlib import Path
 import configargparse
 
 from mega_nerf.camera_path import POSE_FILE_FORMAT, PathConfig, check_output_folder, render_images
-from mega_nerf.cli.options import base_parser, config_from_args, record_options, refuse_container_options
+from mega_nerf.cli.options import base_parser, config_from_args, parse_through_container, record_options
 from mega_nerf.errors import run_cli
 from mega_nerf.lock import locked
 
@@ -43,11 +43,8 @@ def path_config(args: configargparse.Namespace) -> PathConfig:
 
 def config_from_argv(argv: list[str] | None) -> PathConfig:
     """A PathConfig from command-line words (None: sys.argv's), as `mega-nerf-render` builds it; the scene
-    options the container carries are refused on the command line (options.refuse_container_options)."""
-    parser = render_parser()
-    args = parser.parse_args(argv)
-    refuse_container_options(parser, "rendering")
-    return path_config(args)
+    options the container carries are refused on the command line (options.parse_through_container)."""
+    return path_config(parse_through_container(render_parser(), argv, "rendering"))
 
 
 def main(argv: list[str] | None = None) -> Path:
