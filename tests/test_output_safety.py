@@ -26,6 +26,7 @@ from mega_nerf.cli import eval as eval_cli
 from mega_nerf.cli import export as export_cli
 from mega_nerf.cli import merge as merge_cli
 from mega_nerf.cli import render as render_cli
+from mega_nerf.cli import train as train_cli
 from mega_nerf.cli.preview import cameras_main
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.merging.container import load_container
@@ -230,8 +231,9 @@ def test_an_interrupted_rerun_leaves_no_old_frame_or_video_and_says_so(
 
 def test_render_and_eval_refuse_a_folder_inside_a_dataset(tiny_city: Path, city_container: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
-    """A dataset's split folders are refused as outputs like its root, before a lock file is written beside
-    them; the dataset is a copy, so that a refusal that failed would not damage the session's fixture."""
+    """A dataset's split folders are refused as render's, eval's and train's outputs like its root, before a lock
+    file is written beside them; the dataset is a copy, so that a refusal that failed would not damage the
+    session's fixture."""
     data = tmp_path / "data"
     shutil.copytree(tiny_city, data)
     before = listing(data)
@@ -244,6 +246,11 @@ def test_render_and_eval_refuse_a_folder_inside_a_dataset(tiny_city: Path, city_
     line = refusal(eval_cli.main, argv, capsys)
     assert line == f"error: {data / 'val'}: inside the dataset {data}'s val images; give this run's output a folder " \
                    "of its own"
+    argv = ["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(data), "--exp_name",
+            str(data / "train" / "exp"), *test_safety.SMALL]
+    line = refusal(train_cli.main, argv, capsys)
+    assert line == f"error: {data / 'train' / 'exp'}: inside the dataset {data}'s train images; give this run's " \
+                   "output a folder of its own"
     assert listing(data) == before
 
 

@@ -15,6 +15,7 @@ from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
 from mega_nerf.fields.encoding import SH_DEGREE
+from mega_nerf.io import check_not_in_dataset
 from mega_nerf.lock import locked
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.trainer import Trainer
@@ -152,6 +153,7 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     args = train_parser().parse_args(argv)
     config = train_config(args)
+    check_not_in_dataset(config.exp_name)  # before the lock, whose file lies beside the folder
     with locked({"--exp_name": [config.exp_name], "--chunk_paths": list(config.chunk_paths)}):
         trainer = Trainer(config, started=process_start(),
                           on_ready=lambda: record_options(config, Path(config.exp_name)))
