@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.allocator import keep_freed_blocks
-from mega_nerf.data.dataset import Dataset, rotation_problem
+from mega_nerf.data.dataset import Dataset, check_not_in_dataset, rotation_problem
 from mega_nerf.data.frames import Similarity, load_source_frame, read_similarity, to_source_map
 from mega_nerf.errors import Interrupted, UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
@@ -33,7 +33,6 @@ from mega_nerf.io import (
     atomic_write,
     available_memory,
     check_free_space,
-    check_not_in_dataset,
     remove_temp_files,
     write_png,
 )

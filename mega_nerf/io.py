@@ -12,8 +12,7 @@ which `remove_temp_files` deletes when the command that owns the folder runs aga
 
 Before a large write the free space is checked (`check_free_space`), and every operating-system error of a
 write becomes one `UserError` line naming the path, and for a full disk the bytes needed (`write_error`). An
-output is refused before anything is written where it would destroy an input (`check_output`), and an output
-folder where it is a dataset or lies inside one (`check_not_in_dataset`).
+output is refused before anything is written where it would destroy an input (`check_output`).
 """
 from __future__ import annotations
 
@@ -49,7 +48,6 @@ _REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota e
             errno.EEXIST: "a folder above it is a file",  # from mkdir, the only call that raises it here and in lock.py
             errno.ENAMETOOLONG: "name too long"}
 Check = Callable[[Path], "str | None"]  # a written temp file -> what is wrong with it, or None
-DATASET_MARK = "coordinates.pt"  # every Mega-NeRF dataset's root holds it (data/dataset.py)
 
 
 def process_alive(pid: int) -> bool:
@@ -293,30 +291,6 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # no such call or name here
         return None
-
-
-DATASET_SPLITS = ("train", "val")  # a dataset's folders of images and metadata (data/dataset.py)
-
-
-def dataset_holding(path: str | os.PathLike) -> Path | None:
-    """The dataset folder (one holding DATASET_MARK) that is `path` or a folder above it, or None."""
-    path = Path(path).resolve()
-    return next((folder for folder in (path, *path.parents) if (folder / DATASET_MARK).exists()), None)
-
-
-def check_not_in_dataset(folder: str | os.PathLike) -> None:
-    """One UserError line before anything is written when an output `folder` is a dataset's own folder or lies in
-    one of its splits (DATASET_SPLITS: their images and metadata belong to a converter or a generator, and a
-    loader lists what is there). Other folders inside a dataset (a user's runs beside the data) pass."""
-    dataset = dataset_holding(folder)
-    if dataset is None:
-        return
-    inside = Path(folder).resolve().relative_to(dataset).parts
-    if not inside:
-        raise UserError(f"{folder}: a dataset's folder; give this run's output a folder of its own")
-    if inside[0] in DATASET_SPLITS:
-        raise UserError(f"{folder}: inside the dataset {dataset}'s {inside[0]} images; give this run's output a "
-                        "folder of its own")
 
 
 def check_output(output: str | os.PathLike, option: str, inputs: Mapping[str, Sequence[str | os.PathLike | None]],

@@ -16,7 +16,13 @@ import pytest
 import torch
 
 import mega_nerf.errors
-from mega_nerf.data.dataset import load_dataset, write_coordinates, write_image
+from mega_nerf.data.dataset import (
+    check_not_in_dataset,
+    dataset_holding,
+    load_dataset,
+    write_coordinates,
+    write_image,
+)
 from mega_nerf.errors import UserError, end_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,3 +373,23 @@ def test_metadata_that_is_not_a_plain_torch_file_is_one_line(tmp_path, content):
     with pytest.raises(UserError) as error:
         load_dataset(tmp_path)
     assert str(error.value).startswith(f"{meta}: unreadable or truncated torch file") and "\n" not in str(error.value)
+
+
+def test_a_folder_inside_a_dataset_is_refused_as_an_output(tmp_path: Path) -> None:
+    """A dataset (a folder holding coordinates.pt) and every folder in its splits, existing or not, are refused in
+    one line naming the dataset; a folder beside it, or beside its splits inside it, passes."""
+    data = tmp_path / "data"
+    (data / "train" / "rgbs").mkdir(parents=True)
+    (data / "coordinates.pt").write_bytes(b"")
+    with pytest.raises(UserError) as refused:
+        check_not_in_dataset(data)
+    assert str(refused.value) == f"{data}: a dataset's folder; give this run's output a folder of its own"
+    for inside, split in ((data / "train" / "rgbs", "train"), (data / "val", "val"),
+                          (data / "exp" / ".." / "train" / "x", "train")):
+        with pytest.raises(UserError) as refused:
+            check_not_in_dataset(inside)
+        assert str(refused.value) == f"{inside}: inside the dataset {data}'s {split} images; give this run's " \
+                                     "output a folder of its own"
+    check_not_in_dataset(tmp_path / "render")
+    check_not_in_dataset(data / "runs" / "render")
+    assert dataset_holding(tmp_path / "render") is None and dataset_holding(data / "val" / "x") == data

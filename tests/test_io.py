@@ -158,23 +158,3 @@ def test_stale_temp_files_of_dead_runs_only_are_removed(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     io.remove_temp_files(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
-
-
-def test_a_folder_inside_a_dataset_is_refused_as_an_output(tmp_path: Path) -> None:
-    """A dataset (a folder holding coordinates.pt) and every folder in its splits, existing or not, are refused in
-    one line naming the dataset; a folder beside it, or beside its splits inside it, passes."""
-    data = tmp_path / "data"
-    (data / "train" / "rgbs").mkdir(parents=True)
-    (data / "coordinates.pt").write_bytes(b"")
-    with pytest.raises(UserError) as refused:
-        io.check_not_in_dataset(data)
-    assert str(refused.value) == f"{data}: a dataset's folder; give this run's output a folder of its own"
-    for inside, split in ((data / "train" / "rgbs", "train"), (data / "val", "val"),
-                          (data / "exp" / ".." / "train" / "x", "train")):
-        with pytest.raises(UserError) as refused:
-            io.check_not_in_dataset(inside)
-        assert str(refused.value) == f"{inside}: inside the dataset {data}'s {split} images; give this run's " \
-                                     "output a folder of its own"
-    io.check_not_in_dataset(tmp_path / "render")
-    io.check_not_in_dataset(data / "runs" / "render")
-    assert io.dataset_holding(tmp_path / "render") is None and io.dataset_holding(data / "val" / "x") == data

@@ -10,10 +10,9 @@ import configargparse
 
 from mega_nerf.cli.options import base_parser, config_from_args, parse_through_container, record_options
 from mega_nerf.clock import PartsClock, process_start
-from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
+from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS, check_not_in_dataset
 from mega_nerf.errors import run_cli
 from mega_nerf.evaluation.evaluate import EvalConfig, evaluate
-from mega_nerf.io import check_not_in_dataset
 from mega_nerf.lock import locked
 
 

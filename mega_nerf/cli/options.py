@@ -14,9 +14,9 @@ import configargparse
 import yaml
 
 from mega_nerf.bounds import FOREGROUND_SCALE
-from mega_nerf.data.dataset import Coordinates
+from mega_nerf.data.dataset import Coordinates, check_not_in_dataset
 from mega_nerf.errors import UserError
-from mega_nerf.io import atomic_write, check_not_in_dataset
+from mega_nerf.io import atomic_write
 from mega_nerf.rays import SceneBounds
 
 Config = TypeVar("Config")
@@ -345,7 +345,7 @@ def check_own_config(path: Path, keys: set[str]) -> None:
     output folder given as a dataset's, or a training run's given to eval, would lose the options kept there.
     Another command's is one holding options that another of our commands has and this one (`keys`) lacks; an
     option since removed, or an unreadable file, does not make it so. A dataset's folder, or one inside it, is
-    refused too (io.check_not_in_dataset)."""
+    refused too (data.dataset.check_not_in_dataset)."""
     check_not_in_dataset(path.parent)
     if not path.is_file():
         return

@@ -11,11 +11,10 @@ import configargparse
 
 from mega_nerf.cli.options import base_parser, config_from_args, record_options, true_or_false
 from mega_nerf.clock import process_start
-from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS
+from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS, check_not_in_dataset
 from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
 from mega_nerf.fields.encoding import SH_DEGREE
-from mega_nerf.io import check_not_in_dataset
 from mega_nerf.lock import locked
 from mega_nerf.training.config import TrainConfig
 from mega_nerf.training.trainer import Trainer

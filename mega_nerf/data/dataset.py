@@ -23,6 +23,7 @@ from mega_nerf.errors import UserError
 from mega_nerf.io import load_torch, save_torch_atomic, write_bgr
 
 SPLITS = ("train", "val")
+COORDINATES = "coordinates.pt"  # every Mega-NeRF dataset's root holds it
 # Evaluation protocols: Mega-NeRF's trains the left half of each val image and scores the right half; strict trains
 # no pixel of a val image, scores it whole and renders it with the nearest training image's appearance.
 MEGA_NERF, STRICT = "mega-nerf", "strict"
@@ -151,7 +152,7 @@ def numbers(file: Path, key: str, value: object) -> torch.Tensor:
 
 def load_coordinates(path: Path) -> Coordinates:
     """Read `coordinates.pt`, checking its keys and values."""
-    file = Path(path) / "coordinates.pt"
+    file = Path(path) / COORDINATES
     if not file.is_file():
         raise UserError(f"{file}: missing (every Mega-NeRF dataset has coordinates.pt)")
     data = load_torch(file, "torch file")
@@ -305,7 +306,7 @@ def read_image(path: Path, W: int, H: int, scale_factor: int = 1, intrinsics: to
 
 def write_coordinates(path: str | os.PathLike, origin_drb: torch.Tensor, pose_scale_factor: float) -> None:
     save_torch_atomic({"origin_drb": torch.as_tensor(origin_drb, dtype=torch.float64),
-                       "pose_scale_factor": float(pose_scale_factor)}, Path(path) / "coordinates.pt")
+                       "pose_scale_factor": float(pose_scale_factor)}, Path(path) / COORDINATES)
 
 
 def write_image(path: str | os.PathLike, split: str, name: str, rgb: np.ndarray, intrinsics: torch.Tensor,
@@ -320,3 +321,24 @@ def write_image(path: str | os.PathLike, split: str, name: str, rgb: np.ndarray,
     if distortion is not None:
         meta["distortion"] = torch.as_tensor(distortion, dtype=torch.float32)
     save_torch_atomic(meta, root / "metadata" / f"{name}.pt")
+
+
+def dataset_holding(path: str | os.PathLike) -> Path | None:
+    """The dataset folder (one holding COORDINATES) that is `path` or a folder above it, or None."""
+    path = Path(path).resolve()
+    return next((folder for folder in (path, *path.parents) if (folder / COORDINATES).exists()), None)
+
+
+def check_not_in_dataset(folder: str | os.PathLike) -> None:
+    """One UserError line before anything is written when an output `folder` is a dataset's own folder or lies in
+    one of its SPLITS (their images and metadata belong to a converter or a generator, and a loader lists what is
+    there). Other folders inside a dataset (a user's runs beside the data) pass."""
+    dataset = dataset_holding(folder)
+    if dataset is None:
+        return
+    inside = Path(folder).resolve().relative_to(dataset).parts
+    if not inside:
+        raise UserError(f"{folder}: a dataset's folder; give this run's output a folder of its own")
+    if inside[0] in SPLITS:
+        raise UserError(f"{folder}: inside the dataset {dataset}'s {inside[0]} images; give this run's output a "
+                        "folder of its own")
