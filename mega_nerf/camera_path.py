@@ -31,8 +31,8 @@ from mega_nerf.imaging import render_image, to_uint8
 from mega_nerf.io import (
     atomic_path,
     atomic_write,
-    available_memory,
     check_free_space,
+    free_memory,
     remove_temp_files,
     write_png,
 )
@@ -308,9 +308,8 @@ def check_frame_size(config: PathConfig, size: tuple[int, int], device: torch.de
     if (problem := size_problem(size)) is not None:
         raise UserError(f"frames of {W}x{H} ({source}): {problem}")
     needed = RENDER_BYTES_PER_PIXEL * W * H
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    where, free = free_memory(device)
     if free is not None and needed > free:
-        where = "GPU memory" if device.type == "cuda" else "memory"
         raise UserError(f"frames of {W}x{H} ({source}): rendering one needs about {needed / 2 ** 30:,.1f} GiB of "
                         f"{where}, {free / 2 ** 30:,.1f} GiB available; choose a smaller size")
 

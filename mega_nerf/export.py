@@ -9,8 +9,9 @@ drops the insides of buildings and the ground beneath them. With `density_thresh
 its own density reaches the threshold (first `layers` such cells per column). Colours are the field's, looking
 straight down (+x) with one appearance index. With `--min_views K` (and the training dataset) a point is kept only
 if at least K training images have it inside their view: regions few cameras see are guesses, and that is where
-a briefly trained model leaves its fog (tests/test_export.py, bench/RESULTS.md). That dataset must be the one the
-container was trained on (its fingerprint, taken at `--train_scale_factor`), checked before the export begins.
+a briefly trained model leaves its fog (tests/test_export.py, bench/RESULTS.md). That dataset, and the one whose
+coordinates.pt `--real_units` reads, must be the one the container was trained on (its fingerprint, taken at
+`--train_scale_factor`), checked before the export begins.
 
     python scripts/export_ply.py --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D \
         --train_scale_factor 4]
@@ -31,12 +32,12 @@ from plyfile import PlyData, PlyElement
 from tqdm import tqdm
 
 from mega_nerf.allocator import keep_freed_blocks
-from mega_nerf.data.dataset import Coordinates, load_coordinates
+from mega_nerf.data.dataset import Coordinates
 from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.fields.base import Field
-from mega_nerf.io import atomic_open, available_memory
+from mega_nerf.io import atomic_open, free_memory
 from mega_nerf.merging.container import Container, load_container
 from mega_nerf.rays import Cameras
 
@@ -115,11 +116,11 @@ def check_export_memory(option: str, box_min: torch.Tensor, box_max: torch.Tenso
     memory available now (export_memory: the slab on `device`, the points on the host); torch's own error comes
     mid-export, as a traceback."""
     slab, points = export_memory(box_min, box_max, resolution, layers, chunk)
-    needs = [("memory", points + (slab if device.type == "cpu" else 0), available_memory())]
+    needs = [(*free_memory(torch.device("cpu")), points + (slab if device.type == "cpu" else 0))]
     if device.type == "cuda":
-        needs.append(("GPU memory", slab, torch.cuda.mem_get_info(device)[0]))
+        needs.append((*free_memory(device), slab))
     counts = grid_shape(box_min, box_max, resolution)[1]
-    for what, needed, free in needs:
+    for what, free, needed in needs:
         if free is not None and needed > free:
             raise UserError(f"{option} {resolution}: its grid of {' x '.join(map(str, counts))} cells needs about "
                             f"{needed / 2 ** 30:,.1f} GiB of {what}, {free / 2 ** 30:,.1f} GiB available; choose a "
@@ -240,12 +241,13 @@ def export_ply(args: argparse.Namespace) -> Path:
     box_min, box_max = export_box(container, info.altitude_range)
     check_export_memory("--resolution", box_min, box_max, args.resolution, args.layers, args.chunk,
                         torch.device(device))
-    coordinates = load_coordinates(Path(args.dataset_path)) if args.real_units else None
     to_source = to_source_map(args.dataset_path, "--source_frame") if args.source_frame else None
-    cameras = None
-    if args.min_views > 0:  # the cameras that count views: the container's own dataset, checked before the export
+    dataset = None
+    if args.min_views > 0 or args.real_units:  # the container's own dataset, checked before the export
         scale = args.train_scale_factor
-        cameras = Cameras.from_dataset(load_checked_dataset(info, args.dataset_path, scale, scale))
+        dataset = load_checked_dataset(info, args.dataset_path, scale, scale)
+    coordinates = dataset.coordinates if args.real_units else None  # to metres
+    cameras = Cameras.from_dataset(dataset) if args.min_views > 0 else None  # to count views
     xyz, rgb = export_points(container, box_min, box_max, args.resolution, args.density_threshold, args.layers,
                              args.appearance, args.chunk, not args.no_progress)
     found = len(xyz)

@@ -293,6 +293,14 @@ def available_memory() -> int | None:
         return None
 
 
+def free_memory(device: torch.device) -> tuple[str, int | None]:
+    """Where tensors on `device` live, in words ('GPU memory' for a CUDA device, else 'memory': the host's), and
+    the bytes free there now (CUDA's free memory, else available_memory; None where the system does not say)."""
+    if device.type == "cuda":
+        return "GPU memory", torch.cuda.mem_get_info(device)[0]
+    return "memory", available_memory()
+
+
 def check_output(output: str | os.PathLike, option: str, inputs: Mapping[str, Sequence[str | os.PathLike | None]],
                  kind: str, is_kind: Callable[[Path], bool]) -> None:
     """Refuse, in one UserError line and before anything is written, an `output` (given as `option`) whose write
@@ -300,7 +308,8 @@ def check_output(output: str | os.PathLike, option: str, inputs: Mapping[str, Se
     -> the files and folders it names, None where not given), a folder, or an existing file that `is_kind`
     rejects (`kind` says what the command writes, e.g. 'a PLY file'). Such a file inside an input folder (the
     dataset) is named as an input rather than offered for removal. A new file, or an earlier output of the same
-    kind (a rerun), passes."""
+    kind (a rerun), passes. A file in a dataset's folder or its splits is the caller's to refuse
+    (data.dataset.check_file_not_in_dataset: the dataset's layout is a layer above this module)."""
     target = Path(output).resolve()
     named = [(name, Path(path)) for name, paths in inputs.items() for path in paths if path is not None]
     for name, path in named:

@@ -26,6 +26,7 @@ from plyfile import PlyData
 from scipy.spatial.transform import Rotation
 from test_eval import ENV, REPO, partition_train_merge
 
+from mega_nerf import io
 from mega_nerf.cli.export import main
 from mega_nerf.data.dataset import load_coordinates, load_dataset
 from mega_nerf.data.frames import Similarity, write_source_frame
@@ -102,6 +103,21 @@ def test_export_memory_counts_the_grid_export_points_walks() -> None:
     with pytest.raises(UserError, match=r"^--resolution 1000000: its grid of 666667 x 833334 x 1000000 cells needs "
                                         r"about [\d,.]+ GiB of memory, [\d,.]+ GiB available; choose a lower"):
         check_export_memory("--resolution", lo, hi, 10 ** 6, 2, 1000, torch.device("cpu"))
+
+
+def test_the_export_memory_check_counts_the_slab_where_it_lives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the slab and the points share the host's memory; on a CUDA device (stubbed: no GPU here) the slab
+    is held against the device's free memory and the points alone against the host's (io.free_memory)."""
+    lo, hi = SlabField.LO, SlabField.HI
+    slab, points = export_memory(lo, hi, 18, 2, 1000)
+    monkeypatch.setattr(io, "available_memory", lambda: points + slab - 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (slab - 1, 2 ** 40))
+    with pytest.raises(UserError, match=r"^--resolution 18: .* GiB of memory, "):
+        check_export_memory("--resolution", lo, hi, 18, 2, 1000, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"^--resolution 18: .* GiB of GPU memory, "):
+        check_export_memory("--resolution", lo, hi, 18, 2, 1000, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (slab, 2 ** 40))
+    check_export_memory("--resolution", lo, hi, 18, 2, 1000, torch.device("cuda"))
 
 
 def test_count_views_sees_pixel_rays_and_nothing_else() -> None:

@@ -150,6 +150,16 @@ def test_atomic_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == ["whole"]
 
 
+def test_free_memory_is_a_cuda_devices_own_else_the_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one helper behind the render's and the export's memory checks (camera_path.check_frame_size,
+    export.check_export_memory): CUDA's free memory for a CUDA device (stubbed: no GPU here), available_memory
+    for any other, each named as the checks' messages name it."""
+    monkeypatch.setattr(io, "available_memory", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5, 8))
+    assert io.free_memory(torch.device("cpu")) == ("memory", 3)
+    assert io.free_memory(torch.device("cuda", 1)) == ("GPU memory", 5)
+
+
 def test_stale_temp_files_of_dead_runs_only_are_removed(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     names = [f"a.png.{int(dead.stdout)}.tmp", f"video.mp4.{int(dead.stdout)}.tmp.mp4", f"b.png.{os.getpid()}.tmp",

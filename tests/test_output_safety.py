@@ -21,7 +21,7 @@ import torch
 from test_container import random_field, write_partition
 from test_video import decode
 
-from mega_nerf import camera_path
+from mega_nerf import camera_path, io
 from mega_nerf.cli import eval as eval_cli
 from mega_nerf.cli import export as export_cli
 from mega_nerf.cli import merge as merge_cli
@@ -135,6 +135,25 @@ def test_an_export_reruns_over_its_ply(scene: Path, container: Path) -> None:
     assert ply.read_bytes() != fresh.read_bytes()
     export_cli.main(["--container_path", str(container), "--output", str(ply), *EXPORT, "--resolution", "8"])
     assert ply.read_bytes() == fresh.read_bytes()
+
+
+@pytest.mark.parametrize("place", ["train", "val/rgbs", ""])
+def test_merge_and_export_refuse_a_file_in_a_dataset(scene: Path, container: Path, place: str,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """A container or a PLY written into the dataset's folder or its train/ or val/ images (folder outputs were
+    refused there, single files were not) is one line naming it, before anything is written (no lock file
+    either); a file in a folder of the user's own inside the dataset passes."""
+    city = scene / "city"
+    before = listing(city)
+    where = f"{place.split('/')[0]} images" if place else "own folder"
+    merged, ply = city / place / "merged.pt", city / place / "scene.ply"
+    line = refusal(merge_cli.main, merge_args(scene, merged), capsys)
+    assert line == f"error: --output {merged}: inside the dataset {city}'s {where}; choose another path"
+    line = refusal(export_cli.main, ["--container_path", str(container), "--output", str(ply), *EXPORT], capsys)
+    assert line == f"error: --output {ply}: inside the dataset {city}'s {where}; choose another path"
+    assert listing(city) == before
+    (city / "runs").mkdir()
+    export_cli.main(["--container_path", str(container), "--output", str(city / "runs" / "scene.ply"), *EXPORT])
 
 
 def test_the_cameras_export_refuses_a_dataset_file(scene: Path, capsys: pytest.CaptureFixture) -> None:
@@ -268,7 +287,7 @@ def test_a_frame_size_or_rate_the_render_cannot_write_is_refused_before_anything
     """Torch's allocator error, or ffmpeg's after every frame was rendered, came after config.yaml was written.
     The memory is that of a machine where a pixel takes a MiB to render, with a GiB free."""
     monkeypatch.setattr(camera_path, "RENDER_BYTES_PER_PIXEL", 2 ** 20)
-    monkeypatch.setattr(camera_path, "available_memory", lambda: 2 ** 30)
+    monkeypatch.setattr(io, "available_memory", lambda: 2 ** 30)  # what io.free_memory reads for the host
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 ** 30, 2 ** 31))
     wide = tmp_path / "wide.json"
     wide.write_text(json.dumps({"render_width": 20000, "render_height": 12, "camera_path": [

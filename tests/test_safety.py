@@ -547,6 +547,17 @@ def test_a_merge_given_another_partitions_params_names_it(merged: Path, tiny_cit
     assert not output.exists()
 
 
+def moved_city(tiny_city: Path, folder: Path) -> Path:
+    """A copy of the city at `folder` with every training camera moved: as many images, the same names and sizes,
+    another dataset."""
+    shutil.copytree(tiny_city, folder)
+    for meta in (folder / "train" / "metadata").iterdir():
+        data = torch.load(meta, weights_only=True)
+        data["c2w"][:, 3] += 0.1
+        torch.save(data, meta)
+    return folder
+
+
 def test_min_views_with_another_dataset_of_as_many_images_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     """--min_views counts views with the dataset's cameras: a copy of the city with every training camera moved (as
@@ -554,12 +565,7 @@ def test_min_views_with_another_dataset_of_as_many_images_is_one_line(merged: Pa
     is not."""
     from mega_nerf.cli import export as export_cli
 
-    moved = tmp_path / "moved"
-    shutil.copytree(tiny_city, moved)
-    for meta in (moved / "train" / "metadata").iterdir():
-        data = torch.load(meta, weights_only=True)
-        data["c2w"][:, 3] += 0.1
-        torch.save(data, meta)
+    moved = moved_city(tiny_city, tmp_path / "moved")
     ply = tmp_path / "scene.ply"
     argv = ["--container_path", str(merged), "--output", str(ply), "--resolution", "8", "--min_views", "1",
             "--no_progress"]
@@ -569,3 +575,25 @@ def test_min_views_with_another_dataset_of_as_many_images_is_one_line(merged: Pa
     assert not ply.exists()
     export_cli.main([*argv, "--dataset_path", str(tiny_city)])
     assert "points seen by at least 1 training views" in capsys.readouterr().out and ply.is_file()
+
+
+def test_real_units_with_another_dataset_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """--real_units reads the dataset's coordinates.pt: another dataset (the moved copy, its origin moved too) was
+    read without a word, putting the points in its metres; the container's dataset fingerprint refuses it, as
+    for --min_views, and the city itself passes."""
+    from mega_nerf.cli import export as export_cli
+
+    moved = moved_city(tiny_city, tmp_path / "moved")
+    coordinates = torch.load(moved / "coordinates.pt", weights_only=True)
+    coordinates["origin_drb"] += 100.0
+    torch.save(coordinates, moved / "coordinates.pt")
+    ply = tmp_path / "scene.ply"
+    argv = ["--container_path", str(merged), "--output", str(ply), "--resolution", "8", "--real_units",
+            "--no_progress"]
+    line = fails_in_one_line(export_cli.main, [*argv, "--dataset_path", str(moved)], capsys)
+    assert line == f"error: {merged}: trained on another dataset than {moved} (names, sizes or poses differ), or at " \
+                   "another scale than --train_scale_factor 1"
+    assert not ply.exists()
+    export_cli.main([*argv, "--dataset_path", str(tiny_city)])
+    assert "real-world DRB metres" in capsys.readouterr().out and ply.is_file()

@@ -563,7 +563,8 @@ def test_save_path_replaces_only_a_pose_file(untrained: Path, tmp_path: Path, ca
 def test_a_host_this_machine_cannot_serve_on_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A host that does not resolve (the resolver stubbed: the CI machine has no network to ask), or the address
     of another machine (192.0.2.1: TEST-NET-1, reserved for documentation), is one line before anything loads
-    (viser would never start on it, silently); a port in use passes (the server takes the next free one)."""
+    (viser would never start on it, silently); a port in use with free ones after it passes (the server takes
+    the next free one)."""
     start = ["--container_path", str(tmp_path / "missing.pt"), "--path_file", str(tmp_path / "path.txt")]
 
     def unknown(host: str, *args: object, **kwargs: object) -> list:
@@ -582,6 +583,33 @@ def test_a_host_this_machine_cannot_serve_on_is_refused(tmp_path: Path, monkeypa
         taken.listen()
         check_address("127.0.0.1", taken.getsockname()[1])
     check_address("0.0.0.0", 0)
+
+
+def test_a_taken_port_with_no_free_port_after_it_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """viser moves from a port in use to the next free one, and from 65535 to 65536: a traceback. A taken port
+    with no free one after it is one line naming it, before anything loads: 65535 itself (held here, or already
+    by another program), and a port the system gave this test, with the last port stubbed to it; with ports free
+    after it, the same port passes."""
+    from mega_nerf.viewer import server
+
+    start = ["--container_path", str(tmp_path / "missing.pt"), "--path_file", str(tmp_path / "path.txt"),
+             "--host", "127.0.0.1"]
+    with socket.socket() as taken:
+        with contextlib.suppress(OSError):  # in use already: taken all the same
+            taken.bind(("127.0.0.1", 65535))
+            taken.listen()
+        with pytest.raises(UserError) as refused:
+            view_main([*start, "--port", "65535"])
+    assert str(refused.value) == ("--port 65535: in use on 127.0.0.1, and no port after it is free to serve on "
+                                  "instead; choose another --port (0: any free port)")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        check_address("127.0.0.1", port)
+        monkeypatch.setattr(server, "LAST_PORT", port)
+        with pytest.raises(UserError, match=f"^--port {port}: in use on 127.0.0.1, and no port after it is free"):
+            check_address("127.0.0.1", port)
 
 
 def test_a_point_cloud_past_memory_is_refused(untrained: Path, tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
     mega-nerf-export --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D]
     mega-nerf-export --config_file CFG --container_path merged.pt --output scene.ply --source_frame
 
-An --output that is one of the command's inputs, or an existing file that is not a PLY, is refused before anything
-is written.
+An --output that is one of the command's inputs, an existing file that is not a PLY, or a file in a dataset's folder
+or its train/ or val/ images, is refused before anything is written.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import configargparse
 
 from mega_nerf.cli.options import base_parser, require
+from mega_nerf.data.dataset import check_file_not_in_dataset
 from mega_nerf.errors import run_cli
 from mega_nerf.export import DEFAULT_CHUNK, DEFAULT_LAYERS, export_ply, is_ply
 from mega_nerf.export import __doc__ as EXPORT_DOC
@@ -39,8 +40,8 @@ def export_parser() -> configargparse.ArgParser:
     p.add_argument("--min_views", type=int, default=0,
                    help="keep points inside at least this many images' views (needs --dataset_path; 0: all)")
     p.add_argument("--train_scale_factor", type=int, default=1,
-                   help="the scale the submodules were trained at (to check --min_views' dataset against the "
-                        "container's)")
+                   help="the scale the submodules were trained at (to check the dataset of --min_views and "
+                        "--real_units against the container's)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="points per field call (bounds memory)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")
     return p
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> Path:
     inputs = {"--config_file": [args.config_file], "--container_path": [args.container_path],
               "--dataset_path": [args.dataset_path]}
     check_output(args.output, "--output", inputs, "a PLY file", is_ply)
+    check_file_not_in_dataset(args.output, "--output")  # before the lock, whose file lies beside it
     with locked({"--output": [args.output]}, folders=False):
         return export_ply(args)
 

@@ -1,6 +1,6 @@
 """`mega-nerf-merge` (and `scripts/merge_submodules.py`): merge a partition's submodules into one container.
-An --output that is one of the command's inputs, or an existing file that is not a container, is refused before
-anything is written."""
+An --output that is one of the command's inputs, an existing file that is not a container, or a file in a dataset's
+folder or its train/ or val/ images, is refused before anything is written."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ from pathlib import Path
 import configargparse
 
 from mega_nerf.cli.options import base_parser, require
+from mega_nerf.data.dataset import check_file_not_in_dataset
 from mega_nerf.errors import run_cli
 from mega_nerf.io import check_output
 from mega_nerf.lock import locked
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = {"--config_file": [args.config_file], "--centroid_path": [params_file(args.centroid_path)],
               "--ckpt_prefix": submodule_folders(args.ckpt_prefix), "--dataset_path": [args.dataset_path]}
     check_output(args.output, "--output", inputs, "a merged container", is_container)
+    check_file_not_in_dataset(args.output, "--output")  # before the lock, whose file lies beside it
     with locked({"--output": [args.output]}, folders=False):
         merge_submodules(args.ckpt_prefix, Path(args.centroid_path), Path(args.output), args.allow_empty_cells,
                          args.boundary_margin)

@@ -329,16 +329,37 @@ def dataset_holding(path: str | os.PathLike) -> Path | None:
     return next((folder for folder in (path, *path.parents) if (folder / COORDINATES).exists()), None)
 
 
-def check_not_in_dataset(folder: str | os.PathLike) -> None:
-    """One UserError line before anything is written when an output `folder` is a dataset's own folder or lies in
-    one of its SPLITS (their images and metadata belong to a converter or a generator, and a loader lists what is
-    there). Other folders inside a dataset (a user's runs beside the data) pass."""
+def dataset_place(folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """(dataset, split) when `folder` is a dataset's own folder (split '') or lies in one of its SPLITS, where no
+    output may go (their images and metadata belong to a converter or a generator, and a loader lists what is
+    there); None elsewhere, other folders inside a dataset (a user's runs beside the data) included."""
     dataset = dataset_holding(folder)
     if dataset is None:
-        return
+        return None
     inside = Path(folder).resolve().relative_to(dataset).parts
-    if not inside:
+    if not inside or inside[0] in SPLITS:
+        return dataset, inside[0] if inside else ""
+    return None
+
+
+def check_not_in_dataset(folder: str | os.PathLike) -> None:
+    """One UserError line before anything is written when an output `folder` is a dataset's own folder or lies in
+    one of its SPLITS (dataset_place)."""
+    if (place := dataset_place(folder)) is None:
+        return
+    dataset, split = place
+    if not split:
         raise UserError(f"{folder}: a dataset's folder; give this run's output a folder of its own")
-    if inside[0] in SPLITS:
-        raise UserError(f"{folder}: inside the dataset {dataset}'s {inside[0]} images; give this run's output a "
-                        "folder of its own")
+    raise UserError(f"{folder}: inside the dataset {dataset}'s {split} images; give this run's output a folder of "
+                    "its own")
+
+
+def check_file_not_in_dataset(path: str | os.PathLike, option: str) -> None:
+    """check_not_in_dataset for a single-file output `path` (given as `option`, e.g. --output): one UserError line
+    naming it when its folder is a dataset's own or lies in one of its SPLITS (io.check_output, below this
+    module, cannot ask)."""
+    if (place := dataset_place(Path(path).parent)) is None:
+        return
+    dataset, split = place
+    where = f"{split} images" if split else "own folder"
+    raise UserError(f"{option} {path}: inside the dataset {dataset}'s {where}; choose another path")

@@ -33,6 +33,8 @@ from mega_nerf.viewer.scene import JPEG_QUALITY, Scene, cell_colour
 
 UP = (-1.0, 0.0, 0.0)  # normalised DRB: x points down
 FRUSTUM_SIZE = 0.03  # frustum depth, as a share of the cameras' horizontal extent
+PORT_TRIES = 1000  # viser tries the port asked for, then the 999 after it in turn while each is in use
+LAST_PORT = 65535  # beyond it viser's next try is a traceback
 BINARY_PROBE = 4096  # bytes read for a NUL before a file is read whole as a pose file (a container is no text)
 
 
@@ -236,25 +238,39 @@ def check_path_file(path: str | Path, inputs: Mapping[str, Sequence[str | Path |
 def check_address(host: str, port: int) -> None:
     """One-line UserError, before the server starts, for a --host this machine cannot serve on: a name that does
     not resolve, or an address of another machine (viser would try a thousand ports on it, printing nothing and
-    never starting); or for a --port the user may not open. Each address the name resolves to is bound and closed,
-    as the server's socket would be. A port in use passes: the server takes the next free one."""
+    never starting); for a --port the user may not open; or for a port in use with no free one after it (viser
+    takes the next free one, and past 65535 fails with a traceback). Each address the name resolves to is bound
+    and closed, as the server's socket would be."""
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise UserError(f"--host {host}: not a host name or address this machine can resolve ({e.strerror})") from None
     for family, kind, protocol, _, address in addresses:
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server socket
-            try:
-                probe.bind(address)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    continue
-                if e.errno in (errno.EACCES, errno.EPERM):
-                    raise UserError(f"--port {port}: not allowed to serve on it ({e.strerror}; ports below 1024 "
-                                    "need root)") from None
-                raise UserError(f"--host {host}: cannot serve on {address[0]}, not an address of this machine "
-                                f"({e.strerror}; 0.0.0.0 serves on all of them)") from None
+        error = bind_error(family, kind, protocol, address)
+        if error is None:
+            continue
+        if error.errno == errno.EADDRINUSE:
+            later = range(port + 1, min(port + PORT_TRIES, LAST_PORT + 1))
+            if all(bind_error(family, kind, protocol, (address[0], p, *address[2:])) for p in later):
+                raise UserError(f"--port {port}: in use on {address[0]}, and no port after it is free to serve on "
+                                "instead; choose another --port (0: any free port)")
+            continue
+        if error.errno in (errno.EACCES, errno.EPERM):
+            raise UserError(f"--port {port}: not allowed to serve on it ({error.strerror}; ports below 1024 need "
+                            "root)")
+        raise UserError(f"--host {host}: cannot serve on {address[0]}, not an address of this machine "
+                        f"({error.strerror}; 0.0.0.0 serves on all of them)")
+
+
+def bind_error(family: int, kind: int, protocol: int, address: tuple) -> OSError | None:
+    """Why a server socket could not bind `address` now (the socket is closed at once), or None when it could."""
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server socket
+        try:
+            probe.bind(address)
+        except OSError as e:
+            return e
+    return None
 
 
 def home_pose(centres: np.ndarray | None, box: tuple[np.ndarray, np.ndarray], ground: float | None
