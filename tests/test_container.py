@@ -275,7 +275,7 @@ def write_partition(root: Path, fields: list[Field | None], n_images: int = 3, *
             continue
         state = {"version": CKPT_VERSION, "step": 100 + k, "field_config": dict(CONFIG),
                  "model": field.state_dict(), "optimizer": {}, "stream": {}, "rng": {}, "dataset": "abc",
-                 "empty": False, "cell": str(k), "render": {"samples": 16, "fine_samples": 0, "bg_samples": 64},
+                 "empty": False, "cell": str(k), "render": {"samples": 16, "fine_samples": 0, "bg_samples": 96},
                  "scene": {"near": 0.01, "far": 2.0, "altitude_range": [-0.5, 0.6]}}
         if k == 1:
             state.update(changes)
@@ -306,7 +306,7 @@ def test_merge_round_trip_and_float16_tables(tmp_path: Path, fields: list[Field]
     write_partition(tmp_path, fields)
     container, info = load_container(merge(tmp_path))
     assert info.cells == [0, 1, 2, 3] and info.steps == [100, 101, 102, 103] and info.dataset == "abc"
-    assert info.render == RenderConfig(16, 0, bg_samples=64, perturb=False) and info.altitude_range == (-0.5, 0.6)
+    assert info.render == RenderConfig(16, 0, bg_samples=96, perturb=False) and info.altitude_range == (-0.5, 0.6)
     reference = Container(CENTROIDS, fields, MARGIN, cluster_2d=False)
     assert float((render_rays(container) - render_rays(reference)).abs().max()) < 2e-3
     stored = torch.load(tmp_path / "merged.pt", weights_only=True)["submodules"]
@@ -347,7 +347,7 @@ def test_merge_missing_cell(tmp_path: Path, fields: list[Field]) -> None:
      r"submodule 1 .*: render settings .*; submodule 1 was trained at older defaults: train every cell with "
      r"--bg_samples 32, or retrain it at today's$"),
     ({"field_config": {**CONFIG, "occupancy_threshold": 0.5}, "render": {"samples": 32, "fine_samples": 0,
-                                                                        "bg_samples": 64}},
+                                                                        "bg_samples": 96}},
      r"submodule 1 .*: render settings \{'samples': 32, .*\} differ from submodule 0's \{'samples': 16, .*\}$"),
     ({"field_config": {**CONFIG, "occupancy_threshold": 0.5}},  # not as its samples: another field
      r"submodule 1 .*field differs .*\(occupancy_threshold \(0.5, 0.25\): its value, then the other's\)$"),
@@ -368,15 +368,20 @@ def test_old_defaults_are_named_only_where_a_checkpoint_holds_them_and_the_run_t
     value and the asked one today's, and they are all that differs; not the other way round, nor against a value
     that is neither, nor beside other differences (another kind of field; no altitude slab, so no horizon
     background, and another box)."""
-    today = {**CONFIG, "log2_table_size": 21, "horizon_background": True}
+    today = {**CONFIG, "log2_table_size": 22, "horizon_background": True}
     assert old_default_options({**CONFIG, "log2_table_size": 19}, today) == ["--no_horizon_background",
                                                                              "--log2_hashmap_size 19"]
+    assert old_default_options({**CONFIG, "log2_table_size": 21, "horizon_background": True}, today) == [
+        "--log2_hashmap_size 21"]  # each earlier default by its own option
     assert old_default_options(today, {**CONFIG, "log2_table_size": 19}) == []
     assert old_default_options({**CONFIG, "log2_table_size": 19}, {**CONFIG, "log2_table_size": 14}) == []
+    assert old_default_options({**CONFIG, "log2_table_size": 20, "horizon_background": True}, today) == []
     unsaved_width = {k: v for k, v in CONFIG.items() if k != "appearance_dim"}  # a hash field's 32, completed
     assert old_default_options(unsaved_width, {**CONFIG, "appearance_dim": 8}) == ["--appearance_dim 32"]
-    assert old_default_options({"bg_samples": 32}, {"bg_samples": 64}) == ["--bg_samples 32"]
-    assert old_default_options({"bg_samples": 32, "samples": 64}, {"bg_samples": 64, "samples": 128}) == []
+    assert old_default_options({"bg_samples": 32}, {"bg_samples": 96}) == ["--bg_samples 32"]
+    assert old_default_options({"bg_samples": 64}, {"bg_samples": 96}) == ["--bg_samples 64"]
+    assert old_default_options({"bg_samples": 32}, {"bg_samples": 64}) == []  # 64 is no longer today's
+    assert old_default_options({"bg_samples": 32, "samples": 64}, {"bg_samples": 96, "samples": 128}) == []
     assert old_default_options({**CONFIG, "kind": "mlp"}, today) == []
     assert old_default_options({**CONFIG, "log2_table_size": 19, "box_max": [2.0, 1.0, 1.0]}, today) == []
 

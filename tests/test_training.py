@@ -397,7 +397,7 @@ def test_a_checkpoint_from_older_defaults_resumes_with_those_options_only(tiny_c
     val_embeddings_only either) is refused at today's defaults in one line naming both keys and their values, and
     the options that resume it; it resumes with --appearance_dim 32 --no_horizon_background, and a config.yaml of
     that time (horizon_background: false) gives the latter; loading fills the keys it lacks with what their absence
-    meant. Resumed with other samples (today's 64 beyond the box, trained with 32) it goes on, with a warning that
+    meant. Resumed with other samples (today's 96 beyond the box, trained with 32) it goes on, with a warning that
     names the option keeping the old ones; so with other --samples, which move the occupancy threshold."""
     common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
     first = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2", "--appearance_dim", "32"))
@@ -418,13 +418,13 @@ def test_a_checkpoint_from_older_defaults_resumes_with_those_options_only(tiny_c
                                                     "--exp_name", "e"]))
     assert older.horizon_background is False and older.appearance_dim == 32
     final = Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4",
-                         "--appearance_dim", "32", "--no_horizon_background", "--bg_samples", "64")).run()
+                         "--appearance_dim", "32", "--no_horizon_background", "--bg_samples", "96")).run()
     assert final.name == "00000004.pt"
     assert re.search(r"warning: .*00000002\.pt was trained with render settings .*'bg_samples': 32\}, this run goes "
-                     r"on with .*'bg_samples': 64\} \(--bg_samples 32 keeps the old default\); the merge needs every "
+                     r"on with .*'bg_samples': 96\} \(--bg_samples 32 keeps the old default\); the merge needs every "
                      r"cell's equal", capsys.readouterr().err)
     # other --samples move the occupancy threshold with them (before, refused as another field, by that key alone)
-    older = ["--appearance_dim", "32", "--no_horizon_background", "--bg_samples", "64"]
+    older = ["--appearance_dim", "32", "--no_horizon_background", "--bg_samples", "96"]
     assert Trainer(args(tiny_city, tmp_path / "exp", *common, *older, "--train_iterations", "6",
                         "--samples", "48")).run().name == "00000006.pt"
     threshold = [torch.load(tmp_path / "exp" / "checkpoints" / name, weights_only=True)["field_config"]

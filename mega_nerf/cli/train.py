@@ -58,9 +58,9 @@ def add_training_options(p: configargparse.ArgParser) -> None:
                    help="steps (hash: two lr decays, 60 epochs of the cell's rays; mlp 30000)")
     p.add_argument("--samples", type=int, default=None, help="samples per ray (mlp: coarse samples)")
     p.add_argument("--fine_samples", type=int, default=None, help="hierarchical fine samples (mlp: 512)")
-    p.add_argument("--bg_samples", type=int, default=64,
-                   help="samples per ray beyond the foreground box (the contracted far world; 0: none; 64 against "
-                        "32 at 3000 steps: oblique_aa +0.44 dB, city +0.12, 5-8 %% fewer rays/s)")
+    p.add_argument("--bg_samples", type=int, default=96,
+                   help="samples per ray beyond the foreground box (the contracted far world; 0: none). 96 against 64 "
+                        "with the default table: city +0.18 dB at 3000 steps, 5 %% fewer rays/s (bench/RESULTS.md)")
     p.add_argument("--distortion_loss", type=float, default=0.0,
                    help="weight of mip-NeRF 360's distortion loss, which gathers each ray's weight in one span "
                         "(0: off)")
@@ -88,9 +88,10 @@ def add_training_options(p: configargparse.ArgParser) -> None:
     p.add_argument("--pos_xyz_dim", type=int, default=None, help="mlp field: position encoding frequencies (12)")
     p.add_argument("--pos_dir_dim", type=int, default=None, help="mlp field: direction encoding frequencies (4)")
     p.add_argument("--hash_levels", type=int, default=16, help="hash-grid levels")
-    p.add_argument("--log2_hashmap_size", type=int, default=21,
-                   help="hash-table entries per level, as a power of two (21 against 19 at 3000 steps: city +0.51 dB, "
-                        "7 %% fewer rays/s, 3.5x the parameters: 42 M, 161 MiB a submodule; README)")
+    p.add_argument("--log2_hashmap_size", type=int, default=22,
+                   help="hash-table entries per level, as a power of two (22 against 21 at 3000 steps: city +0.14 "
+                        "dB, 6 %% fewer rays/s; with 96 --bg_samples against 21 and 64, oblique_aa +0.36 and +0.40 dB "
+                        "after 8 minutes, two seeds; 79 M parameters, 301 MiB a submodule; 19 on a small GPU; README)")
     p.add_argument("--max_resolution", type=int, default=2048, help="finest hash-grid resolution")
     p.add_argument("--sh_degree", type=int, default=SH_DEGREE, choices=range(SH_DEGREE + 1),
                    help="hash field: degree of the view direction's spherical harmonics in the colour (0: a colour "

@@ -33,14 +33,14 @@ def config_differences(saved: dict[str, Any], asked: dict[str, Any]) -> list[str
             for key in sorted(set(saved) | set(asked)) if saved.get(key) != asked.get(key)]
 
 
-# Options whose default has changed, by their key in a checkpoint's field config or render settings: (the value
-# saved before the change, None where the key was absent; the value now; the option that gives the old one back).
-# A checkpoint saved before the change differs from a run of today's defaults there, and the errors say how.
-CHANGED_DEFAULTS: dict[str, tuple[Any, Any, str]] = {
-    "appearance_dim": (32, 8, "--appearance_dim 32"),  # a hash field's; complete_config writes the old one in
-    "horizon_background": (None, True, "--no_horizon_background"),
-    "log2_table_size": (19, 21, "--log2_hashmap_size 19"),
-    "bg_samples": (32, 64, "--bg_samples 32"),
+# Options whose default has changed, by their key in a checkpoint's field config or render settings: ({each value
+# an earlier default saved, None where the key was absent: the option that gives it back}, the value now). A
+# checkpoint saved before a change differs from a run of today's defaults there, and the errors say how.
+CHANGED_DEFAULTS: dict[str, tuple[dict[Any, str], Any]] = {
+    "appearance_dim": ({32: "--appearance_dim 32"}, 8),  # a hash field's; complete_config writes the old one in
+    "horizon_background": ({None: "--no_horizon_background"}, True),
+    "log2_table_size": ({19: "--log2_hashmap_size 19", 21: "--log2_hashmap_size 21"}, 22),
+    "bg_samples": ({32: "--bg_samples 32", 64: "--bg_samples 64"}, 96),
 }
 
 
@@ -51,8 +51,8 @@ def old_default_options(saved: dict[str, Any], asked: dict[str, Any]) -> list[st
     compared completed, as config_differences does."""
     saved, asked = complete_config(saved), complete_config(asked)
     differing = {key for key in set(saved) | set(asked) if saved.get(key) != asked.get(key)}
-    covered = {key: option for key, (old, new, option) in CHANGED_DEFAULTS.items()
-               if saved.get(key) == old and asked.get(key) == new}
+    covered = {key: olds[saved.get(key)] for key, (olds, new) in CHANGED_DEFAULTS.items()
+               if asked.get(key) == new and saved.get(key) in olds}
     return list(covered.values()) if differing <= covered.keys() else []
 
 

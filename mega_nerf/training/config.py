@@ -34,7 +34,7 @@ class TrainConfig:
     field: str = "hash"
     appearance_dim: int | None = None
     hash_levels: int = 16
-    log2_hashmap_size: int = 21
+    log2_hashmap_size: int = 22
     max_resolution: int = 2048
     occupancy_resolution: int = 128
     occupancy_interval: int = 8
@@ -58,7 +58,7 @@ class TrainConfig:
     train_iterations: int | None = None  # None: the field's default (hash: 2 lr decays, in epochs of the cell)
     samples: int | None = None
     fine_samples: int | None = None
-    bg_samples: int = 64  # samples beyond the foreground box, in contracted space
+    bg_samples: int = 96  # samples beyond the foreground box, in contracted space
     amp: bool = True  # training steps on a GPU under a bfloat16 autocast
     cuda_graphs: bool = True  # a GPU step's shading, backward and update replayed as CUDA graphs (training.graphs)
     # regularisers against fitting few views (0: off); see Trainer._shade
