@@ -277,7 +277,7 @@ def test_the_defaults_train_the_tiny_city_on_a_cpu_within_4_gb(tiny_city, tmp_pa
     status, out = result.stdout.split("\n", 1)
     code, max_kib = map(int, status.split())
     assert code == 0, out
-    assert "step: 4,096 rays in 6 pass(es) of at most 704, about 1.00 GiB each on cpu" in out
+    assert "step: 4,096 rays in 7 pass(es) of at most 604, about 1.00 GiB each on cpu" in out
     estimate = re.search(r"checkpoints: about ([\d,]+) MiB each, every 2,000 steps to .*; the latest 3 kept, about "
                          r"([\d,]+) MiB \(--keep_checkpoints\)", out)
     written = (tmp_path / "exp" / "checkpoints" / "00000002.pt").stat().st_size / 2 ** 20
