@@ -10,8 +10,8 @@ its own density reaches the threshold (first `layers` such cells per column). Co
 straight down (+x) with one appearance index. With `--min_views K` (and the training dataset) a point is kept only
 if at least K training images have it inside their view: regions few cameras see are guesses, and that is where
 a briefly trained model leaves its fog (tests/test_export.py, bench/RESULTS.md). That dataset, and the one whose
-coordinates.pt `--real_units` reads, must be the one the container was trained on (its fingerprint, taken at
-`--train_scale_factor`), checked before the export begins.
+coordinates.pt `--real_units` or dataparser_transforms.json `--source_frame` reads, must be the one the container
+was trained on (its fingerprint, taken at `--train_scale_factor`), checked before the export begins.
 
     python scripts/export_ply.py --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D \
         --train_scale_factor 4]
@@ -243,7 +243,7 @@ def export_ply(args: argparse.Namespace) -> Path:
                         torch.device(device))
     to_source = to_source_map(args.dataset_path, "--source_frame") if args.source_frame else None
     dataset = None
-    if args.min_views > 0 or args.real_units:  # the container's own dataset, checked before the export
+    if args.min_views > 0 or args.real_units or args.source_frame:  # the container's own, checked before the export
         scale = args.train_scale_factor
         dataset = load_checked_dataset(info, args.dataset_path, scale, scale)
     coordinates = dataset.coordinates if args.real_units else None  # to metres

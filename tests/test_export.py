@@ -15,6 +15,7 @@ exporter's own geometry is held exactly by the hand-made field of known shape.""
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -218,12 +219,15 @@ def test_export_writes_a_capped_coloured_cloud(merged: Path, tiny_city: Path, tm
     coords = load_coordinates(tiny_city)
     metres = read_ply(real)
     assert np.allclose(metres["y"], few["y"] * coords.pose_scale_factor + float(coords.origin_drb[1]), atol=1e-3)
-    # --source_frame: the same subset taken back through a dataset's dataparser_transforms.json (its 4x4 inverted)
+    # --source_frame: the same subset taken back through the dataparser_transforms.json of a copy of the city (the
+    # container's dataset, checked; its 4x4 inverted)
     to_ours = Similarity(Rotation.random(random_state=0).as_matrix(), np.array([3.0, -40, 500]), 0.02)
-    write_source_frame(tmp_path, to_ours, 50.0, np.zeros(3), np.array([0.0, 0, 1]), "colmap")
+    city = tmp_path / "city"
+    shutil.copytree(tiny_city, city)
+    write_source_frame(city, to_ours, 50.0, np.zeros(3), np.array([0.0, 0, 1]), "colmap")
     source = tmp_path / "source.ply"
     main(["--container_path", str(merged), "--output", str(source), "--resolution", "96", "--max_points", "100",
-          "--source_frame", "--dataset_path", str(tmp_path)])
+          "--source_frame", "--dataset_path", str(city)])
     assert "the source frame" in capsys.readouterr().out
     xyz_few = np.stack([few["x"], few["y"], few["z"]], 1).astype(np.float64)
     expected = (np.linalg.inv(to_ours.matrix) @ np.c_[xyz_few, np.ones(len(xyz_few))].T).T[:, :3]

@@ -164,6 +164,23 @@ def test_the_cameras_export_refuses_a_dataset_file(scene: Path, capsys: pytest.C
                    "(--dataset_path); choose another path"
 
 
+@pytest.mark.parametrize("place", ["train", "val/rgbs", ""])
+def test_the_cameras_export_refuses_a_new_file_in_a_dataset(scene: Path, place: str,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """The cameras' PLY written as a new file into the dataset's folder or its train/ or val/ images (only its
+    existing files were refused, as inputs) is one line naming it, before anything is written; a file in a folder
+    of the user's own inside the dataset passes."""
+    city = scene / "city"
+    before = listing(city)
+    where = f"{place.split('/')[0]} images" if place else "own folder"
+    ply = city / place / "cameras.ply"
+    line = refusal(cameras_main, ["--dataset_path", str(city), "--output", str(ply)], capsys)
+    assert line == f"error: --output {ply}: inside the dataset {city}'s {where}; choose another path"
+    assert listing(city) == before
+    (city / "runs").mkdir()
+    cameras_main(["--dataset_path", str(city), "--output", str(city / "runs" / "cameras.ply")])
+
+
 # ---- render_images.py's --output folder ----
 
 city_container = test_safety.merged  # the fixture: a 1 x 1 partition of the tiny city trained two steps, merged

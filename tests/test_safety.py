@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 from test_video import decode
@@ -558,42 +559,34 @@ def moved_city(tiny_city: Path, folder: Path) -> Path:
     return folder
 
 
-def test_min_views_with_another_dataset_of_as_many_images_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture) -> None:
-    """--min_views counts views with the dataset's cameras: a copy of the city with every training camera moved (as
-    many images, the same names and sizes) is refused by the container's dataset fingerprint; the city itself
-    is not."""
+@pytest.mark.parametrize("option, said", [("--min_views", "points seen by at least 1 training views"),
+                                          ("--real_units", "real-world DRB metres"),
+                                          ("--source_frame", "the source frame")])
+def test_an_export_reading_another_dataset_of_as_many_images_is_one_line(merged: Path, tiny_city: Path,
+                                                                         tmp_path: Path, option: str, said: str,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """--min_views (the dataset's cameras), --real_units (its coordinates.pt) and --source_frame (its
+    dataparser_transforms.json) read --dataset_path: a copy of the city with every training camera, its origin and
+    its source frame moved (as many images, the same names and sizes) was read without a word, counting views,
+    metres or the frame of another world. The container's dataset fingerprint refuses it in one line before
+    anything is written; a copy of the city itself passes."""
     from mega_nerf.cli import export as export_cli
+    from mega_nerf.data.frames import Similarity, write_source_frame
 
-    moved = moved_city(tiny_city, tmp_path / "moved")
-    ply = tmp_path / "scene.ply"
-    argv = ["--container_path", str(merged), "--output", str(ply), "--resolution", "8", "--min_views", "1",
-            "--no_progress"]
-    line = fails_in_one_line(export_cli.main, [*argv, "--dataset_path", str(moved)], capsys)
-    assert line == f"error: {merged}: trained on another dataset than {moved} (names, sizes or poses differ), or at " \
-                   "another scale than --train_scale_factor 1"
-    assert not ply.exists()
-    export_cli.main([*argv, "--dataset_path", str(tiny_city)])
-    assert "points seen by at least 1 training views" in capsys.readouterr().out and ply.is_file()
-
-
-def test_real_units_with_another_dataset_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
-    """--real_units reads the dataset's coordinates.pt: another dataset (the moved copy, its origin moved too) was
-    read without a word, putting the points in its metres; the container's dataset fingerprint refuses it, as
-    for --min_views, and the city itself passes."""
-    from mega_nerf.cli import export as export_cli
-
-    moved = moved_city(tiny_city, tmp_path / "moved")
+    moved, city = moved_city(tiny_city, tmp_path / "moved"), tmp_path / "city"
+    shutil.copytree(tiny_city, city)
     coordinates = torch.load(moved / "coordinates.pt", weights_only=True)
     coordinates["origin_drb"] += 100.0
     torch.save(coordinates, moved / "coordinates.pt")
+    for dataset, shift in ((moved, 1.0), (city, 0.0)):
+        to_ours = Similarity(np.eye(3), np.array([1.0, 2, 3]) + shift, 0.5)
+        write_source_frame(dataset, to_ours, 2.0, np.zeros(3), np.array([0.0, 0, 1]), "colmap")
     ply = tmp_path / "scene.ply"
-    argv = ["--container_path", str(merged), "--output", str(ply), "--resolution", "8", "--real_units",
-            "--no_progress"]
+    argv = ["--container_path", str(merged), "--output", str(ply), "--resolution", "8", option,
+            *(["1"] if option == "--min_views" else []), "--no_progress"]
     line = fails_in_one_line(export_cli.main, [*argv, "--dataset_path", str(moved)], capsys)
     assert line == f"error: {merged}: trained on another dataset than {moved} (names, sizes or poses differ), or at " \
                    "another scale than --train_scale_factor 1"
     assert not ply.exists()
-    export_cli.main([*argv, "--dataset_path", str(tiny_city)])
-    assert "real-world DRB metres" in capsys.readouterr().out and ply.is_file()
+    export_cli.main([*argv, "--dataset_path", str(city)])
+    assert said in capsys.readouterr().out and ply.is_file()

@@ -1,8 +1,9 @@
 """The browser viewer (mega_nerf/viewer): viser's cameras against a pinhole projection written out here, frames
 rendered in bands against one whole render, the cells overlay against the nearest centroid, the render loop's
 previews, full frames and time share, the training hook's copy, pose files, the options checked at start-up (the
-path file Save path replaces, the host, the point cloud's memory) and its progress, and the viewer itself in headless
-Chromium (Debian's package, driven by Playwright), its frames against direct renders of the browser's pose.
+path file Save path replaces, the host and port, training's --viewer port too, the point cloud's memory) and its
+progress, and the viewer itself in headless Chromium (Debian's package, driven by Playwright), its frames against
+direct renders of the browser's pose.
 
 The container is the tiny city's: one small field trained briefly, placed in the four cells of a 2 x 2 grid (a
 blend of identical submodules is that field), so the cells overlay has four owners at little training cost.
@@ -538,6 +539,25 @@ def test_a_path_file_save_path_would_destroy_is_refused(untrained: Path, tiny_ci
         check_path_file(fine, {"--container_path": [untrained]})
 
 
+def test_a_path_file_in_a_dataset_is_refused(tiny_city: Path, tmp_path: Path) -> None:
+    """Save path writing a new pose file into a dataset's folder or its train/ or val/ images (a file of the
+    dataset was refused only as an input, with --dataset_path) is one line, at start-up before anything loads and
+    at each save (check_path_file), whether or not the dataset is the viewer's; nothing is written there. A folder
+    of the user's own inside the dataset passes."""
+    missing = str(tmp_path / "missing.pt")
+    before = sorted(tiny_city.rglob("*"))
+    for place, where in (("", "own folder"), ("train", "train images"), ("val/rgbs", "val images")):
+        path_file = tiny_city / place / "path.txt"
+        refusal = f"^--path_file {re.escape(str(path_file))}: inside the dataset {re.escape(str(tiny_city))}'s " \
+                  f"{where}; choose another path$"
+        with pytest.raises(UserError, match=refusal):
+            view_main(["--container_path", missing, "--path_file", str(path_file)])
+        with pytest.raises(UserError, match=refusal):
+            check_path_file(path_file)
+    assert sorted(tiny_city.rglob("*")) == before
+    check_path_file(tiny_city / "runs" / "path.txt")
+
+
 def test_save_path_replaces_only_a_pose_file(untrained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A path file replaced after start-up by something else (here the container) is left as it is, said in one
     line; a pose file there is replaced, atomically (no temp file left)."""
@@ -610,6 +630,29 @@ def test_a_taken_port_with_no_free_port_after_it_is_refused(tmp_path: Path, monk
         monkeypatch.setattr(server, "LAST_PORT", port)
         with pytest.raises(UserError, match=f"^--port {port}: in use on 127.0.0.1, and no port after it is free"):
             check_address("127.0.0.1", port)
+
+
+def test_a_training_viewers_port_is_checked_before_training_starts(tiny_city: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.py --viewer PORT: a taken port with no free one after it (the last port stubbed to one the system
+    gave this test) and a number that is no port are one line before anything is written (no experiment folder,
+    chunk or lock), as mega-nerf-view refuses them; a free port passes the same check."""
+    from mega_nerf.cli.train import main as train_main
+    from mega_nerf.viewer import server
+
+    argv = ["--config_file", str(tiny_city / "config.yaml"), "--exp_name", str(tmp_path / "exp"), "--chunk_paths",
+            str(tmp_path / "chunks"), "--train_iterations", "1", *TRAIN, "--viewer"]  # one step were it unchecked
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(server, "LAST_PORT", port)
+        with pytest.raises(UserError, match=f"^--port {port}: in use on 0.0.0.0, and no port after it is free"):
+            train_main([*argv, str(port)])
+    with pytest.raises(UserError, match="^--port must be a port number \\(0: any free port\\), got 70000$"):
+        train_main([*argv, "70000"])
+    assert list(tmp_path.iterdir()) == []
+    check_address("0.0.0.0", port)
 
 
 def test_a_point_cloud_past_memory_is_refused(untrained: Path, tmp_path: Path) -> None:

@@ -40,8 +40,8 @@ def export_parser() -> configargparse.ArgParser:
     p.add_argument("--min_views", type=int, default=0,
                    help="keep points inside at least this many images' views (needs --dataset_path; 0: all)")
     p.add_argument("--train_scale_factor", type=int, default=1,
-                   help="the scale the submodules were trained at (to check the dataset of --min_views and "
-                        "--real_units against the container's)")
+                   help="the scale the submodules were trained at (to check the dataset of --min_views, "
+                        "--real_units and --source_frame against the container's)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="points per field call (bounds memory)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs, benchmarks)")
     return p

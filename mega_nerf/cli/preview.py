@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from mega_nerf.cli.options import HelpFormatter, base_parser, require
-from mega_nerf.data.dataset import load_dataset
+from mega_nerf.data.dataset import check_file_not_in_dataset, load_dataset
 from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.export import is_ply
@@ -64,6 +64,7 @@ def cameras_main(argv: list[str] | None = None) -> None:
     if not (math.isfinite(args.frustum_depth) and args.frustum_depth > 0):
         raise UserError(f"--frustum_depth must be a positive finite number, got {args.frustum_depth:g}")
     check_output(args.output, "--output", {"--dataset_path": [args.dataset_path]}, "a PLY file", is_ply)
+    check_file_not_in_dataset(args.output, "--output")
     to_frame = to_source_map(args.dataset_path, "--source_frame") if args.source_frame else None
     count = write_cameras_ply(load_dataset(args.dataset_path), args.output, args.frusta, args.frustum_depth,
                               to_frame)

@@ -153,13 +153,16 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     args = train_parser().parse_args(argv)
     config = train_config(args)
+    if args.viewer is not None:  # viser only when asked for
+        from mega_nerf.viewer.server import check_address
+        from mega_nerf.viewer.watch import HOST, watch
+
+        check_address(HOST, args.viewer)  # a port it cannot serve on: one line now, not after the start-up
     check_not_in_dataset(config.exp_name)  # before the lock, whose file lies beside the folder
     with locked({"--exp_name": [config.exp_name], "--chunk_paths": list(config.chunk_paths)}):
         trainer = Trainer(config, started=process_start(),
                           on_ready=lambda: record_options(config, Path(config.exp_name)))
         if args.viewer is not None:
-            from mega_nerf.viewer.watch import watch  # viser only when asked for
-
             trainer.on_step = watch(trainer, args.viewer).on_step
         final = trainer.run()
     print(f"done: {final}")

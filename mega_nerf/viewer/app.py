@@ -47,8 +47,6 @@ def check(config: ViewerConfig) -> None:
     for option in ("max_resolution", "train_scale_factor"):
         if getattr(config, option) < 1:
             raise UserError(f"--{option} must be at least 1, got {getattr(config, option)}")
-    if not 0 <= config.port < 65536:
-        raise UserError(f"--port must be a port number (0: any free port), got {config.port}")
     if not config.target_fps > 0:
         raise UserError(f"--target_fps must be positive, got {config.target_fps}")
     if not 0 < config.preview_samples <= 1:

@@ -5,7 +5,7 @@ Controls: what to show (rgb, depth, or the cells overlay of a container), the ap
 camera's, as render_images chooses it, or one picked on a slider), whether to draw cameras and points, and a camera
 path: "Add key pose" keeps the browser's current view, "Save path" writes the key poses as a pose file
 (camera_path.POSE_FILE_FORMAT, 19 numbers a line at the first key's size) for `mega-nerf-render --path`, atomically
-and only over a pose file (check_path_file, at start-up and again at each save).
+and only over a pose file outside any dataset (check_path_file, at start-up and again at each save).
 
 The scene is our normalised DRB world as it is; viser's up direction is -x (altitude grows with -x).
 """
@@ -23,7 +23,7 @@ import torch
 import viser
 
 from mega_nerf.camera_path import Pose, look_at, nearest_image, read_pose_file, write_pose_file
-from mega_nerf.data.dataset import ImageMetadata
+from mega_nerf.data.dataset import ImageMetadata, check_file_not_in_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.io import check_output
 from mega_nerf.preview import TRAIN, frustum_corners
@@ -226,8 +226,10 @@ def is_pose_file(path: Path) -> bool:
 def check_path_file(path: str | Path, inputs: Mapping[str, Sequence[str | Path | None]] | None = None) -> None:
     """One-line UserError naming --path_file where "Save path" would destroy something or could not write: one
     of the command's `inputs` (option -> paths), a folder, an existing file that is not a pose file
-    (is_pose_file: a config.yaml, a container), or a path under a file."""
+    (is_pose_file: a config.yaml, a container), a path under a file, or a file in a dataset's folder or its
+    train/ or val/ images."""
     check_output(path, "--path_file", inputs or {}, "a pose file", is_pose_file)
+    check_file_not_in_dataset(path, "--path_file")
     folder = Path(path).absolute().parent
     while not folder.exists():
         folder = folder.parent
@@ -238,9 +240,11 @@ def check_path_file(path: str | Path, inputs: Mapping[str, Sequence[str | Path |
 def check_address(host: str, port: int) -> None:
     """One-line UserError, before the server starts, for a --host this machine cannot serve on: a name that does
     not resolve, or an address of another machine (viser would try a thousand ports on it, printing nothing and
-    never starting); for a --port the user may not open; or for a port in use with no free one after it (viser
-    takes the next free one, and past 65535 fails with a traceback). Each address the name resolves to is bound
-    and closed, as the server's socket would be."""
+    never starting); for a --port that is no port number or that the user may not open; or for a port in use with
+    no free one after it (viser takes the next free one, and past 65535 fails with a traceback). Each address the
+    name resolves to is bound and closed, as the server's socket would be."""
+    if not 0 <= port < 65536:  # else the resolver blames the host, or the bind raises OverflowError
+        raise UserError(f"--port must be a port number (0: any free port), got {port}")
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 SHARE = 0.03  # of wall time spent rendering, at most
 REFRESH = 2.0  # seconds between renders of a resting view
 STEP_WAIT = 5.0  # seconds the render thread waits for a step's end before rendering the copy it has
+HOST = "0.0.0.0"  # train.py --viewer serves on every interface
 
 
 class FieldCopy:
@@ -84,7 +85,7 @@ class Watch:
         self.copy.on_step(step)
 
 
-def watch(trainer: Trainer, port: int, host: str = "0.0.0.0") -> Watch:
+def watch(trainer: Trainer, port: int, host: str = HOST) -> Watch:
     """Serve the trainer's field on `port` (the next free one if taken)."""
     from mega_nerf.viewer.server import Viewer, home_pose  # viser, only when a run is watched
 
