@@ -11,7 +11,9 @@ straight down (+x) with one appearance index. With `--min_views K` (and the trai
 if at least K training images have it inside their view: regions few cameras see are guesses, and that is where
 a briefly trained model leaves its fog (tests/test_export.py, bench/RESULTS.md). That dataset, and the one whose
 coordinates.pt `--real_units` or dataparser_transforms.json `--source_frame` reads, must be the one the container
-was trained on (its fingerprint, taken at `--train_scale_factor`), checked before the export begins.
+was trained on: the container's fingerprint of its images (names, sizes and poses, taken at `--train_scale_factor`)
+is checked before the export begins. Those two files are not in the fingerprint: a copy with the same images and
+another origin or frame passes.
 
     python scripts/export_ply.py --container_path merged.pt --output scene.ply [--min_views 8 --dataset_path D \
         --train_scale_factor 4]

@@ -46,8 +46,8 @@ from mega_nerf.synthetic.surface import near_surface_fractions
 
 STEPS = 200  # per submodule, at 8 hash levels and 8 samples beyond the foreground box: enough for the export to find
 # its surfaces (222 points when measured, 166 of them seen by 20 or more training views; the fixture 28 s on 2 CPU
-# cores, against 54 s and 492 points at 300 steps with the default 32 samples beyond the box; 839 points at 16 levels,
-# 72-88 s; 100 steps found 8 after the partition pulled far samples in: briefly trained models export little)
+# cores, against 54 s and 492 points at 300 steps with 32 samples beyond the box, the default then; 839 points at 16
+# levels, 72-88 s; 100 steps found 8 after the partition pulled far samples in: briefly trained models export little)
 CELL = 0.05  # normalised units: one export cell at resolution 96 on the tiny city (4.1 m)
 
 
@@ -143,7 +143,7 @@ def test_count_views_sees_pixel_rays_and_nothing_else() -> None:
 @pytest.fixture(scope="module")
 def merged(tiny_city: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2 x 2 container of the tiny city, each submodule trained STEPS steps at 8 hash levels (half the CPU's
-    encoding work of the default 16) with 8 samples beyond the foreground box (the default's 32 are most of a CPU
+    encoding work of the default 16) with 8 samples beyond the foreground box (32, the default then, were most of a CPU
     step's samples)."""
     return partition_train_merge(tiny_city, tmp_path_factory.mktemp("export"), STEPS, "--hash_levels", "8",
                                  "--bg_samples", "8")

@@ -436,6 +436,20 @@ def test_a_checkpoint_from_older_defaults_resumes_with_those_options_only(tiny_c
                      "--foreground_scale", "1.5")).run()
 
 
+def test_a_checkpoint_of_the_previous_table_and_far_samples_is_named_with_both_options(tiny_city, tmp_path):
+    """The table and the far samples changed default together (2^21 and 64 to 2^22 and 96): a checkpoint of the
+    former resumed at the latter is refused in one line that names both options, so that one rerun with them
+    goes on as it was trained (the far samples alone would only be warned about, after the table's refusal)."""
+    common = ["--data_mode", "memory", "--batch_size", "64", "--val_interval", "100", "--ckpt_interval", "2"]
+    Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "2", "--log2_hashmap_size", "21",
+                 "--bg_samples", "64")).run()
+    with pytest.raises(UserError, match=r"another field \(log2_table_size \(21, 22\): its value, then this run's\); "
+                                        r"give the options it was trained with \(trained at earlier defaults: add "
+                                        r"--log2_hashmap_size 21 --bg_samples 64\)"):
+        Trainer(args(tiny_city, tmp_path / "exp", *common, "--train_iterations", "4", "--log2_hashmap_size", "22",
+                     "--bg_samples", "96")).run()
+
+
 def test_val_embeddings_only_trains_the_field_on_training_rays_alone(tiny_city, tmp_path, one_thread):
     """--val_embeddings_only: a pass's gradient of every field parameter is that of its training-image rays alone,
     and the val images' embeddings take the gradient of their own rays too. Reference: the same rays, the val ones

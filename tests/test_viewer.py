@@ -647,9 +647,10 @@ def test_a_training_viewers_port_is_checked_before_training_starts(tiny_city: Pa
         taken.listen()
         port = taken.getsockname()[1]
         monkeypatch.setattr(server, "LAST_PORT", port)
-        with pytest.raises(UserError, match=f"^--port {port}: in use on 0.0.0.0, and no port after it is free"):
+        with pytest.raises(UserError, match=f"^--viewer {port}: in use on 0.0.0.0, and no port after it is free to "
+                                            "serve on instead; choose another --viewer"):
             train_main([*argv, str(port)])
-    with pytest.raises(UserError, match="^--port must be a port number \\(0: any free port\\), got 70000$"):
+    with pytest.raises(UserError, match="^--viewer must be a port number \\(0: any free port\\), got 70000$"):
         train_main([*argv, "70000"])
     assert list(tmp_path.iterdir()) == []
     check_address("0.0.0.0", port)

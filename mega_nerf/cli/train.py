@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         from mega_nerf.viewer.server import check_address
         from mega_nerf.viewer.watch import HOST, watch
 
-        check_address(HOST, args.viewer)  # a port it cannot serve on: one line now, not after the start-up
+        check_address(HOST, args.viewer, "--viewer")  # one line now, not after the start-up
     check_not_in_dataset(config.exp_name)  # before the lock, whose file lies beside the folder
     with locked({"--exp_name": [config.exp_name], "--chunk_paths": list(config.chunk_paths)}):
         trainer = Trainer(config, started=process_start(),

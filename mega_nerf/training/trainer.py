@@ -319,7 +319,9 @@ class Trainer:
         differences = config_differences(saved, self.field_config)
         if differences:
             old = old_default_options(saved, self.field_config)
-            before = f" (trained before a default changed: add {' '.join(old)})" if old else ""
+            if old:  # and the far samples', which changed with the table: one message gives back the whole run
+                old += old_default_options(state["render"], self._render_settings())
+            before = f" (trained at earlier defaults: add {' '.join(old)})" if old else ""
             raise UserError(f"{path}: checkpoint of another field ({', '.join(differences)}: its value, then this "
                             f"run's); give the options it was trained with{before} or {other}")
         cell = self.mask_dir.name if self.mask_dir else None

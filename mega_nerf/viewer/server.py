@@ -237,14 +237,15 @@ def check_path_file(path: str | Path, inputs: Mapping[str, Sequence[str | Path |
         raise UserError(f"--path_file {path}: {folder} is a file, not a folder; choose another path")
 
 
-def check_address(host: str, port: int) -> None:
+def check_address(host: str, port: int, port_option: str = "--port") -> None:
     """One-line UserError, before the server starts, for a --host this machine cannot serve on: a name that does
     not resolve, or an address of another machine (viser would try a thousand ports on it, printing nothing and
     never starting); for a --port that is no port number or that the user may not open; or for a port in use with
     no free one after it (viser takes the next free one, and past 65535 fails with a traceback). Each address the
-    name resolves to is bound and closed, as the server's socket would be."""
+    name resolves to is bound and closed, as the server's socket would be. `port_option` is the option that gave
+    the port (train.py's --viewer), named in the messages."""
     if not 0 <= port < 65536:  # else the resolver blames the host, or the bind raises OverflowError
-        raise UserError(f"--port must be a port number (0: any free port), got {port}")
+        raise UserError(f"{port_option} must be a port number (0: any free port), got {port}")
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -256,12 +257,12 @@ def check_address(host: str, port: int) -> None:
         if error.errno == errno.EADDRINUSE:
             later = range(port + 1, min(port + PORT_TRIES, LAST_PORT + 1))
             if all(bind_error(family, kind, protocol, (address[0], p, *address[2:])) for p in later):
-                raise UserError(f"--port {port}: in use on {address[0]}, and no port after it is free to serve on "
-                                "instead; choose another --port (0: any free port)")
+                raise UserError(f"{port_option} {port}: in use on {address[0]}, and no port after it is free to "
+                                f"serve on instead; choose another {port_option} (0: any free port)")
             continue
         if error.errno in (errno.EACCES, errno.EPERM):
-            raise UserError(f"--port {port}: not allowed to serve on it ({error.strerror}; ports below 1024 need "
-                            "root)")
+            raise UserError(f"{port_option} {port}: not allowed to serve on it ({error.strerror}; ports below 1024 "
+                            "need root)")
         raise UserError(f"--host {host}: cannot serve on {address[0]}, not an address of this machine "
                         f"({error.strerror}; 0.0.0.0 serves on all of them)")
 
