@@ -35,6 +35,7 @@ import torch
 from mega_nerf.errors import UnreadableFile, UserError
 
 TEMP_SUFFIX = ".tmp"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG file (PNG specification, 5.2)
 _TEMP_NAME = re.compile(r"\.(\d+)\.tmp(\.\w+)?$")  # <name>.<pid>.tmp, or <name>.<pid>.tmp<suffix>
 # What torch.load raises on a file that is not a torch file or is damaged (PyTorch 2.x, found by cutting and
 # corrupting saved files): OSError (missing, unreadable), EOFError (empty), RuntimeError (a cut zip archive),
@@ -264,6 +265,15 @@ def write_bgr(path: str | os.PathLike, bgr: np.ndarray, params: Sequence[int] = 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
     """(H, W, 3) uint8 RGB (a render, a panel) to a `.png` path, atomically (`write_bgr`)."""
     write_bgr(path, rgb[:, :, ::-1])
+
+
+def is_png(path: Path) -> bool:
+    """Whether `path` is a readable file that begins with the PNG signature (what `write_png` writes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:  # unreadable: not known to be one
+        return False
 
 
 def load_torch(path: str | os.PathLike, what: str, device: torch.device | str = "cpu",

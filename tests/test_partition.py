@@ -9,6 +9,7 @@ import math
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 import time
@@ -553,6 +554,40 @@ def test_out_of_gpu_memory_names_the_image_and_the_chunk_options(tiny_city: Path
     with mock.patch("mega_nerf.partition.job.image_membership", full):
         expect_error(capsys, base_args(tiny_city, tmp_path / "m", "--ray_chunk", 4096, "--dist_chunk", 65536),
                      "out of GPU memory at --ray_chunk 4096 --dist_chunk 65536; give smaller ones")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("inside", ["", "train/metadata", "val", "train/masks"])
+def test_an_output_in_the_dataset_is_refused_before_anything_is_written(inside: str, resume: bool, tiny_city: Path,
+                                                                        tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """Masks written into a dataset's folder or its train/ or val/ (cell folders and params.pt beside the
+    images and metadata) made every later command fail on the dataset; with --resume they were written there."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_city, data)
+    before = sorted(data.rglob("*"))
+    message = f"inside the dataset {data}'s {inside.split('/')[0]} images" if inside else "a dataset's folder"
+    expect_error(capsys, base_args(data, data / inside, *(["--resume"] if resume else [])), message)
+    assert sorted(data.rglob("*")) == before
+
+
+def test_a_grid_too_large_for_memory_is_refused_before_anything_is_written(tiny_city: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """--grid_dim 300 300 made 90,000 cell folders and params.pt, then died in the allocator asking for 64.8 GB
+    (one of the exact rule's (1, K, K) float64 tensors on the CPU), and --resume did the same."""
+    output = tmp_path / "m"
+    one_tensor = 90_000 ** 2 * 8 / 1e9
+    for extra in ([], ["--resume"]):
+        with mock.patch("mega_nerf.partition.job.free_memory", return_value=("memory", 16 * 10 ** 9)):
+            expect_error(capsys, base_args(tiny_city, output, "--grid_dim", 300, 300, *extra, samples=None),
+                         "--grid_dim 300 300: its 90,000 cells need about ")
+        assert not any(tmp_path.iterdir())  # no cell folder, no params.pt, no lock
+    with mock.patch("mega_nerf.partition.job.free_memory", return_value=("memory", 16 * 10 ** 9)), \
+            pytest.raises(SystemExit):
+        run_script(*base_args(tiny_city, output, "--grid_dim", 300, 300, samples=None))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    needed = float(re.search(r"need about ([\d,.]+) GB of memory", line)[1].replace(",", ""))
+    assert one_tensor < needed < 8 * one_tensor and line.endswith("16.0 GB free; choose a smaller grid")
 
 
 def test_resume_refuses_masks_of_another_dataset(partitioned: Path, tiny_city: Path, tmp_path: Path,

@@ -131,6 +131,27 @@ def test_huge_size_is_one_line(dataset: Path, tmp_path: Path, capsys: pytest.Cap
     assert not out.exists()
 
 
+def test_an_output_that_would_destroy_a_file_is_refused_and_a_rerun_replaces_its_own(tmp_path: Path) -> None:
+    """--output DATASET/train/rgbs/<image>.png replaced a training image with the preview, and any existing file
+    of any kind was replaced; each is now refused untouched, and a rerun over its own preview still works."""
+    data = make_dataset(tmp_path / "data")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me\n")
+    refused = {data / "train" / "rgbs" / "im01.png": f"inside the dataset {data}'s train images",
+               data / "val" / "new.png": f"inside the dataset {data}'s val images",
+               data / "config.yaml": f"lies inside {data}, one of this command's inputs",
+               notes: "exists and is not a PNG image"}
+    for output, message in refused.items():
+        before = output.read_bytes() if output.exists() else None
+        with pytest.raises(UserError, match=message):
+            preview_main([str(data), "--output", str(output), "--size", "200"])
+        assert (output.read_bytes() if output.exists() else None) == before
+    for args in ([], ["--output", str(tmp_path / "p.png")]):
+        for _ in range(2):
+            preview_main([str(data), *args, "--size", "200"])
+    assert cv2.imread(str(data / "preview.png")).shape == cv2.imread(str(tmp_path / "p.png")).shape == (200, 400, 3)
+
+
 def test_cameras_ply(dataset: Path, tmp_path: Path) -> None:
     ds = load_dataset(dataset)
     assert write_cameras_ply(ds, tmp_path / "c.ply") == 9

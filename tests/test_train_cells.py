@@ -22,6 +22,7 @@ from mega_nerf.cli.parscript import main as parscript_main
 from mega_nerf.cli.train import main as train_main
 from mega_nerf.cli.train_cells import cells_config, train_cells_parser
 from mega_nerf.cli.train_cells import main as train_cells_main
+from mega_nerf.data.dataset import write_coordinates
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.training.all_cells import cell_config, cell_sizes, largest_first
 
@@ -90,6 +91,32 @@ def assert_as_separate_runs(root: Path, separate_runs: Path) -> None:
         ours = torch.load(root / f"exp-{k}" / "checkpoints" / FINAL, weights_only=True)
         reference = torch.load(separate_runs / f"exp-{k}" / "checkpoints" / FINAL, weights_only=True)
         assert same(ours, reference), f"cell {k}"
+
+
+def test_the_job_list_replaces_only_a_job_list_of_its_own(tmp_path: Path) -> None:
+    """make_parscript.py --output X/config.yaml replaced the config (and any other file), wrote into a dataset's
+    folders, and --cells 100000000 nearly hung writing a 20 GB list; each is refused untouched, and a rerun over
+    its own list replaces it."""
+    data = tmp_path / "data"
+    write_coordinates(data, torch.zeros(3), 1.0)
+    config = tmp_path / "config.yaml"
+    config.write_text("lr: 0.01\n")
+    refused = {config: "exists and is not a job list", tmp_path: "is a folder",
+               data / "jobs.txt": f"inside the dataset {data}'s own folder",
+               data / "train" / "jobs.txt": f"inside the dataset {data}'s train images"}
+    for output, message in refused.items():
+        before = output.read_bytes() if output.is_file() else None
+        with pytest.raises(UserError, match=message):
+            parscript_main(["--cells", "4", "--output", str(output)])
+        assert (output.read_bytes() if output.is_file() else None) == before
+    assert not (data / "train").exists()
+    jobs = tmp_path / "run.txt"
+    with pytest.raises(UserError, match="--cells must be between 1 and 10,000 .*, got 100,000,000"):
+        parscript_main(["--cells", "100000000", "--output", str(jobs)])
+    assert not jobs.exists()
+    for cells in (4, 2):
+        parscript_main(["--cells", str(cells), "--output", str(jobs)])
+        assert len(jobs.read_text().splitlines()) == cells
 
 
 def test_cells_go_largest_first(masks: Path, tmp_path: Path) -> None:

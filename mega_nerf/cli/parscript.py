@@ -14,15 +14,38 @@ beside the list (`run_8-start.txt`, `run_8-finish.txt`); `-r` resets them.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from mega_nerf.cli.options import HelpFormatter
+from mega_nerf.data.dataset import check_file_not_in_dataset
 from mega_nerf.errors import UserError, run_cli
-from mega_nerf.io import atomic_write
+from mega_nerf.io import atomic_write, check_output
 from mega_nerf.training.all_cells import cell_sizes, largest_first
 
 JOB = ("python mega_nerf/train.py --config_file $CONFIG_FILE --exp_name ${{EXP_PREFIX}}{k} "
        "--dataset_path $DATASET_PATH --chunk_paths ${{CHUNK_PREFIX}}{k} --cluster_mask_path $MASK_PATH/{k} $TRAIN_ARGS")
+
+JOB_LINE = re.compile(re.escape(JOB.format(k="\0")).replace("\0", r"\d+"))  # a line of ours, any cell
+# No grid anyone trains has more cells: 10,000 is a 100 x 100 grid, whose partition already needs 5.6 GB for one
+# ray (partition.cells.EXACT_PAIR_TENSORS (K, K) float64 tensors) and means 10,000 models to train; 100,000,000
+# cells would be a 20 GB list (205 bytes a line).
+MAX_CELLS = 10_000
+
+
+def is_job_list(path: Path) -> bool:
+    """Whether `path` is a readable, non-empty text file whose every line is one of our job lines (what `main`
+    writes); read line by line, stopping at the first that is not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = 0
+            for line in f:
+                if not JOB_LINE.fullmatch(line.rstrip("\n")):
+                    return False
+                lines += 1
+            return lines > 0
+    except (OSError, UnicodeDecodeError):  # unreadable or not text: not known to be one
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,8 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mask_path", type=Path, default=None,
                         help="the partition's mask directory: order the jobs largest cell first (default: by cell)")
     args = parser.parse_args(argv)
-    if args.cells < 1:
-        raise UserError(f"--cells must be positive, got {args.cells}")
+    if not 1 <= args.cells <= MAX_CELLS:
+        raise UserError(f"--cells must be between 1 and {MAX_CELLS:,} (a 100 x 100 grid), got {args.cells:,}")
+    check_output(args.output, "--output", {"--mask_path": [args.mask_path]}, "a job list of this command's",
+                 is_job_list)
+    check_file_not_in_dataset(args.output, "--output")
     order = list(range(args.cells))
     if args.mask_path is not None:
         sizes = cell_sizes(args.mask_path)

@@ -12,7 +12,7 @@ import configargparse
 
 from mega_nerf.cli.options import base_parser, require, scene_bounds
 from mega_nerf.clock import PartsClock, process_start
-from mega_nerf.data.dataset import Dataset, load_dataset
+from mega_nerf.data.dataset import Dataset, check_not_in_dataset, load_dataset
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.lock import locked
 from mega_nerf.partition.cells import EXACT, make_params, parse_grid_dim
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     clock = PartsClock(process_start())
     clock.mark("start-up")  # the interpreter and the imports
     args = partition_parser().parse_args(argv)
+    if args.output:  # masks in a dataset's folder or splits break every later command's listing of it
+        check_not_in_dataset(args.output)
     with locked({"--output": [args.output]} if args.output else {}):
         job = mask_job(args)
         clock.mark("dataset and cells")

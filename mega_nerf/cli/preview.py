@@ -16,7 +16,7 @@ from mega_nerf.data.dataset import check_file_not_in_dataset, load_dataset
 from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.export import is_ply
-from mega_nerf.io import check_output
+from mega_nerf.io import check_output, is_png
 from mega_nerf.preview import MAX_PREVIEW_SIZE, write_cameras_ply, write_preview
 
 CAMERAS_DOC = """Export a dataset's training cameras as a PLY (normalised DRB units, or with --source_frame
@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> None:
                         "lines and text have fixed pixel sizes)")
     dataset = args.dataset or args.dataset_path
     require(dataset, "dataset_path")
-    output = Path(args.output or Path(dataset) / "preview.png")
+    default = Path(dataset) / "preview.png"
+    output = Path(args.output or default)
+    check_output(output, "--output", {"dataset": [dataset], "--partition": [args.partition]}, "a PNG image", is_png)
+    if output.resolve() != default.resolve():  # the default's place, the dataset's own folder, no loader lists
+        check_file_not_in_dataset(output, "--output")
     lines = write_preview(dataset, output, args.partition, args.ray_altitude_range, args.size)
     print("\n".join(lines))
     print(f"wrote {output}")

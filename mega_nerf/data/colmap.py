@@ -9,13 +9,21 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from mega_nerf.data.convert import Conversion, SceneInput, convert, keep_existing_images, unique_stems
+from mega_nerf.data.convert import (
+    Conversion,
+    SceneInput,
+    check_intrinsics,
+    convert,
+    keep_existing_images,
+    unique_stems,
+)
 from mega_nerf.errors import UserError
 from mega_nerf.io import atomic_write
 
@@ -80,6 +88,38 @@ def rotmat_to_qvec(R: np.ndarray) -> np.ndarray:
     return q if w >= 0 else -q
 
 
+# ---- checks of what the files hold ----
+
+def _check_camera(camera: Camera, where: str) -> Camera:
+    """The camera, its params finite and, for a supported model, its intrinsics plausible (check_intrinsics);
+    UserError naming `where` otherwise. Unsupported models are named when converted (`camera_params`)."""
+    if camera.model in SUPPORTED_MODELS and len(camera.params) == CAMERA_MODELS[camera.model][1]:
+        check_intrinsics((camera.width, camera.height), camera_params(camera)[:4], where)
+    if not np.isfinite(camera.params).all():  # the distortion terms, or a model we do not convert
+        raise UserError(f"{where}: non-finite params {camera.params.tolist()}")
+    return camera
+
+
+def _check_pose(image: Image, where: str) -> Image:
+    """The image, its qvec a finite non-zero quaternion and its tvec finite; UserError naming `where` otherwise."""
+    if not np.isfinite(image.qvec).all() or not np.linalg.norm(image.qvec) > 1e-12:
+        raise UserError(f"{where}: image {image.name}: qvec {image.qvec.tolist()} is not a rotation "
+                        "(needs 4 finite numbers, not all zero)")
+    if not np.isfinite(image.tvec).all():
+        raise UserError(f"{where}: image {image.name}: tvec {image.tvec.tolist()} must be finite")
+    return image
+
+
+def _check_points(xyz: np.ndarray, where: Callable[[int], str]) -> None:
+    """A UserError naming the first point (where(k)) of xyz (P, 3) with a non-finite coordinate. COLMAP's mapper
+    never writes one, so it means a damaged or hand-edited file: refused rather than dropped, since the rest of
+    such a file is as suspect (and one NaN made every percentile, hence the scale and altitude range, NaN)."""
+    bad = np.flatnonzero(~np.isfinite(xyz).all(1))
+    if len(bad):
+        raise UserError(f"{where(int(bad[0]))}: non-finite point coordinates {xyz[bad[0]].tolist()} "
+                        f"({len(bad)} such points)")
+
+
 # ---- text files ----
 
 def _data_lines(file: Path) -> list[tuple[int, list[str]]]:
@@ -93,9 +133,10 @@ def _read_cameras_txt(file: Path) -> dict[int, Camera]:
     for n, f in _data_lines(file):
         if f:
             try:
-                cameras[int(f[0])] = Camera(int(f[0]), f[1], int(f[2]), int(f[3]), np.array(f[4:], float))
+                camera = Camera(int(f[0]), f[1], int(f[2]), int(f[3]), np.array(f[4:], float))
             except (ValueError, IndexError):
                 raise UserError(f"{file}:{n}: expected 'CAMERA_ID MODEL WIDTH HEIGHT PARAMS...'") from None
+            cameras[camera.id] = _check_camera(camera, f"{file}:{n}: camera {camera.id}")
     return cameras
 
 
@@ -109,26 +150,31 @@ def _read_images_txt(file: Path) -> dict[int, Image]:
         keypoints = lines[k + 1][1] if k + 1 < len(lines) else []
         try:
             obs = np.array(keypoints, float).reshape(-1, 3)
-            images[int(f[0])] = Image(int(f[0]), np.array(f[1:5], float), np.array(f[5:8], float), int(f[8]),
-                                      " ".join(f[9:]), obs[:, :2], obs[:, 2].astype(np.int64))
+            image = Image(int(f[0]), np.array(f[1:5], float), np.array(f[5:8], float), int(f[8]),
+                          " ".join(f[9:]), obs[:, :2], obs[:, 2].astype(np.int64))
         except (ValueError, IndexError):
             raise UserError(f"{file}:{n}: expected 'IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME' "
                             "followed by a line of 'X Y POINT3D_ID' triples") from None
+        images[image.id] = _check_pose(image, f"{file}:{n}")
         k += 2
     return images
 
 
 def _read_points_txt(file: Path) -> Points3D:
-    ids, rows, tracks = [], [], []
+    ids, rows, tracks, line_numbers = [], [], [], []
     for n, f in _data_lines(file):
         if f:
             try:
+                if len(f) < 8:
+                    raise ValueError("short line")
                 ids.append(int(f[0]))
                 rows.append([float(v) for v in f[1:8]])
                 tracks.append(np.array(f[8:], np.int32).reshape(-1, 2))
             except ValueError:
                 raise UserError(f"{file}:{n}: expected 'POINT3D_ID X Y Z R G B ERROR TRACK...'") from None
+            line_numbers.append(n)
     a = np.array(rows, float).reshape(-1, 7)
+    _check_points(a[:, :3], lambda k: f"{file}:{line_numbers[k]}")
     return Points3D(np.array(ids, np.int64), a[:, :3], a[:, 3:6].astype(np.uint8), a[:, 6], tracks)
 
 
@@ -202,7 +248,8 @@ def _read_cameras_bin(file: Path) -> dict[int, Camera]:
         if mid not in MODEL_NAMES:
             raise UserError(f"{file}: camera {cid} has unknown camera model id {mid}")
         name = MODEL_NAMES[mid]
-        cameras[cid] = Camera(cid, name, w, h, np.array(r.read("d" * CAMERA_MODELS[name][1])))
+        camera = Camera(cid, name, w, h, np.array(r.read("d" * CAMERA_MODELS[name][1])))
+        cameras[cid] = _check_camera(camera, f"{file}: camera {cid}")
     return cameras
 
 
@@ -212,8 +259,9 @@ def _read_images_bin(file: Path) -> dict[int, Image]:
         iid, *pose, cid = r.read("i7di")
         name = r.name()
         kp = r.array(KEYPOINT, r.count(KEYPOINT.itemsize))
-        images[iid] = Image(iid, np.array(pose[:4]), np.array(pose[4:]), cid, name,
-                            np.stack([kp["x"], kp["y"]], 1), kp["point3D_id"].astype(np.int64))
+        image = Image(iid, np.array(pose[:4]), np.array(pose[4:]), cid, name,
+                      np.stack([kp["x"], kp["y"]], 1), kp["point3D_id"].astype(np.int64))
+        images[iid] = _check_pose(image, str(file))
     return images
 
 
@@ -225,6 +273,7 @@ def _read_points_bin(file: Path) -> Points3D:
         ids[k], x, y, z, cr, cg, cb, err = r.read("q3d3Bd")  # signed, as images.bin's keypoints hold ids
         a[k], rgb[k] = (x, y, z, err), (cr, cg, cb)
         tracks.append(r.array("<i4", 2 * r.count(8)).reshape(-1, 2))  # (image id, keypoint index) pairs
+    _check_points(a[:, :3], lambda k: f"{file}: point {ids[k]}")
     return Points3D(ids, a[:, :3], rgb, a[:, 3], tracks)
 
 
@@ -331,8 +380,6 @@ def colmap_scene(model: Model, images_path: Path, source: str,
     cameras = {im.camera_id: opencv_camera(model.cameras[im.camera_id]) for im in images}
     keep = keep_existing_images([images_path / im.name for im in images], source, allow_missing)
     images = [im for im, k in zip(images, keep, strict=True) if k]
-    if not images:
-        raise UserError(f"{images_path}: none of the model's images is there")
     scene = SceneInput(
         names=unique_stems([im.name for im in images]), image_paths=[images_path / im.name for im in images],
         c2w=np.stack([colmap_c2w(im) for im in images]),
@@ -340,7 +387,7 @@ def colmap_scene(model: Model, images_path: Path, source: str,
         sizes=np.array([[model.cameras[im.camera_id].width, model.cameras[im.camera_id].height]
                         for im in images]),
         distortion=[cameras[im.camera_id][1] for im in images],
-        points=model.points.xyz, colors=model.points.rgb, source="colmap")
+        points=model.points.xyz, colors=model.points.rgb, source="colmap", file=source)
     return scene, images
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -34,6 +35,12 @@ POINT_PERCENTILES = (1.0, 99.0)  # the "bulk" of the sparse points, per axis
 ALTITUDE_MARGIN = 0.05  # fraction of the slab's height added above and below it
 GROUND_PERCENTILE = 30.0  # the lowest points along up taken as ground for the up fit
 GROUND_ITERATIONS = 4  # refits of the ground along the new up (each reselects the lowest points)
+# focal length over the image's larger side: 0.01 is a 178-degree field of view, wider than any pinhole lens (the
+# widest rectilinear ones see about 120 degrees, 0.3); 1e5 is 2 arcseconds, 50 times narrower than a satellite tile
+FOCAL_RANGE = (1e-2, 1e5)
+# how far outside the image the principal point may lie, in image sizes: a tile cropped from the side of a larger
+# photo keeps the photo's principal point, so it may lie off the tile; a whole image size off is a wrong value
+PRINCIPAL_MARGIN = 1.0
 
 
 @dataclass
@@ -49,6 +56,7 @@ class SceneInput:
     points: np.ndarray  # (P, 3) float64 sparse points, source world (P may be 0)
     colors: np.ndarray  # (P, 3) uint8
     source: str = "unknown"  # the poses' origin, recorded in dataparser_transforms.json: colmap, transforms.json
+    file: str = "the input"  # the model folder or file read, named in messages
 
 
 @dataclass
@@ -86,16 +94,39 @@ def unique_stems(relative_paths: list[str]) -> list[str]:
 
 
 def keep_existing_images(paths: list[Path], source: str, allow_missing: bool) -> np.ndarray:
-    """(N,) bool mask of images found on disk; a one-line error unless `allow_missing`."""
+    """(N,) bool mask of images found on disk; a one-line error unless `allow_missing`, and when none is."""
     found = np.array([p.is_file() for p in paths], dtype=bool)
     missing = int((~found).sum())
     if missing and not allow_missing:
         first = paths[int(np.argmin(found))]
         raise UserError(f"{missing} of {len(paths)} images listed in {source} are missing on disk "
                         f"(first: {first}); pass --allow_missing_images to convert the others")
+    if missing == len(paths):
+        raise UserError(f"{source}: none of its {len(paths)} images is there (first: {paths[0]})")
     if missing:
         print(f"skipping {missing} of {len(paths)} images missing on disk")
     return found
+
+
+def check_intrinsics(size: tuple[float, float], K: np.ndarray, where: str) -> None:
+    """A UserError naming `where` unless the size (W, H) is positive whole pixels, the focal lengths of K (fx, fy,
+    cx, cy) are finite and within FOCAL_RANGE of the larger side, and the principal point lies within
+    PRINCIPAL_MARGIN image sizes of the image."""
+    W, H = size
+    if not (W > 0 and H > 0 and float(W).is_integer() and float(H).is_integer()):
+        raise UserError(f"{where}: image size {W}x{H} must be positive whole pixels")
+    lo, hi = FOCAL_RANGE[0] * max(W, H), FOCAL_RANGE[1] * max(W, H)
+    for name, f in (("fx", float(K[0])), ("fy", float(K[1]))):
+        if not (math.isfinite(f) and f > 0):
+            raise UserError(f"{where}: focal length {name} must be positive and finite, got {f!r}")
+        if not lo <= f <= hi:
+            raise UserError(f"{where}: focal length {name} = {f:.4g} px is implausible for a {W:g}x{H:g} image "
+                            f"(allowed: {lo:.4g} to {hi:.4g} px)")
+    cx, cy = K[2], K[3]
+    m = PRINCIPAL_MARGIN
+    if not (math.isfinite(cx) and math.isfinite(cy) and -m * W <= cx <= (1 + m) * W and -m * H <= cy <= (1 + m) * H):
+        raise UserError(f"{where}: principal point ({cx:g}, {cy:g}) lies more than {m:g} image size outside the "
+                        f"{W:g}x{H:g} image")
 
 
 def parse_up_axis(text: str) -> np.ndarray | None:
@@ -241,10 +272,17 @@ def convert_poses(scene: SceneInput, up: np.ndarray | None, val_every: int) -> C
     rot = np.einsum("ij,njk->nik", rotation, scene.c2w[:, :, :3])
     centres = scene.c2w[:, :, 3] @ rotation.T
     points = scene.points @ rotation.T
-    origin, scale = fit_normalisation(centres, points)
+    # the readers refuse non-finite poses and points, but finite ones near the float limit still overflow here:
+    # refused below in one line, without numpy's overflow warnings before it
+    with np.errstate(over="ignore", invalid="ignore"):
+        origin, scale = fit_normalisation(centres, points)
+        altitude_range = estimate_altitude_range(points)
+    if not np.isfinite([*origin, scale, *(altitude_range or ())]).all():
+        raise UserError(f"{scene.file}: the poses and points give a non-finite scale or altitude range "
+                        "(coordinates too large?)")
     c2w = np.concatenate([rot, ((centres - origin) / scale)[:, :, None]], axis=2)
     return Conversion(up=up / np.linalg.norm(up), up_reason=reason, rotation=rotation, origin_drb=origin,
-                      pose_scale_factor=scale, altitude_range=estimate_altitude_range(points),
+                      pose_scale_factor=scale, altitude_range=altitude_range,
                       c2w=c2w, points=(points - origin) / scale, splits=val_splits(scene.names, val_every))
 
 
@@ -335,7 +373,7 @@ def summary(scene: SceneInput, conv: Conversion, output: Path) -> list[str]:
         below = int((conv.c2w[:, 0, 3] * conv.pose_scale_factor + conv.origin_drb[0] > ground).sum())
         if below:
             lines.append(f"warning: {below} cameras lie below the estimated ground: is the up axis right?")
-    lines.append(f"wrote {output}; check it with: python scripts/preview_dataset.py {output}")
+    lines.append(f"wrote {output}; check it with: python scripts/preview_dataset.py {shlex.quote(str(output))}")
     return lines
 
 

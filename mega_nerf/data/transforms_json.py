@@ -15,7 +15,14 @@ import cv2
 import numpy as np
 from plyfile import PlyData, PlyParseError
 
-from mega_nerf.data.convert import Conversion, SceneInput, convert, keep_existing_images, unique_stems
+from mega_nerf.data.convert import (
+    Conversion,
+    SceneInput,
+    check_intrinsics,
+    convert,
+    keep_existing_images,
+    unique_stems,
+)
 from mega_nerf.data.dataset import IMAGE_EXTENSIONS, rotation_problem
 from mega_nerf.errors import UserError
 from mega_nerf.io import read_json
@@ -46,6 +53,22 @@ def _number(get: dict, key: str, where: str, default: float | None = None) -> fl
     return float(value)
 
 
+def _pixels(get: dict, key: str, where: str) -> int:
+    """get[key] as a positive whole number of pixels (64.0 is one, 64.9 is not); UserError naming the key."""
+    value = _number(get, key, where)
+    if value <= 0 or not value.is_integer():
+        raise UserError(f"{where}: '{key}' must be a positive whole number of pixels, got {get[key]!r}")
+    return int(value)
+
+
+def _focal_from_angle(get: dict, key: str, side: int, where: str) -> float:
+    """The focal length in pixels of a field of view get[key] (radians) across `side` pixels."""
+    angle = _number(get, key, where)
+    if not 0 < angle < math.pi:
+        raise UserError(f"{where}: '{key}' must be an angle in radians between 0 and pi, got {angle!r}")
+    return 0.5 * side / math.tan(0.5 * angle)
+
+
 def _intrinsics(get: dict, path: Path, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(W, H), (fx, fy, cx, cy) and OpenCV distortion of one frame merged over the top level."""
     model = get.get("camera_model", "OPENCV")
@@ -55,20 +78,21 @@ def _intrinsics(get: dict, path: Path, where: str) -> tuple[np.ndarray, np.ndarr
     if _number(get, "k4", where, 0.0):
         raise UserError(f"{where}: k4 is set, which only fisheye models use; not supported")
     if "w" in get and "h" in get:
-        W, H = int(_number(get, "w", where)), int(_number(get, "h", where))
+        W, H = _pixels(get, "w", where), _pixels(get, "h", where)
     else:
         W, H = _image_size(path)
     if "fl_x" in get:
         fx = _number(get, "fl_x", where)
     elif "camera_angle_x" in get:
-        fx = 0.5 * W / math.tan(0.5 * _number(get, "camera_angle_x", where))
+        fx = _focal_from_angle(get, "camera_angle_x", W, where)
     else:
         raise UserError(f"{where}: needs fl_x or camera_angle_x")
     if "fl_y" in get:
         fy = _number(get, "fl_y", where)
     else:
-        fy = 0.5 * H / math.tan(0.5 * _number(get, "camera_angle_y", where)) if "camera_angle_y" in get else fx
+        fy = _focal_from_angle(get, "camera_angle_y", H, where) if "camera_angle_y" in get else fx
     K = np.array([fx, fy, _number(get, "cx", where, W / 2), _number(get, "cy", where, H / 2)], float)
+    check_intrinsics((W, H), K, where)
     dist = np.array([_number(get, k, where, 0.0) for k in ("k1", "k2", "p1", "p2", "k3")], float)
     dist = dist if dist[4] else dist[:4]
     return np.array([W, H]), K, dist if dist.any() else None
@@ -100,7 +124,15 @@ def read_points_ply(path: Path) -> tuple[np.ndarray, np.ndarray]:
     names = {p.name for p in v.properties}
     rgb = (np.stack([v["red"], v["green"], v["blue"]], 1) if {"red", "green", "blue"} <= names
            else np.full((len(xyz), 3), 128))
-    return xyz, rgb.astype(np.uint8)
+    # Dropped with a count, not refused: organised clouds (PCL's, a depth camera's) mark a missing point with NaN
+    # by design, and one left in made every percentile, hence the scale and the altitude range, NaN. A cloud with
+    # none finite is refused: that is no point cloud, and dropping all would pass as "no points".
+    finite = np.isfinite(xyz).all(1)
+    if not finite.any() and len(xyz):
+        raise UserError(f"{path}: none of its {len(xyz)} vertices has finite coordinates")
+    if not finite.all():
+        print(f"warning: {path}: dropped {int((~finite).sum())} of {len(xyz)} vertices with non-finite coordinates")
+    return xyz[finite], rgb[finite].astype(np.uint8)
 
 
 def _frames(data: object, file: Path) -> list[dict]:
@@ -137,7 +169,8 @@ def transforms_scene(path: str | os.PathLike, points_path: str | os.PathLike | N
     return SceneInput(names=unique_stems(relative), image_paths=paths,
                       c2w=np.stack([_c2w(f, f"{file}: frame {f['file_path']}") for f in frames]),
                       intrinsics=np.stack([c[1] for c in cams]), sizes=np.stack([c[0] for c in cams]),
-                      distortion=[c[2] for c in cams], points=xyz, colors=rgb, source="transforms.json")
+                      distortion=[c[2] for c in cams], points=xyz, colors=rgb, source="transforms.json",
+                      file=str(file))
 
 
 def convert_transforms(path: str | os.PathLike, output: str | os.PathLike, points_path: str | None = None,

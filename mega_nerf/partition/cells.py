@@ -165,6 +165,33 @@ def default_chunks(device: torch.device) -> tuple[int, int]:
     return GPU_RAY_CHUNK, max(CPU_DIST_CHUNK, min(GPU_DIST_CHUNK, free // BYTES_PER_DISTANCE))
 
 
+# The exact rule's reference (partition.exact.voronoi_ends) builds (rays, K, K) float64 tensors, at least one ray
+# at a time: its peak resident memory over one ray is 6.6-6.7 such tensors (measured at K = 3000 and 5000).
+EXACT_PAIR_TENSORS = 7
+
+
+def membership_bytes(params: PartitionParams, pixels: int, device: torch.device, ray_chunk: int,
+                     dist_chunk: int) -> tuple[int, int]:
+    """(host, device) bytes, at least, that `image_membership` needs at once for an image of `pixels` pixels
+    (a chunk of min(ray_chunk, pixels) rays): the image's (pixels, K) bool masks on the host, and on the device
+    the chunk's (rays, K) membership plus the rule's temporaries: the exact rule's reference K^2 float64 tensors
+    (`EXACT_PAIR_TENSORS`, for as many rays as `exact_ray_membership` takes at once) or its kernel's (rays, K)
+    uint8 output on a GPU; the sampled rule's distances (BYTES_PER_DISTANCE each, at least K of them). On the CPU
+    both pools are one: add them."""
+    K, rays = params.num_cells, min(ray_chunk, pixels)
+    host, work = pixels * K, rays * K
+    if params.ray_samples != EXACT:
+        work += max(dist_chunk, K) * BYTES_PER_DISTANCE
+    elif device.type == "cuda" and kernels.ENABLED and kernels.triton is not None:
+        work += rays * K
+    else:
+        rows = min(rays, max(1, dist_chunk // (K * max(K, 2 * DEFAULT_ARCS))))
+        work += rows * K * K * 8 * EXACT_PAIR_TENSORS
+    if device.type == "cuda":
+        host += rays * K  # the chunk's copy back
+    return host, work
+
+
 def image_membership(images: list[ImageMetadata], params: PartitionParams, device: torch.device,
                      ray_chunk: int = CPU_RAY_CHUNK, dist_chunk: int = CPU_DIST_CHUNK) -> list[torch.Tensor]:
     """(H, W, K) bool on the CPU per image: the cells each pixel's ray belongs to.

@@ -21,7 +21,7 @@ from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.distributed import DistInfo, barrier, check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
 from mega_nerf.fields import kernels
-from mega_nerf.io import write_bgr, write_json
+from mega_nerf.io import free_memory, write_bgr, write_json
 from mega_nerf.ordered import OrderedQueue
 from mega_nerf.partition.cells import (
     EXACT,
@@ -31,6 +31,7 @@ from mega_nerf.partition.cells import (
     default_chunks,
     image_membership,
     load_params,
+    membership_bytes,
 )
 from mega_nerf.partition.maskfile import (
     SUFFIX,
@@ -122,6 +123,7 @@ def _prepare_output(job: MaskJob, info: DistInfo) -> None:
         if changed:
             raise UserError(f"{params_file}: made with other settings ({', '.join(changed)}); "
                             "choose another --output")
+    check_memory(job, info.device)
     barrier(info)  # every rank has looked before rank 0 creates anything
     if info.is_main:
         for k in range(job.params.num_cells):
@@ -130,6 +132,25 @@ def _prepare_output(job: MaskJob, info: DistInfo) -> None:
         if not params_file.is_file():
             job.params.save(params_file)
     barrier(info)
+
+
+def check_memory(job: MaskJob, device: torch.device) -> None:
+    """One UserError line naming --grid_dim when the largest image's membership would not fit in the memory free
+    now (cells.membership_bytes: at 300 x 300 cells the exact rule's reference asks for 65 GB a tensor), before
+    anything is written."""
+    default_ray, default_dist = default_chunks(device)
+    pixels = max(m.H * m.W for m in job.dataset.images)
+    host, work = membership_bytes(job.params, pixels, device, job.ray_chunk or default_ray,
+                                  job.dist_chunk or default_dist)
+    if device.type == "cuda":
+        pools = [(*free_memory(torch.device("cpu")), host), (*free_memory(device), work)]
+    else:
+        pools = [(*free_memory(device), host + work)]
+    for where, free, needed in pools:
+        if free is not None and needed > free:
+            X, Y = job.params.grid_dim
+            raise UserError(f"--grid_dim {X} {Y}: its {X * Y:,} cells need about {needed / 1e9:,.1f} GB of {where} "
+                            f"for one image's masks, {free / 1e9:,.1f} GB free; choose a smaller grid")
 
 
 def _complete(job: MaskJob, image: ImageMetadata) -> bool:
