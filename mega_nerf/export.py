@@ -39,7 +39,7 @@ from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.fields.base import Field
-from mega_nerf.io import atomic_open, free_memory
+from mega_nerf.io import atomic_open, begins_with, free_memory
 from mega_nerf.merging.container import Container, load_container
 from mega_nerf.rays import Cameras
 
@@ -201,12 +201,8 @@ def write_ply(path: str | os.PathLike, xyz: np.ndarray, rgb: np.ndarray) -> None
 
 
 def is_ply(path: Path) -> bool:
-    """Whether `path` is a readable file that begins with the PLY magic line (what `write_ply` writes)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(PLY_MAGIC)) == PLY_MAGIC
-    except OSError:  # unreadable: not known to be one
-        return False
+    """Whether `path` begins with the PLY magic line (what `write_ply` writes)."""
+    return begins_with(path, PLY_MAGIC)
 
 
 def to_real_units(xyz: np.ndarray, coordinates: Coordinates) -> np.ndarray:

@@ -267,13 +267,18 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
     write_bgr(path, rgb[:, :, ::-1])
 
 
-def is_png(path: Path) -> bool:
-    """Whether `path` is a readable file that begins with the PNG signature (what `write_png` writes)."""
+def begins_with(path: Path, magic: bytes) -> bool:
+    """Whether `path` is a readable file whose first bytes are `magic` (a format's signature)."""
     try:
         with open(path, "rb") as f:
-            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+            return f.read(len(magic)) == magic
     except OSError:  # unreadable: not known to be one
         return False
+
+
+def is_png(path: Path) -> bool:
+    """Whether `path` begins with the PNG signature (what `write_png` writes)."""
+    return begins_with(path, PNG_SIGNATURE)
 
 
 def load_torch(path: str | os.PathLike, what: str, device: torch.device | str = "cpu",
