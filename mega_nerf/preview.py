@@ -33,6 +33,9 @@ MAX_DRAWN_POINTS = 200_000
 # draw. Dots, lines and text have fixed pixel sizes, so a larger image only spreads them further apart, while
 # drawing it takes about 9 bytes a pixel with cells (labels, masks; measured at --size 3000): 1.1 GiB here.
 MAX_PREVIEW_SIZE = 8192
+# The smallest: the side view's panel is 0.7 size - TITLE_ROWS rows high, none below 49 (with cells drawn, 50 divided
+# by zero and 30 asked numpy for negative sizes); at 100 it keeps 36 rows under its title.
+MIN_PREVIEW_SIZE = 100
 
 
 @dataclass

@@ -60,12 +60,14 @@ def write_transforms(folder: Path, frames: object, **top: object) -> Path:
     return file
 
 
-@pytest.mark.parametrize("size", ["0", "-10"])
-def test_preview_size_must_be_positive(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                       size: str) -> None:
+@pytest.mark.parametrize("size", ["0", "-10", "50"])
+def test_preview_size_must_leave_room_for_its_views(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    size: str) -> None:
+    """Below 100 rows the side view has little or nothing left under its title (with cells drawn, --size 50 divided
+    by zero): one line before anything is drawn."""
     out = tmp_path / "preview.png"
     assert (error_of(preview_main, [str(dataset), "--output", str(out), "--size", size], capsys)
-            == f"error: --size must be positive, got {size}\n")
+            == f"error: --size must be at least 100, got {size}\n")
     assert not out.exists()
 
 

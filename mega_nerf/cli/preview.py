@@ -17,7 +17,7 @@ from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import UserError, run_cli
 from mega_nerf.export import is_ply
 from mega_nerf.io import check_output, is_png
-from mega_nerf.preview import MAX_PREVIEW_SIZE, write_cameras_ply, write_preview
+from mega_nerf.preview import MAX_PREVIEW_SIZE, MIN_PREVIEW_SIZE, write_cameras_ply, write_preview
 
 CAMERAS_DOC = """Export a dataset's training cameras as a PLY (normalised DRB units, or with --source_frame
 the world it was converted from) for a 3D viewer: a point per camera
@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partition", default=None, help="masks folder (or its params.pt) to draw the cells of")
     parser.add_argument("--output", default=None, help="PNG to write (default: <dataset>/preview.png)")
     parser.add_argument("--size", type=int, default=800,
-                        help=f"height of the image (at most {MAX_PREVIEW_SIZE}); its width is twice that")
+                        help=f"height of the image ({MIN_PREVIEW_SIZE} to {MAX_PREVIEW_SIZE}); its width is twice that")
     args = parser.parse_args(argv)
     # named as validate_values names an option: by its config file's line when from there
     size_name = parser.config_file_sources().get("size", "--size")
-    if args.size <= 0:
-        raise UserError(f"{size_name} must be positive, got {args.size}")
+    if args.size < MIN_PREVIEW_SIZE:  # the side view would have no rows under its title
+        raise UserError(f"{size_name} must be at least {MIN_PREVIEW_SIZE}, got {args.size}")
     if args.size > MAX_PREVIEW_SIZE:  # before numpy asks for the image (and raises MemoryError)
         raise UserError(f"{size_name} must be at most {MAX_PREVIEW_SIZE}, got {args.size}: its {2 * args.size}x"
                         f"{args.size} image would be wider than many viewers draw, with no more detail (its dots, "
