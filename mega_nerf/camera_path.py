@@ -32,7 +32,7 @@ from mega_nerf.io import (
     atomic_path,
     atomic_write,
     check_free_space,
-    free_memory,
+    memory_shortfall,
     remove_temp_files,
     write_png,
 )
@@ -307,9 +307,8 @@ def check_frame_size(config: PathConfig, size: tuple[int, int], device: torch.de
     W, H = size
     if (problem := size_problem(size)) is not None:
         raise UserError(f"frames of {W}x{H} ({source}): {problem}")
-    needed = RENDER_BYTES_PER_PIXEL * W * H
-    where, free = free_memory(device)
-    if free is not None and needed > free:
+    if (short := memory_shortfall(device, 0, RENDER_BYTES_PER_PIXEL * W * H)) is not None:
+        where, needed, free = short
         raise UserError(f"frames of {W}x{H} ({source}): rendering one needs about {needed / 2 ** 30:,.1f} GiB of "
                         f"{where}, {free / 2 ** 30:,.1f} GiB available; choose a smaller size")
 

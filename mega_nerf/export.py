@@ -39,7 +39,7 @@ from mega_nerf.data.frames import to_source_map
 from mega_nerf.errors import UserError
 from mega_nerf.evaluation.evaluate import load_checked_dataset
 from mega_nerf.fields.base import Field
-from mega_nerf.io import atomic_open, begins_with, free_memory
+from mega_nerf.io import atomic_open, begins_with, memory_shortfall
 from mega_nerf.merging.container import Container, load_container
 from mega_nerf.rays import Cameras
 
@@ -118,15 +118,12 @@ def check_export_memory(option: str, box_min: torch.Tensor, box_max: torch.Tenso
     memory available now (export_memory: the slab on `device`, the points on the host); torch's own error comes
     mid-export, as a traceback."""
     slab, points = export_memory(box_min, box_max, resolution, layers, chunk)
-    needs = [(*free_memory(torch.device("cpu")), points + (slab if device.type == "cpu" else 0))]
-    if device.type == "cuda":
-        needs.append((*free_memory(device), slab))
-    counts = grid_shape(box_min, box_max, resolution)[1]
-    for what, free, needed in needs:
-        if free is not None and needed > free:
-            raise UserError(f"{option} {resolution}: its grid of {' x '.join(map(str, counts))} cells needs about "
-                            f"{needed / 2 ** 30:,.1f} GiB of {what}, {free / 2 ** 30:,.1f} GiB available; choose a "
-                            "lower resolution")
+    if (short := memory_shortfall(device, points, slab)) is not None:
+        what, needed, free = short
+        counts = grid_shape(box_min, box_max, resolution)[1]
+        raise UserError(f"{option} {resolution}: its grid of {' x '.join(map(str, counts))} cells needs about "
+                        f"{needed / 2 ** 30:,.1f} GiB of {what}, {free / 2 ** 30:,.1f} GiB available; choose a "
+                        "lower resolution")
 
 
 def export_points(field: Field, box_min: torch.Tensor, box_max: torch.Tensor, resolution: int,

@@ -316,6 +316,20 @@ def free_memory(device: torch.device) -> tuple[str, int | None]:
     return "memory", available_memory()
 
 
+def memory_shortfall(device: torch.device, host: int, work: int) -> tuple[str, int, int] | None:
+    """(where, needed, free) for the first pool whose free memory (free_memory) is short of what a job needs:
+    `host` bytes on the host and `work` on `device` (one pool on a CPU, where the two add up); None when both
+    fit or the system does not say."""
+    pools = [(torch.device("cpu"), host + (work if device.type == "cpu" else 0))]
+    if device.type == "cuda":
+        pools.append((device, work))
+    for pool, needed in pools:
+        where, free = free_memory(pool)
+        if free is not None and needed > free:
+            return where, needed, free
+    return None
+
+
 def check_output(output: str | os.PathLike, option: str, inputs: Mapping[str, Sequence[str | os.PathLike | None]],
                  kind: str, is_kind: Callable[[Path], bool]) -> None:
     """Refuse, in one UserError line and before anything is written, an `output` (given as `option`) whose write

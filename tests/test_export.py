@@ -108,7 +108,7 @@ def test_export_memory_counts_the_grid_export_points_walks() -> None:
 
 def test_the_export_memory_check_counts_the_slab_where_it_lives(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU the slab and the points share the host's memory; on a CUDA device (stubbed: no GPU here) the slab
-    is held against the device's free memory and the points alone against the host's (io.free_memory)."""
+    is held against the device's free memory and the points alone against the host's (io.memory_shortfall)."""
     lo, hi = SlabField.LO, SlabField.HI
     slab, points = export_memory(lo, hi, 18, 2, 1000)
     monkeypatch.setattr(io, "available_memory", lambda: points + slab - 1)

@@ -160,6 +160,21 @@ def test_free_memory_is_a_cuda_devices_own_else_the_hosts(monkeypatch: pytest.Mo
     assert io.free_memory(torch.device("cuda", 1)) == ("GPU memory", 5)
 
 
+def test_memory_shortfall_adds_the_pools_on_a_cpu_and_splits_them_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """memory_shortfall (behind the render's, the export's and the partition's checks): on a CPU the host's and
+    the work's bytes share one pool; on a CUDA device (stubbed) each is held against its own, the host's first."""
+    monkeypatch.setattr(io, "available_memory", lambda: 10)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5, 8))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert io.memory_shortfall(cpu, 6, 4) is None
+    assert io.memory_shortfall(cpu, 6, 5) == ("memory", 11, 10)
+    assert io.memory_shortfall(cuda, 10, 5) is None
+    assert io.memory_shortfall(cuda, 10, 6) == ("GPU memory", 6, 5)
+    assert io.memory_shortfall(cuda, 11, 6) == ("memory", 11, 10)
+    monkeypatch.setattr(io, "available_memory", lambda: None)  # a system that does not say: no refusal
+    assert io.memory_shortfall(cpu, 10 ** 15, 10 ** 15) is None
+
+
 def test_stale_temp_files_of_dead_runs_only_are_removed(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     names = [f"a.png.{int(dead.stdout)}.tmp", f"video.mp4.{int(dead.stdout)}.tmp.mp4", f"b.png.{os.getpid()}.tmp",

@@ -578,11 +578,11 @@ def test_a_grid_too_large_for_memory_is_refused_before_anything_is_written(tiny_
     output = tmp_path / "m"
     one_tensor = 90_000 ** 2 * 8 / 1e9
     for extra in ([], ["--resume"]):
-        with mock.patch("mega_nerf.partition.job.free_memory", return_value=("memory", 16 * 10 ** 9)):
+        with mock.patch("mega_nerf.io.free_memory", return_value=("memory", 16 * 10 ** 9)):
             expect_error(capsys, base_args(tiny_city, output, "--grid_dim", 300, 300, *extra, samples=None),
                          "--grid_dim 300 300: its 90,000 cells need about ")
         assert not any(tmp_path.iterdir())  # no cell folder, no params.pt, no lock
-    with mock.patch("mega_nerf.partition.job.free_memory", return_value=("memory", 16 * 10 ** 9)), \
+    with mock.patch("mega_nerf.io.free_memory", return_value=("memory", 16 * 10 ** 9)), \
             pytest.raises(SystemExit):
         run_script(*base_args(tiny_city, output, "--grid_dim", 300, 300, samples=None))
     line = capsys.readouterr().err.strip().splitlines()[-1]

@@ -21,7 +21,7 @@ from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.distributed import DistInfo, barrier, check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
 from mega_nerf.fields import kernels
-from mega_nerf.io import free_memory, write_bgr, write_json
+from mega_nerf.io import memory_shortfall, write_bgr, write_json
 from mega_nerf.ordered import OrderedQueue
 from mega_nerf.partition.cells import (
     EXACT,
@@ -142,15 +142,11 @@ def check_memory(job: MaskJob, device: torch.device) -> None:
     pixels = max(m.H * m.W for m in job.dataset.images)
     host, work = membership_bytes(job.params, pixels, device, job.ray_chunk or default_ray,
                                   job.dist_chunk or default_dist)
-    if device.type == "cuda":
-        pools = [(*free_memory(torch.device("cpu")), host), (*free_memory(device), work)]
-    else:
-        pools = [(*free_memory(device), host + work)]
-    for where, free, needed in pools:
-        if free is not None and needed > free:
-            X, Y = job.params.grid_dim
-            raise UserError(f"--grid_dim {X} {Y}: its {X * Y:,} cells need about {needed / 1e9:,.1f} GB of {where} "
-                            f"for one image's masks, {free / 1e9:,.1f} GB free; choose a smaller grid")
+    if (short := memory_shortfall(device, host, work)) is not None:
+        where, needed, free = short
+        X, Y = job.params.grid_dim
+        raise UserError(f"--grid_dim {X} {Y}: its {X * Y:,} cells need about {needed / 1e9:,.1f} GB of {where} "
+                        f"for one image's masks, {free / 1e9:,.1f} GB free; choose a smaller grid")
 
 
 def _complete(job: MaskJob, image: ImageMetadata) -> bool:
