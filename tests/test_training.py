@@ -572,7 +572,7 @@ def test_the_latest_checkpoint_is_merged_though_a_running_trainer_prunes_it(tmp_
         return path
 
     monkeypatch.setattr(ckpt, "latest_checkpoint", listed_then_pruned)
-    [sub] = find_submodules(str(tmp_path / "exp-"), 1, allow_missing=False)
+    [sub] = find_submodules(str(tmp_path / "exp-"), 1)
     assert (sub.path.name, sub.state["step"]) == ("00000004.pt", 4)
     assert ckpt.load_latest_checkpoint(tmp_path / "none") is None
     ckpt.checkpoint_path(exp, 6).symlink_to(tmp_path / "nowhere")

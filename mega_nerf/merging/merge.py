@@ -54,8 +54,8 @@ def _same_scene(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return _close(a["near"], b["near"]) and _close(a["far"], b["far"]) and ranges
 
 
-def find_submodules(prefix: str, num_cells: int, allow_missing: bool) -> list[Submodule | None]:
-    """The latest checkpoint of every cell, None for a missing one (only with `allow_missing`)."""
+def find_submodules(prefix: str, num_cells: int) -> list[Submodule | None]:
+    """The latest checkpoint of every cell, None for a missing one (`require_all` refuses those)."""
     extra = Path(f"{prefix}{num_cells}")
     if extra.is_dir():
         raise UserError(f"{extra}: a submodule beyond the partition's {num_cells} cells "
@@ -64,8 +64,6 @@ def find_submodules(prefix: str, num_cells: int, allow_missing: bool) -> list[Su
     for k in range(num_cells):
         latest = load_latest_checkpoint(Path(f"{prefix}{k}"))
         found.append(None if latest is None else Submodule(k, *latest))
-    if not allow_missing:
-        require_all(found, prefix)
     return found
 
 
@@ -210,7 +208,7 @@ def merge_submodules(prefix: str, params_path: Path, output: Path, allow_empty_c
     margin = params.boundary_margin if params.boundary_margin is not None else default_margin
     if margin < 1:
         raise UserError(f"--boundary_margin must be at least 1, got {margin}")
-    subs = find_submodules(prefix, params.num_cells, allow_missing=True)
+    subs = find_submodules(prefix, params.num_cells)
     check_partition(subs, params_path)  # first: another partition's cells may be missing here too
     if not allow_empty_cells:
         require_all(subs, prefix)
