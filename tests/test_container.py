@@ -17,6 +17,7 @@ from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, old_default_options
 from mega_nerf.fields.base import Field
+from mega_nerf.merging import container as container_module
 from mega_nerf.merging.container import Container, blend_weights, load_container
 from mega_nerf.merging.merge import merge_submodules
 from mega_nerf.partition.cells import PartitionParams
@@ -433,7 +434,7 @@ def test_merge_refuses_the_params_of_another_partition(tmp_path: Path, fields: l
     merge(tmp_path / "B")
 
 
-def test_bad_container_files(tmp_path: Path, fields: list[Field]) -> None:
+def test_bad_container_files(tmp_path: Path, fields: list[Field], monkeypatch: pytest.MonkeyPatch) -> None:
     write_partition(tmp_path, fields)
     merged = merge(tmp_path)
     with pytest.raises(UserError, match="container file not found"):
@@ -449,6 +450,12 @@ def test_bad_container_files(tmp_path: Path, fields: list[Field]) -> None:
     checkpoint = next((tmp_path / "exp-0" / "checkpoints").iterdir())
     with pytest.raises(UserError, match="a training checkpoint, not a container"):
         load_container(checkpoint)
+
+    def out_of_memory(config: dict) -> Field:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(container_module, "build_field", out_of_memory)  # a submodule built on a full device
+    with pytest.raises(UserError, match=r"merged.pt: submodule 0 does not fit in the memory free on cpu$"):
+        load_container(merged)
 
 
 def test_merge_cli_error_is_one_line(tmp_path: Path, fields: list[Field]) -> None:
