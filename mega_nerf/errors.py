@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import importlib
 import os
 import signal
 import sys
@@ -66,6 +67,25 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
         sys.stderr.write("error: interrupted\n")
         end_process(130)
     end_process(0)
+
+
+def run_command(module: str, function: str = "main") -> NoReturn:
+    """`run_cli` of `module.function`, imported here: a command's imports (torch's take 1-2 s) come before run_cli
+    can catch Ctrl-C, which there raised KeyboardInterrupt from deep inside an import, a traceback. Until they are
+    done, Ctrl-C ends the process with run_cli's line and exit code 130 (nothing has been written yet); a Ctrl-C
+    ignored (SIG_IGN: a background job) stays ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+    main = getattr(importlib.import_module(module), function)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, previous)
+    run_cli(main)
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    sys.stderr.write("error: interrupted\n")
+    os._exit(130)
 
 
 def parse_device(name: str) -> torch.device:

@@ -2,8 +2,7 @@
 
 Distributed: `python -m torch.distributed.run --standalone --nproc_per_node N mega_nerf/eval.py ...`
 """
-from mega_nerf.cli.eval import main
-from mega_nerf.errors import run_cli
+from mega_nerf.errors import run_command
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command("mega_nerf.cli.eval")

@@ -1,6 +1,5 @@
 """Mega-NeRF's command: `python mega_nerf/train.py ...` = `mega-nerf-train` (mega_nerf/cli/train.py)."""
-from mega_nerf.cli.train import main
-from mega_nerf.errors import run_cli
+from mega_nerf.errors import run_command
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command("mega_nerf.cli.train")

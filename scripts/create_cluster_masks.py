@@ -3,8 +3,7 @@
 One process:   python scripts/create_cluster_masks.py --config_file CFG --dataset_path D --output M --grid_dim 2 2
 Several GPUs:  python -m torch.distributed.run --standalone --nproc_per_node 8 scripts/create_cluster_masks.py ...
 """
-from mega_nerf.cli.partition import main
-from mega_nerf.errors import run_cli
+from mega_nerf.errors import run_command
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command("mega_nerf.cli.partition")

@@ -1,6 +1,5 @@
 """`mega-nerf-preview` (mega_nerf/cli/preview.py): draw a dataset before training."""
-from mega_nerf.cli.preview import main
-from mega_nerf.errors import run_cli
+from mega_nerf.errors import run_command
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command("mega_nerf.cli.preview")

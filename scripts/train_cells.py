@@ -1,7 +1,6 @@
 """`mega-nerf-train-cells` (mega_nerf/cli/train_cells.py): train every cell of a partition, on one GPU or across
 the GPUs of several machines under torch.distributed.run."""
-from mega_nerf.cli.train_cells import main
-from mega_nerf.errors import run_cli
+from mega_nerf.errors import run_command
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command("mega_nerf.cli.train_cells")

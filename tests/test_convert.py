@@ -363,10 +363,11 @@ def test_killed_conversion_leaves_no_dataset_and_the_same_command_then_succeeds(
     same command run again converts everything, leaving no temp folder and no lock behind."""
     argv = colmap_argv(*colmap_input, tmp_path / "out")
     script = ("import os, signal, sys\nimport mega_nerf.data.convert as c\nfrom mega_nerf.cli import convert\n"
+              "from mega_nerf.errors import run_cli\n"
               "real, calls = c.save_torch_atomic, []\n"
               "def dying(obj, path):\n    calls.append(path)\n    if len(calls) == 3:\n"
               "        os.kill(os.getpid(), signal.SIGKILL)\n    real(obj, path)\n"
-              f"c.save_torch_atomic = dying\nsys.argv = ['colmap', *{argv!r}]\nconvert.colmap_console()\n")
+              f"c.save_torch_atomic = dying\nsys.argv = ['colmap', *{argv!r}]\nrun_cli(convert.colmap_main)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == -9, result.stderr
     assert not (tmp_path / "out").exists()

@@ -136,10 +136,11 @@ def test_killed_render_reruns_and_its_video_is_never_partial(tiny_city: Path, me
     args = render_args(tiny_city, merged, out)
     result = subprocess.run([sys.executable, "-c", (
         "import os, signal, sys\nimport mega_nerf.camera_path as cp\nfrom mega_nerf.cli import render\n"
+        "from mega_nerf.errors import run_cli\n"
         "real = cp.write_png\n"
         "def dying(path, rgb):\n    if path.name == '00002.png':\n        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    real(path, rgb)\n"
-        f"cp.write_png = dying\nsys.argv = ['render', *{args!r}]\nrender.console()\n")],
+        f"cp.write_png = dying\nsys.argv = ['render', *{args!r}]\nrun_cli(render.main)\n")],
         env=ENV, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == -signal.SIGKILL
     assert not (out / "video.mp4").exists()  # the killed run's MP4 is only under its temp name
@@ -484,6 +485,24 @@ def test_ctrl_c_asks_a_loop_to_stop_unless_it_is_ignored() -> None:
             assert not stop.is_set() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_ctrl_c_while_a_command_imports_is_one_line(tmp_path: Path, ignored: bool) -> None:
+    """Ctrl-C during a command's imports (torch's take seconds) ends it with run_cli's line and exit code 130, not a
+    traceback from inside an import (errors.run_command, as every script and console script starts); a Ctrl-C
+    ignored (a background job) stays ignored and the command runs."""
+    (tmp_path / "slow_command.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.5)\n\n"
+        "def main():\n    print('ran')\n")
+    code = "from mega_nerf.errors import run_command\nrun_command('slow_command')\n"
+    result = subprocess.run([sys.executable, "-c", code], env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"},
+                            capture_output=True, text=True, timeout=120,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None)
+    if ignored:
+        assert (result.returncode, result.stdout, result.stderr) == (0, "ran\n", ""), result
+    else:
+        assert (result.returncode, result.stdout, result.stderr) == (130, "", "error: interrupted\n"), result
 
 
 def test_a_field_too_large_for_memory_is_one_line(tiny_city: Path, tmp_path: Path,

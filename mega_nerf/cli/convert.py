@@ -15,7 +15,6 @@ from mega_nerf.cli.options import HelpFormatter
 from mega_nerf.data.colmap import convert_colmap
 from mega_nerf.data.convert import add_conversion_options, conversion_options
 from mega_nerf.data.transforms_json import convert_transforms
-from mega_nerf.errors import run_cli
 from mega_nerf.lock import locked
 
 
@@ -67,11 +66,3 @@ def transforms_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(_joined_up_axis(argv))
     with locked({"--output": [args.output]}):
         convert_transforms(args.transforms, args.output, args.points, **conversion_options(args))
-
-
-def colmap_console() -> None:
-    run_cli(colmap_main)
-
-
-def transforms_console() -> None:
-    run_cli(transforms_main)

@@ -11,7 +11,6 @@ import configargparse
 from mega_nerf.cli.options import base_parser, config_from_args, parse_through_container, record_options
 from mega_nerf.clock import PartsClock, process_start
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS, check_not_in_dataset
-from mega_nerf.errors import run_cli
 from mega_nerf.evaluation.evaluate import EvalConfig, evaluate
 from mega_nerf.lock import locked
 
@@ -63,7 +62,3 @@ def main(argv: list[str] | None = None) -> None:
     check_not_in_dataset(config.exp_name)  # before the lock, whose file lies beside the folder
     with locked({"--exp_name": [config.exp_name]}):
         evaluate(config, on_ready=lambda: record_options(config, Path(config.exp_name)), clock=clock)
-
-
-def console() -> None:
-    run_cli(main)

@@ -14,7 +14,6 @@ import configargparse
 
 from mega_nerf.cli.options import base_parser, require
 from mega_nerf.data.dataset import check_file_not_in_dataset
-from mega_nerf.errors import run_cli
 from mega_nerf.export import DEFAULT_CHUNK, DEFAULT_LAYERS, export_ply, is_ply
 from mega_nerf.export import __doc__ as EXPORT_DOC
 from mega_nerf.io import check_output
@@ -58,7 +57,3 @@ def main(argv: list[str] | None = None) -> Path:
     check_file_not_in_dataset(args.output, "--output")  # before the lock, whose file lies beside it
     with locked({"--output": [args.output]}, folders=False):
         return export_ply(args)
-
-
-def console() -> None:
-    run_cli(main)

@@ -284,9 +284,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-def console() -> None:
-    run_cli(main)
-
-
 if __name__ == "__main__":
-    console()
+    run_cli(main)

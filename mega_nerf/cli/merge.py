@@ -9,7 +9,6 @@ import configargparse
 
 from mega_nerf.cli.options import base_parser, require
 from mega_nerf.data.dataset import check_file_not_in_dataset
-from mega_nerf.errors import run_cli
 from mega_nerf.io import check_output
 from mega_nerf.lock import locked
 from mega_nerf.merging.merge import is_container, merge_submodules, submodule_folders
@@ -37,7 +36,3 @@ def main(argv: list[str] | None = None) -> None:
     with locked({"--output": [args.output]}, folders=False):
         merge_submodules(args.ckpt_prefix, Path(args.centroid_path), Path(args.output), args.allow_empty_cells,
                          args.boundary_margin)
-
-
-def console() -> None:
-    run_cli(main)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mega_nerf.cli.options import HelpFormatter
 from mega_nerf.data.dataset import check_file_not_in_dataset
-from mega_nerf.errors import UserError, run_cli
+from mega_nerf.errors import UserError
 from mega_nerf.io import atomic_write, check_output
 from mega_nerf.training.all_cells import cell_sizes, largest_first
 
@@ -68,7 +68,3 @@ def main(argv: list[str] | None = None) -> None:
         order = largest_first(sizes)
     atomic_write(args.output, "".join(JOB.format(k=k) + "\n" for k in order).encode())
     print(f"wrote {args.cells} jobs to {args.output}" + (f", cells {order} (largest first)" if args.mask_path else ""))
-
-
-def console() -> None:
-    run_cli(main)

@@ -13,7 +13,7 @@ import configargparse
 from mega_nerf.cli.options import base_parser, require, scene_bounds
 from mega_nerf.clock import PartsClock, process_start
 from mega_nerf.data.dataset import Dataset, check_not_in_dataset, load_dataset
-from mega_nerf.errors import UserError, run_cli
+from mega_nerf.errors import UserError
 from mega_nerf.lock import locked
 from mega_nerf.partition.cells import EXACT, make_params, parse_grid_dim
 from mega_nerf.partition.job import MaskJob, create_cluster_masks
@@ -93,7 +93,3 @@ def main(argv: list[str] | None = None) -> dict | None:
         job = mask_job(args)
         clock.mark("dataset and cells")
         return create_cluster_masks(job, clock=clock)
-
-
-def console() -> None:
-    run_cli(main)

@@ -14,7 +14,7 @@ from pathlib import Path
 from mega_nerf.cli.options import HelpFormatter, base_parser, require
 from mega_nerf.data.dataset import check_file_not_in_dataset, load_dataset
 from mega_nerf.data.frames import to_source_map
-from mega_nerf.errors import UserError, run_cli
+from mega_nerf.errors import UserError
 from mega_nerf.export import is_ply
 from mega_nerf.io import check_output, is_png
 from mega_nerf.preview import MAX_PREVIEW_SIZE, MIN_PREVIEW_SIZE, write_cameras_ply, write_preview
@@ -74,11 +74,3 @@ def cameras_main(argv: list[str] | None = None) -> None:
                               to_frame)
     frame = "the source frame" if to_frame else "normalised DRB"
     print(f"wrote {count} training cameras to {args.output} ({frame})")
-
-
-def console() -> None:
-    run_cli(main)
-
-
-def cameras_console() -> None:
-    run_cli(cameras_main)

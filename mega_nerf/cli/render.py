@@ -8,7 +8,6 @@ import configargparse
 
 from mega_nerf.camera_path import POSE_FILE_FORMAT, PathConfig, check_output_folder, render_images
 from mega_nerf.cli.options import base_parser, config_from_args, parse_through_container, record_options
-from mega_nerf.errors import run_cli
 from mega_nerf.lock import locked
 
 
@@ -52,7 +51,3 @@ def main(argv: list[str] | None = None) -> Path:
     check_output_folder(config)  # before the lock, whose file lies beside the folder (render_images checks again)
     with locked({"--output": [config.output]}):
         return render_images(config, on_ready=lambda: record_options(config, Path(config.output)))
-
-
-def console() -> None:
-    run_cli(main)

@@ -12,7 +12,6 @@ import configargparse
 from mega_nerf.cli.options import base_parser, config_from_args, record_options, true_or_false
 from mega_nerf.clock import process_start
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS, check_not_in_dataset
-from mega_nerf.errors import run_cli
 from mega_nerf.fields import FIELDS
 from mega_nerf.fields.encoding import SH_DEGREE
 from mega_nerf.lock import locked
@@ -166,7 +165,3 @@ def main(argv: list[str] | None = None) -> None:
             trainer.on_step = watch(trainer, args.viewer).on_step
         final = trainer.run()
     print(f"done: {final}")
-
-
-def console() -> None:
-    run_cli(main)

@@ -17,7 +17,7 @@ import configargparse
 
 from mega_nerf.cli.options import base_parser, record_options, require
 from mega_nerf.cli.train import add_training_options, train_config
-from mega_nerf.errors import UserError, run_cli
+from mega_nerf.errors import UserError
 from mega_nerf.lock import locked
 from mega_nerf.merging.merge import merge_submodules
 from mega_nerf.training.all_cells import CellsConfig, CellStepHook, train_cells
@@ -63,7 +63,3 @@ def main(argv: list[str] | None = None, on_step: CellStepHook | None = None) -> 
         with locked({"--merge_output": [args.merge_output]}, folders=False):
             merge_submodules(config.exp_prefix, Path(config.mask_path) / "params.pt", Path(args.merge_output),
                              False, args.boundary_margin)
-
-
-def console() -> None:
-    run_cli(main)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import configargparse
 
 from mega_nerf.cli.options import base_parser, config_from_args
-from mega_nerf.errors import run_cli
 
 
 def view_parser() -> configargparse.ArgParser:
@@ -48,7 +47,3 @@ def main(argv: list[str] | None = None) -> None:
         viewer.server.sleep_forever()
     except KeyboardInterrupt:
         viewer.close()
-
-
-def console() -> None:
-    run_cli(main)
