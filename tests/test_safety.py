@@ -372,6 +372,24 @@ def test_a_partition_folder_given_for_one_cell_is_one_line(merged: Path, tiny_ci
                    f"e.g. {masks / '0'}"
 
 
+@pytest.mark.parametrize("option, inside", [("--exp_name", "0"), ("--exp_name", "exp-0"),
+                                             ("--chunk_paths", "0/chunks")])
+def test_a_run_inside_its_partitions_folder_is_one_line(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture, option: str,
+                                                        inside: str) -> None:
+    """`--exp_name masks/0` would train into cell 0's own masks: refused before anything is written."""
+    masks = merged.parent / "masks"
+    before = sorted(p.relative_to(masks) for p in masks.rglob("*"))
+    path = masks / inside
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(tmp_path / "exp"), "--chunk_paths", str(tmp_path / "chunks"),
+                                              "--cluster_mask_path", str(masks / "0"), *SMALL, option, str(path)],
+                             capsys)
+    assert line == f"error: {option} {path}: inside the partition's folder {masks.resolve()}; give this run a " \
+                   "folder of its own"
+    assert sorted(p.relative_to(masks) for p in masks.rglob("*")) == before
+
+
 def test_a_cell_folder_fingerprint_counts_its_files_only(tmp_path: Path) -> None:
     """Another tool's folder or a pipe beside the masks is no mask (reading a pipe would wait forever: an alarm
     interrupts that wait, so that such a fingerprint fails the test instead of hanging it)."""

@@ -6,6 +6,7 @@ rank's device; the order (largest first) and the options' one-line errors."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -205,8 +206,14 @@ def test_bad_options_are_one_line(tiny_city: Path, masks: Path, tmp_path: Path) 
         train_cells_main([*base, "--mask_path", str(masks)])
     with pytest.raises(UserError, match="nowhere is not a directory"):
         train_cells_main([*base, "--mask_path", str(tmp_path / "nowhere"), "--data_mode", "memory"])
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="params.pt: partition parameters missing"):
-        train_cells_main([*base, "--mask_path", str(tmp_path), "--data_mode", "memory"])
+        train_cells_main([*base, "--mask_path", str(tmp_path / "empty"), "--data_mode", "memory"])
+    for option, prefix in (("--exp_prefix", f"{masks}/"), ("--exp_prefix", f"{masks}/exp-"),
+                           ("--chunk_prefix", f"{masks}/0/chunks-")):  # `<masks>/` would train into cell k's masks
+        with pytest.raises(UserError, match=rf"^{option} {re.escape(prefix)}: inside the partition's folder "):
+            train_cells_main([*scene(tiny_city), "--exp_prefix", str(tmp_path / "exp-"), "--mask_path", str(masks),
+                              "--chunk_prefix", str(tmp_path / "chunks-"), option, prefix])
 
 
 def test_a_cell_another_run_holds_fails_alone(tiny_city: Path, masks: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import configargparse
 from mega_nerf.cli.options import base_parser, config_from_args, record_options, true_or_false
 from mega_nerf.clock import process_start
 from mega_nerf.data.dataset import MEGA_NERF, PROTOCOLS, check_not_in_dataset
+from mega_nerf.errors import UserError
 from mega_nerf.fields import FIELDS
 from mega_nerf.fields.encoding import SH_DEGREE
 from mega_nerf.lock import locked
@@ -149,6 +150,19 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
     return train_config(train_parser().parse_args(argv))
 
 
+def check_not_in_partition(config: TrainConfig) -> None:
+    """One UserError line when the run's folder or chunks would lie in its masks' folder, or in the partition's
+    that holds it (`--exp_name masks/0` trained into cell 0's masks)."""
+    if not config.cluster_mask_path:
+        return
+    masks = Path(config.cluster_mask_path)
+    root = (masks.parent if (masks.parent / "params.pt").is_file() else masks).resolve()
+    for option, path in [("--exp_name", config.exp_name), *(("--chunk_paths", c) for c in config.chunk_paths)]:
+        if Path(path).resolve().is_relative_to(root):
+            raise UserError(f"{option} {path}: inside the partition's folder {root}; give this run a folder of its "
+                            "own")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = train_parser().parse_args(argv)
     config = train_config(args)
@@ -158,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
 
         check_address(HOST, args.viewer, "--viewer")  # one line now, not after the start-up
     check_not_in_dataset(config.exp_name)  # before the lock, whose file lies beside the folder
+    check_not_in_partition(config)
     with locked({"--exp_name": [config.exp_name], "--chunk_paths": list(config.chunk_paths)}):
         trainer = Trainer(config, started=process_start(),
                           on_ready=lambda: record_options(config, Path(config.exp_name)))

@@ -49,6 +49,12 @@ def cells_config(args: configargparse.Namespace) -> CellsConfig:
         raise UserError(f"--timeout_minutes must be positive, got {args.timeout_minutes}")
     if not Path(args.mask_path).is_dir():
         raise UserError(f"--mask_path: {args.mask_path} is not a directory")
+    masks = Path(args.mask_path).resolve()
+    prefixes = [("--exp_prefix", args.exp_prefix)] + [("--chunk_prefix", c) for c in args.chunk_prefix or ()]
+    for option, prefix in prefixes:
+        if Path(f"{prefix}0").resolve().is_relative_to(masks):  # `<masks>/` made cell k's run folder its masks'
+            raise UserError(f"{option} {prefix}: inside the partition's folder {args.mask_path}; give the cells' "
+                            "runs a folder of their own")
     train = train_config(args, exp_name=args.exp_prefix)  # each cell's directories are set per cell
     return CellsConfig(train, args.mask_path, args.exp_prefix, tuple(args.chunk_prefix or ()), args.timeout_minutes,
                        args.device)
