@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from mega_nerf.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (2, 2)
@@ -23,8 +23,15 @@ CPU_BATCH = 512  # rays a step on a CPU
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """Run one stage; a failed one ends the demo in one line (the stage printed its own error above it)."""
     print("\n$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0:
+        stage = cmd[2] if cmd[1] == "-m" else Path(cmd[1]).name
+        raise UserError(f"the demo stopped: {stage} failed with exit code {code}; rerun the demo to resume from the "
+                        "stages done")
 
 
 def train_args(iterations: int, cuda: bool) -> str:
@@ -37,6 +44,8 @@ def train_args(iterations: int, cuda: bool) -> str:
 
 
 def main() -> None:
+    import torch  # here: Ctrl-C during its import is run_cli's one line
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=ROOT / "demo")
     p.add_argument("--preset", default="small")
@@ -76,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

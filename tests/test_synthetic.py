@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from mega_nerf.cli.options import base_parser, scene_bounds
+from mega_nerf.cli.synthetic import main, parse_args
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
 from mega_nerf.synthetic import PRESETS, generate_city, shading
@@ -25,7 +27,7 @@ from mega_nerf.synthetic.surface import depth_map, near_surface_fractions, surfa
 from mega_nerf.synthetic.survey import normalisation, plan_survey
 
 TOL = 2e-5  # normalised units (about 2 mm in the tiny city): float32 rendering against float64 here
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_scene.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -208,7 +210,6 @@ def test_config_file_parses_with_our_options(tiny_city: Path, tiny_city_summary:
 
 
 def test_refuses_to_overwrite_a_dataset(tiny_city: Path, tmp_path: Path) -> None:
-    main = runpy.run_path(str(SCRIPT))["main"]
     with pytest.raises(UserError, match="already holds a dataset"):
         main(["--preset", "tiny", "--output", str(tiny_city)])
     (tmp_path / "train").mkdir()  # someone else's data
@@ -620,9 +621,20 @@ def test_an_anti_aliased_pixel_is_the_mean_of_its_square(tmp_path: Path, monkeyp
 
 
 def test_script_makes_an_oblique_survey(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    script = runpy.run_path(str(SCRIPT))
-    assert script["parse_args"](["--preset", "oblique", "--output", "x"]).preset == "oblique"
-    s = script["main"](["--preset", "oblique_tiny", "--output", str(tmp_path / "o"), "--no_depth", "--device", "cpu"])
+    assert parse_args(["--preset", "oblique", "--output", "x"]).preset == "oblique"
+    s = main(["--preset", "oblique_tiny", "--output", str(tmp_path / "o"), "--no_depth", "--device", "cpu"])
     low, high = s["flight_altitudes"]
     out = capsys.readouterr().out
     assert f"flown at {low:.1f}-{high:.1f} m" in out and high - low > 10 and "a pixel one ray through its centre" in out
+
+
+def test_the_demo_ends_a_failed_stage_in_one_line(tmp_path: Path) -> None:
+    """A stage that fails (here the generator, given a preset it lacks) prints its own error; the demo adds one line
+    naming the stage and exits 2, without a traceback of its own."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--output", str(tmp_path / "demo"),
+                             "--preset", "nowhere"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "invalid choice: 'nowhere'" in lines[-2] and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1] == ("error: the demo stopped: make_synthetic_scene.py failed with exit code 2; rerun the demo to "
+                         "resume from the stages done")
