@@ -216,6 +216,26 @@ def test_bad_options_are_one_line(tiny_city: Path, masks: Path, tmp_path: Path) 
                               "--chunk_prefix", str(tmp_path / "chunks-"), option, prefix])
 
 
+def test_a_merge_output_that_would_destroy_a_file_is_refused_before_training(tiny_city: Path, masks: Path,
+                                                                              tmp_path: Path) -> None:
+    """--merge_output over the config, the partition's params.pt or a cell's (future) checkpoint replaced them
+    with the container once every cell had trained, and a path under a file failed only then: each is one line
+    now, before any cell trains, the files untouched."""
+    (tmp_path / "a-file").write_text("not a folder")
+    config, params = tiny_city / "config.yaml", masks / "params.pt"
+    before = config.read_bytes(), params.read_bytes()
+    cases = {str(config): "is one of this command's inputs (--config_file)",
+             str(params): "is one of this command's inputs (--centroid_path)",
+             str(tmp_path / "exp-1" / "checkpoints" / "00000030.pt"): "lies in a cell's folder",
+             str(tmp_path / "a-file" / "merged.pt"): "above it is a file"}
+    for output, message in cases.items():
+        with pytest.raises(UserError, match=rf"^--merge_output {re.escape(output)}:? .*{re.escape(message)}"):
+            train_cells_main([*scene(tiny_city), "--exp_prefix", str(tmp_path / "exp-"), "--mask_path", str(masks),
+                              "--data_mode", "memory", "--merge_output", output])
+    assert (config.read_bytes(), params.read_bytes()) == before
+    assert not list(tmp_path.glob("exp-*"))  # no cell started
+
+
 def test_a_cell_another_run_holds_fails_alone(tiny_city: Path, masks: Path, tmp_path: Path) -> None:
     """Each cell's directories are locked by the rank training it (mega_nerf.lock): a cell whose experiment
     directory another live run holds fails in one line naming that run; the other cells train, and their locks

@@ -3,12 +3,15 @@ An --output that is one of the command's inputs, an existing file that is not a 
 folder or its train/ or val/ images, is refused before anything is written."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import configargparse
 
 from mega_nerf.cli.options import base_parser, require
 from mega_nerf.data.dataset import check_file_not_in_dataset
+from mega_nerf.errors import UserError
 from mega_nerf.io import check_output
 from mega_nerf.lock import locked
 from mega_nerf.merging.merge import is_container, merge_submodules, submodule_folders
@@ -25,14 +28,33 @@ def merge_parser() -> configargparse.ArgParser:
     return p
 
 
+def check_merge_output(output: str, option: str, ckpt_prefix: str, centroid_path: str, config_file: str | None,
+                       dataset_path: str | None) -> None:
+    """One UserError line, before anything is written, for a container path whose write would destroy an input
+    (io.check_output: the config, params.pt, a cell's folder or a file in it, the dataset), that lies in a cell's
+    folder `<ckpt_prefix><k>` (made or not yet: train_cells.py checks before its cells train), in a dataset, or
+    under a file."""
+    inputs = {"--config_file": [config_file], "--centroid_path": [params_file(centroid_path)],
+              "--ckpt_prefix": submodule_folders(ckpt_prefix), "--dataset_path": [dataset_path]}
+    check_output(output, option, inputs, "a merged container", is_container)
+    check_file_not_in_dataset(output, option)
+    head, tail = os.path.split(ckpt_prefix)
+    cells = Path(head or ".").resolve()
+    target = Path(output).resolve()
+    if any(folder.parent == cells and re.fullmatch(f"{re.escape(tail)}[0-9]+", folder.name)
+           for folder in target.parents):
+        raise UserError(f"{option} {output} lies in a cell's folder ({ckpt_prefix}<k>); choose another path")
+    above = next(folder for folder in target.parents if folder.exists())
+    if not above.is_dir():
+        raise UserError(f"{option} {output}: {above} above it is a file; choose another path")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = merge_parser().parse_args(argv)
     for option in ("ckpt_prefix", "centroid_path", "output"):
         require(getattr(args, option), option)
-    inputs = {"--config_file": [args.config_file], "--centroid_path": [params_file(args.centroid_path)],
-              "--ckpt_prefix": submodule_folders(args.ckpt_prefix), "--dataset_path": [args.dataset_path]}
-    check_output(args.output, "--output", inputs, "a merged container", is_container)
-    check_file_not_in_dataset(args.output, "--output")  # before the lock, whose file lies beside it
+    check_merge_output(args.output, "--output", args.ckpt_prefix, args.centroid_path, args.config_file,
+                       args.dataset_path)  # before the lock, whose file lies beside it
     with locked({"--output": [args.output]}, folders=False):
         merge_submodules(args.ckpt_prefix, Path(args.centroid_path), Path(args.output), args.allow_empty_cells,
                          args.boundary_margin)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import configargparse
 
+from mega_nerf.cli.merge import check_merge_output
 from mega_nerf.cli.options import base_parser, record_options, require
 from mega_nerf.cli.train import add_training_options, train_config
 from mega_nerf.errors import UserError
@@ -64,8 +65,15 @@ def main(argv: list[str] | None = None, on_step: CellStepHook | None = None) -> 
     """The command; `on_step` (cell, step) is the trainer's test hook (tests/stage_worker.py)."""
     args = train_cells_parser().parse_args(argv)
     config = cells_config(args)
+
+    def check_merge() -> None:
+        check_merge_output(args.merge_output, "--merge_output", config.exp_prefix, config.mask_path, args.config_file,
+                           args.dataset_path)
+    if args.merge_output:
+        check_merge()  # now, not after every cell has trained
     outcomes = train_cells(config, on_step, on_ready=lambda cell: record_options(cell, Path(cell.exp_name)))
     if outcomes is not None and args.merge_output:  # rank 0, every cell trained
+        check_merge()  # again: the cells' files are there now
         with locked({"--merge_output": [args.merge_output]}, folders=False):
             merge_submodules(config.exp_prefix, Path(config.mask_path) / "params.pt", Path(args.merge_output),
                              False, args.boundary_margin)
