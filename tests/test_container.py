@@ -398,9 +398,9 @@ def test_merge_disagrees_with_params(tmp_path: Path, fields: list[Field]) -> Non
 
 def test_merge_refuses_the_params_of_another_partition(tmp_path: Path, fields: list[Field]) -> None:
     """Cell 1's checkpoint records the fingerprint of the masks it was trained with (A/1): params.pt with other
-    masks in its folder 1/ is another partition's, and the error names the masks the run's config.yaml gives. The
-    same masks there merge, as does a cell whose run names that very folder (its masks are not read: a city's take
-    long); so do no mask folders beside params.pt (a copied params.pt) and checkpoints that record no masks (older
+    masks in its folder 1/ is another partition's, and the error names the masks the run's config.yaml gives; a
+    run that names that very folder trained on it before the partition was made again there. The same masks there
+    merge; so do no mask folders beside params.pt (a copied params.pt) and checkpoints that record no masks (older
     ones: cells 0, 2, 3 here, whose folder 0/ holds other masks)."""
     trained = tmp_path / "A" / "1"
     trained.mkdir(parents=True)
@@ -421,8 +421,13 @@ def test_merge_refuses_the_params_of_another_partition(tmp_path: Path, fields: l
                                                   rf"{re.escape(str(trained))}: give --centroid_path "
                                                   rf"{re.escape(str(trained.parent))}$"):
         merge(tmp_path / "B")
-    config.write_text(f"cluster_mask_path: {tmp_path / 'B' / '1'}\n")  # trained on that very folder: trusted
-    merge(tmp_path / "B")
+    config.write_text(f"cluster_mask_path: {tmp_path / 'B' / '1'}\n")  # that very folder, since made again
+    cell_1 = re.escape(str(tmp_path / "B" / "1"))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(params))}: its cells' masks changed since the submodules "
+                                        rf"trained on them \(submodule 1, .+, and {cell_1}: the partition was made "
+                                        r"again\?\); train the cells again, or merge with the partition they were "
+                                        r"trained on$"):
+        merge(tmp_path / "B")
     config.write_text("cluster_mask_path: B/1\n")  # relative to where that run started, unknown here: not trusted
     with pytest.raises(UserError, match=refused + r"give --centroid_path the params.pt of the masks it was trained "
                                                   r"with \(--cluster_mask_path B/1, relative to where it ran\)$"):

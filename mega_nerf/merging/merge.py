@@ -77,27 +77,30 @@ def require_all(subs: list[Submodule | None], prefix: str) -> None:
 
 def check_partition(subs: list[Submodule | None], params_path: Path) -> None:
     """One-line UserError when `params_path` (a params.pt) is not the partition the submodules were trained on: a
-    submodule trained on masks elsewhere whose fingerprint differs from that of its cell's folder beside params.pt.
-    Skipped for a checkpoint that records no masks (trained without them, or before they were recorded) or names
-    another cell (check_submodules reports that), and where params.pt has no mask folders beside it (copied alone,
-    or Mega-NeRF's)."""
+    submodule whose masks' fingerprint differs from that of its cell's folder beside params.pt, whether it trained
+    on masks elsewhere or on that folder before the partition was made again in it (each cell's masks are read
+    once: about what one training run's start reads). Skipped for a checkpoint that records no masks (trained
+    without them, or before they were recorded) or names another cell (check_submodules reports that), and where
+    params.pt has no mask folders beside it (copied alone, or Mega-NeRF's)."""
     for s in subs:
         if s is None or not s.state.get("masks") or s.state["cell"] != str(s.cell):
             continue
         cell_dir = params_path.parent / str(s.cell)
+        if not cell_dir.is_dir() or masks_fingerprint(cell_dir) == s.state["masks"]:
+            continue
         trained = _trained_masks(s)
         # A relative path was relative to where the run started, not to here: only an absolute one is trusted.
-        if not cell_dir.is_dir() or (trained is not None and trained.is_absolute()
-                                       and trained.resolve() == cell_dir.resolve()):
-            continue
-        if masks_fingerprint(cell_dir) != s.state["masks"]:
-            hint = "; give --centroid_path the params.pt of the masks it was trained with"
-            if trained is not None and trained.is_absolute():
-                hint = f"; it was trained with --cluster_mask_path {trained}: give --centroid_path {trained.parent}"
-            elif trained is not None:
-                hint += f" (--cluster_mask_path {trained}, relative to where it ran)"
-            raise UserError(f"{params_path}: not the partition the submodules were trained on (submodule {s.cell}, "
-                            f"{s.path}, was trained with other masks than {cell_dir}){hint}")
+        if trained is not None and trained.is_absolute() and trained.resolve() == cell_dir.resolve():
+            raise UserError(f"{params_path}: its cells' masks changed since the submodules trained on them "
+                            f"(submodule {s.cell}, {s.path}, and {cell_dir}: the partition was made again?); "
+                            "train the cells again, or merge with the partition they were trained on")
+        hint = "; give --centroid_path the params.pt of the masks it was trained with"
+        if trained is not None and trained.is_absolute():
+            hint = f"; it was trained with --cluster_mask_path {trained}: give --centroid_path {trained.parent}"
+        elif trained is not None:
+            hint += f" (--cluster_mask_path {trained}, relative to where it ran)"
+        raise UserError(f"{params_path}: not the partition the submodules were trained on (submodule {s.cell}, "
+                        f"{s.path}, was trained with other masks than {cell_dir}){hint}")
 
 
 def _trained_masks(s: Submodule) -> Path | None:
