@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -173,6 +174,25 @@ def test_a_rerun_after_a_kill_resumes_the_unfinished_cells_only(tiny_city: Path,
         assert f"cell {k}: ok: already trained" in rerun.stdout[0]
     assert f"cell {killed_cell}: ok: resumed at step 5, trained to step 12" in rerun.stdout[0]
     assert_as_separate_runs(tmp_path, separate_runs)
+
+
+def test_a_rerun_with_other_options_leaves_the_trained_cells_alone(tiny_city: Path, masks: Path,
+                                                                   separate_runs: Path, tmp_path: Path) -> None:
+    """A rerun over finished cells with another training option (--lr) passes over them without saving that option
+    as theirs; one with another render setting (--samples) fails every cell in one line naming the settings: the
+    cells are merged together, and one cell resumed with them made the merge fail."""
+    for k in range(4):
+        shutil.copytree(separate_runs / f"exp-{k}", tmp_path / f"exp-{k}")
+    saved = {k: (tmp_path / f"exp-{k}" / "config.yaml").read_bytes() for k in range(4)}
+    options = [str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")]
+    train_cells_main([*options, "--lr", "0.5"])
+    assert {k: (tmp_path / f"exp-{k}" / "config.yaml").read_bytes() for k in range(4)} == saved
+    with pytest.raises(UserError) as error:
+        train_cells_main([*options, "--samples", "16"])
+    reasons = str(error.value).split("cell ")[1:]
+    assert len(reasons) == 4 and all("trained with render settings" in r and "this job gives" in r
+                                     and "give the options it was trained with" in r for r in reasons), error.value
+    assert {k: (tmp_path / f"exp-{k}" / "config.yaml").read_bytes() for k in range(4)} == saved
 
 
 def test_a_failing_cell_is_listed_and_the_others_are_trained(tiny_city: Path, masks: Path, tmp_path: Path,

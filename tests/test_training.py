@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mega_nerf import io
 from mega_nerf.cli.train import config_from_argv, train_config, train_parser
 from mega_nerf.cli.train import main as train_main
 from mega_nerf.data.dataset import load_dataset
@@ -547,6 +548,28 @@ def test_only_the_latest_checkpoints_are_kept(tiny_city, tmp_path):
                             "00000008.pt"]), (3, ["00000000.pt", "00000006.pt", "00000008.pt"]), (1, ["00000000.pt"])):
         prune_checkpoints(tmp_path / "all", keep, tmp_path / "all" / "checkpoints" / "00000000.pt")
         assert kept("all") == left, keep
+
+
+def test_a_run_removes_what_killed_runs_left_mid_write(tiny_city, tmp_path):
+    """A run killed mid-write leaves its temp file `<name>.<pid>.tmp` (a checkpoint's is about 0.9 GB at the
+    defaults): the next run removes those of dead processes from the experiment's folders, which it holds locked,
+    and keeps a live writer's."""
+    exp = tmp_path / "exp"
+    common = ["--chunk_paths", str(tmp_path / "chunks"), "--batch_size", "64", "--val_interval", "100",
+              "--ckpt_interval", "2"]
+    Trainer(args(tiny_city, exp, *common, "--train_iterations", "2")).run()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    assert not io.process_alive(dead)
+    stale = [exp / "checkpoints" / f"00000004.pt.{dead}.tmp", exp / f"log.jsonl.{dead}.tmp",
+             exp / "val" / f"00000004_000004.png.{dead}.tmp"]
+    live = exp / "checkpoints" / f"00000099.pt.{os.getpid()}.tmp"  # a name this run does not write itself
+    for path in [*stale, live]:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half a file")
+    Trainer(args(tiny_city, exp, *common, "--train_iterations", "4")).run()
+    assert [p for p in stale if p.exists()] == [] and live.read_bytes() == b"half a file"
+    assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == ["00000002.pt", "00000004.pt", live.name]
 
 
 def test_the_latest_checkpoint_is_merged_though_a_running_trainer_prunes_it(tmp_path, monkeypatch):

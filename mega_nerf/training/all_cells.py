@@ -130,7 +130,7 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
         with locked({"--exp_prefix": [config.exp_name], "--chunk_prefix": list(config.chunk_paths)},
                     main_rank_only=False):
             ready = None if on_ready is None else functools.partial(on_ready, config)
-            final = Trainer(config, on_step=step_hook, on_ready=ready).run()
+            final = Trainer(config, on_step=step_hook, on_ready=ready, same_render=True).run()
     except PeerFailure:
         raise
     except (UserError, torch.cuda.OutOfMemoryError) as e:

@@ -30,7 +30,7 @@ from mega_nerf.errors import Interrupted, UserError, check_device, stop_on_inter
 from mega_nerf.fields import build_field, config_differences, old_default_options
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
-from mega_nerf.io import free_bytes, save_torch_atomic, tensor_bytes
+from mega_nerf.io import free_bytes, remove_temp_files, save_torch_atomic, tensor_bytes
 from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
 from mega_nerf.render import RenderConfig
@@ -83,18 +83,20 @@ def field_config(config: TrainConfig, box: tuple[torch.Tensor, torch.Tensor], co
 
 class Trainer:
     def __init__(self, config: TrainConfig, on_step: StepHook | None = None, started: float | None = None,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None, same_render: bool = False) -> None:
         """config: the run; on_step: called after every optimiser step with the step number (tests use it to
         stop a run abruptly); started: when the process started (the command line passes it, so that the
         start-up breakdown counts imports), else start-up is timed from here; on_ready: called once the data
-        and any checkpoint to resume are verified, before training (the commands save the run's options then,
-        so a refused run leaves the experiment's saved options alone)."""
+        and any checkpoint to resume are verified, before training, and only when there are steps left to train
+        (the commands save the run's options then, so a refused or finished run leaves the experiment's saved
+        options alone); same_render: a resumed checkpoint's render settings must be this run's (train_cells: the
+        cells are merged together), where a lone run only warns."""
         self.clock = PartsClock(started)
         if started is not None:
             self.clock.mark("imports")
         if config.data_mode == "disk" and not config.chunk_paths:
             raise UserError("missing option --chunk_paths")
-        self.config, self.on_step, self.on_ready = config, on_step, on_ready
+        self.config, self.on_step, self.on_ready, self.same_render = config, on_step, on_ready, same_render
         self.device = check_device(config.device)  # resolved by TrainConfig, checked against this machine here
         keep_freed_blocks(self.device)  # a CPU pass's gigabyte of temporaries, reused instead of faulted in again
         self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
@@ -344,6 +346,9 @@ class Trainer:
         if state["render"] != render:  # allowed; the merge then needs the other cells to match
             old = old_default_options(state["render"], render)
             keep = f" ({' '.join(old)} keeps the old default)" if old else ""
+            if self.same_render:
+                raise UserError(f"{path}: trained with render settings {state['render']}, this job gives {render}"
+                                f"{keep}; the cells are merged together: give the options it was trained with")
             print(f"warning: {path} was trained with render settings {state['render']}, this run goes on with "
                   f"{render}{keep}; the merge needs every cell's equal", file=sys.stderr)
         try:
@@ -467,12 +472,16 @@ class Trainer:
 
     def _train(self) -> Path:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
+        # What runs killed mid-write left in the folders this one writes atomically into (a checkpoint's temp file
+        # is about 0.9 GB at the defaults); io removes only dead processes' files
+        for folder in (self.exp_dir, self.exp_dir / "checkpoints", self.exp_dir / "val"):
+            remove_temp_files(folder)
         stream = self.prepare_data()
         last_good = None if stream is None else self.resume(stream)
         if last_good is not None:
             self.clock.mark("resume")
             print(f"resuming from {last_good} (step {self.step})")
-        if self.on_ready is not None:
+        if self.on_ready is not None and (last_good is None or self.step < self.iterations):
             self.on_ready()
         if stream is None:
             latest = ckpt.latest_checkpoint(self.exp_dir)
