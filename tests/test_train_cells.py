@@ -128,7 +128,7 @@ def test_cells_go_largest_first(masks: Path, tmp_path: Path) -> None:
     assert [sizes[k] for k in largest_first(sizes)] == sorted(sizes, reverse=True)
     parscript_main(["--cells", "4", "--output", str(tmp_path / "run_4.txt"), "--mask_path", str(masks)])
     jobs = (tmp_path / "run_4.txt").read_text().splitlines()
-    assert [int(line.split("$MASK_PATH/")[1].split()[0]) for line in jobs] == largest_first(sizes)
+    assert [int(line.split("}/")[1].split('"')[0]) for line in jobs] == largest_first(sizes)  # "${MASK_PATH..}/k"
     with pytest.raises(UserError, match="holds 4 cells, not --cells 8"):
         parscript_main(["--cells", "8", "--output", str(tmp_path / "run_8.txt"), "--mask_path", str(masks)])
     (masks / "partition.json").rename(masks / "partition.bak")  # as Mega-NeRF's masks: counted from the files

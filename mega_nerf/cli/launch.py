@@ -226,15 +226,20 @@ def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None, str]:
 
 
 def checked_local_ranks(args: argparse.Namespace) -> int:
-    """The ranks torchrun starts on this machine, once the options it would refuse with a traceback are checked
-    (UserError naming the option)."""
+    """The ranks torchrun starts on this machine, once the options it would refuse with a traceback (or, for
+    --nproc_per_node 0 or fewer, accept and then fail an assertion) are checked (UserError naming the option)."""
     from torch.distributed.elastic.multiprocessing.api import Std
     from torch.distributed.run import determine_local_world_size
 
     try:
         nprocs = determine_local_world_size(args.nproc_per_node)
-    except ValueError as e:
-        raise UserError(f"--nproc_per_node {args.nproc_per_node}: {e}") from None
+    except ValueError as e:  # a word it does not take, or one whose devices this machine lacks ("gpu")
+        if not str(e).startswith("Unsupported nproc_per_node value"):
+            raise UserError(f"--nproc_per_node {args.nproc_per_node}: {e}") from None
+        nprocs = 0
+    if nprocs < 1:  # torchrun takes 0 or fewer, then fails an assertion as its agent starts
+        raise UserError(f"--nproc_per_node {args.nproc_per_node}: expected a positive integer, or gpu, xpu, cpu "
+                        "or auto (a rank per device)")
     for option, value in (("--redirects", args.redirects), ("--tee", args.tee)):
         try:
             Std.from_str(value)
