@@ -83,7 +83,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
+def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread, capsys):
     common = ["--cluster_mask_path", str(masks / "0"), "--batch_size", "256", "--train_iterations", "12",
               "--ckpt_interval", "5", "--val_interval", "1000", "--chunk_rays", "3000", "--occupancy_warmup", "4",
               "--occupancy_interval", "2", "--log_interval", "1"]
@@ -104,6 +104,12 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread):
     started = Trainer(args(tiny_city, tmp_path / "started", "--chunk_paths", str(tmp_path / "c2"), *common,
                            "--ckpt_path", str(tmp_path / "killed" / "checkpoints" / "00000005.pt")))
     assert started.run().name == "00000012.pt"
+    capsys.readouterr()
+    rerun = Trainer(args(tiny_city, tmp_path / "started", "--chunk_paths", str(tmp_path / "c2"), *common,
+                         "--ckpt_path", str(tmp_path / "nowhere.pt")))  # read only for a run without checkpoints
+    assert rerun.run().name == "00000012.pt"
+    assert f"note: --ckpt_path {tmp_path / 'nowhere.pt'} is not read: {tmp_path / 'started'} holds checkpoints of " \
+           "its own, the latest 00000012.pt" in capsys.readouterr().err
     # Ctrl-C: the step under way ends and is saved, in one line; the same command then ends as the others
     interrupted = [*argv[:argv.index("--exp_name") + 1], str(tmp_path / "interrupted"),
                    *argv[argv.index("--exp_name") + 2:]]

@@ -305,6 +305,9 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.exp_dir)
         other = "use another --exp_name"  # what a mismatch asks: for --ckpt_path, another checkpoint
         if path is not None:
+            if self.config.ckpt_path:  # Mega-NeRF's option starts a run; a rerun goes on from its own
+                print(f"note: --ckpt_path {self.config.ckpt_path} is not read: {self.exp_dir} holds checkpoints of "
+                      f"its own, the latest {path.name}", file=sys.stderr)
             state = ckpt.load_run_checkpoint(path, self.device)
         elif self.config.ckpt_path:
             other = "give --ckpt_path another checkpoint"
