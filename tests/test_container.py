@@ -322,6 +322,20 @@ def test_merge_round_trip_and_float16_tables(tmp_path: Path, fields: list[Field]
     assert float32.stat().st_size - (tmp_path / "merged.pt").stat().st_size > 0.5 * saved  # zip padding varies
 
 
+def test_merge_warns_of_a_cell_stopped_short(tmp_path: Path, fields: list[Field],
+                                             capsys: pytest.CaptureFixture) -> None:
+    """A cell whose checkpoint is short of its run's planned steps (still training, or interrupted) is merged as it
+    is, with a warning naming it; a finished one (cell 0 here) and one that records no plan (older) without."""
+    write_partition(tmp_path, fields, iterations=500)  # cell 1 stopped at step 101 of 500
+    for k in (0, 2):
+        path = next((tmp_path / f"exp-{k}" / "checkpoints").iterdir())
+        torch.save({**torch.load(path, weights_only=True), "iterations": 100 + k}, path)
+    merge(tmp_path)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: cell 1 stopped at step 101 of 500 (still training, or interrupted: its rerun "
+                        "finishes it); merged as it is"]
+
+
 def test_merge_missing_cell(tmp_path: Path, fields: list[Field]) -> None:
     write_partition(tmp_path, [fields[0], fields[1], None, fields[3]])
     with pytest.raises(UserError, match=r"^submodule 2: no checkpoint in .*exp-2.*--allow_empty_cells"):

@@ -99,7 +99,7 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread, ca
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["00000005.pt"]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     resumed = torch.load(tmp_path / "killed" / "checkpoints" / "00000012.pt", weights_only=True)
-    assert resumed["step"] == 12
+    assert resumed["step"] == 12 and resumed["iterations"] == 12  # the plan, which merge checks the step against
     # --ckpt_path (Mega-NeRF's): a new experiment that starts from the killed run's checkpoint ends the same
     started = Trainer(args(tiny_city, tmp_path / "started", "--chunk_paths", str(tmp_path / "c2"), *common,
                            "--ckpt_path", str(tmp_path / "killed" / "checkpoints" / "00000005.pt")))

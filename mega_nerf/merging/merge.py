@@ -233,5 +233,9 @@ def report(subs: list[Submodule | None], state: dict[str, Any], output: Path) ->
             print(f"cell {k}: {s.path} (empty cell: no rays, contributes nothing)")
         else:
             print(f"cell {k}: {s.path} (step {entry['step']})")
+            planned = s.state.get("iterations")  # the run's planned steps; older checkpoints lack them
+            if planned is not None and entry["step"] < planned:
+                print(f"warning: cell {k} stopped at step {entry['step']} of {planned} (still training, or "
+                      "interrupted: its rerun finishes it); merged as it is", file=sys.stderr)
     print(f"wrote {output}: {len(subs)} cells, {output.stat().st_size / 2 ** 20:.1f} MiB")
 

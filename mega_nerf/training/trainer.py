@@ -277,7 +277,8 @@ class Trainer:
         return RayStream(read, counts, a.batch_size, a.seed, self.device)
 
     def state(self, stream: RayStream | None, empty: bool = False) -> dict[str, Any]:
-        return {"version": ckpt.VERSION, "step": self.step, "field_config": self.field_config,
+        return {"version": ckpt.VERSION, "step": self.step, "iterations": self.iterations if stream else self.step,
+                "field_config": self.field_config,
                 "model": self.field.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "stream": stream.state_dict() if stream else {}, "rng": ckpt.rng_state(self.generator),
                 "dataset": dataset_fingerprint(self.dataset), "empty": empty,
