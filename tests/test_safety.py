@@ -390,6 +390,20 @@ def test_a_run_inside_its_partitions_folder_is_one_line(merged: Path, tiny_city:
     assert sorted(p.relative_to(masks) for p in masks.rglob("*")) == before
 
 
+def test_an_emptied_cell_folder_is_named(merged: Path, tiny_city: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """A cell's folder emptied after its chunks were written was blamed on the chunks ("of another masks")."""
+    cell = tmp_path / "masks" / "0"
+    shutil.copytree(merged.parent / "masks" / "0", cell)
+    shutil.copy(merged.parent / "masks" / "params.pt", cell.parent / "params.pt")
+    for mask in cell.iterdir():
+        mask.unlink()
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(tmp_path / "exp"), "--cluster_mask_path", str(cell), *SMALL], capsys)
+    assert line == f"error: --cluster_mask_path: {cell} holds no masks (emptied, or not yet written: make the " \
+                   "partition again with scripts/create_cluster_masks.py)"
+
+
 def test_a_cell_folder_fingerprint_counts_its_files_only(tmp_path: Path) -> None:
     """Another tool's folder or a pipe beside the masks is no mask (reading a pipe would wait forever: an alarm
     interrupts that wait, so that such a fingerprint fails the test instead of hanging it)."""

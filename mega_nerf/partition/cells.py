@@ -364,11 +364,15 @@ def partition_fingerprint(dataset: Dataset) -> str:
 
 def check_cell_masks(mask_dir: Path, dataset: Dataset) -> int | None:
     """The cell index of a training run's mask folder `<masks>/<k>`, after checking that the partition in
-    `<masks>/params.pt` was made from `dataset` and has cell k (one-line UserErrors). None when the folder has no
-    params.pt beside it (loose masks: their sizes are still checked as they are read)."""
+    `<masks>/params.pt` was made from `dataset` and has cell k, and that the folder holds files (one-line
+    UserErrors; even a cell without rays has a mask per image). None when the folder has no params.pt beside it
+    (loose masks: their sizes are still checked as they are read)."""
     if (mask_dir / "params.pt").is_file():
         raise UserError(f"--cluster_mask_path: {mask_dir} is a whole partition's folder; give one cell's, "
                         f"e.g. {mask_dir / '0'}")
+    if not any(p.is_file() for p in mask_dir.iterdir()):  # else named as chunks of other masks, or a missing mask
+        raise UserError(f"--cluster_mask_path: {mask_dir} holds no masks (emptied, or not yet written: make the "
+                        "partition again with scripts/create_cluster_masks.py)")
     file = mask_dir.parent / "params.pt"
     if not file.is_file():
         return None
