@@ -73,13 +73,17 @@ def run_command(module: str, function: str = "main") -> NoReturn:
     """`run_cli` of `module.function`, imported here: a command's imports (torch's take 1-2 s) come before run_cli
     can catch Ctrl-C, which there raised KeyboardInterrupt from deep inside an import, a traceback. Until they are
     done, Ctrl-C ends the process with run_cli's line and exit code 130 (nothing has been written yet); a Ctrl-C
-    ignored (SIG_IGN: a background job) stays ignored."""
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.default_int_handler:
+    ignored (SIG_IGN: a background job) stays ignored, and off the main thread (where no handler can be set)
+    nothing changes. Python's own handler is back once the imports end, however they end."""
+    guard = (threading.current_thread() is threading.main_thread()
+             and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if guard:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
-    main = getattr(importlib.import_module(module), function)
-    if previous is signal.default_int_handler:
-        signal.signal(signal.SIGINT, previous)
+    try:
+        main = getattr(importlib.import_module(module), function)
+    finally:
+        if guard:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     run_cli(main)
 
 

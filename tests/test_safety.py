@@ -28,7 +28,7 @@ from mega_nerf.cli import render as render_cli
 from mega_nerf.cli import train as train_cli
 from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.data.dataset import load_dataset
-from mega_nerf.errors import UserError, run_cli, stop_on_interrupt
+from mega_nerf.errors import UserError, run_cli, run_command, stop_on_interrupt
 from mega_nerf.evaluation.evaluate import evaluate
 from mega_nerf.lock import lock_path
 from mega_nerf.merging.merge import merge_submodules
@@ -390,6 +390,17 @@ def test_a_run_inside_its_partitions_folder_is_one_line(merged: Path, tiny_city:
     assert sorted(p.relative_to(masks) for p in masks.rglob("*")) == before
 
 
+def test_a_run_inside_its_partitions_folder_is_refused_through_a_link(merged: Path, tiny_city: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """--cluster_mask_path a link to masks/0: the partition's folder is the link's target's parent."""
+    masks = merged.parent / "masks"
+    (tmp_path / "cell").symlink_to(masks / "0")
+    line = fails_in_one_line(train_cli.main, ["--config_file", str(tiny_city / "config.yaml"), "--exp_name",
+                                              str(masks / "exp-0"), "--cluster_mask_path", str(tmp_path / "cell"),
+                                              *SMALL], capsys)
+    assert line.startswith(f"error: --exp_name {masks / 'exp-0'}: inside the partition's folder "), line
+
+
 def test_an_emptied_cell_folder_is_named(merged: Path, tiny_city: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture) -> None:
     """A cell's folder emptied after its chunks were written was blamed on the chunks ("of another masks")."""
@@ -535,6 +546,21 @@ def test_ctrl_c_while_a_command_imports_is_one_line(tmp_path: Path, ignored: boo
         assert (result.returncode, result.stdout, result.stderr) == (0, "ran\n", ""), result
     else:
         assert (result.returncode, result.stdout, result.stderr) == (130, "", "error: interrupted\n"), result
+
+
+def test_run_command_gives_python_its_handler_back_however_the_imports_end(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command runs under Python's own Ctrl-C handler (stop_on_interrupt records it to restore), and a failed
+    import leaves that handler too, not the one that ends the process at once."""
+    (tmp_path / "checks_handler.py").write_text(
+        "import signal\n\ndef main():\n    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as ended:
+        run_command("checks_handler")
+    assert ended.value.code == 0
+    with pytest.raises(ModuleNotFoundError):
+        run_command("no_such_command_module")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_field_too_large_for_memory_is_one_line(tiny_city: Path, tmp_path: Path,

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from mega_nerf.cli.merge import check_merge_output
 from mega_nerf.cli.parscript import main as parscript_main
 from mega_nerf.cli.train import main as train_main
 from mega_nerf.cli.train_cells import cells_config, train_cells_parser
@@ -179,19 +180,21 @@ def test_a_rerun_after_a_kill_resumes_the_unfinished_cells_only(tiny_city: Path,
 def test_a_rerun_with_other_options_leaves_the_trained_cells_alone(tiny_city: Path, masks: Path,
                                                                    separate_runs: Path, tmp_path: Path) -> None:
     """A rerun over finished cells with another training option (--lr) passes over them without saving that option
-    as theirs; one with another render setting (--samples) fails every cell in one line naming the settings: the
-    cells are merged together, and one cell resumed with them made the merge fail."""
+    as theirs. One with another render setting (--samples) fails the unfinished cell in one line naming the
+    settings (the cells are merged together, and resumed with them it made the merge fail); the finished ones,
+    which train no more, pass."""
     for k in range(4):
         shutil.copytree(separate_runs / f"exp-{k}", tmp_path / f"exp-{k}")
     saved = {k: (tmp_path / f"exp-{k}" / "config.yaml").read_bytes() for k in range(4)}
     options = [str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")]
     train_cells_main([*options, "--lr", "0.5"])
     assert {k: (tmp_path / f"exp-{k}" / "config.yaml").read_bytes() for k in range(4)} == saved
+    (tmp_path / "exp-2" / "checkpoints" / FINAL).unlink()  # cell 2 now stops at step 10 of 12
     with pytest.raises(UserError) as error:
         train_cells_main([*options, "--samples", "16"])
     reasons = str(error.value).split("cell ")[1:]
-    assert len(reasons) == 4 and all("trained with render settings" in r and "this job gives" in r
-                                     and "give the options it was trained with" in r for r in reasons), error.value
+    assert len(reasons) == 1 and reasons[0].startswith("2: ") and "trained with render settings" in reasons[0] \
+        and "this job gives" in reasons[0] and "give the options it was trained with" in reasons[0], error.value
     assert {k: (tmp_path / f"exp-{k}" / "config.yaml").read_bytes() for k in range(4)} == saved
 
 
@@ -246,7 +249,8 @@ def test_a_merge_output_that_would_destroy_a_file_is_refused_before_training(tin
     before = config.read_bytes(), params.read_bytes()
     cases = {str(config): "is one of this command's inputs (--config_file)",
              str(params): "is one of this command's inputs (--centroid_path)",
-             str(tmp_path / "exp-1" / "checkpoints" / "00000030.pt"): "lies in a cell's folder",
+             str(tmp_path / "exp-1" / "checkpoints" / "00000030.pt"): "cell 1's checkpoints; choose another path",
+             str(tmp_path / "exp-3"): "cell 3's folder; choose another path",
              str(tmp_path / "a-file" / "merged.pt"): "above it is a file"}
     for output, message in cases.items():
         with pytest.raises(UserError, match=rf"^--merge_output {re.escape(output)}:? .*{re.escape(message)}"):
@@ -254,6 +258,9 @@ def test_a_merge_output_that_would_destroy_a_file_is_refused_before_training(tin
                               "--data_mode", "memory", "--merge_output", output])
     assert (config.read_bytes(), params.read_bytes()) == before
     assert not list(tmp_path.glob("exp-*"))  # no cell started
+    for output in (tmp_path / "exp-1" / "merged.pt", tmp_path / "exp-12" / "merged.pt"):  # no file of a run's
+        check_merge_output(str(output), "--merge_output", f"{tmp_path}/exp-", str(masks), str(config),
+                           str(tiny_city))
 
 
 def test_a_cell_another_run_holds_fails_alone(tiny_city: Path, masks: Path, tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ KILLED_RUN = ("import os, sys; from mega_nerf.cli.train import config_from_argv;
               "from mega_nerf.training.trainer import Trainer; kill_at = int(sys.argv[1]); "
               "Trainer(config_from_argv(sys.argv[2:]), on_step=lambda s: s == kill_at and os._exit(3)).run()")
 
-# The same, through the console script's wrapper, but Ctrl-C (SIGINT) comes during the step given first.
+# The same, through run_cli as every command runs, but Ctrl-C (SIGINT) comes during the step given first.
 INTERRUPTED_RUN = ("import os, signal, sys; from mega_nerf.cli.train import config_from_argv; "
                    "from mega_nerf.errors import run_cli; from mega_nerf.training.trainer import Trainer; "
                    "at = int(sys.argv[1]); run_cli(lambda: Trainer(config_from_argv(sys.argv[2:]), "

@@ -3,8 +3,6 @@ An --output that is one of the command's inputs, an existing file that is not a 
 folder or its train/ or val/ images, is refused before anything is written."""
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 import configargparse
@@ -15,7 +13,7 @@ from mega_nerf.errors import UserError
 from mega_nerf.io import check_output
 from mega_nerf.lock import locked
 from mega_nerf.merging.merge import is_container, merge_submodules, submodule_folders
-from mega_nerf.partition.cells import params_file
+from mega_nerf.partition.cells import load_params, params_file
 
 
 def merge_parser() -> configargparse.ArgParser:
@@ -31,19 +29,20 @@ def merge_parser() -> configargparse.ArgParser:
 def check_merge_output(output: str, option: str, ckpt_prefix: str, centroid_path: str, config_file: str | None,
                        dataset_path: str | None) -> None:
     """One UserError line, before anything is written, for a container path whose write would destroy an input
-    (io.check_output: the config, params.pt, a cell's folder or a file in it, the dataset), that lies in a cell's
-    folder `<ckpt_prefix><k>` (made or not yet: train_cells.py checks before its cells train), in a dataset, or
-    under a file."""
-    inputs = {"--config_file": [config_file], "--centroid_path": [params_file(centroid_path)],
+    (io.check_output: the config, params.pt, a cell's folder or a file in it, the dataset), that is a cell's
+    folder `<ckpt_prefix><k>` or lies in its checkpoints/ (made or not yet: train_cells.py checks before its cells
+    train, and a run's checkpoints are named by step), in a dataset, or under a file."""
+    params = params_file(centroid_path)
+    inputs = {"--config_file": [config_file], "--centroid_path": [params],
               "--ckpt_prefix": submodule_folders(ckpt_prefix), "--dataset_path": [dataset_path]}
     check_output(output, option, inputs, "a merged container", is_container)
     check_file_not_in_dataset(output, option)
-    head, tail = os.path.split(ckpt_prefix)
-    cells = Path(head or ".").resolve()
     target = Path(output).resolve()
-    if any(folder.parent == cells and re.fullmatch(f"{re.escape(tail)}[0-9]+", folder.name)
-           for folder in target.parents):
-        raise UserError(f"{option} {output} lies in a cell's folder ({ckpt_prefix}<k>); choose another path")
+    for k in range(load_params(params).num_cells):
+        cell = Path(f"{ckpt_prefix}{k}").resolve()
+        if target == cell or target.is_relative_to(cell / "checkpoints"):
+            raise UserError(f"{option} {output}: cell {k}'s {'folder' if target == cell else 'checkpoints'}; "
+                            "choose another path")
     above = next(folder for folder in target.parents if folder.exists())
     if not above.is_dir():
         raise UserError(f"{option} {output}: {above} above it is a file; choose another path")

@@ -1,5 +1,6 @@
-"""`scripts/make_synthetic_scene.py`: generate the synthetic city as a Mega-NeRF dataset (with ground-truth depth,
-a config and an overview).
+"""Generate the synthetic city as a Mega-NeRF dataset (with ground-truth depth, a config and an overview).
+
+The command of `scripts/make_synthetic_scene.py`:
 
     python scripts/make_synthetic_scene.py --preset small --output out/small [--seed 0] [--no_depth] [--overwrite]
 """
@@ -13,11 +14,9 @@ from mega_nerf.errors import UserError
 from mega_nerf.synthetic import PRESETS, generate_city
 from mega_nerf.synthetic.generate import clear_output
 
-DESCRIPTION = "Generate the synthetic city as a Mega-NeRF dataset (with ground-truth depth, a config and an overview)."
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--output", type=Path, required=True, help="dataset directory to write")
     parser.add_argument("--seed", type=int, default=0)

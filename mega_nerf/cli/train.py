@@ -155,8 +155,8 @@ def check_not_in_partition(config: TrainConfig) -> None:
     that holds it (`--exp_name masks/0` trained into cell 0's masks)."""
     if not config.cluster_mask_path:
         return
-    masks = Path(config.cluster_mask_path)
-    root = (masks.parent if (masks.parent / "params.pt").is_file() else masks).resolve()
+    masks = Path(config.cluster_mask_path).resolve()  # a link's own parent is not the partition's folder
+    root = masks.parent if (masks.parent / "params.pt").is_file() else masks
     for option, path in [("--exp_name", config.exp_name), *(("--chunk_paths", c) for c in config.chunk_paths)]:
         if Path(path).resolve().is_relative_to(root):
             raise UserError(f"{option} {path}: inside the partition's folder {root}; give this run a folder of its "

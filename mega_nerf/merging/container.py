@@ -290,9 +290,9 @@ def load_container(path: str | Path, device: torch.device | str = "cpu") -> tupl
     for k, entry in enumerate(state["submodules"]):
         try:
             fields.append(None if entry is None else restore_field(entry["field_config"], entry["model"], device))
-        except torch.OutOfMemoryError:  # a RuntimeError, but no mismatch
-            raise UserError(f"{path}: submodule {k} does not fit in the memory free on {device}") from None
-        except (KeyError, RuntimeError, TypeError) as e:
+        except (KeyError, RuntimeError, TypeError) as e:  # running out of memory is a RuntimeError too
+            if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+                raise UserError(f"{path}: submodule {k} does not fit in the memory free on {device}") from None
             raise UserError(f"{path}: submodule {k} does not match its field config ({type(e).__name__})") from None
     if all(f is None for f in fields):
         raise UserError(f"{path}: every submodule is empty")

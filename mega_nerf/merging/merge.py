@@ -4,10 +4,9 @@ Submodule k is the latest checkpoint in `<ckpt_prefix><k>/checkpoints/`. Before 
 checkpoints are checked against each other (field kind and sizes, dataset fingerprint, render settings, scene
 bounds) and against `params.pt` (number of cells, number of images, near/far/altitude range), so that a
 container never mixes submodules of different runs. Every problem is one line naming the submodule. Whether
-`params.pt` is the partition the submodules were trained on is checked first: a cell's run saved the masks folder
-it trained with (its config.yaml); where that is not the folder `<k>/` beside `params.pt`, the two must hold the
-same masks, by the fingerprint its checkpoint records (data.chunks.masks_fingerprint; reading every mask of a
-city's partition would take long, so a cell trained on that very folder is trusted without it). The command
+`params.pt` is the partition the submodules were trained on is checked first: the folder `<k>/` beside
+`params.pt` must hold the masks whose fingerprint cell k's checkpoint records (data.chunks.masks_fingerprint, each
+cell's masks read once), and the error names the masks folder the cell's run saved in its config.yaml. The command
 (cli/merge.py) first refuses an --output that is one of these inputs or an existing file that is not a container
 (`is_container`, `submodule_folders`).
 """

@@ -350,7 +350,7 @@ class Trainer:
         if state["render"] != render:  # allowed; the merge then needs the other cells to match
             old = old_default_options(state["render"], render)
             keep = f" ({' '.join(old)} keeps the old default)" if old else ""
-            if self.same_render:
+            if self.same_render and int(state["step"]) < self.iterations:  # a finished cell trains no more
                 raise UserError(f"{path}: trained with render settings {state['render']}, this job gives {render}"
                                 f"{keep}; the cells are merged together: give the options it was trained with")
             print(f"warning: {path} was trained with render settings {state['render']}, this run goes on with "
@@ -485,7 +485,9 @@ class Trainer:
         if last_good is not None:
             self.clock.mark("resume")
             print(f"resuming from {last_good} (step {self.step})")
-        if self.on_ready is not None and (last_good is None or self.step < self.iterations):
+        finished = ckpt.latest_checkpoint(self.exp_dir) is not None if stream is None else (
+            last_good is not None and self.step >= self.iterations)
+        if self.on_ready is not None and not finished:
             self.on_ready()
         if stream is None:
             latest = ckpt.latest_checkpoint(self.exp_dir)
