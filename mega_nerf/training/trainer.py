@@ -277,8 +277,8 @@ class Trainer:
         return RayStream(read, counts, a.batch_size, a.seed, self.device)
 
     def state(self, stream: RayStream | None, empty: bool = False) -> dict[str, Any]:
-        return {"version": ckpt.VERSION, "step": self.step, "iterations": self.iterations if stream else self.step,
-                "field_config": self.field_config,
+        return {"version": ckpt.VERSION, "step": self.step,
+                "iterations": self.step if stream is None else self.iterations, "field_config": self.field_config,
                 "model": self.field.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "stream": stream.state_dict() if stream else {}, "rng": ckpt.rng_state(self.generator),
                 "dataset": dataset_fingerprint(self.dataset), "empty": empty,
@@ -485,17 +485,17 @@ class Trainer:
         if last_good is not None:
             self.clock.mark("resume")
             print(f"resuming from {last_good} (step {self.step})")
-        finished = ckpt.latest_checkpoint(self.exp_dir) is not None if stream is None else (
-            last_good is not None and self.step >= self.iterations)
-        if self.on_ready is not None and not finished:
-            self.on_ready()
         if stream is None:
             latest = ckpt.latest_checkpoint(self.exp_dir)
             if latest is not None and latest != ckpt.checkpoint_path(self.exp_dir, 0):  # it would stay the latest
                 raise UserError(f"{latest}: a checkpoint of a run with rays, but --cluster_mask_path "
                                 f"{self.mask_dir} gives this cell none (other masks?); use another --exp_name")
+            if self.on_ready is not None and latest is None:  # a finished empty cell keeps its saved options
+                self.on_ready()
             print(f"warning: cell {self.mask_dir} has no rays; writing an empty checkpoint", file=sys.stderr)
             return self.save(None, empty=True)
+        if self.on_ready is not None and (last_good is None or self.step < self.iterations):
+            self.on_ready()
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
         print(self.memory_report())
