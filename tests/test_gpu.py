@@ -162,6 +162,63 @@ def test_exact_membership_kernel_equals_its_reference_bit_for_bit(K, cluster_2d,
     assert torch.equal(fused, reference), int((fused != reference).sum())
 
 
+def _random_cameras(count: int, W: int, H: int) -> torch.Tensor:
+    """(count, 16) camera rows (partition.pixels.camera_table) on the GPU: random rotations (looking down, sideways
+    and up) at random centres, some above the slab's top at x = -0.2 and some within it."""
+    g = torch.Generator().manual_seed(5)
+    rot = torch.linalg.qr(torch.randn(count, 3, 3, generator=g)).Q
+    centres = (torch.rand(count, 3, generator=g) - 0.5) * torch.tensor([1.0, 2.0, 2.0])
+    intrinsics = torch.stack([torch.full((count,), 0.9 * W), torch.full((count,), 0.8 * W),
+                              torch.full((count,), W / 2 + 0.3), torch.full((count,), H / 2 - 0.2)], -1)
+    intrinsics = intrinsics * (1 + 0.5 * torch.rand(count, 4, generator=g))
+    return torch.cat([torch.cat([rot, centres[..., None]], -1).reshape(count, 12), intrinsics], 1).cuda()
+
+
+PIXEL_BOX = (torch.tensor([-0.2, -0.6, -0.5]), torch.tensor([0.3, 0.7, 0.6]), torch.tensor([False, True, True]))
+
+
+@pytest.mark.parametrize("with_box", [True, False])
+def test_pixel_rays_and_bounds_in_the_kernel_are_partition_pixels_bit_for_bit(with_box):
+    """The partition kernel makes each pixel's ray and bounds as partition.pixels does, every float equal: rays
+    that start above the slab heading down, away from it, and within it; boxes left before the far bound or not
+    entered; pieces of an image that start inside a row."""
+    from pixel_probe import kernel_rays_bounds
+
+    from mega_nerf.partition.pixels import pixel_rays, ray_bounds
+
+    W, H = 401, 299
+    cameras = _random_cameras(8, W, H)
+    box = tuple(x.cuda() for x in PIXEL_BOX) if with_box else None
+    corners = torch.cat(box[:2]) if with_box else None
+    routed = empty = False
+    for image, first, last in [(i, 0, W * H) for i in range(8)] + [(3, 1234, 56789), (5, 7, 8)]:
+        origins, dirs = pixel_rays(cameras[image], W, first, last)
+        near, split, far = ray_bounds(origins, dirs, 0.01, 40.0, (-0.2, 0.3), box)
+        expected = torch.cat([origins, dirs, near[:, None], split[:, None], far[:, None]], 1)
+        got = kernel_rays_bounds(cameras, image, W, first, last, 0.01, 40.0, (-0.2, 0.3), corners)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (image, (got != expected).sum(0))
+        routed, empty = routed or bool((split < far).any()), empty or bool((near == far).any())
+    assert routed == with_box and empty  # rays beyond the box where there is one, and rays that miss the slab
+
+
+@pytest.mark.parametrize("K,cluster_2d,with_box", [(4, False, True), (9, True, True), (6, False, False),
+                                                   (33, False, True)])
+def test_pixel_membership_kernel_equals_its_reference_bit_for_bit(K, cluster_2d, with_box):
+    """The partition kernel's cells for whole images and pieces of them, one launch each into one output, are
+    its reference's (partition.pixels' rays and bounds, then the exact rule in PyTorch)."""
+    from mega_nerf.partition.exact_kernel import pixel_membership, pixel_membership_reference
+
+    W, H = 160, 120
+    cameras = _random_cameras(6, W, H)
+    centroids = (torch.randn(K, 3, generator=torch.Generator().manual_seed(K)) * torch.tensor([0.1, 0.6, 0.6])).cuda()
+    box = tuple(x.cuda() for x in PIXEL_BOX) if with_box else None
+    pieces = [(i, W, 0, W * H) for i in range(6)] + [(2, W, 100, 5013), (4, W, 7, 8)]
+    args = (cameras, pieces, 0.01, 40.0, (-0.2, 0.3), centroids, 1.15, cluster_2d, box)
+    fused, reference = pixel_membership(*args), pixel_membership_reference(*args)
+    assert K == 1 or 1.02 < reference.float().sum(1).mean() < K
+    assert torch.equal(fused, reference), int((fused != reference).sum())
+
+
 def test_viewer_band_reaches_the_host_whole_from_a_side_stream():
     """A band copied through page-locked memory on the render thread's stream is the band once to_host returns,
     though the stream is still busy with earlier work when it is called (to_host must wait for its copies)."""

@@ -39,6 +39,7 @@ from mega_nerf.partition.cells import (
 )
 from mega_nerf.partition.job import _groups, create_cluster_masks, overlap_note
 from mega_nerf.partition.maskfile import decode_mask, encode_mask, load_mask, write_mask
+from mega_nerf.partition.pixels import camera_table, pixel_rays
 from mega_nerf.rays import image_rays, near_far, normalize_altitude_range
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,6 +230,21 @@ def test_images_grouped_into_chunks_give_the_same_bits(tiny_city: Path, tiny_cit
         assert member.any() and not member.all()
 
 
+def test_partition_rays_are_the_trainers_up_to_rounding_and_never_depend_on_their_batch(tiny_city: Path) -> None:
+    """partition.pixels makes an image's rays as rays.image_rays does, within float32 rounding (it sums
+    elementwise where image_rays multiplies matrices), and a piece of the image, starting inside a row, gets the
+    same bits as the whole image."""
+    image = load_dataset(tiny_city).images[2]
+    camera = camera_table([image], torch.device("cpu"))[0]
+    origins, dirs = pixel_rays(camera, image.W, 0, image.H * image.W)
+    want_origins, want_dirs = image_rays(image.c2w, image.intrinsics, image.W, image.H)
+    assert torch.equal(origins, want_origins.float())
+    assert (dirs - want_dirs).abs().max() < 1e-6 and (dirs.norm(dim=-1) - 1).abs().max() < 1e-6
+    first, last = image.W + 5, 3 * image.W - 7
+    piece = pixel_rays(camera, image.W, first, last)
+    assert torch.equal(piece[0], origins[first:last]) and torch.equal(piece[1], dirs[first:last])
+
+
 def test_margin_only_adds_rays(tiny_city: Path, tiny_city_summary: dict) -> None:
     """Raising the margin never takes a ray out of a cell. A margin of 1 keeps points disjoint (one cell each),
     so a ray is then in several cells only where it crosses a boundary inside the altitude slab."""
@@ -353,6 +369,21 @@ def test_resume_after_failure_matches_an_uninterrupted_run(partitioned: Path, ti
     run_script(*base_args(tiny_city, output, "--resume", "--no_progress"))
     assert "cluster masks" not in capsys.readouterr().err
     assert tree_bytes(output) == tree_bytes(partitioned)
+
+
+def test_cell_folders_are_synced_once_after_their_masks(tiny_city: Path, tmp_path: Path) -> None:
+    """Each mask is fsynced before its rename, but its folder (which makes the rename survive a machine's crash)
+    once for all of them, after the last: never once per mask file."""
+    synced: list[tuple[Path, int]] = []
+    output = tmp_path / "masks"
+    with mock.patch.object(torch.cuda, "is_available", return_value=False), \
+            mock.patch("mega_nerf.partition.maskfile.sync_folder",
+                       lambda folder: synced.append((folder, len(list(folder.glob("*.mask")))))), \
+            mock.patch("mega_nerf.io.sync_folder", lambda folder: synced.append((folder, -1))):
+        create_cluster_masks(mask_job(partition_parser().parse_args(list(map(str, base_args(tiny_city, output))))))
+    images = len(load_dataset(tiny_city).images)
+    assert [call for call in synced if call[1] >= 0] == [(output / str(k), images) for k in range(4)]
+    assert {folder for folder, masks in synced if masks < 0} == {output}  # params.pt's, partition.json's
 
 
 @pytest.mark.parametrize(("done_before", "rule"), [(0, "sampled"), (5, "sampled"), (5, "exact")])

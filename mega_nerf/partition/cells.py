@@ -18,19 +18,18 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from mega_nerf.bounds import FOREGROUND_SCALE, box_exit, contracted_axes, contracted_position, foreground_box
+from mega_nerf.bounds import FOREGROUND_SCALE, contracted_axes, foreground_box
 from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.errors import UserError
 from mega_nerf.fields import kernels
 from mega_nerf.io import load_torch, save_torch_atomic
 from mega_nerf.partition.exact import DEFAULT_ARCS
-from mega_nerf.partition.exact_kernel import Box, exact_membership, exact_membership_reference
-from mega_nerf.rays import near_far, rays_from_pixels
+from mega_nerf.partition.exact_kernel import exact_membership, exact_membership_reference, pixel_membership
+from mega_nerf.partition.pixels import Box, camera_table, pixel_rays, ray_bounds, routed
 
 EXACT = 0  # `ray_samples` of the exact rule (partition.exact); a positive count is Mega-NeRF's sampled rule
 
@@ -143,11 +142,6 @@ def exact_ray_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.
     return member
 
 
-def routed(box: Box | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Where the container routes points, as a function of them: the contraction beyond `box`; None without."""
-    return None if box is None else partial(contracted_position, box_min=box[0], box_max=box[1], contracted=box[2])
-
-
 # Work per launch. A CPU keeps each (points, cells) tensor near its cache (about 1 MiB); a GPU wants few, large
 # launches: a whole image at once took survey256's exact partition from 9.8 to 7.9 s (bench/RESULTS.md, seventh
 # session), at most what its free memory holds: a distance takes 24-56 bytes of temporaries (both rules, 4-64 cells,
@@ -196,15 +190,15 @@ def image_membership(images: list[ImageMetadata], params: PartitionParams, devic
                      ray_chunk: int = CPU_RAY_CHUNK, dist_chunk: int = CPU_DIST_CHUNK) -> list[torch.Tensor]:
     """(H, W, K) bool on the CPU per image: the cells each pixel's ray belongs to.
 
-    Rays are made `ray_chunk` pixels at a time (row-major, as `image_rays`), and several small images go into one
-    chunk: on a GPU each chunk is a few dozen launches (the exact rule's one kernel among them) and a copy back,
-    whatever its size. Each ray is
-    bounded to [near, far] and the altitude slab. With a foreground box (params.foreground()), the ray's part
-    inside it is taken as it is and the part beyond routed where the container routes it (pulled in by the
-    contraction: bounds.contracted_position). `params.ray_samples` EXACT (0) answers without sampling
-    (partition.exact); a positive count samples as Mega-NeRF does: that many evenly spaced points over the part
-    inside the box and a quarter as many, evenly spaced in 1 / t, beyond. A pixel's result never depends on the
-    chunk it came in, so any sharding and any grouping of images give the same bits.
+    Rays are made `ray_chunk` pixels at a time (row-major, partition.pixels), and several small images go into one
+    chunk: on a GPU the exact rule makes each image's rays, bounds and cells in one launch (exact_kernel's
+    pixel_membership) and copies a chunk back at once. Each ray is bounded to [near, far] and the altitude slab.
+    With a foreground box (params.foreground()), the ray's part inside it is taken as it is and the part beyond
+    routed where the container routes it (pulled in by the contraction: bounds.contracted_position).
+    `params.ray_samples` EXACT (0) answers without sampling (partition.exact); a positive count samples as
+    Mega-NeRF does: that many evenly spaced points over the part inside the box and a quarter as many, evenly
+    spaced in 1 / t, beyond. A pixel's result never depends on the chunk it came in, so any sharding and any
+    grouping of images give the same bits.
     """
     assert params.boundary_margin is not None and params.ray_samples is not None
     centroids = params.centroids.to(device)
@@ -212,20 +206,27 @@ def image_membership(images: list[ImageMetadata], params: PartitionParams, devic
     box = None if foreground is None else (foreground[0].to(device), foreground[1].to(device),
                                            torch.tensor(contracted_axes(params.ray_altitude_range), device=device))
     place = routed(box)
-    rule = (params.boundary_margin, params.cluster_2d, dist_chunk)
+    cameras = camera_table(images, device)
+    bounds = (params.near, params.far, params.ray_altitude_range)
+    rule = (params.boundary_margin, params.cluster_2d)
+    in_kernel = params.ray_samples == EXACT and kernels.available(cameras)
     out = [torch.empty(image.H * image.W, params.num_cells, dtype=torch.bool) for image in images]
     for pieces in _chunks(images, ray_chunk):
-        rays = [_pixel_rays(images[i], first, last, device) for i, first, last in pieces]
-        origins, dirs = torch.cat([o for o, _ in rays]), torch.cat([d for _, d in rays])
-        near, far = near_far(origins, dirs, params.near, params.far, params.ray_altitude_range)
-        split = far if box is None else torch.minimum(far, box_exit(origins, dirs, *box[:2])).clamp_min(near)
-        if params.ray_samples == EXACT:
-            member = exact_ray_membership(origins, dirs, near, split, far, centroids, *rule, box)
+        if in_kernel:
+            member = pixel_membership(cameras, [(i, images[i].W, first, last) for i, first, last in pieces],
+                                      *bounds, centroids, *rule, box)
         else:
-            member = ray_membership(origins, dirs, near, split, centroids, params.ray_samples, *rule, place)
-            if place is not None:
-                member |= ray_membership(origins, dirs, split, far, centroids, max(2, params.ray_samples // 4),
-                                         *rule, place, disparity=True)
+            rays = [pixel_rays(cameras[i], images[i].W, first, last) for i, first, last in pieces]
+            origins, dirs = torch.cat([o for o, _ in rays]), torch.cat([d for _, d in rays])
+            near, split, far = ray_bounds(origins, dirs, *bounds, box)
+            if params.ray_samples == EXACT:
+                member = exact_ray_membership(origins, dirs, near, split, far, centroids, *rule, dist_chunk, box)
+            else:
+                member = ray_membership(origins, dirs, near, split, centroids, params.ray_samples, *rule, dist_chunk,
+                                        place)
+                if place is not None:
+                    member |= ray_membership(origins, dirs, split, far, centroids, max(2, params.ray_samples // 4),
+                                             *rule, dist_chunk, place, disparity=True)
         member, at = member.cpu(), 0
         for i, first, last in pieces:
             out[i][first:last] = member[at:at + last - first]
@@ -248,15 +249,6 @@ def _chunks(images: list[ImageMetadata], ray_chunk: int) -> list[list[tuple[int,
                 chunks.append(current)
                 current, room = [], ray_chunk
     return chunks + [current] if current else chunks
-
-
-def _pixel_rays(image: ImageMetadata, first: int, last: int, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Origins and directions (N, 3) of the image's pixels first .. last - 1, row-major."""
-    c2w = image.c2w.to(device)
-    pix = torch.arange(first, last, device=device)
-    return rays_from_pixels(c2w, image.intrinsics.to(c2w), pix % image.W,
-                            torch.div(pix, image.W, rounding_mode="floor"))
 
 
 @dataclass

@@ -40,6 +40,7 @@ from mega_nerf.partition.maskfile import (
     mask_shape,
     missing_masks,
     remove_stale_temp_files,
+    sync_mask_folders,
     write_mask,
 )
 
@@ -85,6 +86,7 @@ def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None, clock:
         todo = [m for m in job.dataset.images if m.name not in done_names]
         barrier(info)  # every rank has listed what is done before any rank writes
         counts, rays, membership, waited = _write_masks(job, shard(todo, info), info, on_image)
+        sync_mask_folders(job.output, job.params.num_cells)
         clock.mark("masks", f"membership {membership:.2f} s on {info.device.type}, waiting for writes "
                             f"{waited:.2f} s")
         for image in shard(done, info):

@@ -7,8 +7,11 @@ Our format (`.mask`), little-endian:
     bytes 16..    zlib-compressed bits of the row-major mask, 8 pixels a byte, first pixel in the lowest bit
                   (numpy.packbits(..., bitorder="little"); the last byte is padded with zeros)
 Files are written atomically (io.atomic_write: a temp file named after the process in the same folder, then
-os.replace), so a killed run never leaves a half-written mask. Readers also accept Mega-NeRF's published format:
-`<stem>.pt`, a zip archive holding one member `<stem>.pt`, a torch-saved bool (H, W) tensor.
+os.replace), so a killed run never leaves a half-written mask. Each file is fsynced before its rename; the
+folder's fsync, which makes the renames survive a crash of the machine, is the writer's, once for all its masks
+(`sync_mask_folders`): a mask lost that way is only missing, and a resumed run writes it again. Readers also
+accept Mega-NeRF's published format: `<stem>.pt`, a zip archive holding one member `<stem>.pt`, a torch-saved
+bool (H, W) tensor.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 
 from mega_nerf.errors import UserError
-from mega_nerf.io import TEMP_SUFFIX, TORCH_LOAD_ERRORS, atomic_write
+from mega_nerf.io import TEMP_SUFFIX, TORCH_LOAD_ERRORS, atomic_write, sync_folder
 
 MAGIC = b"MNMASK01"
 HEADER = struct.Struct("<8sII")
@@ -53,8 +56,15 @@ def decode_mask(data: bytes) -> torch.Tensor:
 
 
 def write_mask(path: Path, mask: torch.Tensor) -> None:
-    """Write (H, W) bool `mask` to `path` atomically (the temp file is named after this process)."""
-    atomic_write(path, encode_mask(mask))
+    """Write (H, W) bool `mask` to `path` atomically (the temp file is named after this process); the folder is
+    left to `sync_mask_folders`."""
+    atomic_write(path, encode_mask(mask), sync_parent=False)
+
+
+def sync_mask_folders(output: Path, num_cells: int) -> None:
+    """fsync every cell's folder once its masks are written (write_mask)."""
+    for k in range(num_cells):
+        sync_folder(output / str(k))
 
 
 def remove_stale_temp_files(mask_dir: Path) -> None:
