@@ -170,9 +170,10 @@ def _read_masks(job: MaskJob, image: ImageMetadata) -> torch.Tensor:
 
 def _write_image_masks(job: MaskJob, image: ImageMetadata, member: torch.Tensor) -> torch.Tensor:
     """Write one image's K masks (member: (H, W, K) bool); returns its rays per cell (K,)."""
+    planes = member.permute(2, 0, 1).contiguous()  # one copy, so that no mask is gathered from strided memory
     for k in range(job.params.num_cells):
-        write_mask(job.output / str(k) / f"{image.name}{SUFFIX}", member[..., k])
-    return member.flatten(0, 1).sum(0)
+        write_mask(job.output / str(k) / f"{image.name}{SUFFIX}", planes[k])
+    return planes.flatten(1).sum(1)
 
 
 def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_image: ImageHook | None
