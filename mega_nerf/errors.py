@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NoReturn
 
 from mega_nerf.allocator import c_library
+from mega_nerf.cuda_context import make_context_early
 
 if TYPE_CHECKING:
     import torch
@@ -69,12 +70,16 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
     end_process(0)
 
 
-def run_command(module: str, function: str = "main") -> NoReturn:
+def run_command(module: str, function: str = "main", cuda_context: bool = False) -> NoReturn:
     """`run_cli` of `module.function`, imported here: a command's imports (torch's take 1-2 s) come before run_cli
     can catch Ctrl-C, which there raised KeyboardInterrupt from deep inside an import, a traceback. Until they are
     done, Ctrl-C ends the process with run_cli's line and exit code 130 (nothing has been written yet); a Ctrl-C
     ignored (SIG_IGN: a background job) stays ignored, and off the main thread (where no handler can be set)
-    nothing changes. Python's own handler is back once the imports end, however they end."""
+    nothing changes. Python's own handler is back once the imports end, however they end. `cuda_context`: the
+    command runs on its job's GPU (distributed's device pick), whose context is made meanwhile
+    (cuda_context.make_context_early)."""
+    if cuda_context:
+        make_context_early()
     guard = (threading.current_thread() is threading.main_thread()
              and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
     if guard:

@@ -6,4 +6,4 @@ Several GPUs:  python -m torch.distributed.run --standalone --nproc_per_node 8 s
 from mega_nerf.errors import run_command
 
 if __name__ == "__main__":
-    run_command("mega_nerf.cli.partition")
+    run_command("mega_nerf.cli.partition", cuda_context=True)

@@ -20,7 +20,7 @@ def transforms() -> None:
 
 
 def partition() -> None:
-    run_command("mega_nerf.cli.partition")
+    run_command("mega_nerf.cli.partition", cuda_context=True)
 
 
 def parscript() -> None:

@@ -1,0 +1,52 @@
+"""The CUDA driver's primary context, made on a thread while a command still imports torch.
+
+A process's first CUDA call makes the device's primary context (0.23-0.32 s on an H200 machine, bench/RESULTS.md,
+twenty-sixth session), and PyTorch makes it only once the command asks for the GPU, after 1.2-2 s of imports. Made
+here through the driver API (ctypes releases the GIL for each call, so the imports go on beside it), the context is
+ready by then and PyTorch's runtime binds it: the runtime and the driver share one primary context per device.
+
+No torch here: this module runs before torch is imported (errors.run_command).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+CUDA_SUCCESS = 0
+
+
+def local_rank() -> int | None:
+    """The local rank distributed.init_distributed will find (0 when the job runs alone); None for a variable that
+    is not an integer (init_distributed reports it)."""
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return 0
+    try:
+        return int(env.get("LOCAL_RANK", env["RANK"]))
+    except ValueError:
+        return None
+
+
+def make_context_early() -> threading.Thread | None:
+    """Start, on a daemon thread, the primary context of the GPU this process's job will use (distributed's device
+    pick: the local rank modulo the GPUs visible). None where there is no CUDA driver; any other failure (no
+    device, CUDA_VISIBLE_DEVICES empty) leaves the thread with nothing done, for PyTorch to meet and report."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    rank = local_rank()
+    if rank is None:
+        return None
+    thread = threading.Thread(target=_retain_primary_context, args=(driver, rank), name="cuda-context", daemon=True)
+    thread.start()
+    return thread
+
+
+def _retain_primary_context(driver: ctypes.CDLL, rank: int) -> None:
+    count, device, context = ctypes.c_int(), ctypes.c_int(), ctypes.c_void_p()
+    if (driver.cuInit(0) != CUDA_SUCCESS or driver.cuDeviceGetCount(ctypes.byref(count)) != CUDA_SUCCESS
+            or count.value < 1 or driver.cuDeviceGet(ctypes.byref(device), rank % count.value) != CUDA_SUCCESS):
+        return
+    driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)  # kept for the process's life, as PyTorch keeps it

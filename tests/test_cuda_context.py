@@ -1,0 +1,74 @@
+"""cuda_context: the primary context made early goes to the GPU the job will use (distributed's pick: the local
+rank modulo the GPUs visible), and nothing is made without a driver, a device or a valid rank. The driver is a fake
+that records the calls (the machines that run these tests have no GPU; tests/test_gpu.py's machine runs the
+real one through every partition command)."""
+from __future__ import annotations
+
+import ctypes
+from unittest import mock
+
+import pytest
+
+from mega_nerf import cuda_context
+
+
+class FakeDriver:
+    """The four driver calls make_context_early uses, with `count` devices; cuInit answers `init`."""
+
+    def __init__(self, count: int, init: int = 0) -> None:
+        self.count, self.init, self.calls = count, init, []
+
+    def cuInit(self, flags: int) -> int:
+        self.calls.append(("init", flags))
+        return self.init
+
+    def cuDeviceGetCount(self, count: ctypes._CArgObject) -> int:
+        count._obj.value = self.count
+        return 0
+
+    def cuDeviceGet(self, device: ctypes._CArgObject, ordinal: int) -> int:
+        self.calls.append(("device", ordinal))
+        device._obj.value = 100 + ordinal
+        return 0
+
+    def cuDevicePrimaryCtxRetain(self, context: ctypes._CArgObject, device: ctypes.c_int) -> int:
+        self.calls.append(("retain", device.value))
+        return 0
+
+
+def run_with(driver: FakeDriver | None, env: dict[str, str]) -> FakeDriver | None:
+    """make_context_early under `env` with `driver` as libcuda (None: no driver installed); waits for its thread."""
+    def load(name: str) -> FakeDriver:
+        if driver is None:
+            raise OSError(f"{name}: cannot open shared object file")
+        return driver
+    with mock.patch.dict("os.environ", env, clear=True), mock.patch.object(cuda_context.ctypes, "CDLL", load):
+        thread = cuda_context.make_context_early()
+    if thread is not None:
+        thread.join(10)
+    return thread
+
+
+@pytest.mark.parametrize(("env", "count", "ordinal"), [
+    ({}, 2, 0),  # alone
+    ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, 2, 1),  # more ranks than GPUs share them
+    ({"RANK": "2", "WORLD_SIZE": "4"}, 4, 2),  # no LOCAL_RANK: the rank
+    ({"RANK": "2"}, 4, 0),  # not a job (no WORLD_SIZE): alone
+])
+def test_the_context_is_made_on_the_jobs_gpu(env: dict[str, str], count: int, ordinal: int) -> None:
+    driver = FakeDriver(count)
+    assert run_with(driver, env) is not None
+    assert driver.calls == [("init", 0), ("device", ordinal), ("retain", 100 + ordinal)]
+
+
+def test_nothing_is_made_without_a_driver_a_device_or_a_valid_rank() -> None:
+    assert run_with(None, {}) is None
+    no_device = FakeDriver(1, init=100)  # CUDA_ERROR_NO_DEVICE (CUDA_VISIBLE_DEVICES empty)
+    run_with(no_device, {})
+    assert no_device.calls == [("init", 0)]
+    none_visible = FakeDriver(0)
+    run_with(none_visible, {})
+    assert none_visible.calls == [("init", 0)]
+    bad_rank = FakeDriver(2)
+    assert run_with(bad_rank, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x"}) is None
+    assert bad_rank.calls == []
