@@ -10,8 +10,10 @@ No torch here: this module runs before torch is imported (errors.run_command).
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import threading
+from pathlib import Path
 
 CUDA_SUCCESS = 0
 
@@ -28,17 +30,28 @@ def local_rank() -> int | None:
         return None
 
 
+def torch_has_cuda() -> bool:
+    """Whether the installed torch is a CUDA build (its CUDA library is there), found without importing it."""
+    spec = importlib.util.find_spec("torch")
+    return spec is not None and spec.origin is not None and any(
+        (Path(spec.origin).parent / "lib").glob("libtorch_cuda.*"))
+
+
 def make_context_early() -> threading.Thread | None:
     """Start, on a daemon thread, the primary context of the GPU this process's job will use (distributed's device
-    pick: the local rank modulo the GPUs visible). None where there is no CUDA driver; any other failure (no
-    device, CUDA_VISIBLE_DEVICES empty) leaves the thread with nothing done, for PyTorch to meet and report."""
+    pick: the local rank modulo the GPUs visible). None where there is no CUDA driver, torch is a CPU build, or
+    the rank is not an integer; any other failure (no device, CUDA_VISIBLE_DEVICES empty) leaves the thread with
+    nothing done, for PyTorch to meet and report. (A driver too old for torch's CUDA still gets its context, which
+    then idles while the job runs on the CPU.) CUDA_MODULE_LOADING is set as PyTorch sets it before its own first
+    CUDA call (LAZY unless given): the driver reads it once, here."""
+    rank = local_rank()
+    if rank is None or not torch_has_cuda():
+        return None
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return None
-    rank = local_rank()
-    if rank is None:
-        return None
+    os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
     thread = threading.Thread(target=_retain_primary_context, args=(driver, rank), name="cuda-context", daemon=True)
     thread.start()
     return thread

@@ -6,15 +6,16 @@ import triton
 import triton.language as tl
 
 from mega_nerf.partition.exact_kernel import _pixel_rays_bounds
+from mega_nerf.partition.pixels import CAMERA_FLOATS
 
 
 @triton.jit
-def _probe(cam_ptr, image, W, first, n_rays, near, far, top, ground, box_ptr, out_ptr, PLACE: tl.constexpr,
-           BLOCK: tl.constexpr):
+def _probe(cam_ptr, image, W, first, n_rays, near, far, top, ground, box_ptr, out_ptr, CAMERA: tl.constexpr,
+           PLACE: tl.constexpr, BLOCK: tl.constexpr):
     ray = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = ray < n_rays
     ox, oy, oz, dx, dy, dz, near_t, split_t, far_t = _pixel_rays_bounds(cam_ptr, image, W, first, ray, near, far,
-                                                                        top, ground, box_ptr, PLACE, BLOCK)
+                                                                        top, ground, box_ptr, CAMERA, PLACE, BLOCK)
     tl.store(out_ptr + ray * 9 + 0, ox, mask=live)
     tl.store(out_ptr + ray * 9 + 1, oy, mask=live)
     tl.store(out_ptr + ray * 9 + 2, oz, mask=live)
@@ -34,5 +35,6 @@ def kernel_rays_bounds(cameras: torch.Tensor, image: int, W: int, first: int, la
     out = torch.empty(n, 9, device=cameras.device)
     corners = torch.zeros(6, device=cameras.device) if box_corners is None else box_corners
     _probe[(triton.cdiv(n, block),)](cameras, image, W, first, n, near, far, *altitude_range, corners, out,
-                                     PLACE=box_corners is not None, BLOCK=block, enable_fp_fusion=False)
+                                     CAMERA=CAMERA_FLOATS, PLACE=box_corners is not None, BLOCK=block,
+                                     enable_fp_fusion=False)
     return out

@@ -1,10 +1,11 @@
 """cuda_context: the primary context made early goes to the GPU the job will use (distributed's pick: the local
-rank modulo the GPUs visible), and nothing is made without a driver, a device or a valid rank. The driver is a fake
-that records the calls (the machines that run these tests have no GPU; tests/test_gpu.py's machine runs the
-real one through every partition command)."""
+rank modulo the GPUs visible), and nothing is made without a driver, a device, a CUDA build of torch or a valid
+rank. The driver is a fake that records the calls, and torch counts as a CUDA build; no test runs the real driver
+(its effect on a GPU is measured in bench/RESULTS.md, twenty-sixth session, call 9)."""
 from __future__ import annotations
 
 import ctypes
+import os
 from unittest import mock
 
 import pytest
@@ -42,8 +43,10 @@ def run_with(driver: FakeDriver | None, env: dict[str, str]) -> FakeDriver | Non
         if driver is None:
             raise OSError(f"{name}: cannot open shared object file")
         return driver
-    with mock.patch.dict("os.environ", env, clear=True), mock.patch.object(cuda_context.ctypes, "CDLL", load):
+    with mock.patch.dict("os.environ", env, clear=True), mock.patch.object(cuda_context.ctypes, "CDLL", load), \
+            mock.patch.object(cuda_context, "torch_has_cuda", return_value=True):
         thread = cuda_context.make_context_early()
+        assert thread is None or os.environ["CUDA_MODULE_LOADING"] == "LAZY"
     if thread is not None:
         thread.join(10)
     return thread
@@ -72,3 +75,16 @@ def test_nothing_is_made_without_a_driver_a_device_or_a_valid_rank() -> None:
     bad_rank = FakeDriver(2)
     assert run_with(bad_rank, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x"}) is None
     assert bad_rank.calls == []
+
+
+def test_a_cpu_build_of_torch_gets_no_context() -> None:
+    """Where torch has no CUDA library (a CPU wheel) the driver is never touched; this machine's torch says which
+    it is, and torch_has_cuda agrees with it."""
+    import torch
+
+    assert cuda_context.torch_has_cuda() == (torch.version.cuda is not None)
+    driver = FakeDriver(2)
+    with mock.patch.object(cuda_context.ctypes, "CDLL", lambda name: driver), \
+            mock.patch.object(cuda_context, "torch_has_cuda", return_value=False):
+        assert cuda_context.make_context_early() is None
+    assert driver.calls == []

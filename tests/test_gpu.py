@@ -141,7 +141,7 @@ def test_exact_membership_kernel_equals_its_reference_bit_for_bit(K, cluster_2d,
     on the GPU, for rays inside and outside the box, with and without a routed remainder, one-point segments and
     remainders, cell counts that are not powers of two (and 33, blocks of 64 cells), every axis contracted (no
     altitude slab), and 3D or horizontal distances."""
-    from mega_nerf.partition.cells import routed
+    from mega_nerf.partition.exact import routed
     from mega_nerf.partition.exact_kernel import exact_membership, exact_membership_reference
 
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -164,13 +164,17 @@ def test_exact_membership_kernel_equals_its_reference_bit_for_bit(K, cluster_2d,
 
 def _random_cameras(count: int, W: int, H: int) -> torch.Tensor:
     """(count, 16) camera rows (partition.pixels.camera_table) on the GPU: random rotations (looking down, sideways
-    and up) at random centres, some above the slab's top at x = -0.2 and some within it."""
+    and up) at random centres, some above the slab's top at x = -0.2 and some within it; the last one unrotated,
+    its principal point at the image's centre, so that with an odd width and height a row and a column of its
+    pixels have zero offsets (a -0.0 among them)."""
     g = torch.Generator().manual_seed(5)
     rot = torch.linalg.qr(torch.randn(count, 3, 3, generator=g)).Q
+    rot[-1] = torch.eye(3)
     centres = (torch.rand(count, 3, generator=g) - 0.5) * torch.tensor([1.0, 2.0, 2.0])
     intrinsics = torch.stack([torch.full((count,), 0.9 * W), torch.full((count,), 0.8 * W),
                               torch.full((count,), W / 2 + 0.3), torch.full((count,), H / 2 - 0.2)], -1)
     intrinsics = intrinsics * (1 + 0.5 * torch.rand(count, 4, generator=g))
+    intrinsics[-1, 2:] = torch.tensor([W / 2, H / 2])
     return torch.cat([torch.cat([rot, centres[..., None]], -1).reshape(count, 12), intrinsics], 1).cuda()
 
 
@@ -190,7 +194,7 @@ def test_pixel_rays_and_bounds_in_the_kernel_are_partition_pixels_bit_for_bit(wi
     cameras = _random_cameras(8, W, H)
     box = tuple(x.cuda() for x in PIXEL_BOX) if with_box else None
     corners = torch.cat(box[:2]) if with_box else None
-    routed = empty = False
+    routed = outside = empty = False
     for image, first, last in [(i, 0, W * H) for i in range(8)] + [(3, 1234, 56789), (5, 7, 8)]:
         origins, dirs = pixel_rays(cameras[image], W, first, last)
         near, split, far = ray_bounds(origins, dirs, 0.01, 40.0, (-0.2, 0.3), box)
@@ -198,7 +202,9 @@ def test_pixel_rays_and_bounds_in_the_kernel_are_partition_pixels_bit_for_bit(wi
         got = kernel_rays_bounds(cameras, image, W, first, last, 0.01, 40.0, (-0.2, 0.3), corners)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (image, (got != expected).sum(0))
         routed, empty = routed or bool((split < far).any()), empty or bool((near == far).any())
-    assert routed == with_box and empty  # rays beyond the box where there is one, and rays that miss the slab
+        outside = outside or bool(((split == near) & (near < far)).any())
+    # rays that leave the box before their far bound, rays that never enter it, rays that miss the slab
+    assert routed == with_box and outside == with_box and empty
 
 
 @pytest.mark.parametrize("K,cluster_2d,with_box", [(4, False, True), (9, True, True), (6, False, False),

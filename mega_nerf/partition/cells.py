@@ -27,9 +27,9 @@ from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.errors import UserError
 from mega_nerf.fields import kernels
 from mega_nerf.io import load_torch, save_torch_atomic
-from mega_nerf.partition.exact import DEFAULT_ARCS
+from mega_nerf.partition.exact import DEFAULT_ARCS, Box, routed
 from mega_nerf.partition.exact_kernel import exact_membership, exact_membership_reference, pixel_membership
-from mega_nerf.partition.pixels import Box, camera_table, pixel_rays, ray_bounds, routed
+from mega_nerf.partition.pixels import camera_table, piece_rays
 
 EXACT = 0  # `ray_samples` of the exact rule (partition.exact); a positive count is Mega-NeRF's sampled rule
 
@@ -191,7 +191,7 @@ def image_membership(images: list[ImageMetadata], params: PartitionParams, devic
     """(H, W, K) bool on the CPU per image: the cells each pixel's ray belongs to.
 
     Rays are made `ray_chunk` pixels at a time (row-major, partition.pixels), and several small images go into one
-    chunk: on a GPU the exact rule makes each image's rays, bounds and cells in one launch (exact_kernel's
+    chunk: on a GPU the exact rule makes each image piece's rays, bounds and cells in one launch (exact_kernel's
     pixel_membership) and copies a chunk back at once. Each ray is bounded to [near, far] and the altitude slab.
     With a foreground box (params.foreground()), the ray's part inside it is taken as it is and the part beyond
     routed where the container routes it (pulled in by the contraction: bounds.contracted_position).
@@ -212,13 +212,11 @@ def image_membership(images: list[ImageMetadata], params: PartitionParams, devic
     in_kernel = params.ray_samples == EXACT and kernels.available(cameras)
     out = [torch.empty(image.H * image.W, params.num_cells, dtype=torch.bool) for image in images]
     for pieces in _chunks(images, ray_chunk):
+        widths = [(i, images[i].W, first, last) for i, first, last in pieces]
         if in_kernel:
-            member = pixel_membership(cameras, [(i, images[i].W, first, last) for i, first, last in pieces],
-                                      *bounds, centroids, *rule, box)
+            member = pixel_membership(cameras, widths, *bounds, centroids, *rule, box)
         else:
-            rays = [pixel_rays(cameras[i], images[i].W, first, last) for i, first, last in pieces]
-            origins, dirs = torch.cat([o for o, _ in rays]), torch.cat([d for _, d in rays])
-            near, split, far = ray_bounds(origins, dirs, *bounds, box)
+            origins, dirs, near, split, far = piece_rays(cameras, widths, *bounds, box)
             if params.ray_samples == EXACT:
                 member = exact_ray_membership(origins, dirs, near, split, far, centroids, *rule, dist_chunk, box)
             else:

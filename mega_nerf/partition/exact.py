@@ -27,11 +27,20 @@ sampled rule (ray_membership), a hair off the exact ray, never fall outside. Eve
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
+from mega_nerf.bounds import contracted_position
+
 SLACK = 1e-5  # relative, on squared distances
 DEFAULT_ARCS = 32  # pieces of the contracted remainder of each ray
+Box = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # box_min, box_max (3,) and the contracted axes (3,) bool
+
+
+def routed(box: Box | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Where the container routes points, as a function of them: the contraction beyond `box`; None without."""
+    return None if box is None else partial(contracted_position, box_min=box[0], box_max=box[1], contracted=box[2])
 
 
 def _axes(cluster_2d: bool) -> range:

@@ -12,7 +12,9 @@ cells.exact_ray_membership combines them, and `pixel_membership_reference`, the 
 kernels repeat their arithmetic operation by operation (no fused multiply-adds, correctly rounded divisions and
 square roots, sums over axes in the same order, the box extent subtracted in float32 as contracted_position does),
 so each agrees with its reference bit for bit (tests/test_gpu.py), and a pixel's bits never depend on its batch or
-on the process count. One difference is left: Triton's minima and maxima pass over a
+on the process count. Triton's math library flushes subnormal float32 values to zero, which PyTorch does not; a
+partition's rays and bounds have none (their magnitudes are those of pixel offsets over focal lengths, unit
+directions and distances of at least 1e-12). One difference is left: Triton's minima and maxima pass over a
 NaN where torch's propagate it; partition rays have finite bounds (rays.near_far clamps them to the partition's
 near and far), so no NaN arises.
 """
@@ -22,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from mega_nerf.partition.exact import DEFAULT_ARCS, SLACK, arc_membership, segment_membership
-from mega_nerf.partition.pixels import Box, pixel_rays, ray_bounds, routed
+from mega_nerf.partition.exact import DEFAULT_ARCS, SLACK, Box, arc_membership, routed, segment_membership
+from mega_nerf.partition.pixels import CAMERA_FLOATS, Piece, piece_rays
 
 try:
     import triton
@@ -200,16 +202,17 @@ if triton is not None:
         return tl.minimum(t0, t1), tl.maximum(t0, t1)
 
     @triton.jit
-    def _pixel_rays_bounds(cam_ptr, image, W, first, ray, near, far, top, ground, box_ptr, PLACE: tl.constexpr,
-                           BLOCK: tl.constexpr):
+    def _pixel_rays_bounds(cam_ptr, image, W, first, ray, near, far, top, ground, box_ptr, CAMERA: tl.constexpr,
+                           PLACE: tl.constexpr, BLOCK: tl.constexpr):
         """partition.pixels, float32 operation by operation: the rays of one image's pixels first + ray (BLOCK,)
         (origin, direction) and their near, split and far bounds."""
         pix = first + ray
         row = pix // W
         col = pix - row * W
-        cam = cam_ptr + image * 16
+        cam = cam_ptr + image * CAMERA  # a row of pixels.camera_table
         x = tl.math.div_rn((col.to(tl.float32) + 0.5) - tl.load(cam + 14), tl.load(cam + 12))
-        y = -tl.math.div_rn((row.to(tl.float32) + 0.5) - tl.load(cam + 15), tl.load(cam + 13))
+        # times -1, not negated: Triton's negation is 0 - y, which turns torch's -0.0 into +0.0
+        y = tl.math.div_rn((row.to(tl.float32) + 0.5) - tl.load(cam + 15), tl.load(cam + 13)) * -1.0
         z = tl.full([BLOCK], -1.0, tl.float32)
         norm = tl.math.sqrt_rn(x * x + y * y + z * z)
         ux, uy, uz = tl.math.div_rn(x, norm), tl.math.div_rn(y, norm), tl.math.div_rn(z, norm)
@@ -239,13 +242,14 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["image", "W", "first", "n_rays", "at"])
     def _pixel_membership(cam_ptr, image, W, first, n_rays, at, near, far, top, ground, box_ptr, c_ptr, w_ptr,
-                          lo_ptr, ext_ptr, flag_ptr, out_ptr, scale_ptr, K: tl.constexpr, KP: tl.constexpr,
-                          FIRST_AXIS: tl.constexpr, PLACE: tl.constexpr, ARCS: tl.constexpr, BLOCK: tl.constexpr):
+                          lo_ptr, ext_ptr, flag_ptr, out_ptr, scale_ptr, CAMERA: tl.constexpr, K: tl.constexpr,
+                          KP: tl.constexpr, FIRST_AXIS: tl.constexpr, PLACE: tl.constexpr, ARCS: tl.constexpr,
+                          BLOCK: tl.constexpr):
         """The cells of one image's pixels first .. first + n_rays - 1, written from row `at` of the output."""
         ray = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = ray < n_rays
         ox, oy, oz, dx, dy, dz, near_t, split_t, far_t = _pixel_rays_bounds(
-            cam_ptr, image, W, first, ray, near, far, top, ground, box_ptr, PLACE, BLOCK)
+            cam_ptr, image, W, first, ray, near, far, top, ground, box_ptr, CAMERA, PLACE, BLOCK)
         member = _cells(ox, oy, oz, dx, dy, dz, near_t, split_t, far_t, c_ptr, w_ptr, lo_ptr, ext_ptr, flag_ptr,
                         scale_ptr, K, KP, FIRST_AXIS, PLACE, ARCS, BLOCK)
         k = tl.arange(0, KP)
@@ -277,7 +281,7 @@ def exact_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tens
                      far: torch.Tensor, centroids: torch.Tensor, margin: float, cluster_2d: bool,
                      box: Box | None) -> torch.Tensor:
     """`exact_membership_reference` on the GPU for float32 rays: origins, dirs (N, 3); near <= split <= far (N,);
-    centroids (K, 3); `box`: the box beyond which points are routed by the contraction (cells.routed), or None."""
+    centroids (K, 3); `box`: the box beyond which points are routed by the contraction (exact.routed), or None."""
     n, K = origins.shape[0], centroids.shape[0]
     out = torch.empty(n, K, dtype=torch.uint8, device=origins.device)
     if n == 0:
@@ -290,19 +294,13 @@ def exact_membership(origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tens
     return out.view(torch.bool)
 
 
-Piece = tuple[int, int, int, int]  # image (its row of the camera table), its width, first pixel, end pixel
-
-
 def pixel_membership_reference(cameras: torch.Tensor, pieces: list[Piece], near: float, far: float,
                                altitude_range: tuple[float, float], centroids: torch.Tensor, margin: float,
                                cluster_2d: bool, box: Box | None) -> torch.Tensor:
     """(N, K) bool for the pieces' pixels in order: partition.pixels' rays and bounds, then
     `exact_membership_reference` (cameras: pixels.camera_table)."""
-    rays = [pixel_rays(cameras[i], W, first, last) for i, W, first, last in pieces]
-    origins, dirs = torch.cat([o for o, _ in rays]), torch.cat([d for _, d in rays])
-    near_t, split, far_t = ray_bounds(origins, dirs, near, far, altitude_range, box)
-    return exact_membership_reference(origins, dirs, near_t, split, far_t, centroids, margin, cluster_2d,
-                                      routed(box))
+    rays = piece_rays(cameras, pieces, near, far, altitude_range, box)
+    return exact_membership_reference(*rays, centroids, margin, cluster_2d, routed(box))
 
 
 def pixel_membership(cameras: torch.Tensor, pieces: list[Piece], near: float, far: float,
@@ -322,6 +320,6 @@ def pixel_membership(cameras: torch.Tensor, pieces: list[Piece], near: float, fa
         n = last - first
         _pixel_membership[(triton.cdiv(n, meta["BLOCK"]),)](
             cameras, image, W, first, n, at, near, far, top, ground, corners, c, w, lo, ext, flags, out, scale,
-            **meta, enable_fp_fusion=False)
+            CAMERA=CAMERA_FLOATS, **meta, enable_fp_fusion=False)
         at += n
     return out.view(torch.bool)

@@ -2,23 +2,24 @@
 
 Every operation here is elementwise in float32: a pixel's ray never depends on the batch it comes in (a batched
 matrix product, as in rays.rays_from_pixels, may choose its arithmetic by batch size), and the exact rule's GPU
-kernel (partition.exact_kernel) repeats each operation bit for bit. The rays equal the trainer's
-(rays.rays_from_pixels) up to rounding, which the exact rule's slack (partition.exact.SLACK) covers.
+kernel (partition.exact_kernel) repeats each operation bit for bit. Both rules test these rays, so the exact masks
+still hold the sampled ones; they equal the trainer's (rays.rays_from_pixels) up to rounding (directions within
+1e-6: tests/test_partition.py).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 
 import torch
 
-from mega_nerf.bounds import box_exit, contracted_position
+from mega_nerf.bounds import box_exit
 from mega_nerf.data.dataset import ImageMetadata
+from mega_nerf.partition.exact import Box
 from mega_nerf.rays import near_far
 
 # A camera as one row of floats: c2w (3, 4) row-major, then fx, fy, cx, cy
 CAMERA_FLOATS = 16
-Box = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # box_min, box_max (3,) and the contracted axes (3,) bool
+Piece = tuple[int, int, int, int]  # an image's row of the camera table, its width, first pixel, end pixel
 
 
 def camera_table(images: Sequence[ImageMetadata], device: torch.device) -> torch.Tensor:
@@ -54,6 +55,10 @@ def ray_bounds(origins: torch.Tensor, dirs: torch.Tensor, near: float, far: floa
     return near_t, torch.minimum(far_t, box_exit(origins, dirs, box[0], box[1])).clamp_min(near_t), far_t
 
 
-def routed(box: Box | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Where the container routes points, as a function of them: the contraction beyond `box`; None without."""
-    return None if box is None else partial(contracted_position, box_min=box[0], box_max=box[1], contracted=box[2])
+
+def piece_rays(cameras: torch.Tensor, pieces: list[Piece], near: float, far: float,
+               altitude_range: tuple[float, float], box: Box | None) -> tuple[torch.Tensor, ...]:
+    """origins, dirs (N, 3) and near, split, far (N,) of the pieces' pixels in order (cameras: camera_table)."""
+    rays = [pixel_rays(cameras[i], W, first, last) for i, W, first, last in pieces]
+    origins, dirs = torch.cat([o for o, _ in rays]), torch.cat([d for _, d in rays])
+    return origins, dirs, *ray_bounds(origins, dirs, near, far, altitude_range, box)
