@@ -7,6 +7,7 @@ import contextlib
 import errno
 import importlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -47,7 +48,8 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
     """Run a command's entry point and end its process (`end_process`): exit code 0; 2 with `error: <message>`
     on stderr for a `UserError`, or for an OSError of the machine's (MACHINE_ERRNOS: a full disk, a read-only
     file system; FILE_ERRNOS where the OS names the file), with its file where the OS names it; 130 with one line
-    for Ctrl-C. Anything else (a traceback, argparse's exit) leaves as Python has it."""
+    for Ctrl-C; 141, silently, when stdout's reader has gone (a SIGPIPE's code). Anything else (a traceback,
+    argparse's exit) leaves as Python has it."""
     try:
         main()
     except UserError as e:
@@ -55,6 +57,13 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
         # two ranks' lines could interleave on a shared console.
         sys.stderr.write(f"error: {e}\n")
         end_process(2)
+    except BrokenPipeError:  # before OSError, of which it is one
+        if not _stdout_reader_gone():
+            raise
+        # End as a process killed by SIGPIPE would, without a traceback, with stdout on /dev/null so that the
+        # final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        end_process(128 + signal.SIGPIPE)
     except OSError as e:
         if not (e.errno in MACHINE_ERRNOS or (e.errno in FILE_ERRNOS and e.filename is not None)):
             raise
@@ -68,6 +77,17 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
         sys.stderr.write("error: interrupted\n")
         end_process(130)
     end_process(0)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has left (`| head`; the broken pipe may instead be one the command
+    writes to itself): the pipe's write end then polls as an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll on this system, no stdout, a closed one
+        return False
 
 
 def run_command(module: str, function: str = "main", cuda_context: bool = False) -> NoReturn:

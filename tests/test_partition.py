@@ -293,6 +293,7 @@ def test_tiny_city_report(partitioned: Path) -> None:
     assert 1 < report["overlap_factor"] < 2
     assert sum(report["rays_per_cell"]) == pytest.approx(report["overlap_factor"] * report["rays"])
     assert (partitioned / "partition.png").stat().st_size > 1000
+    assert report["dataset"] == str(Path(report["dataset"]).resolve())  # absolute, however it was given
 
 
 def test_a_partition_whose_rays_lie_in_most_cells_says_so(street_city: Path, tmp_path: Path,
@@ -310,6 +311,7 @@ def test_a_partition_whose_rays_lie_in_most_cells_says_so(street_city: Path, tmp
     assert overlap_note(1.72, 2).startswith("note: a ray lies in 1.7 of the 2 cells on average, so the mean cell "
                                             "trains on 86%")
     assert overlap_note(10.8, 16).startswith("note: a ray lies in 10.8 of the 16 cells")
+    assert overlap_note(4.0, 4).startswith("note: every ray lies in all 4 cells: is --ray_altitude_range right?")
 
 
 # ---- files ---------------------------------------------------------------------------------------------
@@ -619,6 +621,62 @@ def test_a_grid_too_large_for_memory_is_refused_before_anything_is_written(tiny_
     line = capsys.readouterr().err.strip().splitlines()[-1]
     needed = float(re.search(r"need about ([\d,.]+) GB of memory", line)[1].replace(",", ""))
     assert one_tensor < needed < 8 * one_tensor and line.endswith("16.0 GB free; choose a smaller grid")
+
+
+def test_resume_without_params_refuses_the_masks_there(partitioned: Path, tiny_city: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """params.pt is written before any mask: masks without it are of unknown settings, and resuming over them
+    (with another grid, another margin) would have kept them as this run's."""
+    output = tmp_path / "masks"
+    shutil.copytree(partitioned, output)
+    (output / "params.pt").unlink()
+    expect_error(capsys, base_args(tiny_city, output, "--resume", "--boundary_margin", 1.0),
+                 "holds masks but no params.pt")
+
+
+def test_resume_names_the_settings_that_differ(partitioned: Path, tiny_city: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    output = tmp_path / "masks"
+    shutil.copytree(partitioned, output)
+    expect_error(capsys, base_args(tiny_city, output, "--resume", "--boundary_margin", 1.3),
+                 "made with other settings (boundary_margin 1.15 there, 1.3 now)")
+
+
+def test_resume_writes_damaged_masks_again_and_clears_old_temp_files(partitioned: Path, tiny_city: Path,
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A mask emptied or with a damaged body behind a good header (damaged outside our writes) is computed again
+    with a note, not an error that every rerun repeats; temp files of a dead run beside params.pt go; the result
+    is the uninterrupted run's, byte for byte."""
+    output = tmp_path / "masks"
+    shutil.copytree(partitioned, output)
+    images = load_dataset(tiny_city).images
+    (output / "1" / f"{images[3].name}.mask").write_bytes(b"")
+    damaged = output / "2" / f"{images[7].name}.mask"
+    damaged.write_bytes(damaged.read_bytes()[:20] + b"\x00" * 10)
+    stale = output / "partition.json.999999999.tmp"
+    stale.write_text("{")
+    run_script(*base_args(tiny_city, output, "--resume", "--no_progress"))
+    out = capsys.readouterr().out
+    assert "resuming, 38 of 40 images already have their masks" in out
+    assert re.search(r"note: 2 masks unreadable \(e\.g\. .*\.mask\): their images are computed again", out)
+    assert not stale.exists() and tree_bytes(output) == tree_bytes(partitioned)
+
+
+def test_an_empty_output_folder_made_beforehand_is_used(partitioned: Path, tiny_city: Path, tmp_path: Path) -> None:
+    output = tmp_path / "masks"
+    output.mkdir()
+    run_script(*base_args(tiny_city, output, "--no_progress"))
+    assert tree_bytes(output) == tree_bytes(partitioned)
+
+
+def test_cameras_below_the_slab_are_named(tiny_city: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A --ray_altitude_range whose ground lies above the cameras (real-world down-coordinates: smaller is higher)
+    is warned about before any work, and its partition, every ray in every cell, asks about the slab."""
+    run_script(*base_args(tiny_city, tmp_path / "m", "--ray_altitude_range", -2000, -1000, "--no_progress"))
+    captured = capsys.readouterr()
+    assert "warning: 40 of 40 cameras lie below the ground of --ray_altitude_range" in captured.err
+    assert "note: every ray lies in all 4 cells: is --ray_altitude_range right?" in captured.out
 
 
 def test_resume_refuses_masks_of_another_dataset(partitioned: Path, tiny_city: Path, tmp_path: Path,

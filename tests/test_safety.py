@@ -548,6 +548,26 @@ def test_ctrl_c_while_a_command_imports_is_one_line(tmp_path: Path, ignored: boo
         assert (result.returncode, result.stdout, result.stderr) == (130, "", "error: interrupted\n"), result
 
 
+@pytest.mark.parametrize("stdout_gone", [True, False])
+def test_output_piped_to_a_reader_that_leaves_ends_quietly(tmp_path: Path, stdout_gone: bool) -> None:
+    """`command | head -1`: once the reader of stdout has gone, the command ends as SIGPIPE would end it (141), with
+    no traceback; a broken pipe of the command's own (stdout still read) is not hidden."""
+    chatty = "def main():\n    for i in range(100_000):\n        print('line', i, 'of a long report')\n"
+    own_pipe = "def main():\n    print('ran')\n    raise BrokenPipeError(32, 'a pipe of its own')\n"
+    (tmp_path / "piped_command.py").write_text(chatty if stdout_gone else own_pipe)
+    code = "from mega_nerf.errors import run_command\nrun_command('piped_command')\n"
+    process = subprocess.Popen([sys.executable, "-c", code], env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    if stdout_gone:
+        process.stdout.close()  # as head does after its line
+    _, stderr = process.communicate(timeout=120)
+    if stdout_gone:
+        assert (first, process.returncode, stderr) == ("line 0 of a long report\n", 141, "")
+    else:
+        assert (first, process.returncode) == ("ran\n", 1) and "BrokenPipeError: [Errno 32] a pipe of its own" in stderr
+
+
 def test_run_command_gives_python_its_handler_back_however_the_imports_end(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The command runs under Python's own Ctrl-C handler (stop_on_interrupt records it to restore), and a failed

@@ -57,6 +57,17 @@ def work_warning(dataset: Dataset, grid_dim: tuple[int, int], ray_samples: int |
             "a smaller grid is usually what such a scene needs")
 
 
+def slab_warning(dataset: Dataset, altitude: tuple[float, float]) -> str | None:
+    """A warning when cameras lie below the slab's ground (a larger down-coordinate): their rays start under the
+    slab, and the partition puts them in every cell they cross on their way up (a wrong --ray_altitude_range or up
+    axis; scripts/preview_dataset.py warns the same)."""
+    below = sum(float(m.c2w[0, 3]) > altitude[1] for m in dataset.images)
+    if not below:
+        return None
+    return (f"warning: {below} of {len(dataset.images)} cameras lie below the ground of --ray_altitude_range: the "
+            "range or the up axis is probably wrong (scripts/preview_dataset.py draws them)")
+
+
 def mask_job(args: configargparse.Namespace) -> MaskJob:
     """Check the options and the dataset, and compute the partition (one-line UserErrors)."""
     grid_dim = parse_grid_dim(args.grid_dim)
@@ -75,6 +86,9 @@ def mask_job(args: configargparse.Namespace) -> MaskJob:
     if warning:
         print(warning, file=sys.stderr)
     bounds = scene_bounds(args, dataset.coordinates)
+    warning = slab_warning(dataset, bounds.altitude)
+    if warning:
+        print(warning, file=sys.stderr)
     params = make_params(dataset, grid_dim, bounds.near, bounds.far, bounds.altitude, args.boundary_margin,
                          args.cluster_2d, args.ray_samples or EXACT, args.foreground_scale)
     return MaskJob(dataset, params, Path(args.output), args.resume, args.ray_chunk, args.dist_chunk,

@@ -21,7 +21,7 @@ from mega_nerf.data.dataset import Dataset, ImageMetadata
 from mega_nerf.distributed import DistInfo, barrier, check_failures, distributed_job, gather_objects, shard
 from mega_nerf.errors import UserError
 from mega_nerf.fields import kernels
-from mega_nerf.io import memory_shortfall, write_bgr, write_json
+from mega_nerf.io import memory_shortfall, remove_temp_files, write_bgr, write_json
 from mega_nerf.ordered import OrderedQueue
 from mega_nerf.partition.cells import (
     EXACT,
@@ -34,11 +34,12 @@ from mega_nerf.partition.cells import (
     membership_bytes,
 )
 from mega_nerf.partition.maskfile import (
+    MEGA_NERF_SUFFIX,
     SUFFIX,
     find_mask,
     load_mask,
-    mask_shape,
     missing_masks,
+    read_mask,
     remove_stale_temp_files,
     sync_mask_folders,
     write_mask,
@@ -81,7 +82,12 @@ def create_cluster_masks(job: MaskJob, on_image: ImageHook | None = None, clock:
             kernels.prepare_in_background()  # the exact rule's kernel: Triton's one-time work overlaps the output's
         _prepare_output(job, info)
         clock.mark("ranks and output")
-        done = [m for m in job.dataset.images if job.resume and _complete(job, m)]
+        damaged: list[Path] = []
+        done = [m for m in job.dataset.images if job.resume and _complete(job, m, damaged)]
+        if job.resume and info.is_main:
+            print(f"{job.output}: resuming, {len(done)} of {len(job.dataset.images)} images already have their masks")
+        if damaged and info.is_main:
+            print(f"note: {len(damaged)} masks unreadable (e.g. {damaged[0]}): their images are computed again")
         done_names = {m.name for m in done}
         todo = [m for m in job.dataset.images if m.name not in done_names]
         barrier(info)  # every rank has listed what is done before any rank writes
@@ -113,27 +119,42 @@ def _prepare_output(job: MaskJob, info: DistInfo) -> None:
     """Refuse an existing output (unless resuming one made with the same settings); rank 0 makes the cell
     folders and writes params.pt while the others wait."""
     params_file = job.output / "params.pt"
-    if job.output.exists() and not job.resume:
-        raise UserError(f"{job.output}: already exists (pass --resume to finish it, or choose another "
-                        "--output)")
     if job.output.exists() and not job.output.is_dir():
         raise UserError(f"{job.output}: exists and is not a directory")
+    if job.output.exists() and not job.resume and any(job.output.iterdir()):
+        raise UserError(f"{job.output}: already exists (pass --resume to finish it, or choose another "
+                        "--output)")
     if job.resume and params_file.is_file():
         old = load_params(params_file)
         old.check_dataset(job.dataset, params_file)
         changed = old.differences(job.params)
         if changed:
-            raise UserError(f"{params_file}: made with other settings ({', '.join(changed)}); "
-                            "choose another --output")
+            raise UserError(f"{params_file}: made with other settings ("
+                            + ", ".join(_setting(name, old, job.params) for name in changed)
+                            + "); choose another --output")
+    elif job.resume and job.output.is_dir() and any(any(job.output.glob(f"[0-9]*/*{suffix}"))
+                                                    for suffix in (SUFFIX, MEGA_NERF_SUFFIX)):
+        # params.pt is written before any mask: these masks' settings are unknown, and would be kept as this run's
+        raise UserError(f"{job.output}: holds masks but no params.pt, so their settings are unknown; choose another "
+                        "--output (or delete this folder)")
     check_memory(job, info.device)
     barrier(info)  # every rank has looked before rank 0 creates anything
     if info.is_main:
+        remove_temp_files(job.output)  # params.pt's or the report's, of a killed run
         for k in range(job.params.num_cells):
             (job.output / str(k)).mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(job.output / str(k))
         if not params_file.is_file():
             job.params.save(params_file)
     barrier(info)
+
+
+def _setting(name: str, old: PartitionParams, new: PartitionParams) -> str:
+    """One differing setting in words: its value there and now (tensors by name only)."""
+    there, here = getattr(old, name), getattr(new, name)
+    if isinstance(there, torch.Tensor) or isinstance(here, torch.Tensor):
+        return name
+    return f"{name} {there} there, {here} now"
 
 
 def check_memory(job: MaskJob, device: torch.device) -> None:
@@ -151,13 +172,20 @@ def check_memory(job: MaskJob, device: torch.device) -> None:
                         f"for one image's masks, {free / 1e9:,.1f} GB free; choose a smaller grid")
 
 
-def _complete(job: MaskJob, image: ImageMetadata) -> bool:
-    """Whether an earlier run wrote every cell's mask of `image` (UserError if one has another size)."""
+def _complete(job: MaskJob, image: ImageMetadata, damaged: list[Path]) -> bool:
+    """Whether an earlier run wrote every cell's mask of `image`, each readable whole (UserError if one has another
+    size: masks of another dataset or scale). An unreadable one (damaged outside our writes, which fsync each mask
+    before it appears) is added to `damaged` and its image counts as not done, so that it is written again."""
     for k in range(job.params.num_cells):
         path = find_mask(job.output / str(k), image.name)
         if path is None:
             return False
-        if mask_shape(path) != (image.H, image.W):
+        try:
+            mask = read_mask(path)
+        except UserError:
+            damaged.append(path)
+            return False
+        if tuple(mask.shape) != (image.H, image.W):
             load_mask(path.parent, image.name, image.H, image.W)  # raises the one-line size error
     return True
 
@@ -194,9 +222,12 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
         counts += future.result()
         waited += time.perf_counter() - start
         written += 1
+        bar.update()
         if on_image is not None:
             on_image(written)
-    bar = tqdm(total=len(images), desc="cluster masks", unit="image", disable=not (info.is_main and job.progress))
+    share = " (rank 0's share)" if info.world_size > 1 else ""
+    bar = tqdm(total=len(images), desc=f"cluster masks{share}", unit="image",
+               disable=not (info.is_main and job.progress))
     with bar, ThreadPoolExecutor(WRITERS) as pool, OrderedQueue(WRITE_QUEUE) as queue:
         for group in _groups(images, ray_chunk):
             check_failures(info)  # another rank's error ends this one too
@@ -213,7 +244,6 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
                 rays += image.H * image.W
                 for future in queue.due():
                     finish(future)
-            bar.update(len(group))
         for future in queue.drain():
             finish(future)
     return counts, rays, membership, waited
@@ -237,7 +267,7 @@ def write_report(job: MaskJob, counts: list[int], rays: int) -> dict:
     """Save `partition.json` (rays per cell, overlap factor = assigned rays / rays, empty cells) and
     `partition.png`, print a summary, and return the report."""
     p = job.params
-    report = {"dataset": str(job.dataset.path), "images": len(job.dataset.images), "rays": rays,
+    report = {"dataset": str(Path(job.dataset.path).resolve()), "images": len(job.dataset.images), "rays": rays,
               "grid_dim": list(p.grid_dim), "boundary_margin": p.boundary_margin,
               "ray_samples": p.ray_samples, "cluster_2d": p.cluster_2d, "rays_per_cell": counts,
               "overlap_factor": sum(counts) / max(rays, 1),
@@ -259,9 +289,12 @@ def write_report(job: MaskJob, counts: list[int], rays: int) -> dict:
 def overlap_note(overlap: float, cells: int) -> str | None:
     """A line for a partition whose rays lie, besides their own cell, in more than half of the others on average
     (street-level views: 3.0 of 4 cells, 10.8 of 16; aerial ones 1.5-1.7 of 4, bench/RESULTS.md): each cell then
-    trains on most of the scene's rays."""
+    trains on most of the scene's rays. Every ray in every cell asks about the altitude slab instead."""
     if cells < 2 or overlap - 1 <= (cells - 1) / 2:
         return None
+    if overlap > cells - 1e-9:  # every ray in every cell: what a slab below the cameras gives
+        return (f"note: every ray lies in all {cells} cells: is --ray_altitude_range right? (a slab below the "
+                "cameras or far from the scene does this; scripts/preview_dataset.py draws it)")
     return (f"note: a ray lies in {overlap:.1f} of the {cells} cells on average, so the mean cell trains on "
             f"{overlap / cells:.0%} of the scene's rays (views that see across the scene do this, street-level ones "
             "most: see the README's 'Street-level captures')")
