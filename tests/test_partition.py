@@ -645,21 +645,31 @@ def test_resume_names_the_settings_that_differ(partitioned: Path, tiny_city: Pat
 def test_resume_writes_damaged_masks_again_and_clears_old_temp_files(partitioned: Path, tiny_city: Path,
                                                                      tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
-    """A mask emptied or with a damaged body behind a good header (damaged outside our writes) is computed again
-    with a note, not an error that every rerun repeats; temp files of a dead run beside params.pt go; the result
-    is the uninterrupted run's, byte for byte."""
+    """A mask emptied or with a bad header (damaged outside our writes) is computed again with a note, not an error
+    that every rerun repeats; one with a damaged body behind a good header (found when the done masks are counted)
+    is one line saying to delete it; temp files of a dead run beside params.pt go; the result is the uninterrupted
+    run's, byte for byte."""
     output = tmp_path / "masks"
     shutil.copytree(partitioned, output)
     images = load_dataset(tiny_city).images
     (output / "1" / f"{images[3].name}.mask").write_bytes(b"")
+    (output / "3" / f"{images[5].name}.mask").write_bytes(b"not a mask at all, longer than a header")
     damaged = output / "2" / f"{images[7].name}.mask"
     damaged.write_bytes(damaged.read_bytes()[:20] + b"\x00" * 10)
     stale = output / "partition.json.999999999.tmp"
     stale.write_text("{")
+    with pytest.raises(SystemExit):
+        run_script(*base_args(tiny_city, output, "--resume", "--no_progress"))
+    captured = capsys.readouterr()
+    assert "resuming, 38 of 40 images already have their masks" in captured.out  # the body's damage: not yet seen
+    assert re.search(r"note: 2 masks unreadable \(e\.g\. .*\.mask\): their images are computed again",
+                     captured.out)
+    last = captured.err.splitlines()[-1]
+    assert last.startswith(f"error: {damaged}: unreadable mask (error: ") and last.endswith(
+        "; delete it and run again with --resume"), captured.err
+    damaged.unlink()
     run_script(*base_args(tiny_city, output, "--resume", "--no_progress"))
-    out = capsys.readouterr().out
-    assert "resuming, 38 of 40 images already have their masks" in out
-    assert re.search(r"note: 2 masks unreadable \(e\.g\. .*\.mask\): their images are computed again", out)
+    assert "resuming, 39 of 40 images already have their masks" in capsys.readouterr().out
     assert not stale.exists() and tree_bytes(output) == tree_bytes(partitioned)
 
 

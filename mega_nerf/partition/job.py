@@ -38,8 +38,8 @@ from mega_nerf.partition.maskfile import (
     SUFFIX,
     find_mask,
     load_mask,
+    mask_shape,
     missing_masks,
-    read_mask,
     remove_stale_temp_files,
     sync_mask_folders,
     write_mask,
@@ -173,27 +173,32 @@ def check_memory(job: MaskJob, device: torch.device) -> None:
 
 
 def _complete(job: MaskJob, image: ImageMetadata, damaged: list[Path]) -> bool:
-    """Whether an earlier run wrote every cell's mask of `image`, each readable whole (UserError if one has another
-    size: masks of another dataset or scale). An unreadable one (damaged outside our writes, which fsync each mask
-    before it appears) is added to `damaged` and its image counts as not done, so that it is written again."""
+    """Whether an earlier run wrote every cell's mask of `image` (UserError if one has another size: masks of
+    another dataset or scale). Only our masks' headers are read (every rank lists every image, and a city's masks
+    are hundreds of thousands of files): one whose header does not read (emptied, damaged outside our writes, which
+    fsync each mask before it appears) is added to `damaged` and its image counts as not done, so that it is
+    written again; a damaged body is found when the done images' masks are counted (_read_masks)."""
     for k in range(job.params.num_cells):
         path = find_mask(job.output / str(k), image.name)
         if path is None:
             return False
         try:
-            mask = read_mask(path)
+            shape = mask_shape(path)
         except UserError:
             damaged.append(path)
             return False
-        if tuple(mask.shape) != (image.H, image.W):
+        if shape != (image.H, image.W):
             load_mask(path.parent, image.name, image.H, image.W)  # raises the one-line size error
     return True
 
 
 def _read_masks(job: MaskJob, image: ImageMetadata) -> torch.Tensor:
-    """(H, W, K) bool: an image's masks as written."""
-    return torch.stack([load_mask(job.output / str(k), image.name, image.H, image.W)
-                        for k in range(job.params.num_cells)], -1)
+    """(H, W, K) bool: an image's masks as written; a damaged one is a UserError saying how to redo it."""
+    try:
+        return torch.stack([load_mask(job.output / str(k), image.name, image.H, image.W)
+                            for k in range(job.params.num_cells)], -1)
+    except UserError as e:
+        raise UserError(f"{e}; delete it and run again with --resume") from None
 
 
 def _write_image_masks(job: MaskJob, image: ImageMetadata, member: torch.Tensor) -> torch.Tensor:
