@@ -261,10 +261,18 @@ def claim(info: DistInfo, queue: str) -> int:
 
 @contextmanager
 def distributed_job(timeout_minutes: float) -> Iterator[DistInfo]:
-    """The job's DistInfo; an exception leaving the block is posted for the other ranks, then raised."""
+    """The job's DistInfo; an exception leaving the block is posted for the other ranks, then raised. Losing the
+    launcher's store (it was killed, or the host that held it went down) is one PeerFailure line, not the C++
+    traceback of a failed receive on every rank."""
     info = init_distributed(timeout_minutes)
     try:
         yield info
+    except (dist.DistNetworkError, dist.DistStoreError) as e:
+        if info.store is None:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PeerFailure(f"rank {info.rank} lost the job's store ({type(e).__name__}: {first}): its launcher, or "
+                          "the host that held it, has ended") from None
     except BaseException as e:
         post_failure(info, e)
         raise

@@ -177,6 +177,28 @@ def test_a_patient_wait_names_a_rank_whose_heartbeat_stops(tmp_path: Path,
     assert result.seconds < 30
 
 
+@pytest.mark.parametrize("lost", ["DistNetworkError", "DistStoreError"])
+def test_a_lost_store_is_one_line(monkeypatch: pytest.MonkeyPatch, lost: str) -> None:
+    """A rank whose launcher's store went away (torchrun killed with SIGKILL: every rank's next receive fails)
+    ends with one PeerFailure line naming itself, not a C++ traceback; without a store the error is as it was."""
+    import torch.distributed as dist
+
+    from mega_nerf import distributed
+    from mega_nerf.distributed import PeerFailure, distributed_job
+
+    error = getattr(dist, lost)("Failed to recv, got 0 bytes. Connection was likely closed.\nException raised from "
+                                "recvBytes at torch/csrc/distributed/c10d/Utils.hpp:679 (most recent call first):")
+    launched = DistInfo(1, 2, 1, torch.device("cpu"), store=object())
+    monkeypatch.setattr(distributed, "init_distributed", lambda timeout: launched)
+    with pytest.raises(PeerFailure) as ended, distributed_job(1):
+        raise error
+    assert str(ended.value) == (f"rank 1 lost the job's store ({lost}: Failed to recv, got 0 bytes. Connection was "
+                                "likely closed.): its launcher, or the host that held it, has ended")
+    monkeypatch.setattr(distributed, "init_distributed", lambda timeout: DistInfo(0, 1, 0, torch.device("cpu")))
+    with pytest.raises(type(error)), distributed_job(1):
+        raise error
+
+
 def test_single_host_is_every_rank_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """Alone, or torchrun's local world is the whole world; not when ranks run on other machines too."""
     cpu = torch.device("cpu")
