@@ -132,8 +132,8 @@ def _prepare_output(job: MaskJob, info: DistInfo) -> None:
             raise UserError(f"{params_file}: made with other settings ("
                             + ", ".join(_setting(name, old, job.params) for name in changed)
                             + "); choose another --output")
-    elif job.resume and job.output.is_dir() and any(any(job.output.glob(f"[0-9]*/*{suffix}"))
-                                                    for suffix in (SUFFIX, MEGA_NERF_SUFFIX)):
+    elif job.resume and job.output.is_dir() and any(path.suffix in (SUFFIX, MEGA_NERF_SUFFIX)
+                                                    for path in job.output.glob("[0-9]*/*")):
         # params.pt is written before any mask: these masks' settings are unknown, and would be kept as this run's
         raise UserError(f"{job.output}: holds masks but no params.pt, so their settings are unknown; choose another "
                         "--output (or delete this folder)")
