@@ -2,6 +2,8 @@
 gradients, the box, the occupancy grid, and the switch that turns the Triton kernels off."""
 import importlib
 import math
+import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -270,6 +272,7 @@ def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> 
         monkeypatch.setitem(sys.modules, name, ModuleType(name))
     monkeypatch.setitem(sys.modules, "triton.runtime.cache", cache)
     monkeypatch.setitem(sys.modules, "triton.experimental.gluon", None)  # never the real one, where installed
+    monkeypatch.setattr(kernels, "triton", None)  # nor a key kept for the real one
     monkeypatch.setattr(kernels, "ENABLED", False)
     assert kernels.prepare_in_background() is None and calls == []
     monkeypatch.setattr(kernels, "ENABLED", True)
@@ -292,6 +295,68 @@ def test_triton_preparation_runs_once_on_a_thread_or_not_at_all(monkeypatch) -> 
     assert not thread.is_alive() and calls == ["triton-prepare", "older"]
     monkeypatch.setitem(sys.modules, "triton.compiler.compiler", None)  # neither place has it
     assert kernels.prepare_in_background() is None
+
+
+def test_triton_key_is_kept_under_the_installation_fingerprint(monkeypatch, tmp_path) -> None:
+    """The first process hashes Triton's installation on the thread and keeps the hash; the next is handed the
+    kept hash before any launch (in every module that holds Triton's key function) and hashes nothing; an edited
+    installation file, same size or not, is hashed again; a damaged kept key or an unwritable folder costs only
+    the hash. A stand-in package plays Triton: its key hashes its one library file."""
+    import hashlib
+    import sys
+    from types import ModuleType
+
+    package = tmp_path / "site" / "triton"
+    (package / "_C").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    library = package / "_C" / "libtriton.so"
+    library.write_bytes(b"a" * 100)
+    stand_in = ModuleType("triton")
+    stand_in.__file__, stand_in.__version__ = str(package / "__init__.py"), "3.6.0"
+    hashed: list[str] = []
+
+    def triton_key() -> str:
+        hashed.append(hashlib.sha256(library.read_bytes()).hexdigest())
+        return hashed[-1]
+    cache, autotuner = ModuleType("triton.runtime.cache"), ModuleType("triton.runtime.autotuner")
+    for name, module in (("triton", stand_in), ("triton.runtime", ModuleType("triton.runtime")),
+                         ("triton.runtime.cache", cache), ("triton.runtime.autotuner", autotuner),
+                         ("triton.experimental.gluon", None)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(kernels, "triton", stand_in)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    folder = tmp_path / "keys"
+
+    def new_process() -> None:
+        cache.triton_key = autotuner.triton_key = triton_key  # Triton's own function, as a fresh import has it
+        kernels.prepare_in_background(folder).join(5)
+
+    new_process()
+    first = hashlib.sha256(b"a" * 100).hexdigest()
+    assert hashed == [first] and [p.read_text() for p in folder.iterdir()] == [first]
+    assert cache.triton_key is triton_key  # the first process keeps Triton's own (memoised by Triton)
+    new_process()
+    assert hashed == [first]  # handed over, not hashed
+    assert cache.triton_key() == autotuner.triton_key() == first and hashed == [first]
+    before = library.stat()
+    library.write_bytes(b"b" * 100)  # same size, new bytes: a new modification time
+    os.utime(library, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
+    new_process()
+    second = hashlib.sha256(b"b" * 100).hexdigest()
+    assert hashed == [first, second] and sorted(p.read_text() for p in folder.iterdir()) == sorted([first, second])
+    new_process()
+    assert hashed == [first, second] and cache.triton_key() == second
+    for kept in folder.iterdir():
+        kept.write_text("")  # damaged: hashed and kept again
+    new_process()
+    assert hashed == [first, second, second] and cache.triton_key is triton_key
+    new_process()
+    assert len(hashed) == 3
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")  # nothing can be kept: each process hashes, quietly
+    new_process()
+    new_process()
+    assert len(hashed) == 5 and folder.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("contracted", [(False, False, False), (False, True, True)])

@@ -9,8 +9,11 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
+
+from mega_nerf.fields.kernels import installation_key
 
 try:
     import triton
@@ -41,13 +44,17 @@ def references_only() -> Iterator[None]:
         _this_thread.references = before
 
 
-def prepare_in_background() -> threading.Thread | None:
+def prepare_in_background(folder: Path | None = None) -> threading.Thread | None:
     """Start, on a daemon thread, the one-time work that Triton does at a process's first kernel launch whatever
     the kernel: hashing its own installation into its cache key (memoised per process) and importing the compiler
     modules that specialisation asks for. With warm caches these were 0.36 s and 0.11 s of a 1.5 s first training
     step on an H200 machine (bench/RESULTS.md, twelfth session); begun before the dataset and the model are set
-    up, they overlap that work (the hashing and its file reads release the GIL; the imports hold it). None where
-    the kernels are off or Triton is absent or lacks that key."""
+    up, they overlap that work (the hashing and its file reads release the GIL; the imports hold it).
+
+    The hash is kept on disk under a fingerprint of the installation (`installation_key`, in `folder`, by default
+    the user's cache): where a kept one matches, Triton is handed it here, before any launch, and the thread only
+    imports; else the thread hashes and keeps the hash for the next process. None where the kernels are off or
+    Triton is absent or lacks that key."""
     if not ENABLED:
         return None
     try:
@@ -57,13 +64,23 @@ def prepare_in_background() -> threading.Thread | None:
             from triton.compiler.compiler import triton_key
         except ImportError:
             return None
-    thread = threading.Thread(target=_prepare, args=(triton_key,), name="triton-prepare", daemon=True)
+    path = installation_key.key_path(installation_key.default_folder() if folder is None else folder, triton)
+    key = None if path is None else installation_key.kept_key(path)
+    if key is not None:
+        installation_key.hand_over(triton_key, key)
+    thread = threading.Thread(target=_prepare, args=(None if key else triton_key, path), name="triton-prepare",
+                              daemon=True)
     thread.start()
     return thread
 
 
-def _prepare(triton_key: Callable[[], str]) -> None:
-    """Only a head start: any failure here is left for the first kernel launch to meet and report."""
+def _prepare(triton_key: Callable[[], str] | None, path: Path | None) -> None:
+    """Hash Triton's installation unless its key was handed over (`triton_key` None), keeping the hash at `path`
+    where there is one; then import the compiler modules. Only a head start: any failure here is left for the
+    first kernel launch to meet and report."""
     with contextlib.suppress(Exception):
-        triton_key()
+        if triton_key is not None:
+            key = triton_key()
+            if path is not None:
+                installation_key.keep_key(path, key)
         import triton.experimental.gluon  # noqa: F401
