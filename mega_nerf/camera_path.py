@@ -140,8 +140,7 @@ def write_pose_file(path: Path, poses: list[Pose]) -> None:
 def interpolate(keys: list[Pose], frames: int) -> list[Pose]:
     """`frames` poses spread evenly over the key poses, first and last included. Centres and intrinsics
     linearly, rotations by slerp; each frame keeps the appearance index of the nearest key."""
-    # Imported here: scipy takes a fifth of a second, and every command that parses a config file imports this
-    # module (cli.options.options_of_every_command), training included.
+    # Imported here: scipy takes a fifth of a second, which only interpolated paths need.
     from scipy.spatial.transform import Rotation, Slerp
 
     if len(keys) == 1:

@@ -11,7 +11,7 @@ import yaml
 
 from mega_nerf.cli.convert import default_images_path
 from mega_nerf.cli.eval import eval_parser
-from mega_nerf.cli.options import MEGA_NERF_IGNORED, record_options
+from mega_nerf.cli.options import EVERY_COMMAND_OPTION, MEGA_NERF_IGNORED, record_options
 from mega_nerf.cli.partition import partition_parser
 from mega_nerf.cli.train import train_config, train_parser
 from mega_nerf.fields import build_field, config_differences
@@ -206,6 +206,18 @@ def test_an_alias_of_an_option_another_command_has_is_accepted_and_said_to_be_ig
     train_parser().parse_args(["--config_file", str(config)])
     err = capsys.readouterr().err
     assert err.count("image_pixel_batch_size") == 1 and "no command reads it" not in err
+
+
+def test_every_command_option_is_the_union_of_every_commands_options() -> None:
+    """Reading a config checks its keys against EVERY_COMMAND_OPTION, a list kept beside the parsers so that no
+    other command is imported: an option added to a parser and not to the list would be called a typo there."""
+    from mega_nerf.cli import export, merge, render, view
+
+    parsers = (train_parser(), eval_parser(), partition_parser(), render.render_parser(), export.export_parser(),
+               merge.merge_parser(), view.view_parser())
+    names = {s.lstrip("-") for parser in parsers for action in parser._actions for s in action.option_strings}
+    assert names == EVERY_COMMAND_OPTION, (f"missing from the list: {sorted(names - EVERY_COMMAND_OPTION)}; "
+                                           f"no longer an option: {sorted(EVERY_COMMAND_OPTION - names)}")
 
 
 def test_every_command_default_equals_its_config_default() -> None:

@@ -239,14 +239,24 @@ def _option_names(parser: configargparse.ArgParser) -> set[str]:
     return {s.lstrip("-") for action in parser._actions for s in action.option_strings}
 
 
-def options_of_every_command() -> set[str]:
-    """Every option name of our configargparse commands: a config shared by them holds keys for each."""
-    from mega_nerf.cli import eval as evaluation  # here, not at the top: these modules import this one
-    from mega_nerf.cli import export, merge, partition, render, train, view
-
-    parsers = (train.train_parser(), evaluation.eval_parser(), partition.partition_parser(), render.render_parser(),
-               export.export_parser(), merge.merge_parser(), view.view_parser())
-    return set().union(*(_option_names(p) for p in parsers))
+# Every option name of our configargparse commands (train, eval, partition, render, export, merge, view): a config
+# shared by them holds keys for each. Listed, not collected from their parsers, so that reading a config imports
+# no other command (0.11 s a process; tests/test_cli.py checks the list against every parser).
+EVERY_COMMAND_OPTION = frozenset({
+    "affine_appearance", "allow_empty_cells", "appearance", "appearance_dim", "batch_size", "bg_samples",
+    "boundary_margin", "centroid_path", "chunk", "chunk_paths", "chunk_rays", "ckpt_interval", "ckpt_path",
+    "ckpt_prefix", "cluster_2d", "cluster_mask_path", "config", "config_file", "container_path", "data_mode",
+    "dataparser_transforms", "dataset_path", "density_threshold", "device", "dist_chunk", "distortion_loss",
+    "eval_protocol", "exp_name", "far", "field", "fine_samples", "foreground_scale", "fps", "frames", "grid_dim",
+    "h", "hash_decay", "hash_levels", "height", "help", "horizon_background", "host", "image_store",
+    "keep_checkpoints", "layer_dim", "layers", "log2_hashmap_size", "log_interval", "lpips_weights_dir", "lr",
+    "lr_decay_epochs", "lr_decay_factor", "max_points", "max_resolution", "micro_batch", "min_views", "near",
+    "no_amp", "no_cuda_graphs", "no_horizon_background", "no_progress", "occupancy_interval", "occupancy_resolution",
+    "occupancy_warmup", "output", "path", "path_file", "point_resolution", "port", "pos_dir_dim", "pos_xyz_dim",
+    "preview_samples", "ray_altitude_range", "ray_chunk", "ray_samples", "real_units", "resolution", "resume",
+    "samples", "seed", "sh_degree", "source_frame", "target_fps", "timeout_minutes", "train_iterations",
+    "train_scale_factor", "val_embeddings_only", "val_images", "val_interval", "val_scale_factor", "viewer",
+})
 
 
 # Ranges of options, wherever they appear: (lowest allowed, whether the lowest itself is allowed).
@@ -272,7 +282,7 @@ def validate_config_file(parser: configargparse.ArgParser, file: str) -> None:
     if not isinstance(data, dict):
         raise UserError(f"{file}: a config file holds 'key: value' lines")
     actions = {s.lstrip("-"): a for a in parser._actions for s in a.option_strings}
-    ours = options_of_every_command() | set(actions)
+    ours = EVERY_COMMAND_OPTION | set(actions)
     known = ours | set(MEGA_NERF_ALIASES) | set(MEGA_NERF_IGNORED)
     for key, value in data.items():
         if key not in known:  # a near miss of one of our names is a typo; anything else is reported as ignored
@@ -327,7 +337,7 @@ def ignored_options(parser: configargparse.ArgParser, args: configargparse.Names
     if config:
         keys = [k for k in (yaml.safe_load(Path(config).read_text()) or {}) if k not in _option_names(parser)]
         if keys:
-            known = options_of_every_command()
+            known = set(EVERY_COMMAND_OPTION)
             known |= {alias for alias, (ours, _) in MEGA_NERF_ALIASES.items() if ours in known}
             lines += [f"ignoring '{key}' in {config}: no command reads it" for key in keys if key not in known]
     return lines
@@ -353,8 +363,8 @@ def check_own_config(path: Path, keys: set[str]) -> None:
         saved = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return
-    extra = set(saved) - keys if isinstance(saved, dict) else set()  # none on a resume: no other command imported
-    foreign = sorted(extra & options_of_every_command()) if extra else []
+    extra = set(saved) - keys if isinstance(saved, dict) else set()
+    foreign = sorted(extra & EVERY_COMMAND_OPTION)
     if foreign:
         raise UserError(f"{path}: holds another command's options ({', '.join(map(str, foreign[:3]))}"
                         f"{', ...' if len(foreign) > 3 else ''}); give this run's output a folder of its own")
