@@ -97,6 +97,14 @@ def test_round_trip_counts_sizes_poses_pixels_and_appearance_order(tmp_path):
             assert np.abs(rgb.numpy().astype(int) - ref["rgb"]).mean() < 2.0
 
 
+def test_metadata_written_from_a_view_holds_only_its_own_values(tmp_path):
+    """One camera of a stack: torch.save of the view would write the whole stack's storage into every file."""
+    poses = torch.randn(50, 3, 4, generator=torch.Generator().manual_seed(0))
+    write_image(tmp_path, "train", "a", np.zeros((6, 8, 3), np.uint8), torch.tensor([8.0, 8.0, 4.0, 3.0]), poses[7])
+    saved = torch.load(tmp_path / "train" / "metadata" / "a.pt", weights_only=True)
+    assert torch.equal(saved["c2w"], poses[7]) and saved["c2w"].untyped_storage().nbytes() == 12 * 4
+
+
 def test_scale_factor_halves_size_and_intrinsics_and_area_downsamples(tmp_path):
     write_coordinates(tmp_path, torch.zeros(3), 1.0)
     written = {"a": add_image(tmp_path, "train", "a", 24, 18, seed=3),

@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 import torch
 
+from mega_nerf.data.torch_file import load_plain
 from mega_nerf.errors import UserError
-from mega_nerf.io import load_torch, save_torch_atomic, write_bgr
+from mega_nerf.io import save_torch_atomic, write_bgr
 
 SPLITS = ("train", "val")
 COORDINATES = "coordinates.pt"  # every Mega-NeRF dataset's root holds it
@@ -155,7 +156,7 @@ def load_coordinates(path: Path) -> Coordinates:
     file = Path(path) / COORDINATES
     if not file.is_file():
         raise UserError(f"{file}: missing (every Mega-NeRF dataset has coordinates.pt)")
-    data = load_torch(file, "torch file")
+    data = load_plain(file, "torch file")
     if not isinstance(data, dict) or not {"origin_drb", "pose_scale_factor"} <= set(data):
         raise UserError(f"{file}: needs keys 'origin_drb' and 'pose_scale_factor'")
     origin = numbers(file, "origin_drb", data["origin_drb"]).flatten()
@@ -181,7 +182,7 @@ def _find_images(rgb_dir: Path) -> dict[str, Path]:
 
 
 def _parse_metadata(file: Path, image_path: Path, split: str, scale_factor: int) -> ImageMetadata:
-    data = load_torch(file, "torch file")
+    data = load_plain(file, "torch file")
     if not isinstance(data, dict) or not {"W", "H", "intrinsics", "c2w"} <= set(data):
         raise UserError(f"{file}: needs keys 'W', 'H', 'intrinsics' and 'c2w'")
     size = [numbers(file, key, data[key]) for key in ("W", "H")]
@@ -311,15 +312,16 @@ def write_coordinates(path: str | os.PathLike, origin_drb: torch.Tensor, pose_sc
 
 def write_image(path: str | os.PathLike, split: str, name: str, rgb: np.ndarray, intrinsics: torch.Tensor,
                 c2w: torch.Tensor, distortion: torch.Tensor | None = None, ext: str = ".png") -> None:
-    """Write one image (H, W, 3 uint8 RGB) and its metadata in Mega-NeRF's layout."""
+    """Write one image (H, W, 3 uint8 RGB) and its metadata in Mega-NeRF's layout. Tensors are copied first: a
+    view (one camera of a stack) would save its whole storage."""
     root = Path(path) / split
     rgb = np.asarray(rgb)
     write_bgr(root / "rgbs" / f"{name}{ext}", rgb[:, :, ::-1])
     meta = {"W": int(rgb.shape[1]), "H": int(rgb.shape[0]),
-            "intrinsics": torch.as_tensor(intrinsics, dtype=torch.float32).flatten(),
-            "c2w": torch.as_tensor(c2w, dtype=torch.float32)}
+            "intrinsics": torch.as_tensor(intrinsics, dtype=torch.float32).flatten().clone(),
+            "c2w": torch.as_tensor(c2w, dtype=torch.float32).clone()}
     if distortion is not None:
-        meta["distortion"] = torch.as_tensor(distortion, dtype=torch.float32)
+        meta["distortion"] = torch.as_tensor(distortion, dtype=torch.float32).clone()
     save_torch_atomic(meta, root / "metadata" / f"{name}.pt")
 
 
