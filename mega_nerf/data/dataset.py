@@ -19,9 +19,8 @@ import cv2
 import numpy as np
 import torch
 
-from mega_nerf.data.torch_file import load_plain
 from mega_nerf.errors import UserError
-from mega_nerf.io import save_torch_atomic, write_bgr
+from mega_nerf.io import load_torch, save_torch_atomic, write_bgr
 
 SPLITS = ("train", "val")
 COORDINATES = "coordinates.pt"  # every Mega-NeRF dataset's root holds it
@@ -156,7 +155,7 @@ def load_coordinates(path: Path) -> Coordinates:
     file = Path(path) / COORDINATES
     if not file.is_file():
         raise UserError(f"{file}: missing (every Mega-NeRF dataset has coordinates.pt)")
-    data = load_plain(file, "torch file")
+    data = load_torch(file, "torch file")
     if not isinstance(data, dict) or not {"origin_drb", "pose_scale_factor"} <= set(data):
         raise UserError(f"{file}: needs keys 'origin_drb' and 'pose_scale_factor'")
     origin = numbers(file, "origin_drb", data["origin_drb"]).flatten()
@@ -182,7 +181,7 @@ def _find_images(rgb_dir: Path) -> dict[str, Path]:
 
 
 def _parse_metadata(file: Path, image_path: Path, split: str, scale_factor: int) -> ImageMetadata:
-    data = load_plain(file, "torch file")
+    data = load_torch(file, "torch file")
     if not isinstance(data, dict) or not {"W", "H", "intrinsics", "c2w"} <= set(data):
         raise UserError(f"{file}: needs keys 'W', 'H', 'intrinsics' and 'c2w'")
     size = [numbers(file, key, data[key]) for key in ("W", "H")]
