@@ -211,10 +211,11 @@ def test_an_alias_of_an_option_another_command_has_is_accepted_and_said_to_be_ig
 def test_every_command_option_is_the_union_of_every_commands_options() -> None:
     """Reading a config checks its keys against EVERY_COMMAND_OPTION, a list kept beside the parsers so that no
     other command is imported: an option added to a parser and not to the list would be called a typo there."""
-    from mega_nerf.cli import export, merge, render, train_cells, view
+    from mega_nerf.cli import export, merge, preview, render, train_cells, view
 
     parsers = (train_parser(), train_cells.train_cells_parser(), eval_parser(), partition_parser(),
-               render.render_parser(), export.export_parser(), merge.merge_parser(), view.view_parser())
+               render.render_parser(), export.export_parser(), merge.merge_parser(), view.view_parser(),
+               preview.preview_parser())
     names = {s.lstrip("-") for parser in parsers for action in parser._actions for s in action.option_strings}
     assert names == EVERY_COMMAND_OPTION, (f"missing from the list: {sorted(names - EVERY_COMMAND_OPTION)}; "
                                            f"no longer an option: {sorted(EVERY_COMMAND_OPTION - names)}")

@@ -240,8 +240,9 @@ def _option_names(parser: configargparse.ArgParser) -> set[str]:
 
 
 # Every option name of our configargparse commands (train, train_cells, eval, partition, render, export, merge,
-# view): a config shared by them holds keys for each. Listed, not collected from their parsers, so that reading a
-# config imports no other command (0.11 s a process; tests/test_configs.py checks the list against the parsers).
+# view, preview): a config shared by them holds keys for each. Listed, not collected from their parsers, so that
+# reading a config imports no other command (0.11 s a process; tests/test_configs.py checks the list against the
+# parsers).
 EVERY_COMMAND_OPTION = frozenset({
     "affine_appearance", "allow_empty_cells", "appearance", "appearance_dim", "batch_size", "bg_samples",
     "boundary_margin", "centroid_path", "chunk", "chunk_paths", "chunk_prefix", "chunk_rays", "ckpt_interval",
@@ -252,11 +253,11 @@ EVERY_COMMAND_OPTION = frozenset({
     "image_store", "keep_checkpoints", "layer_dim", "layers", "log2_hashmap_size", "log_interval",
     "lpips_weights_dir", "lr", "lr_decay_epochs", "lr_decay_factor", "mask_path", "max_points", "max_resolution",
     "merge_output", "micro_batch", "min_views", "near", "no_amp", "no_cuda_graphs", "no_horizon_background",
-    "no_progress", "occupancy_interval", "occupancy_resolution", "occupancy_warmup", "output", "path", "path_file",
-    "point_resolution", "port", "pos_dir_dim", "pos_xyz_dim", "preview_samples", "ray_altitude_range", "ray_chunk",
-    "ray_samples", "real_units", "resolution", "resume", "samples", "seed", "sh_degree", "source_frame",
-    "target_fps", "timeout_minutes", "train_iterations", "train_scale_factor", "val_embeddings_only", "val_images",
-    "val_interval", "val_scale_factor", "viewer",
+    "no_progress", "occupancy_interval", "occupancy_resolution", "occupancy_warmup", "output", "partition", "path",
+    "path_file", "point_resolution", "port", "pos_dir_dim", "pos_xyz_dim", "preview_samples", "ray_altitude_range",
+    "ray_chunk", "ray_samples", "real_units", "resolution", "resume", "samples", "seed", "sh_degree", "size",
+    "source_frame", "target_fps", "timeout_minutes", "train_iterations", "train_scale_factor", "val_embeddings_only",
+    "val_images", "val_interval", "val_scale_factor", "viewer",
 })
 
 

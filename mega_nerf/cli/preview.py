@@ -11,6 +11,8 @@ import argparse
 import math
 from pathlib import Path
 
+import configargparse
+
 from mega_nerf.cli.options import HelpFormatter, base_parser, require
 from mega_nerf.data.dataset import check_file_not_in_dataset, load_dataset
 from mega_nerf.data.frames import to_source_map
@@ -27,13 +29,18 @@ centre, or with --frusta the outline of each camera's frustum.
 """
 
 
-def main(argv: list[str] | None = None) -> None:
+def preview_parser() -> configargparse.ArgParser:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("dataset", nargs="?", default=None, help="dataset folder (or --dataset_path)")
     parser.add_argument("--partition", default=None, help="masks folder (or its params.pt) to draw the cells of")
     parser.add_argument("--output", default=None, help="PNG to write (default: <dataset>/preview.png)")
     parser.add_argument("--size", type=int, default=800,
                         help=f"height of the image ({MIN_PREVIEW_SIZE} to {MAX_PREVIEW_SIZE}); its width is twice that")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = preview_parser()
     args = parser.parse_args(argv)
     # named as validate_values names an option: by its config file's line when from there
     size_name = parser.config_file_sources().get("size", "--size")
