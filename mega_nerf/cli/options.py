@@ -241,8 +241,8 @@ def _option_names(parser: configargparse.ArgParser) -> set[str]:
 
 # Every option name of our configargparse commands (train, train_cells, eval, partition, render, export, merge,
 # view, preview): a config shared by them holds keys for each. Listed, not collected from their parsers, so that
-# reading a config imports no other command (0.11 s a process; tests/test_configs.py checks the list against the
-# parsers).
+# reading a config imports no other command (0.11-0.15 s a process on a 2-core CPU, 0.02-0.03 s on an H200
+# machine, bench/RESULTS.md, twenty-eighth session; tests/test_configs.py checks the list against the parsers).
 EVERY_COMMAND_OPTION = frozenset({
     "affine_appearance", "allow_empty_cells", "appearance", "appearance_dim", "batch_size", "bg_samples",
     "boundary_margin", "centroid_path", "chunk", "chunk_paths", "chunk_prefix", "chunk_rays", "ckpt_interval",
