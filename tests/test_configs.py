@@ -11,7 +11,7 @@ import yaml
 
 from mega_nerf.cli.convert import default_images_path
 from mega_nerf.cli.eval import eval_parser
-from mega_nerf.cli.options import EVERY_COMMAND_OPTION, MEGA_NERF_IGNORED, record_options
+from mega_nerf.cli.options import EVERY_COMMAND_OPTION, MEGA_NERF_IGNORED, _option_names, record_options
 from mega_nerf.cli.partition import partition_parser
 from mega_nerf.cli.train import train_config, train_parser
 from mega_nerf.fields import build_field, config_differences
@@ -216,7 +216,7 @@ def test_every_command_option_is_the_union_of_every_commands_options() -> None:
     parsers = (train_parser(), train_cells.train_cells_parser(), eval_parser(), partition_parser(),
                render.render_parser(), export.export_parser(), merge.merge_parser(), view.view_parser(),
                preview.preview_parser())
-    names = {s.lstrip("-") for parser in parsers for action in parser._actions for s in action.option_strings}
+    names = set().union(*map(_option_names, parsers))
     assert names == EVERY_COMMAND_OPTION, (f"missing from the list: {sorted(names - EVERY_COMMAND_OPTION)}; "
                                            f"no longer an option: {sorted(EVERY_COMMAND_OPTION - names)}")
 

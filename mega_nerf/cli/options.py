@@ -339,8 +339,8 @@ def ignored_options(parser: configargparse.ArgParser, args: configargparse.Names
     if config:
         keys = [k for k in (yaml.safe_load(Path(config).read_text()) or {}) if k not in _option_names(parser)]
         if keys:
-            known = set(EVERY_COMMAND_OPTION)
-            known |= {alias for alias, (ours, _) in MEGA_NERF_ALIASES.items() if ours in known}
+            known = EVERY_COMMAND_OPTION | {alias for alias, (ours, _) in MEGA_NERF_ALIASES.items()
+                                            if ours in EVERY_COMMAND_OPTION}
             lines += [f"ignoring '{key}' in {config}: no command reads it" for key in keys if key not in known]
     return lines
 
