@@ -12,10 +12,14 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 CUDA_SUCCESS = 0
+RANK = "rank"  # the command's GPU, unless it names one: distributed's pick, the local rank modulo the GPUs visible
+FIRST = "first"  # the command's GPU, unless it names one: torch's current device, the first visible (a lone run)
 
 
 def local_rank() -> int | None:
@@ -30,6 +34,29 @@ def local_rank() -> int | None:
         return None
 
 
+def job_gpu(argv: Sequence[str], pick: str) -> int | None:
+    """The ordinal (before the modulo of `pick` RANK) of the GPU a command given the words `argv` will run on, read
+    before they are parsed: the last `--device cuda:N` (argparse takes any unambiguous prefix of the option's name),
+    else `pick`. None where the words alone cannot tell it for sure: another device named (cpu), a config file that
+    mentions a device or cannot be read, a rank that is not an integer. The option parser reports bad words."""
+    named: str | None = None
+    for i, word in enumerate(argv):
+        name, equals, value = word.partition("=")
+        value = value if equals else argv[i + 1] if i + 1 < len(argv) else ""
+        if len(name) >= 4 and "--device".startswith(name):
+            named = value
+        elif len(name) >= 3 and ("--config_file".startswith(name) or "--config".startswith(name)):
+            try:
+                if "device" in Path(value).read_text(errors="replace"):
+                    return None
+            except OSError:
+                return None
+    if named is None or named == "cuda":
+        return local_rank() if pick == RANK else 0
+    index = re.fullmatch(r"cuda:(\d+)", named)
+    return int(index.group(1)) if index else None
+
+
 def torch_has_cuda() -> bool:
     """Whether the installed torch is a CUDA build (its CUDA library is there), found without importing it."""
     spec = importlib.util.find_spec("torch")
@@ -37,29 +64,29 @@ def torch_has_cuda() -> bool:
         (Path(spec.origin).parent / "lib").glob("libtorch_cuda.*"))
 
 
-def make_context_early() -> threading.Thread | None:
-    """Start, on a daemon thread, the primary context of the GPU this process's job will use (distributed's device
-    pick: the local rank modulo the GPUs visible). None where there is no CUDA driver, torch is a CPU build, or
-    the rank is not an integer; any other failure (no device, CUDA_VISIBLE_DEVICES empty) leaves the thread with
+def make_context_early(argv: Sequence[str], pick: str) -> threading.Thread | None:
+    """Start, on a daemon thread, the primary context of the GPU a command given the words `argv` will use
+    (`job_gpu`; modulo the GPUs visible). None where there is no CUDA driver, torch is a CPU build, or the words
+    do not tell the GPU for sure; any other failure (no device, CUDA_VISIBLE_DEVICES empty) leaves the thread with
     nothing done, for PyTorch to meet and report. (A driver too old for torch's CUDA still gets its context, which
     then idles while the job runs on the CPU.) CUDA_MODULE_LOADING is set as PyTorch sets it before its own first
     CUDA call (LAZY unless given): the driver reads it once, here."""
-    rank = local_rank()
-    if rank is None or not torch_has_cuda():
+    gpu = job_gpu(argv, pick)
+    if gpu is None or not torch_has_cuda():
         return None
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return None
     os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
-    thread = threading.Thread(target=_retain_primary_context, args=(driver, rank), name="cuda-context", daemon=True)
+    thread = threading.Thread(target=_retain_primary_context, args=(driver, gpu), name="cuda-context", daemon=True)
     thread.start()
     return thread
 
 
-def _retain_primary_context(driver: ctypes.CDLL, rank: int) -> None:
+def _retain_primary_context(driver: ctypes.CDLL, gpu: int) -> None:
     count, device, context = ctypes.c_int(), ctypes.c_int(), ctypes.c_void_p()
     if (driver.cuInit(0) != CUDA_SUCCESS or driver.cuDeviceGetCount(ctypes.byref(count)) != CUDA_SUCCESS
-            or count.value < 1 or driver.cuDeviceGet(ctypes.byref(device), rank % count.value) != CUDA_SUCCESS):
+            or count.value < 1 or driver.cuDeviceGet(ctypes.byref(device), gpu % count.value) != CUDA_SUCCESS):
         return
     driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)  # kept for the process's life, as PyTorch keeps it

@@ -90,16 +90,16 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
-def run_command(module: str, function: str = "main", cuda_context: bool = False) -> NoReturn:
+def run_command(module: str, function: str = "main", cuda_context: str | None = None) -> NoReturn:
     """`run_cli` of `module.function`, imported here: a command's imports (torch's take 1-2 s) come before run_cli
     can catch Ctrl-C, which there raised KeyboardInterrupt from deep inside an import, a traceback. Until they are
     done, Ctrl-C ends the process with run_cli's line and exit code 130 (nothing has been written yet); a Ctrl-C
     ignored (SIG_IGN: a background job) stays ignored, and off the main thread (where no handler can be set)
     nothing changes. Python's own handler is back once the imports end, however they end. `cuda_context`: the
-    command runs on its job's GPU (distributed's device pick), whose context is made meanwhile
-    (cuda_context.make_context_early)."""
-    if cuda_context:
-        make_context_early()
+    command runs on one GPU, picked as cuda_context.RANK or FIRST says where its words name none; that GPU's
+    context is made meanwhile (cuda_context.make_context_early)."""
+    if cuda_context is not None:
+        make_context_early(sys.argv[1:], cuda_context)
     guard = (threading.current_thread() is threading.main_thread()
              and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
     if guard:

@@ -1,11 +1,14 @@
-"""cuda_context: the primary context made early goes to the GPU the job will use (distributed's pick: the local
-rank modulo the GPUs visible), and nothing is made without a driver, a device, a CUDA build of torch or a valid
-rank. The driver is a fake that records the calls, and torch counts as a CUDA build; no test runs the real driver
-(its effect on a GPU is measured in bench/RESULTS.md, twenty-sixth session, call 9)."""
+"""cuda_context: the primary context made early goes to the GPU the job will use (a `--device cuda:N` it names, else
+distributed's pick: the local rank modulo the GPUs visible, or a lone run's first GPU), and nothing is made without a
+driver, a device, a CUDA build of torch, a valid rank or words that tell the GPU for sure. The driver is a fake
+that records the calls, and torch counts as a CUDA build; no test runs the real driver (its effect on a GPU is
+measured in bench/RESULTS.md, twenty-sixth session, call 9)."""
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -37,15 +40,17 @@ class FakeDriver:
         return 0
 
 
-def run_with(driver: FakeDriver | None, env: dict[str, str]) -> FakeDriver | None:
-    """make_context_early under `env` with `driver` as libcuda (None: no driver installed); waits for its thread."""
+def run_with(driver: FakeDriver | None, env: dict[str, str], argv: tuple[str, ...] = (),
+             pick: str = cuda_context.RANK) -> threading.Thread | None:
+    """make_context_early for the words `argv` under `env` with `driver` as libcuda (None: no driver installed);
+    waits for its thread."""
     def load(name: str) -> FakeDriver:
         if driver is None:
             raise OSError(f"{name}: cannot open shared object file")
         return driver
     with mock.patch.dict("os.environ", env, clear=True), mock.patch.object(cuda_context.ctypes, "CDLL", load), \
             mock.patch.object(cuda_context, "torch_has_cuda", return_value=True):
-        thread = cuda_context.make_context_early()
+        thread = cuda_context.make_context_early(argv, pick)
         assert thread is None or os.environ["CUDA_MODULE_LOADING"] == "LAZY"
     if thread is not None:
         thread.join(10)
@@ -86,5 +91,38 @@ def test_a_cpu_build_of_torch_gets_no_context() -> None:
     driver = FakeDriver(2)
     with mock.patch.object(cuda_context.ctypes, "CDLL", lambda name: driver), \
             mock.patch.object(cuda_context, "torch_has_cuda", return_value=False):
-        assert cuda_context.make_context_early() is None
+        assert cuda_context.make_context_early([], cuda_context.RANK) is None
     assert driver.calls == []
+
+
+@pytest.mark.parametrize(("argv", "pick", "gpu"), [
+    ([], cuda_context.FIRST, 0),  # a lone train run: torch's current device, whatever the rank variables say
+    ([], cuda_context.RANK, 3),
+    (["--device", "cuda"], cuda_context.RANK, 3),  # bare cuda: the rank's device (distributed sets it current)
+    (["--device", "cuda:2"], cuda_context.RANK, 2),
+    (["--dev=cuda:1", "--exp_name", "e"], cuda_context.FIRST, 1),  # argparse takes a prefix of the name
+    (["--device", "cuda:1", "--device", "cuda:0"], cuda_context.FIRST, 0),  # the last one counts, as in argparse
+    (["--device", "cpu"], cuda_context.FIRST, None),
+    (["--device", "cuda:x"], cuda_context.FIRST, None),  # the parser reports it
+    (["--device"], cuda_context.FIRST, None),
+    (["--config_file", "missing.yaml"], cuda_context.FIRST, None),
+])
+def test_the_gpu_is_read_from_the_words(argv: list[str], pick: str, gpu: int | None) -> None:
+    with mock.patch.dict("os.environ", {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}, clear=True):
+        assert cuda_context.job_gpu(argv, pick) == gpu
+
+
+def test_a_config_that_mentions_a_device_leaves_the_gpu_unknown(tmp_path: Path) -> None:
+    """A config file's device (however spelled) is for the parser to read: no guess, no context."""
+    plain, named = tmp_path / "plain.yaml", tmp_path / "named.yaml"
+    plain.write_text("dataset_path: d\ntrain_iterations: 100\n")
+    named.write_text("dataset_path: d\n'device': cuda:1\n")
+    assert cuda_context.job_gpu(["--config_file", str(plain)], cuda_context.FIRST) == 0
+    assert cuda_context.job_gpu([f"--config={plain}", "--device", "cuda:1"], cuda_context.FIRST) == 1
+    for argv in (["--config_file", str(named)], ["--conf", str(named)], ["--device", "cuda:1", "--config", str(named)]):
+        assert cuda_context.job_gpu(argv, cuda_context.FIRST) is None, argv
+    driver = FakeDriver(2)
+    assert run_with(driver, {}, ("--config_file", str(named)), cuda_context.FIRST) is None
+    assert driver.calls == []
+    assert run_with(driver, {}, ("--device", "cuda:1"), cuda_context.FIRST) is not None
+    assert driver.calls == [("init", 0), ("device", 1), ("retain", 101)]

@@ -1,5 +1,6 @@
 """The console scripts (pyproject.toml), apart from the commands' modules: each starts its command through
 errors.run_command, which imports the command's module itself, so that Ctrl-C during the imports is one line."""
+from mega_nerf.cuda_context import FIRST, RANK
 from mega_nerf.errors import run_command
 
 
@@ -20,7 +21,7 @@ def transforms() -> None:
 
 
 def partition() -> None:
-    run_command("mega_nerf.cli.partition", cuda_context=True)
+    run_command("mega_nerf.cli.partition", cuda_context=RANK)
 
 
 def parscript() -> None:
@@ -28,11 +29,11 @@ def parscript() -> None:
 
 
 def train() -> None:
-    run_command("mega_nerf.cli.train")
+    run_command("mega_nerf.cli.train", cuda_context=FIRST)
 
 
 def train_cells() -> None:
-    run_command("mega_nerf.cli.train_cells")
+    run_command("mega_nerf.cli.train_cells", cuda_context=RANK)
 
 
 def launch() -> None:
