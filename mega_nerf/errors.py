@@ -34,8 +34,14 @@ class UnreadableFile(UserError):
 
 
 class Interrupted(Exception):
-    """The user stopped a command (Ctrl-C) and it stopped cleanly: one line from `run_cli`, exit code 130. Not a
-    UserError, so that train_cells.py ends the job rather than going on to the next cell."""
+    """The user stopped a command (Ctrl-C), or the system asked it to end (SIGTERM: a batch scheduler's preemption
+    or time limit, `kill`), and it stopped cleanly: one line from `run_cli`, exit code 128 + the signal's number
+    (130, 143), as a shell reports a process the signal ended. Not a UserError, so that train_cells.py ends the job
+    rather than going on to the next cell."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.code = 128 + signum
 
 
 # What the machine, not the program, is at fault for: a full disk or quota, a read-only file system; and, where the
@@ -48,8 +54,8 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
     """Run a command's entry point and end its process (`end_process`): exit code 0; 2 with `error: <message>`
     on stderr for a `UserError`, or for an OSError of the machine's (MACHINE_ERRNOS: a full disk, a read-only
     file system; FILE_ERRNOS where the OS names the file), with its file where the OS names it; 130 with one line
-    for Ctrl-C; 141, silently, when stdout's reader has gone (a SIGPIPE's code). Anything else (a traceback,
-    argparse's exit) leaves as Python has it."""
+    for Ctrl-C (143 for a SIGTERM a command stopped at: `Interrupted`); 141, silently, when stdout's reader has
+    gone (a SIGPIPE's code). Anything else (a traceback, argparse's exit) leaves as Python has it."""
     try:
         main()
     except UserError as e:
@@ -72,7 +78,7 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
         end_process(2)
     except Interrupted as e:
         sys.stderr.write(f"error: {e}\n")
-        end_process(130)
+        end_process(e.code)
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         end_process(130)
@@ -140,28 +146,54 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+class StopRequest:
+    """What `stop_on_signal` yields: the signal that asked a loop to stop (SIGINT or SIGTERM), None until one does."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
+
+
 @contextlib.contextmanager
-def stop_on_interrupt() -> Iterator[threading.Event]:
-    """Within it, the first Ctrl-C (SIGINT) only sets the event it yields, so that a loop can stop at the end of
-    a whole step and save it; a second one interrupts at once, as usual. Only on the main thread, where Python runs
-    signal handlers (elsewhere, or where Ctrl-C is ignored, the event is never set)."""
-    stop = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
-        yield stop  # a job started in the background (`cmd &` in a script) ignores Ctrl-C, and goes on doing so
+def stop_on_signal() -> Iterator[StopRequest]:
+    """Within it, the first Ctrl-C (SIGINT) or SIGTERM (a batch scheduler's preemption or time limit, which leaves
+    tens of seconds before it kills) only sets the request it yields, so that a loop can stop at the end of a whole
+    step and save it; after it, that signal acts at once, as usual. Only on the main thread, where Python runs
+    signal handlers (elsewhere the request is never set), and a signal ignored (SIG_IGN: Ctrl-C to a job started in
+    the background by a script) stays ignored."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
         return
-    previous = signal.default_int_handler if previous is None else previous  # None: set outside Python
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    caught = [signum for signum, handler in previous.items() if handler is not signal.SIG_IGN]
 
     def request(signum: int, frame: object) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, previous)
-        sys.stderr.write("\ninterrupted: stopping after this step to save it (Ctrl-C again stops at once)\n")
+        if stop.signum is None:
+            stop.signum = signum
+            sys.stderr.write(f"\n{STOP_SIGNALS[signum]}: stopping after this step to save it (the same signal again "
+                             "stops at once)\n")
+        signal.signal(signum, _handler(previous[signum], signum))
 
-    signal.signal(signal.SIGINT, request)
+    for signum in caught:
+        signal.signal(signum, request)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum in caught:
+            signal.signal(signum, _handler(previous[signum], signum))
+
+
+def _handler(handler: object, signum: int) -> object:
+    """A handler getsignal returned, as signal.signal takes it: None (set outside Python) is the default's."""
+    if handler is not None:
+        return handler
+    return signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
 
 
 def end_process(code: int) -> NoReturn:

@@ -28,7 +28,7 @@ from mega_nerf.cli import render as render_cli
 from mega_nerf.cli import train as train_cli
 from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.data.dataset import load_dataset
-from mega_nerf.errors import UserError, run_cli, run_command, stop_on_interrupt
+from mega_nerf.errors import UserError, run_cli, run_command, stop_on_signal
 from mega_nerf.evaluation.evaluate import evaluate
 from mega_nerf.lock import lock_path
 from mega_nerf.merging.merge import merge_submodules
@@ -514,20 +514,30 @@ def test_a_log_that_cannot_close_leaves_the_error_that_stopped_the_run(tmp_path:
         pass
 
 
-def test_ctrl_c_asks_a_loop_to_stop_unless_it_is_ignored() -> None:
-    previous = signal.getsignal(signal.SIGINT)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_asks_a_loop_to_stop_unless_it_is_ignored(signum: int) -> None:
+    """The first Ctrl-C or SIGTERM sets the request and gives the signal its handler back (a second one acts at
+    once); the other signal is still caught; an ignored signal stays ignored; both handlers are back afterwards."""
+    other = signal.SIGTERM if signum == signal.SIGINT else signal.SIGINT
+    previous = {s: signal.getsignal(s) for s in (signum, other)}
     try:
-        with stop_on_interrupt() as stop:
-            os.kill(os.getpid(), signal.SIGINT)
+        with stop_on_signal() as stop:
+            os.kill(os.getpid(), signum)
             time.sleep(0.1)
-            assert stop.is_set() and signal.getsignal(signal.SIGINT) is previous  # a second one stops at once
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background by a script
-        with stop_on_interrupt() as stop:
-            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signum and signal.getsignal(signum) is previous[signum]
+            assert signal.getsignal(other) is not previous[other]
+            os.kill(os.getpid(), other)  # a later signal of the other kind: still only a request, the first kept
             time.sleep(0.1)
-            assert not stop.is_set() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert stop.signum == signum and signal.getsignal(other) is previous[other]
+        assert {s: signal.getsignal(s) for s in (signum, other)} == previous
+        signal.signal(signum, signal.SIG_IGN)  # e.g. Ctrl-C to a job started in the background by a script
+        with stop_on_signal() as stop:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.1)
+            assert not stop.is_set() and signal.getsignal(signum) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("ignored", [False, True])
@@ -570,7 +580,7 @@ def test_output_piped_to_a_reader_that_leaves_ends_quietly(tmp_path: Path, stdou
 
 def test_run_command_gives_python_its_handler_back_however_the_imports_end(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """The command runs under Python's own Ctrl-C handler (stop_on_interrupt records it to restore), and a failed
+    """The command runs under Python's own Ctrl-C handler (stop_on_signal records it to restore), and a failed
     import leaves that handler too, not the one that ends the process at once."""
     (tmp_path / "checks_handler.py").write_text(
         "import signal\n\ndef main():\n    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n")

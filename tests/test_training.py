@@ -38,11 +38,12 @@ KILLED_RUN = ("import os, sys; from mega_nerf.cli.train import config_from_argv;
               "from mega_nerf.training.trainer import Trainer; kill_at = int(sys.argv[1]); "
               "Trainer(config_from_argv(sys.argv[2:]), on_step=lambda s: s == kill_at and os._exit(3)).run()")
 
-# The same, through run_cli as every command runs, but Ctrl-C (SIGINT) comes during the step given first.
+# The same, through run_cli as every command runs, but the signal named first (SIGINT: Ctrl-C; SIGTERM: a batch
+# scheduler's preemption) comes during the step given second.
 INTERRUPTED_RUN = ("import os, signal, sys; from mega_nerf.cli.train import config_from_argv; "
                    "from mega_nerf.errors import run_cli; from mega_nerf.training.trainer import Trainer; "
-                   "at = int(sys.argv[1]); run_cli(lambda: Trainer(config_from_argv(sys.argv[2:]), "
-                   "on_step=lambda s: s == at and os.kill(os.getpid(), signal.SIGINT)).run())")
+                   "name, at = sys.argv[1], int(sys.argv[2]); run_cli(lambda: Trainer(config_from_argv(sys.argv[3:]), "
+                   "on_step=lambda s: s == at and os.kill(os.getpid(), getattr(signal, name))).run())")
 
 
 def args(city: Path, exp: Path, *extra: str):
@@ -113,12 +114,24 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread, ca
     # Ctrl-C: the step under way ends and is saved, in one line; the same command then ends as the others
     interrupted = [*argv[:argv.index("--exp_name") + 1], str(tmp_path / "interrupted"),
                    *argv[argv.index("--exp_name") + 2:]]
-    run = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN, "7", *interrupted], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN, "SIGINT", "7", *interrupted], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     saved = tmp_path / "interrupted" / "checkpoints" / "00000007.pt"
     assert run.returncode == 130 and run.stderr.splitlines()[-1] == \
         f"error: interrupted at step 7: saved {saved}; the same command resumes from it", run.stderr
     assert sorted(p.name for p in saved.parent.iterdir()) == ["00000005.pt", "00000007.pt"]
+    # SIGTERM (SLURM's preemption or time limit) the same, with a shell's code for it; it saved the same state
+    terminated = [str(tmp_path / "terminated") if word == str(tmp_path / "interrupted") else word
+                  for word in interrupted]
+    run = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN, "SIGTERM", "7", *terminated], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    term_saved = tmp_path / "terminated" / "checkpoints" / "00000007.pt"
+    assert run.returncode == 143 and run.stderr.splitlines()[-1] == \
+        f"error: terminated (SIGTERM) at step 7: saved {term_saved}; the same command resumes from it", run.stderr
+    at_interrupt, at_term = (torch.load(p, weights_only=True) for p in (saved, term_saved))
+    assert at_term["step"] == 7 and at_term["model"].keys() == at_interrupt["model"].keys()
+    for name, value in at_interrupt["model"].items():
+        assert torch.equal(value, at_term["model"][name]), name
     subprocess.run([sys.executable, "mega_nerf/train.py", *interrupted], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     after_interrupt = torch.load(saved.parent / "00000012.pt", weights_only=True)
@@ -140,7 +153,7 @@ def test_ctrl_c_on_the_last_step_lets_the_run_end(tiny_city, tmp_path):
     argv = ["--config_file", str(tiny_city / "config.yaml"), "--dataset_path", str(tiny_city), "--exp_name",
             str(tmp_path / "exp"), *SMALL, "--data_mode", "memory", "--batch_size", "64", "--train_iterations", "3",
             "--val_interval", "1000"]
-    run = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN, "3", *argv], cwd=ROOT, capture_output=True,
+    run = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN, "SIGINT", "3", *argv], cwd=ROOT, capture_output=True,
                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0 and "error" not in run.stderr, run.stderr
     assert sorted(p.name for p in (tmp_path / "exp" / "checkpoints").iterdir()) == ["00000003.pt"]

@@ -26,7 +26,7 @@ from mega_nerf.clock import PartsClock
 from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
 from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
-from mega_nerf.errors import Interrupted, UserError, check_device, stop_on_interrupt
+from mega_nerf.errors import STOP_SIGNALS, Interrupted, UserError, check_device, stop_on_signal
 from mega_nerf.fields import build_field, config_differences, old_default_options
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
@@ -517,7 +517,7 @@ class Trainer:
         first = self.step
         if self._join_warm_up():
             self.clock.mark("warm-up")
-        with stop_on_interrupt() as stop:  # a first Ctrl-C stops after a whole step, saved
+        with stop_on_signal() as stop:  # a first Ctrl-C or SIGTERM stops after a whole step, saved
             while self.step < self.iterations:
                 loss, mse = self.train_step(stream)
                 if self.step - first <= 2:
@@ -527,7 +527,7 @@ class Trainer:
                 bar.update(1)
                 if self.on_step is not None:
                     self.on_step(self.step)
-                # read once: a Ctrl-C later in this step stops after the next; on the last step the run ends anyway
+                # read once: a signal later in this step stops after the next; on the last step the run ends anyway
                 stopping = stop.is_set() and self.step < self.iterations
                 at_ckpt = self.step % a.ckpt_interval == 0 or self.step == self.iterations
                 if (self.step % a.log_interval == 0 or at_ckpt or stopping) and int(first_bad) >= 0:
@@ -551,8 +551,8 @@ class Trainer:
                 if stopping:
                     if last_good != ckpt.checkpoint_path(self.exp_dir, self.step):
                         last_good = self.save(stream)
-                    raise Interrupted(f"interrupted at step {self.step}: saved {last_good}; the same command "
-                                      "resumes from it")
+                    raise Interrupted(f"{STOP_SIGNALS[stop.signum]} at step {self.step}: saved {last_good}; the same "
+                                      "command resumes from it", stop.signum)
         bar.close()  # before the lines below (closing it again is nothing)
         if self.graphs is not None:  # dropped, with their pool, as run() ends
             self.graphs_captured = len(self.graphs.graphs)
