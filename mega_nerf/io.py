@@ -2,13 +2,15 @@
 one-line errors.
 
 Every file the package writes goes through `atomic_path` (or `atomic_open`, `atomic_write` built on it): the
-bytes go to a temp file beside the target, `<name>.<pid>.tmp` (unique per process, so ranks writing side by side
-never share one; a writer that picks its format by suffix, OpenCV's VideoWriter, gets `<name>.<pid>.tmp<suffix>`),
-are checked (it exists, is as long as what was written, and passes the caller's own check), flushed to the
-disk (fsync), and the temp file is renamed over the target (os.replace, atomic on POSIX). A killed run or a full
-disk thus leaves the old file or none under the target's name, never a truncated one; at worst a stale temp file,
-which `remove_temp_files` deletes when the command that owns the folder runs again. A folder written as a whole
-(a converted dataset) goes through `atomic_folder` the same way.
+bytes go to a temp file beside the target, `<name>.<pid>-<host>.tmp` (unique per process and host, so ranks
+writing side by side never share one; a writer that picks its format by suffix, OpenCV's VideoWriter, gets
+`<name>.<pid>-<host>.tmp<suffix>`), are checked (it exists, is as long as what was written, and passes the caller's
+own check), flushed to the disk (fsync), and the temp file is renamed over the target (os.replace, atomic on
+POSIX). A killed run or a full disk thus leaves the old file or none under the target's name, never a truncated
+one; at worst a stale temp file, which `remove_temp_files` deletes when the command that owns the folder runs again
+(`remove_temp_files_of`: those of one file, in a folder others share). Stale means left by a process of this host
+that has ended: a folder on a shared disk may hold another host's live writes. A folder written as a whole (a
+converted dataset) goes through `atomic_folder` the same way.
 
 Before a large write the free space is checked (`check_free_space`), and every operating-system error of a
 write becomes one `UserError` line naming the path, and for a full disk the bytes needed (`write_error`). An
@@ -23,7 +25,9 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import struct
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,7 +40,9 @@ from mega_nerf.errors import UnreadableFile, UserError
 
 TEMP_SUFFIX = ".tmp"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG file (PNG specification, 5.2)
-_TEMP_NAME = re.compile(r"\.(\d+)\.tmp(\.\w+)?$")  # <name>.<pid>.tmp, or <name>.<pid>.tmp<suffix>
+# <name>.<pid>-<host>.tmp, or .tmp<suffix>; <host> is HOST's tag, absent in older runs' names (taken as this host's)
+_TEMP_NAME = re.compile(r"\.(\d+)(?:-([0-9a-f]{8}))?\.tmp(\.\w+)?$")
+HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"  # this host, in temp names: 8 hex digits of its name
 # What torch.load raises on a file that is not a torch file or is damaged (PyTorch 2.x, found by cutting and
 # corrupting saved files): OSError (missing, unreadable), EOFError (empty), RuntimeError (a cut zip archive),
 # pickle.UnpicklingError (foreign bytes, or objects weights_only refuses); damage inside the pickle itself
@@ -65,7 +71,17 @@ def process_alive(pid: int) -> bool:
 def temp_path(path: Path, keep_suffix: bool = False) -> Path:
     """Where this process writes `path`'s new content before the rename (`keep_suffix` for writers that pick
     their format by the suffix)."""
-    return path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}{path.suffix if keep_suffix else ''}")
+    return path.with_name(f"{path.name}.{os.getpid()}-{HOST}{TEMP_SUFFIX}{path.suffix if keep_suffix else ''}")
+
+
+def _stale(name: str) -> bool:
+    """Whether `name` is a temp file's (temp_path) whose process, on this host, has ended."""
+    match = _TEMP_NAME.search(name)
+    return match is not None and match.group(2) in (None, HOST) and not process_alive(int(match.group(1)))
+
+
+def _remove(entry: Path) -> None:
+    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def remove_temp_files(folder: Path) -> None:
@@ -73,9 +89,19 @@ def remove_temp_files(folder: Path) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        match = _TEMP_NAME.search(entry.name)
-        if match and not process_alive(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        if _stale(entry.name):
+            _remove(entry)
+
+
+def remove_temp_files_of(path: Path) -> None:
+    """Delete the temp files of `path` alone that dead runs left beside it (a shared image store's, a merged
+    container's in a folder of the user's: nothing else there is touched)."""
+    prefix = f"{path.name}."
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            if entry.name.startswith(prefix) and _TEMP_NAME.fullmatch(entry.name[len(path.name):]) and \
+                    _stale(entry.name):
+                _remove(entry)
 
 
 def free_bytes(path: Path) -> int:

@@ -3,6 +3,8 @@ reuse, mismatch, old formats, full disks and killed writes; the stream visits ev
 resumes exactly."""
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -11,11 +13,13 @@ import pytest
 import torch
 
 import mega_nerf.data.chunks as chunks
-from mega_nerf.data.chunks import MANIFEST, ChunkReader, gather_in_memory, prepare_chunks
+from mega_nerf.data.chunks import MANIFEST, ChunkReader, default_store_dir, gather_in_memory, prepare_chunks
 from mega_nerf.data.dataset import load_dataset, write_coordinates, write_image
 from mega_nerf.data.keys import decode_keys, encode_keys
+from mega_nerf.data.store import store_path
 from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
+from mega_nerf.io import HOST
 from mega_nerf.partition.maskfile import load_mask, write_mask
 
 W, H = 20, 10
@@ -138,7 +142,7 @@ def test_a_full_disk_is_refused_before_writing(scene, tmp_path):
 
 def test_killed_write_resumes(scene, tmp_path):
     """A write killed after its first chunk keeps that chunk on the rerun, which writes the rest; leftovers of a
-    killed run (temp files) go."""
+    killed run (temp files) go, in the shared image store's folder too where this host's process has ended."""
     data, masks = scene
     out = tmp_path / "e"
     real, calls = chunks._write_chunk, []
@@ -156,7 +160,15 @@ def test_killed_write_resumes(scene, tmp_path):
     kept = out / calls[0]
     stamp = kept.stat().st_mtime_ns
     (out / "chunk_00003.keys.77.tmp").write_bytes(b"half")
+    store = store_path(default_store_dir([out]), load_dataset(data))
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    other_host = "0badc0de" if HOST != "0badc0de" else "0badc0df"
+    killed_store, elsewhere = (store.with_name(f"{store.name}.{dead}-{host}.tmp") for host in (HOST, other_host))
+    for leftover in (killed_store, elsewhere):
+        leftover.write_bytes(b"half a store")
     manifest = prepare_chunks(load_dataset(data), masks, [out], chunk_rays=400)
+    assert not killed_store.exists() and elsewhere.exists()  # another host's process may still be writing
     assert kept.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [n for _, n, _ in manifest.chunks])
     assert sorted(read_all(manifest, [out], data)) == sorted(expected_rays(data, masks))

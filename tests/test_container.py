@@ -17,6 +17,7 @@ from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, old_default_options
 from mega_nerf.fields.base import Field
+from mega_nerf.io import HOST
 from mega_nerf.merging import container as container_module
 from mega_nerf.merging.container import Container, blend_weights, load_container
 from mega_nerf.merging.merge import merge_submodules
@@ -334,6 +335,19 @@ def test_merge_warns_of_a_cell_stopped_short(tmp_path: Path, fields: list[Field]
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert warnings == ["warning: cell 1 stopped at step 101 of 500 (still training, or interrupted: its rerun "
                         "finishes it); merged as it is"]
+
+
+def test_a_killed_merges_temp_file_goes_and_nothing_else_of_its_folder(tmp_path: Path, fields: list[Field]) -> None:
+    """The output's folder is the user's: a merge removes its own output's temp file that a dead run left (as large
+    as the container), and leaves another file's, a dead one's too."""
+    write_partition(tmp_path, fields)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    killed, other = tmp_path / f"merged.pt.{dead}-{HOST}.tmp", tmp_path / f"notes.txt.{dead}-{HOST}.tmp"
+    for leftover in (killed, other):
+        leftover.write_bytes(b"half")
+    merge(tmp_path)
+    assert not killed.exists() and other.exists() and (tmp_path / "merged.pt").is_file()
 
 
 def test_merge_missing_cell(tmp_path: Path, fields: list[Field]) -> None:

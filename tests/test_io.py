@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,8 +47,9 @@ def test_a_failing_writer_removes_its_temp_file(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def test_temp_files_are_named_after_the_process(tmp_path: Path) -> None:
-    assert io.temp_path(tmp_path / "0.mask").name == f"0.mask.{os.getpid()}{io.TEMP_SUFFIX}"
+def test_temp_files_are_named_after_the_process_and_host(tmp_path: Path) -> None:
+    assert io.temp_path(tmp_path / "0.mask").name == f"0.mask.{os.getpid()}-{io.HOST}{io.TEMP_SUFFIX}"
+    assert re.fullmatch(r"[0-9a-f]{8}", io.HOST)
 
 
 def test_png_round_trip_and_unencodable_suffix(tmp_path: Path) -> None:
@@ -176,10 +178,28 @@ def test_memory_shortfall_adds_the_pools_on_a_cpu_and_splits_them_on_a_gpu(monke
 
 
 def test_stale_temp_files_of_dead_runs_only_are_removed(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    names = [f"a.png.{int(dead.stdout)}.tmp", f"video.mp4.{int(dead.stdout)}.tmp.mp4", f"b.png.{os.getpid()}.tmp",
-             "c.png"]
+    """Dead processes' temp files of this host go (and older runs' names, without a host); a live process's, and
+    another host's (a shared disk: its process cannot be checked from here), stay."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    other = "0badc0de" if io.HOST != "0badc0de" else "0badc0df"
+    names = [f"a.png.{dead}-{io.HOST}.tmp", f"video.mp4.{dead}-{io.HOST}.tmp.mp4", f"old.png.{dead}.tmp",
+             f"b.png.{os.getpid()}-{io.HOST}.tmp", f"c.png.{dead}-{other}.tmp", "c.png"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
     io.remove_temp_files(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(names[3:])
+
+
+def test_a_files_own_stale_temp_files_only_are_removed(tmp_path: Path) -> None:
+    """remove_temp_files_of leaves the folder's other files alone, stale temp files of other names included."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    target = tmp_path / "merged.pt"
+    names = [f"merged.pt.{dead}-{io.HOST}.tmp", f"merged.pt.{dead}.tmp", f"merged.pt.{os.getpid()}-{io.HOST}.tmp",
+             f"merged.pt.bak.{dead}-{io.HOST}.tmp", f"other.pt.{dead}-{io.HOST}.tmp", "merged.pt.notes"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    io.remove_temp_files_of(target)
     assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+    io.remove_temp_files_of(tmp_path / "missing" / "x.pt")  # no folder: nothing to do
