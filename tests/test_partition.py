@@ -27,15 +27,18 @@ from mega_nerf.cli.launch import GRACE_S, KILL_S, one_machine
 from mega_nerf.cli.partition import mask_job, partition_parser
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
+from mega_nerf.partition import job as job_module
 from mega_nerf.partition.cells import (
     EXACT,
     PartitionParams,
     cell_membership,
     centroid_distances,
+    default_chunks,
     grid_centroids,
     image_membership,
     load_params,
     make_params,
+    membership_bytes,
 )
 from mega_nerf.partition.job import _groups, create_cluster_masks, overlap_note
 from mega_nerf.partition.maskfile import decode_mask, encode_mask, load_mask, write_mask
@@ -621,6 +624,34 @@ def test_a_grid_too_large_for_memory_is_refused_before_anything_is_written(tiny_
     line = capsys.readouterr().err.strip().splitlines()[-1]
     needed = float(re.search(r"need about ([\d,.]+) GB of memory", line)[1].replace(",", ""))
     assert one_tensor < needed < 8 * one_tensor and line.endswith("16.0 GB free; choose a smaller grid")
+
+
+def test_the_masks_waiting_to_be_written_count_against_memory(tiny_city: Path, tmp_path: Path) -> None:
+    """check_memory adds the write queue and the writers' copies (job.pending_bytes) to one image's membership: a
+    machine with room for the membership alone is refused, one with room for both is not."""
+    job = mask_job(partition_parser().parse_args(list(map(str, base_args(tiny_city, tmp_path / "m")))))
+    pixels = max(m.H * m.W for m in job.dataset.images)
+    host, work = membership_bytes(job.params, pixels, torch.device("cpu"), *default_chunks(torch.device("cpu")))
+    pending = job_module.pending_bytes(pixels * 4)
+    assert pending == (16 + 1 + job_module.WRITERS) * pixels * 4  # a tiny image: 16 wait, well under the byte bound
+    for free, refused in ((host + work + pending - 1, True), (host + work + pending, False)):
+        with mock.patch("mega_nerf.io.free_memory", return_value=("memory", free)):
+            if refused:
+                with pytest.raises(UserError, match="for an image's masks and those waiting to be written"):
+                    job_module.check_memory(job, torch.device("cpu"))
+            else:
+                job_module.check_memory(job, torch.device("cpu"))
+
+
+def test_a_write_queue_of_one_image_writes_the_same_masks(partitioned: Path, tiny_city: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images whose masks outweigh WRITE_QUEUE_BYTES: each writer holds one, and the loop waits for the oldest."""
+    monkeypatch.setattr(job_module, "WRITE_QUEUE_BYTES", 1)
+    image_bytes = 4 * max(m.H * m.W for m in load_dataset(tiny_city).images)
+    assert job_module.queue_limit(image_bytes) == job_module.WRITERS * image_bytes
+    output = tmp_path / "masks"
+    run_script(*base_args(tiny_city, output, "--no_progress"))
+    assert tree_bytes(output) == tree_bytes(partitioned)
 
 
 def test_resume_without_params_refuses_the_masks_there(partitioned: Path, tiny_city: Path, tmp_path: Path,

@@ -52,6 +52,8 @@ ImageHook = Callable[[int], None]
 # alone (bench/RESULTS.md, thirteenth session; a local disk).
 WRITERS = 3
 WRITE_QUEUE = 16  # images computed but not yet written, at most
+# and at most these bytes of their masks (queue_limit): a 20 MP image over 8 x 8 cells is 1.3 GB of masks
+WRITE_QUEUE_BYTES = 1 << 30
 
 
 @dataclass
@@ -165,11 +167,26 @@ def check_memory(job: MaskJob, device: torch.device) -> None:
     pixels = max(m.H * m.W for m in job.dataset.images)
     host, work = membership_bytes(job.params, pixels, device, job.ray_chunk or default_ray,
                                   job.dist_chunk or default_dist)
+    host += pending_bytes(pixels * job.params.num_cells)
     if (short := memory_shortfall(device, host, work)) is not None:
         where, needed, free = short
         X, Y = job.params.grid_dim
         raise UserError(f"--grid_dim {X} {Y}: its {X * Y:,} cells need about {needed / 1e9:,.1f} GB of {where} "
-                        f"for one image's masks, {free / 1e9:,.1f} GB free; choose a smaller grid")
+                        f"for an image's masks and those waiting to be written, {free / 1e9:,.1f} GB free; choose a "
+                        "smaller grid")
+
+
+def queue_limit(image_bytes: int) -> int:
+    """The write queue's bound in bytes of masks, for images of at most `image_bytes` each (_write_masks): as many
+    as WRITE_QUEUE and WRITE_QUEUE_BYTES allow, but one image for each writer however large (an image's masks are
+    one writer's work)."""
+    return max(1, WRITERS * image_bytes, min(WRITE_QUEUE * image_bytes, WRITE_QUEUE_BYTES))
+
+
+def pending_bytes(image_bytes: int) -> int:
+    """Host bytes of masks waiting beside the image being computed, for images of `image_bytes`: the write queue's
+    (its bound, and one image more while the loop waits for the oldest) and each writer's copy of one image."""
+    return queue_limit(image_bytes) + (1 + WRITERS) * image_bytes
 
 
 def _complete(job: MaskJob, image: ImageMetadata, damaged: list[Path]) -> bool:
@@ -214,7 +231,8 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
     """Compute and write the masks of `images`; returns rays per cell (K,) and rays in all, for the report, and
     the seconds spent computing memberships and waiting for the writers.
     Masks are compressed and written (each file fsynced) by a pool of threads while the next image is computed;
-    at most WRITE_QUEUE images wait (mega_nerf.ordered), and those not started are cancelled on an error.
+    at most WRITE_QUEUE images, and WRITE_QUEUE_BYTES of masks, wait (mega_nerf.ordered), and those not started are
+    cancelled on an error.
     `on_image` is called with the number of images written after each one, in order (tests stop a run with it)."""
     default_ray, default_dist = default_chunks(info.device)
     ray_chunk, dist_chunk = job.ray_chunk or default_ray, job.dist_chunk or default_dist
@@ -233,7 +251,9 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
     share = " (rank 0's share)" if info.world_size > 1 else ""
     bar = tqdm(total=len(images), desc=f"cluster masks{share}", unit="image",
                disable=not (info.is_main and job.progress))
-    with bar, ThreadPoolExecutor(WRITERS) as pool, OrderedQueue(WRITE_QUEUE) as queue:
+    K = job.params.num_cells
+    limit = queue_limit(max((m.H * m.W * K for m in images), default=1))
+    with bar, ThreadPoolExecutor(WRITERS) as pool, OrderedQueue(limit) as queue:
         for group in _groups(images, ray_chunk):
             check_failures(info)  # another rank's error ends this one too
             start = time.perf_counter()
@@ -245,7 +265,7 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
                                 "give smaller ones") from None
             membership += time.perf_counter() - start  # the results are on the CPU: the device's work is done
             for image, member in zip(group, members, strict=True):
-                queue.add(pool.submit(_write_image_masks, job, image, member))
+                queue.add(pool.submit(_write_image_masks, job, image, member), image.H * image.W * K)
                 rays += image.H * image.W
                 for future in queue.due():
                     finish(future)
