@@ -15,11 +15,23 @@ import os
 import re
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 CUDA_SUCCESS = 0
-RANK = "rank"  # the command's GPU, unless it names one: distributed's pick, the local rank modulo the GPUs visible
-FIRST = "first"  # the command's GPU, unless it names one: torch's current device, the first visible (a lone run)
+
+@dataclass(frozen=True)
+class Pick:
+    """How a command picks its GPU: by rank (distributed's pick: the local rank modulo the GPUs visible) or the
+    first visible (torch's current device: a lone run), and whether a --device option may name another."""
+
+    by_rank: bool
+    device_option: bool
+
+
+PARTITION = Pick(by_rank=True, device_option=False)
+TRAIN = Pick(by_rank=False, device_option=True)
+TRAIN_CELLS = Pick(by_rank=True, device_option=True)
 
 
 def local_rank() -> int | None:
@@ -34,27 +46,30 @@ def local_rank() -> int | None:
         return None
 
 
-def job_gpu(argv: Sequence[str], pick: str) -> int | None:
-    """The ordinal (before the modulo of `pick` RANK) of the GPU a command given the words `argv` will run on, read
-    before they are parsed: the last `--device cuda:N` (argparse takes any unambiguous prefix of the option's name),
-    else `pick`. None where the words alone cannot tell it for sure: another device named (cpu), a config file that
-    mentions a device or cannot be read, a rank that is not an integer. The option parser reports bad words."""
+def job_gpu(argv: Sequence[str], pick: Pick) -> tuple[int, bool] | None:
+    """The GPU a command given the words `argv` will run on, read before they are parsed, and whether it is named
+    (else the ordinal is to be taken modulo the GPUs visible): the last `--device cuda:N` (argparse takes an
+    unambiguous prefix of the option's name), else `pick`. None where the words alone cannot tell it for sure:
+    another device named (cpu), a config file that mentions a device (or could hide the word in an escape) or
+    cannot be read, a rank that is not an integer. The option parser reports bad words."""
     named: str | None = None
-    for i, word in enumerate(argv):
+    for i, word in enumerate(argv if pick.device_option else ()):
         name, equals, value = word.partition("=")
         value = value if equals else argv[i + 1] if i + 1 < len(argv) else ""
-        if len(name) >= 4 and "--device".startswith(name):
+        if len(name) >= len("--dev") and "--device".startswith(name):
             named = value
-        elif len(name) >= 3 and ("--config_file".startswith(name) or "--config".startswith(name)):
+        elif len(name) >= len("--c") and ("--config_file".startswith(name) or "--config".startswith(name)):
             try:
-                if "device" in Path(value).read_text(errors="replace"):
-                    return None
+                text = Path(value).read_text(errors="replace")
             except OSError:
                 return None
+            if "device" in text or "\\" in text:
+                return None
     if named is None or named == "cuda":
-        return local_rank() if pick == RANK else 0
-    index = re.fullmatch(r"cuda:(\d+)", named)
-    return int(index.group(1)) if index else None
+        rank = local_rank() if pick.by_rank else 0
+        return None if rank is None else (rank, False)
+    index = re.fullmatch(r"cuda:(0|[1-9][0-9]*)", named)
+    return None if index is None else (int(index.group(1)), True)
 
 
 def torch_has_cuda() -> bool:
@@ -64,13 +79,13 @@ def torch_has_cuda() -> bool:
         (Path(spec.origin).parent / "lib").glob("libtorch_cuda.*"))
 
 
-def make_context_early(argv: Sequence[str], pick: str) -> threading.Thread | None:
+def make_context_early(argv: Sequence[str], pick: Pick) -> threading.Thread | None:
     """Start, on a daemon thread, the primary context of the GPU a command given the words `argv` will use
-    (`job_gpu`; modulo the GPUs visible). None where there is no CUDA driver, torch is a CPU build, or the words
-    do not tell the GPU for sure; any other failure (no device, CUDA_VISIBLE_DEVICES empty) leaves the thread with
-    nothing done, for PyTorch to meet and report. (A driver too old for torch's CUDA still gets its context, which
-    then idles while the job runs on the CPU.) CUDA_MODULE_LOADING is set as PyTorch sets it before its own first
-    CUDA call (LAZY unless given): the driver reads it once, here."""
+    (`job_gpu`; a GPU named but not visible gets none). None where there is no CUDA driver, torch is a CPU build,
+    or the words do not tell the GPU for sure; any other failure (no device, CUDA_VISIBLE_DEVICES empty) leaves the
+    thread with nothing done, for PyTorch to meet and report. (A driver too old for torch's CUDA still gets its
+    context, which then idles while the job runs on the CPU.) CUDA_MODULE_LOADING is set as PyTorch sets it before
+    its own first CUDA call (LAZY unless given): the driver reads it once, here."""
     gpu = job_gpu(argv, pick)
     if gpu is None or not torch_has_cuda():
         return None
@@ -84,9 +99,11 @@ def make_context_early(argv: Sequence[str], pick: str) -> threading.Thread | Non
     return thread
 
 
-def _retain_primary_context(driver: ctypes.CDLL, gpu: int) -> None:
+def _retain_primary_context(driver: ctypes.CDLL, gpu: tuple[int, bool]) -> None:
+    ordinal, named = gpu
     count, device, context = ctypes.c_int(), ctypes.c_int(), ctypes.c_void_p()
     if (driver.cuInit(0) != CUDA_SUCCESS or driver.cuDeviceGetCount(ctypes.byref(count)) != CUDA_SUCCESS
-            or count.value < 1 or driver.cuDeviceGet(ctypes.byref(device), gpu % count.value) != CUDA_SUCCESS):
+            or count.value < 1 or (named and ordinal >= count.value)
+            or driver.cuDeviceGet(ctypes.byref(device), ordinal % count.value) != CUDA_SUCCESS):
         return
     driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)  # kept for the process's life, as PyTorch keeps it

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NoReturn
 
 from mega_nerf.allocator import c_library
-from mega_nerf.cuda_context import make_context_early
+from mega_nerf.cuda_context import Pick, make_context_early
 
 if TYPE_CHECKING:
     import torch
@@ -96,14 +96,14 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
-def run_command(module: str, function: str = "main", cuda_context: str | None = None) -> NoReturn:
+def run_command(module: str, function: str = "main", cuda_context: Pick | None = None) -> NoReturn:
     """`run_cli` of `module.function`, imported here: a command's imports (torch's take 1-2 s) come before run_cli
     can catch Ctrl-C, which there raised KeyboardInterrupt from deep inside an import, a traceback. Until they are
     done, Ctrl-C ends the process with run_cli's line and exit code 130 (nothing has been written yet); a Ctrl-C
     ignored (SIG_IGN: a background job) stays ignored, and off the main thread (where no handler can be set)
     nothing changes. Python's own handler is back once the imports end, however they end. `cuda_context`: the
-    command runs on one GPU, picked as cuda_context.RANK or FIRST says where its words name none; that GPU's
-    context is made meanwhile (cuda_context.make_context_early)."""
+    command runs on one GPU, picked as `cuda_context` says (cuda_context.PARTITION, TRAIN, TRAIN_CELLS); that
+    GPU's context is made meanwhile (cuda_context.make_context_early)."""
     if cuda_context is not None:
         make_context_early(sys.argv[1:], cuda_context)
     guard = (threading.current_thread() is threading.main_thread()
@@ -161,11 +161,12 @@ STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTE
 
 @contextlib.contextmanager
 def stop_on_signal() -> Iterator[StopRequest]:
-    """Within it, the first Ctrl-C (SIGINT) or SIGTERM (a batch scheduler's preemption or time limit, which leaves
-    tens of seconds before it kills) only sets the request it yields, so that a loop can stop at the end of a whole
-    step and save it; after it, that signal acts at once, as usual. Only on the main thread, where Python runs
-    signal handlers (elsewhere the request is never set), and a signal ignored (SIG_IGN: Ctrl-C to a job started in
-    the background by a script) stays ignored."""
+    """Within it, the first Ctrl-C (SIGINT) or SIGTERM only sets the request it yields, so that a loop can stop at
+    the end of a whole step and save it. After it, Ctrl-C acts at once, as usual; SIGTERM stays a request, for it
+    comes more than once (a batch scheduler sends it to every process of a job at its time limit, tens of seconds
+    before it kills, and torchrun's agent or mega-nerf-launch forwards its own to each rank). Only on the main
+    thread, where Python runs signal handlers (elsewhere the request is never set), and a signal ignored (SIG_IGN:
+    Ctrl-C to a job started in the background by a script) stays ignored."""
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -174,11 +175,13 @@ def stop_on_signal() -> Iterator[StopRequest]:
     caught = [signum for signum, handler in previous.items() if handler is not signal.SIG_IGN]
 
     def request(signum: int, frame: object) -> None:
-        if stop.signum is None:
-            stop.signum = signum
-            sys.stderr.write(f"\n{STOP_SIGNALS[signum]}: stopping after this step to save it (the same signal again "
-                             "stops at once)\n")
-        signal.signal(signum, _handler(previous[signum], signum))
+        if stop.signum is not None:
+            return  # a SIGTERM again
+        stop.signum = signum
+        sys.stderr.write(f"\n{STOP_SIGNALS[signum]}: stopping after this step to save it (Ctrl-C "
+                         f"{'again ' if signum == signal.SIGINT else ''}stops at once)\n")
+        if signal.SIGINT in caught:
+            signal.signal(signal.SIGINT, _handler(previous[signal.SIGINT], signal.SIGINT))
 
     for signum in caught:
         signal.signal(signum, request)

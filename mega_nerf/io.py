@@ -42,7 +42,19 @@ TEMP_SUFFIX = ".tmp"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG file (PNG specification, 5.2)
 # <name>.<pid>-<host>.tmp, or .tmp<suffix>; <host> is HOST's tag, absent in older runs' names (taken as this host's)
 _TEMP_NAME = re.compile(r"\.(\d+)(?:-([0-9a-f]{8}))?\.tmp(\.\w+)?$")
-HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"  # this host, in temp names: 8 hex digits of its name
+
+
+def _host_tag() -> str:
+    """This host in temp names: 8 hex digits of its name and, on Linux, of its process-ID namespace (containers on
+    one machine may share its name, and each counts process IDs of its own)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux, or no /proc
+        namespace = ""
+    return f"{zlib.crc32(f'{socket.gethostname()} {namespace}'.encode()):08x}"
+
+
+HOST = _host_tag()
 # What torch.load raises on a file that is not a torch file or is damaged (PyTorch 2.x, found by cutting and
 # corrupting saved files): OSError (missing, unreadable), EOFError (empty), RuntimeError (a cut zip archive),
 # pickle.UnpicklingError (foreign bytes, or objects weights_only refuses); damage inside the pickle itself

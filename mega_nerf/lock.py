@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mega_nerf.errors import UserError
-from mega_nerf.io import os_reason, process_alive
+from mega_nerf.io import os_reason, process_alive, temp_path
 
 
 def lock_path(output: Path) -> Path:
@@ -34,7 +34,7 @@ def _read_holder(lock: Path) -> tuple[int, str] | None:
 
 def _try_create(lock: Path, content: str) -> bool:
     """Create `lock` holding `content` atomically; False when it already exists."""
-    tmp = lock.with_name(f"{lock.name}.{os.getpid()}.tmp")
+    tmp = temp_path(lock)
     tmp.write_text(content)
     try:
         os.link(tmp, lock)

@@ -41,7 +41,7 @@ class FakeDriver:
 
 
 def run_with(driver: FakeDriver | None, env: dict[str, str], argv: tuple[str, ...] = (),
-             pick: str = cuda_context.RANK) -> threading.Thread | None:
+             pick: cuda_context.Pick = cuda_context.PARTITION) -> threading.Thread | None:
     """make_context_early for the words `argv` under `env` with `driver` as libcuda (None: no driver installed);
     waits for its thread."""
     def load(name: str) -> FakeDriver:
@@ -91,38 +91,54 @@ def test_a_cpu_build_of_torch_gets_no_context() -> None:
     driver = FakeDriver(2)
     with mock.patch.object(cuda_context.ctypes, "CDLL", lambda name: driver), \
             mock.patch.object(cuda_context, "torch_has_cuda", return_value=False):
-        assert cuda_context.make_context_early([], cuda_context.RANK) is None
+        assert cuda_context.make_context_early([], cuda_context.PARTITION) is None
     assert driver.calls == []
 
 
+TRAIN, CELLS, PARTITION = cuda_context.TRAIN, cuda_context.TRAIN_CELLS, cuda_context.PARTITION
+
+
 @pytest.mark.parametrize(("argv", "pick", "gpu"), [
-    ([], cuda_context.FIRST, 0),  # a lone train run: torch's current device, whatever the rank variables say
-    ([], cuda_context.RANK, 3),
-    (["--device", "cuda"], cuda_context.RANK, 3),  # bare cuda: the rank's device (distributed sets it current)
-    (["--device", "cuda:2"], cuda_context.RANK, 2),
-    (["--dev=cuda:1", "--exp_name", "e"], cuda_context.FIRST, 1),  # argparse takes a prefix of the name
-    (["--device", "cuda:1", "--device", "cuda:0"], cuda_context.FIRST, 0),  # the last one counts, as in argparse
-    (["--device", "cpu"], cuda_context.FIRST, None),
-    (["--device", "cuda:x"], cuda_context.FIRST, None),  # the parser reports it
-    (["--device"], cuda_context.FIRST, None),
-    (["--config_file", "missing.yaml"], cuda_context.FIRST, None),
+    ([], TRAIN, (0, False)),  # a lone train run: torch's current device, whatever the rank variables say
+    ([], CELLS, (3, False)),
+    (["--device", "cuda"], CELLS, (3, False)),  # bare cuda: the rank's device (distributed sets it current)
+    (["--device", "cuda:2"], CELLS, (2, True)),
+    (["--dev=cuda:1", "--exp_name", "e"], TRAIN, (1, True)),  # argparse takes a prefix of the name
+    (["--device", "cuda:1", "--device", "cuda:0"], TRAIN, (0, True)),  # the last one counts, as in argparse
+    (["--device", "cpu"], TRAIN, None),
+    (["--device", "cuda:x"], TRAIN, None),  # the parser reports these
+    (["--device", "cuda:01"], TRAIN, None),
+    (["--device"], TRAIN, None),
+    (["--config_file", "missing.yaml"], TRAIN, None),
+    (["--device", "cpu", "--config_file", "missing.yaml"], PARTITION, (3, False)),  # no --device: words not read
 ])
-def test_the_gpu_is_read_from_the_words(argv: list[str], pick: str, gpu: int | None) -> None:
+def test_the_gpu_is_read_from_the_words(argv: list[str], pick: cuda_context.Pick, gpu: tuple[int, bool] | None
+                                        ) -> None:
     with mock.patch.dict("os.environ", {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}, clear=True):
         assert cuda_context.job_gpu(argv, pick) == gpu
 
 
 def test_a_config_that_mentions_a_device_leaves_the_gpu_unknown(tmp_path: Path) -> None:
-    """A config file's device (however spelled) is for the parser to read: no guess, no context."""
-    plain, named = tmp_path / "plain.yaml", tmp_path / "named.yaml"
+    """A config file's device (a key, or the word anywhere, or an escape that could spell it) is for the parser to
+    read: no guess, no context."""
+    plain, named, escaped = tmp_path / "plain.yaml", tmp_path / "named.yaml", tmp_path / "escaped.yaml"
     plain.write_text("dataset_path: d\ntrain_iterations: 100\n")
     named.write_text("dataset_path: d\n'device': cuda:1\n")
-    assert cuda_context.job_gpu(["--config_file", str(plain)], cuda_context.FIRST) == 0
-    assert cuda_context.job_gpu([f"--config={plain}", "--device", "cuda:1"], cuda_context.FIRST) == 1
-    for argv in (["--config_file", str(named)], ["--conf", str(named)], ["--device", "cuda:1", "--config", str(named)]):
-        assert cuda_context.job_gpu(argv, cuda_context.FIRST) is None, argv
+    escaped.write_text('dataset_path: d\n"d\\x65vice": cuda:1\n')
+    assert cuda_context.job_gpu(["--config_file", str(plain)], TRAIN) == (0, False)
+    assert cuda_context.job_gpu([f"--config={plain}", "--device", "cuda:1"], TRAIN) == (1, True)
+    for argv in (["--config_file", str(named)], ["--config_f", str(named)], ["--config", str(escaped)],
+                 ["--device", "cuda:1", "--config", str(named)]):
+        assert cuda_context.job_gpu(argv, TRAIN) is None, argv
     driver = FakeDriver(2)
-    assert run_with(driver, {}, ("--config_file", str(named)), cuda_context.FIRST) is None
+    assert run_with(driver, {}, ("--config_file", str(named)), TRAIN) is None
     assert driver.calls == []
-    assert run_with(driver, {}, ("--device", "cuda:1"), cuda_context.FIRST) is not None
+    assert run_with(driver, {}, ("--device", "cuda:1"), TRAIN) is not None
     assert driver.calls == [("init", 0), ("device", 1), ("retain", 101)]
+
+
+def test_a_named_gpu_this_machine_lacks_gets_no_context() -> None:
+    """--device cuda:2 on a machine with 2 GPUs: the run is refused (errors.check_device); no context on another."""
+    driver = FakeDriver(2)
+    assert run_with(driver, {}, ("--device", "cuda:2"), TRAIN) is not None
+    assert driver.calls == [("init", 0)]

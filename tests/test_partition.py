@@ -15,6 +15,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from unittest import mock
 
@@ -27,6 +28,7 @@ from mega_nerf.cli.launch import GRACE_S, KILL_S, one_machine
 from mega_nerf.cli.partition import mask_job, partition_parser
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
 from mega_nerf.errors import UserError
+from mega_nerf.ordered import OrderedQueue
 from mega_nerf.partition import job as job_module
 from mega_nerf.partition.cells import (
     EXACT,
@@ -633,7 +635,7 @@ def test_the_masks_waiting_to_be_written_count_against_memory(tiny_city: Path, t
     pixels = max(m.H * m.W for m in job.dataset.images)
     host, work = membership_bytes(job.params, pixels, torch.device("cpu"), *default_chunks(torch.device("cpu")))
     pending = job_module.pending_bytes(pixels * 4)
-    assert pending == (16 + 1 + job_module.WRITERS) * pixels * 4  # a tiny image: 16 wait, well under the byte bound
+    assert pending == (16 + job_module.WRITERS) * pixels * 4  # a tiny image: 16 wait, well under the byte bound
     for free, refused in ((host + work + pending - 1, True), (host + work + pending, False)):
         with mock.patch("mega_nerf.io.free_memory", return_value=("memory", free)):
             if refused:
@@ -643,15 +645,30 @@ def test_the_masks_waiting_to_be_written_count_against_memory(tiny_city: Path, t
                 job_module.check_memory(job, torch.device("cpu"))
 
 
-def test_a_write_queue_of_one_image_writes_the_same_masks(partitioned: Path, tiny_city: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Images whose masks outweigh WRITE_QUEUE_BYTES: each writer holds one, and the loop waits for the oldest."""
+def test_a_write_queue_of_one_image_per_writer_writes_the_same_masks(partitioned: Path, tiny_city: Path,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images whose masks outweigh WRITE_QUEUE_BYTES: no more images wait than there are writers (16 would with
+    the count bound alone), and the masks are the same."""
     monkeypatch.setattr(job_module, "WRITE_QUEUE_BYTES", 1)
-    image_bytes = 4 * max(m.H * m.W for m in load_dataset(tiny_city).images)
-    assert job_module.queue_limit(image_bytes) == job_module.WRITERS * image_bytes
+    most = [0]
+
+    class Watched(OrderedQueue):
+        def due(self) -> Iterator[Future]:
+            yield from super().due()
+            most[0] = max(most[0], len(self))
+    write = job_module._write_image_masks
+
+    def slow_write(*args: object) -> torch.Tensor:
+        time.sleep(0.05)  # slower than an image's membership: the queue fills to its bound
+        return write(*args)
+    monkeypatch.setattr(job_module, "OrderedQueue", Watched)
+    monkeypatch.setattr(job_module, "_write_image_masks", slow_write)
     output = tmp_path / "masks"
     run_script(*base_args(tiny_city, output, "--no_progress"))
     assert tree_bytes(output) == tree_bytes(partitioned)
+    assert len({(m.H, m.W) for m in load_dataset(tiny_city).images}) == 1  # images of one size: WRITERS of them
+    assert most[0] == job_module.WRITERS
 
 
 def test_resume_without_params_refuses_the_masks_there(partitioned: Path, tiny_city: Path, tmp_path: Path,

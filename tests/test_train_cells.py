@@ -301,6 +301,31 @@ def test_ctrl_c_ends_the_job_not_the_cell(tiny_city: Path, masks: Path, tmp_path
     assert "FAILED" not in out and out.count("rank 0: cell") == 1
 
 
+def test_sigterm_in_a_cells_last_step_ends_the_job_before_the_next_cell(tiny_city: Path, masks: Path,
+                                                                        tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """SIGTERM (twice, as a scheduler and a launcher send it) during the first cell's last step: that cell ends as
+    trained, and the job stops with exit code 143 before any other cell starts (it would be killed in it)."""
+    first = largest_first(cell_sizes(masks))[0]
+    started: set[int] = set()
+
+    def terms_at_last_step(cell: int, step: int) -> None:
+        started.add(cell)
+        if step == 12:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+    argv = [str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")]
+    with pytest.raises(SystemExit) as ended:
+        run_cli(lambda: train_cells_main(argv, on_step=terms_at_last_step))
+    err = capsys.readouterr().err
+    final = tmp_path / f"exp-{first}" / "checkpoints" / FINAL
+    assert ended.value.code == 143
+    assert [line for line in err.splitlines() if line.startswith("error")] == [
+        f"error: terminated (SIGTERM) during cell {first}'s last step, which finished ({final}); the same command "
+        "trains the cells left"]
+    assert final.is_file() and started == {first} and [p.name for p in tmp_path.glob("exp-*")] == [f"exp-{first}"]
+
+
 def test_each_rank_trains_on_its_own_device_unless_one_is_given(tiny_city: Path, masks: Path, tmp_path: Path) -> None:
     """TrainConfig always resolves a device (cuda or cpu), so the rank's device comes from the user's --device
     alone: cell k on rank r's cuda:r, or everywhere the one given."""

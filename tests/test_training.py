@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from mega_nerf import io
 from mega_nerf.cli.train import config_from_argv, train_config, train_parser
 from mega_nerf.cli.train import main as train_main
 from mega_nerf.data.dataset import load_dataset
+from mega_nerf.distributed import PeerFailure
 from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, config_differences
 from mega_nerf.merging.merge import find_submodules
@@ -146,6 +148,25 @@ def test_killed_run_resumes_bit_equal(tiny_city, masks, tmp_path, one_thread, ca
     steps = [[line["step"] for line in lines(tmp_path / exp) if "step" in line] for exp in ("killed", "whole")]
     assert steps[0] == steps[1] == [*range(1, 13), 12]  # 12: validation
     assert sum("startup" in line for line in lines(tmp_path / "killed")) == 2
+
+
+def test_another_ranks_failure_saves_the_step_before_stopping(tiny_city, tmp_path, capsys):
+    """train_cells' step hook raises PeerFailure when another rank has failed (a crash, or its own SIGTERM): the
+    step just trained is whole, so it is saved before the error goes on; a step already saved is not saved again."""
+    def peer_fails_at(step: int) -> Callable[[int], None]:
+        def hook(s: int) -> None:
+            if s == step:
+                raise PeerFailure("rank 1 failed: fails on purpose (test)")
+        return hook
+    for step, saved in ((7, ["00000005.pt", "00000007.pt"]), (5, ["00000005.pt"])):
+        exp = tmp_path / f"at-{step}"
+        trainer = Trainer(args(tiny_city, exp, "--data_mode", "memory", "--batch_size", "64", "--train_iterations",
+                               "12", "--ckpt_interval", "5", "--val_interval", "1000"), on_step=peer_fails_at(step))
+        with pytest.raises(PeerFailure, match="rank 1 failed"):
+            trainer.run()
+        assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == saved
+        assert torch.load(exp / "checkpoints" / saved[-1], weights_only=True)["step"] == step
+    assert f"saved {tmp_path / 'at-7' / 'checkpoints' / '00000007.pt'} before stopping" in capsys.readouterr().err
 
 
 def test_ctrl_c_on_the_last_step_lets_the_run_end(tiny_city, tmp_path):

@@ -1,6 +1,6 @@
 """The console scripts (pyproject.toml), apart from the commands' modules: each starts its command through
 errors.run_command, which imports the command's module itself, so that Ctrl-C during the imports is one line."""
-from mega_nerf.cuda_context import FIRST, RANK
+from mega_nerf.cuda_context import PARTITION, TRAIN, TRAIN_CELLS
 from mega_nerf.errors import run_command
 
 
@@ -21,7 +21,7 @@ def transforms() -> None:
 
 
 def partition() -> None:
-    run_command("mega_nerf.cli.partition", cuda_context=RANK)
+    run_command("mega_nerf.cli.partition", cuda_context=PARTITION)
 
 
 def parscript() -> None:
@@ -29,11 +29,11 @@ def parscript() -> None:
 
 
 def train() -> None:
-    run_command("mega_nerf.cli.train", cuda_context=FIRST)
+    run_command("mega_nerf.cli.train", cuda_context=TRAIN)
 
 
 def train_cells() -> None:
-    run_command("mega_nerf.cli.train_cells", cuda_context=RANK)
+    run_command("mega_nerf.cli.train_cells", cuda_context=TRAIN_CELLS)
 
 
 def launch() -> None:

@@ -51,8 +51,9 @@ ImageHook = Callable[[int], None]
 # 1.67 s with 8 threads, 1.30-1.35 s with 3, 1.37-1.41 s with 2 (writes then lag), against 1.04 s of membership
 # alone (bench/RESULTS.md, thirteenth session; a local disk).
 WRITERS = 3
-WRITE_QUEUE = 16  # images computed but not yet written, at most
-# and at most these bytes of their masks (queue_limit): a 20 MP image over 8 x 8 cells is 1.3 GB of masks
+# Masks computed but not yet written, at most (queue_limit): those of WRITE_QUEUE of the job's largest images, and
+# WRITE_QUEUE_BYTES (a 20 MP image over 8 x 8 cells is 1.3 GB of masks), but one image for each writer
+WRITE_QUEUE = 16
 WRITE_QUEUE_BYTES = 1 << 30
 
 
@@ -184,9 +185,9 @@ def queue_limit(image_bytes: int) -> int:
 
 
 def pending_bytes(image_bytes: int) -> int:
-    """Host bytes of masks waiting beside the image being computed, for images of `image_bytes`: the write queue's
-    (its bound, and one image more while the loop waits for the oldest) and each writer's copy of one image."""
-    return queue_limit(image_bytes) + (1 + WRITERS) * image_bytes
+    """Host bytes of masks waiting beside the newest image's (which membership_bytes counts), for images of
+    `image_bytes`: the write queue's bound and each writer's copy of the image it writes."""
+    return queue_limit(image_bytes) + WRITERS * image_bytes
 
 
 def _complete(job: MaskJob, image: ImageMetadata, damaged: list[Path]) -> bool:
@@ -231,8 +232,8 @@ def _write_masks(job: MaskJob, images: list[ImageMetadata], info: DistInfo, on_i
     """Compute and write the masks of `images`; returns rays per cell (K,) and rays in all, for the report, and
     the seconds spent computing memberships and waiting for the writers.
     Masks are compressed and written (each file fsynced) by a pool of threads while the next image is computed;
-    at most WRITE_QUEUE images, and WRITE_QUEUE_BYTES of masks, wait (mega_nerf.ordered), and those not started are
-    cancelled on an error.
+    the masks waiting are bounded in bytes (queue_limit, mega_nerf.ordered), and those not started are cancelled on
+    an error.
     `on_image` is called with the number of images written after each one, in order (tests stop a run with it)."""
     default_ray, default_dist = default_chunks(info.device)
     ray_chunk, dist_chunk = job.ray_chunk or default_ray, job.dist_chunk or default_dist

@@ -36,7 +36,7 @@ from mega_nerf.distributed import (
     share,
     shared,
 )
-from mega_nerf.errors import UserError
+from mega_nerf.errors import STOP_SIGNALS, Interrupted, UserError
 from mega_nerf.lock import locked
 from mega_nerf.partition.cells import load_params
 from mega_nerf.partition.maskfile import MEGA_NERF_SUFFIX, SUFFIX, read_mask
@@ -130,7 +130,8 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
         with locked({"--exp_prefix": [config.exp_name], "--chunk_prefix": list(config.chunk_paths)},
                     main_rank_only=False):
             ready = None if on_ready is None else functools.partial(on_ready, config)
-            final = Trainer(config, on_step=step_hook, on_ready=ready, same_render=True).run()
+            trainer = Trainer(config, on_step=step_hook, on_ready=ready, same_render=True)
+            final = trainer.run()
     except PeerFailure:
         raise
     except (UserError, torch.cuda.OutOfMemoryError) as e:
@@ -138,6 +139,9 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
             torch.cuda.empty_cache()
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return CellOutcome(cell, info.rank, False, reason, time.perf_counter() - start)
+    if trainer.stopped_by is not None:  # in the cell's last step: the cell is done, and no other is begun
+        raise Interrupted(f"{STOP_SIGNALS[trainer.stopped_by]} during cell {cell}'s last step, which finished "
+                          f"({final}); the same command trains the cells left", trainer.stopped_by)
     step = int(final.stem)
     if step == 0:
         how = "no rays, an empty checkpoint"

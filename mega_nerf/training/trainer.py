@@ -26,6 +26,7 @@ from mega_nerf.clock import PartsClock
 from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
 from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
 from mega_nerf.data.stream import RayStream, memory_pieces
+from mega_nerf.distributed import PeerFailure
 from mega_nerf.errors import STOP_SIGNALS, Interrupted, UserError, check_device, stop_on_signal
 from mega_nerf.fields import build_field, config_differences, old_default_options
 from mega_nerf.fields.base import Field
@@ -150,6 +151,7 @@ class Trainer:
             self.val_image[[m.index for m in self.dataset.val]] = True
         self.graphs: GraphedSteps | None = None  # made at the first graphed step (train_step), dropped by run
         self.graphs_captured = 0  # how many graphs the last run captured
+        self.stopped_by: int | None = None  # the stop signal (SIGINT, SIGTERM) that came in the last run's last step
         self.step = 0
         self.clock.mark("model")
 
@@ -525,8 +527,13 @@ class Trainer:
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), self.step, first_bad)
                 rays0 += a.batch_size
                 bar.update(1)
-                if self.on_step is not None:
-                    self.on_step(self.step)
+                if self.on_step is not None and not stop.is_set():  # stopping already: no peer news needed
+                    try:
+                        self.on_step(self.step)
+                    except PeerFailure:  # another rank failed (train_cells): this step is whole, keep it
+                        if int(first_bad) < 0 and last_good != ckpt.checkpoint_path(self.exp_dir, self.step):
+                            print(f"saved {self.save(stream)} before stopping", file=sys.stderr)
+                        raise
                 # read once: a signal later in this step stops after the next; on the last step the run ends anyway
                 stopping = stop.is_set() and self.step < self.iterations
                 at_ckpt = self.step % a.ckpt_interval == 0 or self.step == self.iterations
@@ -553,6 +560,7 @@ class Trainer:
                         last_good = self.save(stream)
                     raise Interrupted(f"{STOP_SIGNALS[stop.signum]} at step {self.step}: saved {last_good}; the same "
                                       "command resumes from it", stop.signum)
+        self.stopped_by = stop.signum  # a signal during the last step, which ended the run anyway (train_cells)
         bar.close()  # before the lines below (closing it again is nothing)
         if self.graphs is not None:  # dropped, with their pool, as run() ends
             self.graphs_captured = len(self.graphs.graphs)
