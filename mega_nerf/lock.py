@@ -11,11 +11,21 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mega_nerf.errors import UserError
 from mega_nerf.io import os_reason, process_alive, temp_path
+
+
+class Held(UserError):
+    """Another live run holds an output's lock (acquire's one line); `lock` is the lock's file, `holder` its
+    (pid, host)."""
+
+    def __init__(self, message: str, lock: Path, holder: tuple[int, str]) -> None:
+        super().__init__(message)
+        self.lock, self.holder = lock, holder
 
 
 def lock_path(output: Path) -> Path:
@@ -62,11 +72,20 @@ def acquire(output: str | os.PathLike, what: str) -> Path:
                 continue
             other_pid, other_host = holder
             extra = "" if other_host == host else f" (if that run is gone, delete {lock})"
-            raise UserError(f"{what} {output}: in use by another run (pid {other_pid} on {other_host}); wait for "
-                            f"it to finish or use another {what}{extra}")
+            raise Held(f"{what} {output}: in use by another run (pid {other_pid} on {other_host}); wait for it to "
+                       f"finish or use another {what}{extra}", lock, holder)
     except OSError as e:
         raise UserError(f"{lock}: cannot create the lock of {what} {output} ({os_reason(e)})") from None
     raise UserError(f"{lock}: could not take the lock of {what} {output}; retry")
+
+
+def wait_until_free(lock: Path, poll_seconds: float, between: Callable[[], None] = lambda: None) -> None:
+    """Return once `lock` is gone or stale (its run, on this host, has died), looking every `poll_seconds` and
+    calling `between` each time (train_cells: whether another rank has failed)."""
+    while (holder := _read_holder(lock)) is not None and \
+            (holder[1] != socket.gethostname() or process_alive(holder[0])):
+        between()
+        time.sleep(poll_seconds)
 
 
 def release(lock: Path) -> None:

@@ -1,8 +1,8 @@
 """Training every cell (mega-nerf-train-cells): under torch.distributed.run with 2 ranks it trains the tiny city's
 4 cells exactly as 4 separate train.py runs do (bit-equal checkpoints, one thread), a rerun after a kill resumes
 the unfinished cells only, a failing cell is listed with its reason, and a crashing rank ends every rank with its
-error; a cell whose directories another run holds fails alone; Ctrl-C ends the job, not just its cell; each
-rank's device; the order (largest first) and the options' one-line errors."""
+error; a cell whose directories another run holds is taken once that run lets it go; Ctrl-C ends the job, not
+just its cell; each rank's device; the order (largest first) and the options' one-line errors."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ from mega_nerf.cli.train_cells import cells_config, train_cells_parser
 from mega_nerf.cli.train_cells import main as train_cells_main
 from mega_nerf.data.dataset import write_coordinates
 from mega_nerf.errors import UserError, run_cli
+from mega_nerf.training import all_cells
 from mega_nerf.training.all_cells import cell_config, cell_sizes, largest_first
 
 if TYPE_CHECKING:
@@ -263,18 +266,36 @@ def test_a_merge_output_that_would_destroy_a_file_is_refused_before_training(tin
                            str(tiny_city))
 
 
-def test_a_cell_another_run_holds_fails_alone(tiny_city: Path, masks: Path, tmp_path: Path) -> None:
-    """Each cell's directories are locked by the rank training it (mega_nerf.lock): a cell whose experiment
-    directory another live run holds fails in one line naming that run; the other cells train, and their locks
-    are given back."""
-    (tmp_path / ".exp-0.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live run (this one)
-    with pytest.raises(UserError) as error:
-        train_cells_main([str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")])
-    assert str(error.value) == (f"1 of 4 cells failed (a rerun retries them only): cell 0: --exp_prefix "
-                                f"{tmp_path / 'exp-0'}: in use by another run (pid {os.getpid()} on "
-                                f"{socket.gethostname()}); wait for it to finish or use another --exp_prefix")
-    assert [k for k in range(4) if (tmp_path / f"exp-{k}" / "checkpoints" / FINAL).exists()] == [1, 2, 3]
-    assert [p.name for p in tmp_path.glob(".*.lock")] == [".exp-0.lock"]
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_cell_another_run_holds_is_taken_once_that_run_lets_it_go(finished: bool, tiny_city: Path, masks: Path,
+                                                                    separate_runs: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs on one prefix share its cells: a cell whose folders another live run holds (its lock: this process
+    stands in for it) is passed over, waited for after the other cells, then found trained (that run `finished`
+    it) or trained on from where it was left; the job ends with every cell trained and every lock given back."""
+    monkeypatch.setattr(all_cells, "HELD_POLL_SECONDS", 0.05)
+    lock = tmp_path / ".exp-0.lock"
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+
+    def other_run() -> None:  # lets cell 0 go once this job has trained the others
+        while not all((tmp_path / f"exp-{k}" / "checkpoints" / FINAL).exists() for k in (1, 2, 3)):
+            time.sleep(0.05)
+        if finished:
+            shutil.copytree(separate_runs / "exp-0", tmp_path / "exp-0")
+        lock.unlink()
+    holder = threading.Thread(target=other_run, daemon=True)
+    holder.start()
+    train_cells_main([str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")])
+    holder.join(10)
+    out = capsys.readouterr().out
+    assert f"rank 0: cell 0: another run is training it (pid {os.getpid()} on {socket.gethostname()}); taken " \
+           "again once that run lets it go" in out
+    assert "rank 0: cell 0: waiting for the run that trains it" in out
+    final = tmp_path / "exp-0" / "checkpoints" / FINAL
+    assert re.search(rf"cell 0: ok \(rank 0, \d+ s\): {'already trained' if finished else 'trained to step 12'}: "
+                     rf"{re.escape(str(final))}", out), out
+    assert "4 of 4 cells trained" in out and not list(tmp_path.glob(".*.lock"))
 
 
 def test_ctrl_c_ends_the_job_not_the_cell(tiny_city: Path, masks: Path, tmp_path: Path,

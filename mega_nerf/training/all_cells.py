@@ -10,6 +10,9 @@ once the Trainer has written its final checkpoint (atomically, with everything n
 
 A cell that fails with a user error (a non-finite loss, a bad mask) or runs out of GPU memory is reported and
 its rank goes on to the next cell; any other error stops the job (mega_nerf.distributed posts it to every rank).
+A cell another run is training (its folders locked: a second job on the same prefixes, a SLURM array's next task)
+is passed over, and taken again once that run lets it go, after the rank's other cells: it is then trained on from
+where that run left it, or found trained. So jobs sharing a prefix share its cells, and each ends when all are done.
 Every rank waits for the others at the end (as long as their heartbeat goes on); then rank 0 prints every cell's
 outcome and, when some failed, one error line naming them and why.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +41,7 @@ from mega_nerf.distributed import (
     shared,
 )
 from mega_nerf.errors import STOP_SIGNALS, Interrupted, UserError
-from mega_nerf.lock import locked
+from mega_nerf.lock import Held, locked, wait_until_free
 from mega_nerf.partition.cells import load_params
 from mega_nerf.partition.maskfile import MEGA_NERF_SUFFIX, SUFFIX, read_mask
 from mega_nerf.training import checkpoint as ckpt
@@ -47,6 +51,7 @@ from mega_nerf.training.trainer import Trainer
 CellStepHook = Callable[[int, int], None]  # (cell, step) after every optimiser step
 ReadyHook = Callable[[TrainConfig], None]  # a cell's config, once its data and checkpoints are verified
 FAILURE_POLL_SECONDS = 1.0  # how often a training rank looks whether another rank has failed
+HELD_POLL_SECONDS = 10.0  # how often a rank looks whether the run holding a cell has let it go
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class CellOutcome:
     trained: bool
     detail: str  # the final checkpoint and how it was reached, or why the cell failed
     seconds: float
+    held: Held | None = None  # another run holds the cell's folders: take it again once that run lets it go
 
 
 def cell_config(config: CellsConfig, cell: int, device: torch.device) -> TrainConfig:
@@ -134,6 +140,8 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
             final = trainer.run()
     except PeerFailure:
         raise
+    except Held as e:
+        return CellOutcome(cell, info.rank, False, str(e), time.perf_counter() - start, held=e)
     except (UserError, torch.cuda.OutOfMemoryError) as e:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -150,6 +158,27 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
     else:
         how = f"resumed at step {before}, trained to step {step}" if before else f"trained to step {step}"
     return CellOutcome(cell, info.rank, True, f"{how}: {final}", time.perf_counter() - start)
+
+
+def _reported(outcome: CellOutcome, info: DistInfo) -> CellOutcome:
+    print(f"rank {info.rank}: cell {outcome.cell}: {'ok' if outcome.trained else 'FAILED'}: {outcome.detail}",
+          flush=True)
+    return outcome
+
+
+def _after_holder(run: TrainConfig, cell: int, held: Held, info: DistInfo, on_step: CellStepHook | None,
+                  on_ready: ReadyHook | None) -> CellOutcome:
+    """Train (or find trained) a cell another run held, once each run that holds it has let it go."""
+    while True:
+        pid, host = held.holder
+        gone = "" if host == socket.gethostname() else f"; if that run is gone, delete {held.lock}"
+        print(f"rank {info.rank}: cell {cell}: waiting for the run that trains it (pid {pid} on {host}{gone})",
+              flush=True)
+        wait_until_free(held.lock, HELD_POLL_SECONDS, functools.partial(check_failures, info))
+        outcome = train_cell(run, cell, info, on_step, on_ready)
+        if outcome.held is None:
+            return outcome
+        held = outcome.held
 
 
 def summary(outcomes: list[CellOutcome], num_cells: int) -> str:
@@ -170,16 +199,23 @@ def train_cells(config: CellsConfig, on_step: CellStepHook | None = None, on_rea
     with distributed_job(config.timeout_minutes) as info, heartbeat(info):
         order = broadcast_object(largest_first(cell_sizes(Path(config.mask_path))) if info.is_main else None, info)
         progress = config.train.progress and info.local_rank == 0  # one progress bar per node's terminal
-        outcomes = []
+        outcomes, held = [], []
         while (position := claim(info, "cells")) < len(order):
             check_failures(info)
             cell = order[position]
             run = dataclasses.replace(cell_config(config, cell, info.device), progress=progress)
             print(f"rank {info.rank}: cell {cell} ({position + 1} of {len(order)}, largest first) on {info.device}",
                   flush=True)
-            outcomes.append(train_cell(run, cell, info, on_step, on_ready))
-            print(f"rank {info.rank}: cell {cell}: {'ok' if outcomes[-1].trained else 'FAILED'}: "
-                  f"{outcomes[-1].detail}", flush=True)
+            outcome = train_cell(run, cell, info, on_step, on_ready)
+            if outcome.held is not None:
+                held.append((cell, run, outcome.held))
+                pid, host = outcome.held.holder
+                print(f"rank {info.rank}: cell {cell}: another run is training it (pid {pid} on {host}); taken again "
+                      "once that run lets it go", flush=True)
+                continue
+            outcomes.append(_reported(outcome, info))
+        for cell, run, news in held:
+            outcomes.append(_reported(_after_holder(run, cell, news, info, on_step, on_ready), info))
         share(outcomes, info, "outcomes")
         # Every rank stays until the last cell is done: the first node's agent hosts the store the others use.
         everything = [o for rank in shared(info, "outcomes", patient=True) for o in rank]
