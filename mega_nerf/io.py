@@ -27,6 +27,7 @@ import re
 import shutil
 import socket
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ def _host_tag() -> str:
 
 
 HOST = _host_tag()
+FOREIGN_TEMP_SECONDS = 3600  # another host's temp file untouched this long is reported (foreign_temp_note)
 # What torch.load raises on a file that is not a torch file or is damaged (PyTorch 2.x, found by cutting and
 # corrupting saved files): OSError (missing, unreadable), EOFError (empty), RuntimeError (a cut zip archive),
 # pickle.UnpicklingError (foreign bytes, or objects weights_only refuses); damage inside the pickle itself
@@ -114,6 +116,26 @@ def remove_temp_files_of(path: Path) -> None:
             if entry.name.startswith(prefix) and _TEMP_NAME.fullmatch(entry.name[len(path.name):]) and \
                     _stale(entry.name):
                 _remove(entry)
+
+
+def foreign_temp_note(folder: Path, prefix: str = "") -> str | None:
+    """A note on the temp files in `folder` (of names starting with `prefix`) that runs on other hosts or
+    containers left untouched for FOREIGN_TEMP_SECONDS (a write touches its file as it goes): they are never
+    removed here (their runs cannot be checked), so the user is told. None when there are none."""
+    old, size = [], 0
+    now = time.time()
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = _TEMP_NAME.search(entry.name)
+        if entry.name.startswith(prefix) and match and match.group(2) not in (None, HOST):
+            with contextlib.suppress(OSError):  # gone meanwhile
+                stat = entry.stat()
+                if now - stat.st_mtime > FOREIGN_TEMP_SECONDS:
+                    old.append(entry.name)
+                    size += stat.st_size
+    if not old:
+        return None
+    return (f"note: {folder} holds {len(old)} temp file(s) of runs on other hosts or containers, untouched for over "
+            f"{FOREIGN_TEMP_SECONDS // 3600} h ({size:,} bytes; e.g. {min(old)}): delete them once no run writes there")
 
 
 def free_bytes(path: Path) -> int:

@@ -3,8 +3,10 @@ reuse, mismatch, old formats, full disks and killed writes; the stream visits ev
 resumes exactly."""
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -19,7 +21,7 @@ from mega_nerf.data.keys import decode_keys, encode_keys
 from mega_nerf.data.store import store_path
 from mega_nerf.data.stream import RayStream, memory_pieces
 from mega_nerf.errors import UserError
-from mega_nerf.io import HOST
+from mega_nerf.io import FOREIGN_TEMP_SECONDS, HOST
 from mega_nerf.partition.maskfile import load_mask, write_mask
 
 W, H = 20, 10
@@ -140,7 +142,7 @@ def test_a_full_disk_is_refused_before_writing(scene, tmp_path):
     assert not list((tmp_path / "full").glob("chunk_*"))
 
 
-def test_killed_write_resumes(scene, tmp_path):
+def test_killed_write_resumes(scene, tmp_path, capsys):
     """A write killed after its first chunk keeps that chunk on the rerun, which writes the rest; leftovers of a
     killed run (temp files) go, in the shared image store's folder too where this host's process has ended."""
     data, masks = scene
@@ -167,8 +169,13 @@ def test_killed_write_resumes(scene, tmp_path):
     killed_store, elsewhere = (store.with_name(f"{store.name}.{dead}-{host}.tmp") for host in (HOST, other_host))
     for leftover in (killed_store, elsewhere):
         leftover.write_bytes(b"half a store")
+    hour_ago = time.time() - FOREIGN_TEMP_SECONDS - 60
+    os.utime(elsewhere, (hour_ago, hour_ago))
+    capsys.readouterr()
     manifest = prepare_chunks(load_dataset(data), masks, [out], chunk_rays=400)
     assert not killed_store.exists() and elsewhere.exists()  # another host's process may still be writing
+    assert f"holds 1 temp file(s) of runs on other hosts or containers, untouched for over 1 h (12 bytes; e.g. " \
+           f"{elsewhere.name})" in capsys.readouterr().err
     assert kept.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST] + [n for _, n, _ in manifest.chunks])
     assert sorted(read_all(manifest, [out], data)) == sorted(expected_rays(data, masks))

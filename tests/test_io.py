@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -50,6 +51,26 @@ def test_a_failing_writer_removes_its_temp_file(tmp_path: Path) -> None:
 def test_temp_files_are_named_after_the_process_and_host(tmp_path: Path) -> None:
     assert io.temp_path(tmp_path / "0.mask").name == f"0.mask.{os.getpid()}-{io.HOST}{io.TEMP_SUFFIX}"
     assert re.fullmatch(r"[0-9a-f]{8}", io.HOST)
+
+
+def test_old_temp_files_of_other_hosts_are_reported(tmp_path: Path) -> None:
+    """Another host's (or container's) temp files are never removed here; those untouched for an hour are named in
+    one note, with their bytes; fresh ones (a write under way), this host's and other files' are not."""
+    other = "0badc0de" if io.HOST != "0badc0de" else "0badc0df"
+    hour_ago = time.time() - io.FOREIGN_TEMP_SECONDS - 60
+    for name, size, old in [(f"store.rgb.7-{other}.tmp", 1000, True), (f"store.rgb.8-{other}.tmp", 500, False),
+                            (f"ckpt.pt.9-{other}.tmp", 20, True), (f"store.rgb.7-{io.HOST}.tmp", 5, True),
+                            ("store.rgb", 7, True)]:
+        (tmp_path / name).write_bytes(b"x" * size)
+        if old:
+            os.utime(tmp_path / name, (hour_ago, hour_ago))
+    assert io.foreign_temp_note(tmp_path) == (
+        f"note: {tmp_path} holds 2 temp file(s) of runs on other hosts or containers, untouched for over 1 h (1,020 "
+        f"bytes; e.g. ckpt.pt.9-{other}.tmp): delete them once no run writes there")
+    assert io.foreign_temp_note(tmp_path, "store.rgb.") == (
+        f"note: {tmp_path} holds 1 temp file(s) of runs on other hosts or containers, untouched for over 1 h (1,000 "
+        f"bytes; e.g. store.rgb.7-{other}.tmp): delete them once no run writes there")
+    assert io.foreign_temp_note(tmp_path, "other.") is None and io.foreign_temp_note(tmp_path / "missing") is None
 
 
 def test_png_round_trip_and_unencodable_suffix(tmp_path: Path) -> None:
