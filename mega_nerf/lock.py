@@ -1,31 +1,45 @@
 """One run per output: a command that writes an output folder (or file) first takes its lock.
 
-The lock is a file beside the output, `.<name>.lock`, holding `<pid> <host>` of the run that holds it. It is
-created whole (written under a temp name, then hard-linked to the lock's name, which fails if it exists), so a
-reader never sees a half-written one. A second run on the same output stops at once with one line naming the
-holder. A lock whose process is dead on this host (a run killed with -9) is stale and taken over; a lock from
-another host cannot be checked from here, so the message says to delete it by hand if that run is gone.
+The lock is a file beside the output, `.<name>.lock`, holding `<pid> <host> <tag>` of the run that holds it (`tag`:
+io.HOST, the host and its process-ID namespace; older locks lack it). It is created whole (written under a temp
+name, then hard-linked to the lock's name, which fails if it exists), so a reader never sees a half-written one. A
+second run on the same output stops at once with one line naming the holder (train_cells instead takes a held cell
+again once it is free: training.all_cells). A lock whose process is dead on this host and in this container (a run
+killed with -9) is stale and taken over; one from another host or container cannot be checked from here, so the
+message says to delete it by hand if that run is gone.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from mega_nerf.errors import UserError
-from mega_nerf.io import os_reason, process_alive, temp_path
+from mega_nerf.io import HOST, os_reason, process_alive, temp_path
+
+Holder = tuple[int, str, "str | None"]  # (pid, host name, io.HOST's tag or None in older locks)
 
 
 class Held(UserError):
     """Another live run holds an output's lock (acquire's one line); `lock` is the lock's file, `holder` its
-    (pid, host)."""
+    Holder."""
 
-    def __init__(self, message: str, lock: Path, holder: tuple[int, str]) -> None:
+    def __init__(self, message: str, lock: Path, holder: Holder) -> None:
         super().__init__(message)
         self.lock, self.holder = lock, holder
+
+
+def checkable(holder: Holder) -> bool:
+    """Whether the holder's process can be looked up from here: it runs on this host, in this container."""
+    return holder[1] == socket.gethostname() and holder[2] in (None, HOST)
+
+
+def is_free(lock: Path) -> bool:
+    """Whether `lock` is gone or stale (its run, checkable from here, has died)."""
+    holder = _read_holder(lock)
+    return holder is None or (checkable(holder) and not process_alive(holder[0]))
 
 
 def lock_path(output: Path) -> Path:
@@ -33,11 +47,13 @@ def lock_path(output: Path) -> Path:
     return output.parent / f".{output.name}.lock"
 
 
-def _read_holder(lock: Path) -> tuple[int, str] | None:
-    """(pid, host) written in `lock`, or None when it is gone or unreadable."""
+def _read_holder(lock: Path) -> Holder | None:
+    """The Holder written in `lock`, or None when it is gone or unreadable."""
     try:
-        pid, host = lock.read_text().split()
-        return int(pid), host
+        pid, host, *tag = lock.read_text().split()
+        if len(tag) > 1:
+            return None
+        return int(pid), host, tag[0] if tag else None
     except (OSError, ValueError):
         return None
 
@@ -60,18 +76,17 @@ def acquire(output: str | os.PathLike, what: str) -> Path:
     it; `what` names the option for the message (e.g. '--exp_name'). Returns the lock file."""
     output = Path(output)
     lock = lock_path(output)
-    host, pid = socket.gethostname(), os.getpid()
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a stale lock removed by a racing run is retried, not an error
-            if _try_create(lock, f"{pid} {host}\n"):
+            if _try_create(lock, f"{os.getpid()} {socket.gethostname()} {HOST}\n"):
                 return lock
             holder = _read_holder(lock)
-            if holder is None or (holder[1] == host and not process_alive(holder[0])):
+            if holder is None or (checkable(holder) and not process_alive(holder[0])):
                 lock.unlink(missing_ok=True)  # stale: its run is dead (or died before writing it)
                 continue
-            other_pid, other_host = holder
-            extra = "" if other_host == host else f" (if that run is gone, delete {lock})"
+            other_pid, other_host, _ = holder
+            extra = "" if checkable(holder) else f" (if that run is gone, delete {lock})"
             raise Held(f"{what} {output}: in use by another run (pid {other_pid} on {other_host}); wait for it to "
                        f"finish or use another {what}{extra}", lock, holder)
     except OSError as e:
@@ -79,19 +94,10 @@ def acquire(output: str | os.PathLike, what: str) -> Path:
     raise UserError(f"{lock}: could not take the lock of {what} {output}; retry")
 
 
-def wait_until_free(lock: Path, poll_seconds: float, between: Callable[[], None] = lambda: None) -> None:
-    """Return once `lock` is gone or stale (its run, on this host, has died), looking every `poll_seconds` and
-    calling `between` each time (train_cells: whether another rank has failed)."""
-    while (holder := _read_holder(lock)) is not None and \
-            (holder[1] != socket.gethostname() or process_alive(holder[0])):
-        between()
-        time.sleep(poll_seconds)
-
-
 def release(lock: Path) -> None:
     """Give a lock back if this process still holds it."""
     holder = _read_holder(lock)
-    if holder is not None and holder == (os.getpid(), socket.gethostname()):
+    if holder is not None and holder[:2] == (os.getpid(), socket.gethostname()) and holder[2] in (None, HOST):
         lock.unlink(missing_ok=True)
 
 

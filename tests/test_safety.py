@@ -22,6 +22,7 @@ import pytest
 import torch
 from test_video import decode
 
+from mega_nerf import io
 from mega_nerf.cli import eval as eval_cli
 from mega_nerf.cli import partition as partition_cli
 from mega_nerf.cli import render as render_cli
@@ -189,10 +190,17 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_host_is_named(tiny_city: Path,
     lock_path(out).write_text(f"{int(dead.stdout)} {socket.gethostname()}\n")  # a run killed with -9
     render_cli.main(render_args(tiny_city, merged, out, frames=1))
     assert not lock_path(out).exists()
-    lock_path(out).write_text("4242 elsewhere\n")
-    err = fails_in_one_line(render_cli.main, render_args(tiny_city, merged, out, frames=1), capsys)
-    assert err == (f"error: --output {out}: in use by another run (pid 4242 on elsewhere); wait for it to finish or "
-                   f"use another --output (if that run is gone, delete {lock_path(out)})")
+    lock_path(out).write_text(f"{int(dead.stdout)} {socket.gethostname()} {io.HOST}\n")  # today's form, stale too
+    render_cli.main(render_args(tiny_city, merged, out, frames=1))
+    assert not lock_path(out).exists()
+    other = "0badc0de" if io.HOST != "0badc0de" else "0badc0df"
+    for holder, host in (("4242 elsewhere", "elsewhere"),  # another host; and another container of this host
+                         (f"{int(dead.stdout)} {socket.gethostname()} {other}", socket.gethostname())):
+        lock_path(out).write_text(f"{holder}\n")
+        err = fails_in_one_line(render_cli.main, render_args(tiny_city, merged, out, frames=1), capsys)
+        pid = holder.split()[0]
+        assert err == (f"error: --output {out}: in use by another run (pid {pid} on {host}); wait for it to finish "
+                       f"or use another --output (if that run is gone, delete {lock_path(out)})")
 
 
 @pytest.mark.parametrize(("words", "message"), [

@@ -272,30 +272,59 @@ def test_a_cell_another_run_holds_is_taken_once_that_run_lets_it_go(finished: bo
                                                                     capsys: pytest.CaptureFixture,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Two jobs on one prefix share its cells: a cell whose folders another live run holds (its lock: this process
-    stands in for it) is passed over, waited for after the other cells, then found trained (that run `finished`
-    it) or trained on from where it was left; the job ends with every cell trained and every lock given back."""
+    stands in for it) is passed over, then taken once the holder lets it go after the other cells: found trained
+    (the holder `finished` it; no data prepared) or trained on from the holder's checkpoint at step 10. Tried twice,
+    not polled in a loop; the job ends with every cell trained and every lock given back."""
     monkeypatch.setattr(all_cells, "HELD_POLL_SECONDS", 0.05)
+    tries: list[int] = []
+    train_cell = all_cells.train_cell
+
+    def counted(run: Any, cell: int, *rest: Any) -> Any:
+        tries.append(cell)
+        return train_cell(run, cell, *rest)
+    monkeypatch.setattr(all_cells, "train_cell", counted)
     lock = tmp_path / ".exp-0.lock"
     lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")
 
-    def other_run() -> None:  # lets cell 0 go once this job has trained the others
-        while not all((tmp_path / f"exp-{k}" / "checkpoints" / FINAL).exists() for k in (1, 2, 3)):
+    def holder() -> None:  # lets cell 0 go once this job has trained the others (or after a minute: no hang)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and \
+                not all((tmp_path / f"exp-{k}" / "checkpoints" / FINAL).exists() for k in (1, 2, 3)):
             time.sleep(0.05)
-        if finished:
-            shutil.copytree(separate_runs / "exp-0", tmp_path / "exp-0")
+        shutil.copytree(separate_runs / "exp-0", tmp_path / "exp-0")
+        if not finished:
+            (tmp_path / "exp-0" / "checkpoints" / FINAL).unlink()  # the holder stopped at step 10 of 12
         lock.unlink()
-    holder = threading.Thread(target=other_run, daemon=True)
-    holder.start()
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
     train_cells_main([str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")])
-    holder.join(10)
+    thread.join(10)
     out = capsys.readouterr().out
     assert f"rank 0: cell 0: another run is training it (pid {os.getpid()} on {socket.gethostname()}); taken " \
-           "again once that run lets it go" in out
-    assert "rank 0: cell 0: waiting for the run that trains it" in out
+           "again once that run lets it go\n" in out
     final = tmp_path / "exp-0" / "checkpoints" / FINAL
-    assert re.search(rf"cell 0: ok \(rank 0, \d+ s\): {'already trained' if finished else 'trained to step 12'}: "
-                     rf"{re.escape(str(final))}", out), out
+    how = "already trained" if finished else "resumed at step 10, trained to step 12"
+    assert re.search(rf"cell 0: ok \(rank 0, \d+ s\): {how}: {re.escape(str(final))}", out), out
     assert "4 of 4 cells trained" in out and not list(tmp_path.glob(".*.lock"))
+    assert sorted(tries) == [0, 0, 1, 2, 3] and tries[-1] == 0  # tried again last, once
+
+
+def test_a_cell_held_from_another_host_that_changes_nothing_fails_with_the_lock_to_delete(
+        tiny_city: Path, masks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A holder on another host (or container) cannot be checked from here: once its cell's folders have not
+    changed for --timeout_minutes, the cell fails naming the lock; the other cells train."""
+    monkeypatch.setattr(all_cells, "HELD_POLL_SECONDS", 0.05)
+    lock = tmp_path / ".exp-0.lock"
+    lock.write_text("4242 elsewhere 0badc0de\n")
+    options = [str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")]
+    options[options.index("--timeout_minutes") + 1] = "0.01"
+    with pytest.raises(UserError) as error:
+        train_cells_main(options)
+    assert str(error.value) == (f"1 of 4 cells failed (a rerun retries them only): cell 0: the run holding it (pid "
+                                f"4242 on elsewhere) changed none of its files for 0.01 minutes (--timeout_minutes); "
+                                f"if that run is gone, delete {lock} and run again")
+    assert [k for k in range(4) if (tmp_path / f"exp-{k}" / "checkpoints" / FINAL).exists()] == [1, 2, 3]
+    assert lock.exists()
 
 
 def test_ctrl_c_ends_the_job_not_the_cell(tiny_city: Path, masks: Path, tmp_path: Path,

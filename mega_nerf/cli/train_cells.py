@@ -19,7 +19,7 @@ from mega_nerf.cli.merge import check_merge_output
 from mega_nerf.cli.options import base_parser, record_options, require
 from mega_nerf.cli.train import add_training_options, train_config
 from mega_nerf.errors import UserError
-from mega_nerf.lock import locked
+from mega_nerf.lock import Held, locked
 from mega_nerf.merging.merge import merge_submodules
 from mega_nerf.training.all_cells import CellsConfig, CellStepHook, train_cells
 
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None, on_step: CellStepHook | None = None) -> 
     outcomes = train_cells(config, on_step, on_ready=lambda cell: record_options(cell, Path(cell.exp_name)))
     if outcomes is not None and args.merge_output:  # rank 0, every cell trained
         check_merge()  # again: the cells' files are there now
-        with locked({"--merge_output": [args.merge_output]}, folders=False):
-            merge_submodules(config.exp_prefix, Path(config.mask_path) / "params.pt", Path(args.merge_output),
-                             False, args.boundary_margin)
+        try:
+            with locked({"--merge_output": [args.merge_output]}, folders=False):
+                merge_submodules(config.exp_prefix, Path(config.mask_path) / "params.pt", Path(args.merge_output),
+                                 False, args.boundary_margin)
+        except Held as e:  # another job on these prefixes, merging the same cells
+            print(f"note: not merged here: {e}")

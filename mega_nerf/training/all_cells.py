@@ -12,16 +12,19 @@ A cell that fails with a user error (a non-finite loss, a bad mask) or runs out 
 its rank goes on to the next cell; any other error stops the job (mega_nerf.distributed posts it to every rank).
 A cell another run is training (its folders locked: a second job on the same prefixes, a SLURM array's next task)
 is passed over, and taken again once that run lets it go, after the rank's other cells: it is then trained on from
-where that run left it, or found trained. So jobs sharing a prefix share its cells, and each ends when all are done.
+where that run left it, or found trained (its final checkpoint read by name: no data is prepared for it). So jobs
+sharing a prefix share its cells. A holder on another host or container cannot be checked from here: when its
+cell's folders have not changed for --timeout_minutes, the cell fails with a line saying which lock to delete.
 Every rank waits for the others at the end (as long as their heartbeat goes on); then rank 0 prints every cell's
 outcome and, when some failed, one error line naming them and why.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
-import socket
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +44,7 @@ from mega_nerf.distributed import (
     shared,
 )
 from mega_nerf.errors import STOP_SIGNALS, Interrupted, UserError
-from mega_nerf.lock import Held, locked, wait_until_free
+from mega_nerf.lock import Held, checkable, is_free, locked
 from mega_nerf.partition.cells import load_params
 from mega_nerf.partition.maskfile import MEGA_NERF_SUFFIX, SUFFIX, read_mask
 from mega_nerf.training import checkpoint as ckpt
@@ -51,7 +54,7 @@ from mega_nerf.training.trainer import Trainer
 CellStepHook = Callable[[int, int], None]  # (cell, step) after every optimiser step
 ReadyHook = Callable[[TrainConfig], None]  # a cell's config, once its data and checkpoints are verified
 FAILURE_POLL_SECONDS = 1.0  # how often a training rank looks whether another rank has failed
-HELD_POLL_SECONDS = 10.0  # how often a rank looks whether the run holding a cell has let it go
+HELD_POLL_SECONDS = 10.0  # how often a rank looks whether the runs holding cells have let them go
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,8 @@ def _latest_step(exp_dir: Path) -> int | None:
 
 def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStepHook | None,
                on_ready: ReadyHook | None = None) -> CellOutcome:
-    """Train (or resume, or pass over) one cell, its outputs locked. A user error (another run holding them
-    among them) or running out of GPU memory is the cell's failure, returned; any other exception, or another
+    """Train (or resume, or pass over) one cell, its outputs locked. A user error or running out of GPU memory is
+    the cell's failure, returned (another run holding its outputs: `held` set); any other exception, or another
     rank's failure, propagates. `on_ready` gets the cell's config once its data and checkpoints are verified."""
     start = time.perf_counter()
     before = _latest_step(Path(config.exp_name))
@@ -131,10 +134,14 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
         if on_step is not None:
             on_step(cell, step)
     try:
-        # The cell's own outputs are locked by the rank training it: another job (or train.py) on the same
-        # cell fails that cell in one line.
+        # The cell's own outputs are locked by the rank training it (another job, or train.py, on the same cell:
+        # Held, and train_cells takes the cell again later)
         with locked({"--exp_prefix": [config.exp_name], "--chunk_prefix": list(config.chunk_paths)},
                     main_rank_only=False):
+            latest = _latest_step(Path(config.exp_name))
+            if latest is not None and latest >= config.train_iterations:  # finished: prepare no data for it
+                final = ckpt.checkpoint_path(Path(config.exp_name), latest)
+                return CellOutcome(cell, info.rank, True, f"already trained: {final}", time.perf_counter() - start)
             ready = None if on_ready is None else functools.partial(on_ready, config)
             trainer = Trainer(config, on_step=step_hook, on_ready=ready, same_render=True)
             final = trainer.run()
@@ -166,19 +173,52 @@ def _reported(outcome: CellOutcome, info: DistInfo) -> CellOutcome:
     return outcome
 
 
-def _after_holder(run: TrainConfig, cell: int, held: Held, info: DistInfo, on_step: CellStepHook | None,
-                  on_ready: ReadyHook | None) -> CellOutcome:
-    """Train (or find trained) a cell another run held, once each run that holds it has let it go."""
-    while True:
-        pid, host = held.holder
-        gone = "" if host == socket.gethostname() else f"; if that run is gone, delete {held.lock}"
-        print(f"rank {info.rank}: cell {cell}: waiting for the run that trains it (pid {pid} on {host}{gone})",
-              flush=True)
-        wait_until_free(held.lock, HELD_POLL_SECONDS, functools.partial(check_failures, info))
-        outcome = train_cell(run, cell, info, on_step, on_ready)
-        if outcome.held is None:
-            return outcome
-        held = outcome.held
+def _held_cells(held: list[tuple[int, TrainConfig, Held]], info: DistInfo, timeout_s: float,
+                on_step: CellStepHook | None, on_ready: ReadyHook | None) -> list[CellOutcome]:
+    """The outcomes of cells other runs held, each trained (or found trained) once its holder lets it go, in
+    whatever order they are let go. A holder that cannot be checked from here (another host or container) and whose
+    cell's folders have not changed for `timeout_s` fails its cell with a line naming the lock to delete."""
+    outcomes: list[CellOutcome] = []
+    waiting = {cell: (run, news, time.monotonic(), _last_change(run)) for cell, run, news in held}
+    while waiting:
+        check_failures(info)
+        for cell, (run, news, since, change) in list(waiting.items()):
+            if is_free(news.lock):
+                outcome = train_cell(run, cell, info, on_step, on_ready)
+                if outcome.held is None:
+                    outcomes.append(_reported(outcome, info))
+                    del waiting[cell]
+                    continue
+                news, since, change = outcome.held, time.monotonic(), _last_change(run)
+            elif (now := _last_change(run)) != change:
+                since, change = time.monotonic(), now
+            elif not checkable(news.holder) and time.monotonic() - since > timeout_s:
+                pid, host, _ = news.holder
+                outcomes.append(_reported(CellOutcome(
+                    cell, info.rank, False, f"the run holding it (pid {pid} on {host}) changed none of its files for "
+                    f"{timeout_s / 60:g} minutes (--timeout_minutes); if that run is gone, delete {news.lock} and "
+                    "run again", 0.0), info))
+                del waiting[cell]
+                continue
+            waiting[cell] = (run, news, since, change)
+        if waiting:
+            time.sleep(HELD_POLL_SECONDS)
+    return outcomes
+
+
+def _last_change(run: TrainConfig) -> int:
+    """The newest modification time (ns) among a cell's files: its log and checkpoints, its chunks as they are
+    written; 0 for none."""
+    newest = 0
+    for folder in [Path(run.exp_name), Path(run.exp_name) / "checkpoints", *map(Path, run.chunk_paths)]:
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):  # removed meanwhile (an old checkpoint pruned)
+                        newest = max(newest, entry.stat().st_mtime_ns)
+        except OSError:  # not made yet
+            pass
+    return newest
 
 
 def summary(outcomes: list[CellOutcome], num_cells: int) -> str:
@@ -209,13 +249,13 @@ def train_cells(config: CellsConfig, on_step: CellStepHook | None = None, on_rea
             outcome = train_cell(run, cell, info, on_step, on_ready)
             if outcome.held is not None:
                 held.append((cell, run, outcome.held))
-                pid, host = outcome.held.holder
+                pid, host, _ = outcome.held.holder
+                gone = "" if checkable(outcome.held.holder) else f"; if that run is gone, delete {outcome.held.lock}"
                 print(f"rank {info.rank}: cell {cell}: another run is training it (pid {pid} on {host}); taken again "
-                      "once that run lets it go", flush=True)
+                      f"once that run lets it go{gone}", flush=True)
                 continue
             outcomes.append(_reported(outcome, info))
-        for cell, run, news in held:
-            outcomes.append(_reported(_after_holder(run, cell, news, info, on_step, on_ready), info))
+        outcomes += _held_cells(held, info, config.timeout_minutes * 60, on_step, on_ready)
         share(outcomes, info, "outcomes")
         # Every rank stays until the last cell is done: the first node's agent hosts the store the others use.
         everything = [o for rank in shared(info, "outcomes", patient=True) for o in rank]
