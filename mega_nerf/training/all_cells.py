@@ -124,7 +124,6 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
     the cell's failure, returned (another run holding its outputs: `held` set); any other exception, or another
     rank's failure, propagates. `on_ready` gets the cell's config once its data and checkpoints are verified."""
     start = time.perf_counter()
-    before = _latest_step(Path(config.exp_name))
     last_poll = [time.monotonic()]
 
     def step_hook(step: int) -> None:
@@ -138,9 +137,9 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
         # Held, and train_cells takes the cell again later)
         with locked({"--exp_prefix": [config.exp_name], "--chunk_prefix": list(config.chunk_paths)},
                     main_rank_only=False):
-            latest = _latest_step(Path(config.exp_name))
-            if latest is not None and latest >= config.train_iterations:  # finished: prepare no data for it
-                final = ckpt.checkpoint_path(Path(config.exp_name), latest)
+            before = _latest_step(Path(config.exp_name))  # read under the lock: no other run moves it now
+            if before is not None and before >= config.train_iterations:  # finished: prepare no data for it
+                final = ckpt.checkpoint_path(Path(config.exp_name), before)
                 return CellOutcome(cell, info.rank, True, f"already trained: {final}", time.perf_counter() - start)
             ready = None if on_ready is None else functools.partial(on_ready, config)
             trainer = Trainer(config, on_step=step_hook, on_ready=ready, same_render=True)
@@ -160,8 +159,6 @@ def train_cell(config: TrainConfig, cell: int, info: DistInfo, on_step: CellStep
     step = int(final.stem)
     if step == 0:
         how = "no rays, an empty checkpoint"
-    elif before == step:
-        how = "already trained"
     else:
         how = f"resumed at step {before}, trained to step {step}" if before else f"trained to step {step}"
     return CellOutcome(cell, info.rank, True, f"{how}: {final}", time.perf_counter() - start)
