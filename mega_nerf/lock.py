@@ -71,6 +71,21 @@ def _try_create(lock: Path, content: str) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def _remove_stale(lock: Path, seen: Holder | None) -> None:
+    """Remove `lock` if it still names `seen`. Another run that found it stale too may have replaced it since it
+    was read (train_cells' waiters poll the same locks): the lock is moved aside first, and one that names another
+    holder is put back."""
+    aside = lock.with_name(f"{temp_path(lock).name}.stale")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:  # removed already
+        return
+    if _read_holder(aside) != seen:
+        with contextlib.suppress(FileExistsError):  # a third run's lock, made meanwhile, stays
+            os.link(aside, lock)
+    aside.unlink(missing_ok=True)
+
+
 def acquire(output: str | os.PathLike, what: str) -> Path:
     """Take `output`'s lock (folders above it created) or raise a one-line UserError naming the run holding
     it; `what` names the option for the message (e.g. '--exp_name'). Returns the lock file."""
@@ -83,7 +98,7 @@ def acquire(output: str | os.PathLike, what: str) -> Path:
                 return lock
             holder = _read_holder(lock)
             if holder is None or (checkable(holder) and not process_alive(holder[0])):
-                lock.unlink(missing_ok=True)  # stale: its run is dead (or died before writing it)
+                _remove_stale(lock, holder)  # its run is dead (or the lock is gone, or unreadable)
                 continue
             other_pid, other_host, _ = holder
             extra = "" if checkable(holder) else f" (if that run is gone, delete {lock})"

@@ -23,6 +23,7 @@ import torch
 from test_video import decode
 
 from mega_nerf import io
+from mega_nerf import lock as lock_module
 from mega_nerf.cli import eval as eval_cli
 from mega_nerf.cli import partition as partition_cli
 from mega_nerf.cli import render as render_cli
@@ -31,7 +32,7 @@ from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.errors import UserError, run_cli, run_command, stop_on_signal
 from mega_nerf.evaluation.evaluate import evaluate
-from mega_nerf.lock import lock_path
+from mega_nerf.lock import Held, lock_path
 from mega_nerf.merging.merge import merge_submodules
 from mega_nerf.training.log import Logger
 
@@ -201,6 +202,28 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_host_is_named(tiny_city: Path,
         pid = holder.split()[0]
         assert err == (f"error: --output {out}: in use by another run (pid {pid} on {host}); wait for it to finish "
                        f"or use another --output (if that run is gone, delete {lock_path(out)})")
+
+
+def test_a_lock_another_run_took_over_meanwhile_is_not_removed(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs find one dead run's lock: the first replaces it with its own while the second still holds what it
+    read. The second must leave the first's lock (before, it deleted it and both held the output)."""
+    out = tmp_path / "exp"
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    lock_path(out).write_text(f"{dead} {socket.gethostname()} {io.HOST}\n")
+    first = f"{os.getpid()} {socket.gethostname()} {io.HOST}\n"  # the run that took it over (this process stands in)
+    real_alive = lock_module.process_alive
+
+    def first_run_takes_over(pid: int) -> bool:
+        if pid == dead and lock_path(out).read_text() != first:
+            lock_path(out).unlink()
+            lock_path(out).write_text(first)
+        return real_alive(pid)
+    monkeypatch.setattr(lock_module, "process_alive", first_run_takes_over)
+    with pytest.raises(Held, match=rf"in use by another run \(pid {os.getpid()} on "):
+        lock_module.acquire(out, "--exp_name")
+    assert lock_path(out).read_text() == first and [p.name for p in tmp_path.iterdir()] == [lock_path(out).name]
 
 
 @pytest.mark.parametrize(("words", "message"), [
