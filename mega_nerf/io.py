@@ -1,16 +1,17 @@
 """Files written whole or not at all, with one-line errors; images encoded in memory; torch files read with
 one-line errors.
 
-Every file the package writes goes through `atomic_path` (or `atomic_open`, `atomic_write` built on it): the
-bytes go to a temp file beside the target, `<name>.<pid>-<host>.tmp` (unique per process and host, so ranks
-writing side by side never share one; a writer that picks its format by suffix, OpenCV's VideoWriter, gets
+Every file the package writes goes through `atomic_path` (or `atomic_open`, `atomic_write` built on it): the bytes
+go to a temp file beside the target, `<name>.<pid>-<host>.tmp` (unique per process and host, so ranks writing side
+by side never share one; a writer that picks its format by suffix, OpenCV's VideoWriter, gets
 `<name>.<pid>-<host>.tmp<suffix>`), are checked (it exists, is as long as what was written, and passes the caller's
-own check), flushed to the disk (fsync), and the temp file is renamed over the target (os.replace, atomic on
-POSIX). A killed run or a full disk thus leaves the old file or none under the target's name, never a truncated
-one; at worst a stale temp file, which `remove_temp_files` deletes when the command that owns the folder runs again
-(`remove_temp_files_of`: those of one file, in a folder others share). Stale means left by a process of this host
-that has ended: a folder on a shared disk may hold another host's live writes. A folder written as a whole (a
-converted dataset) goes through `atomic_folder` the same way.
+own check), flushed to the disk (fsync), and the temp file is renamed over the target (os.replace, atomic on POSIX).
+A killed run or a full disk thus leaves the old file or none under the target's name, never a truncated one; at
+worst a stale temp file, which `remove_temp_files` deletes when the command that owns the folder runs again
+(`remove_temp_files_of`: those of one file, in a folder others share), and names in a note those of other hosts left
+untouched for an hour. Stale means left by a process of this host that has ended: a folder on a shared disk may hold
+another host's live writes. A folder written as a whole (a converted dataset) goes through `atomic_folder` the same
+way.
 
 Before a large write the free space is checked (`check_free_space`), and every operating-system error of a
 write becomes one `UserError` line naming the path, and for a full disk the bytes needed (`write_error`). An
@@ -56,7 +57,7 @@ def _host_tag() -> str:
 
 
 HOST = _host_tag()
-FOREIGN_TEMP_SECONDS = 3600  # another host's temp file untouched this long is reported (foreign_temp_note)
+FOREIGN_TEMP_SECONDS = 3600  # another host's temp file untouched this long is reported (_sweep)
 # What torch.load raises on a file that is not a torch file or is damaged (PyTorch 2.x, found by cutting and
 # corrupting saved files): OSError (missing, unreadable), EOFError (empty), RuntimeError (a cut zip archive),
 # pickle.UnpicklingError (foreign bytes, or objects weights_only refuses); damage inside the pickle itself
@@ -88,54 +89,46 @@ def temp_path(path: Path, keep_suffix: bool = False) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{HOST}{TEMP_SUFFIX}{path.suffix if keep_suffix else ''}")
 
 
-def _stale(name: str) -> bool:
-    """Whether `name` is a temp file's (temp_path) whose process, on this host, has ended."""
-    match = _TEMP_NAME.search(name)
-    return match is not None and match.group(2) in (None, HOST) and not process_alive(int(match.group(1)))
-
-
 def _remove(entry: Path) -> None:
     shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-def remove_temp_files(folder: Path) -> None:
-    """Delete the temp files and folders in `folder` left by runs that are dead (killed mid-write)."""
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        if _stale(entry.name):
-            _remove(entry)
+def remove_temp_files(folder: Path) -> str | None:
+    """Delete the temp files and folders in `folder` left by runs of this host that are dead (killed mid-write).
+    Returns a note on those of other hosts or containers (`_sweep`), or None."""
+    return _sweep(folder, lambda name: True)
 
 
-def remove_temp_files_of(path: Path) -> None:
-    """Delete the temp files of `path` alone that dead runs left beside it (a shared image store's, a merged
-    container's in a folder of the user's: nothing else there is touched)."""
-    prefix = f"{path.name}."
-    if path.parent.is_dir():
-        for entry in path.parent.iterdir():
-            if entry.name.startswith(prefix) and _TEMP_NAME.fullmatch(entry.name[len(path.name):]) and \
-                    _stale(entry.name):
-                _remove(entry)
+def remove_temp_files_of(path: Path) -> str | None:
+    """As remove_temp_files, for the temp files of `path` alone (a shared image store's, a merged container's in a
+    folder of the user's: nothing else there is touched)."""
+    return _sweep(path.parent, lambda name: name.startswith(f"{path.name}.")
+                  and _TEMP_NAME.fullmatch(name[len(path.name):]) is not None)
 
 
-def foreign_temp_note(folder: Path, prefix: str = "") -> str | None:
-    """A note on the temp files in `folder` (of names starting with `prefix`) that runs on other hosts or
-    containers left untouched for FOREIGN_TEMP_SECONDS (a write touches its file as it goes): they are never
-    removed here (their runs cannot be checked), so the user is told. None when there are none."""
-    old, size = [], 0
-    now = time.time()
+def _sweep(folder: Path, chosen: Callable[[str], bool]) -> str | None:
+    """Remove the `chosen` temp files in `folder` whose process, of this host, has ended. Those of other hosts or
+    containers are never removed (their runs cannot be checked from here): a note names those untouched for
+    FOREIGN_TEMP_SECONDS (a write touches its file as it goes), for the caller to print; None when there are none."""
+    foreign, size = [], 0
     for entry in folder.iterdir() if folder.is_dir() else ():
         match = _TEMP_NAME.search(entry.name)
-        if entry.name.startswith(prefix) and match and match.group(2) not in (None, HOST):
-            with contextlib.suppress(OSError):  # gone meanwhile
-                stat = entry.stat()
-                if now - stat.st_mtime > FOREIGN_TEMP_SECONDS:
-                    old.append(entry.name)
-                    size += stat.st_size
-    if not old:
+        if match is None or not chosen(entry.name):
+            continue
+        if match.group(2) in (None, HOST):  # this host's, or an older run's name (taken as this host's)
+            if not process_alive(int(match.group(1))):
+                _remove(entry)
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile
+            stat = entry.stat()
+            if time.time() - stat.st_mtime > FOREIGN_TEMP_SECONDS:
+                foreign.append(entry.name)
+                size += stat.st_size
+    if not foreign:
         return None
-    return (f"note: {folder} holds {len(old)} temp file(s) of runs on other hosts or containers, untouched for over "
-            f"{FOREIGN_TEMP_SECONDS // 3600} h ({size:,} bytes; e.g. {min(old)}): delete them once no run writes there")
+    return (f"note: {folder} holds {len(foreign)} temp file(s) of runs on other hosts or containers, untouched for "
+            f"over {FOREIGN_TEMP_SECONDS // 3600} h ({size:,} bytes; e.g. {min(foreign)}): delete them once no run "
+            "writes there")
 
 
 def free_bytes(path: Path) -> int:

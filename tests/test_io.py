@@ -64,13 +64,15 @@ def test_old_temp_files_of_other_hosts_are_reported(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x" * size)
         if old:
             os.utime(tmp_path / name, (hour_ago, hour_ago))
-    assert io.foreign_temp_note(tmp_path) == (
-        f"note: {tmp_path} holds 2 temp file(s) of runs on other hosts or containers, untouched for over 1 h (1,020 "
-        f"bytes; e.g. ckpt.pt.9-{other}.tmp): delete them once no run writes there")
-    assert io.foreign_temp_note(tmp_path, "store.rgb.") == (
+    assert io.remove_temp_files_of(tmp_path / "store.rgb") == (
         f"note: {tmp_path} holds 1 temp file(s) of runs on other hosts or containers, untouched for over 1 h (1,000 "
         f"bytes; e.g. store.rgb.7-{other}.tmp): delete them once no run writes there")
-    assert io.foreign_temp_note(tmp_path, "other.") is None and io.foreign_temp_note(tmp_path / "missing") is None
+    assert io.remove_temp_files(tmp_path) == (
+        f"note: {tmp_path} holds 2 temp file(s) of runs on other hosts or containers, untouched for over 1 h (1,020 "
+        f"bytes; e.g. ckpt.pt.9-{other}.tmp): delete them once no run writes there")
+    assert io.remove_temp_files_of(tmp_path / "other") is None and io.remove_temp_files(tmp_path / "missing") is None
+    foreign = {f"store.rgb.7-{other}.tmp", f"store.rgb.8-{other}.tmp", f"ckpt.pt.9-{other}.tmp"}
+    assert foreign <= set(os.listdir(tmp_path))  # never removed here
 
 
 def test_png_round_trip_and_unencodable_suffix(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from mega_nerf.data.store import (
     write_store,
 )
 from mega_nerf.errors import UserError
-from mega_nerf.io import atomic_write, foreign_temp_note, remove_temp_files_of, write_json
+from mega_nerf.io import atomic_write, remove_temp_files_of, write_json
 from mega_nerf.partition.maskfile import load_mask
 
 FORMAT_VERSION = 2
@@ -179,8 +179,8 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     fingerprint when the caller has it (masks_fingerprint reads every mask file)."""
     chunk_paths = [Path(p) for p in chunk_paths]
     store = store_path(store_dir or default_store_dir(chunk_paths), dataset)
-    remove_temp_files_of(store)  # a killed write's temp (the whole store's size); other cells' live ones stay
-    if (note := foreign_temp_note(store.parent, f"{store.name}.")) is not None:
+    # a killed write's temp (the whole store's size) goes; other cells' live ones stay
+    if (note := remove_temp_files_of(store)) is not None:
         print(note, file=sys.stderr)
     expected = {"version": FORMAT_VERSION, "dataset": dataset_fingerprint(dataset),
                 "masks": masks_fingerprint(mask_dir) if masks is None else masks,

@@ -26,7 +26,7 @@ import yaml
 from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.errors import UserError
 from mega_nerf.fields import config_differences, old_default_options
-from mega_nerf.io import TORCH_LOAD_ERRORS, foreign_temp_note, remove_temp_files_of
+from mega_nerf.io import TORCH_LOAD_ERRORS, remove_temp_files_of
 from mega_nerf.merging.container import KIND, inference_state, save_container
 from mega_nerf.partition.cells import PartitionParams, load_params, params_file
 from mega_nerf.training.checkpoint import comparable_field_config, load_latest_checkpoint
@@ -218,8 +218,8 @@ def merge_submodules(prefix: str, params_path: Path, output: Path, allow_empty_c
     state = container_state(subs, params, margin)
     if all(entry is None for entry in state["submodules"]):
         raise UserError(f"every submodule of {prefix}<k> is empty: nothing to merge")
-    remove_temp_files_of(output)  # a killed merge's (the whole container's size), and nothing else of the folder
-    if (note := foreign_temp_note(output.parent, f"{output.name}.")) is not None:
+    # a killed merge's temp (the whole container's size) goes, and nothing else of the folder
+    if (note := remove_temp_files_of(output)) is not None:
         print(note, file=sys.stderr)
     save_container(output, state)
     report(subs, state, output)

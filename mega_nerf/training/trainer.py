@@ -31,7 +31,7 @@ from mega_nerf.errors import STOP_SIGNALS, Interrupted, UserError, check_device,
 from mega_nerf.fields import build_field, config_differences, old_default_options
 from mega_nerf.fields.base import Field
 from mega_nerf.fields.encoding import SH_DEGREE
-from mega_nerf.io import foreign_temp_note, free_bytes, remove_temp_files, save_torch_atomic, tensor_bytes
+from mega_nerf.io import free_bytes, remove_temp_files, save_torch_atomic, tensor_bytes
 from mega_nerf.partition.cells import check_cell_masks
 from mega_nerf.rays import Cameras, SceneBounds
 from mega_nerf.render import RenderConfig
@@ -481,8 +481,7 @@ class Trainer:
         # What runs killed mid-write left in the folders this one writes atomically into (a checkpoint's temp file
         # is about 0.9 GB at the defaults); io removes only dead processes' files
         for folder in (self.exp_dir, self.exp_dir / "checkpoints", self.exp_dir / "val"):
-            remove_temp_files(folder)
-            if (note := foreign_temp_note(folder)) is not None:  # a run requeued from another host left them
+            if (note := remove_temp_files(folder)) is not None:  # a run requeued from another host left them
                 print(note, file=sys.stderr)
         stream = self.prepare_data()
         last_good = None if stream is None else self.resume(stream)
