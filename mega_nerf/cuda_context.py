@@ -20,6 +20,7 @@ from pathlib import Path
 
 CUDA_SUCCESS = 0
 
+
 @dataclass(frozen=True)
 class Pick:
     """How a command picks its GPU: by rank (distributed's pick: the local rank modulo the GPUs visible) or the

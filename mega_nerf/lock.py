@@ -36,10 +36,15 @@ def checkable(holder: Holder) -> bool:
     return holder[1] == socket.gethostname() and holder[2] in (None, HOST)
 
 
-def is_free(lock: Path) -> bool:
-    """Whether `lock` is gone or stale (its run, checkable from here, has died)."""
-    holder = _read_holder(lock)
+def _free(holder: Holder | None) -> bool:
+    """Whether a lock naming `holder` (None: gone, or unreadable) can be taken: its run, checkable from here, has
+    died."""
     return holder is None or (checkable(holder) and not process_alive(holder[0]))
+
+
+def is_free(lock: Path) -> bool:
+    """Whether `lock` is gone or stale."""
+    return _free(_read_holder(lock))
 
 
 def lock_path(output: Path) -> Path:
@@ -97,7 +102,7 @@ def acquire(output: str | os.PathLike, what: str) -> Path:
             if _try_create(lock, f"{os.getpid()} {socket.gethostname()} {HOST}\n"):
                 return lock
             holder = _read_holder(lock)
-            if holder is None or (checkable(holder) and not process_alive(holder[0])):
+            if _free(holder):
                 _remove_stale(lock, holder)  # its run is dead (or the lock is gone, or unreadable)
                 continue
             other_pid, other_host, _ = holder
