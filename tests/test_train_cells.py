@@ -309,6 +309,21 @@ def test_a_cell_another_run_holds_is_taken_once_that_run_lets_it_go(finished: bo
     assert sorted(tries) == [0, 0, 1, 2, 3] and tries[-1] == 0  # tried again last, once
 
 
+def test_a_merge_another_job_is_writing_is_left_to_it(tiny_city: Path, masks: Path, separate_runs: Path,
+                                                      tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two jobs on one prefix both end by merging the same cells: the one that finds the merge output held says so
+    in a note and ends as done, instead of failing after every cell trained."""
+    for k in range(4):
+        shutil.copytree(separate_runs / f"exp-{k}", tmp_path / f"exp-{k}")
+    merged = tmp_path / "merged.pt"
+    (tmp_path / ".merged.pt.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # the other job's merge
+    train_cells_main([str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory",
+                                                    "--merge_output", merged)])
+    out = capsys.readouterr().out
+    assert f"note: not merged here: --merge_output {merged}: in use by another run (pid {os.getpid()} on " in out
+    assert "4 of 4 cells trained" in out and not merged.exists()
+
+
 def test_a_cell_held_from_another_host_that_changes_nothing_fails_with_the_lock_to_delete(
         tiny_city: Path, masks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A holder on another host (or container) cannot be checked from here: once its cell's folders have not
