@@ -149,15 +149,39 @@ def compact(occupied: torch.Tensor, capacity: int) -> torch.Tensor:
     return kept[:capacity]
 
 
+class _ScaledGradient(torch.autograd.Function):
+    """x as it is, whose gradient comes back multiplied by `scale`, one number per row of x."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale.view(-1, *(1,) * (grad.dim() - 1)).to(grad.dtype), None
+
+
+def near_gradient_scale(t: torch.Tensor, distance: float) -> torch.Tensor:
+    """(t / distance)^2, at most 1: how much of its gradient a sample t from its camera keeps (`shade`)."""
+    return (t / distance).square().clamp(max=1.0)
+
+
 def shade(field: Field, origins: torch.Tensor, dirs: torch.Tensor, appearance: torch.Tensor, t: torch.Tensor,
           starts: torch.Tensor, ends: torch.Tensor, occupied: torch.Tensor | None = None,
-          capacity: int | None = None) -> dict[str, torch.Tensor]:
+          capacity: int | None = None, near_gradient: float = 0.0) -> dict[str, torch.Tensor]:
     """Evaluate the field at origins + t * dirs, only where it may be occupied, and composite.
 
     origins, dirs: (R, 3); appearance: (R,) long; t, starts, ends: (R, n); occupied: (R, n) bool, the samples
     worth shading when the caller knows them (else the field's occupancy is asked). capacity: shade exactly this
     many samples, the occupied ones (at most `capacity`) and then copies of others whose results are dropped, so
-    that every shape is known before the count (`compact`); 'samples' is then a 0-d tensor.
+    that every shape is known before the count (`compact`); 'samples' is then a 0-d tensor. near_gradient: a
+    sample nearer its camera (t: rays start there) than this keeps (t / near_gradient)^2 of its gradient
+    (`near_gradient_scale`; 0: all). Near a camera a point is seen through many of that camera's pixels and by
+    few other cameras, so it learns fastest where fewest views check it: a street view's sky became fog a few
+    metres ahead, which the views between them saw in front of their surfaces (Philip and Deschaintre 2023 scale
+    gradients so; docs/DESIGN.md, Scene bounds).
     """
     R, n = t.shape
     points = (origins[:, None, :] + dirs[:, None, :] * t[..., None]).reshape(-1, 3)
@@ -174,6 +198,9 @@ def shade(field: Field, origins: torch.Tensor, dirs: torch.Tensor, appearance: t
         shaded, samples = torch.where(kept < R * n, kept, spread), occupied.sum()
     ray_of = torch.div(shaded, n, rounding_mode="floor")
     sigma, color = field(points[shaded], dirs, appearance, ray_of)
+    if near_gradient > 0 and torch.is_grad_enabled():
+        scale = near_gradient_scale(t.reshape(-1)[shaded], near_gradient)
+        sigma, color = _ScaledGradient.apply(sigma, scale), _ScaledGradient.apply(color, scale)
     slots = R * n + (capacity is not None)
     density = torch.zeros(slots, device=t.device).index_put((kept,), sigma.float())[:R * n]
     rgb = torch.zeros(slots, 3, device=t.device).index_put((kept,), color.float())[:R * n]
@@ -194,11 +221,12 @@ def render_rays(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: t
 def render_samples(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
                    appearance: torch.Tensor, config: RenderConfig, t: torch.Tensor, starts: torch.Tensor,
                    ends: torch.Tensor, occupied: torch.Tensor | None = None, capacity: int | None = None,
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """`render_rays` from its samples (`ray_samples`' t, starts, ends), their occupancy when known and a fixed
-    capacity of the first shading pass (`shade`): the trainer draws the samples and counts the occupied ones
-    before the rest of its step, which then has fixed shapes (training.graphs)."""
-    out = shade(field, origins, dirs, appearance, t, starts, ends, occupied, capacity)
+                   generator: torch.Generator | None = None, near_gradient: float = 0.0) -> dict[str, torch.Tensor]:
+    """`render_rays` from its samples (`ray_samples`' t, starts, ends), their occupancy when known, a fixed
+    capacity of the first shading pass and the gradient scaling near the cameras (`shade`): the trainer draws
+    the samples and counts the occupied ones before the rest of its step, which then has fixed shapes
+    (training.graphs)."""
+    out = shade(field, origins, dirs, appearance, t, starts, ends, occupied, capacity, near_gradient)
     if config.fine_samples > 0:
         fine = sample_pdf(starts, ends, out["weights"], config.fine_samples, config.perturb, generator)
         t_all = torch.sort(torch.cat([t, fine], -1), -1).values
@@ -208,7 +236,7 @@ def render_samples(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near
         ends_all = torch.cat([mids, far[:, None]], -1)
         coarse_rgb, coarse_opacity = out["rgb"], out["opacity"]
         samples = out["samples"]
-        out = shade(field, origins, dirs, appearance, t_all, starts_all, ends_all)
+        out = shade(field, origins, dirs, appearance, t_all, starts_all, ends_all, near_gradient=near_gradient)
         out["samples"] = out["samples"] + samples
         out["rgb_coarse"] = coarse_rgb + (1 - coarse_opacity[:, None]) * field.background(dirs, appearance)
     out["rgb"] = out["rgb"] + (1 - out["opacity"][:, None]) * field.background(dirs, appearance)

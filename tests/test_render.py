@@ -101,6 +101,41 @@ def test_skipping_unoccupied_space_changes_nothing_but_cost():
     assert skipping.evaluated < everywhere.evaluated / 4
 
 
+class Leaves(Field):
+    """Every sample's density and colour a parameter of its own, in shading order (all samples occupied)."""
+
+    def __init__(self, samples: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.density = torch.nn.Parameter(torch.rand(samples, generator=generator) * 4)
+        self.color = torch.nn.Parameter(torch.rand(samples, 3, generator=generator))
+
+    def forward(self, positions, directions, appearance, ray_of=None):
+        return self.density * 1, self.color * 1
+
+
+@pytest.mark.parametrize("distance", [0.5, 1.5])
+def test_near_gradient_scales_each_samples_gradient_by_its_squared_distance(distance: float):
+    """A sample t from its camera keeps (t / distance)^2 of its density's and colour's gradient within `distance`,
+    all of it beyond; the render itself is the same bits."""
+    origins, dirs, near, far, image = rays_along_x(3)
+    t, starts, ends = uniform_samples(near, far, 16, perturb=False)  # t from 1/16 to 31/16
+    target = torch.rand(3, 3, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for near_gradient in (0.0, distance):
+        field = Leaves(t.numel())
+        out = render.shade(field, origins, dirs, image, t, starts, ends, torch.ones_like(t, dtype=torch.bool),
+                           near_gradient=near_gradient)
+        ((out["rgb"] - target) ** 2).sum().backward()
+        runs.append((out["rgb"].detach(), field.density.grad, field.color.grad))
+    (rgb, density, color), (scaled_rgb, scaled_density, scaled_color) = runs
+    scale = torch.minimum((t.reshape(-1) / distance) ** 2, torch.ones(()))
+    assert scale.min() < 0.02 and (scale < 1).any() and (scale == 1).any()
+    assert torch.equal(scaled_rgb, rgb)
+    assert torch.allclose(scaled_density, density * scale, rtol=1e-6, atol=0)
+    assert torch.allclose(scaled_color, color * scale[:, None], rtol=1e-6, atol=0)
+
+
 def test_pdf_samples_fall_where_the_weight_is():
     near, far = torch.zeros(3), torch.ones(3)
     _, starts, ends = uniform_samples(near, far, 10, perturb=False)

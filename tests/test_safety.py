@@ -235,6 +235,7 @@ def test_a_lock_another_run_took_over_meanwhile_is_not_removed(tmp_path: Path,
     (["--train_iterations", "0"], "--train_iterations must be positive, got 0"),
     (["--near", "-1"], "--near must not be negative, got -1.0"),
     (["--keep_checkpoints", "-1"], "--keep_checkpoints must not be negative, got -1"),
+    (["--near_gradient_distance", "-0.2"], "--near_gradient_distance must not be negative, got -0.2"),
     (["--boundary_margin", "0.5"], "--boundary_margin must be at least 1, got 0.5"),
 ])
 def test_options_that_cannot_be_right_are_one_line(words: list[str], message: str) -> None:

@@ -180,6 +180,15 @@ def test_ctrl_c_on_the_last_step_lets_the_run_end(tiny_city, tmp_path):
     assert sorted(p.name for p in (tmp_path / "exp" / "checkpoints").iterdir()) == ["00000003.pt"]
 
 
+def test_near_gradient_distance_is_the_fields_default_and_reaches_the_passes(tiny_city, tmp_path):
+    """The hash field scales gradients within 0.2 of the cameras by default, Mega-NeRF's mlp does not; the
+    option overrides both and reaches every pass (render.shade)."""
+    assert args(tiny_city, tmp_path / "a").near_gradient_distance == 0.2
+    assert args(tiny_city, tmp_path / "a", "--field", "mlp").near_gradient_distance == 0.0
+    config = args(tiny_city, tmp_path / "a", "--near_gradient_distance", "0.05", "--data_mode", "memory")
+    assert Trainer(config).pass_options.near_gradient == 0.05
+
+
 def test_bad_input_is_one_line(tiny_city, masks, tmp_path):
     with pytest.raises(UserError, match="unknown field 'nerf'"):
         Trainer(args(tiny_city, tmp_path / "a", "--field", "nerf", "--data_mode", "memory"))

@@ -248,16 +248,17 @@ EVERY_COMMAND_OPTION = frozenset({
     "boundary_margin", "centroid_path", "chunk", "chunk_paths", "chunk_prefix", "chunk_rays", "ckpt_interval",
     "ckpt_path", "ckpt_prefix", "cluster_2d", "cluster_mask_path", "config", "config_file", "container_path",
     "data_mode", "dataparser_transforms", "dataset_path", "density_threshold", "device", "dist_chunk",
-    "distortion_loss", "eval_protocol", "exp_name", "exp_prefix", "far", "field", "fine_samples", "foreground_scale",
-    "fps", "frames", "grid_dim", "h", "hash_decay", "hash_levels", "height", "help", "horizon_background", "host",
-    "image_store", "keep_checkpoints", "layer_dim", "layers", "log2_hashmap_size", "log_interval",
-    "lpips_weights_dir", "lr", "lr_decay_epochs", "lr_decay_factor", "mask_path", "max_points", "max_resolution",
-    "merge_output", "micro_batch", "min_views", "near", "no_amp", "no_cuda_graphs", "no_horizon_background",
-    "no_progress", "occupancy_interval", "occupancy_resolution", "occupancy_warmup", "output", "partition", "path",
-    "path_file", "point_resolution", "port", "pos_dir_dim", "pos_xyz_dim", "preview_samples", "ray_altitude_range",
-    "ray_chunk", "ray_samples", "real_units", "resolution", "resume", "samples", "seed", "sh_degree", "size",
-    "source_frame", "target_fps", "timeout_minutes", "train_iterations", "train_scale_factor", "val_embeddings_only",
-    "val_images", "val_interval", "val_scale_factor", "viewer",
+    "distortion_loss", "eval_protocol", "exp_name", "exp_prefix", "far", "field", "fine_samples",
+    "foreground_scale", "fps", "frames", "grid_dim", "h", "hash_decay", "hash_levels", "height", "help",
+    "horizon_background", "host", "image_store", "keep_checkpoints", "layer_dim", "layers", "log2_hashmap_size",
+    "log_interval", "lpips_weights_dir", "lr", "lr_decay_epochs", "lr_decay_factor", "mask_path", "max_points",
+    "max_resolution", "merge_output", "micro_batch", "min_views", "near", "near_gradient_distance", "no_amp",
+    "no_cuda_graphs", "no_horizon_background", "no_progress", "occupancy_interval", "occupancy_resolution",
+    "occupancy_warmup", "output", "partition", "path", "path_file", "point_resolution", "port", "pos_dir_dim",
+    "pos_xyz_dim", "preview_samples", "ray_altitude_range", "ray_chunk", "ray_samples", "real_units", "resolution",
+    "resume", "samples", "seed", "sh_degree", "size", "source_frame", "target_fps", "timeout_minutes",
+    "train_iterations", "train_scale_factor", "val_embeddings_only", "val_images", "val_interval",
+    "val_scale_factor", "viewer",
 })
 
 
@@ -267,7 +268,8 @@ POSITIVE = ("batch_size", "micro_batch", "train_iterations", "chunk_rays", "samp
             "occupancy_resolution", "occupancy_interval", "ray_chunk", "dist_chunk", "ray_samples", "frames", "fps",
             "lr", "lr_decay_factor", "foreground_scale", "timeout_minutes", "train_scale_factor", "val_scale_factor")
 NON_NEGATIVE = ("near", "far", "fine_samples", "bg_samples", "appearance_dim", "val_images", "occupancy_warmup",
-                "lr_decay_epochs", "seed", "distortion_loss", "hash_decay", "keep_checkpoints")
+                "lr_decay_epochs", "seed", "distortion_loss", "hash_decay", "keep_checkpoints",
+                "near_gradient_distance")
 AT_LEAST_ONE = ("boundary_margin",)
 
 

@@ -16,7 +16,7 @@ APPEARANCE_DIM = 48  # Mega-NeRF's
 class MLPField(BoxField):
     # Mega-NeRF's optimisation settings: small batches, coarse and fine samples.
     train_defaults = {"lr": 5e-4, "samples": 256, "fine_samples": 512, "batch_size": 1024, "lr_decay_epochs": 0.0,
-                      "train_iterations": 30000}
+                      "train_iterations": 30000, "near_gradient_distance": 0.0}
     unsaved_appearance_dim = APPEARANCE_DIM  # a config saved without a width: the default, which never changed
 
     def __init__(self, box_min: torch.Tensor, box_max: torch.Tensor, n_images: int,

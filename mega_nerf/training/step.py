@@ -24,11 +24,12 @@ WARM_UP_RAYS = 128  # few: the first pass's references take memory beside the ru
 
 @dataclass(frozen=True)
 class PassOptions:
-    """What a pass needs beyond its field and rays: the sampling, bfloat16 autocast (CUDA only) and the
-    distortion loss's weight."""
+    """What a pass needs beyond its field and rays: the sampling, bfloat16 autocast (CUDA only), the
+    distortion loss's weight and the distance within which the cameras' samples learn slower (render.shade)."""
     render: RenderConfig
     amp: bool
     distortion_loss: float
+    near_gradient: float
 
 
 def draw_samples(field: Field, origins: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor, far: torch.Tensor,
@@ -54,7 +55,8 @@ def shade_pass(field: Field, s: dict[str, torch.Tensor], rgb: torch.Tensor, batc
     # A graph must cast the weights inside itself, not read casts cached outside it
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=options.amp, cache_enabled=capacity is None):
         out = render_samples(field, s["origins"], s["dirs"], s["near"], s["far"], s["image"], options.render,
-                             s["t"], s["starts"], s["ends"], s["occupied"], capacity, generator)
+                             s["t"], s["starts"], s["ends"], s["occupied"], capacity, generator,
+                             options.near_gradient)
     scale = 1.0 / (3 * batch)  # 3 channels per ray
     mse = ((out["rgb"] - rgb) ** 2).sum(-1) * scale  # per ray (R,)
     loss = mse + ((out["rgb_coarse"] - rgb) ** 2).sum(-1) * scale if "rgb_coarse" in out else mse

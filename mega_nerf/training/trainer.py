@@ -103,7 +103,7 @@ class Trainer:
         self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
                                           bg_samples=config.bg_samples)
         self.pass_options = PassOptions(self.render_config, self.device.type == "cuda" and config.amp,
-                                        config.distortion_loss)
+                                        config.distortion_loss, config.near_gradient_distance)
         self.warming: threading.Thread | None = None  # joined before the first step
         if self.device.type == "cuda":
             torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it
