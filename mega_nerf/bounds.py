@@ -19,6 +19,7 @@ import torch
 from mega_nerf.rays import Cameras, SceneBounds, rays_from_pixels
 
 FOREGROUND_SCALE = 1.2  # the foreground's horizontal extent over the cameras' (each axis)
+POSITION_RESOLUTION = 1e-6  # camera positions (normalised) closer than this are one place (camera_spacing)
 
 
 def foreground_box(positions: torch.Tensor, altitude: tuple[float, float] | None,
@@ -36,6 +37,19 @@ def foreground_box(positions: torch.Tensor, altitude: tuple[float, float] | None
     else:
         lo[0], hi[0] = positions[:, 0].min(), positions[:, 0].max() + 2 * float(half[1:].max())
     return lo.float(), hi.float()
+
+
+def camera_spacing(positions: torch.Tensor, block: int = 1024) -> float:
+    """The median distance from a camera position (I, 3) to the nearest other one: how far apart neighbouring
+    views stand, in the positions' units, whatever the scene's extent. Cameras at one place (a rig's, a view listed
+    twice) count once; 0 with fewer than two places."""
+    places = torch.unique((positions.double() / POSITION_RESOLUTION).round(), dim=0) * POSITION_RESOLUTION
+    if len(places) < 2:
+        return 0.0
+    # Each block's distances to every place; the nearest is the place itself, the next its neighbour
+    nearest = [torch.cdist(places[i:i + block], places).topk(2, largest=False).values[:, 1]
+               for i in range(0, len(places), block)]
+    return float(torch.cat(nearest).median())
 
 
 def contracted_axes(altitude: tuple[float, float] | None) -> list[bool]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mega_nerf.bounds import box_to_world, contracted_axes, foreground_box
+from mega_nerf.bounds import box_to_world, camera_spacing, contracted_axes, foreground_box
 from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.fields import build_field
@@ -70,6 +70,19 @@ def test_everything_seen_lies_in_the_field(oblique_city: Path) -> None:
 def slow_contract(x: float) -> float:
     """mip-NeRF 360's contraction of one coordinate in box units."""
     return x if abs(x) <= 1 else math.copysign(2 - 1 / abs(x), x)
+
+
+@pytest.mark.parametrize("block", [1024, 7])
+def test_camera_spacing_is_the_median_distance_to_the_nearest_other_place(block: int) -> None:
+    """Against every pair's distance; a rig's cameras (one place, listed three times) count once; blocks of rows
+    give the same."""
+    generator = torch.Generator().manual_seed(0)
+    places = torch.rand(40, 3, generator=generator, dtype=torch.float64) * torch.tensor([0.1, 2.0, 2.0])
+    cameras = torch.cat([places, places[:5], places[:5]]).float()  # five rigs of three cameras
+    distances = (places[:, None] - places[None]).norm(dim=-1) + torch.eye(40, dtype=torch.float64) * 1e9
+    assert camera_spacing(cameras, block) == pytest.approx(float(distances.min(1).values.median()), rel=1e-5)
+    assert camera_spacing(torch.zeros(4, 3), block) == 0.0  # one place: no spacing
+    assert camera_spacing(torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.3, 0.4]]), block) == pytest.approx(0.5)
 
 
 def test_contraction_matches_its_definition(oblique_city: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mega_nerf import io
+from mega_nerf.bounds import camera_spacing
 from mega_nerf.cli.train import config_from_argv, train_config, train_parser
 from mega_nerf.cli.train import main as train_main
 from mega_nerf.data.dataset import load_dataset
@@ -25,9 +26,10 @@ from mega_nerf.errors import UserError
 from mega_nerf.fields import build_field, config_differences
 from mega_nerf.merging.merge import find_submodules
 from mega_nerf.partition.maskfile import write_mask
+from mega_nerf.rays import Cameras
 from mega_nerf.training import checkpoint as ckpt
 from mega_nerf.training.checkpoint import load_checkpoint, prune_checkpoints
-from mega_nerf.training.trainer import Trainer, field_config
+from mega_nerf.training.trainer import NEAR_GRADIENT_SPACINGS, Trainer, field_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small hash grid, few samples: what a CPU trains in seconds.
@@ -180,13 +182,16 @@ def test_ctrl_c_on_the_last_step_lets_the_run_end(tiny_city, tmp_path):
     assert sorted(p.name for p in (tmp_path / "exp" / "checkpoints").iterdir()) == ["00000003.pt"]
 
 
-def test_near_gradient_distance_is_the_fields_default_and_reaches_the_passes(tiny_city, tmp_path):
-    """The hash field scales gradients within 0.2 of the cameras by default, Mega-NeRF's mlp does not; the
-    option overrides both and reaches every pass (render.shade)."""
-    assert args(tiny_city, tmp_path / "a").near_gradient_distance == 0.2
+def test_near_gradient_distance_follows_the_cameras_spacing_unless_given(tiny_city, tmp_path):
+    """Unset, the hash field scales gradients within NEAR_GRADIENT_SPACINGS times the cameras' median spacing;
+    Mega-NeRF's mlp does not scale them; the option overrides both. Each reaches every pass (render.shade)."""
+    positions = Cameras.from_dataset(load_dataset(tiny_city)).c2w[:, :, 3]
+    auto = Trainer(args(tiny_city, tmp_path / "a", "--data_mode", "memory"))
+    assert auto.pass_options.near_gradient == pytest.approx(NEAR_GRADIENT_SPACINGS * camera_spacing(positions))
+    assert 0.05 < auto.pass_options.near_gradient < 0.5 and "1.5x the cameras' median" in auto.near_gradient_report()
     assert args(tiny_city, tmp_path / "a", "--field", "mlp").near_gradient_distance == 0.0
-    config = args(tiny_city, tmp_path / "a", "--near_gradient_distance", "0.05", "--data_mode", "memory")
-    assert Trainer(config).pass_options.near_gradient == 0.05
+    given = Trainer(args(tiny_city, tmp_path / "a", "--near_gradient_distance", "0.05", "--data_mode", "memory"))
+    assert given.pass_options.near_gradient == 0.05
 
 
 def test_bad_input_is_one_line(tiny_city, masks, tmp_path):

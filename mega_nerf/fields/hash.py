@@ -45,10 +45,8 @@ class HashField(BoxField):
     # preset, Mega-NeRF's schedule (10x over 30000 steps) peaked at 25.01 dB after 8000 steps and fell to 24.74 by
     # 16000; 10x every 10 epochs held steady but at 23.9; every 30 epochs gave 24.88, 25.24, 25.32 dB at 4000, 8000
     # and 12000 steps (bench/RESULTS.md, val PSNR against steps).
-    # Gradients scaled within 0.2 of the cameras: `street` +1.55 dB at 3000 steps, 35 % more rays/s (the fog in
-    # front of its cameras gone); `oblique` and `city` level (bench/RESULTS.md, thirtieth session).
     train_defaults = {"lr": 1e-2, "samples": 128, "fine_samples": 0, "batch_size": 32768, "lr_decay_epochs": 30.0,
-                      "train_iterations": None, "appearance_dim": APPEARANCE_DIM, "near_gradient_distance": 0.2}
+                      "train_iterations": None, "appearance_dim": APPEARANCE_DIM}
     unsaved_appearance_dim = 32  # configs were saved without a width while 32 was the default
     # The plain PyTorch encoding (the CPU's) materialises every corner of every sample: 32768 rays would take
     # about 40 GB there, so a CPU step is smaller (and split into passes by the trainer's --micro_batch).

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mega_nerf.allocator import give_back_freed, keep_freed_blocks
-from mega_nerf.bounds import contracted_axes, foreground_box, mean_segment
+from mega_nerf.bounds import camera_spacing, contracted_axes, foreground_box, mean_segment
 from mega_nerf.clock import PartsClock
 from mega_nerf.data.chunks import ChunkReader, gather_in_memory, masks_fingerprint, prepare_chunks
 from mega_nerf.data.dataset import dataset_fingerprint, load_dataset
@@ -47,6 +47,12 @@ StepHook = Callable[[int], None]
 CPU_PASS_BYTES = 1 << 30  # what one forward/backward pass may take on a CPU by default: room on a small machine
 GPU_PASS_FRACTION = 0.75  # of the GPU's memory, by default
 STAND_IN_LOG2_TABLE = 19  # the warm-up's stand-in field's hash table, at most (Trainer._stand_in)
+# --near_gradient_distance left unset: this many times the median spacing of neighbouring cameras. A point nearer a
+# camera than about its spacing is seen by few other cameras. On the presets 0.13 (`street`, whose cameras stand
+# 9 m apart), 0.26 (`oblique`) and 0.075 (`city`): `street` gained 1.2-1.6 dB at 0.1-0.2, `oblique` and `city`
+# were level at 0.3. A fixed distance in normalised units would grow with a survey's extent, past the height of
+# its cameras above what they see (bench/RESULTS.md, thirtieth session)
+NEAR_GRADIENT_SPACINGS = 1.5
 
 
 def pass_budget(device: torch.device) -> int:
@@ -102,8 +108,9 @@ class Trainer:
         keep_freed_blocks(self.device)  # a CPU pass's gigabyte of temporaries, reused instead of faulted in again
         self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
                                           bg_samples=config.bg_samples)
+        # The near-camera distance, unset, comes from the cameras (below): the warm-up's samples span its unit box
         self.pass_options = PassOptions(self.render_config, self.device.type == "cuda" and config.amp,
-                                        config.distortion_loss, config.near_gradient_distance)
+                                        config.distortion_loss, config.near_gradient_distance or 0.0)
         self.warming: threading.Thread | None = None  # joined before the first step
         if self.device.type == "cuda":
             torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it
@@ -120,6 +127,10 @@ class Trainer:
                   "in real down-coordinates (the converters estimate it from sparse points; preview_dataset.py "
                   "draws it)", file=sys.stderr)
         self.cameras = Cameras.from_dataset(self.dataset)
+        self.camera_spacing = camera_spacing(self.cameras.c2w[:, :, 3])
+        if config.near_gradient_distance is None:
+            self.pass_options = dataclasses.replace(self.pass_options,
+                                                    near_gradient=NEAR_GRADIENT_SPACINGS * self.camera_spacing)
         self.clock.mark("dataset")
         self.mask_dir = Path(config.cluster_mask_path) if config.cluster_mask_path else None
         if self.mask_dir is not None and not self.mask_dir.is_dir():
@@ -242,6 +253,16 @@ class Trainer:
         beyond = "contracted" if any(self.field_config.get("contracted", [])) else "empty"
         return (f"foreground box y [{lo[1]:.2f}, {hi[1]:.2f}], z [{lo[2]:.2f}, {hi[2]:.2f}] (normalised), "
                 f"{ratio:.2f}x the cameras' horizontal extent; the world beyond it {beyond}")
+
+    def near_gradient_report(self) -> str:
+        """One line on where gradients are scaled near the cameras (render.shade)."""
+        distance = self.pass_options.near_gradient
+        if distance == 0:
+            return "near the cameras: gradients as they are (--near_gradient_distance 0)"
+        how = ("--near_gradient_distance" if self.config.near_gradient_distance is not None else
+               f"{NEAR_GRADIENT_SPACINGS}x the cameras' median spacing; --near_gradient_distance sets it, 0: off")
+        return (f"near the cameras: gradients scaled by (distance / {distance:.3g})^2 within {distance:.3g} "
+                f"(normalised; {how})")
 
     def epochs(self, step: int) -> float:
         """Passes over the cell's rays after `step` steps."""
@@ -502,6 +523,7 @@ class Trainer:
         print(f"training {self.iterations} steps, {self.epochs(self.iterations):.1f} epochs of the cell's "
               f"{self.cell_rays:,} rays; {self.foreground_report()}")
         print(self.memory_report())
+        print(self.near_gradient_report())
         print(self.checkpoint_report())
         if self.step < self.iterations:  # a finished run writes nothing
             self.check_checkpoint_room()
