@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import hashlib
 import importlib
 import os
 import select
@@ -19,6 +20,11 @@ from mega_nerf.cuda_context import Pick, make_context_early
 
 if TYPE_CHECKING:
     import torch
+
+# mega-nerf-launch gives its ranks a folder, named by this variable, where each line they write to stderr through
+# `write_line` leaves an empty file named by its hash: N ranks that stop alike (on one bad option, one Ctrl-C, one
+# rank's failure) print their line once.
+SHARED_LINES = "MEGA_NERF_LAUNCH_LINES"
 
 # Whether a command's end skips Python's teardown (end_process). A process that runs commands in-process, as the
 # test suite does (tests/conftest.py), turns it off: there a command's end must be a SystemExit, not the process's.
@@ -50,6 +56,22 @@ MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 FILE_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
 
 
+def write_line(line: str) -> None:
+    """`line` and a newline on stderr in one write (under `python -u`, every rank under mega-nerf-launch, print()
+    writes the newline apart, and two ranks' lines could interleave on a shared console); not when another rank of
+    this launch has written the same line (SHARED_LINES)."""
+    folder = os.environ.get(SHARED_LINES)
+    if folder:
+        try:
+            os.close(os.open(os.path.join(folder, hashlib.sha1(line.encode()).hexdigest()),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        except OSError:  # the folder has gone with its launcher: say it
+            pass
+    sys.stderr.write(f"{line}\n")
+
+
 def run_cli(main: Callable[[], object]) -> NoReturn:
     """Run a command's entry point and end its process (`end_process`): exit code 0; 2 with `error: <message>`
     on stderr for a `UserError`, or for an OSError of the machine's (MACHINE_ERRNOS: a full disk, a read-only
@@ -59,9 +81,7 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
     try:
         main()
     except UserError as e:
-        # One write: under `python -u` (every rank under mega-nerf-launch) print() writes the newline apart, and
-        # two ranks' lines could interleave on a shared console.
-        sys.stderr.write(f"error: {e}\n")
+        write_line(f"error: {e}")
         end_process(2)
     except BrokenPipeError:  # before OSError, of which it is one
         if not _stdout_reader_gone():
@@ -74,13 +94,13 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
         if not (e.errno in MACHINE_ERRNOS or (e.errno in FILE_ERRNOS and e.filename is not None)):
             raise
         where = f"{e.filename}: " if e.filename is not None else ""
-        sys.stderr.write(f"error: {where}{e.strerror or e}\n")
+        write_line(f"error: {where}{e.strerror or e}")
         end_process(2)
     except Interrupted as e:
-        sys.stderr.write(f"error: {e}\n")
+        write_line(f"error: {e}")
         end_process(e.code)
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
+        write_line("error: interrupted")
         end_process(130)
     end_process(0)
 
@@ -119,7 +139,7 @@ def run_command(module: str, function: str = "main", cuda_context: Pick | None =
 
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:
-    sys.stderr.write("error: interrupted\n")
+    write_line("error: interrupted")
     os._exit(130)
 
 

@@ -447,19 +447,28 @@ def test_what_the_launcher_runs_itself(argv: list[str], env: dict[str, str], exp
     assert one_machine(argv) == expected
 
 
-def test_a_failed_launch_reads_as_lines_of_its_own(tmp_path: Path) -> None:
-    """Bad input under mega-nerf-launch with 2 ranks: each rank's one-line error, one line from the launcher
-    naming the failing rank, no traceback, exit code 1."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "mega_nerf.cli.launch", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+@pytest.mark.parametrize("bad", ["dataset", "option"])
+def test_a_failed_launch_reads_as_lines_of_its_own(bad: str, tmp_path: Path) -> None:
+    """Bad input under mega-nerf-launch with 3 ranks: the ranks' one-line error once (each rank meets it; the first
+    to write it says it), one line from the launcher naming the failing rank, no traceback, exit code 1; the
+    launcher's folder of said lines is gone after."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(temp)}
+    words = {"dataset": [], "option": ["--grid_dimm", "2"]}[bad]
+    command = [sys.executable, "-m", "mega_nerf.cli.launch", "--standalone", "--nproc_per_node", "3", str(SCRIPT),
                "--dataset_path", str(tmp_path / "absent"), "--output", str(tmp_path / "masks"), "--grid_dim", "2",
-               "2", "--ray_altitude_range", "-1", "1"]
+               "2", "--ray_altitude_range", "-1", "1", *words]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert lines[:-1] == [f"error: {tmp_path / 'absent'}: dataset directory not found"] * 2, result.stderr
-    assert re.fullmatch(r"error: .*create_cluster_masks\.py failed: rank [01] failed first, with exit code 2 .*",
+    error = {"dataset": f"error: {tmp_path / 'absent'}: dataset directory not found",
+             "option": "error: unrecognized arguments: --grid_dimm 2 (see create_cluster_masks.py --help)"}[bad]
+    assert lines[:-1] == [error], result.stderr
+    assert re.fullmatch(r"error: .*create_cluster_masks\.py failed: rank [012] failed first, with exit code 2 .*",
                         lines[-1])
+    assert list(temp.iterdir()) == []
 
 
 @pytest.mark.parametrize("output", ["redirected", "redirected, no --log_dir", "stdout only redirected", "teed"])

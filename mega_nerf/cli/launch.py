@@ -18,15 +18,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-from mega_nerf.errors import UserError, run_cli
+from mega_nerf.errors import SHARED_LINES, UserError, run_cli
 
 GRACE_S = 10.0  # after a rank fails, how long the others may take to stop on their own (they see its error)
 KILL_S = 5.0  # then after SIGTERM, before SIGKILL
@@ -71,12 +73,12 @@ def one_machine(argv: list[str]) -> tuple[int, list[str]] | None:
     return (n, command) if n >= 1 else None
 
 
-def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+def rank_env(rank: int, world_size: int, port: int, lines: str) -> dict[str, str]:
     """The environment torchrun gives a rank of a one-machine job whose store the launcher hosts (OMP_NUM_THREADS:
-    one_thread_per_rank)."""
+    one_thread_per_rank), and the folder `lines` where the ranks say each stderr line once (errors.write_line)."""
     return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
            "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default",
-           "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+           "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", SHARED_LINES: lines,
            "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0",
            "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": f"mega-nerf-{port}"}
 
@@ -85,9 +87,9 @@ class Ranks:
     """N rank processes, each in a session of its own (signalled as a group, its children too), with the moment
     each ended recorded by a thread of its own, so that the first failure is the first in time."""
 
-    def __init__(self, command: list[str], n: int, port: int) -> None:
+    def __init__(self, command: list[str], n: int, port: int, lines: str) -> None:
         python = os.environ.get("PYTHON_EXEC", sys.executable)
-        self.processes = [subprocess.Popen([python, "-u", *command], env=rank_env(r, n, port),
+        self.processes = [subprocess.Popen([python, "-u", *command], env=rank_env(r, n, port, lines),
                                            start_new_session=True) for r in range(n)]
         self.ended: dict[int, float] = {}
         for r, process in enumerate(self.processes):
@@ -154,7 +156,8 @@ def launch_here(n: int, command: list[str]) -> Failure | None:
             ranks.signal(signum)
     for signum in FORWARDED:  # before the ranks start, so that none is left running by an early signal
         signal.signal(signum, forward)
-    ranks = Ranks(command, n, sock.getsockname()[1])
+    lines = tempfile.mkdtemp(prefix="mega-nerf-launch-")
+    ranks = Ranks(command, n, sock.getsockname()[1], lines)
     started.append(ranks)
     if received:
         ranks.signal(received[0])
@@ -175,6 +178,7 @@ def launch_here(n: int, command: list[str]) -> Failure | None:
     finally:
         ranks.stop(None, time.monotonic())  # on an error of this process: no rank left behind
         sock.close()
+        shutil.rmtree(lines, ignore_errors=True)
     if received:
         signal.signal(received[0], signal.SIG_DFL)
         os.kill(os.getpid(), received[0])
@@ -196,7 +200,6 @@ def launch_torchrun(argv: list[str]) -> tuple[str, Failure | None, str]:
     """torchrun with `argv`, its agent's logging quietened: (its script, the first failing rank and exit code or
     None, where that rank's error went: stderr_destination)."""
     import logging
-    import tempfile
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run

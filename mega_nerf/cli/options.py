@@ -15,7 +15,7 @@ import yaml
 
 from mega_nerf.bounds import FOREGROUND_SCALE
 from mega_nerf.data.dataset import Coordinates, check_not_in_dataset
-from mega_nerf.errors import UserError
+from mega_nerf.errors import UserError, write_line
 from mega_nerf.io import atomic_write
 from mega_nerf.rays import SceneBounds
 
@@ -158,7 +158,7 @@ class MegaNerfParser(configargparse.ArgParser):
             self._has_mega_nerf_names = True
         parsed = super().parse_args(args, namespace, **kwargs)
         for line in ignored_options(self, parsed):
-            print(line, file=sys.stderr)
+            write_line(line)
         return parsed
 
     def error(self, message: str) -> NoReturn:
@@ -169,8 +169,10 @@ class MegaNerfParser(configargparse.ArgParser):
             dest = next((a.dest for a in self._actions if bad.group(1) in a.option_strings), None)
             source = self.config_file_sources().get(dest)
             if source is not None:
-                self.exit(2, f"error: {source}: {bad.group(2)}\n")
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+                write_line(f"error: {source}: {bad.group(2)}")
+                self.exit(2)
+        write_line(f"error: {message} (see {self.prog} --help)")
+        self.exit(2)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None, **kwargs: Any) -> Any:
         words = list(sys.argv[1:] if args is None else args)
