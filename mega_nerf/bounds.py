@@ -20,6 +20,7 @@ from mega_nerf.rays import Cameras, SceneBounds, rays_from_pixels
 
 FOREGROUND_SCALE = 1.2  # the foreground's horizontal extent over the cameras' (each axis)
 POSITION_RESOLUTION = 1e-6  # camera positions (normalised) closer than this are one place (camera_spacing)
+SPACING_QUERIES = 1024  # cameras whose nearest neighbour camera_spacing finds, at most (a fixed random sample)
 
 
 def foreground_box(positions: torch.Tensor, altitude: tuple[float, float] | None,
@@ -39,17 +40,18 @@ def foreground_box(positions: torch.Tensor, altitude: tuple[float, float] | None
     return lo.float(), hi.float()
 
 
-def camera_spacing(positions: torch.Tensor, block: int = 1024) -> float:
+def camera_spacing(positions: torch.Tensor) -> float:
     """The median distance from a camera position (I, 3) to the nearest other one: how far apart neighbouring
     views stand, in the positions' units, whatever the scene's extent. Cameras at one place (a rig's, a view listed
-    twice) count once; 0 with fewer than two places."""
+    twice) count once; 0 with fewer than two places. Over more than SPACING_QUERIES places, the median over a fixed
+    random sample of them (each against every place): O(I) time and memory, where all pairs would take minutes
+    for a city's 100,000 views."""
     places = torch.unique((positions.double() / POSITION_RESOLUTION).round(), dim=0) * POSITION_RESOLUTION
     if len(places) < 2:
         return 0.0
-    # Each block's distances to every place; the nearest is the place itself, the next its neighbour
-    nearest = [torch.cdist(places[i:i + block], places).topk(2, largest=False).values[:, 1]
-               for i in range(0, len(places), block)]
-    return float(torch.cat(nearest).median())
+    queries = places[torch.randperm(len(places), generator=torch.Generator().manual_seed(0))[:SPACING_QUERIES]]
+    # Each query's distances to every place: the nearest is the place itself, the next its neighbour
+    return float(torch.cdist(queries, places).topk(2, largest=False).values[:, 1].median())
 
 
 def contracted_axes(altitude: tuple[float, float] | None) -> list[bool]:

@@ -62,9 +62,9 @@ def write_line(line: str) -> None:
     this launch has written the same line (SHARED_LINES)."""
     folder = os.environ.get(SHARED_LINES)
     if folder:
+        name = hashlib.sha1(line.encode(errors="surrogatepass")).hexdigest()  # a path's undecodable bytes too
         try:
-            os.close(os.open(os.path.join(folder, hashlib.sha1(line.encode()).hexdigest()),
-                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
         except OSError:  # the folder has gone with its launcher: say it

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mega_nerf.bounds import box_to_world, camera_spacing, contracted_axes, foreground_box
+from mega_nerf.bounds import SPACING_QUERIES, box_to_world, camera_spacing, contracted_axes, foreground_box
 from mega_nerf.cli.train import config_from_argv
 from mega_nerf.data.dataset import load_dataset
 from mega_nerf.fields import build_field
@@ -72,17 +72,19 @@ def slow_contract(x: float) -> float:
     return x if abs(x) <= 1 else math.copysign(2 - 1 / abs(x), x)
 
 
-@pytest.mark.parametrize("block", [1024, 7])
-def test_camera_spacing_is_the_median_distance_to_the_nearest_other_place(block: int) -> None:
-    """Against every pair's distance; a rig's cameras (one place, listed three times) count once; blocks of rows
-    give the same."""
+def test_camera_spacing_is_the_median_distance_to_the_nearest_other_place() -> None:
+    """Against every pair's distance; a rig's cameras (one place, listed three times) count once; over more places
+    than it queries, a sample of them gives a grid's spacing."""
     generator = torch.Generator().manual_seed(0)
     places = torch.rand(40, 3, generator=generator, dtype=torch.float64) * torch.tensor([0.1, 2.0, 2.0])
     cameras = torch.cat([places, places[:5], places[:5]]).float()  # five rigs of three cameras
     distances = (places[:, None] - places[None]).norm(dim=-1) + torch.eye(40, dtype=torch.float64) * 1e9
-    assert camera_spacing(cameras, block) == pytest.approx(float(distances.min(1).values.median()), rel=1e-5)
-    assert camera_spacing(torch.zeros(4, 3), block) == 0.0  # one place: no spacing
-    assert camera_spacing(torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.3, 0.4]]), block) == pytest.approx(0.5)
+    assert camera_spacing(cameras) == pytest.approx(float(distances.min(1).values.median()), rel=1e-5)
+    assert camera_spacing(torch.zeros(4, 3)) == 0.0  # one place: no spacing
+    assert camera_spacing(torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.3, 0.4]])) == pytest.approx(0.5)
+    y, z = torch.meshgrid(torch.arange(60.0), torch.arange(50.0), indexing="ij")  # 3,000 places 0.01 apart
+    grid = torch.stack([torch.zeros(3000), y.reshape(-1), z.reshape(-1)], -1) * 0.01
+    assert len(grid) > SPACING_QUERIES and camera_spacing(grid) == pytest.approx(0.01, rel=1e-6)
 
 
 def test_contraction_matches_its_definition(oblique_city: Path) -> None:

@@ -114,26 +114,61 @@ class Leaves(Field):
         return self.density * 1, self.color * 1
 
 
-@pytest.mark.parametrize("distance", [0.5, 1.5])
-def test_near_gradient_scales_each_samples_gradient_by_its_squared_distance(distance: float):
+@pytest.mark.parametrize(("distance", "capacity"), [(0.5, None), (1.5, None), (0.5, 48 + 5)])
+def test_near_gradient_scales_each_samples_gradient_by_its_squared_distance(distance: float, capacity: int | None):
     """A sample t from its camera keeps (t / distance)^2 of its density's and colour's gradient within `distance`,
-    all of it beyond; the render itself is the same bits."""
+    all of it beyond; the render itself is the same bits. Also with a fixed capacity (a graphed step's shapes),
+    whose padding copies are dropped."""
     origins, dirs, near, far, image = rays_along_x(3)
     t, starts, ends = uniform_samples(near, far, 16, perturb=False)  # t from 1/16 to 31/16
     target = torch.rand(3, 3, generator=torch.Generator().manual_seed(1))
     runs = []
     for near_gradient in (0.0, distance):
-        field = Leaves(t.numel())
+        field = Leaves(capacity or t.numel())
         out = render.shade(field, origins, dirs, image, t, starts, ends, torch.ones_like(t, dtype=torch.bool),
-                           near_gradient=near_gradient)
+                           capacity, near_gradient=near_gradient)
         ((out["rgb"] - target) ** 2).sum().backward()
-        runs.append((out["rgb"].detach(), field.density.grad, field.color.grad))
+        runs.append((out["rgb"].detach(), field.density.grad[:t.numel()], field.color.grad[:t.numel()]))
     (rgb, density, color), (scaled_rgb, scaled_density, scaled_color) = runs
     scale = torch.minimum((t.reshape(-1) / distance) ** 2, torch.ones(()))
     assert scale.min() < 0.02 and (scale < 1).any() and (scale == 1).any()
     assert torch.equal(scaled_rgb, rgb)
     assert torch.allclose(scaled_density, density * scale, rtol=1e-6, atol=0)
     assert torch.allclose(scaled_color, color * scale[:, None], rtol=1e-6, atol=0)
+
+
+class Uniform(Field):
+    """One density and one colour everywhere, each a parameter; grey background."""
+
+    def __init__(self):
+        super().__init__()
+        self.density, self.color = torch.nn.Parameter(torch.tensor(2.0)), torch.nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, positions, directions, appearance, ray_of=None):
+        n = positions.shape[0]
+        return self.density.expand(n), self.color.expand(n, 3)
+
+    def occupied(self, positions):
+        return torch.ones(positions.shape[0], dtype=torch.bool)
+
+    def background(self, directions, appearance):
+        return torch.full((directions.shape[0], 3), 0.5)
+
+
+def test_near_gradient_scales_the_fine_pass_too():
+    """With hierarchical sampling both passes shade: every sample within a distance far beyond the rays keeps
+    almost none of its gradient, in either pass."""
+    origins, dirs, near, far, image = rays_along_x(4)
+    config = RenderConfig(samples=8, fine_samples=8, perturb=False)
+    t, starts, ends = uniform_samples(near, far, 8, perturb=False)
+    grads = []
+    for near_gradient in (0.0, 1e3):
+        field = Uniform()
+        out = render.render_samples(field, origins, dirs, near, far, image, config, t, starts, ends,
+                                    near_gradient=near_gradient)
+        ((out["rgb"] - 1.0) ** 2).sum().backward()
+        grads.append(torch.stack([field.density.grad, field.color.grad]).abs())
+    assert (grads[0] > 1e-3).all() and (grads[1] < grads[0] * 1e-5).all()
 
 
 def test_pdf_samples_fall_where_the_weight_is():

@@ -6,6 +6,7 @@ The container is a 1 x 1 partition of the tiny city trained for two steps: enoug
 from __future__ import annotations
 
 import errno
+import io as io_module
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import pytest
 import torch
 from test_video import decode
 
-from mega_nerf import io
+from mega_nerf import errors, io
 from mega_nerf import lock as lock_module
 from mega_nerf.cli import eval as eval_cli
 from mega_nerf.cli import partition as partition_cli
@@ -731,3 +732,15 @@ def test_an_export_reading_another_dataset_of_as_many_images_is_one_line(merged:
     assert not ply.exists()
     export_cli.main([*argv, "--dataset_path", str(city)])
     assert said in capsys.readouterr().out and ply.is_file()
+
+
+def test_a_launchs_ranks_say_a_line_once_whatever_its_characters(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """errors.write_line under mega-nerf-launch's folder: the first rank to write a line says it, the next saying
+    the same does not, another line is said; a path's undecodable bytes (surrogates) are a line like any other."""
+    monkeypatch.setenv(errors.SHARED_LINES, str(tmp_path))
+    monkeypatch.setattr(sys, "stderr", io_module.StringIO())
+    line = "error: /data/caf\udce9: dataset directory not found"
+    for text in (line, line, "error: interrupted"):
+        errors.write_line(text)
+    assert sys.stderr.getvalue().splitlines() == [line, "error: interrupted"]

@@ -184,14 +184,17 @@ def test_ctrl_c_on_the_last_step_lets_the_run_end(tiny_city, tmp_path):
 
 def test_near_gradient_distance_follows_the_cameras_spacing_unless_given(tiny_city, tmp_path):
     """Unset, the hash field scales gradients within NEAR_GRADIENT_SPACINGS times the cameras' median spacing;
-    Mega-NeRF's mlp does not scale them; the option overrides both. Each reaches every pass (render.shade)."""
-    positions = Cameras.from_dataset(load_dataset(tiny_city)).c2w[:, :, 3]
+    Mega-NeRF's mlp does not scale them; the option, in real-world units as --near, overrides both. The passes'
+    options carry the normalised distance."""
+    dataset = load_dataset(tiny_city)
+    positions = Cameras.from_dataset(dataset).c2w[:, :, 3]
     auto = Trainer(args(tiny_city, tmp_path / "a", "--data_mode", "memory"))
     assert auto.pass_options.near_gradient == pytest.approx(NEAR_GRADIENT_SPACINGS * camera_spacing(positions))
     assert 0.05 < auto.pass_options.near_gradient < 0.5 and "1.5x the cameras' median" in auto.near_gradient_report()
     assert args(tiny_city, tmp_path / "a", "--field", "mlp").near_gradient_distance == 0.0
-    given = Trainer(args(tiny_city, tmp_path / "a", "--near_gradient_distance", "0.05", "--data_mode", "memory"))
-    assert given.pass_options.near_gradient == 0.05
+    given = Trainer(args(tiny_city, tmp_path / "a", "--near_gradient_distance", "5", "--data_mode", "memory"))
+    assert given.pass_options.near_gradient == pytest.approx(5 / dataset.coordinates.pose_scale_factor)
+    assert "within d = 5 (" in given.near_gradient_report()
 
 
 def test_bad_input_is_one_line(tiny_city, masks, tmp_path):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -156,29 +155,29 @@ def launch_here(n: int, command: list[str]) -> Failure | None:
             ranks.signal(signum)
     for signum in FORWARDED:  # before the ranks start, so that none is left running by an early signal
         signal.signal(signum, forward)
-    lines = tempfile.mkdtemp(prefix="mega-nerf-launch-")
-    ranks = Ranks(command, n, sock.getsockname()[1], lines)
-    started.append(ranks)
-    if received:
-        ranks.signal(received[0])
-    try:
-        from torch.distributed import TCPStore  # while the ranks import torch themselves
+    # The folder where the ranks say each stderr line once (errors.write_line), gone however the launch ends
+    with tempfile.TemporaryDirectory(prefix="mega-nerf-launch-", ignore_cleanup_errors=True) as lines:
+        ranks = Ranks(command, n, sock.getsockname()[1], lines)
+        started.append(ranks)
+        if received:
+            ranks.signal(received[0])
+        try:
+            from torch.distributed import TCPStore  # while the ranks import torch themselves
 
-        # Held until every rank has ended; the ranks bound their own waits (--timeout_minutes).
-        store = TCPStore("127.0.0.1", sock.getsockname()[1], is_master=True, wait_for_workers=False,
-                         master_listen_fd=sock.fileno(), timeout=datetime.timedelta(hours=1))
-        while ranks.running() and not received and ranks.first_failure() is None:
-            time.sleep(POLL_S)
-        failed = ranks.first_failure()
-        if received:  # forwarded already: the ranks stop as it says, or are killed as torchrun would
-            ranks.stop(None, time.monotonic() + SHUTDOWN_S)
-        elif failed is not None:
-            term_at = ranks.ended[failed[0]] + GRACE_S
-            ranks.stop(term_at, term_at + KILL_S)
-    finally:
-        ranks.stop(None, time.monotonic())  # on an error of this process: no rank left behind
-        sock.close()
-        shutil.rmtree(lines, ignore_errors=True)
+            # Held until every rank has ended; the ranks bound their own waits (--timeout_minutes).
+            store = TCPStore("127.0.0.1", sock.getsockname()[1], is_master=True, wait_for_workers=False,
+                             master_listen_fd=sock.fileno(), timeout=datetime.timedelta(hours=1))
+            while ranks.running() and not received and ranks.first_failure() is None:
+                time.sleep(POLL_S)
+            failed = ranks.first_failure()
+            if received:  # forwarded already: the ranks stop as it says, or are killed as torchrun would
+                ranks.stop(None, time.monotonic() + SHUTDOWN_S)
+            elif failed is not None:
+                term_at = ranks.ended[failed[0]] + GRACE_S
+                ranks.stop(term_at, term_at + KILL_S)
+        finally:
+            ranks.stop(None, time.monotonic())  # on an error of this process: no rank left behind
+            sock.close()
     if received:
         signal.signal(received[0], signal.SIG_DFL)
         os.kill(os.getpid(), received[0])

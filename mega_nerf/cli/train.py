@@ -67,10 +67,10 @@ def add_training_options(p: configargparse.ArgParser) -> None:
     p.add_argument("--hash_decay", type=float, default=0.0,
                    help="weight of the hash grid's normalised weight decay (Zip-NeRF's; 0: off)")
     p.add_argument("--near_gradient_distance", type=float, default=None,
-                   help="samples nearer their camera than this (normalised units) keep (distance / this)^2 of their "
-                        "gradient, so that few views cannot build floaters in front of it (0: off; hash: 1.5x the "
-                        "median distance between neighbouring cameras; mlp: 0). street +1.2-1.6 dB at 3000 steps, "
-                        "oblique and city level (bench/RESULTS.md)")
+                   help="samples nearer their camera than this (real-world units, as --near) keep (distance / "
+                        "this)^2 of their gradient, so that few views cannot build floaters in front of it (0: off; "
+                        "hash: 1.5x the median distance between neighbouring cameras; mlp: 0). street +1.2-1.6 dB "
+                        "at 3000 steps, oblique and city level (bench/RESULTS.md)")
     p.add_argument("--val_embeddings_only", action="store_true",
                    help="val images' left halves train only their own appearance embeddings, not the field (Mega-NeRF "
                         "trains both): the field cannot then fit itself to them; costs about 15%% of a step on an H200")

@@ -64,7 +64,7 @@ class TrainConfig:
     # regularisers against fitting few views (0: off); see Trainer._shade
     distortion_loss: float = 0.0  # weight of mip-NeRF 360's distortion loss (render.distortion)
     hash_decay: float = 0.0  # weight of the hash grid's normalised weight decay (HashGrid.decay_loss)
-    # Samples nearer their camera than this (normalised) learn slower, against floaters in front of it
+    # Samples nearer their camera than this (real-world units) learn slower, against floaters in front of it
     # (render.shade); None: NEAR_GRADIENT_SPACINGS times the cameras' spacing (Trainer), the mlp field's default 0
     near_gradient_distance: float | None = None
     ckpt_path: str | None = None  # a checkpoint to start from when exp_name holds none

@@ -108,9 +108,9 @@ class Trainer:
         keep_freed_blocks(self.device)  # a CPU pass's gigabyte of temporaries, reused instead of faulted in again
         self.render_config = RenderConfig(config.samples, config.fine_samples, perturb=True,
                                           bg_samples=config.bg_samples)
-        # The near-camera distance, unset, comes from the cameras (below): the warm-up's samples span its unit box
+        # Its near-camera distance needs the dataset (below); the warm-up shades without one
         self.pass_options = PassOptions(self.render_config, self.device.type == "cuda" and config.amp,
-                                        config.distortion_loss, config.near_gradient_distance or 0.0)
+                                        config.distortion_loss, near_gradient=0.0)
         self.warming: threading.Thread | None = None  # joined before the first step
         if self.device.type == "cuda":
             torch.empty(1, device=self.device)  # creates the context now, so the breakdown shows it
@@ -127,10 +127,7 @@ class Trainer:
                   "in real down-coordinates (the converters estimate it from sparse points; preview_dataset.py "
                   "draws it)", file=sys.stderr)
         self.cameras = Cameras.from_dataset(self.dataset)
-        self.camera_spacing = camera_spacing(self.cameras.c2w[:, :, 3])
-        if config.near_gradient_distance is None:
-            self.pass_options = dataclasses.replace(self.pass_options,
-                                                    near_gradient=NEAR_GRADIENT_SPACINGS * self.camera_spacing)
+        self.pass_options = dataclasses.replace(self.pass_options, near_gradient=self._near_gradient())
         self.clock.mark("dataset")
         self.mask_dir = Path(config.cluster_mask_path) if config.cluster_mask_path else None
         if self.mask_dir is not None and not self.mask_dir.is_dir():
@@ -254,15 +251,24 @@ class Trainer:
         return (f"foreground box y [{lo[1]:.2f}, {hi[1]:.2f}], z [{lo[2]:.2f}, {hi[2]:.2f}] (normalised), "
                 f"{ratio:.2f}x the cameras' horizontal extent; the world beyond it {beyond}")
 
+    def _near_gradient(self) -> float:
+        """The distance (normalised) within which samples learn slower near their camera (render.shade):
+        --near_gradient_distance (real-world units), else NEAR_GRADIENT_SPACINGS times the cameras' spacing."""
+        if self.config.near_gradient_distance is not None:
+            return self.config.near_gradient_distance / self.dataset.coordinates.pose_scale_factor
+        return NEAR_GRADIENT_SPACINGS * camera_spacing(self.cameras.c2w[:, :, 3])
+
     def near_gradient_report(self) -> str:
         """One line on where gradients are scaled near the cameras (render.shade)."""
-        distance = self.pass_options.near_gradient
+        distance, given = self.pass_options.near_gradient, self.config.near_gradient_distance is not None
         if distance == 0:
-            return "near the cameras: gradients as they are (--near_gradient_distance 0)"
-        how = ("--near_gradient_distance" if self.config.near_gradient_distance is not None else
+            why = "--near_gradient_distance 0" if given else "the cameras all stand at one place"
+            return f"near the cameras: gradients as they are ({why})"
+        how = ("--near_gradient_distance" if given else
                f"{NEAR_GRADIENT_SPACINGS}x the cameras' median spacing; --near_gradient_distance sets it, 0: off")
-        return (f"near the cameras: gradients scaled by (distance / {distance:.3g})^2 within {distance:.3g} "
-                f"(normalised; {how})")
+        real = distance * self.dataset.coordinates.pose_scale_factor
+        return (f"near the cameras: gradients scaled by (distance / d)^2 within d = {real:.3g} ({distance:.3g} "
+                f"normalised; {how})")
 
     def epochs(self, step: int) -> float:
         """Passes over the cell's rays after `step` steps."""
