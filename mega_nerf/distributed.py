@@ -122,6 +122,17 @@ def single_host(info: DistInfo) -> bool:
     return info.world_size == 1 or os.environ.get("LOCAL_WORLD_SIZE") == str(info.world_size)
 
 
+def ranks_here(info: DistInfo) -> int:
+    """How many of the job's ranks run on this machine, sharing its memory: torchrun's (and mega-nerf-launch's)
+    LOCAL_WORLD_SIZE; 1 when alone or not said."""
+    if info.world_size == 1:
+        return 1
+    try:
+        return max(1, min(info.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    except ValueError:
+        return 1
+
+
 def shard(items: list[T], info: DistInfo) -> list[T]:
     """This rank's share of `items`: every world_size-th item from position rank (strided, so that shares
     differ in length by at most one). Ranks beyond the item count get an empty list."""

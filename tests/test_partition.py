@@ -27,6 +27,7 @@ from conftest import time_line
 from mega_nerf.cli.launch import GRACE_S, KILL_S, one_machine
 from mega_nerf.cli.partition import mask_job, partition_parser
 from mega_nerf.data.dataset import ImageMetadata, load_dataset
+from mega_nerf.distributed import DistInfo, ranks_here
 from mega_nerf.errors import UserError
 from mega_nerf.ordered import OrderedQueue
 from mega_nerf.partition import job as job_module
@@ -637,21 +638,38 @@ def test_a_grid_too_large_for_memory_is_refused_before_anything_is_written(tiny_
     assert one_tensor < needed < 8 * one_tensor and line.endswith("16.0 GB free; choose a smaller grid")
 
 
-def test_the_masks_waiting_to_be_written_count_against_memory(tiny_city: Path, tmp_path: Path) -> None:
-    """check_memory adds the write queue and the writers' copies (job.pending_bytes) to one image's membership: a
-    machine with room for the membership alone is refused, one with room for both is not."""
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_the_masks_waiting_to_be_written_count_against_memory(ranks: int, tiny_city: Path, tmp_path: Path) -> None:
+    """check_memory adds the write queue and the writers' copies (job.pending_bytes) to one image's membership,
+    for each of the job's ranks on this machine: a machine with room for the membership alone is refused, one with
+    room for both is not."""
     job = mask_job(partition_parser().parse_args(list(map(str, base_args(tiny_city, tmp_path / "m")))))
     pixels = max(m.H * m.W for m in job.dataset.images)
     host, work = membership_bytes(job.params, pixels, torch.device("cpu"), *default_chunks(torch.device("cpu")))
     pending = job_module.pending_bytes(pixels * 4)
     assert pending == (16 + job_module.WRITERS) * pixels * 4  # a tiny image: 16 wait, well under the byte bound
-    for free, refused in ((host + work + pending - 1, True), (host + work + pending, False)):
+    each = f" (in each of the {ranks} ranks on this machine)" if ranks > 1 else ""
+    for free, refused in (((host + work + pending) * ranks - 1, True), ((host + work + pending) * ranks, False)):
         with mock.patch("mega_nerf.io.free_memory", return_value=("memory", free)):
             if refused:
-                with pytest.raises(UserError, match="for an image's masks and those waiting to be written"):
-                    job_module.check_memory(job, torch.device("cpu"))
+                with pytest.raises(UserError, match=re.escape(f"for an image's masks and those waiting to be "
+                                                              f"written{each}, ")):
+                    job_module.check_memory(job, torch.device("cpu"), ranks)
             else:
-                job_module.check_memory(job, torch.device("cpu"))
+                job_module.check_memory(job, torch.device("cpu"), ranks)
+
+
+@pytest.mark.parametrize(("world", "local", "expected"), [(1, "8", 1), (8, "8", 8), (16, "8", 8), (8, None, 1),
+                                                           (8, "many", 1), (4, "8", 4)])
+def test_ranks_here_is_torchruns_local_world_size(world: int, local: str | None, expected: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranks sharing this machine's memory: LOCAL_WORLD_SIZE within the job's size; 1 alone or unsaid."""
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    info = DistInfo(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"))
+    assert ranks_here(info) == expected
 
 
 def test_a_write_queue_of_one_image_per_writer_writes_the_same_masks(partitioned: Path, tiny_city: Path,

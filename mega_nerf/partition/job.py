@@ -18,7 +18,7 @@ from tqdm import tqdm
 from mega_nerf.allocator import keep_freed_blocks
 from mega_nerf.clock import PartsClock
 from mega_nerf.data.dataset import Dataset, ImageMetadata
-from mega_nerf.distributed import DistInfo, barrier, check_failures, distributed_job, gather_objects, shard
+from mega_nerf.distributed import DistInfo, barrier, check_failures, distributed_job, gather_objects, ranks_here, shard
 from mega_nerf.errors import UserError
 from mega_nerf.fields import kernels
 from mega_nerf.io import memory_shortfall, remove_temp_files, write_bgr, write_json
@@ -140,7 +140,7 @@ def _prepare_output(job: MaskJob, info: DistInfo) -> None:
         # params.pt is written before any mask: these masks' settings are unknown, and would be kept as this run's
         raise UserError(f"{job.output}: holds masks but no params.pt, so their settings are unknown; choose another "
                         "--output (or delete this folder)")
-    check_memory(job, info.device)
+    check_memory(job, info.device, ranks_here(info))
     barrier(info)  # every rank has looked before rank 0 creates anything
     if info.is_main:
         remove_temp_files(job.output)  # params.pt's or the report's, of a killed run
@@ -160,21 +160,24 @@ def _setting(name: str, old: PartitionParams, new: PartitionParams) -> str:
     return f"{name} {there} there, {here} now"
 
 
-def check_memory(job: MaskJob, device: torch.device) -> None:
+def check_memory(job: MaskJob, device: torch.device, ranks: int = 1) -> None:
     """One UserError line naming --grid_dim when the largest image's membership would not fit in the memory free
     now (cells.membership_bytes: at 300 x 300 cells the exact rule's reference asks for 65 GB a tensor), before
-    anything is written."""
+    anything is written. `ranks` of the job run on this machine, each as large in its memory (and, on a CPU, in
+    the memory their work takes too; each GPU is its rank's)."""
     default_ray, default_dist = default_chunks(device)
     pixels = max(m.H * m.W for m in job.dataset.images)
     host, work = membership_bytes(job.params, pixels, device, job.ray_chunk or default_ray,
                                   job.dist_chunk or default_dist)
     host += pending_bytes(pixels * job.params.num_cells)
-    if (short := memory_shortfall(device, host, work)) is not None:
+    on_host = ranks if device.type == "cpu" else 1
+    if (short := memory_shortfall(device, host * ranks, work * on_host)) is not None:
         where, needed, free = short
         X, Y = job.params.grid_dim
+        each = f" (in each of the {ranks} ranks on this machine)" if ranks > 1 and where == "memory" else ""
         raise UserError(f"--grid_dim {X} {Y}: its {X * Y:,} cells need about {needed / 1e9:,.1f} GB of {where} "
-                        f"for an image's masks and those waiting to be written, {free / 1e9:,.1f} GB free; choose a "
-                        "smaller grid")
+                        f"for an image's masks and those waiting to be written{each}, {free / 1e9:,.1f} GB free; "
+                        "choose a smaller grid")
 
 
 def queue_limit(image_bytes: int) -> int:
