@@ -42,6 +42,11 @@ def _free(holder: Holder | None) -> bool:
     return holder is None or (checkable(holder) and not process_alive(holder[0]))
 
 
+def delete_hint(lock: Path) -> str:
+    """What to do about `lock` when its holder cannot be checked from here (`checkable`)."""
+    return f"if that run is gone, delete {lock}"
+
+
 def is_free(lock: Path) -> bool:
     """Whether `lock` is gone or stale."""
     return _free(_read_holder(lock))
@@ -106,7 +111,7 @@ def acquire(output: str | os.PathLike, what: str) -> Path:
                 _remove_stale(lock, holder)  # its run is dead (or the lock is gone, or unreadable)
                 continue
             other_pid, other_host, _ = holder
-            extra = "" if checkable(holder) else f" (if that run is gone, delete {lock})"
+            extra = "" if checkable(holder) else f" ({delete_hint(lock)})"
             raise Held(f"{what} {output}: in use by another run (pid {other_pid} on {other_host}); wait for it to "
                        f"finish or use another {what}{extra}", lock, holder)
     except OSError as e:
@@ -117,7 +122,7 @@ def acquire(output: str | os.PathLike, what: str) -> Path:
 def release(lock: Path) -> None:
     """Give a lock back if this process still holds it."""
     holder = _read_holder(lock)
-    if holder is not None and holder[:2] == (os.getpid(), socket.gethostname()) and holder[2] in (None, HOST):
+    if holder is not None and holder[0] == os.getpid() and checkable(holder):
         lock.unlink(missing_ok=True)
 
 

@@ -44,7 +44,7 @@ from mega_nerf.distributed import (
     shared,
 )
 from mega_nerf.errors import STOP_SIGNALS, Interrupted, UserError
-from mega_nerf.lock import Held, checkable, is_free, locked
+from mega_nerf.lock import Held, checkable, delete_hint, is_free, locked
 from mega_nerf.partition.cells import load_params
 from mega_nerf.partition.maskfile import MEGA_NERF_SUFFIX, SUFFIX, read_mask
 from mega_nerf.training import checkpoint as ckpt
@@ -193,8 +193,8 @@ def _held_cells(held: list[tuple[int, TrainConfig, Held]], info: DistInfo, timeo
                 pid, host, _ = news.holder
                 outcomes.append(_reported(CellOutcome(
                     cell, info.rank, False, f"the run holding it (pid {pid} on {host}) changed none of its files for "
-                    f"{timeout_s / 60:g} minutes (--timeout_minutes); if that run is gone, delete {news.lock} and "
-                    "run again", 0.0), info))
+                    f"{timeout_s / 60:g} minutes (--timeout_minutes); {delete_hint(news.lock)} and run again", 0.0),
+                    info))
                 del waiting[cell]
                 continue
             waiting[cell] = (run, news, since, change)
@@ -247,7 +247,7 @@ def train_cells(config: CellsConfig, on_step: CellStepHook | None = None, on_rea
             if outcome.held is not None:
                 held.append((cell, run, outcome.held))
                 pid, host, _ = outcome.held.holder
-                gone = "" if checkable(outcome.held.holder) else f"; if that run is gone, delete {outcome.held.lock}"
+                gone = "" if checkable(outcome.held.holder) else f"; {delete_hint(outcome.held.lock)}"
                 print(f"rank {info.rank}: cell {cell}: another run is training it (pid {pid} on {host}); taken again "
                       f"once that run lets it go{gone}", flush=True)
                 continue

@@ -495,6 +495,11 @@ class Trainer:
             self.graphs = None
             self._join_warm_up()
 
+    def _saved_step(self, stream: RayStream, last_good: Path | None) -> Path:
+        """This step's checkpoint: `last_good` when it is this step's, else saved now (a run stopping mid-way)."""
+        here = ckpt.checkpoint_path(self.exp_dir, self.step)
+        return last_good if last_good == here else self.save(stream)
+
     def _join_warm_up(self) -> bool:
         """Wait for the warm-up thread, if one is running; whether one was."""
         if self.warming is None:
@@ -560,8 +565,8 @@ class Trainer:
                     try:
                         self.on_step(self.step)
                     except PeerFailure:  # another rank failed (train_cells): this step is whole, keep it
-                        if int(first_bad) < 0 and last_good != ckpt.checkpoint_path(self.exp_dir, self.step):
-                            print(f"saved {self.save(stream)} before stopping", file=sys.stderr)
+                        if int(first_bad) < 0 and (saved := self._saved_step(stream, last_good)) != last_good:
+                            print(f"saved {saved} before stopping", file=sys.stderr)
                         raise
                 # read once: a signal later in this step stops after the next; on the last step the run ends anyway
                 stopping = stop.is_set() and self.step < self.iterations
@@ -585,8 +590,7 @@ class Trainer:
                     metrics = self.validate()
                     log.scalars(self.step, **metrics, seconds=time.time() - self.clock.start)  # since the start
                 if stopping:
-                    if last_good != ckpt.checkpoint_path(self.exp_dir, self.step):
-                        last_good = self.save(stream)
+                    last_good = self._saved_step(stream, last_good)
                     raise Interrupted(f"{STOP_SIGNALS[stop.signum]} at step {self.step}: saved {last_good}; the same "
                                       "command resumes from it", stop.signum)
         self.stopped_by = stop.signum  # a signal during the last step, which ended the run anyway (train_cells)
