@@ -342,23 +342,31 @@ def test_a_cell_held_from_another_host_that_changes_nothing_fails_with_the_lock_
     assert lock.exists()
 
 
+def run_signalled(tiny_city: Path, masks: Path, tmp_path: Path, at_step: int, *signums: int) -> tuple[int, set[int]]:
+    """train_cells as its console script runs it, `signums` raised at step `at_step` of a cell: the exit code and
+    the cells that started."""
+    started: set[int] = set()
+
+    def signal_at_step(cell: int, step: int) -> None:
+        started.add(cell)
+        if step == at_step:
+            for signum in signums:
+                signal.raise_signal(signum)
+    argv = [str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")]
+    with pytest.raises(SystemExit) as ended:
+        run_cli(lambda: train_cells_main(argv, on_step=signal_at_step))
+    return ended.value.code, started
+
+
 def test_ctrl_c_ends_the_job_not_the_cell(tiny_city: Path, masks: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
     """Ctrl-C during step 3 of the first cell stops the whole command in one line, exit code 130, with that step
     saved: the user wants the job to stop, so the cell is not marked failed and no later cell starts."""
     first = largest_first(cell_sizes(masks))[0]
-    started: set[int] = set()
-
-    def ctrl_c_at_step_3(cell: int, step: int) -> None:
-        started.add(cell)
-        if step == 3:
-            signal.raise_signal(signal.SIGINT)
-    argv = [str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")]
-    with pytest.raises(SystemExit) as ended:
-        run_cli(lambda: train_cells_main(argv, on_step=ctrl_c_at_step_3))
+    code, started = run_signalled(tiny_city, masks, tmp_path, 3, signal.SIGINT)
     out, err = capsys.readouterr()
     saved = tmp_path / f"exp-{first}" / "checkpoints" / "00000003.pt"
-    assert ended.value.code == 130
+    assert code == 130
     assert [line for line in err.splitlines() if line.startswith("error")] == [
         f"error: interrupted at step 3: saved {saved}; the same command resumes from it"]
     assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
@@ -372,19 +380,10 @@ def test_sigterm_in_a_cells_last_step_ends_the_job_before_the_next_cell(tiny_cit
     """SIGTERM (twice, as a scheduler and a launcher send it) during the first cell's last step: that cell ends as
     trained, and the job stops with exit code 143 before any other cell starts (it would be killed in it)."""
     first = largest_first(cell_sizes(masks))[0]
-    started: set[int] = set()
-
-    def terms_at_last_step(cell: int, step: int) -> None:
-        started.add(cell)
-        if step == 12:
-            signal.raise_signal(signal.SIGTERM)
-            signal.raise_signal(signal.SIGTERM)
-    argv = [str(o) for o in cells_options(tiny_city, masks, tmp_path, "--data_mode", "memory")]
-    with pytest.raises(SystemExit) as ended:
-        run_cli(lambda: train_cells_main(argv, on_step=terms_at_last_step))
+    code, started = run_signalled(tiny_city, masks, tmp_path, 12, signal.SIGTERM, signal.SIGTERM)
     err = capsys.readouterr().err
     final = tmp_path / f"exp-{first}" / "checkpoints" / FINAL
-    assert ended.value.code == 143
+    assert code == 143
     assert [line for line in err.splitlines() if line.startswith("error")] == [
         f"error: terminated (SIGTERM) during cell {first}'s last step, which finished ({final}); the same command "
         "trains the cells left"]
