@@ -29,6 +29,16 @@ from mega_nerf.synthetic import generate_city
 mega_nerf.errors.QUICK_EXIT = False
 
 
+# Another host's (or container's) tag in temp names and locks: one that is not this process's io.HOST
+OTHER_HOST = "0badc0de" if mega_nerf.io.HOST != "0badc0de" else "0badc0df"
+
+
+def dead_pid() -> int:
+    """The process ID of a process that has ended: what a run killed mid-write leaves in its temp files and locks."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
 def _generate(tmp_path_factory: pytest.TempPathFactory, preset: str) -> Path:
     """A dataset of `preset`, seed 0, rendered on the CPU (with depth, config and overview)."""
     path = tmp_path_factory.mktemp("synthetic") / preset

@@ -4,8 +4,6 @@ resumes exactly."""
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -13,6 +11,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import OTHER_HOST, dead_pid
 
 import mega_nerf.data.chunks as chunks
 from mega_nerf.data.chunks import MANIFEST, ChunkReader, default_store_dir, gather_in_memory, prepare_chunks
@@ -163,10 +162,8 @@ def test_killed_write_resumes(scene, tmp_path, capsys):
     stamp = kept.stat().st_mtime_ns
     (out / "chunk_00003.keys.77.tmp").write_bytes(b"half")
     store = store_path(default_store_dir([out]), load_dataset(data))
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
-    other_host = "0badc0de" if HOST != "0badc0de" else "0badc0df"
-    killed_store, elsewhere = (store.with_name(f"{store.name}.{dead}-{host}.tmp") for host in (HOST, other_host))
+    dead = dead_pid()
+    killed_store, elsewhere = (store.with_name(f"{store.name}.{dead}-{host}.tmp") for host in (HOST, OTHER_HOST))
     for leftover in (killed_store, elsewhere):
         leftover.write_bytes(b"half a store")
     hour_ago = time.time() - FOREIGN_TEMP_SECONDS - 60

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dead_pid
 
 from mega_nerf.data.chunks import masks_fingerprint
 from mega_nerf.errors import UserError
@@ -341,8 +342,7 @@ def test_a_killed_merges_temp_file_goes_and_nothing_else_of_its_folder(tmp_path:
     """The output's folder is the user's: a merge removes its own output's temp file that a dead run left (as large
     as the container), and leaves another file's, a dead one's too."""
     write_partition(tmp_path, fields)
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+    dead = dead_pid()
     killed, other = tmp_path / f"merged.pt.{dead}-{HOST}.tmp", tmp_path / f"notes.txt.{dead}-{HOST}.tmp"
     for leftover in (killed, other):
         leftover.write_bytes(b"half")

@@ -7,8 +7,6 @@ import errno
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import OTHER_HOST, dead_pid
 
 from mega_nerf import io
 from mega_nerf.errors import UserError
@@ -56,22 +55,21 @@ def test_temp_files_are_named_after_the_process_and_host(tmp_path: Path) -> None
 def test_old_temp_files_of_other_hosts_are_reported(tmp_path: Path) -> None:
     """Another host's (or container's) temp files are never removed here; those untouched for an hour are named in
     one note, with their bytes; fresh ones (a write under way), this host's and other files' are not."""
-    other = "0badc0de" if io.HOST != "0badc0de" else "0badc0df"
     hour_ago = time.time() - io.FOREIGN_TEMP_SECONDS - 60
-    for name, size, old in [(f"store.rgb.7-{other}.tmp", 1000, True), (f"store.rgb.8-{other}.tmp", 500, False),
-                            (f"ckpt.pt.9-{other}.tmp", 20, True), (f"store.rgb.7-{io.HOST}.tmp", 5, True),
-                            ("store.rgb", 7, True)]:
+    for name, size, old in [(f"store.rgb.7-{OTHER_HOST}.tmp", 1000, True),
+                            (f"store.rgb.8-{OTHER_HOST}.tmp", 500, False), (f"ckpt.pt.9-{OTHER_HOST}.tmp", 20, True),
+                            (f"store.rgb.7-{io.HOST}.tmp", 5, True), ("store.rgb", 7, True)]:
         (tmp_path / name).write_bytes(b"x" * size)
         if old:
             os.utime(tmp_path / name, (hour_ago, hour_ago))
     assert io.remove_temp_files_of(tmp_path / "store.rgb") == (
         f"note: {tmp_path} holds 1 temp file(s) of runs on other hosts or containers, untouched for over 1 h (1,000 "
-        f"bytes; e.g. store.rgb.7-{other}.tmp): delete them once no run writes there")
+        f"bytes; e.g. store.rgb.7-{OTHER_HOST}.tmp): delete them once no run writes there")
     assert io.remove_temp_files(tmp_path) == (
         f"note: {tmp_path} holds 2 temp file(s) of runs on other hosts or containers, untouched for over 1 h (1,020 "
-        f"bytes; e.g. ckpt.pt.9-{other}.tmp): delete them once no run writes there")
+        f"bytes; e.g. ckpt.pt.9-{OTHER_HOST}.tmp): delete them once no run writes there")
     assert io.remove_temp_files_of(tmp_path / "other") is None and io.remove_temp_files(tmp_path / "missing") is None
-    foreign = {f"store.rgb.7-{other}.tmp", f"store.rgb.8-{other}.tmp", f"ckpt.pt.9-{other}.tmp"}
+    foreign = {f"store.rgb.7-{OTHER_HOST}.tmp", f"store.rgb.8-{OTHER_HOST}.tmp", f"ckpt.pt.9-{OTHER_HOST}.tmp"}
     assert foreign <= set(os.listdir(tmp_path))  # never removed here
 
 
@@ -167,8 +165,8 @@ def test_atomic_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
         (folder / "half").write_bytes(b"x")
         _ = 1 / 0
     assert os.listdir(tmp_path) == []
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"out.{int(dead.stdout)}.tmp"  # a killed run's folder: its process is gone
+    dead = dead_pid()
+    stale = tmp_path / f"out.{dead}.tmp"  # a killed run's folder: its process is gone
     stale.mkdir()
     with io.atomic_folder(tmp_path / "out") as folder:
         (folder / "whole").write_bytes(b"x")
@@ -203,11 +201,9 @@ def test_memory_shortfall_adds_the_pools_on_a_cpu_and_splits_them_on_a_gpu(monke
 def test_stale_temp_files_of_dead_runs_only_are_removed(tmp_path: Path) -> None:
     """Dead processes' temp files of this host go (and older runs' names, without a host); a live process's, and
     another host's (a shared disk: its process cannot be checked from here), stay."""
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
-    other = "0badc0de" if io.HOST != "0badc0de" else "0badc0df"
+    dead = dead_pid()
     names = [f"a.png.{dead}-{io.HOST}.tmp", f"video.mp4.{dead}-{io.HOST}.tmp.mp4", f"old.png.{dead}.tmp",
-             f"b.png.{os.getpid()}-{io.HOST}.tmp", f"c.png.{dead}-{other}.tmp", "c.png"]
+             f"b.png.{os.getpid()}-{io.HOST}.tmp", f"c.png.{dead}-{OTHER_HOST}.tmp", "c.png"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
     io.remove_temp_files(tmp_path)
@@ -216,8 +212,7 @@ def test_stale_temp_files_of_dead_runs_only_are_removed(tmp_path: Path) -> None:
 
 def test_a_files_own_stale_temp_files_only_are_removed(tmp_path: Path) -> None:
     """remove_temp_files_of leaves the folder's other files alone, stale temp files of other names included."""
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+    dead = dead_pid()
     target = tmp_path / "merged.pt"
     names = [f"merged.pt.{dead}-{io.HOST}.tmp", f"merged.pt.{dead}.tmp", f"merged.pt.{os.getpid()}-{io.HOST}.tmp",
              f"merged.pt.bak.{dead}-{io.HOST}.tmp", f"other.pt.{dead}-{io.HOST}.tmp", "merged.pt.notes"]

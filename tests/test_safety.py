@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import OTHER_HOST, dead_pid
 from test_video import decode
 
 from mega_nerf import errors, io
@@ -122,8 +123,7 @@ def test_a_failed_write_stops_eval_before_it_renders_the_rest(tiny_city: Path, m
 
 def test_eval_removes_what_killed_runs_left_mid_write(tiny_city: Path, merged: Path, tmp_path: Path) -> None:
     """Temp PNGs of a dead process go at the next evaluation into the same folder; a live process's stay."""
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+    dead = dead_pid()
     out = tmp_path / "eval"
     stale, live = out / "rgb" / f"not-an-image.png.{dead}.tmp", out / "depth" / f"not-an-image.png.{os.getpid()}.tmp"
     for path in (stale, live):
@@ -188,16 +188,15 @@ def test_a_second_run_on_the_same_outputs_stops_at_once(tiny_city: Path, tmp_pat
 def test_a_stale_lock_is_taken_over_and_a_foreign_host_is_named(tiny_city: Path, merged: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "render"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock_path(out).write_text(f"{int(dead.stdout)} {socket.gethostname()}\n")  # a run killed with -9
+    dead = dead_pid()
+    lock_path(out).write_text(f"{dead} {socket.gethostname()}\n")  # a run killed with -9
     render_cli.main(render_args(tiny_city, merged, out, frames=1))
     assert not lock_path(out).exists()
-    lock_path(out).write_text(f"{int(dead.stdout)} {socket.gethostname()} {io.HOST}\n")  # today's form, stale too
+    lock_path(out).write_text(f"{dead} {socket.gethostname()} {io.HOST}\n")  # today's form, stale too
     render_cli.main(render_args(tiny_city, merged, out, frames=1))
     assert not lock_path(out).exists()
-    other = "0badc0de" if io.HOST != "0badc0de" else "0badc0df"
     for holder, host in (("4242 elsewhere", "elsewhere"),  # another host; and another container of this host
-                         (f"{int(dead.stdout)} {socket.gethostname()} {other}", socket.gethostname())):
+                         (f"{dead} {socket.gethostname()} {OTHER_HOST}", socket.gethostname())):
         lock_path(out).write_text(f"{holder}\n")
         err = fails_in_one_line(render_cli.main, render_args(tiny_city, merged, out, frames=1), capsys)
         pid = holder.split()[0]
@@ -210,8 +209,7 @@ def test_a_lock_another_run_took_over_meanwhile_is_not_removed(tmp_path: Path,
     """Two runs find one dead run's lock: the first replaces it with its own while the second still holds what it
     read. The second must leave the first's lock (before, it deleted it and both held the output)."""
     out = tmp_path / "exp"
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+    dead = dead_pid()
     lock_path(out).write_text(f"{dead} {socket.gethostname()} {io.HOST}\n")
     first = f"{os.getpid()} {socket.gethostname()} {io.HOST}\n"  # the run that took it over (this process stands in)
     real_alive = lock_module.process_alive

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dead_pid
 
 from mega_nerf import io
 from mega_nerf.bounds import camera_spacing
@@ -615,8 +616,7 @@ def test_a_run_removes_what_killed_runs_left_mid_write(tiny_city, tmp_path):
     common = ["--chunk_paths", str(tmp_path / "chunks"), "--batch_size", "64", "--val_interval", "100",
               "--ckpt_interval", "2"]
     Trainer(args(tiny_city, exp, *common, "--train_iterations", "2")).run()
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout)
+    dead = dead_pid()
     assert not io.process_alive(dead)
     stale = [exp / "checkpoints" / f"00000004.pt.{dead}.tmp", exp / f"log.jsonl.{dead}.tmp",
              exp / "val" / f"00000004_000004.png.{dead}.tmp"]
