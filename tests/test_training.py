@@ -29,6 +29,7 @@ from mega_nerf.merging.merge import find_submodules
 from mega_nerf.partition.maskfile import write_mask
 from mega_nerf.rays import Cameras
 from mega_nerf.training import checkpoint as ckpt
+from mega_nerf.training import trainer as trainer_module
 from mega_nerf.training.checkpoint import load_checkpoint, prune_checkpoints
 from mega_nerf.training.trainer import NEAR_GRADIENT_SPACINGS, Trainer, field_config
 
@@ -183,7 +184,7 @@ def test_ctrl_c_on_the_last_step_lets_the_run_end(tiny_city, tmp_path):
     assert sorted(p.name for p in (tmp_path / "exp" / "checkpoints").iterdir()) == ["00000003.pt"]
 
 
-def test_near_gradient_distance_follows_the_cameras_spacing_unless_given(tiny_city, tmp_path):
+def test_near_gradient_distance_follows_the_cameras_spacing_unless_given(tiny_city, tmp_path, monkeypatch):
     """Unset, the hash field scales gradients within NEAR_GRADIENT_SPACINGS times the cameras' median spacing;
     Mega-NeRF's mlp does not scale them; the option, in real-world units as --near, overrides both. The passes'
     options carry the normalised distance."""
@@ -196,6 +197,13 @@ def test_near_gradient_distance_follows_the_cameras_spacing_unless_given(tiny_ci
     given = Trainer(args(tiny_city, tmp_path / "a", "--near_gradient_distance", "5", "--data_mode", "memory"))
     assert given.pass_options.near_gradient == pytest.approx(5 / dataset.coordinates.pose_scale_factor)
     assert "within d = 5 (" in given.near_gradient_report()
+    off = Trainer(args(tiny_city, tmp_path / "a", "--near_gradient_distance", "0", "--data_mode", "memory"))
+    assert off.near_gradient_report() == "near the cameras: gradients as they are (--near_gradient_distance 0)"
+    monkeypatch.setattr(trainer_module, "camera_spacing", lambda positions: 0.0)  # every camera at one place
+    together = Trainer(args(tiny_city, tmp_path / "a", "--data_mode", "memory"))
+    assert together.pass_options.near_gradient == 0.0
+    assert together.near_gradient_report() == ("near the cameras: gradients as they are (the cameras all stand at "
+                                               "one place)")
 
 
 def test_bad_input_is_one_line(tiny_city, masks, tmp_path):
