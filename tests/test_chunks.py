@@ -88,6 +88,23 @@ def test_chunks_hold_each_masked_ray_once_shuffled(scene, tmp_path, capsys):
     assert (tmp_path / "image_store" / manifest.store).stat().st_size == 12 * H * W * 3
 
 
+def test_chunks_written_in_groups_under_a_small_key_budget_are_the_same_bytes(scene, tmp_path, monkeypatch):
+    """A cell with more keys than KEY_BUDGET re-reads its masks for each group of chunks that fits the budget (the
+    first pass keeps no keys): the chunks are byte for byte those of one pass over cached keys."""
+    data, masks = scene
+    dataset = load_dataset(data)
+    whole = prepare_chunks(dataset, masks, [tmp_path / "whole"], chunk_rays=100)
+    monkeypatch.setattr(chunks, "KEY_BUDGET", 250)  # 2 chunks of about 100 keys a group, of 8 or so chunks
+    calls = []
+    reads = chunks.training_mask
+    monkeypatch.setattr(chunks, "training_mask", lambda *a: calls.append(a) or reads(*a))
+    grouped = prepare_chunks(dataset, masks, [tmp_path / "grouped"], chunk_rays=100)
+    assert len(whole.chunks) >= 6 and grouped.chunks == whole.chunks
+    assert len(calls) == 12 * (1 + math.ceil(len(whole.chunks) / 2))  # a counting pass, then one per group
+    for _, name, _ in whole.chunks:
+        assert (tmp_path / "grouped" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
 def test_keys_round_trip_in_few_bits():
     """Elias-Fano: sorted keys come back exactly, in at most 2 + log2(universe / count) bits a key (+ header)."""
     rng = np.random.default_rng(2)

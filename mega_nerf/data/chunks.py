@@ -25,6 +25,7 @@ import math
 import shutil
 import sys
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,16 @@ def default_store_dir(chunk_paths: list[Path]) -> Path:
 def _chunk_of(count: int, chunks: int, seed: int, image: int) -> np.ndarray:
     """(count,) chunk of each of an image's rays: uniform, and the same draws on every pass and every run."""
     return np.random.default_rng([seed, image]).integers(0, chunks, count)
+
+
+def _split(keys: np.ndarray, chunks: int, seed: int, image: int, group: list[int]) -> list[np.ndarray]:
+    """An image's sorted keys that go to each chunk of `group` (_chunk_of), each still sorted. The chunk numbers
+    are sorted as the narrowest unsigned integers that hold them: numpy's stable sort is then a radix sort, four
+    times faster than on int64."""
+    target = _chunk_of(len(keys), chunks, seed, image).astype(np.min_scalar_type(chunks - 1))
+    order = np.argsort(target, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(target, minlength=chunks))])
+    return [keys[order[bounds[c]:bounds[c + 1]]] for c in group]
 
 
 def _read_json(file: Path) -> dict | None:
@@ -207,8 +218,14 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     def image_keys(i: int) -> np.ndarray:
         meta = dataset.images[i]
         return offsets[i] + np.flatnonzero(training_mask(meta, mask_dir, protocol).numpy())
-    cached = list(ordered_map(image_keys, range(len(dataset.images))))
-    count = sum(len(k) for k in cached)
+    cached: list[np.ndarray] | None = []  # every image's keys while they fit KEY_BUDGET; else re-read per group
+    count = 0
+    for keys in ordered_map(image_keys, range(len(dataset.images))):
+        count += len(keys)
+        if cached is not None and count <= KEY_BUDGET:
+            cached.append(keys)
+        else:
+            cached = None
     n_chunks = max(1, math.ceil(count / chunk_rays))
     where = [(c % len(chunk_paths), f"chunk_{c:05d}.keys") for c in range(n_chunks)]
     plan = {**expected, "count": count, "chunks": [list(w) for w in where]}
@@ -231,19 +248,17 @@ def prepare_chunks(dataset: Dataset, mask_dir: Path | None, chunk_paths: list[Pa
     write_json(chunk_paths[0] / PLAN, plan)
     if write_store_too:
         write_store(store, dataset)
-    if count > KEY_BUDGET:
-        cached = []  # re-read the masks for each group of chunks instead
+
+    def image_pieces_of(i: int, group: list[int]) -> list[np.ndarray]:
+        """Image i's keys of each chunk in `group`."""
+        return _split(image_keys(i) if cached is None else cached[i], n_chunks, seed, i, group)
     per_group = max(1, KEY_BUDGET // max(1, math.ceil(count / n_chunks)))
     for g in range(0, len(todo), per_group):
         group = todo[g:g + per_group]
         buckets: dict[int, list[np.ndarray]] = {c: [] for c in group}
-        keys_iter = iter(cached) if cached else ordered_map(image_keys, range(len(dataset.images)))
-        for i, keys in enumerate(keys_iter):
-            target = _chunk_of(len(keys), n_chunks, seed, i)
-            order = np.argsort(target, kind="stable")  # keeps each chunk's keys sorted
-            bounds = np.searchsorted(target[order], np.arange(n_chunks + 1))
-            for c in group:
-                buckets[c].append(keys[order[bounds[c]:bounds[c + 1]]])
+        for image_pieces in ordered_map(partial(image_pieces_of, group=group), range(len(dataset.images))):
+            for c, keys in zip(group, image_pieces, strict=True):
+                buckets[c].append(keys)
         jobs = [(chunk_paths[where[c][0]] / where[c][1], buckets.pop(c)) for c in group]
         list(ordered_map(lambda job: _write_chunk(*job, universe), jobs))
     counts = [_chunk_count(chunk_paths[d] / name) for d, name in where]
